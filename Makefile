@@ -1,0 +1,33 @@
+# The two commands a new user needs: `make demo` and `make test`. Both install what is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export MUJOCO_GL ?= egl
+
+.PHONY: install test test-slow demo bench clean
+
+install: $(STAMP)
+
+# torch first, pinned: here it takes the local CPU build; an unpinned torch pulls gigabytes of CUDA packages.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+demo: install
+	$(VENV)/bin/wm demo-pipeline
+
+bench: install
+	$(VENV)/bin/wm bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info
