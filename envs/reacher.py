@@ -13,6 +13,13 @@ from envs.render import PixelRenderer
 
 MIN_SIZE, MAX_SIZE = 32, 256
 
+# The names used on the command line and stored in datasets: name -> (backend, task).
+ENV_NAMES = {
+    "reacher-easy": ("dm_control", "easy"),
+    "reacher-hard": ("dm_control", "hard"),
+    "gym-reacher": ("gymnasium", "easy"),
+}
+
 
 class ReacherPixels(gym.Env):
     """Reacher seen from above as uint8 ``(size, size, 3)`` frames; actions float32 ``(2,)`` in [-1, 1].
@@ -121,3 +128,11 @@ def _pair(x, name: str) -> np.ndarray:
     if x.shape != (2,) or not np.all(np.isfinite(x)):
         raise ValueError(f"{name} must be 2 finite numbers, got {x}")
     return x
+
+
+def make_env(name: str, **kwargs) -> ReacherPixels:
+    """``ReacherPixels`` by its short name (``reacher-easy``, ``reacher-hard``, ``gym-reacher``)."""
+    if name not in ENV_NAMES:
+        raise ValueError(f"env must be one of {sorted(ENV_NAMES)}, got {name!r}")
+    backend, task = ENV_NAMES[name]
+    return ReacherPixels(task=task, backend=backend, **kwargs)

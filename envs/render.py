@@ -19,13 +19,22 @@ from envs.gl import rendering_error
 RENDER_QUALITIES = {"fast": (False, False), "standard": (True, True)}
 
 _live: "weakref.WeakSet[PixelRenderer]" = weakref.WeakSet()
+_hook_registered = False
 
 
-@atexit.register
 def _close_all() -> None:
     # A GL context freed by the garbage collector during interpreter teardown prints EGL errors.
     for renderer in list(_live):
         renderer.close()
+
+
+def _register_exit_hook() -> None:
+    # MuJoCo registers its own exit hook (terminating the EGL display) when it makes its first
+    # context; hooks run last-registered-first, so ours goes in after that and runs before it.
+    global _hook_registered
+    if not _hook_registered:
+        atexit.register(_close_all)
+        _hook_registered = True
 
 
 class PixelRenderer:
@@ -45,6 +54,7 @@ class PixelRenderer:
         self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = reflections
         self.camera = camera
         _live.add(self)
+        _register_exit_hook()
 
     def render(self, data: mujoco.MjData) -> np.ndarray:
         """(size, size, 3) uint8 frame of ``data`` (positions must be current: call mj_forward first)."""

@@ -1,0 +1,220 @@
+"""Offline rollout collection: worker processes with one renderer each, shards written atomically.
+
+Episode ``i`` of a collection is seeded from ``(seed, i)`` alone, so the data does not depend on the
+number of workers or on how often the collection was interrupted and resumed. Workers only simulate
+and render; the parent writes every shard, so on Ctrl-C (or SIGTERM, or a worker's crash) it can
+still write each finished episode before it exits. Running the same command again collects the
+episodes that are missing. Only a hard kill (SIGKILL, power loss) loses the episodes not yet in a
+shard: at most ``episodes_per_shard`` per worker.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor, as_completed
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from envs.policies import POLICIES, make_policy
+from envs.reacher import ENV_NAMES, make_env
+from envs.storage import (DatasetError, episode_index, find_shards, inspect_shard, write_shard)
+
+# Settings that must match for a resumed collection to continue the same dataset.
+RESUME_KEYS = ("env", "size", "steps", "policy", "seed", "hide_target", "render_quality")
+
+
+@dataclass
+class CollectConfig:
+    """``wm collect``: roll out an exploration policy and store pixels, actions and true states."""
+
+    env: str = field(default="reacher-easy", metadata={"help": f"environment: {', '.join(ENV_NAMES)}"})
+    size: int = field(default=64, metadata={"help": "frame height and width in pixels (32..256)"})
+    episodes: int = field(default=100, metadata={"help": "number of episodes in the dataset"})
+    steps: int = field(default=100, metadata={"help": "actions per episode (an episode stores steps+1 frames)"})
+    policy: str = field(default="smooth", metadata={"help": f"exploration policy: {', '.join(POLICIES)}"})
+    workers: int = field(default=2, metadata={"help": "worker processes, each with its own renderer"})
+    seed: int = field(default=0, metadata={"help": "seed of the collection; episode i is seeded by (seed, i)"})
+    out: str = field(default="runs/data/demo", metadata={"help": "output directory of .h5 shards"})
+    episodes_per_shard: int = field(default=20, metadata={"help": "episodes per shard file"})
+    hide_target: bool = field(default=True, metadata={"help": "hide the target sphere (pose-reaching goals)"})
+    render_quality: str = field(default="fast", metadata={"help": "fast (no shadows/reflections, ~5x faster) or standard"})
+
+
+def rollout_episode(env, policy: str, steps: int, seed: int, index: int) -> dict[str, np.ndarray]:
+    """Run episode ``index`` of a collection; every draw comes from ``(seed, index)``."""
+    rng = np.random.default_rng([seed, index])
+    obs, info = env.reset(seed=int(rng.integers(2**31 - 1)))
+    act, drawn = make_policy(policy, rng)
+    pixels = np.empty((steps + 1, *obs.shape), np.uint8)
+    action = np.empty((steps, 2), np.float32)
+    states = {k: np.empty((steps + 1, 2), np.float64) for k in info}
+    pixels[0] = obs
+    for k in info:
+        states[k][0] = info[k]
+    for t in range(steps):
+        action[t] = act()
+        obs, _, _, _, info = env.step(action[t])
+        pixels[t + 1] = obs
+        for k in info:
+            states[k][t + 1] = info[k]
+    return {"pixels": pixels, "action": action, **states, "policy": drawn, "index": index}
+
+
+def _shard_attrs(cfg: CollectConfig) -> dict:
+    return {k: getattr(cfg, k) for k in RESUME_KEYS}
+
+
+def existing_episodes(cfg: CollectConfig) -> set[int]:
+    """Indices already collected in ``cfg.out``; an error if that data was made with other settings."""
+    out = Path(cfg.out)
+    for stale in out.glob("*.tmp"):  # left by a hard kill while a shard was being written
+        stale.unlink()
+    try:
+        shards = find_shards(out)
+    except DatasetError:
+        return set()
+    done: set[int] = set()
+    want = _shard_attrs(cfg)
+    for path in shards:
+        info = inspect_shard(path)
+        have = {k: info.attrs.get(k) for k in RESUME_KEYS}
+        if have != want:
+            diff = {k: (have[k], want[k]) for k in RESUME_KEYS if have[k] != want[k]}
+            raise DatasetError(f"{path} was collected with other settings (have, asked): {diff}; "
+                               f"use another --out, or the same settings to resume")
+        done.update(episode_index(ref.key) for ref in info.episodes)
+    return done
+
+
+def plan_shards(missing: list[int], per_shard: int) -> list[list[int]]:
+    """Group missing episode indices into shards: contiguous runs, at most ``per_shard`` each."""
+    groups: list[list[int]] = []
+    for i in sorted(missing):
+        if groups and groups[-1][-1] == i - 1 and len(groups[-1]) < per_shard:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def shard_path(out: Path, indices) -> Path:
+    return out / f"shard_{min(indices):06d}_{max(indices):06d}.h5"
+
+
+# --- worker processes: one env (one renderer) each ----------------------------------------------
+_worker_env = None
+_worker_cfg: CollectConfig | None = None
+_worker_error: str | None = None
+
+
+def _init_worker(cfg: CollectConfig) -> None:
+    global _worker_env, _worker_cfg, _worker_error
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _worker_cfg = cfg
+    try:
+        _worker_env = _make_collection_env(cfg)
+    except Exception as exc:  # reported by the first task, so the parent sees why
+        _worker_error = f"{type(exc).__name__}: {exc}"
+
+
+def _worker_rollout(index: int) -> dict:
+    if _worker_error is not None:
+        raise RuntimeError(f"collection worker could not start: {_worker_error}")
+    c = _worker_cfg
+    return rollout_episode(_worker_env, c.policy, c.steps, c.seed, index)
+
+
+def _make_collection_env(cfg: CollectConfig):
+    return make_env(cfg.env, size=cfg.size, hide_target=cfg.hide_target, render_quality=cfg.render_quality,
+                    max_steps=cfg.steps + 1)
+
+
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _episodes_in_process(cfg: CollectConfig, indices: list[int]):
+    env = _make_collection_env(cfg)
+    try:
+        for i in indices:
+            yield rollout_episode(env, cfg.policy, cfg.steps, cfg.seed, i)
+    finally:
+        env.close()
+
+
+def _episodes_in_workers(cfg: CollectConfig, indices: list[int], workers: int):
+    """Episodes as workers finish them. A worker that dies raises BrokenProcessPool (a Pool would hang)."""
+    ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(cfg,))
+    futures = [ex.submit(_worker_rollout, i) for i in indices]
+    try:
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        # Stop what has not started; episodes in flight finish (under a second each) and are dropped.
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def collect(cfg: CollectConfig, progress: bool = True) -> dict:
+    """Collect until ``cfg.out`` holds ``cfg.episodes`` episodes; returns a summary."""
+    if cfg.env not in ENV_NAMES:
+        raise ValueError(f"env must be one of {sorted(ENV_NAMES)}, got {cfg.env!r}")
+    if cfg.policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {cfg.policy!r}")
+    if cfg.episodes < 1 or cfg.steps < 1 or cfg.workers < 1 or cfg.episodes_per_shard < 1:
+        raise ValueError("episodes, steps, workers and episodes_per_shard must be positive")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = existing_episodes(cfg)
+    missing = [i for i in range(cfg.episodes) if i not in done]
+    summary = {"out": str(out), "episodes": cfg.episodes, "already_there": cfg.episodes - len(missing),
+               "collected": 0, "frames_per_s": None}
+    if not missing:
+        return summary
+
+    groups = plan_shards(missing, cfg.episodes_per_shard)
+    shard_of = {i: g for g in groups for i in g}
+    pending: dict[tuple, dict[int, dict]] = {}
+    attrs = _shard_attrs(cfg)
+
+    def flush(group: tuple) -> None:
+        episodes = pending.pop(group)
+        write_shard(shard_path(out, episodes), episodes, attrs)
+
+    bar = tqdm(total=len(missing) * (cfg.steps + 1), unit="frame", desc=f"collect {out.name}",
+               disable=not progress, smoothing=0.1)
+    start = time.perf_counter()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _sigterm_to_interrupt) if on_main_thread else None
+    workers = min(cfg.workers, len(missing))
+    results = (_episodes_in_process(cfg, missing) if workers == 1 else _episodes_in_workers(cfg, missing, workers))
+    try:
+        for episode in results:
+            group = tuple(shard_of[episode["index"]])
+            pending.setdefault(group, {})[episode["index"]] = episode
+            summary["collected"] += 1
+            bar.update(cfg.steps + 1)
+            if len(pending[group]) == len(group):
+                flush(group)
+    except BaseException:
+        # Ctrl-C, SIGTERM or a worker's error: keep every finished episode, then stop.
+        results.close()
+        for group in list(pending):
+            flush(group)
+        bar.close()
+        print(f"\ncollection stopped: {len(done) + summary['collected']}/{cfg.episodes} episodes are saved "
+              f"in {out}; run the same command again to resume.")
+        raise
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, old_term)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    summary["frames_per_s"] = summary["collected"] * (cfg.steps + 1) / elapsed
+    return summary

@@ -1,0 +1,30 @@
+"""Writing frames to mp4 (and gif) for people to watch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+
+
+def upscale(frames: np.ndarray, min_size: int = 256) -> np.ndarray:
+    """Nearest-neighbour upscale of (T, H, W, 3) frames so small renders stay watchable."""
+    k = max(1, -(-min_size // frames.shape[1]))
+    return frames.repeat(k, axis=1).repeat(k, axis=2) if k > 1 else frames
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int = 25, gif: bool = False) -> list[Path]:
+    """Write (T, H, W, 3) uint8 frames as an mp4 (and a gif beside it); returns the paths written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = upscale(np.asarray(frames, dtype=np.uint8))
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1, codec="libx264", quality=8)
+    tmp.replace(path)
+    written = [path]
+    if gif:
+        gif_path = path.with_suffix(".gif")
+        imageio.mimwrite(gif_path, frames[::2], duration=2000 / fps, loop=0)
+        written.append(gif_path)
+    return written

@@ -1,0 +1,111 @@
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import synthetic_episode, write_synthetic
+from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
+from envs.storage import DatasetError, write_shard
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_windows_align_frames_actions_and_states(synthetic_data, in_memory):
+    spec = WindowSpec(history=3, n_pred=2, frameskip=4)
+    ds = WindowDataset(EpisodeStore(synthetic_data, in_memory=in_memory), spec, split="all")
+    assert len(ds) == 4 * (30 - spec.span + 1)
+    for k in [0, 5, len(ds) - 1]:
+        item = ds[k]
+        i, t0 = ds.index[k]
+        offset = int(ds.store.episodes[i].key.split("_")[1]) * 1000
+        t = t0 + np.arange(spec.frames) * spec.frameskip
+        assert item["pixels"].shape == (5, 32, 32, 3) and item["pixels"].dtype == torch.uint8
+        assert torch.equal(item["pixels"][:, 0, 0, 0], torch.tensor((offset + t) % 256, dtype=torch.uint8))
+        assert item["actions"].shape == (4, 8)
+        for j in range(spec.frames - 1):  # chunk j = the frameskip actions from frame j to frame j+1
+            steps = offset + t[j] + np.arange(spec.frameskip)
+            expected = np.stack([steps, -steps], 1).reshape(-1)
+            assert np.array_equal(item["actions"][j].numpy(), expected)
+        assert np.allclose(item["qpos"][:, 0].numpy(), offset + t)
+
+
+def test_split_by_episode_is_deterministic_and_disjoint(tmp_path):
+    data = write_synthetic(tmp_path / "d", n_episodes=10, steps=12)
+    store = EpisodeStore(data)
+    train, val = store.split("train", 0.2, seed=1), store.split("val", 0.2, seed=1)
+    assert len(val) == 2 and set(train).isdisjoint(val) and sorted(train + val) == list(range(10))
+    assert store.split("val", 0.2, seed=1) == val and store.split("val", 0.2, seed=2) != val
+    spec = WindowSpec(1, 1, 1)
+    tr, va = WindowDataset(store, spec, "train", 0.2, 1), WindowDataset(store, spec, "val", 0.2, 1)
+    assert set(tr.index[:, 0]).isdisjoint(set(va.index[:, 0]))
+
+
+def test_dataloader_workers_read_lazily(synthetic_data):
+    ds = WindowDataset(EpisodeStore(synthetic_data, in_memory=False), WindowSpec(2, 1, 3), split="all")
+    batches = list(DataLoader(ds, batch_size=8, num_workers=2, shuffle=True))
+    assert sum(len(b["pixels"]) for b in batches) == len(ds)
+    assert batches[0]["pixels"].shape[1:] == (3, 32, 32, 3)
+
+
+def test_window_longer_than_episodes(synthetic_data):
+    with pytest.raises(DatasetError, match="shorter than a window"):
+        WindowDataset(EpisodeStore(synthetic_data), WindowSpec(history=4, n_pred=4, frameskip=5))
+
+
+def test_missing_dataset_and_empty_dir(tmp_path):
+    with pytest.raises(DatasetError, match="no such dataset"):
+        EpisodeStore(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no .h5 shards"):
+        EpisodeStore(tmp_path / "empty")
+
+
+def test_truncated_shard_names_the_file(synthetic_data):
+    shard = sorted(synthetic_data.glob("*.h5"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match=shard.name):
+        EpisodeStore(synthetic_data)
+
+
+def test_garbage_file(tmp_path):
+    (tmp_path / "x.h5").write_bytes(b"not hdf5 at all")
+    with pytest.raises(DatasetError, match="cannot be read as HDF5"):
+        EpisodeStore(tmp_path / "x.h5")
+
+
+def test_missing_keys_and_bad_shapes(tmp_path):
+    ep = synthetic_episode(10)
+    del ep["qvel"]
+    write_shard(tmp_path / "a.h5", {0: ep}, {"env": "reacher-easy", "size": 32})
+    with pytest.raises(DatasetError, match="missing keys \\['qvel'\\]"):
+        EpisodeStore(tmp_path / "a.h5")
+    ep = synthetic_episode(10)
+    ep["action"] = ep["action"][:-1]
+    write_shard(tmp_path / "b.h5", {0: ep}, {"env": "reacher-easy", "size": 32})
+    with pytest.raises(DatasetError, match="action must be"):
+        EpisodeStore(tmp_path / "b.h5")
+    write_shard(tmp_path / "c.h5", {0: synthetic_episode(10, size=32)}, {"env": "reacher-easy", "size": 48})
+    with pytest.raises(DatasetError, match="pixels must be"):
+        EpisodeStore(tmp_path / "c.h5")
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_group("ep_000000")
+    with pytest.raises(DatasetError, match="missing file attribute"):
+        EpisodeStore(tmp_path / "d.h5")
+
+
+def test_mixed_sizes_or_envs_are_refused(tmp_path):
+    a = write_synthetic(tmp_path / "a", n_episodes=2, size=32)
+    b = write_synthetic(tmp_path / "b", n_episodes=2, size=48)
+    c = write_synthetic(tmp_path / "c", n_episodes=2, size=32, env="reacher-hard")
+    with pytest.raises(DatasetError, match="size"):
+        EpisodeStore([a, b])
+    with pytest.raises(DatasetError, match="env"):
+        EpisodeStore([a, c])
+    assert len(EpisodeStore([a, write_synthetic(tmp_path / "a2", n_episodes=3)])) == 5
+
+
+def test_atomic_write_leaves_no_file_on_failure(tmp_path):
+    with pytest.raises(Exception):
+        write_shard(tmp_path / "s.h5", {0: {"pixels": object()}}, {"env": "x", "size": 32})
+    assert list(tmp_path.iterdir()) == []

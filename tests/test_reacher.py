@@ -1,0 +1,129 @@
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import envs
+from envs import ReacherPixels
+
+BACKENDS = ["dm_control", "gymnasium"]
+
+
+@pytest.fixture(params=BACKENDS)
+def env(request):
+    e = ReacherPixels(backend=request.param, size=48)
+    yield e
+    e.close()
+
+
+def test_check_env_and_registration():
+    for backend in BACKENDS:
+        e = gym.make(envs.ENV_ID, backend=backend, size=32)
+        check_env(e.unwrapped)
+        e.close()
+
+
+def test_spaces_and_info(env):
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (48, 48, 3) and obs.dtype == np.uint8
+    assert env.action_space.shape == (2,) and env.action_space.dtype == np.float32
+    assert set(info) == {"qpos", "qvel", "finger", "target"}
+    assert all(v.shape == (2,) for v in info.values())
+    obs, reward, terminated, truncated, info = env.step(np.zeros(2, np.float32))
+    assert obs.shape == (48, 48, 3) and isinstance(reward, float) and not terminated and not truncated
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_sizes(size):
+    e = ReacherPixels(size=size)
+    assert e.reset(seed=1)[0].shape == (size, size, 3)
+    e.close()
+
+
+@pytest.mark.parametrize("size", [16, 300, 64.5])
+def test_bad_size(size):
+    with pytest.raises(ValueError, match="size"):
+        ReacherPixels(size=size)
+
+
+def _trajectory(env, seed, n=15):
+    obs, info = env.reset(seed=seed)
+    rng = np.random.default_rng(0)
+    frames, states = [obs], [info["qpos"]]
+    for _ in range(n):
+        obs, _, _, _, info = env.step(rng.uniform(-1, 1, 2))
+        frames.append(obs)
+        states.append(info["qpos"])
+    return np.stack(frames), np.stack(states)
+
+
+def test_determinism_by_seed(env):
+    f1, s1 = _trajectory(env, seed=3)
+    f2, s2 = _trajectory(env, seed=3)
+    f3, _ = _trajectory(env, seed=4)
+    assert np.array_equal(f1, f2) and np.array_equal(s1, s2)
+    assert not np.array_equal(f1, f3)
+
+
+def test_goal_image_equals_frame_at_that_pose(env):
+    _, info = env.reset(seed=0)
+    for _ in range(10):
+        obs, _, _, _, info = env.step(np.array([0.8, -0.5]))
+    assert np.array_equal(env.render_goal(info["qpos"]), obs)
+    goal = env.render_goal([0.3, -1.2])
+    assert np.array_equal(env.set_state([0.3, -1.2]), goal)
+
+
+def test_render_goal_does_not_disturb_the_episode(env):
+    env.reset(seed=5)
+    env.step(np.array([1.0, 1.0]))
+    before = env.state()
+    env.render_goal([2.0, 1.0], target=[0.1, 0.1])
+    assert all(np.array_equal(before[k], v) for k, v in env.state().items())
+    after_goal = env.step(np.array([0.5, -0.5]))[0]
+    env.reset(seed=5)
+    env.step(np.array([1.0, 1.0]))
+    assert np.array_equal(env.step(np.array([0.5, -0.5]))[0], after_goal)
+
+
+def test_actions_clipped_and_nan_rejected(env):
+    env.reset(seed=2)
+    big = env.step(np.array([5.0, -7.0]))[0]
+    env.reset(seed=2)
+    assert np.array_equal(env.step(np.array([1.0, -1.0]))[0], big)
+    with pytest.raises(ValueError, match="finite"):
+        env.step(np.array([np.nan, 0.0]))
+    with pytest.raises(ValueError, match="shape"):
+        env.step(np.zeros(3))
+
+
+def test_hidden_target_is_invisible():
+    hidden, shown = ReacherPixels(size=48, hide_target=True), ReacherPixels(size=48, hide_target=False)
+    for e in (hidden, shown):
+        e.reset(seed=0)
+    q = [0.5, 0.5]
+    assert np.array_equal(hidden.render_goal(q, target=[0.1, 0.1]), hidden.render_goal(q, target=[-0.1, -0.1]))
+    assert not np.array_equal(shown.render_goal(q, target=[0.1, 0.1]), shown.render_goal(q, target=[-0.1, -0.1]))
+    hidden.close(), shown.close()
+
+
+def test_reset_options_start_state(env):
+    _, info = env.reset(seed=0, options={"qpos": [0.25, -0.75]})
+    assert np.allclose(info["qpos"], [0.25, -0.75]) and np.allclose(info["qvel"], 0)
+
+
+def test_make_env_names():
+    with pytest.raises(ValueError, match="env must be one of"):
+        envs.make_env("cartpole")
+    e = envs.make_env("reacher-hard", size=32)
+    assert e.physics.target_radius < 0.05
+    e.close()
+
+
+def test_clean_exit_without_close(tmp_path):
+    """An env left open at exit must not print EGL errors."""
+    import subprocess
+    import sys
+    code = "import envs; e = envs.ReacherPixels(size=32); e.reset(seed=0); e.step([0.1, 0.1])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
