@@ -1,0 +1,21 @@
+"""Planning in the world model's latent space: batched CEM and MPPI over action-chunk sequences."""
+
+from planners.base import Planner, PlannerConfig, PlanResult, shift_plan
+from planners.cem import CEMConfig, CEMPlanner
+from planners.costs import COSTS, final_cost, get_cost, sum_cost
+from planners.mppi import MPPIConfig, MPPIPlanner
+
+__all__ = [
+    "CEMConfig",
+    "CEMPlanner",
+    "COSTS",
+    "MPPIConfig",
+    "MPPIPlanner",
+    "PlanResult",
+    "Planner",
+    "PlannerConfig",
+    "final_cost",
+    "get_cost",
+    "shift_plan",
+    "sum_cost",
+]

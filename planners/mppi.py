@@ -1,0 +1,68 @@
+"""MPPI: move the mean to the exponentially cost-weighted average of perturbed sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import einsum
+from torch import Tensor
+
+from planners.base import Planner, PlannerConfig, PlanResult, keep_best, option
+
+
+@dataclass
+class MPPIConfig(PlannerConfig):
+    """MPPI settings; ``samples`` x ``iterations`` is the same rollout budget as CEM's."""
+
+    temperature: float = option(0.1, "softmax temperature on the costs; small: greedy, large: plain average")
+    normalize: bool = option(True, "measure cost gaps in units of the median gap: temperature unitless")
+    noise_std: float = option(0.5, "initial std of the perturbations (actions lie in [-1, 1])")
+    adapt_std: bool = option(True, "refit the std to the weighted spread (else keep noise_std)")
+    min_std: float = option(0.02, "floor of the adapted std")
+    momentum: float = option(0.0, "weight of the old mean/std in each update")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.temperature <= 0 or self.samples < 2:
+            raise ValueError(f"need temperature > 0 and samples >= 2, got {self.temperature}, {self.samples}")
+
+
+class MPPIPlanner(Planner):
+    """Batched MPPI over B problems x N candidates.
+
+    Candidate 0 is always the current mean (the nominal plan), the rest are perturbations of it.
+    Returns the better of the best candidate seen and the final mean (``Planner.finish``).
+    """
+
+    cfg: MPPIConfig
+    config_class = MPPIConfig
+
+    def optimize(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, mean: Tensor) -> PlanResult:
+        cfg, m = self.cfg, self.cfg.momentum
+        ctx = self.context(z_hist, a_hist, z_goal)
+        std = torch.full_like(mean, cfg.noise_std)  # (B, H, A)
+        best_a, best_c = mean, z_goal.new_full(z_goal.shape[:1], float("inf"))  # (B, H, A), (B,)
+        for _ in range(cfg.iterations):
+            cand = torch.cat([mean[:, None], self.sample(mean, std, cfg.samples - 1)], dim=1)  # (B, N, H, A)
+            cost = self.score(ctx, cand)  # (B, N)
+            best_a, best_c = keep_best(best_a, best_c, cand, cost)
+            w = self.weights(cost)  # (B, N)
+            new_mean = einsum(w, cand, "b n, b n h a -> b h a")
+            if cfg.adapt_std:
+                var = einsum(w, (cand - new_mean[:, None]).square(), "b n, b n h a -> b h a")
+                std = (m * std + (1 - m) * var.sqrt()).clamp_min(cfg.min_std)
+            mean = m * mean + (1 - m) * new_mean
+        return self.finish(z_hist, a_hist, z_goal, mean, best_a, best_c)
+
+    def weights(self, cost: Tensor) -> Tensor:
+        """``softmax(-(cost - min) / temperature)`` per problem: ``(B, N)`` -> ``(B, N)``.
+
+        Subtracting the min keeps the largest weight at exp(0) = 1 before normalising (no underflow to
+        all zeros). With ``normalize`` gaps are divided by the median gap (robust to outlier costs), so
+        the same temperature works whatever the scale of the latent distances.
+        """
+        gap = cost - cost.min(dim=1, keepdim=True).values  # (B, N), >= 0
+        if self.cfg.normalize:
+            gap = gap / (gap.median(dim=1, keepdim=True).values + 1e-12)
+        return torch.softmax(-gap / self.cfg.temperature, dim=1)

@@ -1,0 +1,146 @@
+"""Costs, warm-start shifting, batched scoring, and the contract every planner keeps."""
+
+import pytest
+import torch
+from planner_fixtures import A, H, PLANNERS, CountingModel, LinearDynamics, make_problems, planner
+
+from planners.base import Planner, PlannerConfig, keep_best, shift_plan, take
+from planners.costs import final_cost, get_cost, sum_cost
+
+NAMES = sorted(PLANNERS)
+
+
+def test_costs_on_hand_made_inputs():
+    z_goal = torch.tensor([[1.0, 0.0]])  # (B=1, D=2)
+    z_pred = torch.tensor([[[[0.0, 0.0], [1.0, 0.0]], [[1.0, 2.0], [3.0, 0.0]]]])  # (1, N=2, H=2, 2)
+    assert torch.equal(final_cost(z_pred, z_goal), torch.tensor([[0.0, 4.0]]))
+    assert torch.equal(sum_cost(z_pred, z_goal), torch.tensor([[1.0, 8.0]]))
+
+
+def test_cost_lookup():
+    assert get_cost("final") is final_cost and get_cost("sum") is sum_cost
+    custom = lambda z_pred, z_goal: z_pred.sum((-1, -2))  # noqa: E731
+    assert get_cost(custom) is custom
+    with pytest.raises(ValueError, match="unknown cost"):
+        get_cost("nope")
+
+
+def test_shift_plan():
+    plan = torch.arange(1.0, 4.0)[None, :, None].expand(2, 3, 2)  # (B=2, H=3, A=2): chunks 1, 2, 3
+    assert torch.equal(shift_plan(plan, 1)[0, :, 0], torch.tensor([2.0, 3.0, 0.0]))
+    assert torch.equal(shift_plan(plan, 2, fill="last")[0, :, 0], torch.tensor([3.0, 3.0, 3.0]))
+    assert torch.equal(shift_plan(plan, 0), plan)
+    assert torch.equal(shift_plan(plan, 5), torch.zeros_like(plan))
+
+
+def test_take_and_keep_best():
+    cand = torch.arange(6.0).reshape(2, 3, 1, 1)  # (B=2, N=3, H=1, A=1)
+    picked = take(cand, torch.tensor([[2, 0], [1, 1]]))  # (B, K=2, H, A)
+    assert torch.equal(picked[..., 0, 0], torch.tensor([[2.0, 0.0], [4.0, 4.0]]))
+    best_a, best_c = torch.full((2, 1, 1), -1.0), torch.tensor([0.5, 0.5])
+    a, c = keep_best(best_a, best_c, cand, torch.tensor([[3.0, 0.1, 2.0], [1.0, 2.0, 3.0]]))
+    assert torch.equal(c, torch.tensor([0.1, 0.5])) and torch.equal(a.flatten(), torch.tensor([1.0, -1.0]))
+
+
+def test_score_is_one_batched_rollout_matching_per_candidate_costs():
+    model = CountingModel(LinearDynamics())
+    p = Planner(model, PlannerConfig(horizon=H, samples=3))
+    z, g, a = make_problems(model.model, 2, h=2)
+    cand = torch.rand(2, 3, H, A) * 2 - 1  # (B, N, H, A)
+    cost = p.score(p.context(z, a, g), cand)  # (B, N)
+    assert model.calls == 1 and model.rows == 6
+    for b in range(2):
+        for n in range(3):
+            z_pred = model.model.rollout(z[b : b + 1], a[b : b + 1], cand[b, n][None])  # (1, H, D)
+            assert torch.allclose(cost[b, n], final_cost(z_pred[None], g[b : b + 1])[0, 0])
+
+
+def test_plan_validates_shapes():
+    p = planner("cem")
+    z, g, a = make_problems(p.model, 2, h=2)
+    with pytest.raises(ValueError, match="a_hist"):
+        p.plan(z, g)  # h=2 needs the action between the two history latents
+    with pytest.raises(ValueError, match="z_goal"):
+        p.plan(z, g[:1], a)
+    with pytest.raises(ValueError, match="init"):
+        p.plan(z, g, a, init=torch.zeros(2, H + 1, A))
+    with pytest.raises(ValueError, match="action_dim"):
+        Planner(object(), PlannerConfig())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_actions_in_bounds(name):
+    p = planner(name, samples=32, iterations=3)
+    z, g, _ = make_problems(p.model, 3)
+    res = p.plan(z, 50 * g, init=torch.full((3, H, A), 5.0))  # an unreachable goal pushes to the bounds
+    assert res.actions.shape == (3, H, A) and res.cost.shape == (3,)
+    assert res.actions.abs().max() <= 1.0 and res.actions.abs().max() > 0.99
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_seeding(name):
+    z, g, _ = make_problems(LinearDynamics(), 2)
+    p = planner(name, seed=3)
+    first = p.plan(z, g).actions
+    assert torch.equal(planner(name, seed=3).plan(z, g).actions, first)  # same seed, same plan
+    assert not torch.equal(planner(name, seed=4).plan(z, g).actions, first)  # other seed, other plan
+    assert not torch.equal(p.plan(z, g).actions, first)  # the stream goes on across replans
+    p.reset()
+    assert torch.equal(p.plan(z, g).actions, first)  # reset restarts it
+    p.reset(4)
+    assert torch.equal(p.plan(z, g).actions, planner(name, seed=4).plan(z, g).actions)
+    assert p.generator(z.device).device == z.device
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("h", [1, 2])
+def test_batched_equals_single(name, h):
+    """Same noise for every problem, so the plans are identical; the costs may differ in the last bit
+    because a matmul over 1 row can round differently from one over 5 rows."""
+    z, g, a = make_problems(LinearDynamics(), 5, h)
+    batched = planner(name).plan(z, g, a)
+    for b in range(5):
+        alone = planner(name).plan(z[b : b + 1], g[b : b + 1], None if a is None else a[b : b + 1])
+        assert torch.equal(alone.actions[0], batched.actions[b])
+        assert torch.allclose(alone.cost[0], batched.cost[b], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rollout_calls_independent_of_batch_and_samples(name):
+    counts = []
+    for B, N in [(1, 8), (6, 40)]:
+        model = CountingModel(LinearDynamics())
+        z, g, _ = make_problems(model.model, B)
+        planner(name, model, samples=N, iterations=4).plan(z, g)
+        counts.append(model.calls)
+        assert model.rows == 4 * B * N + B  # 4 iterations of B*N candidates, then the final mean
+    assert counts == [5, 5]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_custom_cost(name):
+    model = LinearDynamics()
+    z, g, _ = make_problems(model, 2)
+    res = planner(name, model, cost="sum").plan(z, g)
+    z_pred = model.rollout(z, None, res.actions)  # (B, H, D)
+    assert torch.allclose(res.cost, sum_cost(z_pred[:, None], g)[:, 0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_rejects_nonsense(name):
+    with pytest.raises(ValueError):
+        planner(name, samples=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_host_sync_while_planning(name, monkeypatch):
+    """No tensor value reaches Python during planning (it would stall a GPU and break graph capture)."""
+    z, g, a = make_problems(LinearDynamics(), 2, h=2)
+    p = planner(name, iterations=2)
+
+    def sync(*args):
+        raise AssertionError("host synchronisation inside plan()")
+
+    for method in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, method, sync)
+    p.plan(z, g, a, init=torch.zeros(2, H, A))
