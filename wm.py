@@ -16,15 +16,20 @@ from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
 from envs.collect import CollectConfig, collect
+from worldmodel.train import TrainConfig, preset_config
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One ``--option`` per dataclass field, typed, with the field's default and help."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls, only_given: bool = False) -> None:
+    """One ``--option`` per dataclass field, typed, with the field's default and help.
+
+    With ``only_given``, options the user did not type stay out of the parsed namespace (so a
+    preset can fill them)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name, kind = "--" + f.name.replace("_", "-"), hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
+        shown = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = argparse.SUPPRESS if only_given else shown
+        help_text = f.metadata.get("help", "") + f" (default: {shown})"
         if kind is bool:
             parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
@@ -40,7 +45,10 @@ def _scalar_type(kind):
 
 
 def config_from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    if cls is TrainConfig:  # the preset first, then what was typed
+        return preset_config(given.pop("preset", "demo"), **given)
+    return cls(**given)
 
 
 @dataclass
@@ -51,6 +59,67 @@ class VideoConfig:
     out: str = field(default="runs/data/demo/episodes.mp4", metadata={"help": "output mp4"})
     episodes: int = field(default=4, metadata={"help": "episodes to show, one after another"})
     fps: int = field(default=25, metadata={"help": "frames per second"})
+
+
+@dataclass
+class BenchConfig:
+    """``wm bench``: measured speeds, each beside a baseline timed in the same run."""
+
+    what: str = field(default="all", metadata={"help": "which benchmark: collect or all"})
+    out: str = field(default="runs/bench", metadata={"help": "directory for the Markdown report"})
+
+
+@dataclass
+class PipelineConfig:
+    """``wm demo-pipeline`` (what `make demo` runs): the embedded default, end to end."""
+
+    out: str = field(default="runs/demo", metadata={"help": "output directory"})
+    episodes: int = field(default=200, metadata={"help": "episodes to collect"})
+    workers: int = field(default=2, metadata={"help": "collection worker processes"})
+
+
+@dataclass
+class ProbeConfig:
+    """``wm probe``: linear-probe R^2 from latents to the true state, on held-out episodes."""
+
+    checkpoint: str = field(default="runs/demo/model.pt", metadata={"help": "model.pt of a trained run"})
+    data: str = field(default="runs/demo/data", metadata={"help": "dataset directory (or .h5 file)"})
+    val_fraction: float = field(default=0.1, metadata={"help": "fraction of episodes held out (as in training)"})
+    seed: int = field(default=0, metadata={"help": "split seed (as in training)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+
+
+def run_train(cfg: TrainConfig) -> int:
+    from worldmodel.train import train
+
+    metrics = train(cfg)
+    print(json.dumps({k: metrics[k] for k in ("loss/prediction", "embedding/std", "val", "probe") if k in metrics},
+                     indent=1))
+    print(f"model: {Path(cfg.out) / 'model.pt'}  logs: tensorboard --logdir {Path(cfg.out) / 'tb'}")
+    return 0
+
+
+def run_probe(cfg: ProbeConfig) -> int:
+    import torch
+
+    from envs.dataset import EpisodeStore
+    from worldmodel.model import WorldModel, resolve_device
+    from worldmodel.probe import PROBE_TARGETS, run_probe as probe
+
+    device = resolve_device(cfg.device)
+    trained = WorldModel.load(cfg.checkpoint, device)
+    torch.manual_seed(0)
+    untrained = type(trained)(trained.cfg).to(device)  # same architecture, random weights: the floor
+    store = EpisodeStore(cfg.data)
+    train_ids, test_ids = store.split("train", cfg.val_fraction, cfg.seed), store.split("val", cfg.val_fraction, cfg.seed)
+    rows = {"trained": probe(trained, store, train_ids, test_ids, device=device),
+            "untrained (floor)": probe(untrained, store, train_ids, test_ids, device=device)}
+    names = [*PROBE_TARGETS, "joints_mean"]
+    print("| encoder | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for label, r2 in rows.items():
+        print(f"| {label} | " + " | ".join(f"{r2[n]:.3f}" for n in names) + " |")
+    return 0
 
 
 def run_collect(cfg: CollectConfig) -> int:
@@ -72,9 +141,49 @@ def run_video(cfg: VideoConfig) -> int:
     return 0
 
 
+def run_bench(cfg: BenchConfig) -> int:
+    from envs import bench as envs_bench
+
+    benches = {"collect": envs_bench.run}
+    if cfg.what not in (*benches, "all"):
+        raise ValueError(f"--what must be one of {[*benches, 'all']}, got {cfg.what!r}")
+    chosen = benches if cfg.what == "all" else {cfg.what: benches[cfg.what]}
+    report = "\n\n".join(f"# wm bench {name}\n\n{_machine()}\n\n{fn()}" for name, fn in chosen.items())
+    print(report)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"bench_{cfg.what}.md").write_text(report + "\n")
+    return 0
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"Machine: {os.cpu_count()} CPU cores ({cpu}), {gpu}; torch {torch.__version__}."
+
+
+def run_pipeline(cfg: PipelineConfig) -> int:
+    """Collect a CPU-sized dataset and show it. Training, evaluation and planning videos join as they land."""
+    out = Path(cfg.out)
+    run_collect(CollectConfig(out=str(out / "data"), episodes=cfg.episodes, workers=cfg.workers))
+    run_video(VideoConfig(data=str(out / "data"), out=str(out / "rollouts.mp4"), episodes=4))
+    print(f"\nmake demo: collected {out / 'data'} and wrote {out / 'rollouts.mp4'} (smooth random-policy "
+          f"rollouts). Training, planning and evaluation are not built yet; this demo grows with them.")
+    return 0
+
+
 COMMANDS = {
     "collect": (CollectConfig, run_collect, "collect pixel rollouts into HDF5 shards"),
     "video": (VideoConfig, run_video, "write an mp4 of dataset episodes"),
+    "train": (TrainConfig, run_train, "train the world model (presets: demo, full)"),
+    "probe": (ProbeConfig, run_probe, "linear-probe R^2 of a trained encoder vs an untrained one"),
+    "bench": (BenchConfig, run_bench, "measure collection, loading (and later training, planning) speed"),
+    "demo-pipeline": (PipelineConfig, run_pipeline, "the embedded default that `make demo` runs"),
 }
 
 
@@ -82,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, help_text) in COMMANDS.items():
-        add_config_arguments(sub.add_parser(name, help=help_text, description=(cls.__doc__ or "").strip()), cls)
+        add_config_arguments(sub.add_parser(name, help=help_text, description=(cls.__doc__ or "").strip()), cls,
+                             only_given=cls is TrainConfig)
     args = parser.parse_args(argv)
     cls, run, _ = COMMANDS[args.command]
     try:

@@ -7,7 +7,9 @@ MuJoCo reads ``MUJOCO_GL`` once, when it is first imported, so this module must 
 from __future__ import annotations
 
 import ctypes.util
+import importlib
 import os
+import sys
 
 # What each backend needs on a bare Debian machine.
 SYSTEM_PACKAGES = {
@@ -33,7 +35,17 @@ def select_gl_backend() -> str:
     os.environ["MUJOCO_GL"] = chosen
     if chosen == "osmesa":
         os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+    _reselect_if_mujoco_imported()
     return chosen
+
+
+def _reselect_if_mujoco_imported() -> None:
+    """MuJoCo imported before us picked its GL backend with MUJOCO_GL unset (GLFW, which needs a
+    display). Its renderer looks the context class up at each use, so importing that module anew
+    after setting MUJOCO_GL is enough, as long as PyOpenGL has not bound a platform yet."""
+    name = "mujoco.rendering.classic.gl_context"
+    if name in sys.modules and "OpenGL.GL" not in sys.modules:
+        importlib.reload(sys.modules[name])
 
 
 def rendering_error(exc: BaseException) -> RuntimeError:

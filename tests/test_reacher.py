@@ -127,3 +127,14 @@ def test_clean_exit_without_close(tmp_path):
     code = "import envs; e = envs.ReacherPixels(size=32); e.reset(seed=0); e.step([0.1, 0.1])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+def test_renders_when_mujoco_was_imported_first():
+    """`import mujoco` before `import envs` (MUJOCO_GL unset) must still render headless."""
+    import os
+    import subprocess
+    import sys
+    code = "import mujoco, envs; e = envs.ReacherPixels(size=32); print(e.reset(seed=0)[0].shape); e.close()"
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and "(32, 32, 3)" in out.stdout, out.stderr

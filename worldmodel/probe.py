@@ -1,0 +1,75 @@
+"""Linear probes: how much of the true state a linear map recovers from the latent.
+
+The LeJEPA theory says an isotropic-Gaussian embedding trained to predict keeps the state linearly
+identifiable; R^2 of a ridge regression from latent to state, on held-out episodes, is the check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+PROBE_TARGETS = ("cos_shoulder", "sin_shoulder", "cos_wrist", "sin_wrist", "finger_x", "finger_y")
+JOINT_TARGETS = PROBE_TARGETS[:4]
+
+
+def state_targets(qpos: np.ndarray, finger: np.ndarray) -> np.ndarray:
+    """(N, 2) joint angles and (N, 2) fingertip xy -> (N, 6) probe targets (angles as cos/sin)."""
+    return np.stack([np.cos(qpos[:, 0]), np.sin(qpos[:, 0]), np.cos(qpos[:, 1]), np.sin(qpos[:, 1]),
+                     finger[:, 0], finger[:, 1]], 1)
+
+
+def fit_ridge(x: Tensor, y: Tensor, ridge: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """Closed-form ridge on standardised inputs: returns (W (D, K), b (K,)) with y ~ x @ W + b."""
+    x, y = x.double(), y.double()
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-8)
+    xs = (x - mu) / sd
+    ym = y.mean(0)
+    gram = xs.T @ xs + ridge * len(xs) * torch.eye(xs.shape[1], dtype=xs.dtype)
+    w = torch.linalg.solve(gram, xs.T @ (y - ym)) / sd[:, None]  # undo the standardisation
+    return w, ym - mu @ w
+
+
+def r2_score(y: Tensor, y_hat: Tensor) -> Tensor:
+    """Coefficient of determination per column: 1 - SS_res / SS_tot."""
+    y, y_hat = y.double(), y_hat.double()
+    ss_res = ((y - y_hat) ** 2).sum(0)
+    ss_tot = ((y - y.mean(0)) ** 2).sum(0).clamp_min(1e-12)
+    return 1 - ss_res / ss_tot
+
+
+def probe_r2(z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tensor, ridge: float = 1e-3) -> dict:
+    """Fit on train, R^2 per target on test, plus the mean over the joint targets."""
+    w, b = fit_ridge(z_train, y_train, ridge)
+    r2 = r2_score(y_test, z_test.double() @ w + b)
+    out = {name: float(v) for name, v in zip(PROBE_TARGETS, r2)}
+    out["joints_mean"] = float(np.mean([out[k] for k in JOINT_TARGETS]))
+    return out
+
+
+@torch.no_grad()
+def encode_frames(model, store, episode_ids, stride: int = 5, batch_size: int = 512, device="cpu"):
+    """Latents (N, D) and probe targets (N, 6) of every ``stride``-th frame of the given episodes."""
+    zs, frames, targets = [], [], []
+    for i in episode_ids:
+        states = store.states(i)
+        t = np.arange(0, len(states["qpos"]), stride)
+        frames.append(store.frames(i, t))
+        targets.append(state_targets(states["qpos"][t], states["finger"][t]))
+    frames = np.concatenate(frames)
+    for start in range(0, len(frames), batch_size):
+        batch = torch.from_numpy(frames[start:start + batch_size]).to(device)
+        zs.append(model.encode(batch).float().cpu())
+    ys = torch.from_numpy(np.concatenate(targets))
+    return torch.cat(zs), ys
+
+
+def run_probe(model, store, train_ids, test_ids, stride: int = 5, device="cpu") -> dict:
+    """R^2 of the probe from ``model``'s latents, trained on ``train_ids``, scored on ``test_ids``."""
+    was_training = model.training
+    model.eval()
+    z_tr, y_tr = encode_frames(model, store, train_ids, stride, device=device)
+    z_te, y_te = encode_frames(model, store, test_ids, stride, device=device)
+    model.train(was_training)
+    return probe_r2(z_tr, y_tr, z_te, y_te)
