@@ -16,6 +16,8 @@ from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
 from envs.collect import CollectConfig, collect
+from planners.demo import DemoConfig
+from planners.evaluate import EvalConfig
 from worldmodel.train import TrainConfig, preset_config
 
 
@@ -65,17 +67,21 @@ class VideoConfig:
 class BenchConfig:
     """``wm bench``: measured speeds, each beside a baseline timed in the same run."""
 
-    what: str = field(default="all", metadata={"help": "which benchmark: collect or all"})
+    what: str = field(default="all", metadata={"help": "which benchmark: collect, plan or all"})
+    device: str = field(default="auto", metadata={"help": "plan benchmark device: auto, cpu or cuda"})
     out: str = field(default="runs/bench", metadata={"help": "directory for the Markdown report"})
 
 
 @dataclass
 class PipelineConfig:
-    """``wm demo-pipeline`` (what `make demo` runs): the embedded default, end to end."""
+    """``wm demo-pipeline`` (what `make demo` runs): collect, train, evaluate, film; resumes where it stopped."""
 
     out: str = field(default="runs/demo", metadata={"help": "output directory"})
-    episodes: int = field(default=200, metadata={"help": "episodes to collect"})
+    episodes: int = field(default=400, metadata={"help": "episodes to collect"})
     workers: int = field(default=2, metadata={"help": "collection worker processes"})
+    steps: int = field(default=2000, metadata={"help": "training steps of the demo preset"})
+    eval_episodes: int = field(default=50, metadata={"help": "evaluation episodes per seed"})
+    seeds: int = field(default=3, metadata={"help": "evaluation seeds"})
 
 
 @dataclass
@@ -143,8 +149,9 @@ def run_video(cfg: VideoConfig) -> int:
 
 def run_bench(cfg: BenchConfig) -> int:
     from envs import bench as envs_bench
+    from planners import bench as plan_bench
 
-    benches = {"collect": envs_bench.run}
+    benches = {"collect": envs_bench.run, "plan": lambda: plan_bench.run(cfg.device)}
     if cfg.what not in (*benches, "all"):
         raise ValueError(f"--what must be one of {[*benches, 'all']}, got {cfg.what!r}")
     chosen = benches if cfg.what == "all" else {cfg.what: benches[cfg.what]}
@@ -167,14 +174,50 @@ def _machine() -> str:
     return f"Machine: {os.cpu_count()} CPU cores ({cpu}), {gpu}; torch {torch.__version__}."
 
 
-def run_pipeline(cfg: PipelineConfig) -> int:
-    """Collect a CPU-sized dataset and show it. Training, evaluation and planning videos join as they land."""
-    out = Path(cfg.out)
-    run_collect(CollectConfig(out=str(out / "data"), episodes=cfg.episodes, workers=cfg.workers))
-    run_video(VideoConfig(data=str(out / "data"), out=str(out / "rollouts.mp4"), episodes=4))
-    print(f"\nmake demo: collected {out / 'data'} and wrote {out / 'rollouts.mp4'} (smooth random-policy "
-          f"rollouts). Training, planning and evaluation are not built yet; this demo grows with them.")
+def run_eval(cfg: EvalConfig) -> int:
+    from planners.evaluate import evaluate
+
+    evaluate(cfg)
+    print((Path(cfg.out) / "results.md").read_text())
+    print(f"wrote {cfg.out}/results.json, results.md, results.png")
     return 0
+
+
+def run_demo(cfg: DemoConfig) -> int:
+    from planners.demo import make_demo
+
+    result = make_demo(cfg)
+    print(f"wrote {len(result['videos'])} videos and {result['summary_sheet']}; reached: {result['success']}")
+    return 0
+
+
+def run_pipeline(cfg: PipelineConfig) -> int:
+    """Every stage skips what is already done, so an interrupted `make demo` resumes."""
+    import time
+
+    out, data, start = Path(cfg.out), str(Path(cfg.out) / "data"), time.perf_counter()
+    stamp = lambda what: print(f"\n=== [{(time.perf_counter() - start) / 60:.1f} min] {what}", flush=True)  # noqa: E731
+    stamp("collect")
+    run_collect(CollectConfig(out=data, episodes=cfg.episodes, workers=cfg.workers))
+    stamp("train (demo preset)")
+    model = out / "model.pt"
+    state = out / "checkpoint.pt"
+    if not _finished(out, cfg.steps):
+        run_train(preset_config("demo", data=data, out=str(out), steps=cfg.steps, resume=state.exists()))
+    stamp("evaluate reach25 against random actions and the true-simulator CEM")
+    run_eval(EvalConfig(checkpoint=str(model), data=data, episodes=cfg.eval_episodes, seeds=cfg.seeds,
+                        sim_samples=100, sim_iterations=10, out=str(out / "eval")))
+    stamp("planning videos")
+    run_demo(DemoConfig(checkpoint=str(model), data=data, out=str(out / "videos")))
+    stamp("done")
+    print(f"model {model}; results {out / 'eval' / 'results.md'}; plot {out / 'eval' / 'results.png'}; "
+          f"videos {out / 'videos'}; TensorBoard: tensorboard --logdir {out / 'tb'}")
+    return 0
+
+
+def _finished(out: Path, steps: int) -> bool:
+    meta = out / "model.json"
+    return meta.exists() and json.loads(meta.read_text()).get("step") == steps
 
 
 COMMANDS = {
@@ -182,6 +225,8 @@ COMMANDS = {
     "video": (VideoConfig, run_video, "write an mp4 of dataset episodes"),
     "train": (TrainConfig, run_train, "train the world model (presets: demo, full)"),
     "probe": (ProbeConfig, run_probe, "linear-probe R^2 of a trained encoder vs an untrained one"),
+    "eval": (EvalConfig, run_eval, "closed-loop success in MuJoCo against random and true-simulator baselines"),
+    "demo": (DemoConfig, run_demo, "planning videos (mp4 + gif) and a summary sheet"),
     "bench": (BenchConfig, run_bench, "measure collection, loading (and later training, planning) speed"),
     "demo-pipeline": (PipelineConfig, run_pipeline, "the embedded default that `make demo` runs"),
 }

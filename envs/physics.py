@@ -34,11 +34,14 @@ class ReacherPhysics:
         self.finger_radius = float(self.model.geom_size[self._finger_id, 0])
 
     # --- state ---------------------------------------------------------------------------------
+    def state(self, data: mujoco.MjData | None = None) -> dict[str, np.ndarray]:
+        """The true state: ``qpos (2,)``, ``qvel (2,)``, ``finger (2,)``, ``target (2,)``."""
+        d = self.data if data is None else data
+        return {"qpos": d.qpos[:2].copy(), "qvel": d.qvel[:2].copy(),
+                "finger": d.geom_xpos[self._finger_id, :2].copy(), "target": d.geom_xpos[self._target_id, :2].copy()}
+
     def qpos(self) -> np.ndarray:
         return self.data.qpos[:2].copy()
-
-    def qvel(self) -> np.ndarray:
-        return self.data.qvel[:2].copy()
 
     def finger(self) -> np.ndarray:
         return self.data.geom_xpos[self._finger_id, :2].copy()
@@ -59,11 +62,12 @@ class ReacherPhysics:
         raise NotImplementedError
 
     # --- dynamics ------------------------------------------------------------------------------
-    def step(self, action: np.ndarray) -> None:
-        self.data.ctrl[:] = action
-        mujoco.mj_step(self.model, self.data, nstep=self.n_substeps)
+    def step(self, action: np.ndarray, data: mujoco.MjData | None = None) -> None:
+        data = self.data if data is None else data
+        data.ctrl[:] = action
+        mujoco.mj_step(self.model, data, nstep=self.n_substeps)
         # mj_step leaves positions-derived fields (geom_xpos, what we render) one step behind.
-        mujoco.mj_forward(self.model, self.data)
+        mujoco.mj_forward(self.model, data)
 
     def reset(self, rng: np.random.Generator) -> None:
         """Joints uniform over their range (the shoulder is unlimited), at rest; a fresh target."""

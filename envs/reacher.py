@@ -98,8 +98,7 @@ class ReacherPixels(gym.Env):
     # --- state and goals -------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
         """The true state: ``qpos (2,)``, ``qvel (2,)``, ``finger (2,)``, ``target (2,)``."""
-        p = self.physics
-        return {"qpos": p.qpos(), "qvel": p.qvel(), "finger": p.finger(), "target": p.target()}
+        return self.physics.state()
 
     def set_state(self, qpos, qvel=None, target=None) -> np.ndarray:
         """Put the arm at ``qpos`` (at rest unless ``qvel``); returns the new observation."""

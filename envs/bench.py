@@ -1,0 +1,126 @@
+"""``wm bench collect``: rendering, collection and loader throughput, and policy coverage.
+
+Every speed is printed next to a baseline measured in the same run, as a ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+
+import numpy as np
+
+from envs.collect import CollectConfig, collect
+from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
+from envs.policies import make_policy
+from envs.reacher import ReacherPixels
+
+
+def _rate(fn, n: int) -> float:
+    fn()  # warm up
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return n / (time.perf_counter() - start)
+
+
+def bench_render(size: int, n: int = 200) -> dict:
+    """Step+render frames/s: dm_control's own ``physics.render`` (the baseline) and our renderer."""
+    rows = {}
+    env = ReacherPixels(size=size, render_quality="standard")
+    env.reset(seed=0)
+    physics = env.physics._physics
+    rows["dm_control physics.render"] = _rate(lambda: (env.physics.step(np.zeros(2)),
+                                                       physics.render(size, size, camera_id="fixed")), n)
+    rows["ours, standard quality"] = _rate(lambda: env.step(np.zeros(2)), n)
+    env.close()
+    env = ReacherPixels(size=size, render_quality="fast")
+    env.reset(seed=0)
+    rows["ours, fast quality"] = _rate(lambda: env.step(np.zeros(2)), n)
+    env.close()
+    return rows
+
+
+def bench_collect(size: int, workers: int, episodes_per_worker: int = 4, steps: int = 100) -> float:
+    """Frames/s of a whole ``collect`` (process start, render, compress, write) into a temp dir."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = CollectConfig(size=size, workers=workers, episodes=workers * episodes_per_worker, steps=steps,
+                            out=tmp)
+        return collect(cfg, progress=False)["frames_per_s"]
+
+
+def bench_loader(data_dir: str, spec: WindowSpec, batch_size: int = 64, batches: int = 30) -> dict:
+    """Windows/s drawn at random through a DataLoader: from disk (baseline) and from memory."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    rows = {}
+    for label, in_memory in (("from disk (h5py, open handles)", False), ("in memory", True)):
+        ds = WindowDataset(EpisodeStore(data_dir, in_memory=in_memory), spec, split="all")
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0,
+                            generator=torch.Generator().manual_seed(0))
+        it = iter(loader)
+        next(it)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        rows[label] = batches * batch_size / (time.perf_counter() - start)
+    return rows
+
+
+def policy_coverage(policy: str, episodes: int = 20, steps: int = 100, bins: int = 20) -> dict:
+    """How much of the joint space one episode explores: cells of a ``bins x bins`` grid over
+    (shoulder, wrist) visited per episode, and the mean joint displacement over 25 steps."""
+    env = ReacherPixels(size=32)
+    physics = env.physics
+    cells, moved = [], []
+    for ep in range(episodes):
+        rng = np.random.default_rng([1, ep])
+        env.reset(seed=ep)
+        act, _ = make_policy(policy, rng)
+        q = [physics.qpos()]
+        for _ in range(steps):
+            physics.step(act())  # the dynamics alone: coverage needs no frames
+            q.append(physics.qpos())
+        q = np.stack(q)
+        shoulder = (q[:, 0] + math.pi) % (2 * math.pi) - math.pi
+        lo, hi = physics.wrist_range
+        grid = np.stack([(shoulder + math.pi) / (2 * math.pi), (q[:, 1] - lo) / (hi - lo)], 1)
+        cells.append(len({tuple(c) for c in np.clip((grid * bins).astype(int), 0, bins - 1)}))
+        moved.append(np.abs(q[25:] - q[:-25]).sum(1).mean())
+    env.close()
+    return {"cells_per_episode": float(np.mean(cells)), "displacement_25_steps": float(np.mean(moved))}
+
+
+def run(sizes=(64, 224), workers=(1, 2)) -> str:
+    """Run every collection benchmark; returns a Markdown report."""
+    lines = ["## Rendering: step + render, one process (frames/s)", "",
+             "| size | dm_control physics.render (baseline) | ours, standard | ours, fast | fast / baseline |",
+             "|---|---|---|---|---|"]
+    for size in sizes:
+        r = bench_render(size)
+        base = r["dm_control physics.render"]
+        lines.append(f"| {size} | {base:.0f} | {r['ours, standard quality']:.0f} | {r['ours, fast quality']:.0f} "
+                     f"| {r['ours, fast quality'] / base:.1f}x |")
+    lines += ["", "## Collection: `wm collect`, whole pipeline incl. process start, gzip and writes (frames/s)", "",
+              "| size | " + " | ".join(f"{w} worker{'s' if w > 1 else ''}" for w in workers) +
+              f" | {workers[-1]} / {workers[0]} |", "|---" * (len(workers) + 2) + "|"]
+    for size in sizes:
+        rates = [bench_collect(size, w) for w in workers]
+        lines.append(f"| {size} | " + " | ".join(f"{r:.0f}" for r in rates) + f" | {rates[-1] / rates[0]:.2f}x |")
+    lines += ["", "## Loader: random windows of 4 frames, frameskip 5, batch 64 (windows/s)", "",
+              "| size | from disk (baseline) | in memory | memory / disk |", "|---|---|---|---|"]
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            collect(CollectConfig(size=size, episodes=8, steps=100, workers=max(workers), out=tmp), progress=False)
+            r = bench_loader(tmp, WindowSpec(history=3, n_pred=1, frameskip=5))
+        disk, mem = r["from disk (h5py, open handles)"], r["in memory"]
+        lines.append(f"| {size} | {disk:.0f} | {mem:.0f} | {mem / disk:.1f}x |")
+    lines += ["", "## Exploration coverage per 100-step episode (20 episodes)", "",
+              "| policy | joint-grid cells visited (of 400) | mean joint displacement over 25 steps (rad) |",
+              "|---|---|---|"]
+    for policy in ("random", "smooth", "mixed"):
+        c = policy_coverage(policy)
+        lines.append(f"| {policy} | {c['cells_per_episode']:.1f} | {c['displacement_25_steps']:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+
+from envs import ReacherPixels
+from planners.policy import MPCPolicy, load_policy, make_planner
+from test_model import tiny_config
+from worldmodel.model import CheckpointError, WorldModel
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return WorldModel(tiny_config("mlp", size=32, frameskip=2)).eval()
+
+
+def small_planner(model, **kw):
+    return make_planner(model, "cem", **{"samples": 16, "elites": 4, "iterations": 2, "horizon": 3, **kw})
+
+
+def test_policy_runs_an_episode_end_to_end(model):
+    env = ReacherPixels(size=32)
+    obs, _ = env.reset(seed=0)
+    policy = MPCPolicy(model, small_planner(model), receding_horizon=1)
+    policy.reset(env.render_goal([0.5, -0.5]))
+    for _ in range(12):
+        action = policy.act(obs)
+        assert action.shape == (2,) and action.dtype == np.float32 and np.all(np.abs(action) <= 1)
+        obs, *_ = env.step(action)
+    env.close()
+    assert len(policy.plan_times) == 6  # a replan at each of the 6 chunk boundaries (frameskip 2)
+    assert policy.last_prediction.shape == (1, 16)
+
+
+@pytest.mark.parametrize("receding, plans", [(1, 6), (2, 3), (3, 2)])
+def test_replans_every_receding_horizon_chunks(model, receding, plans):
+    policy = MPCPolicy(model, small_planner(model), receding_horizon=receding)
+    frames = np.zeros((3, 32, 32, 3), np.uint8)
+    policy.reset(frames)
+    for _ in range(12):
+        assert policy.act_batch(frames).shape == (3, 2)
+    assert len(policy.plan_times) == plans
+
+
+def test_plays_the_planned_chunk_between_replans(model):
+    policy = MPCPolicy(model, small_planner(model), receding_horizon=3)
+    frame = np.zeros((32, 32, 3), np.uint8)
+    policy.reset(frame)
+    actions = np.stack([policy.act(frame) for _ in range(6)])  # 3 chunks of 2 env steps, one plan
+    assert np.allclose(actions.reshape(3, 4), policy._plan[0].numpy(), atol=1e-6)
+
+
+def test_bad_inputs_are_clear_errors(model):
+    policy = MPCPolicy(model, small_planner(model))
+    with pytest.raises(RuntimeError, match="reset"):
+        policy.act(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="32, 32, 3"):
+        policy.reset(np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        policy.reset(np.zeros((32, 32, 3), np.float32))
+    policy.reset(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="32, 32, 3"):
+        policy.act(np.zeros((48, 48, 3), np.uint8))
+    with pytest.raises(ValueError, match="receding_horizon"):
+        MPCPolicy(model, small_planner(model), receding_horizon=4)
+    with pytest.raises(ValueError, match="unknown cem settings"):
+        make_planner(model, "cem", temperature=1.0)
+    with pytest.raises(ValueError, match="planner must be one of"):
+        make_planner(model, "rrt")
+
+
+def test_load_policy(model, tmp_path):
+    model.save(tmp_path / "m.pt")
+    policy = load_policy(tmp_path / "m.pt", planner="mppi", device="cpu", samples=8, iterations=2, horizon=2)
+    assert policy.planner.cfg.samples == 8 and policy.planner.cfg.horizon == 2
+    policy.reset(np.zeros((32, 32, 3), np.uint8))
+    assert policy.act(np.zeros((32, 32, 3), np.uint8)).shape == (2,)
+    with pytest.raises(CheckpointError):
+        load_policy(tmp_path / "missing.pt")

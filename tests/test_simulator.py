@@ -1,0 +1,32 @@
+import math
+
+import numpy as np
+import torch
+
+from envs import ReacherPixels
+from planners.simulator import SimulatorModel, joint_cost, wrap_angle
+
+
+def test_rollout_is_the_env_dynamics():
+    for backend in ("dm_control", "gymnasium"):
+        env = ReacherPixels(size=32, backend=backend)
+        env.reset(seed=1)
+        sim = SimulatorModel(env.physics, frameskip=3)
+        z0 = sim.states([env.physics.data])  # (1, S)
+        actions = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (1, 2, 6)))
+        pred = sim.rollout(z0[:, None], None, actions)  # (1, 2, S)
+        for chunk in actions[0].numpy().reshape(2, 3, 2):
+            for a in chunk:
+                env.step(a)
+        assert torch.allclose(pred[0, -1, 1:3], torch.from_numpy(env.state()["qpos"]), atol=1e-9), backend
+        env.close()
+
+
+def test_wrap_and_joint_cost():
+    assert math.isclose(float(wrap_angle(np.array(math.pi + 0.1))), -math.pi + 0.1, abs_tol=1e-12)
+    goal = torch.tensor([[0.0, math.pi - 0.01, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    pred = torch.zeros(1, 2, 3, 5, dtype=torch.float64)
+    pred[0, 0, -1, 1] = -math.pi + 0.01  # 0.02 rad away across the wrap
+    pred[0, 1, -1, 1] = 0.0
+    cost = joint_cost(pred, goal.double())
+    assert math.isclose(float(cost[0, 0]), 0.02**2, rel_tol=1e-6) and float(cost[0, 1]) > 9

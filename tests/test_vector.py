@@ -1,0 +1,26 @@
+import numpy as np
+
+from envs import ReacherPixels
+from envs.vector import ReacherBatch
+
+
+def test_batch_matches_single_environments():
+    batch = ReacherBatch("reacher-easy", 3, size=32)
+    qpos = np.array([[0.1, 0.2], [1.0, -1.0], [-2.0, 0.5]])
+    qvel = np.array([[0.0, 0.0], [1.0, 0.5], [-0.5, 0.0]])
+    frames = batch.reset_to(qpos, qvel)
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (5, 3, 2))
+    for a in actions:
+        frames = batch.step(a)
+    env = ReacherPixels(size=32)
+    for i in range(3):
+        env.reset(seed=0, options={"qpos": qpos[i], "qvel": qvel[i]})
+        for a in actions:
+            obs, _, _, _, info = env.step(a[i])
+        assert np.array_equal(obs, frames[i])
+        assert np.allclose(info["qpos"], batch.states()["qpos"][i])
+    goals = batch.render_goals(qpos)
+    assert np.array_equal(goals[1], env.render_goal(qpos[1]))
+    env.close()
+    batch.close()
