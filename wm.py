@@ -67,8 +67,8 @@ class VideoConfig:
 class BenchConfig:
     """``wm bench``: measured speeds, each beside a baseline timed in the same run."""
 
-    what: str = field(default="all", metadata={"help": "which benchmark: collect, plan or all"})
-    device: str = field(default="auto", metadata={"help": "plan benchmark device: auto, cpu or cuda"})
+    what: str = field(default="all", metadata={"help": "which benchmark: collect, train, plan or all"})
+    device: str = field(default="auto", metadata={"help": "train and plan benchmark device: auto, cpu or cuda"})
     out: str = field(default="runs/bench", metadata={"help": "directory for the Markdown report"})
 
 
@@ -151,7 +151,10 @@ def run_bench(cfg: BenchConfig) -> int:
     from envs import bench as envs_bench
     from planners import bench as plan_bench
 
-    benches = {"collect": envs_bench.run, "plan": lambda: plan_bench.run(cfg.device)}
+    from worldmodel import bench as train_bench
+
+    benches = {"collect": envs_bench.run, "train": lambda: train_bench.run(cfg.device),
+               "plan": lambda: plan_bench.run(cfg.device)}
     if cfg.what not in (*benches, "all"):
         raise ValueError(f"--what must be one of {[*benches, 'all']}, got {cfg.what!r}")
     chosen = benches if cfg.what == "all" else {cfg.what: benches[cfg.what]}

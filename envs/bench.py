@@ -42,8 +42,9 @@ def bench_render(size: int, n: int = 200) -> dict:
     return rows
 
 
-def bench_collect(size: int, workers: int, episodes_per_worker: int = 4, steps: int = 100) -> float:
-    """Frames/s of a whole ``collect`` (process start, render, compress, write) into a temp dir."""
+def bench_collect(size: int, workers: int, episodes_per_worker: int = 30, steps: int = 100) -> float:
+    """Frames/s of a whole ``collect`` (process start, render, compress, write) into a temp dir; 30
+    episodes per worker, so that starting the worker processes (a few seconds) is amortised."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = CollectConfig(size=size, workers=workers, episodes=workers * episodes_per_worker, steps=steps,
                             out=tmp)
@@ -58,8 +59,9 @@ def bench_loader(data_dir: str, spec: WindowSpec, batch_size: int = 64, batches:
     rows = {}
     for label, in_memory in (("from disk (h5py, open handles)", False), ("in memory", True)):
         ds = WindowDataset(EpisodeStore(data_dir, in_memory=in_memory), spec, split="all")
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0,
-                            generator=torch.Generator().manual_seed(0))
+        sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=(batches + 1) * batch_size,
+                                                 generator=torch.Generator().manual_seed(0))
+        loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=0)
         it = iter(loader)
         next(it)
         start = time.perf_counter()

@@ -4,7 +4,6 @@ for the end of its current plan (a retrieval, not a decoder: the model has no pi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,9 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from envs.dataset import EpisodeStore
-from envs.vector import ReacherBatch
 from envs.video import upscale, write_video
-from planners.evaluate import PROTOCOLS, joint_error, sample_episodes
+from planners.evaluate import PROTOCOLS, joint_error, load_setup, sample_episodes
 from planners.policy import MPCPolicy, make_planner
 
 
@@ -71,17 +69,9 @@ def compose(obs, goal, expected, step: int, error: float, success: bool) -> np.n
 
 
 def make_demo(cfg: DemoConfig) -> dict:
-    from worldmodel.model import WorldModel, resolve_device
-
-    model = WorldModel.load(cfg.checkpoint, resolve_device(cfg.device))
-    train_cfg = json.loads(Path(cfg.checkpoint).with_suffix(".json").read_text()).get("train_config", {})
-    store = EpisodeStore(cfg.data)
-    held_out = store.split("val", train_cfg.get("val_fraction", 0.1), train_cfg.get("seed", 0))
-    bank_z, bank_frames = frame_bank(model, store, cfg.bank_frames)
-    batch = ReacherBatch(str(store.attrs["env"]), cfg.episodes, size=store.size,
-                         hide_target=bool(store.attrs.get("hide_target", True)),
-                         render_quality=str(store.attrs.get("render_quality", "fast")))
+    model, store, held_out, batch = load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device)
     try:
+        bank_z, bank_frames = frame_bank(model, store, cfg.bank_frames)
         eps = sample_episodes(store, held_out, cfg.protocol, cfg.episodes, cfg.seed, batch.physics.wrist_range)
         goals = batch.render_goals(eps["goal_qpos"])
         policy = MPCPolicy(model, make_planner(model, cfg.planner, samples=cfg.samples, iterations=cfg.iterations,

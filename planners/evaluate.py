@@ -140,17 +140,26 @@ def simulator_controller(batch: ReacherBatch, cfg: EvalConfig, frameskip: int, g
 
 
 # --- the command ------------------------------------------------------------------------------------
-def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
+def load_setup(checkpoint: str, data: str, episodes: int, device: str = "auto", val_fraction: float = -1.0,
+               split_seed: int = -1):
+    """The model, the dataset, its held-out episodes (the split the model was trained with, unless
+    given) and a batch of ``episodes`` environments like the dataset's."""
     from worldmodel.model import WorldModel, resolve_device
 
-    model = WorldModel.load(cfg.checkpoint, resolve_device(cfg.device))
-    train_cfg = json.loads(Path(cfg.checkpoint).with_suffix(".json").read_text()).get("train_config", {})
-    val_fraction = cfg.val_fraction if cfg.val_fraction >= 0 else train_cfg.get("val_fraction", 0.1)
-    split_seed = cfg.split_seed if cfg.split_seed >= 0 else train_cfg.get("seed", 0)
-    store = EpisodeStore(cfg.data)
+    model = WorldModel.load(checkpoint, resolve_device(device))
+    train_cfg = json.loads(Path(checkpoint).with_suffix(".json").read_text()).get("train_config", {})
+    val_fraction = val_fraction if val_fraction >= 0 else train_cfg.get("val_fraction", 0.1)
+    split_seed = split_seed if split_seed >= 0 else train_cfg.get("seed", 0)
+    store = EpisodeStore(data)
     if int(store.size) != model.cfg.image_size:
-        raise ValueError(f"{cfg.data} has {store.size}px frames, the model takes {model.cfg.image_size}px")
-    held_out = store.split("val", val_fraction, split_seed)
+        raise ValueError(f"{data} has {store.size}px frames, the model takes {model.cfg.image_size}px")
+    batch = ReacherBatch(str(store.attrs["env"]), episodes, size=store.size,
+                         hide_target=bool(store.attrs.get("hide_target", True)),
+                         render_quality=str(store.attrs.get("render_quality", "fast")))
+    return model, store, store.split("val", val_fraction, split_seed), batch
+
+
+def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.cost not in JOINT_COSTS:
         raise ValueError(f"cost must be one of {sorted(JOINT_COSTS)}, got {cfg.cost!r}")
     protocols = [p.strip() for p in cfg.protocol.split(",") if p.strip()]
@@ -165,9 +174,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    batch = ReacherBatch(str(store.attrs["env"]), cfg.episodes, size=store.size,
-                         hide_target=bool(store.attrs.get("hide_target", True)),
-                         render_quality=str(store.attrs.get("render_quality", "fast")))
+    model, store, held_out, batch = load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device,
+                                               cfg.val_fraction, cfg.split_seed)
     total = sum(PROTOCOLS[p][1] for p in protocols) * cfg.seeds * len(methods)
     bar = tqdm(total=total, desc="eval", unit="step", disable=not progress)
     records, curves = [], {}

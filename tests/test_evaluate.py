@@ -97,3 +97,18 @@ def test_eval_smoke_writes_results(data, tmp_path):
         assert (tmp_path / "eval" / name).exists()
     summary = json.loads((tmp_path / "eval" / "results.json").read_text())["summary"]
     assert set(summary) == {f"{p}/{m}" for p in ("reach25", "uniform") for m in ("world_model", "random", "simulator")}
+
+
+def test_demo_smoke_writes_videos_and_sheet(data, tmp_path):
+    from planners.demo import DemoConfig, make_demo
+
+    model = WorldModel(tiny_config("mlp", size=32, frameskip=5))
+    model.save(tmp_path / "m.pt")
+    result = make_demo(DemoConfig(checkpoint=str(tmp_path / "m.pt"), data=str(data), episodes=2, samples=8,
+                                  iterations=1, bank_frames=50, out=str(tmp_path / "videos")))
+    names = sorted(p.name for p in (tmp_path / "videos").iterdir())
+    assert names == ["episode_00.gif", "episode_00.mp4", "episode_01.gif", "episode_01.mp4", "summary.png"]
+    assert len(result["success"]) == 2
+    import imageio.v2 as imageio
+    frames = imageio.mimread(tmp_path / "videos" / "episode_00.mp4")
+    assert len(frames) == 51  # the start frame and one per step of the 50-step budget

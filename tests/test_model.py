@@ -20,8 +20,12 @@ def tiny_config(kind="mlp", size=32, latent=16, frameskip=2) -> WorldModelConfig
 def test_forward_and_rollout_shapes(kind):
     model = WorldModel(tiny_config(kind)).eval()
     frames = torch.randint(0, 256, (3, 4, 32, 32, 3), dtype=torch.uint8)
-    z, pred = model(frames, torch.randn(3, 3, 4))
-    assert z.shape == (3, 4, 16) and pred.shape == (3, 3, 16)
+    actions = torch.randn(3, 3, 4)
+    z, pred, roll = model(frames, actions, rollout_steps=2)
+    assert z.shape == (3, 4, 16) and pred.shape == (3, 3, 16) and roll.shape == (3, 2, 16)
+    # the training rollout is the planner's rollout: from the first 2 (history) latents on
+    assert torch.allclose(roll, model.rollout(z[:, :2], actions[:, :1], actions[:, 1:3]), atol=1e-6)
+    assert model(frames, actions)[2] is None
     out = model.rollout(z[:, :2], torch.randn(3, 1, 4), torch.randn(3, 5, 4))
     assert out.shape == (3, 5, 16)
 

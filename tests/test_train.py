@@ -33,6 +33,13 @@ def test_train_writes_model_checkpoint_and_logs(data, tmp_path):
     WorldModel.load(tmp_path / "run" / "model.pt")
 
 
+def test_rollout_loss_is_trained_and_logged(data, tmp_path):
+    metrics = train(tiny(data, tmp_path / "run", steps=4, n_pred=2, rollout_steps=2), progress=False)
+    assert metrics["loss/rollout"] > 0
+    with pytest.raises(ValueError, match="rollout_steps"):
+        train(tiny(data, tmp_path / "bad", steps=2, n_pred=1, rollout_steps=2), progress=False)
+
+
 def test_refuses_to_overwrite_a_run(data, tmp_path):
     train(tiny(data, tmp_path / "run", steps=2), progress=False)
     with pytest.raises(ValueError, match="--resume"):
@@ -93,6 +100,16 @@ def test_sigreg_prevents_collapse(tmp_path):
     healthy = train(tiny(noise, tmp_path / "sigreg", sigreg_weight=0.5, **cfg), progress=False)
     assert collapsed["embedding/std"] < 0.15 * healthy["embedding/std"], (collapsed, healthy)
     assert healthy["embedding/std"] > 0.5
+
+
+def test_a_tiny_world_model_fits_a_tiny_dataset(data, tmp_path):
+    """Grey-level frames that brighten step by step: after training, held-out rollouts beat predicting
+    "no change" (relative error < 1), far from where training started."""
+    first = train(tiny(data, tmp_path / "short", steps=2, lr=3e-3, val_every=1000, ckpt_every=1000), progress=False)
+    fitted = train(tiny(data, tmp_path / "long", steps=150, lr=3e-3, val_every=1000, ckpt_every=1000),
+                   progress=False)
+    assert fitted["val"]["relative"][0] < 0.6, fitted["val"]
+    assert fitted["val"]["relative"][0] < 0.01 * first["val"]["relative"][0], (first["val"], fitted["val"])
 
 
 def test_lr_schedule_warms_up_then_decays():

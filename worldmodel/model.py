@@ -101,11 +101,16 @@ class WorldModel(nn.Module):
             raise ValueError(f"frames must be (..., {size}, {size}, 3) for this model, got {tuple(frames.shape)}")
         return self.encoder(rearrange(frames, "... h w c -> ... c h w"))
 
-    def forward(self, frames: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
-        """Training pass on windows: frames (B, L, H, W, 3), actions (B, L-1, A) ->
-        latents (B, L, D) and teacher-forced predictions (B, L-1, D) of latents 1..L-1."""
+    def forward(self, frames: Tensor, actions: Tensor, rollout_steps: int = 0):
+        """Training pass on windows: frames (B, L, H, W, 3), actions (B, L-1, A) -> latents (B, L, D),
+        teacher-forced predictions (B, L-1, D) of latents 1..L-1, and (with ``rollout_steps`` R > 0)
+        open-loop predictions (B, R, D) of latents h..h+R-1 from the first h latents, as planning uses them."""
         z = self.encode(frames)
-        return z, self.predictor(z[:, :-1], actions)
+        pred = self.predictor(z[:, :-1], actions)
+        if rollout_steps == 0:
+            return z, pred, None
+        h = self.history
+        return z, pred, self.predictor.rollout(z[:, :h], actions[:, :h - 1], actions[:, h - 1:h - 1 + rollout_steps])
 
     def rollout(self, z_hist: Tensor, a_hist: Tensor | None, actions: Tensor) -> Tensor:
         """(B, h, D), (B, h-1, A) | None, (B, H, A) -> (B, H, D): see ``Predictor.rollout``."""

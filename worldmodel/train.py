@@ -42,7 +42,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, batches and SIGReg directions"})
     # optimisation
-    steps: int = field(default=3000, metadata={"help": "optimiser steps"})
+    steps: int = field(default=2000, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=64, metadata={"help": "windows per step (per process under torchrun)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay"})
@@ -52,7 +52,9 @@ class TrainConfig:
     sigreg_directions: int = field(default=256, metadata={"help": "random 1-D projections per step"})
     # data windows
     history: int = field(default=3, metadata={"help": "latents the predictor sees"})
-    n_pred: int = field(default=1, metadata={"help": "teacher-forced predictions per window"})
+    n_pred: int = field(default=1, metadata={"help": "frames per window after the history (teacher-forced targets)"})
+    rollout_steps: int = field(default=0, metadata={"help": "also train open-loop rollouts of this many steps (<= n_pred)"})
+    rollout_weight: float = field(default=1.0, metadata={"help": "weight of the open-loop rollout loss"})
     frameskip: int = field(default=5, metadata={"help": "env steps between latents; actions chunked over them"})
     val_fraction: float = field(default=0.1, metadata={"help": "fraction of episodes held out"})
     # model
@@ -125,17 +127,24 @@ def effective_rank(z: torch.Tensor) -> float:
     return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
 
 
-def prediction_loss(z: torch.Tensor, pred: torch.Tensor, history: int) -> torch.Tensor:
-    """MSE of teacher-forced predictions with a full history: pred[:, t] vs z[:, t+1], t >= history-1."""
-    return F.mse_loss(pred[:, history - 1:], z[:, history:])
+def prediction_loss(z: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """MSE of teacher-forced predictions pred[:, t] vs z[:, t+1] at every position. The first positions
+    see a left-padded history, as the MPC policy does at the start of an episode."""
+    return F.mse_loss(pred, z[:, 1:])
 
 
 def world_model_losses(model, batch: dict, cfg: TrainConfig, generator: torch.Generator) -> dict:
     """The training objective on one batch of windows."""
-    z, pred = model(batch["pixels"], batch["actions"])  # (B, L, D), (B, L-1, D)
-    pred_loss = prediction_loss(z.float(), pred.float(), cfg.history)
+    z, pred, roll = model(batch["pixels"], batch["actions"], cfg.rollout_steps)  # (B, L, D), (B, L-1, D), (B, R, D)
+    pred_loss = prediction_loss(z.float(), pred.float())
     sig = sigreg_loss(rearrange(z, "b l d -> (b l) d"), cfg.sigreg_directions, generator=generator)
-    return {"loss": pred_loss + cfg.sigreg_weight * sig, "pred_loss": pred_loss, "sigreg": sig, "z": z.detach()}
+    loss = pred_loss + cfg.sigreg_weight * sig
+    out = {"pred_loss": pred_loss, "sigreg": sig, "z": z.detach()}
+    if roll is not None:
+        h = cfg.history
+        out["rollout_loss"] = F.mse_loss(roll.float(), z[:, h:h + cfg.rollout_steps].float())
+        loss = loss + cfg.rollout_weight * out["rollout_loss"]
+    return {"loss": loss, **out}
 
 
 @torch.no_grad()
@@ -182,6 +191,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
+    if cfg.rollout_steps > cfg.n_pred:
+        raise ValueError(f"rollout_steps ({cfg.rollout_steps}) must be <= n_pred ({cfg.n_pred}): the window holds the targets")
     store = EpisodeStore(cfg.data)
     spec = WindowSpec(cfg.history, cfg.n_pred, cfg.frameskip)
     train_ds = WindowDataset(store, spec, "train", cfg.val_fraction, cfg.seed)
@@ -249,6 +260,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                            "loss/sigreg": losses["sigreg"].item(), "embedding/std": z.std(0).mean().item(),
                            "embedding/effective_rank": effective_rank(z), "opt/lr": opt.param_groups[0]["lr"],
                            "opt/grad_norm": float(grad_norm), "speed/frames_per_s": fps}
+                if "rollout_loss" in losses:
+                    scalars["loss/rollout"] = losses["rollout_loss"].item()
                 for k, v in scalars.items():
                     writer.add_scalar(k, v, done)
                 bar.set_postfix(loss=f"{scalars['loss/total']:.4f}", fps=f"{fps:.0f}")

@@ -1,0 +1,58 @@
+"""``wm bench train``: training throughput (frames/s) of each encoder with the demo preset's predictor.
+
+One step = encode a batch of windows, predict, SIGReg, backward, AdamW. The conv encoder is the
+baseline the others are compared with, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from worldmodel.model import WorldModel, resolve_device
+from worldmodel.train import model_config, preset_config, step_generator, world_model_losses
+
+ENCODERS = {"conv": {}, "vit (width 192, depth 6, patch 8)": {"encoder": "vit"}}
+
+
+def steps_per_s(cfg, device: torch.device, batch_size: int, steps: int) -> float:
+    model = WorldModel(model_config(cfg, 64, "reacher-easy")).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (batch_size, cfg.history + cfg.n_pred, 64, 64, 3), dtype=torch.uint8, generator=g)
+    batch = {"pixels": frames.to(device),
+             "actions": (torch.rand(batch_size, cfg.history + cfg.n_pred - 1, 2 * cfg.frameskip, generator=g) * 2 - 1).to(device)}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step(k: int) -> None:
+        with autocast:
+            loss = world_model_losses(model, batch, cfg, step_generator(0, k, 0, device))["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step(0)  # warm up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for k in range(steps):
+        step(k + 1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return steps / (time.perf_counter() - start)
+
+
+def run(device: str = "auto", batch_size: int = 64, steps: int = 10) -> str:
+    dev = resolve_device(device)
+    base = preset_config("demo")
+    frames_per_step = batch_size * (base.history + base.n_pred)
+    lines = [f"Device {dev}, torch threads {torch.get_num_threads()}; batch {batch_size} windows of "
+             f"{base.history + base.n_pred} frames (64x64), demo preset otherwise.", "",
+             "| encoder | steps/s | frames/s | vs conv |", "|---|---|---|---|"]
+    conv = None
+    for label, overrides in ENCODERS.items():
+        rate = steps_per_s(preset_config("demo", **overrides), dev, batch_size, steps)
+        conv = conv or rate
+        lines.append(f"| {label} | {rate:.2f} | {rate * frames_per_step:.0f} | {rate / conv:.2f}x |")
+    return "\n".join(lines)
