@@ -27,8 +27,11 @@ class MPCPolicy:
     over B environments in lock-step (one planning call for all of them)."""
 
     def __init__(self, model, planner: Planner, receding_horizon: int = 1):
+        """``model`` is put in eval mode: the projector's BatchNorm must use its running statistics."""
         if not 1 <= receding_horizon <= planner.cfg.horizon:
             raise ValueError(f"receding_horizon must be in [1, horizon={planner.cfg.horizon}], got {receding_horizon}")
+        if hasattr(model, "eval"):
+            model.eval()
         self.model, self.planner, self.receding_horizon = model, planner, receding_horizon
         self.frameskip, self.history, self.device = model.frameskip, model.history, model.device
         self.plan_times: list[float] = []  # seconds per planning call (all B problems together)
@@ -48,7 +51,7 @@ class MPCPolicy:
         self._chunk = None  # (B, frameskip, 2): the chunk being played
         self._t = 0  # env steps since reset
         self._chunks_since_plan = 0
-        self.last_prediction: torch.Tensor | None = None  # (B, D): predicted latent at the plan's end
+        self._planned_from = None  # (z_hist, a_hist) the current plan was made from
 
     def act(self, obs_image: np.ndarray) -> np.ndarray:
         """One env action (2,) for one environment (after ``reset`` with one goal)."""
@@ -71,6 +74,14 @@ class MPCPolicy:
             self._observe(observe())
         self._t += 1
         return self._chunk[:, k].cpu().numpy().astype(np.float32)
+
+    @property
+    @torch.no_grad()
+    def last_prediction(self) -> torch.Tensor | None:
+        """(B, D): the latent the model predicts at the end of the current plan (None before the first)."""
+        if self._plan is None:
+            return None
+        return self.model.rollout(*self._planned_from, self._plan)[:, -1]
 
     # --- internals ----------------------------------------------------------------------------------
     def _observe(self, z: torch.Tensor) -> None:
@@ -99,7 +110,7 @@ class MPCPolicy:
             torch.cuda.synchronize(self.device)
         self.plan_times.append(time.perf_counter() - start)
         self._plan, self._chunks_since_plan = result.actions, 0
-        self.last_prediction = self.model.rollout(self._z_hist, a_hist, result.actions)[:, -1]
+        self._planned_from = (self._z_hist, a_hist)
 
     def _frames(self, images, what: str) -> torch.Tensor:
         x, size = np.asarray(images), self.model.cfg.image_size
@@ -111,6 +122,7 @@ class MPCPolicy:
             raise ValueError(f"{what} must be ({size}, {size}, 3) for this model (or a batch of them), got {x.shape}")
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
 
+    @torch.no_grad()
     def _encode(self, frames: torch.Tensor) -> torch.Tensor:
         return self.model.encode(frames).float()
 

@@ -105,3 +105,9 @@ def test_bad_settings():
         collect(replace(TINY, env="pong"), progress=False)
     with pytest.raises(ValueError, match="policy must be one of"):
         collect(replace(TINY, policy="greedy"), progress=False)
+
+
+def test_a_worker_that_cannot_start_is_a_clear_error_not_a_hang(tmp_path):
+    cfg = replace(TINY, out=str(tmp_path / "d"), workers=2, render_quality="ultra")
+    with pytest.raises(RuntimeError, match="collection worker could not start: ValueError: render quality"):
+        collect(cfg, progress=False)

@@ -1,5 +1,8 @@
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +10,7 @@ import pytest
 from envs.collect import CollectConfig, collect
 from envs.dataset import EpisodeStore
 from envs.vector import ReacherBatch
-from planners.evaluate import (EvalConfig, episode_records, evaluate, joint_error, run_episodes,
+from planners.evaluate import (EvalConfig, episode_records, joint_error, run_episodes,
                                sample_episodes, simulator_controller, wilson_interval)
 from test_model import tiny_config
 from worldmodel.model import WorldModel
@@ -85,30 +88,35 @@ def test_wilson_interval():
     assert wilson_interval(0, 50)[0] == 0.0 and wilson_interval(50, 50)[1] == 1.0
 
 
-def test_eval_smoke_writes_results(data, tmp_path):
-    model = WorldModel(tiny_config("mlp", size=32, frameskip=5))
-    model.save(tmp_path / "m.pt")
-    cfg = EvalConfig(checkpoint=str(tmp_path / "m.pt"), data=str(data), episodes=3, seeds=2, samples=16,
-                     iterations=2, sim_samples=16, sim_iterations=2, protocol="reach25,uniform",
-                     val_fraction=0.3, out=str(tmp_path / "eval"))
-    report = evaluate(cfg, progress=False)
-    assert len(report["episodes"]) == 2 * 2 * 3 * 3  # protocols x seeds x methods x episodes
+def _wm(*args):
+    """Run the `wm` command line in a fresh process, as a user would."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "wm", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_wm_eval_smoke_writes_results(data, tmp_path):
+    WorldModel(tiny_config("mlp", size=32, frameskip=5)).save(tmp_path / "m.pt")
+    out = _wm("eval", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 3, "--seeds", 2,
+              "--samples", 16, "--iterations", 2, "--sim-samples", 16, "--sim-iterations", 2,
+              "--protocol", "reach25,uniform", "--val-fraction", 0.3, "--out", tmp_path / "eval")
+    assert "| reach25 | world_model |" in out
     for name in ("results.json", "results.md", "results.png"):
         assert (tmp_path / "eval" / name).exists()
-    summary = json.loads((tmp_path / "eval" / "results.json").read_text())["summary"]
-    assert set(summary) == {f"{p}/{m}" for p in ("reach25", "uniform") for m in ("world_model", "random", "simulator")}
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert len(report["episodes"]) == 2 * 2 * 3 * 3  # protocols x seeds x methods x episodes
+    assert set(report["summary"]) == {f"{p}/{m}" for p in ("reach25", "uniform")
+                                      for m in ("world_model", "random", "simulator")}
 
 
-def test_demo_smoke_writes_videos_and_sheet(data, tmp_path):
-    from planners.demo import DemoConfig, make_demo
-
-    model = WorldModel(tiny_config("mlp", size=32, frameskip=5))
-    model.save(tmp_path / "m.pt")
-    result = make_demo(DemoConfig(checkpoint=str(tmp_path / "m.pt"), data=str(data), episodes=2, samples=8,
-                                  iterations=1, bank_frames=50, out=str(tmp_path / "videos")))
+def test_wm_demo_smoke_writes_videos_and_sheet(data, tmp_path):
+    WorldModel(tiny_config("mlp", size=32, frameskip=5)).save(tmp_path / "m.pt")
+    _wm("demo", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 2, "--samples", 8,
+        "--iterations", 1, "--bank-frames", 50, "--out", tmp_path / "videos")
     names = sorted(p.name for p in (tmp_path / "videos").iterdir())
     assert names == ["episode_00.gif", "episode_00.mp4", "episode_01.gif", "episode_01.mp4", "summary.png"]
-    assert len(result["success"]) == 2
     import imageio.v2 as imageio
     frames = imageio.mimread(tmp_path / "videos" / "episode_00.mp4")
     assert len(frames) == 51  # the start frame and one per step of the 50-step budget

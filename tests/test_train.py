@@ -11,7 +11,7 @@ from worldmodel.model import WorldModel
 from worldmodel.train import TrainingDiverged, lr_at, preset_config, train
 
 TINY = dict(latent_dim=16, proj_hidden=32, conv_channels=8, pred_hidden=32, pred_depth=2, batch_size=8,
-            history=2, n_pred=1, frameskip=2, val_horizon=2, warmup_steps=2, log_every=2, val_every=4,
+            history=2, n_pred=1, rollout_steps=0, frameskip=2, val_horizon=2, warmup_steps=2, log_every=2, val_every=4,
             probe_every=0, ckpt_every=4, sigreg_directions=32, device="cpu")
 
 

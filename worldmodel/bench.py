@@ -43,12 +43,13 @@ def steps_per_s(cfg, device: torch.device, batch_size: int, steps: int) -> float
     return steps / (time.perf_counter() - start)
 
 
-def run(device: str = "auto", batch_size: int = 64, steps: int = 10) -> str:
+def run(device: str = "auto", steps: int = 10) -> str:
     dev = resolve_device(device)
     base = preset_config("demo")
+    batch_size = base.batch_size
     frames_per_step = batch_size * (base.history + base.n_pred)
-    lines = [f"Device {dev}, torch threads {torch.get_num_threads()}; batch {batch_size} windows of "
-             f"{base.history + base.n_pred} frames (64x64), demo preset otherwise.", "",
+    lines = [f"Device {dev}, torch threads {torch.get_num_threads()}; the demo preset: batch {batch_size} windows of "
+             f"{base.history + base.n_pred} frames (64x64), {base.rollout_steps}-step rollout loss.", "",
              "| encoder | steps/s | frames/s | vs conv |", "|---|---|---|---|"]
     conv = None
     for label, overrides in ENCODERS.items():

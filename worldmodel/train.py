@@ -43,7 +43,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of initialisation, batches and SIGReg directions"})
     # optimisation
     steps: int = field(default=2000, metadata={"help": "optimiser steps"})
-    batch_size: int = field(default=64, metadata={"help": "windows per step (per process under torchrun)"})
+    batch_size: int = field(default=32, metadata={"help": "windows per step (per process under torchrun)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warmup, then cosine decay to 0"})
@@ -52,8 +52,9 @@ class TrainConfig:
     sigreg_directions: int = field(default=256, metadata={"help": "random 1-D projections per step"})
     # data windows
     history: int = field(default=3, metadata={"help": "latents the predictor sees"})
-    n_pred: int = field(default=1, metadata={"help": "frames per window after the history (teacher-forced targets)"})
-    rollout_steps: int = field(default=0, metadata={"help": "also train open-loop rollouts of this many steps (<= n_pred)"})
+    n_pred: int = field(default=5, metadata={"help": "frames per window after the history (teacher-forced targets)"})
+    rollout_steps: int = field(default=5, metadata={"help": "also train open-loop rollouts of this many steps (<= n_pred); "
+                                                              "0: teacher forcing only"})
     rollout_weight: float = field(default=1.0, metadata={"help": "weight of the open-loop rollout loss"})
     frameskip: int = field(default=5, metadata={"help": "env steps between latents; actions chunked over them"})
     val_fraction: float = field(default=0.1, metadata={"help": "fraction of episodes held out"})
@@ -79,7 +80,9 @@ class TrainConfig:
 
 
 PRESETS = {
-    # 2-core CPU, about 10 minutes: the conv encoder and MLP predictor on 64px frames.
+    # 2-core CPU, about 8 minutes: the conv encoder and MLP predictor on 64px frames, windows of 3 + 5
+    # frames with a 5-step open-loop rollout loss (90.7% reach25 against 84.7% for teacher forcing alone
+    # on windows of 3 + 1 at batch 64, the same frames per step; README).
     "demo": {},
     # One GPU: a larger batch, longer schedule; bf16 autocast is on by itself on CUDA.
     "full": {"steps": 20000, "batch_size": 256, "lr": 5e-4, "warmup_steps": 500, "latent_dim": 128,
