@@ -147,9 +147,12 @@ def load_policy(checkpoint_path: str | Path, planner: str = "cem", device: str =
                 receding_horizon: int = 1, **overrides) -> MPCPolicy:
     """An MPC policy from a trained checkpoint, for users and outside harnesses.
 
-    ``overrides`` set the planner's config (``samples``, ``iterations``, ``horizon``, ``seed``, ...).
+    ``overrides`` set the planner's config (``samples``, ``iterations``, ``horizon``, ``cost``, ``seed``, ...).
+    The cost defaults to ``sum``: with the last step's distance alone, replanning keeps deferring arrival
+    (README, Notes).
     """
     from worldmodel.model import WorldModel, resolve_device
 
+    overrides.setdefault("cost", "sum")
     model = WorldModel.load(checkpoint_path, resolve_device(device))
     return MPCPolicy(model, make_planner(model, planner, **overrides), receding_horizon)

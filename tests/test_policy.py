@@ -73,6 +73,7 @@ def test_load_policy(model, tmp_path):
     model.save(tmp_path / "m.pt")
     policy = load_policy(tmp_path / "m.pt", planner="mppi", device="cpu", samples=8, iterations=2, horizon=2)
     assert policy.planner.cfg.samples == 8 and policy.planner.cfg.horizon == 2
+    assert policy.planner.cfg.cost == "sum"  # the MPC default; the bare planners keep "final"
     policy.reset(np.zeros((32, 32, 3), np.uint8))
     assert policy.act(np.zeros((32, 32, 3), np.uint8)).shape == (2,)
     with pytest.raises(CheckpointError):
