@@ -133,6 +133,7 @@ def ddp_worker(rank: int, port: int, out_dir: str, wrap_ddp: bool):
             dist.all_reduce(layer.weight.grad)
             layer.weight.grad /= WORLD
         torch.save({"loss": loss.detach(), "x_grad": half.grad, "w_grad": layer.weight.grad}, f"{out_dir}/{rank}.pt")
+        dist.barrier()  # tearing gloo down while the peer still talks aborts the process (seen in CI)
     finally:
         dist.destroy_process_group()
 

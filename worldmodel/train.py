@@ -285,6 +285,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     metrics["ddp_max_param_diff"] = _check_in_sync(model)
                 if is_main:
                     _save(out, model, opt, cfg, done, metrics)
+        if world > 1:
+            dist.barrier()  # no rank tears gloo/nccl down while another still communicates
     except KeyboardInterrupt:
         if is_main and done > start:
             _save(out, model, opt, cfg, done, metrics)
