@@ -17,6 +17,7 @@ import torch
 from planners.cem import CEMConfig
 from planners.naive import NaiveCEMPlanner
 from planners.policy import make_planner
+from worldmodel.model import resolve_device, synchronize
 
 
 def demo_model(device: torch.device):
@@ -25,11 +26,6 @@ def demo_model(device: torch.device):
 
     torch.manual_seed(0)
     return WorldModel(model_config(preset_config("demo"), 64, "reacher-easy")).to(device).eval()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_plan(planner, model, batch: int, repeats: int) -> float:
@@ -42,18 +38,16 @@ def time_plan(planner, model, batch: int, repeats: int) -> float:
     planner.plan(z_hist, z_goal, a_hist)  # warm up (allocations, kernels)
     times = []
     for _ in range(repeats):
-        _sync(dev)
+        synchronize(dev)
         start = time.perf_counter()
         planner.plan(z_hist, z_goal, a_hist)
-        _sync(dev)
+        synchronize(dev)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), horizons=(5, 10), batches=(1, 50),
         naive_budget_s: float = 60.0) -> str:
-    from worldmodel.model import resolve_device
-
     dev = resolve_device(device)
     model = demo_model(dev)
     lines = [f"Model: demo preset (conv encoder, MLP predictor {model.cfg.predictor.hidden} wide x "
@@ -63,8 +57,7 @@ def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), hor
              "|---|---|---|---|---|---|---|"]
     headline = {}
     for name, n, it, hz, b in itertools.product(("cem", "mppi"), samples, iterations, horizons, batches):
-        extra = {"elites": max(2, n // 10)} if name == "cem" else {}
-        planner = make_planner(model, name, samples=n, iterations=it, horizon=hz, **extra)
+        planner = make_planner(model, name, samples=n, iterations=it, horizon=hz)
         repeats = 3 if n * it * hz * b <= 300 * 30 * 5 * 50 else 1
         t = time_plan(planner, model, b, repeats)
         headline[(name, n, it, hz, b)] = t
@@ -75,12 +68,11 @@ def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), hor
     for n, it, hz in itertools.product(samples, iterations, horizons):
         batched = headline.get(("cem", n, it, hz, 1))
         # The naive time grows with n * it * hz: skip settings whose estimate exceeds the budget.
-        probe = NaiveCEMPlanner(model, CEMConfig(samples=n, iterations=1, horizon=hz, elites=max(2, n // 10)))
+        probe = NaiveCEMPlanner(model, CEMConfig(samples=n, iterations=1, horizon=hz))
         one_iteration = time_plan(probe, model, 1, 1)
         if batched is None or one_iteration * it > naive_budget_s:
             lines.append(f"| {n} | {it} | {hz} | not run (about {one_iteration * it:.0f} s) | - | - |")
             continue
-        naive = time_plan(NaiveCEMPlanner(model, CEMConfig(samples=n, iterations=it, horizon=hz,
-                                                           elites=max(2, n // 10))), model, 1, 1)
+        naive = time_plan(NaiveCEMPlanner(model, CEMConfig(samples=n, iterations=it, horizon=hz)), model, 1, 1)
         lines.append(f"| {n} | {it} | {hz} | {1000 * naive:.0f} | {1000 * batched:.1f} | {naive / batched:.0f}x |")
     return "\n".join(lines)

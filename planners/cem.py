@@ -14,7 +14,7 @@ from planners.base import Planner, PlannerConfig, PlanResult, keep_best, option,
 class CEMConfig(PlannerConfig):
     """CEM settings (defaults: the LeWM setting, 300 samples x 30 iterations, horizon 5)."""
 
-    elites: int = option(30, "best candidates the Gaussian is refit to")
+    elites: int | None = option(None, "best candidates the Gaussian is refit to (None: a tenth of samples, at least 2)")
     init_std: float = option(1.0, "initial std of the Gaussian (actions lie in [-1, 1])")
     min_std: float = option(0.05, "floor of the std, so the search never freezes")
     momentum: float = option(0.1, "weight of the old mean/std in each refit (0: jump to the elites' fit)")
@@ -23,6 +23,8 @@ class CEMConfig(PlannerConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.elites is None:
+            self.elites = max(2, round(self.samples / 10))  # 30 of the default 300
         if not 2 <= self.elites <= self.samples:
             raise ValueError(f"need 2 <= elites <= samples, got elites={self.elites}, samples={self.samples}")
 

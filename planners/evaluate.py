@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from envs.dataset import EpisodeStore
@@ -132,8 +131,7 @@ def random_controller(n: int, seed: int):
 
 def simulator_controller(batch: ReacherBatch, cfg: EvalConfig, frameskip: int, goal_qpos: np.ndarray, seed: int):
     sim = SimulatorModel(batch.physics, frameskip)
-    planner = CEMPlanner(sim, CEMConfig(samples=cfg.sim_samples, iterations=cfg.sim_iterations,
-                                        elites=max(2, round(cfg.sim_samples / 10)), horizon=cfg.horizon,
+    planner = CEMPlanner(sim, CEMConfig(samples=cfg.sim_samples, iterations=cfg.sim_iterations, horizon=cfg.horizon,
                                         cost=JOINT_COSTS[cfg.cost], seed=seed))
     policy = MPCPolicy(sim, planner, cfg.receding_horizon)
     policy.reset_latent(sim.goal_states(goal_qpos))

@@ -18,6 +18,7 @@ from einops import rearrange
 from planners.base import Planner, shift_plan
 from planners.cem import CEMConfig, CEMPlanner
 from planners.mppi import MPPIConfig, MPPIPlanner
+from worldmodel.model import synchronize
 
 PLANNERS = {"cem": (CEMPlanner, CEMConfig), "mppi": (MPPIPlanner, MPPIConfig)}
 
@@ -49,9 +50,11 @@ class MPCPolicy:
         self._a_hist: torch.Tensor | None = None  # (B, h-1, A)
         self._plan: torch.Tensor | None = None  # (B, H, A)
         self._chunk = None  # (B, frameskip, 2): the chunk being played
+        self._chunk_host = None  # the same on the host, copied once per chunk
         self._t = 0  # env steps since reset
         self._chunks_since_plan = 0
         self._planned_from = None  # (z_hist, a_hist) the current plan was made from
+        self._prediction = None  # its predicted final latent, computed on demand
 
     def act(self, obs_image: np.ndarray) -> np.ndarray:
         """One env action (2,) for one environment (after ``reset`` with one goal)."""
@@ -73,15 +76,15 @@ class MPCPolicy:
         if k == 0:
             self._observe(observe())
         self._t += 1
-        return self._chunk[:, k].cpu().numpy().astype(np.float32)
+        return self._chunk_host[:, k]
 
     @property
     @torch.no_grad()
     def last_prediction(self) -> torch.Tensor | None:
         """(B, D): the latent the model predicts at the end of the current plan (None before the first)."""
-        if self._plan is None:
-            return None
-        return self.model.rollout(*self._planned_from, self._plan)[:, -1]
+        if self._plan is not None and self._prediction is None:  # once per plan, on demand
+            self._prediction = self.model.rollout(*self._planned_from, self._plan)[:, -1]
+        return self._prediction
 
     # --- internals ----------------------------------------------------------------------------------
     def _observe(self, z: torch.Tensor) -> None:
@@ -98,19 +101,18 @@ class MPCPolicy:
             self._replan()
         chunk = self._plan[:, self._chunks_since_plan]  # (B, A)
         self._chunk = rearrange(chunk, "b (k a) -> b k a", k=self.frameskip)
+        self._chunk_host = self._chunk.cpu().numpy().astype(np.float32)
 
     def _replan(self) -> None:
         init = None if self._plan is None else shift_plan(self._plan, self._chunks_since_plan)
         a_hist = self._a_hist if self._z_hist.shape[1] > 1 else None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         result = self.planner.plan(self._z_hist, self._z_goal, a_hist, init)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         self.plan_times.append(time.perf_counter() - start)
         self._plan, self._chunks_since_plan = result.actions, 0
-        self._planned_from = (self._z_hist, a_hist)
+        self._planned_from, self._prediction = (self._z_hist, a_hist), None
 
     def _frames(self, images, what: str) -> torch.Tensor:
         x, size = np.asarray(images), self.model.cfg.image_size
@@ -128,14 +130,10 @@ class MPCPolicy:
 
 
 def make_planner(model, planner: str = "cem", **overrides) -> Planner:
-    """A CEM or MPPI planner over ``model``; ``overrides`` set fields of its config.
-
-    CEM's elites default to a tenth of the samples (30 of the default 300), so any ``samples`` works."""
+    """A CEM or MPPI planner over ``model``; ``overrides`` set fields of its config."""
     if planner not in PLANNERS:
         raise ValueError(f"planner must be one of {sorted(PLANNERS)}, got {planner!r}")
     cls, cfg_cls = PLANNERS[planner]
-    if planner == "cem" and "elites" not in overrides:
-        overrides["elites"] = max(2, round(overrides.get("samples", cfg_cls.samples) / 10))
     known = {f.name for f in dataclasses.fields(cfg_cls)}
     unknown = set(overrides) - known
     if unknown:

@@ -31,6 +31,7 @@ def test_warm_start_helps():
 def test_elites_carried():
     assert CEMConfig(elites=30).n_kept == 9 and CEMConfig(elites=2).n_kept == 1
     assert CEMConfig(keep_elites=False).n_kept == 0
+    assert CEMConfig().elites == 30 and CEMConfig(samples=16).elites == 2 and CEMConfig(samples=100).elites == 10
     with pytest.raises(ValueError):
         CEMConfig(samples=10, elites=20)
 

@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from worldmodel.model import WorldModel, resolve_device
-from worldmodel.train import model_config, preset_config, step_generator, world_model_losses
+from worldmodel.model import WorldModel, resolve_device, synchronize
+from worldmodel.train import autocast_for, model_config, preset_config, step_generator, world_model_losses
 
 ENCODERS = {"conv": {}, "vit (width 192, depth 6, patch 8)": {"encoder": "vit"}}
 
@@ -23,23 +23,19 @@ def steps_per_s(cfg, device: torch.device, batch_size: int, steps: int) -> float
     frames = torch.randint(0, 256, (batch_size, cfg.history + cfg.n_pred, 64, 64, 3), dtype=torch.uint8, generator=g)
     batch = {"pixels": frames.to(device),
              "actions": (torch.rand(batch_size, cfg.history + cfg.n_pred - 1, 2 * cfg.frameskip, generator=g) * 2 - 1).to(device)}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
     def step(k: int) -> None:
-        with autocast:
+        with autocast_for(device):
             loss = world_model_losses(model, batch, cfg, step_generator(0, k, 0, device))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     step(0)  # warm up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for k in range(steps):
         step(k + 1)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return steps / (time.perf_counter() - start)
 
 

@@ -169,6 +169,12 @@ def atomic_write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` is CUDA when present, else CPU."""
     if device == "auto":

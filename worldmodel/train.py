@@ -123,6 +123,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; full precision on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 def effective_rank(z: torch.Tensor) -> float:
     """exp(entropy) of the normalised singular values of centred latents (N, D): 1 = collapsed, D = isotropic."""
     s = torch.linalg.svdvals((z - z.mean(0)).float())
@@ -221,7 +226,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    autocast = autocast_for(device)
     loader = torch.utils.data.DataLoader(
         train_ds, batch_sampler=StepBatches(len(train_ds), cfg.batch_size, cfg.seed, start, cfg.steps, rank),
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda", persistent_workers=False)
