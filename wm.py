@@ -1,136 +1,167 @@
 """``wm``: the command line over envs, worldmodel and planners. Nothing imports this module.
 
-Each subcommand has one config dataclass; its fields are the command's options.
+Each subcommand has one config dataclass; every field of it (nested configs included) is an option,
+built here from the field's type, default, help and choices. ``wm train --preset full --help`` shows
+the full preset's values.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
 from envs.collect import CollectConfig, collect
 from planners.demo import DemoConfig
-from planners.evaluate import EvalConfig
-from worldmodel.train import TrainConfig, preset_config
+from planners.evaluate import DEFAULT_CHECKPOINT, EvalConfig
+from worldmodel.config import apply_overrides, config_fields, option
+from envs.storage import DEFAULT_DATA
+from envs.swm import ConvertConfig
+from worldmodel.train import DEFAULT_RUN, TrainConfig, preset_config
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls, only_given: bool = False) -> None:
-    """One ``--option`` per dataclass field, typed, with the field's default and help.
-
-    With ``only_given``, options the user did not type stay out of the parsed namespace (so a
-    preset can fill them)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        name, kind = "--" + f.name.replace("_", "-"), hints[f.name]
-        shown = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        default = argparse.SUPPRESS if only_given else shown
-        help_text = f.metadata.get("help", "") + f" (default: {shown})"
-        if kind is bool:
-            parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
-        else:
-            parser.add_argument(name, dest=f.name, type=_scalar_type(kind), default=default, help=help_text)
-
-
-def _scalar_type(kind):
-    """``int`` for ``int``, and for ``int | None``: the type an option's string is parsed into."""
+# --- options from configs ----------------------------------------------------------------------------------
+def _optional(kind):
+    """(the type inside ``X | None``, True) or (kind, False)."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        return next(a for a in typing.get_args(kind) if a is not type(None))
-    return kind
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        return inner[0], True
+    return kind, False
 
 
-def config_from_args(cls, args: argparse.Namespace):
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    if cls is TrainConfig:  # the preset first, then what was typed
-        return preset_config(given.pop("preset", "demo"), **given)
-    return cls(**given)
+def _parser_of(kind):
+    """The function turning an option's text into its value."""
+    inner, optional = _optional(kind)
+    base = inner if inner in (int, float) else str
+
+    def parse(text: str):
+        if optional and text.lower() in ("none", "default", ""):
+            return None
+        return base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its errors
+    return parse
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, cfg) -> None:
+    """One option per leaf field of ``cfg`` (an instance: its values are the defaults shown).
+
+    Options the user does not type stay out of the parsed namespace (``SUPPRESS``), so the defaults
+    (a preset's, say) stay in ``cfg`` and only what was typed is applied on top.
+    """
+    for f in config_fields(cfg):
+        if not f.cli:
+            continue
+        help_text = f"{f.help} (default: {f.value})"
+        if f.choices:
+            help_text += f"; one of: {', '.join(map(str, f.choices))}"
+        if f.type is bool:
+            parser.add_argument(f.flag, dest=f.path, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(f.flag, dest=f.path, type=_parser_of(f.type), choices=f.choices,
+                                default=argparse.SUPPRESS, help=help_text, metavar=_metavar(f))
+
+
+def _metavar(f) -> str | None:
+    return "{" + ",".join(map(str, f.choices)) + "}" if f.choices else None
+
+
+def config_from_args(cfg, args: argparse.Namespace):
+    """``cfg`` with every option the user typed applied."""
+    paths = {f.path for f in config_fields(cfg)}
+    return apply_overrides(cfg, {k: v for k, v in vars(args).items() if k in paths})
+
+
+def _preset_in(argv: list[str]) -> str:
+    """The ``--preset`` typed on a ``wm train`` line (its defaults are that preset's), else ``demo``."""
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--preset="):
+            return arg.split("=", 1)[1]
+    return "demo"
+
+
+# --- small commands' configs ---------------------------------------------------------------------------------
 @dataclass
 class VideoConfig:
     """``wm video``: watch episodes of a dataset."""
 
-    data: str = field(default="runs/data/demo", metadata={"help": "dataset directory (or .h5 file)"})
-    out: str = field(default="runs/data/demo/episodes.mp4", metadata={"help": "output mp4"})
-    episodes: int = field(default=4, metadata={"help": "episodes to show, one after another"})
-    fps: int = field(default=25, metadata={"help": "frames per second"})
+    data: str = option(DEFAULT_DATA, "dataset directory (or .h5 file)")
+    out: str = option("", "output mp4 (default: episodes.mp4 in the dataset directory)")
+    episodes: int = option(4, "episodes to show, one after another")
+    fps: int = option(25, "frames per second")
 
 
 @dataclass
 class BenchConfig:
     """``wm bench``: measured speeds, each beside a baseline timed in the same run."""
 
-    what: str = field(default="all", metadata={"help": "which benchmark: collect, train, plan or all"})
-    device: str = field(default="auto", metadata={"help": "train and plan benchmark device: auto, cpu or cuda"})
-    out: str = field(default="runs/bench", metadata={"help": "directory for the Markdown report"})
+    what: str = option("all", "which benchmark", choices=("collect", "train", "plan", "plan-quality", "all"))
+    device: str = option("auto", "train and plan benchmark device: auto, cpu or cuda")
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "plan-quality: the trained model whose closed-loop success is measured")
+    out: str = option("runs/bench", "directory for the Markdown report")
 
 
 @dataclass
 class PipelineConfig:
     """``wm demo-pipeline`` (what `make demo` runs): collect, train, evaluate, film; resumes where it stopped."""
 
-    out: str = field(default="runs/demo", metadata={"help": "output directory"})
-    episodes: int = field(default=400, metadata={"help": "episodes to collect"})
-    workers: int = field(default=2, metadata={"help": "collection worker processes"})
-    steps: int = field(default=2000, metadata={"help": "training steps of the demo preset"})
-    eval_episodes: int = field(default=50, metadata={"help": "evaluation episodes per seed"})
-    seeds: int = field(default=3, metadata={"help": "evaluation seeds"})
+    out: str = option(DEFAULT_RUN, "run directory; the data goes to its data/ folder")
+    episodes: int = option(400, "episodes to collect")
+    workers: int = option(2, "collection worker processes")
+    steps: int = option(2000, "training steps of the demo preset")
+    eval_episodes: int = option(50, "evaluation episodes per seed")
+    seeds: int = option(3, "evaluation seeds")
 
 
 @dataclass
 class ProbeConfig:
-    """``wm probe``: linear-probe R^2 from latents to the true state, on held-out episodes."""
+    """``wm probe``: linear-probe R^2 from latents to the true state, on episodes the model never trained on."""
 
-    checkpoint: str = field(default="runs/demo/model.pt", metadata={"help": "model.pt of a trained run"})
-    data: str = field(default="runs/demo/data", metadata={"help": "dataset directory (or .h5 file)"})
-    val_fraction: float = field(default=0.1, metadata={"help": "fraction of episodes held out (as in training)"})
-    seed: int = field(default=0, metadata={"help": "split seed (as in training)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run")
+    data: str = option("", "dataset (default: the one the model was trained on)")
+    device: str = option("auto", "auto, cpu or cuda")
+    out: str = option("", "where probe.json and probe.md go (default: beside the checkpoint)")
 
 
+# --- the commands --------------------------------------------------------------------------------------------
 def run_train(cfg: TrainConfig) -> int:
+    from planners.evaluate import closed_loop_check
     from worldmodel.train import train
 
-    metrics = train(cfg)
-    print(json.dumps({k: metrics[k] for k in ("loss/prediction", "embedding/std", "val", "probe") if k in metrics},
-                     indent=1))
+    metrics = train(cfg, closed_loop=closed_loop_check)
+    print(json.dumps({k: metrics[k] for k in ("loss/prediction", "embedding/std", "val", "probe", "closed_loop")
+                      if k in metrics}, indent=1))
     print(f"model: {Path(cfg.out) / 'model.pt'}  logs: tensorboard --logdir {Path(cfg.out) / 'tb'}")
     return 0
 
 
 def run_probe(cfg: ProbeConfig) -> int:
-    import torch
+    from worldmodel.probe import probe_checkpoint
 
-    from envs.dataset import EpisodeStore
-    from worldmodel.model import WorldModel, resolve_device
-    from worldmodel.probe import PROBE_TARGETS, run_probe as probe
-
-    device = resolve_device(cfg.device)
-    trained = WorldModel.load(cfg.checkpoint, device)
-    torch.manual_seed(0)
-    untrained = type(trained)(trained.cfg).to(device)  # same architecture, random weights: the floor
-    store = EpisodeStore(cfg.data)
-    train_ids, test_ids = store.split("train", cfg.val_fraction, cfg.seed), store.split("val", cfg.val_fraction, cfg.seed)
-    rows = {"trained": probe(trained, store, train_ids, test_ids, device=device),
-            "untrained (floor)": probe(untrained, store, train_ids, test_ids, device=device)}
-    names = [*PROBE_TARGETS, "joints_mean"]
-    print("| encoder | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 1) + "|")
-    for label, r2 in rows.items():
-        print(f"| {label} | " + " | ".join(f"{r2[n]:.3f}" for n in names) + " |")
+    result = probe_checkpoint(cfg.checkpoint, cfg.data, cfg.device, cfg.out)
+    print(result["markdown"])
+    print(f"wrote {result['json']} and {result['md']}")
     return 0
 
 
 def run_collect(cfg: CollectConfig) -> int:
     summary = collect(cfg)
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def run_convert(cfg: ConvertConfig) -> int:
+    from envs.swm import convert
+
+    print(f"wrote {convert(cfg)}")
     return 0
 
 
@@ -142,7 +173,8 @@ def run_video(cfg: VideoConfig) -> int:
 
     store = EpisodeStore(cfg.data, in_memory=False)
     frames = np.concatenate([store.episode(i)["pixels"] for i in range(min(cfg.episodes, len(store)))])
-    for path in write_video(cfg.out, frames, fps=cfg.fps):
+    out = cfg.out or str((Path(cfg.data) if Path(cfg.data).is_dir() else Path(cfg.data).parent) / "episodes.mp4")
+    for path in write_video(out, frames, fps=cfg.fps):
         print(f"wrote {path}")
     return 0
 
@@ -154,10 +186,9 @@ def run_bench(cfg: BenchConfig) -> int:
     from worldmodel import bench as train_bench
 
     benches = {"collect": envs_bench.run, "train": lambda: train_bench.run(cfg.device),
-               "plan": lambda: plan_bench.run(cfg.device)}
-    if cfg.what not in (*benches, "all"):
-        raise ValueError(f"--what must be one of {[*benches, 'all']}, got {cfg.what!r}")
-    chosen = benches if cfg.what == "all" else {cfg.what: benches[cfg.what]}
+               "plan": lambda: plan_bench.run(cfg.device),
+               "plan-quality": lambda: plan_bench.run_quality(cfg.checkpoint, cfg.device)}
+    chosen = {k: v for k, v in benches.items() if k != "plan-quality"} if cfg.what == "all" else {cfg.what: benches[cfg.what]}
     report = "\n\n".join(f"# wm bench {name}\n\n{_machine()}\n\n{fn()}" for name, fn in chosen.items())
     print(report)
     out = Path(cfg.out)
@@ -174,15 +205,16 @@ def _machine() -> str:
 
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"Machine: {os.cpu_count()} CPU cores ({cpu}), {gpu}; torch {torch.__version__}."
+    return f"Machine: {os.cpu_count()} CPU cores ({cpu}), {gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads."
 
 
 def run_eval(cfg: EvalConfig) -> int:
     from planners.evaluate import evaluate
 
     evaluate(cfg)
-    print((Path(cfg.out) / "results.md").read_text())
-    print(f"wrote {cfg.out}/results.json, results.md, results.png")
+    out = cfg.out_dir
+    print((out / "results.md").read_text())
+    print(f"wrote {out}/results.json, results.md, results.png; TensorBoard: {out}/tb")
     return 0
 
 
@@ -190,7 +222,9 @@ def run_demo(cfg: DemoConfig) -> int:
     from planners.demo import make_demo
 
     result = make_demo(cfg)
-    print(f"wrote {len(result['videos'])} videos and {result['summary_sheet']}; reached: {result['success']}")
+    gifs = f" (and {len(result['gifs'])} gifs)" if result["gifs"] else ""
+    print(f"wrote {len(result['videos'])} videos{gifs} and {result['summary_sheet']} in {cfg.out_dir}; "
+          f"reached: {result['success']}, held at the end: {result['held']}")
     return 0
 
 
@@ -198,23 +232,25 @@ def run_pipeline(cfg: PipelineConfig) -> int:
     """Every stage skips what is already done, so an interrupted `make demo` resumes."""
     import time
 
-    out, data, start = Path(cfg.out), str(Path(cfg.out) / "data"), time.perf_counter()
+    out, start = Path(cfg.out), time.perf_counter()
+    data = str(out / "data")
     stamp = lambda what: print(f"\n=== [{(time.perf_counter() - start) / 60:.1f} min] {what}", flush=True)  # noqa: E731
     stamp("collect")
     run_collect(CollectConfig(out=data, episodes=cfg.episodes, workers=cfg.workers))
     stamp("train (demo preset)")
-    model = out / "model.pt"
-    state = out / "checkpoint.pt"
-    if not _finished(out, cfg.steps):
-        run_train(preset_config("demo", data=data, out=str(out), steps=cfg.steps, resume=state.exists()))
+    resume = (out / "checkpoint.pt").exists() and not _finished(out, cfg.steps)
+    run_train(preset_config("demo", data=data, out=str(out), steps=cfg.steps, resume=resume))
+    model = str(out / "model.pt")
     stamp("evaluate reach25 against random actions and the true-simulator CEM")
-    run_eval(EvalConfig(checkpoint=str(model), data=data, episodes=cfg.eval_episodes, seeds=cfg.seeds,
-                        sim_samples=100, sim_iterations=10, out=str(out / "eval")))
+    if (out / "eval" / "results.json").exists():
+        print(f"{out / 'eval'} already holds results: kept")
+    else:
+        run_eval(EvalConfig(checkpoint=model, episodes=cfg.eval_episodes, seeds=cfg.seeds))
     stamp("planning videos")
-    run_demo(DemoConfig(checkpoint=str(model), data=data, out=str(out / "videos")))
+    run_demo(DemoConfig(checkpoint=model))
     stamp("done")
     print(f"model {model}; results {out / 'eval' / 'results.md'}; plot {out / 'eval' / 'results.png'}; "
-          f"videos {out / 'videos'}; TensorBoard: tensorboard --logdir {out / 'tb'}")
+          f"videos {out / 'videos'}; TensorBoard: tensorboard --logdir {out}")
     return 0
 
 
@@ -225,30 +261,43 @@ def _finished(out: Path, steps: int) -> bool:
 
 COMMANDS = {
     "collect": (CollectConfig, run_collect, "collect pixel rollouts into HDF5 shards"),
+    "convert": (ConvertConfig, run_convert, "rewrite a dataset as one stable-worldmodel .h5 file, or as our shards"),
     "video": (VideoConfig, run_video, "write an mp4 of dataset episodes"),
     "train": (TrainConfig, run_train, "train the world model (presets: demo, full)"),
     "probe": (ProbeConfig, run_probe, "linear-probe R^2 of a trained encoder vs an untrained one"),
     "eval": (EvalConfig, run_eval, "closed-loop success in MuJoCo against random and true-simulator baselines"),
     "demo": (DemoConfig, run_demo, "planning videos (mp4 + gif) and a summary sheet"),
-    "bench": (BenchConfig, run_bench, "measure collection, loading (and later training, planning) speed"),
+    "bench": (BenchConfig, run_bench, "measure collection, training and planning speed, and planning quality"),
     "demo-pipeline": (PipelineConfig, run_pipeline, "the embedded default that `make demo` runs"),
 }
 
 
+def default_config(command: str, argv: list[str]):
+    """The config whose values are the command's defaults (for ``train``: the typed preset's)."""
+    cls = COMMANDS[command][0]
+    if cls is TrainConfig:
+        return preset_config(_preset_in(argv))
+    return cls()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="wm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (cls, _, help_text) in COMMANDS.items():
-        add_config_arguments(sub.add_parser(name, help=help_text, description=(cls.__doc__ or "").strip()), cls,
-                             only_given=cls is TrainConfig)
-    args = parser.parse_args(argv)
-    cls, run, _ = COMMANDS[args.command]
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
-        return run(config_from_args(cls, args))
+        for name, (cls, _, help_text) in COMMANDS.items():
+            p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or "").strip())
+            # Only the chosen command's options are built (a bad --preset is reported below).
+            if name == command:
+                add_config_arguments(p, default_config(name, argv))
+        args = parser.parse_args(argv)
+        cls, run, _ = COMMANDS[args.command]
+        return run(config_from_args(default_config(args.command, argv), args))
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"wm {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        print(f"wm {command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -6,10 +6,10 @@ select_gl_backend()  # before anything imports mujoco
 
 import gymnasium as _gym  # noqa: E402
 
-from envs.reacher import ENV_NAMES, ReacherPixels, make_env  # noqa: E402
+from envs.reacher import ENV_NAMES, ReacherPixels, joint_error, make_env, wrap_angle  # noqa: E402
 
 ENV_ID = "ReacherPixels-v0"
 if ENV_ID not in _gym.registry:
     _gym.register(id=ENV_ID, entry_point="envs.reacher:ReacherPixels", disable_env_checker=True)
 
-__all__ = ["ReacherPixels", "make_env", "ENV_NAMES", "ENV_ID", "select_gl_backend"]
+__all__ = ["ReacherPixels", "make_env", "ENV_NAMES", "ENV_ID", "select_gl_backend", "joint_error", "wrap_angle"]

@@ -5,16 +5,21 @@ number of workers or on how often the collection was interrupted and resumed. Wo
 and render; the parent writes every shard, so on Ctrl-C (or SIGTERM, or a worker's crash) it can
 still write each finished episode before it exits. Running the same command again collects the
 episodes that are missing. Only a hard kill (SIGKILL, power loss) loses the episodes not yet in a
-shard: at most ``episodes_per_shard`` per worker.
+shard: at most ``episodes_per_shard`` per worker; the workers of a killed parent exit by themselves.
+A shard that cannot be written (disk full, file size limit) stops the collection with a
+``CollectionError`` saying how many episodes are saved; its temporary file is removed.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import os
+import re
 import signal
+import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,27 +28,38 @@ from tqdm import tqdm
 
 from envs.policies import POLICIES, make_policy
 from envs.reacher import ENV_NAMES, make_env
-from envs.storage import (DatasetError, episode_index, find_shards, inspect_shard, write_shard)
+from envs.storage import (DEFAULT_DATA, DatasetError, episode_index, find_shards, inspect_shard, write_shard)
 
 # Settings that must match for a resumed collection to continue the same dataset.
 RESUME_KEYS = ("env", "size", "steps", "policy", "seed", "hide_target", "render_quality")
+# The temporary files write_shard makes for our shards (``<shard>.<pid>.tmp``): the only ones we delete.
+OUR_TEMPORARY = re.compile(r"shard_\d{6}_\d{6}\.h5\.\d+\.tmp")
+PARENT_POLL_S = 0.5  # how often a worker checks that its parent is alive
+
+
+class CollectionError(RuntimeError):
+    """A collection that cannot go on (unwritable output, full disk), with what was saved."""
 
 
 @dataclass
 class CollectConfig:
     """``wm collect``: roll out an exploration policy and store pixels, actions and true states."""
 
-    env: str = field(default="reacher-easy", metadata={"help": f"environment: {', '.join(ENV_NAMES)}"})
+    env: str = field(default="reacher-easy", metadata={"help": "environment", "choices": tuple(ENV_NAMES)})
     size: int = field(default=64, metadata={"help": "frame height and width in pixels (32..256)"})
     episodes: int = field(default=100, metadata={"help": "number of episodes in the dataset"})
     steps: int = field(default=100, metadata={"help": "actions per episode (an episode stores steps+1 frames)"})
-    policy: str = field(default="smooth", metadata={"help": f"exploration policy: {', '.join(POLICIES)}"})
+    policy: str = field(default="smooth", metadata={"help": "exploration policy", "choices": POLICIES})
     workers: int = field(default=2, metadata={"help": "worker processes, each with its own renderer"})
     seed: int = field(default=0, metadata={"help": "seed of the collection; episode i is seeded by (seed, i)"})
-    out: str = field(default="runs/data/demo", metadata={"help": "output directory of .h5 shards"})
+    out: str = field(default=DEFAULT_DATA, metadata={"help": "output directory of .h5 shards"})
     episodes_per_shard: int = field(default=20, metadata={"help": "episodes per shard file"})
     hide_target: bool = field(default=True, metadata={"help": "hide the target sphere (pose-reaching goals)"})
-    render_quality: str = field(default="fast", metadata={"help": "fast (no shadows/reflections, ~5x faster) or standard"})
+    render_quality: str = field(default="fast", metadata={"help": "fast (no shadows/reflections, ~5x faster) or standard",
+                                                          "choices": ("fast", "standard")})
+    image_size: int | None = field(default=None, metadata={
+        "help": "store frames area-resized to this size (rendered at --size), as EpisodeStore(image_size=) "
+                "resizes another dataset; default: --size"})
 
 
 def rollout_episode(env, policy: str, steps: int, seed: int, index: int) -> dict[str, np.ndarray]:
@@ -67,25 +83,42 @@ def rollout_episode(env, policy: str, steps: int, seed: int, index: int) -> dict
 
 
 def _shard_attrs(cfg: CollectConfig) -> dict:
-    return {k: getattr(cfg, k) for k in RESUME_KEYS}
+    """The shards' attributes: ``size`` is the stored frame size; ``render_size`` when it differs."""
+    attrs = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    if cfg.image_size not in (None, cfg.size):
+        attrs.update(size=cfg.image_size, render_size=cfg.size)
+    return attrs
+
+
+def _resume_view(attrs: dict) -> dict:
+    return {k: attrs.get(k) for k in (*RESUME_KEYS, "render_size")}
+
+
+def _resized(episode: dict, cfg: CollectConfig) -> dict:
+    if cfg.image_size not in (None, cfg.size):
+        from envs.dataset import resize_frames
+
+        episode["pixels"] = resize_frames(episode["pixels"], cfg.image_size)
+    return episode
 
 
 def existing_episodes(cfg: CollectConfig) -> set[int]:
     """Indices already collected in ``cfg.out``; an error if that data was made with other settings."""
     out = Path(cfg.out)
-    for stale in out.glob("*.tmp"):  # left by a hard kill while a shard was being written
-        stale.unlink()
+    for stale in out.glob("*.tmp"):  # ours, left by a hard kill while a shard was being written
+        if OUR_TEMPORARY.fullmatch(stale.name):
+            stale.unlink()
     try:
         shards = find_shards(out)
     except DatasetError:
         return set()
     done: set[int] = set()
-    want = _shard_attrs(cfg)
+    want = _resume_view(_shard_attrs(cfg))
     for path in shards:
         info = inspect_shard(path)
-        have = {k: info.attrs.get(k) for k in RESUME_KEYS}
+        have = _resume_view(info.attrs)
         if have != want:
-            diff = {k: (have[k], want[k]) for k in RESUME_KEYS if have[k] != want[k]}
+            diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
             raise DatasetError(f"{path} was collected with other settings (have, asked): {diff}; "
                                f"use another --out, or the same settings to resume")
         done.update(episode_index(ref.key) for ref in info.episodes)
@@ -113,9 +146,10 @@ _worker_cfg: CollectConfig | None = None
 _worker_error: str | None = None
 
 
-def _init_worker(cfg: CollectConfig) -> None:
+def _init_worker(cfg: CollectConfig, parent: int) -> None:
     global _worker_env, _worker_cfg, _worker_error
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _exit_with_parent(parent)
     _worker_cfg = cfg
     try:
         _worker_env = _make_collection_env(cfg)
@@ -123,11 +157,22 @@ def _init_worker(cfg: CollectConfig) -> None:
         _worker_error = f"{type(exc).__name__}: {exc}"
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was SIGKILLed would wait on its task queue forever: a daemon thread exits
+    the process once the parent is gone (the worker is then re-parented, so its ppid changes)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _worker_rollout(index: int) -> dict:
     if _worker_error is not None:
         raise RuntimeError(f"collection worker could not start: {_worker_error}")
     c = _worker_cfg
-    return rollout_episode(_worker_env, c.policy, c.steps, c.seed, index)
+    return _resized(rollout_episode(_worker_env, c.policy, c.steps, c.seed, index), c)
 
 
 def _make_collection_env(cfg: CollectConfig):
@@ -143,7 +188,7 @@ def _episodes_in_process(cfg: CollectConfig, indices: list[int]):
     env = _make_collection_env(cfg)
     try:
         for i in indices:
-            yield rollout_episode(env, cfg.policy, cfg.steps, cfg.seed, i)
+            yield _resized(rollout_episode(env, cfg.policy, cfg.steps, cfg.seed, i), cfg)
     finally:
         env.close()
 
@@ -151,7 +196,7 @@ def _episodes_in_process(cfg: CollectConfig, indices: list[int]):
 def _episodes_in_workers(cfg: CollectConfig, indices: list[int], workers: int):
     """Episodes as workers finish them. A worker that dies raises BrokenProcessPool (a Pool would hang)."""
     ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(cfg,))
+                             initargs=(cfg, os.getpid()))
     futures = [ex.submit(_worker_rollout, i) for i in indices]
     try:
         for future in as_completed(futures):
@@ -161,20 +206,43 @@ def _episodes_in_workers(cfg: CollectConfig, indices: list[int], workers: int):
         ex.shutdown(wait=True, cancel_futures=True)
 
 
-def collect(cfg: CollectConfig, progress: bool = True) -> dict:
-    """Collect until ``cfg.out`` holds ``cfg.episodes`` episodes; returns a summary."""
+def check_config(cfg: CollectConfig) -> None:
+    """Refuse bad settings before any work, naming the option."""
     if cfg.env not in ENV_NAMES:
         raise ValueError(f"env must be one of {sorted(ENV_NAMES)}, got {cfg.env!r}")
     if cfg.policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {cfg.policy!r}")
-    if cfg.episodes < 1 or cfg.steps < 1 or cfg.workers < 1 or cfg.episodes_per_shard < 1:
-        raise ValueError("episodes, steps, workers and episodes_per_shard must be positive")
+    for name in ("episodes", "steps", "workers", "episodes_per_shard"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} ({name}) must be a positive integer, got {value!r}")
+    if cfg.image_size is not None and (not isinstance(cfg.image_size, int) or cfg.image_size < 8):
+        raise ValueError(f"--image-size (image_size) must be an integer >= 8, got {cfg.image_size!r}")
+
+
+def prepare_output(out: Path) -> None:
+    """Create ``out`` and prove it writable before anything is simulated."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".wm-write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CollectionError(f"cannot write to the output directory {out}: {exc.strerror or exc}; "
+                              f"choose another --out or fix its permissions") from exc
+
+
+def collect(cfg: CollectConfig, progress: bool = True) -> dict:
+    """Collect until ``cfg.out`` holds ``cfg.episodes`` episodes; returns a summary.
+
+    ``collected`` counts the episodes simulated by this call, ``saved`` those written to shards."""
+    check_config(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output(out)
     done = existing_episodes(cfg)
     missing = [i for i in range(cfg.episodes) if i not in done]
     summary = {"out": str(out), "episodes": cfg.episodes, "already_there": cfg.episodes - len(missing),
-               "collected": 0, "frames_per_s": None}
+               "collected": 0, "saved": 0, "frames_per_s": None}
     if not missing:
         return summary
 
@@ -185,13 +253,21 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
 
     def flush(group: tuple) -> None:
         episodes = pending.pop(group)
-        write_shard(shard_path(out, episodes), episodes, attrs)
+        path = shard_path(out, episodes)
+        try:
+            write_shard(path, episodes, attrs)
+        except OSError as exc:  # disk full, file size limit, ...: write_shard removed its temporary file
+            saved = len(done) + summary["saved"]
+            raise CollectionError(f"could not write {path.name} ({exc.strerror or exc}); {saved}/{cfg.episodes} "
+                                  f"episodes are saved in {out}; free some space and run the same command "
+                                  f"again to resume") from exc
+        summary["saved"] += len(episodes)
 
     bar = tqdm(total=len(missing) * (cfg.steps + 1), unit="frame", desc=f"collect {out.name}",
                disable=not progress, smoothing=0.1)
     start = time.perf_counter()
     on_main_thread = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, _sigterm_to_interrupt) if on_main_thread else None
+    old_handlers = _install_signal_handlers() if on_main_thread else None
     workers = min(cfg.workers, len(missing))
     results = (_episodes_in_process(cfg, missing) if workers == 1 else _episodes_in_workers(cfg, missing, workers))
     try:
@@ -202,19 +278,39 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
             bar.update(cfg.steps + 1)
             if len(pending[group]) == len(group):
                 flush(group)
+    except CollectionError:
+        results.close()  # stop the workers; nothing more can be written
+        bar.close()
+        raise
     except BaseException:
         # Ctrl-C, SIGTERM or a worker's error: keep every finished episode, then stop.
         results.close()
-        for group in list(pending):
-            flush(group)
         bar.close()
-        print(f"\ncollection stopped: {len(done) + summary['collected']}/{cfg.episodes} episodes are saved "
-              f"in {out}; run the same command again to resume.")
+        try:
+            for group in list(pending):
+                flush(group)
+        finally:
+            print(f"\ncollection stopped: {len(done) + summary['saved']}/{cfg.episodes} episodes are saved "
+                  f"in {out}; run the same command again to resume.")
         raise
     finally:
         if on_main_thread:
-            signal.signal(signal.SIGTERM, old_term)
+            _restore_signal_handlers(old_handlers)
     bar.close()
     elapsed = time.perf_counter() - start
     summary["frames_per_s"] = summary["collected"] * (cfg.steps + 1) / elapsed
     return summary
+
+
+def _install_signal_handlers() -> dict:
+    """SIGTERM stops like Ctrl-C; SIGXFSZ is ignored so that a file size limit (``ulimit -f``) fails the
+    write with EFBIG, which we report, instead of killing the process mid-write."""
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, _sigterm_to_interrupt)}
+    if hasattr(signal, "SIGXFSZ"):
+        old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return old
+
+
+def _restore_signal_handlers(old: dict) -> None:
+    for signum, handler in old.items():
+        signal.signal(signum, handler)

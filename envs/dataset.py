@@ -14,71 +14,146 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from envs.storage import STATE_KEYS, DatasetError, EpisodeRef, inspect_dataset
+from envs import swm
+from envs.storage import STATE_KEYS, DatasetError, EpisodeRef, dataset_fingerprint, inspect_dataset
 
 SPLITS = ("train", "val", "all")
+
+
+def resize_frames(frames: np.ndarray, size: int, batch: int = 64) -> np.ndarray:
+    """Area-average (N, H, W, 3) uint8 frames to (N, size, size, 3): each output pixel is the mean of the
+    input pixels it covers, so a 1-px arm at 224 px stays a faint line at 64 px instead of aliasing away."""
+    n = len(frames)
+    if frames.shape[1:3] == (size, size):
+        return frames
+    out = np.empty((n, size, size, 3), np.uint8)
+    for start in range(0, n, batch):  # bounded memory: float copies of `batch` frames at a time
+        x = torch.from_numpy(np.ascontiguousarray(frames[start:start + batch])).permute(0, 3, 1, 2).float()
+        y = F.interpolate(x, size=(size, size), mode="area")  # (B, 3, size, size)
+        out[start:start + batch] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
 
 
 class EpisodeStore:
     """Every episode of one or many datasets, checked once, read without reopening files per item.
 
-    Episodes are ordered by (shard path, key), so a split drawn from a seed does not depend on the
-    order the paths were given in. ``in_memory`` loads all frames at once (the fast path when they
-    fit: 64x64 frames take 12 KB each); otherwise files stay open, one handle per process.
+    Accepts a directory of our shards, shard files, or ONE stable-worldmodel ``.h5`` file (``envs.swm``;
+    ``env`` names its environment when the file does not). Episodes are ordered by (shard path, key), so
+    a split drawn from a seed does not depend on the order the paths were given in. ``image_size``
+    resizes frames of another size on load (area interpolation): ``size`` is then the size after
+    resizing and ``source_size`` the stored one. ``in_memory`` loads all (resized) frames at once when
+    they fit in ``max_memory_gb`` (64x64 frames take 12 KB each); otherwise files stay open, one handle
+    per process, and every read is resized on the fly. Actions and true states are always in memory.
+
+    ``missing_states`` names the states the data lacks (NaN in ``states(i)``): ``target`` when a file has
+    no target column; ``qpos``/``qvel`` (and then ``finger``) in a stable-worldmodel file without them.
+    Each episode has a stable ``uid`` (``EpisodeRef.uid``); ``uids`` maps them to indices and
+    ``fingerprint`` tells whether the data is exactly the same (``storage.dataset_fingerprint``).
     """
 
-    def __init__(self, paths, in_memory: bool | None = None, max_memory_gb: float = 8.0):
-        shards = inspect_dataset(paths)
-        self.attrs = shards[0].attrs
-        self.size = int(self.attrs["size"])
-        self.episodes: list[EpisodeRef] = sorted((e for s in shards for e in s.episodes),
-                                                 key=lambda e: (str(e.shard), e.key))
+    def __init__(self, paths, in_memory: bool | None = None, max_memory_gb: float = 8.0,
+                 image_size: int | None = None, env: str | None = None):
+        shards = inspect_dataset(paths, env=env)
+        self.paths = paths
+        self.attrs = dict(shards[0].attrs)
+        self.layout = shards[0].layout
+        self.source_size = self.attrs.get("size")
+        self.size = self._output_size(image_size, shards[0])
+        pairs = sorted(((e, a) for s in shards for e, a in zip(s.episodes, s.arrays)),
+                       key=lambda p: (str(p[0].shard), p[0].key))
+        self.episodes: list[EpisodeRef] = [e for e, _ in pairs]
+        self._states = [a for _, a in pairs]  # action (T, 2) float32, states (T+1, 2) float64
+        self.missing_states = tuple(sorted({k for s in shards for k in s.missing}))
+        self.uids: dict[str, int] = {}  # the same episode given twice (a copied shard) keeps its first index
+        for i, e in enumerate(self.episodes):
+            self.uids.setdefault(e.uid, i)
+        self._fingerprint: str | None = None
         frames = sum(e.steps + 1 for e in self.episodes)
         if in_memory is None:
             in_memory = frames * self.size * self.size * 3 <= max_memory_gb * 1e9
         self.in_memory = in_memory
         self._handles: dict[Path, h5py.File] = {}
         self._pid = os.getpid()
-        self._cache = [self._read(i) for i in range(len(self.episodes))] if in_memory else None
-        self._states = self._cache or [self._read(i, with_pixels=False) for i in range(len(self.episodes))]
+        self._cache = None
         if in_memory:
+            self._cache = [{"pixels": self._read_frames(i), **self._states[i]} for i in range(len(self.episodes))]
             self.close()
+
+    def _output_size(self, image_size: int | None, shard) -> int:
+        if image_size is not None:
+            if not (isinstance(image_size, (int, np.integer)) and image_size >= 8):
+                raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+            return int(image_size)
+        if self.source_size is None:
+            raise DatasetError(f"{shard.path}: frames are {self.attrs.get('frame_shape')} (not square); "
+                               f"give image_size to resize them to a square")
+        return int(self.source_size)
 
     def __len__(self) -> int:
         return len(self.episodes)
+
+    @property
+    def fingerprint(self) -> str:
+        """``storage.dataset_fingerprint`` of the files this store was opened from."""
+        if self._fingerprint is None:
+            self._fingerprint = dataset_fingerprint(sorted({e.shard for e in self.episodes}))
+        return self._fingerprint
+
+    def index_of_uids(self, uids) -> list[int]:
+        """Episode indices of ``uids``; a DatasetError names the ones this dataset does not hold."""
+        unknown = [u for u in uids if u not in self.uids]
+        if unknown:
+            raise DatasetError(f"{self.paths}: holds no episode with uid {unknown[:5]} "
+                               f"({len(unknown)} unknown): another dataset?")
+        return [self.uids[u] for u in uids]
+
+    def require_states(self, keys, purpose: str) -> None:
+        """Raise a clear DatasetError when ``purpose`` (e.g. "linear probes") needs states the data lacks."""
+        lacking = [k for k in keys if k in self.missing_states]
+        if lacking:
+            raise DatasetError(f"{self.paths}: {purpose} need {lacking}, which this dataset does not hold "
+                               f"(finger is derived from qpos when qpos is there; target cannot be derived)")
 
     def _file(self, path: Path) -> h5py.File:
         if os.getpid() != self._pid:  # a DataLoader worker: h5py handles do not survive a fork
             self._handles, self._pid = {}, os.getpid()
         if path not in self._handles:
-            self._handles[path] = h5py.File(path, "r")
+            # A chunk cache that holds a compressed chunk of frames (their files: 100 frames of 224 px).
+            self._handles[path] = h5py.File(path, "r", rdcc_nbytes=64 * 1024**2)
         return self._handles[path]
 
-    def _read(self, i: int, with_pixels: bool = True) -> dict[str, np.ndarray]:
+    def _read_frames(self, i: int, index: np.ndarray | None = None) -> np.ndarray:
+        """Frames ``index`` (all when None) of episode ``i`` from disk, resized: (n, size, size, 3) uint8."""
         ref = self.episodes[i]
-        group = self._file(ref.shard)[ref.key]
-        keys = (("pixels",) if with_pixels else ()) + ("action", *STATE_KEYS)
         try:
-            return {k: group[k][()] for k in keys}
-        except OSError as exc:
+            f = self._file(ref.shard)
+            if ref.row is not None:
+                frames = swm.read_frames(f, ref, index)
+            else:
+                pixels = f[ref.key]["pixels"]
+                frames = pixels[()] if index is None else swm.read_rows(pixels, 0, index)
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:
             raise DatasetError(f"{ref.shard}: episode {ref.key} cannot be read (truncated or corrupt?): {exc}") from exc
+        return resize_frames(frames, self.size)
 
     def episode(self, i: int) -> dict[str, np.ndarray]:
         """All arrays of episode ``i``: pixels, action and the true states."""
-        return self._cache[i] if self._cache is not None else self._read(i)
+        if self._cache is not None:
+            return self._cache[i]
+        return {"pixels": self._read_frames(i), **self._states[i]}
 
     def states(self, i: int) -> dict[str, np.ndarray]:
         """Actions and true states of episode ``i``, without the frames (always in memory)."""
         return self._states[i]
 
     def frames(self, i: int, index: np.ndarray) -> np.ndarray:
-        """Frames ``index`` (sorted, increasing) of episode ``i``: (len(index), H, W, 3) uint8."""
+        """Frames ``index`` (sorted, increasing) of episode ``i``: (len(index), size, size, 3) uint8."""
         if self._cache is not None:
             return self._cache[i]["pixels"][index]
-        ref = self.episodes[i]
-        return self._file(ref.shard)[ref.key]["pixels"][index]
+        return self._read_frames(i, np.asarray(index, dtype=np.int64))
 
     def split(self, split: str, val_fraction: float = 0.1, seed: int = 0) -> list[int]:
         """Episode indices of a split by episode, deterministic from ``seed``."""

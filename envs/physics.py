@@ -49,6 +49,18 @@ class ReacherPhysics:
     def target(self) -> np.ndarray:
         return self.data.geom_xpos[self._target_id, :2].copy()
 
+    def fingertips(self, qpos: np.ndarray) -> np.ndarray:
+        """Fingertip xy of arm poses by forward kinematics: (N, 2) joint angles -> (N, 2); the episode's
+        state is untouched. Datasets that store only joint angles get their ``finger`` from this."""
+        qpos = np.asarray(qpos, dtype=np.float64).reshape(-1, 2)
+        data = mujoco.MjData(self.model)
+        out = np.empty_like(qpos)
+        for k, q in enumerate(qpos):
+            data.qpos[:2] = q
+            mujoco.mj_kinematics(self.model, data)
+            out[k] = data.geom_xpos[self._finger_id, :2]
+        return out
+
     def set_state(self, qpos, qvel=None, target=None, data: mujoco.MjData | None = None) -> None:
         """Put the arm (in ``data``, the episode's by default) at ``qpos`` with ``qvel`` (zero if None)."""
         data = self.data if data is None else data

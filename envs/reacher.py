@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import gymnasium as gym
@@ -12,6 +13,11 @@ from envs.physics import make_physics
 from envs.render import PixelRenderer
 
 MIN_SIZE, MAX_SIZE = 32, 256
+# MuJoCo joint limits are soft: pushed at full torque the wrist goes up to ~0.16 rad past its range
+# (measured over 40 x 300 steps of bang-bang actions), so poses seen in rollouts may lie that far out
+# and must stay usable as starts and goals. Beyond this slack a pose is refused.
+WRIST_SLACK = 0.25
+GOAL_TOLERANCE = 0.05  # rad: the protocol's success threshold on every joint
 
 # The names used on the command line and stored in datasets: name -> (backend, task).
 ENV_NAMES = {
@@ -21,12 +27,32 @@ ENV_NAMES = {
 }
 
 
+def wrap_angle(x):
+    """Angles wrapped to [-pi, pi), so that errors across the +-pi seam are small; numpy arrays or tensors."""
+    return (x + math.pi) % (2 * math.pi) - math.pi
+
+
+def joint_error(qpos, goal) -> np.ndarray:
+    """The protocol's pose error: the largest wrapped joint-angle error, (..., 2), (..., 2) -> (...), radians.
+
+    Success is ``joint_error(qpos, goal) < 0.05`` (every joint within 0.05 rad of the goal pose)."""
+    diff = np.asarray(qpos, dtype=np.float64) - np.asarray(goal, dtype=np.float64)
+    if diff.shape[-1:] != (2,):
+        raise ValueError(f"joint_error takes (..., 2) joint angles, got shapes {np.shape(qpos)} and {np.shape(goal)}")
+    return np.abs(wrap_angle(diff)).max(-1)
+
+
 class ReacherPixels(gym.Env):
     """Reacher seen from above as uint8 ``(size, size, 3)`` frames; actions float32 ``(2,)`` in [-1, 1].
 
     ``info`` carries the true state (``qpos``, ``qvel``, ``finger``, ``target``) for evaluation and
     probes; the world model never sees it. With ``hide_target`` the target sphere is invisible, so an
     image shows the arm pose alone (the pose-reaching setting of the evaluation protocol).
+
+    A goal pose, set with ``reset(options={"goal_qpos": q})`` (or ``set_goal(q)`` mid-episode), adds
+    ``info["goal_error"]`` (``joint_error`` of the arm to the goal, rad) and ``info["is_success"]``
+    (``goal_error < goal_tolerance``, 0.05 rad by default) to every ``info``. Poses (starts, goals) must be
+    finite, with the wrist within its range (+-160 deg) give or take ``WRIST_SLACK``.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
@@ -42,6 +68,7 @@ class ReacherPixels(gym.Env):
         render_quality: str = "fast",
         max_steps: int = 1000,
         render_mode: str | None = "rgb_array",
+        goal_tolerance: float = GOAL_TOLERANCE,
     ):
         if not (isinstance(size, (int, np.integer)) and MIN_SIZE <= size <= MAX_SIZE):
             raise ValueError(f"size must be an integer in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
@@ -60,20 +87,36 @@ class ReacherPixels(gym.Env):
         self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
         self._steps = 0
         self._frame: np.ndarray | None = None
+        self.goal_qpos: np.ndarray | None = None
+        self.goal_tolerance = float(goal_tolerance)
         if seed is not None:
             self.reset(seed=seed)
 
     # --- gymnasium API ---------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        """Random start; ``options`` may give ``qpos`` (and ``qvel``, ``target``) to start from instead."""
+        """Random start; ``options`` may give ``qpos`` (and ``qvel``, ``target``) to start from instead,
+        and ``goal_qpos``, the pose to reach (see the class docstring; no goal when absent)."""
+        self._check_open()
+        options = options or {}
+        start = None
+        if options.get("qpos") is not None:  # checked before anything changes
+            start = (self._pose(options["qpos"], "qpos"), _optional_pair(options.get("qvel"), "qvel"),
+                     _optional_pair(options.get("target"), "target"))
+        goal = None if options.get("goal_qpos") is None else self._pose(options["goal_qpos"], "goal_qpos")
         super().reset(seed=seed)
         self.physics.reset(self.np_random)
-        if options and options.get("qpos") is not None:
-            self.physics.set_state(options["qpos"], options.get("qvel"), options.get("target"))
+        if start is not None:
+            self.physics.set_state(*start)
+        self.goal_qpos = goal
         self._steps = 0
         return self._observe(), self.state()
 
+    def set_goal(self, qpos) -> None:
+        """Set (or, with None, clear) the goal pose that ``info["goal_error"]`` and ``is_success`` refer to."""
+        self.goal_qpos = None if qpos is None else self._pose(qpos, "goal_qpos")
+
     def step(self, action):
+        self._check_open()
         action = np.asarray(action, dtype=np.float64).reshape(-1)
         if action.shape != (2,):
             raise ValueError(f"action must have shape (2,), got {np.shape(action)}")
@@ -85,6 +128,7 @@ class ReacherPixels(gym.Env):
         return obs, self.physics.reward(), False, self._steps >= self.max_steps, self.state()
 
     def render(self):
+        self._check_open()
         if self.render_mode is None:
             return None
         return self._frame.copy() if self._frame is not None else self._observe()
@@ -97,25 +141,47 @@ class ReacherPixels(gym.Env):
 
     # --- state and goals -------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
-        """The true state: ``qpos (2,)``, ``qvel (2,)``, ``finger (2,)``, ``target (2,)``."""
-        return self.physics.state()
+        """The true state: ``qpos (2,)``, ``qvel (2,)``, ``finger (2,)``, ``target (2,)``; with a goal pose
+        also ``goal_error`` (rad) and ``is_success``."""
+        self._check_open()
+        info = self.physics.state()
+        if self.goal_qpos is not None:
+            error = float(joint_error(info["qpos"], self.goal_qpos))
+            info["goal_error"], info["is_success"] = error, error < self.goal_tolerance
+        return info
 
     def set_state(self, qpos, qvel=None, target=None) -> np.ndarray:
         """Put the arm at ``qpos`` (at rest unless ``qvel``); returns the new observation."""
-        self.physics.set_state(_pair(qpos, "qpos"), None if qvel is None else _pair(qvel, "qvel"),
-                               None if target is None else _pair(target, "target"))
+        self._check_open()
+        self.physics.set_state(self._pose(qpos, "qpos"), _optional_pair(qvel, "qvel"), _optional_pair(target, "target"))
         return self._observe()
 
     def render_goal(self, qpos, target=None) -> np.ndarray:
         """The frame the camera would see with the arm at ``qpos``; the episode is left untouched."""
+        self._check_open()
+        qpos, target = self._pose(qpos, "qpos"), _optional_pair(target, "target")
         p, scratch = self.physics, self._scratch
         scratch.qpos[:] = p.data.qpos  # the target joints of the gymnasium backend, if any
         saved_model_target = p.model.geom_pos[p._target_id].copy()
         try:
-            p.set_state(_pair(qpos, "qpos"), None, None if target is None else _pair(target, "target"), scratch)
+            p.set_state(qpos, None, target, scratch)
             return self.renderer.render(scratch)
         finally:
             p.model.geom_pos[p._target_id] = saved_model_target  # dm_control keeps the target in the model
+
+    def _pose(self, qpos, name: str) -> np.ndarray:
+        """A finite (shoulder, wrist) pose whose wrist the arm can reach; a clear ValueError otherwise."""
+        qpos = _pair(qpos, name)
+        low, high = self.physics.wrist_range
+        if not low - WRIST_SLACK <= qpos[1] <= high + WRIST_SLACK:
+            raise ValueError(f"{name}: wrist angle {qpos[1]:.4f} rad is beyond the joint limit "
+                             f"[{low:.4f}, {high:.4f}] rad (+-{np.degrees(high):.0f} deg, "
+                             f"give or take {WRIST_SLACK} rad of soft-limit slack)")
+        return qpos
+
+    def _check_open(self) -> None:
+        if getattr(self, "renderer", None) is None:
+            raise RuntimeError("this ReacherPixels was closed; make a new one")
 
     def _observe(self) -> np.ndarray:
         self._frame = self.renderer.render(self.physics.data)
@@ -123,10 +189,17 @@ class ReacherPixels(gym.Env):
 
 
 def _pair(x, name: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    try:
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be 2 finite numbers, got {x!r}") from exc
     if x.shape != (2,) or not np.all(np.isfinite(x)):
         raise ValueError(f"{name} must be 2 finite numbers, got {x}")
     return x
+
+
+def _optional_pair(x, name: str) -> np.ndarray | None:
+    return None if x is None else _pair(x, name)
 
 
 def make_env(name: str, **kwargs) -> ReacherPixels:

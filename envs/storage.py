@@ -5,30 +5,44 @@ A shard is one ``.h5`` file. Its attributes say how it was made (``env``, ``size
 index in its collection) holding
 
     pixels  (T+1, H, W, 3) uint8    frames, the first before any action
-    action  (T, 2)         float32  action[t] leads from frame t to frame t+1
+    action  (T, 2)         float32  action[t] leads from frame t to frame t+1, in [-1, 1] (float64 accepted)
     qpos    (T+1, 2)       float64  joint angles (shoulder, wrist), radians
     qvel    (T+1, 2)       float64  joint velocities
-    finger  (T+1, 2)       float64  fingertip xy
-    target  (T+1, 2)       float64  target xy
+    finger  (T+1, 2)       float64  fingertip xy (optional: derived from qpos by forward kinematics)
+    target  (T+1, 2)       float64  target xy (optional: NaN and listed in ``missing`` when absent)
 
-Anyone can bring their own rollouts by writing files of this shape (see ``write_shard``).
+Anyone can bring their own rollouts by writing files of this shape (see ``write_shard``), or as one
+stable-worldmodel file (``envs.swm``): ``inspect_dataset`` reads both. Every array but the frames is
+read and checked when a shard is opened (finite values, actions in [-1, 1]), so a bad value names its
+file, episode and key at once instead of surfacing as a NaN loss hours later.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+try:  # registers the compression filters (Blosc, Zstd, LZ4, ...) of files written by other tools
+    import hdf5plugin  # noqa: F401
+except ImportError:  # pragma: no cover - a missing filter is then reported by name (check_filters)
+    hdf5plugin = None
+
 FORMAT_VERSION = 1
+DEFAULT_DATA = "runs/demo/data"  # where `wm collect` writes and every other command reads, by default
 STATE_KEYS = ("qpos", "qvel", "finger", "target")
+REQUIRED_KEYS = ("pixels", "action", "qpos", "qvel")
+OPTIONAL_KEYS = ("finger", "target")
 EPISODE_KEYS = ("pixels", "action", *STATE_KEYS)
 # Attributes that must agree between shards of one dataset.
 CONSISTENT_ATTRS = ("env", "size", "format_version")
+# Recorded float32 actions clipped to [-1, 1] may round a hair outside; anything further is a bug.
+ACTION_TOLERANCE = 1e-4
 
 
 class DatasetError(ValueError):
@@ -56,19 +70,38 @@ def episode_index(key: str) -> int:
 
 
 def write_shard(path: str | Path, episodes: dict[int, dict[str, np.ndarray]], attrs: dict) -> Path:
-    """Write episodes ``{index: arrays}`` to ``path`` atomically: a temporary file, then a rename."""
+    """Write episodes ``{index: arrays}`` to ``path`` atomically: a temporary file, then a rename.
+
+    The shard is built in memory (HDF5's core driver) and reaches the disk in one plain write, so a
+    full disk or a file size limit is one clean OSError; HDF5 writing to a failing file floods errors
+    and can crash the interpreter. The temporary file is removed on any failure."""
     path = Path(path)
+    with h5py.File(path.name, "w", driver="core", backing_store=False) as f:
+        f.attrs.update({"format_version": FORMAT_VERSION, "versions": package_versions(), **attrs})
+        for index in sorted(episodes):
+            _write_episode(f.create_group(episode_key(index)), episodes[index])
+        f.flush()
+        image = f.id.get_file_image()
+    write_atomically(path, image)
+    return path
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through ``<name>.<pid>.tmp`` beside it and a rename; no temporary file remains."""
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update({"format_version": FORMAT_VERSION, "versions": package_versions(), **attrs})
-            for index in sorted(episodes):
-                _write_episode(f.create_group(episode_key(index)), episodes[index])
+        with open(tmp, "wb") as fh:
+            _write_file(fh, data)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
+
+
+def _write_file(fh, data: bytes) -> None:
+    fh.write(data)
+    fh.flush()
+    os.fsync(fh.fileno())  # a full disk may only show at the flush
 
 
 def _write_episode(group: h5py.Group, episode: dict[str, np.ndarray]) -> None:
@@ -82,69 +115,180 @@ def _write_episode(group: h5py.Group, episode: dict[str, np.ndarray]) -> None:
             group.attrs[key] = value
 
 
+# --- identity ------------------------------------------------------------------------------------
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def episode_uid(attrs: dict, file_name: str, key: str, action: np.ndarray) -> str:
+    """16 hex digits naming one episode: a hash of its file's attributes except ``versions``, the file's
+    name, the episode's key and its actions. Moving the dataset or adding shards keeps it; a collection
+    made with other settings (seed, policy, size, ...) or other actions gets other uids."""
+    settings = {k: v for k, v in attrs.items() if k != "versions"}
+    actions = hashlib.sha256(np.ascontiguousarray(action, dtype=np.float32).tobytes()).hexdigest()
+    return _digest(settings, file_name, key, actions)[:16]
+
+
 @dataclass(frozen=True)
 class EpisodeRef:
-    """Where an episode lives, and its length in actions."""
+    """Where an episode lives, and its length in actions.
+
+    ``row`` is the episode's first row in a single-file (stable-worldmodel) dataset, None in a shard.
+    ``uid`` is stable across moved directories and extended collections (see ``episode_uid``)."""
 
     shard: Path
     key: str
     steps: int
+    uid: str = ""
+    row: int | None = None
+
+    def __post_init__(self):
+        if not self.uid:  # made by hand: the file name and key still tell episodes apart
+            object.__setattr__(self, "uid", _digest(Path(self.shard).name, self.key, self.steps)[:16])
 
 
 @dataclass
 class ShardInfo:
+    """One opened file: its attributes, its episodes, and their checked actions and states.
+
+    ``arrays[k]`` belongs to ``episodes[k]``: action (T, 2) float32 and qpos/qvel/finger/target (T+1, 2)
+    float64. ``missing`` names the states the file lacks (filled with NaN)."""
+
     path: Path
     attrs: dict
     episodes: list[EpisodeRef]
+    arrays: list[dict] = field(default_factory=list)
+    missing: tuple = ()
+    layout: str = "shards"
 
 
-def inspect_shard(path: str | Path) -> ShardInfo:
-    """Open a shard and check every episode's keys, shapes and dtypes; raise ``DatasetError`` if bad."""
+def inspect_shard(path: str | Path, env: str | None = None) -> ShardInfo:
+    """Open a shard, check every episode's keys, shapes, dtypes and values; raise ``DatasetError`` if bad."""
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot be read as HDF5 (truncated or corrupt?): {exc}") from exc
+    f = open_h5(path)
     with f:
         attrs = {k: _plain(v) for k, v in f.attrs.items()}
         for key in ("env", "size"):
             if key not in attrs:
                 raise DatasetError(f"{path}: missing file attribute {key!r}")
+        if env is not None and env != attrs["env"]:
+            raise DatasetError(f"{path}: holds {attrs['env']!r} episodes, but env={env!r} was asked for")
         size = int(attrs["size"])
-        episodes = []
+        episodes, arrays, missing = [], [], set()
         for key in sorted(f.keys()):
             try:
-                steps = _check_episode(f[key], size)
+                steps, episode = _read_episode(f[key], size, path)
             except DatasetError as exc:
                 raise DatasetError(f"{path}: episode {key}: {exc}") from None
             except (OSError, KeyError, RuntimeError) as exc:
                 raise DatasetError(f"{path}: episode {key} cannot be read (truncated or corrupt?): {exc}") from exc
-            episodes.append(EpisodeRef(path, key, steps))
+            missing.update(k for k in ("target",) if k not in episode)  # finger: derived from qpos
+            episodes.append(EpisodeRef(path, key, steps, episode_uid(attrs, path.name, key, episode["action"])))
+            arrays.append(episode)
     if not episodes:
         raise DatasetError(f"{path}: holds no episodes")
-    return ShardInfo(path, attrs, episodes)
+    complete_states(arrays, attrs["env"], path)
+    return ShardInfo(path, attrs, episodes, arrays, tuple(sorted(missing)))
 
 
-def _check_episode(group, size: int) -> int:
+def open_h5(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read as HDF5 (truncated or corrupt?): {exc}") from exc
+
+
+def _read_episode(group, size: int, path: Path) -> tuple[int, dict]:
     if not isinstance(group, h5py.Group):
         raise DatasetError("is not a group")
-    missing = [k for k in EPISODE_KEYS if k not in group]
+    missing = [k for k in REQUIRED_KEYS if k not in group]
     if missing:
-        raise DatasetError(f"missing keys {missing} (an episode needs {list(EPISODE_KEYS)})")
+        raise DatasetError(f"missing keys {missing} (an episode needs {list(REQUIRED_KEYS)}, "
+                           f"optionally {list(OPTIONAL_KEYS)})")
     pixels, action = group["pixels"], group["action"]
     if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
         raise DatasetError(f"pixels must be uint8 (T+1, {size}, {size}, 3), got {pixels.dtype} {pixels.shape}")
     steps = pixels.shape[0] - 1
     if action.shape != (steps, 2):
         raise DatasetError(f"action must be ({steps}, 2) for {steps + 1} frames, got {action.shape}")
-    for key in STATE_KEYS:
+    present = [k for k in STATE_KEYS if k in group]
+    for key in present:
         if group[key].shape != (steps + 1, 2):
             raise DatasetError(f"{key} must be ({steps + 1}, 2), got {group[key].shape}")
     if steps < 1:
         raise DatasetError("has no actions")
+    check_filters(path, {k: group[k] for k in ("pixels", "action", *present)})
     # Reading the last frame touches the end of the file: a truncated shard fails here, not mid-training.
     pixels[steps]
-    return steps
+    return steps, check_arrays({k: group[k][()] for k in ("action", *present)})
+
+
+def check_arrays(arrays: dict[str, np.ndarray], first_step: int = 0) -> dict[str, np.ndarray]:
+    """Finite values in every array and actions in [-1, 1]; float actions become float32 and states
+    float64. Raises ``DatasetError`` naming the key and step (``first_step`` + row) of the first bad value."""
+    out = {}
+    for key, value in arrays.items():
+        if value.dtype.kind not in "fiu":
+            raise DatasetError(f"{key} must hold numbers, got dtype {value.dtype}")
+        if key == "action" and value.dtype.kind != "f":
+            raise DatasetError(f"action must be float32 or float64, got {value.dtype}")
+        bad = ~np.isfinite(value)
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise DatasetError(f"{key} holds a non-finite value at step {first_step + row}: {value[row]}")
+        if key == "action":
+            far = np.abs(value) > 1 + ACTION_TOLERANCE
+            if far.any():
+                row = int(np.argwhere(far)[0][0])
+                raise DatasetError(f"action must lie in [-1, 1] (the env's action space), got {value[row]} at "
+                                   f"step {first_step + row}")
+            out[key] = value.astype(np.float32, copy=False)
+        else:
+            out[key] = value.astype(np.float64, copy=False)
+    return out
+
+
+def check_filters(path: Path, datasets: dict) -> None:
+    """Name a compression filter that is not installed, instead of h5py's bare read error later."""
+    for name, ds in datasets.items():
+        plist = ds.id.get_create_plist()
+        for k in range(plist.get_nfilters()):
+            code, _, _, label = plist.get_filter(k)
+            if not h5py.h5z.filter_avail(code):
+                label = label.decode(errors="replace") if isinstance(label, bytes) else str(label)
+                raise DatasetError(
+                    f"{path}: column {name!r} is compressed with the HDF5 filter {label!r} (id {code}), which is not "
+                    f"installed here: `pip install hdf5plugin` provides it (Blosc, Zstd, LZ4, Bitshuffle, ...)")
+
+
+def complete_states(arrays: list[dict], env: str, path: Path) -> None:
+    """Fill in the optional states an episode lacks: ``finger`` by the arm's forward kinematics from
+    ``qpos`` (the env's own MuJoCo model), ``target`` with NaN (absent: nothing to derive it from)."""
+    need_finger = [a for a in arrays if "finger" not in a]
+    if need_finger:
+        fingers = fingertips(env, np.concatenate([a["qpos"] for a in need_finger]), path)
+        start = 0
+        for a in need_finger:
+            a["finger"] = fingers[start:start + len(a["qpos"])]
+            start += len(a["qpos"])
+    for a in arrays:
+        if "target" not in a:
+            a["target"] = np.full_like(a["qpos"], np.nan)
+
+
+def fingertips(env: str, qpos: np.ndarray, path: Path) -> np.ndarray:
+    """(N, 2) joint angles -> (N, 2) fingertip xy, with the MuJoCo model of ``env``."""
+    from envs.physics import make_physics
+    from envs.reacher import ENV_NAMES
+
+    if env not in ENV_NAMES:
+        raise DatasetError(f"{path}: has no finger positions and its env {env!r} is not one of "
+                           f"{sorted(ENV_NAMES)}, whose model could derive them from qpos")
+    physics = make_physics(*ENV_NAMES[env])
+    try:
+        return physics.fingertips(qpos)
+    finally:
+        physics.close()
 
 
 def _plain(value):
@@ -156,6 +300,8 @@ def _plain(value):
         return bool(value)
     if isinstance(value, bytes):
         return value.decode()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
     return value
 
 
@@ -172,11 +318,28 @@ def find_shards(path: str | Path) -> list[Path]:
     return shards
 
 
-def inspect_dataset(paths) -> list[ShardInfo]:
-    """Inspect every shard of one or many datasets and check that they belong together."""
+def _files(paths) -> list[Path]:
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    shards = [inspect_shard(s) for p in paths for s in find_shards(p)]
+    return [s for p in paths for s in find_shards(p)]
+
+
+def inspect_dataset(paths, env: str | None = None) -> list[ShardInfo]:
+    """Inspect every shard of one or many datasets and check that they belong together.
+
+    A stable-worldmodel file (detected by its ``ep_len``/``ep_offset`` datasets) is a whole dataset:
+    it cannot be mixed with shards or other files. ``env`` names its environment when it does not."""
+    from envs import swm
+
+    files = _files(paths)
+    single = [p for p in files if swm.is_swm_file(p)]
+    if single:
+        if len(files) > 1:
+            raise DatasetError(f"{single[0]} is a stable-worldmodel file (one file = one dataset); it cannot be "
+                               f"mixed with other files ({len(files) - 1} more were given: "
+                               f"{[str(p) for p in files if p != single[0]][:3]}); convert them first")
+        return [swm.inspect_swm(single[0], env=env)]
+    shards = [inspect_shard(s, env) for s in files]
     first = shards[0]
     for shard in shards[1:]:
         for key in CONSISTENT_ATTRS:
@@ -186,3 +349,19 @@ def inspect_dataset(paths) -> list[ShardInfo]:
                     f"{shard.path} has {key}={shard.attrs.get(key)!r}"
                 )
     return shards
+
+
+def dataset_fingerprint(paths) -> str:
+    """16 hex digits that change whenever the dataset does: a hash of every file's name, size in bytes
+    and attributes (for a stable-worldmodel file, which often has no attributes and, uncompressed, a
+    size set by its shapes alone, also of its ep_len, ep_offset and action columns). Same data in a
+    moved directory: same fingerprint; one more shard: another one."""
+    from envs import swm
+
+    rows = []
+    for p in _files(paths):
+        with open_h5(p) as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            content = swm.content_digest(f) if swm.is_swm_handle(f) else ""
+        rows.append((p.name, p.stat().st_size, attrs, content))
+    return _digest(sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, default=str)))[:16]

@@ -2,6 +2,11 @@
 
 Evaluation plans for many episodes at once; this keeps their simulation in one process with one GL
 context instead of B environments with B contexts. Each state is a MuJoCo ``MjData`` of the same model.
+
+To evaluate a model trained on data of another making: ``action_repeat`` applies each action for that
+many control steps (stable-worldmodel's dm_control Reacher uses 2, the dataset attribute
+``action_repeat`` says which), and ``image_size`` renders at ``size`` then area-resizes to
+``image_size``, exactly as ``EpisodeStore(..., image_size=)`` resized the training frames.
 """
 
 from __future__ import annotations
@@ -13,8 +18,12 @@ from envs.reacher import make_env
 
 
 class ReacherBatch:
-    def __init__(self, env: str, n: int, size: int = 64, hide_target: bool = True, render_quality: str = "fast"):
+    def __init__(self, env: str, n: int, size: int = 64, hide_target: bool = True, render_quality: str = "fast",
+                 action_repeat: int = 1, image_size: int | None = None):
+        if not (isinstance(action_repeat, (int, np.integer)) and action_repeat >= 1):
+            raise ValueError(f"action_repeat must be a positive integer, got {action_repeat!r}")
         self.env = make_env(env, size=size, hide_target=hide_target, render_quality=render_quality)
+        self.action_repeat, self.image_size = int(action_repeat), image_size
         self.physics = self.env.physics
         self.datas = [mujoco.MjData(self.physics.model) for _ in range(n)]
         self._targets = [None] * n
@@ -22,22 +31,32 @@ class ReacherBatch:
     def __len__(self) -> int:
         return len(self.datas)
 
-    def reset_to(self, qpos: np.ndarray, qvel: np.ndarray | None = None, target: np.ndarray | None = None) -> np.ndarray:
-        """Put state i at ``qpos[i]`` (B, 2) with ``qvel[i]`` (zero if None); returns frames (B, H, W, 3)."""
+    def reset_to(self, qpos: np.ndarray, qvel: np.ndarray | None = None, target: np.ndarray | None = None,
+                 render: bool = True) -> np.ndarray | None:
+        """Put state i at ``qpos[i]`` (B, 2) with ``qvel[i]`` (zero if None); returns frames (B, H, W, 3)
+        (None with ``render=False``: rendering is most of the cost, and a baseline never looks).
+
+        A NaN ``target[i]`` (a dataset without target positions) keeps the model's target; NaN in
+        ``qpos``/``qvel`` (a dataset without them) is an error."""
+        for name, value in (("qpos", qpos), ("qvel", qvel)):
+            if value is not None and not np.all(np.isfinite(value)):
+                raise ValueError(f"reset_to: {name} holds NaN or inf values (does the dataset lack {name}?)")
         for i, d in enumerate(self.datas):
             mujoco.mj_resetData(self.physics.model, d)
-            self._targets[i] = None if target is None else np.asarray(target[i], np.float64)
+            self._targets[i] = _finite_or_none(None if target is None else target[i])
             self.physics.set_state(qpos[i], None if qvel is None else qvel[i], self._targets[i], d)
-        return self.render()
+        return self.render() if render else None
 
-    def step(self, actions: np.ndarray) -> np.ndarray:
-        """Apply ``actions`` (B, 2) (clipped to [-1, 1]); returns frames (B, H, W, 3)."""
+    def step(self, actions: np.ndarray, render: bool = True) -> np.ndarray | None:
+        """Apply ``actions`` (B, 2) (clipped to [-1, 1]); returns frames (B, H, W, 3), or None with
+        ``render=False`` (call ``render()`` when frames are needed)."""
         actions = np.asarray(actions, np.float64)
         if actions.shape != (len(self), 2) or not np.all(np.isfinite(actions)):
             raise ValueError(f"actions must be finite with shape {(len(self), 2)}, got {actions.shape}")
         for d, a in zip(self.datas, np.clip(actions, -1.0, 1.0)):
-            self.physics.step(a, d)
-        return self.render()
+            for _ in range(self.action_repeat):
+                self.physics.step(a, d)
+        return self.render() if render else None
 
     def render(self) -> np.ndarray:
         frames = []
@@ -46,7 +65,14 @@ class ReacherBatch:
                 self.physics._set_target(target, d)
                 mujoco.mj_kinematics(self.physics.model, d)
             frames.append(self.env.renderer.render(d))
-        return np.stack(frames)
+        return self._resize(np.stack(frames))
+
+    def _resize(self, frames: np.ndarray) -> np.ndarray:
+        if self.image_size is None:
+            return frames
+        from envs.dataset import resize_frames
+
+        return resize_frames(frames, self.image_size)
 
     def states(self) -> dict[str, np.ndarray]:
         """True states, each (B, 2)."""
@@ -55,7 +81,16 @@ class ReacherBatch:
 
     def render_goals(self, qpos: np.ndarray, target: np.ndarray | None = None) -> np.ndarray:
         """Goal images (B, H, W, 3) of poses ``qpos`` (B, 2); no state is disturbed."""
-        return np.stack([self.env.render_goal(q, None if target is None else target[i]) for i, q in enumerate(qpos)])
+        targets = [_finite_or_none(None if target is None else target[i]) for i in range(len(qpos))]
+        return self._resize(np.stack([self.env.render_goal(q, t) for q, t in zip(qpos, targets)]))
 
     def close(self) -> None:
         self.env.close()
+
+
+def _finite_or_none(target) -> np.ndarray | None:
+    """A target position, or None (keep the model's) for a dataset that has none (NaN)."""
+    if target is None:
+        return None
+    target = np.asarray(target, np.float64)
+    return target if np.all(np.isfinite(target)) else None

@@ -1,30 +1,33 @@
-"""What every planner shares: the dynamics contract, batched scoring, seeding, warm starts.
+"""What every planner shares: the dynamics contract, batched scoring, noise streams, warm starts.
 
 The model is anything with
 ``rollout(z_hist (M, h, D), a_hist (M, h-1, A) | None, actions (M, H, A)) -> (M, H, D)``.
 A planner solves B independent problems at once, each with N candidate action sequences, and scores
 all B*N candidates with ONE ``rollout`` call per iteration: no Python loop over problems or candidates.
 
-Randomness: the noise of one iteration is a single ``(N, H, A)`` draw from the planner's generator,
-shared by all B problems (common random numbers). So a problem gets exactly the same noise whether it
-is planned alone or inside a batch, and the plan does not depend on which other problems share it.
+Randomness: problem b draws its noise from its own counter-based stream (``planners.noise``), keyed
+by ``keys[b]`` (by default from the planner's seed and b; an evaluation passes (seed, episode index)).
+So problems of one batch get independent noise, and a problem gets exactly the same plan whether it
+is planned alone or inside a batch, given the same key.
+
+The iteration loop has static shapes, holds no generator state and never reads a tensor on the host,
+so ``compile=True`` can compile one iteration (CUDA graphs through ``mode="reduce-overhead"`` on CUDA).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
-from planners.costs import CostFn, get_cost
+from planners.costs import COSTS, CostFn, get_cost
+from planners.noise import problem_keys, standard_normal
+from worldmodel.config import option
 
-
-def option(default: Any, help: str) -> Any:
-    """A config field with its default and the help string the command line shows."""
-    return field(default=default, metadata={"help": help})
+STREAMS_PER_CALL = 4096  # noise streams a plan call may use (one per iteration): iterations must stay below
 
 
 @dataclass
@@ -34,12 +37,17 @@ class PlannerConfig:
     horizon: int = option(5, "planned action chunks H")
     samples: int = option(300, "candidate sequences N scored per iteration and problem")
     iterations: int = option(30, "refinement iterations (one batched rollout each)")
-    cost: Any = option("final", "'final', 'sum', or a callable (z_pred (B,N,H,D), z_goal (B,D)) -> (B,N)")
-    seed: int = option(0, "seed of the planner's generator; same seed, same plan")
+    cost: Any = option("sum", "distance of the predicted latents to the goal's, summed over the plan (sum) or at "
+                              "its last step only (final, which under replanning keeps deferring arrival); a "
+                              "callable (z_pred (B,N,H,D), z_goal (B,D)) -> (B,N) in Python", choices=tuple(COSTS))
+    seed: int = option(0, "seed of the noise streams; same seed, same plan", cli=False)
+    compile: bool = option(False, "torch.compile one planning iteration (CUDA graphs via reduce-overhead on CUDA)")
 
     def __post_init__(self):
         if min(self.horizon, self.samples, self.iterations) < 1:
             raise ValueError(f"horizon, samples and iterations must be >= 1, got {self}")
+        if self.iterations >= STREAMS_PER_CALL:
+            raise ValueError(f"iterations must be < {STREAMS_PER_CALL}, got {self.iterations}")
 
 
 @dataclass
@@ -56,6 +64,7 @@ class Context(NamedTuple):
     z_hist: Tensor  # (B*N, h, D)
     a_hist: Tensor | None  # (B*N, h-1, A)
     z_goal: Tensor  # (B, D)
+    keys: Tensor  # (B,) int32: each problem's noise stream
 
 
 def shift_plan(actions: Tensor, n_executed: int, fill: str = "zero") -> Tensor:
@@ -87,7 +96,8 @@ def keep_best(best_a: Tensor, best_c: Tensor, cand: Tensor, cost: Tensor) -> tup
 
 
 class Planner:
-    """Base class: validates inputs, owns the generator, scores candidates; subclasses ``optimize``.
+    """Base class: validates inputs, keys the noise, scores candidates; subclasses define the search as
+    ``initial_state`` + ``iteration`` (one batched rollout) + ``result``.
 
     ``action_dim`` (the chunk size A) is read from ``model.action_dim`` unless given.
     """
@@ -100,30 +110,31 @@ class Planner:
         if self.action_dim is None:
             raise ValueError("pass action_dim or give the model an `action_dim` attribute")
         self.cost_fn: CostFn = get_cost(self.cfg.cost)
-        self._seed, self._gen = self.cfg.seed, None
+        self._seed, self._calls = self.cfg.seed, 0
+        self._step = self.iteration
+        if self.cfg.compile:
+            self._step = compile_iteration(self.iteration)
 
     def reset(self, seed: int | None = None) -> None:
-        """Restart the random stream (from ``seed`` if given, else from the current seed)."""
+        """Restart the noise streams (from ``seed`` if given, else from the current seed)."""
         self._seed = self._seed if seed is None else int(seed)
-        self._gen = None
+        self._calls = 0
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The planner's generator on ``device``, created (and seeded) on first use there.
-
-        The stream continues across ``plan`` calls (an MPC loop gets fresh noise each replan); moving
-        to another device, or ``reset``, restarts it from the seed.
-        """
-        if self._gen is None or self._gen.device != device:
-            self._gen = torch.Generator(device=device)
-            self._gen.manual_seed(self._seed)
-        return self._gen
+    def default_keys(self, batch: int, device) -> Tensor:
+        """Keys of problems 0..B-1 under the planner's seed."""
+        return problem_keys(self._seed, range(batch), device)
 
     @torch.no_grad()
     def plan(
-        self, z_hist: Tensor, z_goal: Tensor, a_hist: Tensor | None = None, init: Tensor | None = None
+        self, z_hist: Tensor, z_goal: Tensor, a_hist: Tensor | None = None, init: Tensor | None = None,
+        keys: Tensor | None = None,
     ) -> PlanResult:
         """Plan B problems: ``z_hist (B, h, D)``, ``z_goal (B, D)``, ``a_hist (B, h-1, A)`` (None when
-        h == 1), ``init (B, H, A)`` a warm start (e.g. ``shift_plan`` of the previous plan) or None (zeros).
+        h == 1), ``init (B, H, A)`` a warm start (e.g. ``shift_plan`` of the previous plan) or None (zeros),
+        ``keys (B,)`` int32 noise keys (``planners.noise.problem_keys``; None: from the seed and the row).
+
+        Each call advances the noise streams, so an MPC loop gets fresh noise at every replan;
+        ``reset`` restarts them.
         """
         B, h, D = z_hist.shape
         H, A = self.cfg.horizon, self.action_dim
@@ -134,18 +145,39 @@ class Planner:
             raise ValueError(f"a_hist must be {want} for a history of {h}, got {got}")
         if init is not None and init.shape != (B, H, A):
             raise ValueError(f"init must be {(B, H, A)}, got {tuple(init.shape)}")
+        keys = self.default_keys(B, z_hist.device) if keys is None else keys.to(z_hist.device, torch.int32)
+        if keys.shape != (B,):
+            raise ValueError(f"keys must be {(B,)}, got {tuple(keys.shape)}")
         mean = z_hist.new_zeros(B, H, A) if init is None else init.to(z_hist).clamp(-1, 1)  # (B, H, A)
-        self.generator(z_hist.device)
-        return self.optimize(z_hist, a_hist, z_goal, mean)
+        # One stream per iteration of this call, built on the device without a host copy.
+        streams = torch.arange(self.cfg.iterations, device=z_hist.device, dtype=torch.int32) + \
+            self._calls * STREAMS_PER_CALL
+        self._calls += 1
+        return self.optimize(z_hist, a_hist, z_goal, mean, keys, streams)
 
-    def optimize(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, mean: Tensor) -> PlanResult:
-        """The search itself, from the initial mean ``(B, H, A)``."""
+    def optimize(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, mean: Tensor, keys: Tensor,
+                 streams: Tensor) -> PlanResult:
+        """The search from the initial mean ``(B, H, A)``: ``iterations`` steps of ``iteration``."""
+        ctx = self.context(z_hist, a_hist, z_goal, keys)
+        state = self.initial_state(mean)
+        for i in range(self.cfg.iterations):
+            state = self._step(ctx, streams[i], *state)
+        return self.finish(z_hist, a_hist, z_goal, *self.result(state))
+
+    def initial_state(self, mean: Tensor) -> tuple[Tensor, ...]:
+        """The search state before the first iteration, from the initial mean ``(B, H, A)``."""
         raise NotImplementedError
 
-    def finish(
-        self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor,
-        mean: Tensor, best_a: Tensor, best_c: Tensor,
-    ) -> PlanResult:
+    def iteration(self, ctx: Context, stream: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        """One refinement: sample, score with one batched rollout, update. Pure tensor code."""
+        raise NotImplementedError
+
+    def result(self, state: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """(final mean (B, H, A), best candidate seen (B, H, A), its cost (B,)) of a search state."""
+        raise NotImplementedError
+
+    def finish(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, mean: Tensor, best_a: Tensor,
+               best_c: Tensor) -> PlanResult:
         """Score the final mean too (one rollout of B rows) and return the better of it and the best
         candidate seen. The mean averages noise away (it wins on smooth costs); the best candidate
         guards against a mean that falls between two good modes. Both costs are exact.
@@ -153,21 +185,45 @@ class Planner:
         cost = self.cost_fn(self.model.rollout(z_hist, a_hist, mean)[:, None], z_goal)  # (B, 1)
         return PlanResult(*keep_best(best_a, best_c, mean[:, None], cost))
 
-    def context(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor) -> Context:
+    def context(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, keys: Tensor) -> Context:
         """Repeat each problem's history once per candidate, once per ``plan`` call."""
         n = self.cfg.samples
         a = None if a_hist is None else repeat(a_hist, "b h a -> (b n) h a", n=n)  # (B*N, h-1, A)
-        return Context(repeat(z_hist, "b h d -> (b n) h d", n=n), a, z_goal)  # (B*N, h, D)
+        return Context(repeat(z_hist, "b h d -> (b n) h d", n=n), a, z_goal, keys)  # (B*N, h, D)
 
     def score(self, ctx: Context, cand: Tensor) -> Tensor:
         """Costs of candidates ``(B, N, H, A)`` -> ``(B, N)`` with one batched ``rollout`` call."""
         z = self.model.rollout(ctx.z_hist, ctx.a_hist, rearrange(cand, "b n h a -> (b n) h a"))  # (B*N, H, D)
         return self.cost_fn(rearrange(z, "(b n) h d -> b n h d", b=cand.shape[0]), ctx.z_goal)  # (B, N)
 
-    def sample(self, mean: Tensor, std: Tensor, n: int) -> Tensor:
-        """``n`` Gaussian candidates around ``mean (B, H, A)`` with ``std (B, H, A)``, clamped to [-1, 1].
-
-        One ``(n, H, A)`` noise draw serves all B problems (see the module docstring).
-        """
-        eps = torch.randn((n, *mean.shape[1:]), generator=self._gen, device=mean.device, dtype=mean.dtype)
+    def sample(self, ctx: Context, stream: Tensor, mean: Tensor, std: Tensor, n: int) -> Tensor:
+        """``n`` Gaussian candidates around ``mean (B, H, A)`` with ``std (B, H, A)``, clamped to [-1, 1];
+        problem b's noise comes from its own stream ``(ctx.keys[b], stream)``."""
+        eps = standard_normal(ctx.keys, stream, (n, *mean.shape[1:]), mean.dtype)  # (B, n, H, A)
         return (mean[:, None] + std[:, None] * eps).clamp(-1, 1)  # (B, n, H, A)
+
+
+COMPILE_BACKEND = "inductor"  # the tests' fast check of graph capture swaps in "aot_eager"
+
+
+def compile_iteration(fn):
+    """``torch.compile`` of a planner iteration: CUDA graphs (``reduce-overhead``) when it runs on CUDA.
+
+    ``fullgraph=True``: a graph break (a host sync, data-dependent Python control flow) is an error, not
+    a silent slowdown. One graph serves every iteration of every call with the same shapes; other
+    shapes (another batch size or horizon) compile once more.
+    """
+    compiled = {}
+
+    def step(ctx: Context, stream: Tensor, *state: Tensor):
+        cuda = ctx.z_goal.is_cuda
+        mode = "reduce-overhead" if cuda else "default"
+        if mode not in compiled:
+            options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
+            compiled[mode] = torch.compile(fn, backend=COMPILE_BACKEND, fullgraph=True, dynamic=False, **options)
+        out = compiled[mode](ctx, stream, *state)
+        # A CUDA graph's outputs live in its static memory, which its next replay overwrites: the
+        # state fed back into it is copied out first (a few small tensors).
+        return tuple(t.clone() for t in out) if cuda else out
+
+    return step

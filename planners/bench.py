@@ -12,6 +12,7 @@ import itertools
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from planners.cem import CEMConfig
@@ -21,11 +22,13 @@ from worldmodel.model import resolve_device, synchronize
 
 
 def demo_model(device: torch.device):
+    import dataclasses
+
     from worldmodel.model import WorldModel
-    from worldmodel.train import model_config, preset_config
+    from worldmodel.train import preset_config
 
     torch.manual_seed(0)
-    return WorldModel(model_config(preset_config("demo"), 64, "reacher-easy")).to(device).eval()
+    return WorldModel(dataclasses.replace(preset_config("demo").model, image_size=64)).to(device).eval()
 
 
 def time_plan(planner, model, batch: int, repeats: int) -> float:
@@ -75,4 +78,40 @@ def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), hor
             continue
         naive = time_plan(NaiveCEMPlanner(model, CEMConfig(samples=n, iterations=it, horizon=hz)), model, 1, 1)
         lines.append(f"| {n} | {it} | {hz} | {1000 * naive:.0f} | {1000 * batched:.1f} | {naive / batched:.0f}x |")
+    return "\n".join(lines)
+
+
+QUALITY_SETTINGS = ((300, 30), (300, 10), (300, 5), (100, 10), (100, 30), (1000, 10))
+
+
+def run_quality(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episodes: int = 50,
+                protocol: str = "reach25", seed: int = 0) -> str:
+    """Closed-loop success (latched and held) against planning time, for CEM settings (samples x
+    iterations) on a trained model: the curve the planner's defaults are chosen from. Every setting
+    runs the same episodes with the same per-episode noise keys."""
+    from planners.evaluate import EvalConfig, load_setup, run_protocol_seed
+    from planners.policy import PolicyConfig
+    from planners.protocols import PROTOCOLS
+    from worldmodel.config import apply_overrides
+
+    setup = load_setup(checkpoint, "", episodes, device)
+    lines = [f"Model `{checkpoint}`; {episodes} `{protocol}` episodes (seed {seed}), every setting on the same "
+             f"episodes; CEM, horizon 5, summed cost; device {setup.model.device}, torch threads "
+             f"{torch.get_num_threads()}.", "",
+             f"| samples x iterations | latched | held at end | ms per planning call ({episodes} problems) "
+             f"| ms per problem | time vs 300 x 30 |", "|---|---|---|---|---|---|"]
+    rows = []
+    try:
+        for n, it in settings:
+            policy = apply_overrides(PolicyConfig(), {"search.samples": n, "search.iterations": it})
+            cfg = EvalConfig(checkpoint=checkpoint, episodes=episodes, seeds=1, policy=policy, baselines="")
+            records = run_protocol_seed(setup, cfg, PROTOCOLS[protocol], seed, ["world_model"], {})
+            call = records[0]["plan_time_per_call_s"]
+            rows.append((n, it, np.mean([r["success"] for r in records]), np.mean([r["held"] for r in records]), call))
+    finally:
+        setup.batch.close()
+    base = next((r[4] for r in rows if r[:2] == (300, 30)), rows[0][4])
+    for n, it, latched, held, call in rows:
+        lines.append(f"| {n} x {it} | {100 * latched:.0f}% | {100 * held:.0f}% | {1000 * call:.0f} | "
+                     f"{1000 * call / episodes:.1f} | {call / base:.2f}x |")
     return "\n".join(lines)

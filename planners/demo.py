@@ -4,38 +4,46 @@ for the end of its current plan (a retrieval, not a decoder: the model has no pi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from envs.dataset import EpisodeStore
 from envs.video import upscale, write_video
-from planners.evaluate import PROTOCOLS, joint_error, load_setup, sample_episodes
-from planners.policy import MPCPolicy, make_planner
+from planners.evaluate import DEFAULT_CHECKPOINT, EvalConfig, load_setup, world_model_controller
+from planners.policy import PolicyConfig
+from planners.protocols import PROTOCOLS, joint_errors, sample_episodes
+from worldmodel.config import nested, option
 
 
 @dataclass
 class DemoConfig:
     """``wm demo``: mp4 and gif planning videos, and a summary sheet of first, last and goal frames."""
 
-    checkpoint: str = field(default="runs/demo/model.pt", metadata={"help": "model.pt of a trained run"})
-    data: str = field(default="runs/demo/data", metadata={"help": "dataset: held-out episodes give start and goal; "
-                                                                  "its frames are the retrieval bank"})
-    episodes: int = field(default=4, metadata={"help": "episodes (one video each)"})
-    protocol: str = field(default="reach25", metadata={"help": "reach25, reach50 or uniform"})
-    planner: str = field(default="cem", metadata={"help": "cem or mppi"})
-    samples: int = field(default=300, metadata={"help": "planner candidates per iteration"})
-    iterations: int = field(default=30, metadata={"help": "planner iterations per replan"})
-    horizon: int = field(default=5, metadata={"help": "planned action chunks"})
-    cost: str = field(default="sum", metadata={"help": "planner cost: sum or final"})
-    seed: int = field(default=0, metadata={"help": "episode and planner seed"})
-    tolerance: float = field(default=0.05, metadata={"help": "success: every joint within this many rad"})
-    bank_frames: int = field(default=20000, metadata={"help": "most dataset frames in the retrieval bank"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    out: str = field(default="runs/demo/videos", metadata={"help": "output directory"})
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run")
+    data: str = option("", "dataset: held-out episodes give starts and goals, its frames the retrieval bank "
+                           "(default: the one the model was trained on)")
+    episodes: int = option(4, "episodes (one video each)")
+    protocol: str = option("reach25", "which goals: reach25, reach50, uniform or lewm", choices=tuple(PROTOCOLS))
+    policy: PolicyConfig = nested(PolicyConfig, "the MPC policy", flat=True)
+    seed: int = option(0, "episode and planner seed")
+    tolerance: float = option(0.05, "success: every joint within this many rad")
+    bank_frames: int = option(20000, "most dataset frames in the retrieval bank")
+    gif: bool = option(True, "also write a gif beside each mp4")
+    device: str = option("auto", "auto, cpu or cuda")
+    out: str = option("", "output directory (default: videos/ beside the checkpoint)")
+
+    def __post_init__(self):
+        if self.episodes < 1:
+            raise ValueError(f"--episodes must be >= 1, got {self.episodes}")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.checkpoint).parent / "videos"
 
 
 @torch.no_grad()
@@ -60,51 +68,65 @@ def caption(panel: np.ndarray, text: str, colour=(255, 255, 255)) -> np.ndarray:
     return np.asarray(image)
 
 
-def compose(obs, goal, expected, step: int, error: float, success: bool) -> np.ndarray:
-    """One video frame: [camera | goal | model's expectation], each captioned."""
+def compose(obs, goal, expected, step: int, error: float, within: bool, reached: bool) -> np.ndarray:
+    """One video frame: [camera | goal | model's expectation], each captioned. The joint error is on
+    every frame, so drifting away after arrival shows; green while within tolerance."""
     obs, goal, expected = (upscale(x[None], 160)[0] for x in (obs, goal, expected))
-    state = "reached" if success else f"err {error:.3f} rad"
-    return np.concatenate([caption(obs, f"step {step}  {state}", (120, 255, 120) if success else (255, 255, 255)),
-                           caption(goal, "goal"), caption(expected, "model expects (nearest frame)")], 1)
+    text = f"step {step}  err {error:.3f} rad" + ("  reached" if reached else "")
+    colour = (120, 255, 120) if within else ((255, 200, 120) if reached else (255, 255, 255))
+    return np.concatenate([caption(obs, text, colour), caption(goal, "goal"),
+                           caption(expected, "model expects (nearest frame)")], 1)
 
 
-def make_demo(cfg: DemoConfig) -> dict:
-    model, store, held_out, batch = load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device)
+def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
+    protocol = PROTOCOLS[cfg.protocol]
+    setup = load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device)
+    model, store, batch = setup.model, setup.store, setup.batch
     try:
+        if progress:
+            print(f"retrieval bank: encoding up to {cfg.bank_frames} dataset frames", flush=True)
         bank_z, bank_frames = frame_bank(model, store, cfg.bank_frames)
-        eps = sample_episodes(store, held_out, cfg.protocol, cfg.episodes, cfg.seed, batch.physics.wrist_range)
+        eps = sample_episodes(store, setup.held_out, protocol, cfg.episodes, cfg.seed, batch.physics.wrist_range,
+                              cfg.tolerance)
         goals = batch.render_goals(eps["goal_qpos"])
-        policy = MPCPolicy(model, make_planner(model, cfg.planner, samples=cfg.samples, iterations=cfg.iterations,
-                                               horizon=cfg.horizon, cost=cfg.cost, seed=cfg.seed))
-        policy.reset(goals)
+        eval_cfg = EvalConfig(checkpoint=cfg.checkpoint, policy=cfg.policy, episodes=cfg.episodes)
+        act, policy, _ = world_model_controller(setup, eval_cfg, protocol, eps, goals, cfg.seed)
         frames = batch.reset_to(eps["qpos"], eps["qvel"], eps["target"])
         first = frames.copy()
         reached = np.zeros(cfg.episodes, bool)
         videos = [[] for _ in range(cfg.episodes)]
-        for step in range(PROTOCOLS[cfg.protocol][1] + 1):
-            error = joint_error(batch.states()["qpos"], eps["goal_qpos"])
-            reached |= error < cfg.tolerance
-            actions = policy.act_batch(frames) if step < PROTOCOLS[cfg.protocol][1] else None
+        for step in tqdm(range(protocol.budget + 1), desc="demo", unit="step", disable=not progress):
+            error = joint_errors(batch.states()["qpos"], eps["goal_qpos"], protocol.wrap)
+            within = (error < cfg.tolerance) & (step > 0)
+            reached |= within
+            actions = act() if step < protocol.budget else None
             nearest = torch.cdist(policy.last_prediction.float(), bank_z).argmin(1).cpu().numpy()
             for i in range(cfg.episodes):
-                videos[i].append(compose(frames[i], goals[i], bank_frames[nearest[i]], step, error[i], reached[i]))
+                videos[i].append(compose(frames[i], goals[i], bank_frames[nearest[i]], step, error[i], within[i],
+                                         reached[i]))
             if actions is not None:
                 frames = batch.step(actions)
+        final = error
     finally:
         batch.close()
-    out = Path(cfg.out)
-    written = [p for i, v in enumerate(videos) for p in write_video(out / f"episode_{i:02d}.mp4", np.stack(v), gif=True)]
-    sheet = summary_sheet(first, frames, goals, reached)
+    out = cfg.out_dir
+    written = [write_video(out / f"episode_{i:02d}.mp4", np.stack(v), gif=cfg.gif) for i, v in enumerate(videos)]
+    sheet = summary_sheet(first, frames, goals, reached, final, cfg.tolerance)
     Image.fromarray(sheet).save(out / "summary.png")
-    return {"videos": [str(p) for p in written], "summary_sheet": str(out / "summary.png"),
-            "success": reached.tolist()}
+    return {"videos": [str(paths[0]) for paths in written], "gifs": [str(p) for paths in written for p in paths[1:]],
+            "summary_sheet": str(out / "summary.png"), "success": reached.tolist(),
+            "held": (final < cfg.tolerance).tolist(), "final_error": final.tolist()}
 
 
-def summary_sheet(first: np.ndarray, last: np.ndarray, goals: np.ndarray, reached: np.ndarray) -> np.ndarray:
-    """Rows of [first | last | goal] per episode."""
-    rows = [np.concatenate([caption(upscale(f[None], 128)[0], f"episode {i} start"),
-                            caption(upscale(l[None], 128)[0], "reached" if ok else "end (missed)",
-                                    (120, 255, 120) if ok else (255, 120, 120)),
-                            caption(upscale(g[None], 128)[0], "goal")], 1)
-            for i, (f, l, g, ok) in enumerate(zip(first, last, goals, reached))]
+def summary_sheet(first: np.ndarray, last: np.ndarray, goals: np.ndarray, reached: np.ndarray, final: np.ndarray,
+                  tolerance: float) -> np.ndarray:
+    """Rows of [first | last | goal] per episode, the last frame captioned with the final joint error."""
+    rows = []
+    for i, (f, l, g, ok, err) in enumerate(zip(first, last, goals, reached, final)):
+        held = err < tolerance
+        state = "held" if held else ("reached, drifted" if ok else "missed")
+        colour = (120, 255, 120) if held else ((255, 200, 120) if ok else (255, 120, 120))
+        rows.append(np.concatenate([caption(upscale(f[None], 128)[0], f"episode {i} start"),
+                                    caption(upscale(l[None], 128)[0], f"end: {state}, {err:.3f} rad", colour),
+                                    caption(upscale(g[None], 128)[0], "goal")], 1))
     return np.concatenate(rows, 0)

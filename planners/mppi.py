@@ -8,12 +8,13 @@ import torch
 from einops import einsum
 from torch import Tensor
 
-from planners.base import Planner, PlannerConfig, PlanResult, keep_best, option
+from planners.base import Context, Planner, PlannerConfig, keep_best
+from worldmodel.config import option
 
 
 @dataclass
-class MPPIConfig(PlannerConfig):
-    """MPPI settings; ``samples`` x ``iterations`` is the same rollout budget as CEM's."""
+class MPPIOptions:
+    """What only MPPI has (the rest is ``PlannerConfig``)."""
 
     temperature: float = option(0.1, "softmax temperature on the costs; small: greedy, large: plain average")
     normalize: bool = option(True, "measure cost gaps in units of the median gap: temperature unitless")
@@ -22,8 +23,13 @@ class MPPIConfig(PlannerConfig):
     min_std: float = option(0.02, "floor of the adapted std")
     momentum: float = option(0.0, "weight of the old mean/std in each update")
 
+
+@dataclass
+class MPPIConfig(PlannerConfig, MPPIOptions):
+    """MPPI settings; ``samples`` x ``iterations`` is the same rollout budget as CEM's."""
+
     def __post_init__(self):
-        super().__post_init__()
+        PlannerConfig.__post_init__(self)
         if self.temperature <= 0 or self.samples < 2:
             raise ValueError(f"need temperature > 0 and samples >= 2, got {self.temperature}, {self.samples}")
 
@@ -38,22 +44,27 @@ class MPPIPlanner(Planner):
     cfg: MPPIConfig
     config_class = MPPIConfig
 
-    def optimize(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, mean: Tensor) -> PlanResult:
+    def initial_state(self, mean: Tensor) -> tuple[Tensor, ...]:
+        std = torch.full_like(mean, self.cfg.noise_std)  # (B, H, A)
+        return mean, std, mean, mean.new_full(mean.shape[:1], float("inf"))
+
+    def iteration(self, ctx: Context, stream: Tensor, mean: Tensor, std: Tensor, best_a: Tensor,
+                  best_c: Tensor) -> tuple[Tensor, ...]:
         cfg, m = self.cfg, self.cfg.momentum
-        ctx = self.context(z_hist, a_hist, z_goal)
-        std = torch.full_like(mean, cfg.noise_std)  # (B, H, A)
-        best_a, best_c = mean, z_goal.new_full(z_goal.shape[:1], float("inf"))  # (B, H, A), (B,)
-        for _ in range(cfg.iterations):
-            cand = torch.cat([mean[:, None], self.sample(mean, std, cfg.samples - 1)], dim=1)  # (B, N, H, A)
-            cost = self.score(ctx, cand)  # (B, N)
-            best_a, best_c = keep_best(best_a, best_c, cand, cost)
-            w = self.weights(cost)  # (B, N)
-            new_mean = einsum(w, cand, "b n, b n h a -> b h a")
-            if cfg.adapt_std:
-                var = einsum(w, (cand - new_mean[:, None]).square(), "b n, b n h a -> b h a")
-                std = (m * std + (1 - m) * var.sqrt()).clamp_min(cfg.min_std)
-            mean = m * mean + (1 - m) * new_mean
-        return self.finish(z_hist, a_hist, z_goal, mean, best_a, best_c)
+        cand = torch.cat([mean[:, None], self.sample(ctx, stream, mean, std, cfg.samples - 1)], dim=1)  # (B, N, H, A)
+        cost = self.score(ctx, cand)  # (B, N)
+        best_a, best_c = keep_best(best_a, best_c, cand, cost)
+        w = self.weights(cost)  # (B, N)
+        new_mean = einsum(w, cand, "b n, b n h a -> b h a")
+        if cfg.adapt_std:
+            var = einsum(w, (cand - new_mean[:, None]).square(), "b n, b n h a -> b h a")
+            std = (m * std + (1 - m) * var.sqrt()).clamp_min(cfg.min_std)
+        mean = m * mean + (1 - m) * new_mean
+        return mean, std, best_a, best_c
+
+    def result(self, state):
+        mean, _, best_a, best_c = state
+        return mean, best_a, best_c
 
     def weights(self, cost: Tensor) -> Tensor:
         """``softmax(-(cost - min) / temperature)`` per problem: ``(B, N)`` -> ``(B, N)``.

@@ -19,7 +19,9 @@ class NaiveCEMPlanner(Planner):
     cfg: CEMConfig
     config_class = CEMConfig
 
-    def optimize(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, mean: Tensor) -> PlanResult:
+    def optimize(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, mean: Tensor, keys: Tensor,
+                 streams: Tensor) -> PlanResult:
+        self._gen = torch.Generator(mean.device).manual_seed(self._seed)
         plans = [self.solve_one(z_hist[b], None if a_hist is None else a_hist[b], z_goal[b], mean[b])
                  for b in range(len(z_hist))]
         return PlanResult(torch.stack([a for a, _ in plans]), torch.tensor([c for _, c in plans]).to(mean))
@@ -35,19 +37,19 @@ class NaiveCEMPlanner(Planner):
         cfg, m = self.cfg, self.cfg.momentum
         std = torch.full_like(mean, cfg.init_std)  # (H, A)
         best_a, best_c = mean, float("inf")
-        carry = [mean]
+        carry = [mean] * cfg.n_carry
         for _ in range(cfg.iterations):
             cands = list(carry)
             while len(cands) < cfg.samples:
                 eps = torch.randn(mean.shape, generator=self._gen, device=mean.device, dtype=mean.dtype)
                 cands.append((mean + std * eps).clamp(-1, 1))
             costs = [self.cost_of(z_hist, a_hist, z_goal, a) for a in cands]
-            order = sorted(range(len(cands)), key=lambda i: costs[i])[: cfg.elites]
+            order = sorted(range(len(cands)), key=lambda i: costs[i])[: cfg.n_elites]
             if costs[order[0]] < best_c:
                 best_a, best_c = cands[order[0]], costs[order[0]]
             elites = torch.stack([cands[i] for i in order])  # (K, H, A)
             mean = m * mean + (1 - m) * elites.mean(0)
             std = (m * std + (1 - m) * elites.std(0)).clamp_min(cfg.min_std)
-            carry = list(elites[: cfg.n_kept])
+            carry = list(elites[: cfg.n_kept]) if cfg.n_kept else [mean]
         mean_c = self.cost_of(z_hist, a_hist, z_goal, mean)
         return (mean, mean_c) if mean_c < best_c else (best_a, best_c)

@@ -7,7 +7,6 @@ cost on the wrapped joint angles, is what our planner settings could reach with 
 
 from __future__ import annotations
 
-import math
 import os
 
 import mujoco
@@ -17,13 +16,10 @@ from einops import rearrange
 from mujoco import rollout as mj_rollout
 from torch import Tensor
 
+from envs import wrap_angle
+
 _STATE = mujoco.mjtState.mjSTATE_FULLPHYSICS
 QPOS = slice(1, 3)  # the two arm joints in a FULLPHYSICS state vector (after time)
-
-
-def wrap_angle(x):
-    """Angles to [-pi, pi); works on numpy arrays and tensors."""
-    return (x + math.pi) % (2 * math.pi) - math.pi
 
 
 def joint_cost(z_pred: Tensor, z_goal: Tensor) -> Tensor:
@@ -46,8 +42,10 @@ class SimulatorModel:
 
     history = 1
 
-    def __init__(self, physics, frameskip: int):
-        self.physics, self.frameskip = physics, frameskip
+    def __init__(self, physics, frameskip: int, action_repeat: int = 1):
+        """``frameskip`` env steps per action chunk; each env step holds its action for ``action_repeat``
+        control steps (1 for our data, 2 for stable-worldmodel's)."""
+        self.physics, self.frameskip, self.action_repeat = physics, frameskip, action_repeat
         self.model = physics.model
         self.action_dim = 2 * frameskip
         self.device = torch.device("cpu")
@@ -68,7 +66,7 @@ class SimulatorModel:
 
     def rollout(self, z_hist: Tensor, a_hist: Tensor | None, actions: Tensor) -> Tensor:
         init = z_hist[:, -1].double().numpy()  # (M, S)
-        sub = self.physics.n_substeps  # physics steps per env step
+        sub = self.physics.n_substeps * self.action_repeat  # physics steps per env step
         control = rearrange(actions.double().clamp(-1, 1).numpy(), "m h (k a) -> m (h k) a", k=self.frameskip)
         control = np.ascontiguousarray(np.repeat(control, sub, axis=1))  # (M, H*frameskip*sub, 2)
         states, _ = mj_rollout.rollout(self.model, self._datas, init, control, persistent_pool=True)

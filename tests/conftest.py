@@ -19,14 +19,23 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+ACTION_SCALE = 1e-6  # actions must lie in [-1, 1]: step k is encoded as k * ACTION_SCALE (k < 1e6)
+
+
+def synthetic_action(k) -> np.ndarray:
+    """The action a synthetic episode takes at global step ``k`` (offset + t): (..., 2) float32."""
+    k = np.asarray(k, dtype=np.float64)
+    return np.stack([k * ACTION_SCALE, -k * ACTION_SCALE], -1).astype(np.float32)
+
+
 def synthetic_episode(steps: int, size: int = 32, offset: int = 0, noise: bool = False) -> dict:
     """Frame t is filled with (offset + t) % 256 (or, with ``noise``, is random pixels); action t is
-    (offset + t, -(offset + t))."""
+    ``synthetic_action(offset + t)``; qpos t is (offset + t, offset + t + 0.5)."""
     t = np.arange(steps + 1)
     pixels = np.broadcast_to(((offset + t) % 256).astype(np.uint8)[:, None, None, None], (steps + 1, size, size, 3))
     if noise:
         pixels = np.random.default_rng(offset).integers(0, 256, (steps + 1, size, size, 3), dtype=np.uint8)
-    action = np.stack([offset + t[:-1], -(offset + t[:-1])], 1).astype(np.float32)
+    action = synthetic_action(offset + t[:-1])
     state = np.stack([offset + t, offset + t + 0.5], 1).astype(np.float64)
     return {"pixels": np.ascontiguousarray(pixels), "action": action, "qpos": state, "qvel": state + 1,
             "finger": state + 2, "target": state + 3}
@@ -44,3 +53,36 @@ def write_synthetic(dirpath, n_episodes: int = 4, steps: int = 30, size: int = 3
 @pytest.fixture
 def synthetic_data(tmp_path):
     return write_synthetic(tmp_path / "data")
+
+
+def write_swm_file(path, n_episodes: int = 3, rows: int = 12, size: int = 32, compression=None,
+                   columns: dict | None = None, drop=(), last_action=np.nan, action_dtype=np.float64, attrs=None):
+    """A stable-worldmodel single-file dataset, built with h5py alone as their recorder lays it out:
+    columns of all episodes' rows concatenated, ep_len (int32) and ep_offset (int64). Episode e has
+    ``rows`` rows (e + rows for e > 0, so lengths differ); row t holds frame (100 e + t) % 256, the action
+    taken there, ``synthetic_action(1000 e + t)`` (``last_action`` on the last row), and qpos
+    (1000 e + t) * 1e-3 + (0, 0.5). ``columns`` adds or replaces columns; ``drop`` removes some."""
+    import h5py
+
+    lengths = np.array([rows + e for e in range(n_episodes)], np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    e_of_row = np.repeat(np.arange(n_episodes), lengths)
+    t_of_row = np.concatenate([np.arange(n) for n in lengths])
+    pixels = np.broadcast_to(((100 * e_of_row + t_of_row) % 256).astype(np.uint8)[:, None, None, None],
+                             (len(e_of_row), size, size, 3))
+    action = synthetic_action(1000 * e_of_row + t_of_row).astype(action_dtype)
+    action[offsets + lengths - 1] = last_action
+    qpos = np.stack([(1000 * e_of_row + t_of_row) * 1e-3, (1000 * e_of_row + t_of_row) * 1e-3 + 0.5], 1)
+    data = {"pixels": np.ascontiguousarray(pixels), "action": action, "qpos": qpos, "qvel": qpos + 1,
+            "reward": np.zeros(len(e_of_row)), "step_idx": t_of_row, "ep_idx": e_of_row.astype(np.int32),
+            "ep_len": lengths, "ep_offset": offsets, **(columns or {})}
+    with h5py.File(path, "w", libver="latest") as f:
+        f.attrs.update(attrs or {})
+        for key, value in data.items():
+            if key in drop:
+                continue
+            extra = {}
+            if key == "pixels" and compression is not None:
+                extra = dict(chunks=(min(100, len(value)), *value.shape[1:]), **compression)
+            f.create_dataset(key, data=value, **extra)
+    return path

@@ -68,7 +68,7 @@ def make_problems(model: LinearDynamics, B: int, h: int = 1, seed: int = 0):
 def planner(name: str, model=None, **overrides):
     """A small, fast planner of the given kind (``cem`` or ``mppi``) on the linear model."""
     cls, cfg = PLANNERS[name]
-    small = dict(samples=64, iterations=8) | (dict(elites=8) if name == "cem" else {})
+    small = dict(samples=64, iterations=8, cost="final") | (dict(elites=8) if name == "cem" else {})
     return cls(model or LinearDynamics(), cfg(**(small | overrides)))
 
 

@@ -1,5 +1,7 @@
 """CEM: reaches reachable goals, beats random shooting, profits from warm starts, matches the naive CEM."""
 
+import dataclasses
+
 import pytest
 from planner_fixtures import (
     CountingModel,
@@ -10,6 +12,8 @@ from planner_fixtures import (
     initial_cost,
     make_problems,
 )
+
+import torch
 
 from planners.cem import CEMConfig, CEMPlanner
 from planners.naive import NaiveCEMPlanner
@@ -30,8 +34,9 @@ def test_warm_start_helps():
 
 def test_elites_carried():
     assert CEMConfig(elites=30).n_kept == 9 and CEMConfig(elites=2).n_kept == 1
-    assert CEMConfig(keep_elites=False).n_kept == 0
-    assert CEMConfig().elites == 30 and CEMConfig(samples=16).elites == 2 and CEMConfig(samples=100).elites == 10
+    assert CEMConfig(keep_elites=False).n_kept == 0 and CEMConfig(keep_elites=False).n_carry == 1
+    assert CEMConfig().n_elites == 30 and CEMConfig(samples=16).n_elites == 2 and CEMConfig(samples=100).n_elites == 10
+    assert dataclasses.replace(CEMConfig(), samples=100).n_elites == 10  # derived, not frozen at construction
     with pytest.raises(ValueError):
         CEMConfig(samples=10, elites=20)
 
@@ -43,7 +48,7 @@ def test_without_kept_elites_still_reaches_goal():
 def test_naive_cem_agrees_in_quality():
     model = CountingModel(LinearDynamics())
     z, g, a = make_problems(model.model, 6, h=2)
-    cfg = CEMConfig(samples=50, iterations=8, elites=8)
+    cfg = CEMConfig(samples=50, iterations=8, elites=8, cost="final")
     naive = NaiveCEMPlanner(model, cfg).plan(z, g, a)
     assert model.calls == 6 * (50 * 8 + 1)  # one rollout per candidate and problem
     batched = CEMPlanner(model.model, cfg).plan(z, g, a)
@@ -52,3 +57,15 @@ def test_naive_cem_agrees_in_quality():
     gain_batched = (batched.cost / initial_cost(z, g)).log10()
     assert gain_naive.max() < -1 and gain_batched.max() < -1  # both cut the distance to the goal 10-fold
     assert (gain_naive.mean() - gain_batched.mean()).abs() < 0.5  # and agree within half a decade
+
+
+def test_lewm_variant_returns_the_final_mean():
+    """LeWM's CEM: no momentum, the current mean as candidate 0, the final mean executed."""
+    model = LinearDynamics()
+    z, g, a = make_problems(model, 4, h=1)
+    cfg = CEMConfig(samples=100, iterations=15, elites=10, momentum=0.0, keep_elites=False, min_std=0.0,
+                    plan_from="mean", cost="final")
+    res = CEMPlanner(model, cfg).plan(z, g, a)
+    reached = (model.rollout(z, a, res.actions)[:, -1] - g).square().sum(-1)
+    assert torch.allclose(reached, res.cost, rtol=1e-4, atol=1e-6)
+    assert (res.cost / initial_cost(z, g)).max() < 0.05

@@ -1,16 +1,21 @@
+import errno
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from envs.collect import CollectConfig, collect, plan_shards
+import envs.collect
+import envs.storage
+from envs.collect import CollectConfig, CollectionError, collect, plan_shards
 from envs.dataset import EpisodeStore
 from envs.storage import DatasetError
 
@@ -86,8 +91,8 @@ def test_interrupted_collection_keeps_finished_episodes_and_resumes(tmp_path):
     assert "run the same command again to resume" in log.read_text()
     saved = len(EpisodeStore(out, in_memory=False).episodes)
     assert 5 <= saved < n, f"expected a partial collection, got {saved} episodes"
-    # A hard kill while writing leaves a temporary file; the next run removes it.
-    (out / "shard_x.h5.123.tmp").write_bytes(b"partial")
+    # A hard kill while writing leaves a temporary file; the next run removes it (and only ours).
+    (out / "shard_000000_000149.h5.123.tmp").write_bytes(b"partial")
     cfg = CollectConfig(episodes=n, steps=steps, size=32, workers=2, episodes_per_shard=500, out=str(out))
     assert collect(cfg, progress=False)["collected"] == n - saved
     assert not list(out.glob("*.tmp"))
@@ -100,14 +105,140 @@ def test_plan_shards_groups_contiguous_runs():
     assert plan_shards([5, 2, 3, 9], 10) == [[2, 3], [5], [9]]
 
 
-def test_bad_settings():
+def test_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="env must be one of"):
         collect(replace(TINY, env="pong"), progress=False)
     with pytest.raises(ValueError, match="policy must be one of"):
         collect(replace(TINY, policy="greedy"), progress=False)
+    for option, value in (("episodes", 0), ("steps", -3), ("workers", 0), ("episodes_per_shard", 0)):
+        flag = "--" + option.replace("_", "-")
+        with pytest.raises(ValueError, match=f"{flag} \\({option}\\) must be a positive integer, got {value}"):
+            collect(replace(TINY, out=str(tmp_path / "d"), **{option: value}), progress=False)
+    assert not (tmp_path / "d").exists()  # refused before anything was created
+
+
+def test_only_our_temporary_files_are_removed(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "draft.tmp").write_text("a user's notes")
+    (out / "shard_000000_000001.h5.4242.tmp").write_bytes(b"left by a hard kill")
+    collect(replace(TINY, out=str(out), episodes=2), progress=False)
+    assert sorted(p.name for p in out.glob("*.tmp")) == ["draft.tmp"]
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, monkeypatch):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make the write test fail as it would for a user
+        real = tempfile.mkstemp
+        def refuse(*args, dir=None, **kwargs):
+            if Path(dir) == out:
+                raise PermissionError(errno.EACCES, "Permission denied", str(out))
+            return real(*args, dir=dir, **kwargs)
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(envs.collect, "_make_collection_env", lambda cfg: pytest.fail("simulated before checking"))
+    try:
+        with pytest.raises(CollectionError, match="cannot write to the output directory .*ro: Permission denied"):
+            collect(replace(TINY, out=str(out)), progress=False)
+    finally:
+        out.chmod(0o755)
+    assert list(out.iterdir()) == []
+
+
+def test_full_disk_stops_cleanly_and_reports_what_was_saved(tmp_path, monkeypatch, capsys):
+    """The 2nd shard's write fails with ENOSPC half-way: a clear error, the 1st shard kept, no temporary file."""
+    real, calls = envs.storage._write_file, []
+    def full_disk(fh, data):
+        calls.append(fh.name)
+        if len(calls) == 2:
+            fh.write(data[: len(data) // 2])  # half of it is in the temporary file already
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fh, data)
+    monkeypatch.setattr(envs.storage, "_write_file", full_disk)
+    out = tmp_path / "d"
+    with pytest.raises(CollectionError, match=r"could not write shard_000002_000003.h5 \(No space left on device\); "
+                                              r"2/5 episodes are saved"):
+        collect(replace(TINY, out=str(out)), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["shard_000000_000001.h5"]
+    assert len(EpisodeStore(out).episodes) == 2
+    assert Path(calls[1]).name.startswith("shard_000002_000003.h5.")
+    monkeypatch.setattr(envs.storage, "_write_file", real)
+    summary = collect(replace(TINY, out=str(out)), progress=False)
+    assert summary["saved"] == 3 and summary["already_there"] == 2
+
+
+def test_file_size_limit_is_a_clear_error_not_a_crash(tmp_path):
+    """`ulimit -f`: the write fails with EFBIG (not a SIGXFSZ core dump), reported with what was saved."""
+    out = tmp_path / "d"
+    cmd = (f"ulimit -f 48; exec {sys.executable} -m wm collect --episodes 4 --steps 30 --size 64 --workers 1 "
+           f"--episodes-per-shard 2 --out {out}")
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert re.search(r"wm collect: error: could not write shard_000000_000001.h5 \(File too large\); "
+                     r"0/4 episodes are saved", proc.stderr), proc.stderr[-2000:]
+    assert "HDF5-DIAG" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*.h5"))
+
+
+def _children(pid: int) -> list[int]:
+    """Pids of the collection workers (spawned processes) whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    out, log = tmp_path / "d", tmp_path / "log"
+    args = [sys.executable, "-m", "wm", "collect", "--episodes", "400", "--steps", "20", "--size", "32",
+            "--workers", "2", "--episodes-per-shard", "500", "--out", str(out)]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(args, stdout=err, stderr=err, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        deadline = time.time() + 120
+        while _progress(log) < 21 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, log.read_text()
+        proc.kill()  # SIGKILL: no handler runs in the parent
+        proc.wait(timeout=30)
+    deadline = time.time() + 10
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    orphans = [w for w in workers if _alive(w)]
+    for w in orphans:  # do not leave them running when the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not orphans, "collection workers outlived their killed parent"
 
 
 def test_a_worker_that_cannot_start_is_a_clear_error_not_a_hang(tmp_path):
     cfg = replace(TINY, out=str(tmp_path / "d"), workers=2, render_quality="ultra")
     with pytest.raises(RuntimeError, match="collection worker could not start: ValueError: render quality"):
         collect(cfg, progress=False)
+
+
+def test_image_size_stores_area_resized_frames(tmp_path):
+    small = replace(TINY, episodes=2, steps=4, size=64, image_size=32)
+    collect(replace(small, out=str(tmp_path / "small")), progress=False)
+    collect(replace(small, out=str(tmp_path / "big"), image_size=None), progress=False)
+    store, big = EpisodeStore(tmp_path / "small"), EpisodeStore(tmp_path / "big", image_size=32)
+    assert store.size == 32 and store.attrs["render_size"] == 64
+    for i in range(2):
+        assert np.array_equal(store.episode(i)["pixels"], big.episode(i)["pixels"])
+    with pytest.raises(DatasetError, match="other settings"):  # resuming with another image size
+        collect(replace(small, out=str(tmp_path / "small"), image_size=48, episodes=3), progress=False)

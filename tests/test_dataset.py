@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import synthetic_episode, write_synthetic
+from conftest import synthetic_action, synthetic_episode, write_synthetic
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
 from envs.storage import DatasetError, write_shard
 
@@ -24,7 +24,7 @@ def test_windows_align_frames_actions_and_states(synthetic_data, in_memory):
         assert item["actions"].shape == (4, 8)
         for j in range(spec.frames - 1):  # chunk j = the frameskip actions from frame j to frame j+1
             steps = offset + t[j] + np.arange(spec.frameskip)
-            expected = np.stack([steps, -steps], 1).reshape(-1)
+            expected = synthetic_action(steps).reshape(-1)
             assert np.array_equal(item["actions"][j].numpy(), expected)
         assert np.allclose(item["qpos"][:, 0].numpy(), offset + t)
 

@@ -6,14 +6,18 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from envs.collect import CollectConfig, collect
 from envs.dataset import EpisodeStore
 from envs.vector import ReacherBatch
-from planners.evaluate import (EvalConfig, episode_records, joint_error, run_episodes,
-                               sample_episodes, simulator_controller, wilson_interval)
+from planners.evaluate import EvalConfig, Setup, run_episodes, simulator_controller, world_model_controller
+from planners.protocols import PROTOCOLS, episode_records, joint_errors, sample_episodes
+from planners.stats import cluster_bootstrap_interval, wilson_interval
 from test_model import tiny_config
 from worldmodel.model import WorldModel
+
+WRIST = (-2.8, 2.8)
 
 
 @pytest.fixture(scope="module")
@@ -23,98 +27,199 @@ def data(tmp_path_factory):
     return out
 
 
-def test_joint_error_wraps_angles():
-    assert math.isclose(joint_error(np.array([math.pi - 0.01, 0.0]), np.array([-math.pi + 0.01, 0.0])), 0.02,
-                        abs_tol=1e-9)
-    assert math.isclose(joint_error(np.array([0.3, -0.2]), np.array([0.0, 0.0])), 0.3)
+def test_joint_errors_wrapped_and_raw():
+    """Wrapped (ours): across the +-pi seam a pose is near; raw (LeWM as released): 2 pi - 0.02 away."""
+    a, b = np.array([math.pi - 0.01, 0.0]), np.array([-math.pi + 0.01, 0.0])
+    assert math.isclose(joint_errors(a, b), 0.02, abs_tol=1e-9)
+    assert math.isclose(joint_errors(a, b, wrap=False), 2 * math.pi - 0.02, abs_tol=1e-9)
+    assert math.isclose(joint_errors(np.array([0.3, -0.2]), np.zeros(2), wrap=False), 0.3)
 
 
-def test_success_detection_and_steps():
-    errors = np.array([[0.5, 0.2, 0.04, 0.3], [0.5, 0.4, 0.3, 0.2], [0.01, 0.5, 0.5, 0.5]])
+def test_success_counts_from_step_one_and_held_is_the_last_step():
+    errors = np.array([[0.5, 0.2, 0.04, 0.3],   # reached at step 2, drifted away
+                       [0.5, 0.4, 0.3, 0.2],    # never
+                       [0.01, 0.5, 0.5, 0.5],   # within tolerance only at step 0: no success
+                       [0.5, 0.3, 0.04, 0.01]])  # reached and held
     r = episode_records(errors, tolerance=0.05)
-    assert r["success"].tolist() == [True, False, True]
-    assert r["steps_to_success"].tolist() == [2, -1, 0]
-    assert np.allclose(r["final_error"], [0.3, 0.2, 0.5]) and np.allclose(r["min_error"], [0.04, 0.2, 0.01])
+    assert r["success"].tolist() == [True, False, False, True]
+    assert r["held"].tolist() == [False, False, False, True]
+    assert r["steps_to_success"].tolist() == [2, -1, -1, 2]
+    assert np.allclose(r["final_error"], [0.3, 0.2, 0.5, 0.01]) and np.allclose(r["min_error"], [0.04, 0.2, 0.5, 0.01])
 
 
-def test_goal_is_25_steps_later_in_the_same_episode(data):
+def test_lewm_rule_on_a_synthetic_trace():
+    """Shoulder goal at -pi + 0.01; the arm reaches pi - 0.01 (0.02 rad away through the seam): a success
+    under the wrapped rule, not under LeWM's raw one."""
+    goal = np.array([-math.pi + 0.01, 0.5])
+    qpos = np.array([[0.0, 0.0], [math.pi - 0.2, 0.45], [math.pi - 0.01, 0.49]])
+    wrapped = episode_records(joint_errors(qpos, goal)[None], 0.05)
+    raw = episode_records(joint_errors(qpos, goal, wrap=False)[None], 0.05)
+    assert wrapped["success"][0] and wrapped["held"][0] and not raw["success"][0]
+
+
+def test_episodes_start_apart_from_their_goal_25_steps_later(data):
     store = EpisodeStore(data)
     ids = store.split("val", 0.3, 0)
-    eps = sample_episodes(store, ids, "reach25", 20, seed=0, wrist_range=(-2.8, 2.8))
-    for i, t0, q, goal in zip(eps["episode"], eps["t0"], eps["qpos"], eps["goal_qpos"]):
-        assert i in ids
+    eps = sample_episodes(store, ids, PROTOCOLS["reach25"], 20, 0, WRIST, tolerance=0.3)
+    rows = set()
+    for j, i, t0, q, goal in zip(eps["index"], eps["episode"], eps["t0"], eps["qpos"], eps["goal_qpos"]):
+        assert i in ids and j == len(rows)
         assert np.array_equal(store.states(i)["qpos"][t0], q)
         assert np.array_equal(store.states(i)["qpos"][t0 + 25], goal)
-    again = sample_episodes(store, ids, "reach25", 20, seed=0, wrist_range=(-2.8, 2.8))
+        assert joint_errors(q, goal) >= 0.3  # never a free success
+        rows.add((i, t0))
+    assert len(rows) == 20  # distinct start rows
+    again = sample_episodes(store, ids, PROTOCOLS["reach25"], 20, 0, WRIST, tolerance=0.3)
     assert np.array_equal(again["t0"], eps["t0"])
-    uniform = sample_episodes(store, ids, "uniform", 50, seed=0, wrist_range=(-2.8, 2.8))
+    uniform = sample_episodes(store, ids, PROTOCOLS["uniform"], 50, 0, WRIST, tolerance=0.05)
     assert np.all(np.abs(uniform["goal_qpos"][:, 1]) <= 2.8) and uniform["goal_qpos"][:, 0].std() > 1
+    assert np.all(joint_errors(uniform["qpos"], uniform["goal_qpos"]) >= 0.05)
+    with pytest.raises(ValueError, match="usable start rows"):
+        sample_episodes(store, ids[:1], PROTOCOLS["reach25"], 1000, 0, WRIST, tolerance=0.05)
 
 
 def test_budget_is_the_number_of_steps(data):
     store = EpisodeStore(data)
-    eps = sample_episodes(store, list(range(10)), "reach25", 3, 0, (-2.8, 2.8))
+    protocol = PROTOCOLS["reach25"]
+    eps = sample_episodes(store, list(range(10)), protocol, 3, 0, WRIST, 0.05)
     batch = ReacherBatch("reacher-easy", 3, size=32)
     calls = []
-    errors = run_episodes(batch, eps, 7, lambda f: calls.append(1) or np.zeros((3, 2)))
-    assert errors.shape == (3, 8) and len(calls) == 7
-    assert np.allclose(errors[:, 0], joint_error(eps["qpos"], eps["goal_qpos"]))
+    errors = run_episodes(batch, eps, protocol, lambda: calls.append(1) or np.zeros((3, 2)))
+    assert errors.shape == (3, 51) and len(calls) == 50
+    assert np.allclose(errors[:, 0], joint_errors(eps["qpos"], eps["goal_qpos"]))
     batch.close()
+
+
+class SpyPlanner:
+    """Records what the MPC policy hands the planner; plans zeros."""
+
+    def __init__(self, horizon, action_dim):
+        from planners.base import PlannerConfig
+
+        self.cfg, self.action_dim, self.calls = PlannerConfig(horizon=horizon), action_dim, []
+
+    def reset(self, seed=None):
+        pass
+
+    def plan(self, z_hist, z_goal, a_hist=None, init=None, keys=None):
+        from planners.base import PlanResult
+
+        self.calls.append((z_hist.clone(), None if a_hist is None else a_hist.clone()))
+        return PlanResult(torch.zeros(len(z_hist), self.cfg.horizon, self.action_dim), torch.zeros(len(z_hist)))
+
+
+def test_world_model_starts_with_the_history_of_the_episode(data, monkeypatch):
+    """The first plan sees the encoded frames t0 - 2*fs, t0 - fs and t0 and the two action chunks between
+    them, exactly as a training window holds them; an episode starting too early is left-padded."""
+    import dataclasses
+
+    import planners.evaluate as ev
+
+    store = EpisodeStore(data)
+    torch.manual_seed(0)
+    model = WorldModel(dataclasses.replace(tiny_config("mlp", size=32, frameskip=5), history=3)).eval()
+    spy = SpyPlanner(5, model.action_dim)
+    monkeypatch.setattr(ev, "policy_from_config", lambda m, cfg, seed: ev.MPCPolicy(m, spy, 1))
+    protocol = PROTOCOLS["reach25"]
+    eps = sample_episodes(store, list(range(10)), protocol, 6, 0, WRIST, 0.05)
+    for b, t0 in ((0, 3), (1, 7), (2, 12)):  # too early for any history; one frame; two frames
+        eps["t0"][b] = t0
+        for k in ("qpos", "qvel", "target"):
+            eps[k][b] = store.states(int(eps["episode"][b]))[k][t0]
+    batch = ReacherBatch("reacher-easy", 6, size=32)
+    setup = Setup(model, {}, store, list(range(10)), "", batch)
+    act, policy, real = world_model_controller(setup, EvalConfig(), protocol, eps,
+                                               np.zeros((6, 32, 32, 3), np.uint8), 0)
+    batch.reset_to(eps["qpos"], eps["qvel"], eps["target"], render=False)
+    act()
+    batch.close()
+    z_hist, a_hist = spy.calls[0]
+    assert z_hist.shape == (6, 3, 16) and a_hist.shape == (6, 2, 10)
+    assert real[:3].tolist() == [0, 1, 2]
+    zero = np.zeros((5, 2), np.float32)
+    with torch.no_grad():
+        for b in range(6):
+            ep, t0 = store.episode(int(eps["episode"][b])), int(eps["t0"][b])
+            if real[b] == 2:
+                frames, chunks = [t0 - 10, t0 - 5, t0], [ep["action"][t0 - 10:t0 - 5], ep["action"][t0 - 5:t0]]
+            elif real[b] == 1:  # the oldest real frame repeated, a zero chunk before it
+                frames, chunks = [t0 - 5, t0 - 5, t0], [zero, ep["action"][t0 - 5:t0]]
+            else:  # no history: the start frame three times, zero chunks (the padded start)
+                frames, chunks = [t0, t0, t0], [zero, zero]
+            torch.testing.assert_close(z_hist[b], model.encode(torch.from_numpy(ep["pixels"][frames])),
+                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a_hist[b], torch.from_numpy(np.stack([c.reshape(-1) for c in chunks])))
 
 
 def test_simulator_baseline_reaches_most_goals_and_batching_agrees(data):
     """The ceiling: CEM on the true dynamics reaches most reach25 goals; a batch of episodes gives the
-    same result as each episode alone."""
+    same result as each episode alone (each plans with its own noise key)."""
     store = EpisodeStore(data)
-    eps = sample_episodes(store, list(range(10)), "reach25", 6, 0, (-2.8, 2.8))
-    cfg = EvalConfig(sim_samples=100, sim_iterations=8, horizon=5)
+    protocol = PROTOCOLS["reach25"]
+    eps = sample_episodes(store, list(range(10)), protocol, 6, 0, WRIST, 0.05)
+    cfg = EvalConfig(sim_samples=100, sim_iterations=8)
     batch = ReacherBatch("reacher-easy", 6, size=32)
-    act, _ = simulator_controller(batch, cfg, 5, eps["goal_qpos"], seed=0)
-    together = run_episodes(batch, eps, 50, act)
+    act, _ = simulator_controller(batch, cfg, protocol, 5, eps, seed=0)
+    together = run_episodes(batch, eps, protocol, act)
     batch.close()
     assert episode_records(together, 0.05)["success"].mean() >= 4 / 6
     for i in (0, 3):
         one = {k: v[i:i + 1] for k, v in eps.items()}
         single = ReacherBatch("reacher-easy", 1, size=32)
-        act, _ = simulator_controller(single, cfg, 5, one["goal_qpos"], seed=0)
-        alone = run_episodes(single, one, 50, act)
+        act, _ = simulator_controller(single, cfg, protocol, 5, one, seed=0)
+        alone = run_episodes(single, one, protocol, act)
         single.close()
         assert np.allclose(alone[0], together[i], atol=1e-9)
 
 
-def test_wilson_interval():
+def test_intervals():
     lo, hi = wilson_interval(45, 50)
     assert 0.78 < lo < 0.9 < hi < 0.97
     assert wilson_interval(0, 50)[0] == 0.0 and wilson_interval(50, 50)[1] == 1.0
+    rng = np.random.default_rng(0)
+    independent = rng.uniform(size=150) < 0.8
+    clustered = np.repeat(rng.uniform(size=15) < 0.8, 10)  # 15 source episodes, each drawn 10 times
+    w_ind = np.subtract(*cluster_bootstrap_interval(independent, np.arange(150))[::-1])
+    w_clu = np.subtract(*cluster_bootstrap_interval(clustered, np.repeat(np.arange(15), 10))[::-1])
+    assert w_clu > 1.8 * w_ind  # correlated episodes carry less information: a wider interval
+    assert cluster_bootstrap_interval(np.ones(150), np.repeat(np.arange(15), 10)) == wilson_interval(15, 15)
 
 
-def _wm(*args):
+def _wm(*args, check=True):
     """Run the `wm` command line in a fresh process, as a user would."""
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "wm", *map(str, args)], capture_output=True, text=True,
                           timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
-def test_wm_eval_smoke_writes_results(data, tmp_path):
+def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):
     WorldModel(tiny_config("mlp", size=32, frameskip=5)).save(tmp_path / "m.pt")
-    out = _wm("eval", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 3, "--seeds", 2,
-              "--samples", 16, "--iterations", 2, "--sim-samples", 16, "--sim-iterations", 2,
-              "--protocol", "reach25,uniform", "--val-fraction", 0.3, "--out", tmp_path / "eval")
-    assert "| reach25 | world_model |" in out
+    args = ["eval", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 3, "--seeds", 2,
+            "--samples", 16, "--iterations", 2, "--sim-samples", 16, "--sim-iterations", 2,
+            "--protocol", "reach25,uniform,lewm"]
+    out = _wm(*args).stdout
+    assert "| reach25 | world_model |" in out and "| lewm | world_model |" in out
     for name in ("results.json", "results.md", "results.png"):
-        assert (tmp_path / "eval" / name).exists()
+        assert (tmp_path / "eval" / name).exists()  # beside the checkpoint by default
+    assert list((tmp_path / "eval" / "tb").iterdir())
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert len(report["episodes"]) == 2 * 2 * 3 * 3  # protocols x seeds x methods x episodes
-    assert set(report["summary"]) == {f"{p}/{m}" for p in ("reach25", "uniform")
+    assert len(report["episodes"]) == 3 * 2 * 3 * 3  # protocols x seeds x methods x episodes
+    assert set(report["summary"]) == {f"{p}/{m}" for p in ("reach25", "uniform", "lewm")
                                       for m in ("world_model", "random", "simulator")}
+    assert all("held" in r for r in report["episodes"])
+    again = _wm(*args, check=False)  # a second run does not overwrite the first's results
+    assert again.returncode == 2 and "already holds 54 episodes" in again.stderr and "--overwrite" in again.stderr
+    assert _wm(*args[:-2], "--protocol", "reach25", "--overwrite").returncode == 0
 
 
 def test_wm_demo_smoke_writes_videos_and_sheet(data, tmp_path):
     WorldModel(tiny_config("mlp", size=32, frameskip=5)).save(tmp_path / "m.pt")
-    _wm("demo", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 2, "--samples", 8,
-        "--iterations", 1, "--bank-frames", 50, "--out", tmp_path / "videos")
+    out = _wm("demo", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 2, "--samples", 8,
+              "--iterations", 1, "--bank-frames", 50).stdout
+    assert "wrote 2 videos (and 2 gifs)" in out
     names = sorted(p.name for p in (tmp_path / "videos").iterdir())
     assert names == ["episode_00.gif", "episode_00.mp4", "episode_01.gif", "episode_01.mp4", "summary.png"]
     import imageio.v2 as imageio

@@ -10,10 +10,9 @@ from worldmodel.predictor import PredictorConfig
 
 def tiny_config(kind="mlp", size=32, latent=16, frameskip=2) -> WorldModelConfig:
     return WorldModelConfig(
-        encoder=EncoderConfig(image_size=size, latent_dim=latent, conv_channels=8, conv_stages=3, proj_hidden=32),
-        predictor=PredictorConfig(kind=kind, latent_dim=latent, action_dim=2 * frameskip, history=2, hidden=32,
-                                  depth=2, heads=2),
-        frameskip=frameskip)
+        latent_dim=latent, history=2, frameskip=frameskip, image_size=size,
+        encoder=EncoderConfig(conv_channels=8, conv_stages=3, proj_hidden=32),
+        predictor=PredictorConfig(kind=kind, hidden=32, depth=2, heads=2))
 
 
 @pytest.mark.parametrize("kind", ["mlp", "transformer"])
@@ -48,8 +47,7 @@ def test_save_load_round_trip(tmp_path):
 def test_mismatched_checkpoints_fail_clearly(tmp_path):
     path = WorldModel(tiny_config()).save(tmp_path / "m.pt")
     meta = json.loads((tmp_path / "m.json").read_text())
-    meta["config"]["encoder"]["latent_dim"] = 24
-    meta["config"]["predictor"]["latent_dim"] = 24
+    meta["config"]["latent_dim"] = 24
     (tmp_path / "m.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="do not match its config"):
         WorldModel.load(path)
@@ -57,16 +55,70 @@ def test_mismatched_checkpoints_fail_clearly(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="format version 99"):
         WorldModel.load(path)
-    meta["format_version"] = 1
+    meta["format_version"] = 2
     meta["config"]["encoder"]["colour"] = "red"
     (tmp_path / "m.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="unknown EncoderConfig keys"):
         WorldModel.load(path)
+    for bad in ("[1, 2]", '{"format_version": 2}', "not json"):  # a list, no config, garbage
+        (tmp_path / "m.json").write_text(bad)
+        with pytest.raises(CheckpointError, match="m.json"):
+            WorldModel.load(path)
     (tmp_path / "m.json").unlink()
     with pytest.raises(CheckpointError, match="missing"):
         WorldModel.load(path)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         WorldModel.load(tmp_path / "nothing.pt")
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Format 1 kept the latent size, image size and history inside the sub-configs."""
+    model = WorldModel(tiny_config()).eval()
+    path = model.save(tmp_path / "m.pt")
+    meta = json.loads((tmp_path / "m.json").read_text())
+    c = meta["config"]
+    meta["format_version"] = 1
+    meta["config"] = {"frameskip": c["frameskip"], "env": c["env"],
+                      "encoder": {**c["encoder"], "image_size": c["image_size"], "latent_dim": c["latent_dim"]},
+                      "predictor": {**c["predictor"], "latent_dim": c["latent_dim"], "action_dim": 2 * c["frameskip"],
+                                    "history": c["history"]}}
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    loaded = WorldModel.load(path)
+    assert loaded.cfg == model.cfg
+
+
+def test_truncated_weights_fail_clearly(tmp_path):
+    path = WorldModel(tiny_config()).save(tmp_path / "m.pt")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"m\.pt: cannot be read as a weights file"):
+        WorldModel.load(path)
+
+
+def test_cuda_asked_for_without_cuda_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = WorldModel(tiny_config()).save(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        WorldModel.load(path, "cuda")
+
+
+def test_float32_latents_and_residuals_under_bf16_autocast():
+    """Under bf16 autocast the matmuls may round, but latents stay float32 and an open-loop rollout stays
+    close to the float32 one (the residual adds are float32: a bf16 stream would round |z| ~ 1 latents
+    in steps of ~0.004-0.008, the size of the changes near a goal)."""
+    torch.manual_seed(0)
+    model = WorldModel(tiny_config()).eval()
+    frames = torch.randint(0, 256, (4, 3, 32, 32, 3), dtype=torch.uint8)
+    actions = torch.randn(4, 6, 4) * 0.5
+    with torch.no_grad():
+        z32 = model.encode(frames)
+        roll32 = model.rollout(z32[:, :2], actions[:, :1], actions[:, 1:])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z16 = model.encode(frames)
+            roll16 = model.rollout(z16[:, :2], actions[:, :1], actions[:, 1:])
+            step16 = model.predictor(z16, actions[:, :3])
+    assert z16.dtype == roll16.dtype == step16.dtype == torch.float32
+    scale = (roll32 - z32[:, 1:2]).abs().mean()  # how far the rollout moves
+    assert (roll16 - roll32).abs().mean() < 0.1 * scale + 0.01 * z32.abs().mean()
 
 
 def test_a_pickle_is_not_loaded(tmp_path):

@@ -6,6 +6,7 @@ from planner_fixtures import A, H, PLANNERS, CountingModel, LinearDynamics, make
 
 from planners.base import Planner, PlannerConfig, keep_best, shift_plan, take
 from planners.costs import final_cost, get_cost, sum_cost
+from planners.noise import problem_keys
 
 NAMES = sorted(PLANNERS)
 
@@ -44,10 +45,10 @@ def test_take_and_keep_best():
 
 def test_score_is_one_batched_rollout_matching_per_candidate_costs():
     model = CountingModel(LinearDynamics())
-    p = Planner(model, PlannerConfig(horizon=H, samples=3))
+    p = Planner(model, PlannerConfig(horizon=H, samples=3, cost="final"))
     z, g, a = make_problems(model.model, 2, h=2)
     cand = torch.rand(2, 3, H, A) * 2 - 1  # (B, N, H, A)
-    cost = p.score(p.context(z, a, g), cand)  # (B, N)
+    cost = p.score(p.context(z, a, g, problem_keys(0, range(2))), cand)  # (B, N)
     assert model.calls == 1 and model.rows == 6
     for b in range(2):
         for n in range(3):
@@ -89,20 +90,33 @@ def test_seeding(name):
     assert torch.equal(p.plan(z, g).actions, first)  # reset restarts it
     p.reset(4)
     assert torch.equal(p.plan(z, g).actions, planner(name, seed=4).plan(z, g).actions)
-    assert p.generator(z.device).device == z.device
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("h", [1, 2])
 def test_batched_equals_single(name, h):
-    """Same noise for every problem, so the plans are identical; the costs may differ in the last bit
-    because a matmul over 1 row can round differently from one over 5 rows."""
+    """Each problem's noise comes from its own key, so a problem planned alone gets exactly the plan it
+    gets in a batch; the costs may differ in the last bit (a matmul over 1 row can round differently
+    from one over 5 rows)."""
     z, g, a = make_problems(LinearDynamics(), 5, h)
-    batched = planner(name).plan(z, g, a)
+    keys = problem_keys(7, range(10, 15))
+    batched = planner(name).plan(z, g, a, keys=keys)
     for b in range(5):
-        alone = planner(name).plan(z[b : b + 1], g[b : b + 1], None if a is None else a[b : b + 1])
+        alone = planner(name).plan(z[b : b + 1], g[b : b + 1], None if a is None else a[b : b + 1], keys=keys[b : b + 1])
         assert torch.equal(alone.actions[0], batched.actions[b])
         assert torch.allclose(alone.cost[0], batched.cost[b], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_problems_of_a_batch_get_independent_noise(name):
+    """Identical problems with different keys explore differently (no common random numbers), and the
+    default keys differ per row."""
+    z, g, a = make_problems(LinearDynamics(), 1, 2)
+    rep = lambda x: x.expand(4, *x.shape[1:])  # noqa: E731  four copies of one problem
+    plans = planner(name).plan(rep(z), rep(g), rep(a)).actions
+    assert all(not torch.equal(plans[0], plans[k]) for k in range(1, 4))
+    same = planner(name).plan(rep(z), rep(g), rep(a), keys=problem_keys(0, [5, 5, 5, 5])).actions
+    assert all(torch.equal(same[0], same[k]) for k in range(1, 4))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -121,9 +135,12 @@ def test_rollout_calls_independent_of_batch_and_samples(name):
 def test_custom_cost(name):
     model = LinearDynamics()
     z, g, _ = make_problems(model, 2)
-    res = planner(name, model, cost="sum").plan(z, g)
+    res = planner(name, model, cost="final").plan(z, g)
     z_pred = model.rollout(z, None, res.actions)  # (B, H, D)
-    assert torch.allclose(res.cost, sum_cost(z_pred[:, None], g)[:, 0])
+    assert torch.allclose(res.cost, final_cost(z_pred[:, None], g)[:, 0])
+    custom = planner(name, model, cost=lambda zp, zg: (zp - zg[:, None, None]).abs().sum((-1, -2))).plan(z, g)
+    z_pred = model.rollout(z, None, custom.actions)
+    assert torch.allclose(custom.cost, (z_pred - g[:, None]).abs().sum((-1, -2)))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -144,3 +161,34 @@ def test_no_host_sync_while_planning(name, monkeypatch):
     for method in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
         monkeypatch.setattr(torch.Tensor, method, sync)
     p.plan(z, g, a, init=torch.zeros(2, H, A))
+
+
+def _compiled_equals_eager(name: str, exact: bool):
+    z, g, a = make_problems(LinearDynamics(), 3, h=2)
+    eager = planner(name, samples=32, iterations=3).plan(z, g, a)
+    compiled_planner = planner(name, samples=32, iterations=3, compile=True)
+    compiled = compiled_planner.plan(z, g, a)
+    again = compiled_planner.plan(z, g, a)  # the compiled step is reused across calls
+    if exact:
+        assert torch.equal(eager.actions, compiled.actions)
+    else:  # inductor may reorder float arithmetic
+        torch.testing.assert_close(eager.actions, compiled.actions, rtol=1e-4, atol=1e-5)
+    assert again.actions.shape == compiled.actions.shape
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_iteration_captures_whole_and_plans_the_same(name, monkeypatch):
+    """One planning iteration compiles into a single graph (fullgraph: no host sync, no data-dependent
+    Python), and gives the eager plan. aot_eager traces exactly as inductor does, without its C++ build."""
+    import planners.base
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(planners.base, "COMPILE_BACKEND", "aot_eager")
+    _compiled_equals_eager(name, exact=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_inductor_compiled_iteration_plans_the_same(name):
+    torch._dynamo.reset()
+    _compiled_equals_eager(name, exact=False)

@@ -9,8 +9,8 @@ KINDS = ["mlp", "transformer"]
 
 def tiny(kind: str, history: int = H, randomise: bool = True, **overrides) -> torch.nn.Module:
     """A tiny predictor; ``randomise`` undoes the zero init (identity dynamics hides dependence bugs)."""
-    cfg = dict(kind=kind, latent_dim=D, action_dim=A, history=history, hidden=32, depth=2, heads=2)
-    model = build_predictor(PredictorConfig(**{**cfg, **overrides}))
+    cfg = dict(kind=kind, hidden=32, depth=2, heads=2)
+    model = build_predictor(PredictorConfig(**{**cfg, **overrides}), D, A, history)
     if randomise:
         torch.manual_seed(0)
         for p in model.parameters():
@@ -114,4 +114,4 @@ def test_learns_linear_dynamics(kind):
 
 def test_unknown_kind():
     with pytest.raises(ValueError):
-        build_predictor(PredictorConfig(kind="rnn"))
+        build_predictor(PredictorConfig(kind="rnn"), D, A, H)

@@ -138,3 +138,66 @@ def test_renders_when_mujoco_was_imported_first():
     env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and "(32, 32, 3)" in out.stdout, out.stderr
+
+
+def test_closed_env_is_a_clear_error():
+    e = ReacherPixels(size=32)
+    e.reset(seed=0)
+    e.close()
+    e.close()  # twice is fine
+    for call in (lambda: e.step([0.0, 0.0]), lambda: e.reset(seed=0), lambda: e.render_goal([0.0, 0.0]),
+                 lambda: e.set_state([0.0, 0.0])):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+
+
+def test_bad_poses_are_refused(env):
+    env.reset(seed=0)
+    before = env.state()
+    with pytest.raises(ValueError, match="qpos must be 2 finite numbers"):
+        env.reset(options={"qpos": [np.nan, 0.0]})
+    with pytest.raises(ValueError, match="qvel must be 2 finite numbers"):
+        env.reset(options={"qpos": [0.0, 0.0], "qvel": [np.inf, 0.0]})
+    low, high = env.unwrapped.physics.wrist_range
+    beyond = high + envs.reacher.WRIST_SLACK + 0.01
+    for call in (lambda: env.render_goal([0.0, beyond]), lambda: env.set_state([0.0, -beyond]),
+                 lambda: env.reset(options={"qpos": [0.0, beyond]}), lambda: env.set_goal([0.0, beyond])):
+        with pytest.raises(ValueError, match=rf"beyond the joint limit \[{low:.4f}, {high:.4f}\]"):
+            call()
+    assert all(np.array_equal(before[k], v) for k, v in env.state().items())  # nothing was changed
+    # The soft limit lets the arm itself go a little past the range: such poses stay usable.
+    env.render_goal([0.0, high + 0.15])
+
+
+def test_wrap_angle_and_joint_error():
+    import torch
+
+    x = np.array([0.0, np.pi, -np.pi, 3 * np.pi / 2, -7.0])
+    wrapped = envs.wrap_angle(x)
+    assert np.all((wrapped >= -np.pi) & (wrapped < np.pi))
+    assert np.allclose(np.cos(wrapped), np.cos(x)) and np.allclose(np.sin(wrapped), np.sin(x))
+    assert torch.allclose(envs.wrap_angle(torch.from_numpy(x)), torch.from_numpy(wrapped))
+    q = np.array([[3.1, 0.0], [0.0, 0.3]])
+    goal = np.array([[-3.1, 0.01], [0.0, -0.2]])
+    assert np.allclose(envs.joint_error(q, goal), [2 * np.pi - 6.2, 0.5])  # across the seam: small
+    assert envs.joint_error(q, goal).shape == (2,) and envs.joint_error(q[0], goal[0]).shape == ()
+    with pytest.raises(ValueError, match=r"\(\.\.\., 2\)"):
+        envs.joint_error(np.zeros(3), np.zeros(3))
+
+
+def test_goal_error_and_success_in_info(env):
+    _, info = env.reset(seed=0)
+    assert "goal_error" not in info
+    goal = np.array([0.4, -0.8])
+    _, info = env.reset(seed=0, options={"qpos": goal + [0.0, 0.04], "goal_qpos": goal})
+    assert np.isclose(info["goal_error"], 0.04) and info["is_success"]
+    _, _, _, _, info = env.step(np.array([1.0, 1.0]))
+    assert np.isclose(info["goal_error"], envs.joint_error(info["qpos"], goal))
+    env.set_goal(info["qpos"] + [0.1, 0.0])
+    assert not env.state()["is_success"] and np.isclose(env.state()["goal_error"], 0.1)
+    env.set_goal(None)
+    assert "goal_error" not in env.state()
+    strict = ReacherPixels(size=32, goal_tolerance=0.01)
+    _, info = strict.reset(seed=0, options={"qpos": goal + [0.0, 0.04], "goal_qpos": goal})
+    assert not info["is_success"]
+    strict.close()

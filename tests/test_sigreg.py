@@ -24,16 +24,16 @@ def test_gaussian_small_and_non_gaussian_large():
     # case is tested in 2-D and on 1-D samples directly.
     uniform2d = sigreg_loss((torch.rand(n, 2, generator=g) * 2 - 1) * math.sqrt(3), generator=g)
     uniform1d = epps_pulley((torch.rand(n, generator=g) * 2 - 1) * math.sqrt(3))
-    assert gaussian < 1.5  # about 0.5 in expectation
+    assert gaussian < 3.0  # about 1 in expectation
     for bad in (collapsed, tiny, scaled, uniform2d, uniform1d):
-        assert bad > 2 * gaussian and bad > 3.0
+        assert bad > 2 * gaussian and bad > 6.0
     assert collapsed > 100 and scaled > 100
 
 
 def test_gaussian_expectation_does_not_grow_with_n():
     g = gen(1)
     for n in (256, 4096):
-        assert epps_pulley(torch.randn(64, n, generator=g)).mean() < 0.8
+        assert epps_pulley(torch.randn(64, n, generator=g)).mean() < 1.6
 
 
 def test_gradient_spreads_a_collapsed_batch():
@@ -73,9 +73,10 @@ def test_float32_inside_autocast_bf16():
 
 
 def slow_epps_pulley(x: torch.Tensor, knots: int, t_max: float) -> float:
-    """Direct formula with complex exponentials and a Python loop over knots."""
+    """Direct formula: the trapezoid rule over the whole range [-t_max, t_max] (2 * knots - 1 knots), with
+    complex exponentials and a Python loop over knots; the scale of the LeJEPA reference."""
     x = x.double()
-    ts = [t_max * k / (knots - 1) for k in range(knots)]
+    ts = [t_max * k / (knots - 1) for k in range(-(knots - 1), knots)]
     vals = []
     for t in ts:
         ecf = torch.exp(1j * t * x).mean()
@@ -95,6 +96,15 @@ def test_epps_pulley_matches_direct_formula(knots):
 def test_trapezoid_converges_to_the_integral():
     x = torch.randn(200, generator=gen(7)) * 1.5
     torch.testing.assert_close(epps_pulley(x, knots=17), epps_pulley(x, knots=4001), rtol=0.02, atol=0.02)
+
+
+def test_per_group_statistic_is_the_mean_of_each_group():
+    """z (G, N, D): each group tested on its own with the same directions (SIGReg per time step)."""
+    z = torch.randn(3, 128, 8, generator=gen(13))
+    z[1] *= 3  # one group far from N(0, 1)
+    grouped = sigreg_loss(z, num_directions=16, generator=gen(14))
+    each = [sigreg_loss(z[k], num_directions=16, generator=gen(14)) for k in range(3)]
+    torch.testing.assert_close(grouped, sum(each) / 3)
 
 
 def test_directions_are_unit_and_reproducible():

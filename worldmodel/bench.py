@@ -6,23 +6,26 @@ baseline the others are compared with, measured in the same run.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
 from worldmodel.model import WorldModel, resolve_device, synchronize
-from worldmodel.train import autocast_for, model_config, preset_config, step_generator, world_model_losses
+from worldmodel.objective import autocast_for, step_generator, world_model_losses
+from worldmodel.train import preset_config
 
-ENCODERS = {"conv": {}, "vit (width 192, depth 6, patch 8)": {"encoder": "vit"}}
+ENCODERS = {"conv": {}, "vit (width 192, depth 6, patch 8)": {"model.encoder.kind": "vit"}}
 
 
 def steps_per_s(cfg, device: torch.device, batch_size: int, steps: int) -> float:
-    model = WorldModel(model_config(cfg, 64, "reacher-easy")).to(device)
+    model = WorldModel(dataclasses.replace(cfg.model, image_size=64)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(0)
-    frames = torch.randint(0, 256, (batch_size, cfg.history + cfg.n_pred, 64, 64, 3), dtype=torch.uint8, generator=g)
-    batch = {"pixels": frames.to(device),
-             "actions": (torch.rand(batch_size, cfg.history + cfg.n_pred - 1, 2 * cfg.frameskip, generator=g) * 2 - 1).to(device)}
+    frames_per_window = cfg.model.history + cfg.n_pred
+    frames = torch.randint(0, 256, (batch_size, frames_per_window, 64, 64, 3), dtype=torch.uint8, generator=g)
+    actions = torch.rand(batch_size, frames_per_window - 1, cfg.model.action_dim, generator=g) * 2 - 1
+    batch = {"pixels": frames.to(device), "actions": actions.to(device)}
     def step(k: int) -> None:
         with autocast_for(device):
             loss = world_model_losses(model, batch, cfg, step_generator(0, k, 0, device))["loss"]
@@ -43,13 +46,13 @@ def run(device: str = "auto", steps: int = 10) -> str:
     dev = resolve_device(device)
     base = preset_config("demo")
     batch_size = base.batch_size
-    frames_per_step = batch_size * (base.history + base.n_pred)
+    frames_per_step = batch_size * (base.model.history + base.n_pred)
     lines = [f"Device {dev}, torch threads {torch.get_num_threads()}; the demo preset: batch {batch_size} windows of "
-             f"{base.history + base.n_pred} frames (64x64), {base.rollout_steps}-step rollout loss.", "",
+             f"{base.model.history + base.n_pred} frames (64x64), {base.rollout_steps}-step rollout loss.", "",
              "| encoder | steps/s | frames/s | vs conv |", "|---|---|---|---|"]
     conv = None
     for label, overrides in ENCODERS.items():
-        rate = steps_per_s(preset_config("demo", **overrides), dev, batch_size, steps)
+        rate = steps_per_s(preset_config("demo", overrides), dev, batch_size, steps)
         conv = conv or rate
         lines.append(f"| {label} | {rate:.2f} | {rate * frames_per_step:.0f} | {rate / conv:.2f}x |")
     return "\n".join(lines)

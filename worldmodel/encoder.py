@@ -8,30 +8,41 @@ LayerNorm alone would fix the embedding's scale per sample and keep SIGReg from 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from einops import pack, rearrange, unpack
 from torch import Tensor
 
+from worldmodel.config import option
 from worldmodel.layers import Attention, feed_forward
 
 
 @dataclass
 class EncoderConfig:
-    kind: str = field(default="conv", metadata={"help": "backbone: 'conv' (fast on CPU) or 'vit'"})
-    image_size: int = field(default=64, metadata={"help": "input frames are image_size x image_size (32..224)"})
-    latent_dim: int = field(default=64, metadata={"help": "D, the size of the latent the projector outputs"})
-    proj_hidden: int = field(default=512, metadata={"help": "hidden width of the projector MLP"})
-    conv_channels: int = field(default=32, metadata={"help": "conv: channels of the first stage, doubled per stage"})
-    conv_stages: int = field(default=4, metadata={"help": "conv: stride-2 stages (64px -> 4x4 with 4 stages)"})
-    conv_grid: int = field(default=4, metadata={"help": "conv: final feature map pooled to grid x grid, then flattened"})
-    patch_size: int = field(default=8, metadata={"help": "vit: patch size (8 for 64px, 16 for 224px)"})
-    vit_width: int = field(default=192, metadata={"help": "vit: token width"})
-    vit_depth: int = field(default=6, metadata={"help": "vit: transformer blocks"})
-    vit_heads: int = field(default=3, metadata={"help": "vit: attention heads (vit_width must divide evenly)"})
-    vit_pool: str = field(default="cls", metadata={"help": "vit: image feature from the 'cls' token or the 'mean' of patches"})
+    """The backbone; the image size and latent size are the world model's (``WorldModelConfig``)."""
+
+    kind: str = option("conv", "backbone: conv (fast on CPU) or vit (the LeJEPA choice)", choices=("conv", "vit"))
+    proj_hidden: int = option(512, "hidden width of the projector MLP")
+    conv_channels: int = option(32, "conv: channels of the first stage, doubled per stage")
+    conv_stages: int = option(4, "conv: stride-2 stages (64px -> 4x4 with 4 stages)")
+    conv_grid: int = option(4, "conv: final feature map pooled to grid x grid, then flattened")
+    patch_size: int = option(8, "vit: patch size (8 for 64px, 16 for 224px); must divide the image size")
+    vit_width: int = option(192, "vit: token width (a multiple of vit-heads)")
+    vit_depth: int = option(6, "vit: transformer blocks")
+    vit_heads: int = option(3, "vit: attention heads")
+    vit_pool: str = option("cls", "vit: image feature from the cls token or the mean of patches", choices=("cls", "mean"))
+
+    def __post_init__(self):
+        positive = {k: getattr(self, k) for k in ("proj_hidden", "conv_channels", "conv_stages", "conv_grid",
+                                                  "patch_size", "vit_width", "vit_depth", "vit_heads")}
+        bad = {k: v for k, v in positive.items() if not (isinstance(v, int) and v >= 1)}
+        if bad:
+            raise ValueError(f"encoder settings must be positive integers, got {bad}")
+        if self.vit_width % self.vit_heads:
+            raise ValueError(f"--encoder.vit-width ({self.vit_width}) must be a multiple of --encoder.vit-heads "
+                             f"({self.vit_heads})")
 
 
 # --- shared building blocks (the predictor's transformer uses them too) ------------------------------
@@ -46,13 +57,15 @@ class FrameEncoder(nn.Module):
 
     Frames are uint8 in [0, 255] or floats already in [0, 1], channels first, with any leading dims:
     (B, 3, H, W) -> (B, D), (B, T, 3, H, W) -> (B, T, D). The projector's BatchNorm normalises over all
-    frames of the call in train mode; call eval() before encoding for planning.
+    frames of the call in train mode; call eval() before encoding for planning. Latents are float32
+    under bf16 autocast too: near the goal the latent changes that decide success are as small as bf16's
+    rounding step at |z| ~ 1.
     """
 
-    def __init__(self, feature_dim: int, cfg: EncoderConfig):
+    def __init__(self, feature_dim: int, cfg: EncoderConfig, image_size: int, latent_dim: int):
         super().__init__()
-        self.cfg = cfg
-        self.projector = projector(feature_dim, cfg.proj_hidden, cfg.latent_dim)
+        self.cfg, self.image_size, self.latent_dim = cfg, image_size, latent_dim
+        self.projector = projector(feature_dim, cfg.proj_hidden, latent_dim)
 
     def features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -61,7 +74,7 @@ class FrameEncoder(nn.Module):
         x, packed_shape = pack([frames], "* c h w")  # (N, 3, H, W)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         x = (x - 0.5) / 0.5
-        z = self.projector(self.features(x))  # (N, D)
+        z = self.projector(self.features(x)).float()  # (N, D); float32 even under bf16 autocast
         return unpack(z, packed_shape, "* d")[0]
 
 
@@ -73,9 +86,9 @@ class ConvEncoder(FrameEncoder):
     About 30 MFLOPs per 64x64 frame with the defaults.
     """
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, image_size: int, latent_dim: int):
         channels = [3] + [cfg.conv_channels * 2**i for i in range(cfg.conv_stages)]
-        super().__init__(channels[-1] * cfg.conv_grid**2, cfg)
+        super().__init__(channels[-1] * cfg.conv_grid**2, cfg, image_size, latent_dim)
         layers = []
         for c_in, c_out in zip(channels[:-1], channels[1:]):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(math.gcd(8, c_out), c_out), nn.SiLU()]
@@ -103,11 +116,11 @@ class ViTBlock(nn.Module):
 class ViTEncoder(FrameEncoder):
     """Small ViT: patch embedding, learned positional embedding, optional CLS token, pre-norm blocks."""
 
-    def __init__(self, cfg: EncoderConfig):
-        assert cfg.image_size % cfg.patch_size == 0, "image_size must be a multiple of patch_size"
-        assert cfg.vit_pool in ("cls", "mean"), f"unknown vit_pool {cfg.vit_pool!r}"
-        super().__init__(cfg.vit_width, cfg)
-        width, num_patches = cfg.vit_width, (cfg.image_size // cfg.patch_size) ** 2
+    def __init__(self, cfg: EncoderConfig, image_size: int, latent_dim: int):
+        if image_size % cfg.patch_size:
+            raise ValueError(f"the image size ({image_size}) must be a multiple of --encoder.patch-size ({cfg.patch_size})")
+        super().__init__(cfg.vit_width, cfg, image_size, latent_dim)
+        width, num_patches = cfg.vit_width, (image_size // cfg.patch_size) ** 2
         self.patch_embed = nn.Conv2d(3, width, cfg.patch_size, stride=cfg.patch_size)
         self.cls = nn.Parameter(torch.zeros(1, 1, width)) if cfg.vit_pool == "cls" else None
         self.pos = nn.Parameter(torch.zeros(1, num_patches + (self.cls is not None), width))
@@ -118,7 +131,8 @@ class ViTEncoder(FrameEncoder):
             nn.init.trunc_normal_(self.cls, std=0.02)
 
     def features(self, x: Tensor) -> Tensor:
-        assert x.shape[-1] == x.shape[-2] == self.cfg.image_size, f"expected {self.cfg.image_size}px frames"
+        if not x.shape[-1] == x.shape[-2] == self.image_size:
+            raise ValueError(f"expected {self.image_size}px frames, got {tuple(x.shape[-2:])}")
         x = rearrange(self.patch_embed(x), "n c h w -> n (h w) c")  # (N, P, W)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)  # (N, 1 + P, W)
@@ -126,8 +140,8 @@ class ViTEncoder(FrameEncoder):
         return x[:, 0] if self.cls is not None else x.mean(dim=1)  # (N, W)
 
 
-def build_encoder(cfg: EncoderConfig) -> FrameEncoder:
+def build_encoder(cfg: EncoderConfig, image_size: int, latent_dim: int) -> FrameEncoder:
     encoders = {"conv": ConvEncoder, "vit": ViTEncoder}
     if cfg.kind not in encoders:
         raise ValueError(f"unknown encoder kind {cfg.kind!r}; choose from {sorted(encoders)}")
-    return encoders[cfg.kind](cfg)
+    return encoders[cfg.kind](cfg, image_size, latent_dim)

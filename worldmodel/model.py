@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,10 +17,11 @@ import torch.nn as nn
 from einops import rearrange
 from torch import Tensor
 
+from worldmodel.config import from_dict, nested, option
 from worldmodel.encoder import EncoderConfig, build_encoder
 from worldmodel.predictor import PredictorConfig, build_predictor
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: latent size, history and image size moved from the sub-configs to the top
 
 
 class CheckpointError(ValueError):
@@ -29,39 +30,54 @@ class CheckpointError(ValueError):
 
 @dataclass
 class WorldModelConfig:
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    predictor: PredictorConfig = field(default_factory=PredictorConfig)
-    frameskip: int = field(default=5, metadata={"help": "env steps between two latents; one action chunk spans them"})
-    env: str = field(default="reacher-easy", metadata={"help": "environment the model was trained on"})
+    """The architecture. ``image_size`` and ``env`` are filled from the training data."""
+
+    latent_dim: int = option(64, "D, the size of a latent (the encoder's output, the predictor's state)")
+    history: int = option(3, "latents (and action chunks) each prediction sees")
+    frameskip: int = option(5, "env steps between two latents; one action chunk spans them")
+    image_size: int | None = option(None, "frames are resized to this many pixels square (default: the dataset's "
+                                          "size)")
+    env: str = option("reacher-easy", "environment the model was trained on", cli=False)
+    encoder: EncoderConfig = nested(EncoderConfig, "frame encoder")
+    predictor: PredictorConfig = nested(PredictorConfig, "latent dynamics")
+
+    def __post_init__(self):
+        bad = {k: getattr(self, k) for k in ("latent_dim", "history", "frameskip")
+               if not (isinstance(getattr(self, k), int) and getattr(self, k) >= 1)}
+        if bad:
+            raise ValueError(f"model settings must be positive integers, got {bad}")
+        if self.image_size is not None and not 16 <= self.image_size <= 512:
+            raise ValueError(f"--image-size must be in [16, 512], got {self.image_size}")
 
     @property
-    def history(self) -> int:
-        return self.predictor.history
-
-    @property
-    def image_size(self) -> int:
-        return self.encoder.image_size
+    def action_dim(self) -> int:
+        """A: one action chunk, the ``frameskip`` 2-D actions between two latents."""
+        return 2 * self.frameskip
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "WorldModelConfig":
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known - {"encoder", "predictor"}
-        if unknown:
-            raise CheckpointError(f"unknown world-model config keys {sorted(unknown)}")
-        return cls(encoder=_sub(EncoderConfig, d.pop("encoder", {})),
-                   predictor=_sub(PredictorConfig, d.pop("predictor", {})), **d)
+        try:
+            return from_dict(cls, _upgrade_v1(d), "model config")
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(str(exc)) from exc
 
 
-def _sub(cls, d: dict):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise CheckpointError(f"unknown {cls.__name__} keys {sorted(unknown)}")
-    return cls(**d)
+def _upgrade_v1(d: dict) -> dict:
+    """Format 1 kept latent_dim/image_size in the encoder config and latent_dim/action_dim/history in the
+    predictor's; read such a config as format 2."""
+    if not isinstance(d, dict) or "latent_dim" in d:
+        return d
+    d, enc, pred = dict(d), dict(d.get("encoder", {})), dict(d.get("predictor", {}))
+    d["latent_dim"] = enc.pop("latent_dim", 64)
+    d["image_size"] = enc.pop("image_size", 64)
+    d["history"] = pred.pop("history", 3)
+    pred.pop("latent_dim", None)
+    pred.pop("action_dim", None)
+    d["encoder"], d["predictor"] = enc, pred
+    return d
 
 
 class WorldModel(nn.Module):
@@ -69,18 +85,16 @@ class WorldModel(nn.Module):
 
     def __init__(self, cfg: WorldModelConfig):
         super().__init__()
-        if cfg.predictor.latent_dim != cfg.encoder.latent_dim:
-            raise ValueError("predictor.latent_dim must equal encoder.latent_dim")
-        if cfg.predictor.action_dim != 2 * cfg.frameskip:
-            raise ValueError(f"predictor.action_dim must be 2 * frameskip = {2 * cfg.frameskip}")
+        if cfg.image_size is None:
+            raise ValueError("WorldModelConfig.image_size must be set (training fills it from the data)")
         self.cfg = cfg
-        self.encoder = build_encoder(cfg.encoder)
-        self.predictor = build_predictor(cfg.predictor)
+        self.encoder = build_encoder(cfg.encoder, cfg.image_size, cfg.latent_dim)
+        self.predictor = build_predictor(cfg.predictor, cfg.latent_dim, cfg.action_dim, cfg.history)
 
     @property
     def action_dim(self) -> int:
         """A: one action chunk, the ``frameskip`` 2-D actions between two latents."""
-        return 2 * self.cfg.frameskip
+        return self.cfg.action_dim
 
     @property
     def history(self) -> int:
@@ -129,23 +143,11 @@ class WorldModel(nn.Module):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "WorldModel":
         """Load a checkpoint written by ``save``; a clear ``CheckpointError`` if it does not fit."""
         path = Path(path)
-        meta_path = path.with_suffix(".json")
         if not path.is_file():
             raise CheckpointError(f"{path}: no such checkpoint")
-        if not meta_path.is_file():
-            raise CheckpointError(f"{path}: its config {meta_path.name} is missing beside it")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{meta_path}: not valid JSON: {exc}") from exc
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads {FORMAT_VERSION}")
+        meta = read_model_meta(path)
         model = cls(WorldModelConfig.from_dict(meta["config"]))
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot be read as a weights file: {exc}") from exc
+        state = load_weights_file(path, "a weights file")
         mine = model.state_dict()
         missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
         wrong = [k for k in mine.keys() & state.keys() if mine[k].shape != state[k].shape]
@@ -154,19 +156,63 @@ class WorldModel(nn.Module):
                 f"{path}: weights do not match its config (another config or code version?): "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
         model.load_state_dict(state)
-        return model.to(device).eval()
+        return model.to(resolve_device(device)).eval()
+
+
+def read_model_meta(path: str | Path) -> dict:
+    """The JSON beside a ``model.pt``: its config, format version and what training recorded."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path}: its config {meta_path.name} is missing beside it")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{meta_path}: not a model config (a JSON object with a 'config' object)")
+    version = meta.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads 1 and {FORMAT_VERSION}")
+    return meta
+
+
+def load_weights_file(path: Path, what: str) -> dict:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickles.
+
+    Any failure (truncated file, not a torch file, a pickle that would run code) is a
+    ``CheckpointError`` naming the file, not torch's own advice to turn ``weights_only`` off.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot be read as {what} (truncated, corrupt, or not written by this "
+                              f"program; it is never unpickled): {reason[:200]}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: cannot be read as {what}: holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a reader sees the old file or the new one, never half of
+    one. On failure (a full disk, say) the temporary file is removed and the old file is kept."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 
 
 def synchronize(device: torch.device) -> None:
@@ -175,8 +221,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU."""
-    if device == "auto":
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; asking for CUDA on a machine without it is a clear error."""
+    if isinstance(device, torch.device):
+        chosen = device
+    elif device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    else:
+        try:
+            chosen = torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}") from exc
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu or auto")
+    return chosen

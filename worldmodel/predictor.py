@@ -5,31 +5,41 @@ is the chunk applied after frame t. ``predictor(z, a)`` returns (B, T, D) whose 
 z[:, t+1] from the window z[:, t-history+1 : t+1], a[:, t-history+1 : t+1] and nothing else.
 
 Every output is computed from its own window, in training as in rollout, so the model sees exactly
-the same kind of context in both. Windows that would start before position 0 are left-padded by
+the same kind of context in both. The latent stream (inputs, residual adds, outputs) stays float32
+under bf16 autocast; only the network's matmuls run in bf16. Windows that would start before position 0 are left-padded by
 repeating the first latent and with zero actions (as if the arm had been resting there).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from einops import pack, rearrange, repeat, unpack
 from torch import Tensor
 
+from worldmodel.config import option
 from worldmodel.layers import Attention, feed_forward
 
 
 @dataclass
 class PredictorConfig:
-    kind: str = field(default="mlp", metadata={"help": "'mlp' (fast) or 'transformer' (causal, AdaLN-zero actions)"})
-    latent_dim: int = field(default=64, metadata={"help": "D, must equal the encoder's latent_dim"})
-    action_dim: int = field(default=2, metadata={"help": "A, size of one action chunk (frameskip * 2 for Reacher)"})
-    history: int = field(default=3, metadata={"help": "latents (and action chunks) each prediction sees"})
-    hidden: int = field(default=256, metadata={"help": "MLP hidden width / transformer token width"})
-    depth: int = field(default=3, metadata={"help": "MLP hidden layers / transformer blocks"})
-    heads: int = field(default=4, metadata={"help": "transformer: attention heads (hidden must divide evenly)"})
+    """The dynamics network; latent size, action chunk and history are the world model's."""
+
+    kind: str = option("mlp", "mlp (fast) or transformer (causal, AdaLN-zero actions; a GPU option)",
+                       choices=("mlp", "transformer"))
+    hidden: int = option(256, "MLP hidden width / transformer token width (256 keeps CEM 300x30 fast on a CPU)")
+    depth: int = option(3, "MLP hidden layers / transformer blocks")
+    heads: int = option(4, "transformer: attention heads (hidden must be a multiple)")
+
+    def __post_init__(self):
+        bad = {k: getattr(self, k) for k in ("hidden", "depth", "heads")
+               if not (isinstance(getattr(self, k), int) and getattr(self, k) >= 1)}
+        if bad:
+            raise ValueError(f"predictor settings must be positive integers, got {bad}")
+        if self.kind == "transformer" and self.hidden % self.heads:
+            raise ValueError(f"--predictor.hidden ({self.hidden}) must be a multiple of --predictor.heads ({self.heads})")
 
 
 def left_pad(z: Tensor, a: Tensor, length: int) -> tuple[Tensor, Tensor]:
@@ -45,10 +55,9 @@ def left_pad(z: Tensor, a: Tensor, length: int) -> tuple[Tensor, Tensor]:
 class Predictor(nn.Module):
     """Base: builds the windows; subclasses map windows (N, h, D), (N, h, A) to next latents (N, D)."""
 
-    def __init__(self, cfg: PredictorConfig):
+    def __init__(self, cfg: PredictorConfig, latent_dim: int, action_dim: int, history: int):
         super().__init__()
-        self.cfg = cfg
-        self.history = cfg.history
+        self.cfg, self.latent_dim, self.action_dim, self.history = cfg, latent_dim, action_dim, history
 
     def predict_window(self, z: Tensor, a: Tensor) -> Tensor:
         raise NotImplementedError
@@ -93,20 +102,20 @@ class Predictor(nn.Module):
 class MLPPredictor(Predictor):
     """MLP on the flattened window; predicts the change of the last latent (z_t + delta)."""
 
-    def __init__(self, cfg: PredictorConfig):
-        super().__init__(cfg)
-        width = cfg.history * (cfg.latent_dim + cfg.action_dim)
+    def __init__(self, cfg: PredictorConfig, latent_dim: int, action_dim: int, history: int):
+        super().__init__(cfg, latent_dim, action_dim, history)
+        width = history * (latent_dim + action_dim)
         layers = []
         for _ in range(cfg.depth):
             layers += [nn.Linear(width, cfg.hidden), nn.LayerNorm(cfg.hidden), nn.GELU()]
             width = cfg.hidden
-        self.mlp = nn.Sequential(*layers, nn.Linear(width, cfg.latent_dim))
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, latent_dim))
         nn.init.zeros_(self.mlp[-1].weight)  # start as "nothing moves"
         nn.init.zeros_(self.mlp[-1].bias)
 
     def predict_window(self, z: Tensor, a: Tensor) -> Tensor:
         x = torch.cat([rearrange(z, "n h d -> n (h d)"), rearrange(a, "n h a -> n (h a)")], dim=-1)
-        return z[:, -1] + self.mlp(x)  # (N, D)
+        return z[:, -1].float() + self.mlp(x).float()  # (N, D): the residual add in float32, also under autocast
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -142,16 +151,16 @@ class TransformerPredictor(Predictor):
     Predicts z_t + delta from the last slot.
     """
 
-    def __init__(self, cfg: PredictorConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: PredictorConfig, latent_dim: int, action_dim: int, history: int):
+        super().__init__(cfg, latent_dim, action_dim, history)
         w = cfg.hidden
-        self.embed_z = nn.Linear(cfg.latent_dim, w)
-        self.embed_a = nn.Sequential(nn.Linear(cfg.action_dim, w), nn.SiLU(), nn.Linear(w, w))
-        self.pos = nn.Parameter(torch.zeros(1, cfg.history, w))
+        self.embed_z = nn.Linear(latent_dim, w)
+        self.embed_a = nn.Sequential(nn.Linear(action_dim, w), nn.SiLU(), nn.Linear(w, w))
+        self.pos = nn.Parameter(torch.zeros(1, history, w))
         self.blocks = nn.ModuleList([AdaLNBlock(w, cfg.heads) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(w, elementwise_affine=False)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
-        self.out = nn.Linear(w, cfg.latent_dim)
+        self.out = nn.Linear(w, latent_dim)
         nn.init.trunc_normal_(self.pos, std=0.02)
         for layer in (self.ada_out[-1], self.out):  # start as "nothing moves"
             nn.init.zeros_(layer.weight)
@@ -163,11 +172,12 @@ class TransformerPredictor(Predictor):
         for block in self.blocks:
             x = block(x, c)
         shift, scale = self.ada_out(c[:, -1]).chunk(2, dim=-1)  # (N, W) each
-        return z[:, -1] + self.out(modulate(self.norm(x[:, -1]), shift, scale))  # (N, D)
+        delta = self.out(modulate(self.norm(x[:, -1]), shift, scale))  # (N, D)
+        return z[:, -1].float() + delta.float()  # the residual add in float32, also under autocast
 
 
-def build_predictor(cfg: PredictorConfig) -> Predictor:
+def build_predictor(cfg: PredictorConfig, latent_dim: int, action_dim: int, history: int) -> Predictor:
     predictors = {"mlp": MLPPredictor, "transformer": TransformerPredictor}
     if cfg.kind not in predictors:
         raise ValueError(f"unknown predictor kind {cfg.kind!r}; choose from {sorted(predictors)}")
-    return predictors[cfg.kind](cfg)
+    return predictors[cfg.kind](cfg, latent_dim, action_dim, history)

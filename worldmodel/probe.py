@@ -6,6 +6,8 @@ identifiable; R^2 of a ridge regression from latent to state, on held-out episod
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -73,3 +75,41 @@ def run_probe(model, store, train_ids, test_ids, stride: int = 5, device="cpu") 
     z_te, y_te = encode_frames(model, store, test_ids, stride, device=device)
     model.train(was_training)
     return probe_r2(z_tr, y_tr, z_te, y_te)
+
+
+def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out: str = "") -> dict:
+    """``wm probe``: R^2 of the trained encoder next to the same architecture untrained (the floor), fit on
+    the episodes the model trained on and scored on held-out ones (``worldmodel.datasplit``). Writes
+    ``probe.json`` and ``probe.md`` (beside the checkpoint unless ``out``)."""
+    from envs.dataset import EpisodeStore
+    from worldmodel.datasplit import probe_split
+    from worldmodel.model import WorldModel, atomic_write_json, read_model_meta
+
+    trained = WorldModel.load(checkpoint, device)
+    meta = read_model_meta(checkpoint)
+    data = data or meta.get("data", {}).get("path") or meta.get("train_config", {}).get("data")
+    if not data:
+        raise ValueError(f"{checkpoint} does not record its dataset; pass --data")
+    store = EpisodeStore(data, image_size=trained.cfg.image_size)
+    store.require_states(("qpos", "finger"), "linear probes")
+    fit, test, note = probe_split(store, meta)
+    print(f"probing {checkpoint} (step {meta.get('step')}) on {data}: fit on {len(fit)} episodes, scored on "
+          f"{len(test)}: {note}", flush=True)
+    torch.manual_seed(0)
+    untrained = type(trained)(trained.cfg).to(trained.device)  # same architecture, random weights: the floor
+    rows = {}
+    for label, model in (("trained", trained), ("untrained (floor)", untrained)):
+        print(f"  encoding frames with the {label} encoder", flush=True)
+        rows[label] = run_probe(model, store, fit, test, device=trained.device)
+    names = [*PROBE_TARGETS, "joints_mean"]
+    md = ["| encoder | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    md += [f"| {label} | " + " | ".join(f"{r2[n]:.3f}" for n in names) + " |" for label, r2 in rows.items()]
+    markdown = (f"Linear-probe R^2 of `{checkpoint}` (step {meta.get('step')}) on `{data}`; fit on {len(fit)} "
+                f"episodes, scored on {len(test)} ({note}).\n\n" + "\n".join(md) + "\n")
+    where = Path(out) if out else Path(checkpoint).parent
+    where.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(where / "probe.json", {"checkpoint": str(checkpoint), "step": meta.get("step"), "data": str(data),
+                                             "fit_episodes": len(fit), "scored_episodes": len(test), "split": note,
+                                             "r2": rows})
+    (where / "probe.md").write_text(markdown)
+    return {"r2": rows, "markdown": markdown, "json": str(where / "probe.json"), "md": str(where / "probe.md")}

@@ -1,0 +1,375 @@
+"""stable-worldmodel's single-file HDF5 datasets: read (mapped onto our episodes) and written.
+
+Their layout (stable-worldmodel: ``stable_worldmodel/data/formats/hdf5.py``, ``HDF5Writer`` and
+``HDF5Dataset``; ``stable_worldmodel/world.py``, ``World.record_dataset``): ONE ``.h5`` file, one HDF5
+dataset per column with the rows of all episodes concatenated, and two index datasets:
+
+    pixels     (N, H, W, 3) uint8     frames (224 x 224 in the published Reacher data)
+    action     (N, A)       float     float64 for dm_control envs (their action_spec dtype)
+    qpos, qvel (N, nq)      float64   physics.data.qpos / qvel (Reacher: shoulder, wrist)
+    finger_pos, target_pos (N, 2)     in newer versions of their Reacher wrapper only
+    ...        any other info key: reward, terminated, truncated, step_idx, id, ep_idx, variation.*, ...
+    ep_len     (E,)         int32     rows of episode e
+    ep_offset  (E,)         int64     its first row: episode e is rows ep_offset[e] : ep_offset[e] + ep_len[e]
+
+Action convention (``World._handle_done_ep`` / ``World.collect``: "left-shift actions to align with
+observations i.e. (o_t, a_t)"): the reset's info carries a NaN action; when an episode ends its first
+action is moved to the end. So row t holds the frame *before* action t, and the last row's action is
+NaN: nothing follows the last frame. On our side an episode of T actions has T+1 frames and
+``action[t]`` leads from frame t to frame t+1, so an episode of L rows becomes L frames and the actions
+of rows 0 .. L-2; the last row's action is ignored whatever it holds, and we write NaN there.
+
+Their reader imports ``hdf5plugin`` (pixels of ``record_dataset`` files are Blosc/LZ4 compressed,
+filter id 32001); we do too when it is installed, and name a missing filter otherwise.
+
+What the file does not say gets a documented default (``SWM_DEFAULTS``): env ``reacher-easy``
+(override with ``env=``), size from the pixels, the target hidden and dm_control's standard look (their
+wrapper renders with ``physics.render``), and ``action_repeat`` 2: their dm_control wrapper applies each
+action for two control steps (``DMControlWrapper.action_repeat = 2``), ours for one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from envs.storage import (DEFAULT_DATA, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _plain, check_arrays, check_filters,
+                          complete_states, episode_key, episode_uid, open_h5, package_versions, write_shard)
+
+INDEX_KEYS = ("ep_len", "ep_offset")
+# Our name -> the column names that may hold it, first match wins.
+COLUMNS = {"pixels": ("pixels",), "action": ("action",), "qpos": ("qpos",), "qvel": ("qvel",),
+           "finger": ("finger_pos", "finger"), "target": ("target_pos", "target")}
+SWM_DEFAULTS = {"env": "reacher-easy", "hide_target": True, "render_quality": "standard", "action_repeat": 2}
+LAYOUT = "stable-worldmodel"
+COMPRESSIONS = ("blosc", "gzip", None)
+
+
+def is_swm_file(path: str | Path) -> bool:
+    """True for an HDF5 file with ``ep_len``/``ep_offset`` datasets at its root (their layout)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return is_swm_handle(f)
+    except OSError:
+        return False  # not HDF5: inspect_shard says so
+
+
+def is_swm_handle(f: h5py.File) -> bool:
+    return any(isinstance(f.get(k), h5py.Dataset) for k in INDEX_KEYS)
+
+
+def content_digest(f: h5py.File) -> str:
+    """A hash of the episode table and the actions: what tells two same-shaped files apart."""
+    digest = hashlib.sha256()
+    for key in (*INDEX_KEYS, "action"):
+        if isinstance(f.get(key), h5py.Dataset):
+            try:
+                digest.update(np.ascontiguousarray(f[key][()]).tobytes())
+            except OSError as exc:
+                raise DatasetError(f"{f.filename}: column {key!r} cannot be read: {exc}") from exc
+    return digest.hexdigest()
+
+
+# --- reading -------------------------------------------------------------------------------------
+def inspect_swm(path: str | Path, env: str | None = None) -> ShardInfo:
+    """Open one stable-worldmodel file, check it and return its episodes in our convention."""
+    path = Path(path)
+    with open_h5(path) as f:
+        lengths, offsets = _episode_table(f, path)
+        names = _columns(f, path)
+        check_filters(path, {k: f[v] for k, v in names.items()})
+        _check_rows(f, path, names, lengths, offsets)
+        pixels = f[names["pixels"]]
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[3] != 3:
+            raise DatasetError(f"{path}: pixels must be uint8 (N, H, W, 3), got {pixels.dtype} {pixels.shape}")
+        file_attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        attrs = _attrs(file_attrs, pixels.shape[1:3], env, path)
+        try:
+            columns = {k: f[v][()] for k, v in names.items() if k != "pixels"}  # (N, ...) each, small
+            pixels[int((offsets + lengths).max()) - 1]  # the last frame: a truncated file fails here
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot be read (truncated or corrupt?): {exc}") from exc
+    columns = _trim_columns(columns, path)
+    episodes, arrays = [], []
+    for e, (start, rows) in enumerate(zip(offsets.tolist(), lengths.tolist())):
+        key = episode_key(e)
+        try:
+            episode = _episode_arrays(columns, start, rows)
+        except DatasetError as exc:
+            raise DatasetError(f"{path}: episode {e} (rows {start}..{start + rows - 1}): {exc}") from None
+        episodes.append(EpisodeRef(path, key, rows - 1, episode_uid(file_attrs, path.name, key, episode["action"]),
+                                   row=start))
+        arrays.append(episode)
+    missing = tuple(k for k in STATE_KEYS if k not in columns and not (k == "finger" and "qpos" in columns))
+    _complete(arrays, attrs["env"], path)
+    return ShardInfo(path, attrs, episodes, arrays, missing, layout=LAYOUT)
+
+
+def _episode_table(f: h5py.File, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(E,) lengths and offsets, checked for shape, type and sign."""
+    for key in INDEX_KEYS:
+        if not isinstance(f.get(key), h5py.Dataset):
+            other = [k for k in INDEX_KEYS if k != key][0]
+            raise DatasetError(f"{path}: has {other!r} but no {key!r} dataset: the stable-worldmodel layout needs "
+                               f"both to locate episodes")
+    lengths, offsets = f["ep_len"][()], f["ep_offset"][()]
+    if lengths.ndim != 1 or lengths.shape != offsets.shape:
+        raise DatasetError(f"{path}: ep_len {lengths.shape} and ep_offset {offsets.shape} must be 1-D and of equal "
+                           f"length (one entry per episode)")
+    if lengths.dtype.kind not in "iu" or offsets.dtype.kind not in "iu":
+        raise DatasetError(f"{path}: ep_len and ep_offset must be integers, got {lengths.dtype} and {offsets.dtype}")
+    if len(lengths) == 0:
+        raise DatasetError(f"{path}: holds no episodes (ep_len is empty)")
+    lengths, offsets = lengths.astype(np.int64), offsets.astype(np.int64)
+    short = np.flatnonzero(lengths < 2)
+    if len(short):
+        e = int(short[0])
+        raise DatasetError(f"{path}: episode {e} has ep_len {lengths[e]}: an episode needs at least 2 rows "
+                           f"(a frame, an action, the next frame)")
+    negative = np.flatnonzero(offsets < 0)
+    if len(negative):
+        raise DatasetError(f"{path}: episode {int(negative[0])} has a negative ep_offset {offsets[negative[0]]}")
+    return lengths, offsets
+
+
+def _columns(f: h5py.File, path: Path) -> dict[str, str]:
+    """Our key -> the file's column name, for the columns we use; the rest are ignored."""
+    names = {}
+    for ours, theirs in COLUMNS.items():
+        found = [n for n in theirs if isinstance(f.get(n), h5py.Dataset)]
+        if found:
+            names[ours] = found[0]
+        elif ours in ("pixels", "action"):
+            raise DatasetError(f"{path}: has no {ours!r} column (columns: {sorted(f.keys())}); a stable-worldmodel "
+                               f"dataset needs 'pixels' (N, H, W, 3) uint8 and 'action' (N, 2)")
+    return names
+
+
+def _check_rows(f: h5py.File, path: Path, names: dict, lengths: np.ndarray, offsets: np.ndarray) -> None:
+    """Every episode within every column we use, and no two episodes sharing rows."""
+    ends = offsets + lengths
+    for ours, name in names.items():
+        rows = f[name].shape[0] if f[name].ndim else 0
+        past = np.flatnonzero(ends > rows)
+        if len(past):
+            e = int(past[0])
+            raise DatasetError(f"{path}: ep_len/ep_offset disagree with the column lengths: episode {e} is rows "
+                               f"{offsets[e]}..{ends[e] - 1} but {name!r} has {rows} rows")
+    order = np.argsort(offsets, kind="stable")
+    overlap = np.flatnonzero(offsets[order][1:] < ends[order][:-1])
+    if len(overlap):
+        a, b = int(order[overlap[0]]), int(order[overlap[0] + 1])
+        raise DatasetError(f"{path}: episodes {a} (rows {offsets[a]}..{ends[a] - 1}) and {b} (rows {offsets[b]}.."
+                           f"{ends[b] - 1}) overlap: ep_offset/ep_len are inconsistent")
+
+
+def _trim_columns(columns: dict, path: Path) -> dict:
+    """(N, 2) views of the columns we use: Reacher's arm is the first two joints of qpos/qvel."""
+    out = {}
+    for key, value in columns.items():
+        if value.ndim != 2 or value.shape[1] < 2 or (key == "action" and value.shape[1] != 2):
+            want = "(N, 2) Reacher actions" if key == "action" else "(N, >=2)"
+            raise DatasetError(f"{path}: column {key!r} must be {want}, got {value.shape}")
+        out[key] = value[:, :2]
+    return out
+
+
+def _episode_arrays(columns: dict, start: int, rows: int) -> dict:
+    """One episode in our convention: T = rows - 1 actions, T + 1 states; the last row's action dropped."""
+    episode = {k: v[start:start + rows] for k, v in columns.items() if k != "action"}
+    episode["action"] = columns["action"][start:start + rows - 1]
+    return check_arrays(episode)
+
+
+def _complete(arrays: list[dict], env: str, path: Path) -> None:
+    """States the file lacks: qpos/qvel NaN when absent (no evaluation then), finger derived or NaN."""
+    for a in arrays:
+        for key in ("qpos", "qvel"):
+            if key not in a:
+                a[key] = np.full((len(a["action"]) + 1, 2), np.nan)
+        if "finger" not in a and not np.isfinite(a["qpos"]).all():
+            a["finger"] = np.full_like(a["qpos"], np.nan)
+    complete_states(arrays, env, path)
+
+
+def _attrs(file_attrs: dict, frame_shape, env: str | None, path: Path) -> dict:
+    """Our attributes: the file's own, the defaults for what it lacks, ``env`` if given."""
+    from envs.reacher import ENV_NAMES
+
+    attrs = {**SWM_DEFAULTS, **file_attrs}
+    if attrs["env"] not in ENV_NAMES:  # e.g. a gym id: kept for reference, not used
+        attrs["source_env"], attrs["env"] = attrs["env"], SWM_DEFAULTS["env"]
+    if env is not None:
+        if env not in ENV_NAMES:
+            raise DatasetError(f"{path}: env must be one of {sorted(ENV_NAMES)}, got {env!r}")
+        attrs["env"] = env
+    height, width = (int(x) for x in frame_shape)
+    attrs.update(size=height if height == width else None, frame_shape=[height, width], layout=LAYOUT)
+    return attrs
+
+
+def read_frames(f: h5py.File, ref: EpisodeRef, index: np.ndarray | None = None) -> np.ndarray:
+    """Frames ``index`` (increasing; all when None) of a stable-worldmodel episode: (n, H, W, 3) uint8."""
+    pixels = f["pixels"]
+    if index is None:
+        return pixels[ref.row:ref.row + ref.steps + 1]
+    return read_rows(pixels, ref.row, np.asarray(index, dtype=np.int64))
+
+
+def read_rows(ds: h5py.Dataset, first: int, index: np.ndarray) -> np.ndarray:
+    """Rows ``first + index`` (increasing) of ``ds`` by contiguous slices: h5py's point selection
+    (``ds[list]``) costs 3 ms per window of 64 px frames and 37 ms with 100-frame Blosc chunks, a slice
+    covering the same rows 0.02 and 1 ms. A sparse selection is read frame by frame."""
+    if len(index) == 0:
+        return ds[first:first]
+    lo, hi = int(index[0]), int(index[-1]) + 1
+    if hi - lo <= max(64, 8 * len(index)):
+        return ds[first + lo:first + hi][index - lo]
+    return np.concatenate([ds[first + k:first + k + 1] for k in index.tolist()])
+
+
+# --- writing -------------------------------------------------------------------------------------
+def write_swm(source, out_path: str | Path, compression: str | None = "blosc", image_size: int | None = None,
+              env: str | None = None) -> Path:
+    """Write a dataset (an ``EpisodeStore`` or anything it opens) as ONE stable-worldmodel ``.h5``.
+
+    Columns ``pixels, action, qpos, qvel, finger_pos, target_pos, step_idx, ep_idx`` plus ``ep_len``
+    (int32) and ``ep_offset`` (int64), rows of all episodes concatenated; ``action`` holds NaN on each
+    episode's last row (their convention). Pixels are Blosc/LZ4 compressed as their recorder does
+    (``compression="gzip"`` or None for readers without hdf5plugin). Episode by episode, so memory stays
+    bounded; atomically (a temporary ``<name>.<pid>.tmp`` beside it, then a rename)."""
+    from envs.dataset import EpisodeStore
+
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    store = source if isinstance(source, EpisodeStore) else EpisodeStore(source, in_memory=False,
+                                                                          image_size=image_size, env=env)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w", libver="latest") as f:  # 'latest': their reader opens with swmr=True
+            _write_columns(f, store, compression)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def _write_columns(f: h5py.File, store, compression: str | None) -> None:
+    lengths = np.array([ref.steps + 1 for ref in store.episodes], np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]]).astype(np.int64)
+    n, s = int(lengths.sum()), store.size
+    f.attrs.update(_file_attrs(store))
+    cols = {"pixels": _column(f, "pixels", (n, s, s, 3), np.uint8, 1, compression),
+            "action": _column(f, "action", (n, 2), np.float32)}
+    names = {"qpos": "qpos", "qvel": "qvel", "finger": "finger_pos", "target": "target_pos"}
+    states = [k for k in names if k not in store.missing_states]
+    cols.update({k: _column(f, names[k], (n, 2), np.float64) for k in states})
+    step_idx, ep_idx = _column(f, "step_idx", (n,), np.int64), _column(f, "ep_idx", (n,), np.int32)
+    for e, (start, rows) in enumerate(zip(offsets.tolist(), lengths.tolist())):
+        episode = store.episode(e)
+        end = start + rows
+        cols["pixels"][start:end] = episode["pixels"]
+        action = np.full((rows, 2), np.nan, np.float32)  # (rows, 2): the last row has no action
+        action[:-1] = episode["action"]
+        cols["action"][start:end] = action
+        for k in states:
+            cols[k][start:end] = episode[k]
+        step_idx[start:end] = np.arange(rows)
+        ep_idx[start:end] = e
+    f.create_dataset("ep_len", data=lengths, maxshape=(None,), chunks=True)
+    f.create_dataset("ep_offset", data=offsets, maxshape=(None,), chunks=True)
+
+
+def _column(f: h5py.File, name: str, shape: tuple, dtype, chunk_rows: int = 4096, compression: str | None = None):
+    """A resizable column (their writer appends to these), chunked by rows."""
+    chunks = (max(1, min(chunk_rows, shape[0])), *shape[1:])
+    return f.create_dataset(name, shape, dtype, chunks=chunks, maxshape=(None, *shape[1:]),
+                            **_compression(compression))
+
+
+def _compression(name: str | None) -> dict:
+    if name == "gzip":
+        return {"compression": "gzip", "compression_opts": 3}
+    if name == "blosc":
+        try:
+            import hdf5plugin
+        except ImportError as exc:
+            raise DatasetError("writing Blosc-compressed pixels needs `pip install hdf5plugin` "
+                               "(or compression='gzip' / None)") from exc
+        return dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
+    return {}
+
+
+def _file_attrs(store) -> dict:
+    """Our attributes travel in the file, so reading it back needs no defaults; None values are dropped."""
+    skip = {"layout", "frame_shape", "versions", "size"}
+    attrs = {k: v for k, v in store.attrs.items() if k not in skip and v is not None}
+    attrs.setdefault("action_repeat", 1)  # our own collections: one control step per action
+    return {**attrs, "size": store.size, "versions": package_versions()}
+
+
+# --- conversion ----------------------------------------------------------------------------------
+def write_shards(store, out_dir: str | Path, episodes_per_shard: int = 20) -> list[Path]:
+    """Write a dataset as a directory of our shards (episode i of the store becomes ``ep_{i:06d}``)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.glob("*.h5")):
+        raise DatasetError(f"{out}: already holds .h5 files; write the shards to an empty directory")
+    lacking = [k for k in ("qpos", "qvel") if k in store.missing_states]
+    if lacking:
+        raise DatasetError(f"cannot write shards: the source has no {lacking} (our shards need qpos and qvel)")
+    out.mkdir(parents=True, exist_ok=True)
+    skip = {"layout", "frame_shape", "versions", "format_version"}
+    attrs = {k: v for k, v in store.attrs.items() if k not in skip and v is not None}
+    attrs["size"] = store.size
+    keep = ("pixels", "action", *(k for k in STATE_KEYS if k not in store.missing_states))
+    paths = []
+    for first in range(0, len(store), episodes_per_shard):
+        ids = range(first, min(first + episodes_per_shard, len(store)))
+        episodes = {i: {k: v for k, v in store.episode(i).items() if k in keep} for i in ids}
+        paths.append(write_shard(out / f"shard_{ids[0]:06d}_{ids[-1]:06d}.h5", episodes, attrs))
+    return paths
+
+
+def convert_dataset(src, dst: str | Path, fmt: str = "swm", image_size: int | None = None, env: str | None = None,
+                    compression: str | None = "blosc") -> Path:
+    """``wm convert``: any dataset we read -> ``fmt`` ``swm`` (one .h5 file) or ``shards`` (a directory)."""
+    from envs.dataset import EpisodeStore
+
+    if fmt not in ("swm", "shards"):
+        raise ValueError(f"format must be 'swm' or 'shards', got {fmt!r}")
+    store = EpisodeStore(src, in_memory=False, image_size=image_size, env=env)
+    try:
+        if fmt == "swm":
+            return write_swm(store, dst, compression)
+        write_shards(store, dst)
+        return Path(dst)
+    finally:
+        store.close()
+
+
+@dataclass
+class ConvertConfig:
+    """``wm convert``: rewrite a dataset as one stable-worldmodel .h5 file or as a directory of our shards."""
+
+    data: str = field(default=DEFAULT_DATA, metadata={"help": "source: a directory of shards or one .h5 file"})
+    out: str = field(default=DEFAULT_DATA + ".h5", metadata={"help": "destination: an .h5 file (swm) or a directory (shards)"})
+    format: str = field(default="swm", metadata={"help": "swm (one file, stable-worldmodel layout) or shards",
+                                                 "choices": ("swm", "shards")})
+    image_size: int | None = field(default=None, metadata={"help": "area-resize frames to this size (default: keep)"})
+    env: str | None = field(default=None, metadata={"help": "the source's env when a stable-worldmodel file does not say"})
+    compression: str = field(default="blosc", metadata={"help": "swm pixels: blosc (as their recorder), gzip or none",
+                                                         "choices": ("blosc", "gzip", "none")})
+
+
+def convert(cfg: ConvertConfig) -> Path:
+    """Run ``wm convert``; returns the destination."""
+    compression = None if cfg.compression == "none" else cfg.compression
+    return convert_dataset(cfg.data, cfg.out, cfg.format, cfg.image_size, cfg.env, compression)

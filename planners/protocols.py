@@ -1,0 +1,132 @@
+"""The evaluation protocols: where episodes start, what their goal is, how long they run, what counts.
+
+Every protocol starts an episode at a row of a held-out dataset episode (its joint angles, velocities
+and target) and runs a fixed budget of env steps. Success is counted from step 1 (after the first
+action): a start already within tolerance of its goal is never drawn.
+
+- ``reach25``: goal = the pose 25 env steps later in the same episode, budget 50.
+- ``reach50``: goal 50 steps later, budget 100.
+- ``uniform``: goal pose uniform over the joint range (shoulder unlimited, wrist within its limit), budget 100.
+- ``lewm``: the published LeWorldModel Reacher protocol as released: goal 25 steps later, budget 50,
+  success ``|qpos - goal| < tolerance`` on every joint WITHOUT wrapping angles, the planner conditioned
+  on the current frame only, CEM 300 samples x 30 iterations with the top 30, horizon 5 chunks, the
+  whole plan executed before replanning, cost on the last predicted latent, the final mean executed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from envs import joint_error as wrapped_joint_error
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    goal_offset: int | None  # env steps from the start to the goal in the same episode; None: a uniform pose
+    budget: int  # env steps
+    wrap: bool = True  # joint errors on wrapped angles (False: raw differences, as LeWM released)
+    true_history: bool = True  # the world model sees the frames before the start (False: the current frame only)
+    policy: dict = field(default_factory=dict)  # {dotted PolicyConfig setting: value} the protocol fixes
+
+
+LEWM_POLICY = {"planner": "cem", "search.samples": 300, "search.iterations": 30, "search.horizon": 5,
+               "search.cost": "final", "cem.elites": 30, "cem.init_std": 1.0, "cem.min_std": 0.0,
+               "cem.momentum": 0.0, "cem.keep_elites": False, "cem.plan_from": "mean", "receding_horizon": 5,
+               "context": 1}
+
+PROTOCOLS = {
+    "reach25": Protocol("reach25", 25, 50),
+    "reach50": Protocol("reach50", 50, 100),
+    "uniform": Protocol("uniform", None, 100),
+    "lewm": Protocol("lewm", 25, 50, wrap=False, true_history=False, policy=LEWM_POLICY),
+}
+
+
+def parse_protocols(names: str) -> list[Protocol]:
+    chosen = [p.strip() for p in names.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in PROTOCOLS]
+    if unknown or not chosen:
+        raise ValueError(f"--protocol must be a comma list of {list(PROTOCOLS)}, got {names!r}")
+    return [PROTOCOLS[p] for p in chosen]
+
+
+def joint_errors(qpos: np.ndarray, goal: np.ndarray, wrap: bool = True) -> np.ndarray:
+    """Largest joint-angle error: (..., 2), (..., 2) -> (...); angles wrapped to [-pi, pi) unless ``wrap``
+    is off (LeWM's rule, under which a shoulder at pi - 0.01 is 2 pi - 0.02 away from one at -pi + 0.01)."""
+    if wrap:
+        return wrapped_joint_error(qpos, goal)
+    return np.abs(np.asarray(qpos) - np.asarray(goal)).max(-1)
+
+
+def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, seed: int,
+                    wrist_range: tuple[float, float], tolerance: float) -> dict[str, np.ndarray]:
+    """Start states and goal poses of ``n`` protocol episodes from the rows of held-out episodes; each
+    episode's ``index`` (0..n-1) keys its planner noise, so any subset of them plans as in the full batch.
+
+    Starts are distinct rows drawn uniformly over every usable row (an episode's row with the goal
+    inside the episode). A start within ``tolerance`` of its goal is never drawn (it would be a free
+    success); for uniform goals, such a goal is redrawn.
+    """
+    rng = np.random.default_rng([seed, list(PROTOCOLS).index(protocol.name)])
+    need = protocol.goal_offset or 0
+    rows = []  # (episode, t0) of every usable start
+    for i in episode_ids:
+        q = store.states(i)["qpos"]  # (T+1, 2)
+        t0 = np.arange(len(q) - need)
+        if protocol.goal_offset is not None:
+            t0 = t0[joint_errors(q[:len(q) - need], q[need:], protocol.wrap) >= tolerance]
+        rows.extend((i, int(t)) for t in t0)
+    if len(rows) < n:
+        raise ValueError(f"{protocol.name}: {len(rows)} usable start rows in {len(episode_ids)} held-out episodes, "
+                         f"{n} episodes asked for")
+    picked = rng.choice(len(rows), size=n, replace=False)
+    out = {k: [] for k in ("index", "episode", "t0", "qpos", "qvel", "target", "goal_qpos")}
+    for j, k in enumerate(picked):
+        i, t0 = rows[k]
+        s = store.states(i)
+        goal = s["qpos"][t0 + need] if protocol.goal_offset is not None else None
+        while goal is None or joint_errors(s["qpos"][t0], goal, protocol.wrap) < tolerance:
+            goal = np.array([rng.uniform(-math.pi, math.pi), rng.uniform(*wrist_range)])
+        for key, v in (("index", j), ("episode", i), ("t0", t0), ("qpos", s["qpos"][t0]), ("qvel", s["qvel"][t0]),
+                       ("target", s["target"][t0]), ("goal_qpos", goal)):
+            out[key].append(v)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def history_before(store, episodes: dict, history: int, frameskip: int, first_obs: np.ndarray):
+    """The frames and action chunks each episode would have seen before its start, as training windows
+    hold them: frames at t0 - k*frameskip .. t0 - frameskip (k = history - 1) and the chunks after each.
+    Where the episode is too young, the history is left-padded as training pads (``pad_history``).
+
+    Returns frames (B, k, H, W, 3), chunks (B, k, frameskip*2) and how many frames each episode really had.
+    """
+    from planners.policy import pad_history
+
+    k = history - 1
+    frames, chunks, real = [], [], []
+    for b, (i, t0) in enumerate(zip(episodes["episode"], episodes["t0"])):
+        m = min(k, int(t0) // frameskip)
+        starts = [int(t0) - j * frameskip for j in range(m, 0, -1)]  # oldest first
+        action = store.states(int(i))["action"]
+        f = store.frames(int(i), np.array(starts, dtype=np.int64)) if m else first_obs[b][None][:0]
+        c = np.stack([action[s:s + frameskip].reshape(-1) for s in starts]) if m else \
+            np.zeros((0, 2 * frameskip), np.float32)
+        f, c = pad_history(f, c.astype(np.float32), k, first_obs[b])
+        frames.append(f)
+        chunks.append(c)
+        real.append(m)
+    return np.stack(frames), np.stack(chunks), np.asarray(real)
+
+
+def episode_records(errors: np.ndarray, tolerance: float) -> dict[str, np.ndarray]:
+    """Per episode, from joint errors (B, budget + 1) where column 0 is the start (never counted):
+    latched success (within tolerance at some step >= 1), held-at-end success (within tolerance at the
+    last step), the first step of success (-1 if never), final and best error."""
+    hit = errors[:, 1:] < tolerance  # (B, budget): steps 1..budget
+    latched = hit.any(1)
+    return {"success": latched, "held": hit[:, -1], "steps_to_success": np.where(latched, hit.argmax(1) + 1, -1),
+            "final_error": errors[:, -1], "min_error": errors[:, 1:].min(1)}

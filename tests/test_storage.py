@@ -1,0 +1,125 @@
+"""Shard checks on open, lazy-read errors, episode uids and dataset fingerprints."""
+
+import shutil
+from dataclasses import replace
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import synthetic_episode, write_swm_file, write_synthetic
+from envs import ReacherPixels
+from envs.collect import CollectConfig, collect
+from envs.dataset import EpisodeStore
+from envs.storage import DatasetError, EpisodeRef, dataset_fingerprint, write_shard
+
+ATTRS = {"env": "reacher-easy", "size": 32}
+
+
+@pytest.mark.parametrize("key, step, value, message", [
+    ("action", 4, np.nan, "episode ep_000000: action holds a non-finite value at step 4"),
+    ("action", 2, 1e30, r"episode ep_000000: action must lie in \[-1, 1\] \(the env's action space\), got .* at step 2"),
+    ("qpos", 6, np.nan, "episode ep_000000: qpos holds a non-finite value at step 6"),
+    ("target", 0, -np.inf, "episode ep_000000: target holds a non-finite value at step 0"),
+])
+def test_bad_values_are_refused_on_open(tmp_path, key, step, value, message):
+    ep = synthetic_episode(10)
+    ep[key] = ep[key].copy()
+    ep[key][step, 1] = value
+    write_shard(tmp_path / "s.h5", {0: ep}, ATTRS)
+    with pytest.raises(DatasetError, match=message) as info:
+        EpisodeStore(tmp_path / "s.h5")
+    assert "s.h5" in str(info.value)
+
+
+def test_float64_actions_are_read_as_float32(tmp_path):
+    ep = synthetic_episode(10)
+    ep["action"] = ep["action"].astype(np.float64)
+    ep["action"][3] = [1.00001, -1.0]  # a hair outside after a float round trip: tolerated
+    write_shard(tmp_path / "s.h5", {0: ep}, ATTRS)
+    store = EpisodeStore(tmp_path / "s.h5", in_memory=False)
+    assert store.states(0)["action"].dtype == np.float32 and store.states(0)["qpos"].dtype == np.float64
+    with pytest.raises(DatasetError, match="action must be float32 or float64, got int64"):
+        ep["action"] = np.zeros((10, 2), np.int64)
+        write_shard(tmp_path / "i.h5", {0: ep}, ATTRS)
+        EpisodeStore(tmp_path / "i.h5")
+
+
+def test_finger_and_target_are_optional_in_shards(tmp_path):
+    ep = synthetic_episode(6)
+    ep["qpos"] = np.linspace([0.1, -0.5], [1.0, 0.5], 7)
+    del ep["finger"], ep["target"]
+    write_shard(tmp_path / "s.h5", {0: ep}, ATTRS)
+    store = EpisodeStore(tmp_path / "s.h5")
+    assert store.missing_states == ("target",) and np.isnan(store.states(0)["target"]).all()
+    env = ReacherPixels(size=32)
+    for t in (0, 6):  # derived by forward kinematics: what the env reports at that pose
+        env.set_state(ep["qpos"][t])
+        assert np.allclose(store.states(0)["finger"][t], env.state()["finger"])
+    env.close()
+
+
+def test_corrupt_chunk_on_lazy_read_names_file_and_episode(tmp_path):
+    data = write_synthetic(tmp_path / "d", n_episodes=2, steps=10, noise=True)
+    shard = sorted(data.glob("*.h5"))[0]
+    with h5py.File(shard) as f:
+        info = f["ep_000001/pixels"].id.get_chunk_info(0)  # frame 0 of episode 1
+    with open(shard, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * min(info.size, 64))
+    store = EpisodeStore(data, in_memory=False)  # opening reads only the last frame of each episode
+    with pytest.raises(DatasetError, match=rf"{shard.name}: episode ep_000001 cannot be read"):
+        store.frames(1, np.array([0, 2]))
+    with pytest.raises(DatasetError, match="episode ep_000001 cannot be read"):
+        store.episode(1)
+    assert store.frames(0, np.array([0, 2])).shape == (2, 32, 32, 3)
+    with pytest.raises(DatasetError, match="episode ep_000001 cannot be read"):
+        EpisodeStore(data, in_memory=True)
+
+
+def _uids(path):
+    return [e.uid for e in EpisodeStore(path).episodes]
+
+
+def test_uids_and_fingerprint_survive_a_move(tmp_path):
+    data = write_synthetic(tmp_path / "a", n_episodes=4, steps=5)
+    uids, fp = _uids(data), dataset_fingerprint(data)
+    assert len(set(uids)) == 4 and all(len(u) == 16 for u in uids)
+    moved = tmp_path / "elsewhere" / "b"
+    shutil.move(data, moved)
+    store = EpisodeStore(moved)
+    assert _uids(moved) == uids and dataset_fingerprint(moved) == fp == store.fingerprint
+    assert store.index_of_uids(uids[::-1]) == [3, 2, 1, 0] and store.uids[uids[2]] == 2
+    with pytest.raises(DatasetError, match="holds no episode with uid \\['nope'\\]"):
+        store.index_of_uids(["nope"])
+    assert EpisodeRef(moved / "x.h5", "ep_000000", 5).uid  # refs made by hand get one too
+
+
+def test_extended_collection_keeps_uids_and_changes_fingerprint(tmp_path):
+    cfg = CollectConfig(episodes=3, steps=6, size=32, workers=1, episodes_per_shard=2, out=str(tmp_path / "d"))
+    collect(cfg, progress=False)
+    before = EpisodeStore(cfg.out)
+    collect(replace(cfg, episodes=5), progress=False)
+    after = EpisodeStore(cfg.out)
+    assert [e.uid for e in after.episodes][:3] == [e.uid for e in before.episodes]
+    assert after.fingerprint != before.fingerprint and len(set(after.uids)) == 5
+    other = EpisodeStore(collect(replace(cfg, seed=1, out=str(tmp_path / "s1")), progress=False)["out"])
+    assert set(other.uids).isdisjoint(before.uids) and other.fingerprint != before.fingerprint
+
+
+def test_uids_tell_other_settings_apart(tmp_path):
+    a = write_synthetic(tmp_path / "a", n_episodes=2, steps=5)
+    b = write_synthetic(tmp_path / "b", n_episodes=2, steps=5, env="reacher-hard")  # same arrays, other env
+    assert set(_uids(a)).isdisjoint(_uids(b))
+
+
+def test_swm_uids_and_fingerprint(tmp_path):
+    path = write_swm_file(tmp_path / "theirs.h5", n_episodes=3, rows=5)
+    uids, fp = _uids(path), dataset_fingerprint(path)
+    (tmp_path / "moved").mkdir()
+    shutil.move(path, tmp_path / "moved" / "theirs.h5")
+    assert _uids(tmp_path / "moved" / "theirs.h5") == uids == _uids(tmp_path / "moved")
+    assert dataset_fingerprint(tmp_path / "moved" / "theirs.h5") == fp
+    other = write_swm_file(tmp_path / "theirs.h5", n_episodes=3, rows=5, last_action=0.0,
+                           columns={"action": np.full((18, 2), 0.5)})  # same name, other actions
+    assert set(_uids(other)).isdisjoint(uids) and dataset_fingerprint(other) != fp

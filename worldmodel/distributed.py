@@ -1,0 +1,77 @@
+"""Data parallelism under ``torchrun``: the process group, each rank's device, and a drift check.
+
+The backend follows the device the run resolved to (NCCL for CUDA, gloo for CPU), not merely whether
+CUDA exists: ``torchrun ... --device cpu`` on a GPU machine runs on gloo. Every collective uses a
+tensor on the rank's own device (NCCL refuses CPU tensors).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from worldmodel.model import resolve_device
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device(device: str) -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` when the run is on CUDA, else the CPU."""
+    chosen = resolve_device(device)
+    if chosen.type != "cuda":
+        return chosen
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def setup(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group under torchrun."""
+    world = world_size()
+    if world == 1:
+        return 0, 1, resolve_device(device)
+    chosen = rank_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(chosen))
+    return dist.get_rank(), world, chosen
+
+
+def any_rank(flag: torch.Tensor) -> bool:
+    """Whether ``flag`` (a bool tensor on this rank's device) is set on any rank; every rank gets the
+    same answer, so all of them stop together. One host sync: call it at logging steps only."""
+    if world_size() > 1 and dist.is_initialized():
+        flag = flag.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+def check_in_sync(model: torch.nn.Module, tolerance: float = 1e-5) -> float:
+    """Largest difference between this rank's parameters and rank 0's; an error if they drifted."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])  # on the rank's device
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    worst = float(diff)
+    if worst > tolerance:
+        raise RuntimeError(f"data-parallel ranks drifted apart: max parameter difference {worst}")
+    return worst
+
+
+def finish(world: int) -> None:
+    """After the last step on every rank: no rank tears gloo/nccl down while another still communicates."""
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def teardown(world: int) -> None:
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()

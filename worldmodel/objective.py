@@ -1,0 +1,108 @@
+"""The training objective and what measures it: losses, schedule, seeding, validation metrics.
+
+Pure functions of a model and a batch, so the training loop, the benchmark and the tests share them.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from worldmodel.sigreg import sigreg_loss
+
+SIGREG_SCOPES = ("frames", "step")
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of every random draw of training step ``step`` on ``rank``: resuming repeats it exactly."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def step_generator(seed: int, step: int, rank: int = 0, device="cpu") -> torch.Generator:
+    return torch.Generator(device).manual_seed(step_seed(seed, step, rank))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int, rank: int = 0) -> list[int]:
+    """The windows of step ``step``: drawn on the host with numpy (no tensor, so no device sync)."""
+    return np.random.default_rng(step_seed(seed, step, rank)).integers(n, size=batch_size).tolist()
+
+
+def lr_at(step: int, warmup_steps: int, steps: int) -> float:
+    """Linear warmup to 1, then cosine to 0: a multiplier of the peak learning rate."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (matmuls and convolutions; latents, residuals, losses and SIGReg stay
+    float32, see the encoder and predictor); full precision on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def effective_rank(z: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values of centred latents (N, D): 1 = collapsed, D = isotropic."""
+    s = torch.linalg.svdvals((z - z.mean(0)).float())
+    p = s / s.sum().clamp_min(1e-12)
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+
+
+def sigreg_term(z: torch.Tensor, scope: str, directions: int, generator: torch.Generator) -> torch.Tensor:
+    """SIGReg of the latents of a batch of windows z (B, L, D).
+
+    ``frames``: all B*L latents tested as one sample (consecutive frames of a window are correlated);
+    ``step``: each time step's B latents tested on their own, then averaged (LeWorldModel's choice).
+    """
+    if scope == "frames":
+        return sigreg_loss(rearrange(z, "b l d -> (b l) d"), directions, generator=generator)
+    if scope == "step":
+        return sigreg_loss(rearrange(z, "b l d -> l b d"), directions, generator=generator)
+    raise ValueError(f"sigreg scope must be one of {SIGREG_SCOPES}, got {scope!r}")
+
+
+def world_model_losses(model, batch: dict, cfg, generator: torch.Generator) -> dict:
+    """The training objective on one batch of windows: teacher-forced prediction + SIGReg (+ an
+    open-loop rollout of ``cfg.rollout_steps`` from the first ``history`` latents, as the planner uses it).
+
+    Teacher-forced predictions are scored at every window position; the first ones see a left-padded
+    history, as the MPC policy does at the start of an episode.
+    """
+    z, pred, roll = model(batch["pixels"], batch["actions"], cfg.rollout_steps)  # (B, L, D), (B, L-1, D), (B, R, D)
+    z = z.float()
+    pred_loss = F.mse_loss(pred.float(), z[:, 1:])
+    sig = sigreg_term(z, cfg.sigreg_scope, cfg.sigreg_directions, generator)
+    loss = pred_loss + cfg.sigreg_weight * sig
+    out = {"pred_loss": pred_loss, "sigreg": sig, "z": z.detach()}
+    if roll is not None:
+        h = cfg.model.history
+        out["rollout_loss"] = F.mse_loss(roll.float(), z[:, h:h + cfg.rollout_steps])
+        loss = loss + cfg.rollout_weight * out["rollout_loss"]
+    return {"loss": loss, **out}
+
+
+@torch.no_grad()
+def validation_metrics(model, loader, history: int, device) -> dict:
+    """On held-out windows: the teacher-forced prediction loss (as in training), and the open-loop
+    error at every rollout step 1..H, absolute and relative to predicting no change (the last context
+    latent): below 1 means the model saw the motion coming."""
+    model.eval()
+    se, base, tf, n = 0.0, 0.0, 0.0, 0
+    for batch in loader:
+        frames, actions = batch["pixels"].to(device), batch["actions"].to(device)
+        z = model.encode(frames).float()  # (B, L, D)
+        pred = model.rollout(z[:, :history], actions[:, :history - 1], actions[:, history - 1:]).float()
+        target = z[:, history:]
+        se = se + ((pred - target) ** 2).mean(-1).sum(0)  # (H,)
+        base = base + ((z[:, history - 1:history] - target) ** 2).mean(-1).sum(0)
+        tf = tf + ((model.predictor(z[:, :-1], actions).float() - z[:, 1:]) ** 2).mean((1, 2)).sum()
+        n += len(z)
+    model.train()
+    mse = (se / n).cpu()
+    return {"prediction_loss": float(tf / n), "mse": mse.tolist(),
+            "relative": (mse / (base / n).cpu().clamp_min(1e-12)).tolist()}

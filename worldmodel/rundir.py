@@ -1,0 +1,147 @@
+"""A training run's directory: whether it may be started, continued or left alone, and writing it safely.
+
+    runs/NAME/model.pt, model.json   the model for users: weights; config, step, data split, metrics
+    runs/NAME/checkpoint.pt          model + optimizer + step + settings + history, for --resume
+    runs/NAME/train_config.json      the settings of the run
+    runs/NAME/tb/                    TensorBoard
+
+Every file is written atomically, so an interrupt or a full disk leaves the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+from worldmodel.config import config_fields
+from worldmodel.model import CheckpointError, WorldModel, atomic_torch_save, load_weights_file
+
+# Settings that may differ on --resume without changing what the run computes.
+RESUME_FREE = {"resume", "overwrite", "device", "num_workers", "log_every", "val_every", "probe_every",
+               "ckpt_every", "compile", "eval_every", "eval_episodes"}
+# Settings a resumed run may change to recover from a divergence; each change is kept in the run's history.
+RECOVERY = ("lr", "grad_clip")
+RUN_FILES = ("model.pt", "model.json", "checkpoint.pt", "train_config.json")
+
+
+class RunWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, lost permissions); the last good one is kept."""
+
+
+def prepare(out: Path) -> None:
+    """Create ``out`` and make sure it is a writable directory before any work starts."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    probe = out / f".write_test.{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--out {out} is not writable: {exc.strerror or exc}") from None
+
+
+def flat_settings(cfg) -> dict:
+    """{dotted name: value} of every setting of a (nested) config."""
+    return {f.path: f.value for f in config_fields(cfg)}
+
+
+def flatten_dict(d: dict, prefix: str = "") -> dict:
+    """The saved (``dataclasses.asdict``) form of a config as {dotted name: value}."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(flatten_dict(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _differences(saved: dict, cfg, ignore) -> dict:
+    now = flat_settings(cfg)
+    return {k: (saved.get(k), v) for k, v in now.items() if k not in ignore and saved.get(k) != v}
+
+
+def status(out: Path, cfg) -> str:
+    """What to do with ``out``: ``fresh`` (start), ``resume`` (continue) or ``done`` (nothing: it holds a
+    finished run of exactly these settings). A run in the way is an error that says what to type."""
+    ckpt = out / "checkpoint.pt"
+    if cfg.resume:
+        if not ckpt.is_file():
+            raise ValueError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
+        return "resume"
+    if not any((out / name).exists() for name in RUN_FILES):
+        return "fresh"
+    if cfg.overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "tb", ignore_errors=True)
+        return "fresh"
+    meta = _read_json(out / "model.json")
+    step = meta.get("step")
+    saved = flatten_dict(meta.get("train_config", {}))
+    diff = _differences(saved, cfg, RESUME_FREE)
+    if step == cfg.steps and not diff:
+        return "done"
+    what = f"a run at step {step} of {saved.get('steps')}" if step is not None else "a run"
+    other = f" with other settings (saved, now): {diff}" if diff else ""
+    raise ValueError(f"{out} already holds {what}{other}; pass --resume to continue it, --overwrite to start "
+                     f"again, or choose another --out")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def finished_metrics(out: Path) -> dict:
+    """The metrics a finished run recorded in its model.json."""
+    return _read_json(out / "model.json").get("metrics", {})
+
+
+def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, history: list, data: dict) -> None:
+    """The user-facing model (model.pt + model.json) and the training state (checkpoint.pt)."""
+    settings = dataclasses.asdict(cfg)
+    extra = {"step": step, "train_config": settings, "history": history, "data": data,
+             "metrics": {k: v for k, v in metrics.items()
+                         if k in ("probe", "val", "loss/prediction", "ddp_max_param_diff", "closed_loop")}}
+    try:
+        model.save(out / "model.pt", extra=extra)
+        atomic_torch_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                           "config": settings, "history": history}, out / "checkpoint.pt")
+    except OSError as exc:
+        raise RunWriteError(f"could not write the checkpoint of step {step} in {out} ({exc.strerror or exc}); "
+                            f"the files of the last good checkpoint are kept") from None
+
+
+def load(out: Path, cfg, model: WorldModel, opt) -> tuple[int, list]:
+    """Restore model and optimizer from ``out/checkpoint.pt``; returns (step, history).
+
+    The settings must be the saved ones, except those in ``RESUME_FREE`` and the recovery settings
+    (``lr``, ``grad_clip``), whose changes are appended to the run's history.
+    """
+    path = out / "checkpoint.pt"
+    state = load_weights_file(path, "a training checkpoint")
+    missing = [k for k in ("step", "model", "optimizer", "config") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint (missing {missing})")
+    saved = flatten_dict(state["config"])
+    diff = _differences(saved, cfg, RESUME_FREE | set(RECOVERY))
+    if diff:
+        raise ValueError(f"--resume: settings differ from the checkpoint's (saved, now): {diff}; only "
+                         f"{', '.join('--' + k.replace('_', '-') for k in RECOVERY)} may change on resume")
+    step = int(state["step"])
+    changed = {k: [saved.get(k), getattr(cfg, k)] for k in RECOVERY if saved.get(k) != getattr(cfg, k)}
+    history = list(state.get("history", [])) + ([{"step": step, "changed": changed}] if changed else [])
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: its weights do not fit this model: {str(exc)[:300]}") from None
+    return step, history
