@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-export MUJOCO_GL ?= egl
 
 .PHONY: install test test-slow demo bench clean
 

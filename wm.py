@@ -68,8 +68,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cfg) -> None:
                                 default=argparse.SUPPRESS, help=help_text, metavar=_metavar(f))
 
 
-def _metavar(f) -> str | None:
-    return "{" + ",".join(map(str, f.choices)) + "}" if f.choices else None
+def _metavar(f) -> str:
+    if f.choices:
+        return "{" + ",".join(map(str, f.choices)) + "}"
+    return f.path.rsplit(".", 1)[-1].upper()
 
 
 def config_from_args(cfg, args: argparse.Namespace):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +26,11 @@ from planners.protocols import (Protocol, episode_records, history_before, joint
                                 sample_episodes)
 from planners.report import log_to_tensorboard, plot_results, results_markdown, summarize
 from planners.simulator import JOINT_COSTS, SimulatorModel
+from planners.subgoals import SubgoalConfig, SubgoalGraph, training_episodes
 from worldmodel.config import apply_overrides, nested, option
-from worldmodel.datasplit import held_out
-from worldmodel.model import atomic_write_json, read_model_meta
+from worldmodel.datasplit import held_out, load_with_data, recorded_data
+from worldmodel.model import atomic_write_json
+from worldmodel.rundir import prepare as prepare_output
 
 METHODS = ("world_model", "random", "simulator")
 DEFAULT_CHECKPOINT = "runs/demo/model.pt"
@@ -84,22 +86,21 @@ class Setup:
     held_out: list[int]
     split_note: str
     batch: ReacherBatch
+    _graphs: dict = field(default_factory=dict)
+
+    def graph(self, cfg: SubgoalConfig) -> SubgoalGraph:
+        """The subgoal graph over the model's training episodes (built once per setting)."""
+        key = (cfg.neighbours, cfg.radius, cfg.max_nodes)
+        if key not in self._graphs:
+            train = training_episodes(self.store, self.meta)
+            self._graphs[key] = SubgoalGraph.build(self.model, self.store, train, cfg)
+        return self._graphs[key]
 
 
 def load_setup(checkpoint: str, data: str, episodes: int, device: str = "auto") -> Setup:
     """The model, its dataset (the one it was trained on unless ``data``), the episodes it never trained on,
     and a batch of ``episodes`` environments like the dataset's."""
-    from worldmodel.model import WorldModel
-
-    model = WorldModel.load(checkpoint, device)
-    meta = read_model_meta(checkpoint)
-    data = data or meta.get("data", {}).get("path") or meta.get("train_config", {}).get("data")
-    if not data:
-        raise ValueError(f"{checkpoint} does not record its dataset; pass --data")
-    store = EpisodeStore(data, image_size=model.cfg.image_size)
-    env = str(store.attrs["env"])
-    if env != model.cfg.env:
-        raise ValueError(f"{data} holds {env} episodes, but {checkpoint} is a model of {model.cfg.env}")
+    model, meta, store, data = load_with_data(checkpoint, data, device)
     store.require_states(("qpos", "qvel"), "evaluation episodes")
     ids, note = held_out(store, meta)
     if not ids:
@@ -137,7 +138,8 @@ def world_model_controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, ep
     """MPC on the world model; returns (act, policy, real history frames per episode)."""
     model, batch = setup.model, setup.batch
     pcfg = apply_overrides(cfg.policy, protocol.policy)
-    policy = policy_from_config(model, pcfg, seed)
+    graph = setup.graph(pcfg.subgoals) if pcfg.subgoals.enabled else None
+    policy = policy_from_config(model, pcfg, seed, graph)
     n = len(goal_images)
     policy.reset(goal_images, keys=problem_keys(seed, eps["index"]))
     real = np.zeros(n, dtype=int)
@@ -182,9 +184,7 @@ def check_output(cfg: EvalConfig) -> Path:
             what = "results"
         raise ValueError(f"{out} already holds {what}; pass --overwrite to replace them, or --out for another "
                          f"directory")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output(out)
     return out
 
 
@@ -195,7 +195,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     setup = load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device)
     if progress:
         print(f"evaluating {cfg.checkpoint} on {len(setup.held_out)} episodes of "
-              f"{cfg.data or setup.meta.get('data', {}).get('path')}: {setup.split_note}")
+              f"{cfg.data or recorded_data(setup.meta)}: {setup.split_note}")
     total = sum(p.budget for p in protocols) * cfg.seeds * len(methods)
     bar = tqdm(total=total, desc="eval", unit="step", disable=not progress)
     records, curves = [], {}
@@ -239,6 +239,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
         wall = time.perf_counter() - start
         curves.setdefault((protocol.name, method), []).append(errors)
         plan_times = policy.plan_times if policy is not None else []
+        route = float(sum(policy.route_times)) if policy is not None and hasattr(policy, "route_times") else 0.0
         per = episode_records(errors, cfg.tolerance)
         call = float(np.mean(plan_times)) if plan_times else 0.0
         for j in range(n):
@@ -251,6 +252,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
                 "min_error": float(per["min_error"][j]), "history_frames": int(real[j]),
                 # one planning call serves all episodes of the batch
                 "plan_time_per_call_s": call, "plan_time_per_episode_s": call / n, "plan_calls": len(plan_times),
+                "route_time_batch_s": route,
                 "wall_time_batch_s": wall,
             })
     return records

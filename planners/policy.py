@@ -20,6 +20,7 @@ from planners.base import Planner, PlannerConfig, shift_plan
 from planners.cem import CEMConfig, CEMOptions, CEMPlanner
 from planners.mppi import MPPIConfig, MPPIOptions, MPPIPlanner
 from planners.noise import problem_keys
+from planners.subgoals import SubgoalConfig, SubgoalGraph
 from worldmodel.config import nested, option
 from worldmodel.model import synchronize
 
@@ -37,6 +38,7 @@ class PolicyConfig:
     receding_horizon: int = option(1, "chunks executed between replans (the plan's first chunks)")
     context: int | None = option(None, "latest frames the planner conditions on (default: the model's history; "
                                        "1: the current frame only, as LeWM plans)")
+    subgoals: SubgoalConfig = nested(SubgoalConfig, "waypoints for far goals")
 
     def __post_init__(self):
         if not 1 <= self.receding_horizon <= self.search.horizon:
@@ -56,9 +58,11 @@ class MPCPolicy:
     """``reset(goal_image)``, then ``act(obs_image) -> (2,)``; or the batched ``reset``/``act_batch``
     over B environments in lock-step (one planning call for all of them)."""
 
-    def __init__(self, model, planner: Planner, receding_horizon: int = 1, context: int | None = None):
+    def __init__(self, model, planner: Planner, receding_horizon: int = 1, context: int | None = None,
+                 subgoals: tuple[SubgoalGraph, SubgoalConfig] | None = None):
         """``model`` is put in eval mode: the projector's BatchNorm must use its running statistics.
-        ``context`` caps the frames the planner conditions on (default: the model's history)."""
+        ``context`` caps the frames the planner conditions on (default: the model's history).
+        ``subgoals`` (a graph of training frames and its settings) makes far goals planned via waypoints."""
         if not 1 <= receding_horizon <= planner.cfg.horizon:
             raise ValueError(f"receding_horizon must be in [1, horizon={planner.cfg.horizon}], got {receding_horizon}")
         if hasattr(model, "eval"):
@@ -66,7 +70,9 @@ class MPCPolicy:
         self.model, self.planner, self.receding_horizon = model, planner, receding_horizon
         self.frameskip, self.device = model.frameskip, model.device
         self.history = model.history if context is None else min(context, model.history)
+        self.subgoals = subgoals
         self.plan_times: list[float] = []  # seconds per planning call (all B problems together)
+        self.route_times: list[float] = []  # seconds to find the paths to the goals (subgoals only)
         self._z_goal = None
 
     # --- episode ------------------------------------------------------------------------------------
@@ -87,6 +93,11 @@ class MPCPolicy:
         if self._keys.shape != (B,):
             raise ValueError(f"keys must be ({B},) for {B} goals, got {tuple(self._keys.shape)}")
         self.planner.reset()
+        self._route = None
+        if self.subgoals is not None:
+            start = time.perf_counter()
+            self._route = self.subgoals[0].route(z_goal)
+            self.route_times.append(time.perf_counter() - start)
         self._z_hist: torch.Tensor | None = None  # (B, h, D)
         self._a_hist: torch.Tensor | None = None  # (B, h-1, A)
         self._plan: torch.Tensor | None = None  # (B, H, A)
@@ -178,7 +189,11 @@ class MPCPolicy:
         a_hist = self._a_hist if self._z_hist.shape[1] > 1 else None
         synchronize(self.device)
         start = time.perf_counter()
-        result = self.planner.plan(self._z_hist, self._z_goal, a_hist, init, keys=self._keys)
+        target = self._z_goal
+        if self._route is not None:  # a waypoint on the way to a far goal
+            graph, cfg = self.subgoals
+            target = graph.targets(self._route, self._z_hist[:, -1], cfg)
+        result = self.planner.plan(self._z_hist, target, a_hist, init, keys=self._keys)
         synchronize(self.device)
         self.plan_times.append(time.perf_counter() - start)
         self._plan, self._chunks_since_plan = result.actions, 0
@@ -235,20 +250,30 @@ def make_planner(model, planner: str = "cem", **overrides) -> Planner:
     return cls(model, cfg_cls(**overrides))
 
 
-def policy_from_config(model, cfg: PolicyConfig, seed: int = 0) -> MPCPolicy:
-    """The MPC policy a ``PolicyConfig`` describes, over ``model``."""
+def policy_from_config(model, cfg: PolicyConfig, seed: int = 0, graph: SubgoalGraph | None = None) -> MPCPolicy:
+    """The MPC policy a ``PolicyConfig`` describes, over ``model`` (``graph``: the subgoal graph, needed
+    when ``cfg.subgoals.enabled``)."""
     cls, _ = PLANNERS[cfg.planner]
-    return MPCPolicy(model, cls(model, cfg.planner_config(seed=seed)), cfg.receding_horizon, cfg.context)
+    if cfg.subgoals.enabled and graph is None:
+        raise ValueError("subgoals are enabled: pass the graph of the model's training frames")
+    subgoals = (graph, cfg.subgoals) if cfg.subgoals.enabled else None
+    return MPCPolicy(model, cls(model, cfg.planner_config(seed=seed)), cfg.receding_horizon, cfg.context, subgoals)
 
 
 def load_policy(checkpoint_path: str | Path, planner: str = "cem", device: str = "auto",
-                receding_horizon: int = 1, **overrides) -> MPCPolicy:
+                receding_horizon: int = 1, subgoals: bool | SubgoalConfig = False, data: str = "",
+                **overrides) -> MPCPolicy:
     """An MPC policy from a trained checkpoint, for users and outside harnesses.
 
     ``overrides`` set the planner's config (``samples``, ``iterations``, ``horizon``, ``cost``, ``seed``,
-    and CEM's or MPPI's own settings such as ``elites`` or ``temperature``).
+    and CEM's or MPPI's own settings such as ``elites`` or ``temperature``). ``subgoals=True`` (or a
+    ``SubgoalConfig``) plans far goals via waypoints of a graph built from the model's training data
+    (its recorded dataset, or ``data``).
     """
+    from planners.subgoals import graph_for_checkpoint
     from worldmodel.model import WorldModel
 
     model = WorldModel.load(checkpoint_path, device)
-    return MPCPolicy(model, make_planner(model, planner, **overrides), receding_horizon)
+    graph_cfg = subgoals if isinstance(subgoals, SubgoalConfig) else SubgoalConfig(enabled=bool(subgoals))
+    graph = (graph_for_checkpoint(model, checkpoint_path, graph_cfg, data), graph_cfg) if graph_cfg.enabled else None
+    return MPCPolicy(model, make_planner(model, planner, **overrides), receding_horizon, subgoals=graph)

@@ -86,3 +86,19 @@ def write_swm_file(path, n_episodes: int = 3, rows: int = 12, size: int = 32, co
                 extra = dict(chunks=(min(100, len(value)), *value.shape[1:]), **compression)
             f.create_dataset(key, data=value, **extra)
     return path
+
+
+def run_wm(*args, check: bool = True, cwd=None, timeout: int = 300):
+    """Run the `wm` command line in a fresh process, as a user would (from ``cwd``, default: here)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).parents[1])
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "wm", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

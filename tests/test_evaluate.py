@@ -1,8 +1,5 @@
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ from envs.vector import ReacherBatch
 from planners.evaluate import EvalConfig, Setup, run_episodes, simulator_controller, world_model_controller
 from planners.protocols import PROTOCOLS, episode_records, joint_errors, sample_episodes
 from planners.stats import cluster_bootstrap_interval, wilson_interval
+from conftest import run_wm as _wm
 from test_model import tiny_config
 from worldmodel.model import WorldModel
 
@@ -119,7 +117,7 @@ def test_world_model_starts_with_the_history_of_the_episode(data, monkeypatch):
     torch.manual_seed(0)
     model = WorldModel(dataclasses.replace(tiny_config("mlp", size=32, frameskip=5), history=3)).eval()
     spy = SpyPlanner(5, model.action_dim)
-    monkeypatch.setattr(ev, "policy_from_config", lambda m, cfg, seed: ev.MPCPolicy(m, spy, 1))
+    monkeypatch.setattr(ev, "policy_from_config", lambda m, cfg, seed, graph: ev.MPCPolicy(m, spy, 1))
     protocol = PROTOCOLS["reach25"]
     eps = sample_episodes(store, list(range(10)), protocol, 6, 0, WRIST, 0.05)
     for b, t0 in ((0, 3), (1, 7), (2, 12)):  # too early for any history; one frame; two frames
@@ -183,16 +181,6 @@ def test_intervals():
     w_clu = np.subtract(*cluster_bootstrap_interval(clustered, np.repeat(np.arange(15), 10))[::-1])
     assert w_clu > 1.8 * w_ind  # correlated episodes carry less information: a wider interval
     assert cluster_bootstrap_interval(np.ones(150), np.repeat(np.arange(15), 10)) == wilson_interval(15, 15)
-
-
-def _wm(*args, check=True):
-    """Run the `wm` command line in a fresh process, as a user would."""
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "wm", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):

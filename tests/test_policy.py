@@ -78,3 +78,39 @@ def test_load_policy(model, tmp_path):
     assert policy.act(np.zeros((32, 32, 3), np.uint8)).shape == (2,)
     with pytest.raises(CheckpointError):
         load_policy(tmp_path / "missing.pt")
+
+
+def test_frames_go_to_the_device_only_at_chunk_boundaries(model, monkeypatch):
+    """act_batch checks every frame but copies and encodes only every frameskip steps (frameskip 2 here)."""
+    policy = MPCPolicy(model, small_planner(model))
+    frames = np.zeros((3, 32, 32, 3), np.uint8)
+    policy.reset(frames)
+    uploads = []
+    real = policy._to_device
+    monkeypatch.setattr(policy, "_to_device", lambda x: uploads.append(len(x)) or real(x))
+    for _ in range(8):
+        policy.act_batch(frames)
+    assert uploads == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="non-empty"):
+        policy.act_batch(np.zeros((0, 32, 32, 3), np.uint8))
+
+
+def test_history_shorter_than_the_models_is_used_as_training_pads(model):
+    """set_history with the frames before the start equals a padded start when the history is the start
+    frame repeated with zero chunks."""
+    frame = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    plain = MPCPolicy(model, small_planner(model))
+    plain.reset(frame)
+    primed = MPCPolicy(model, small_planner(model))
+    primed.reset(frame)
+    primed.set_history(frame[:, None], np.zeros((1, 1, model.action_dim), np.float32))  # history 2: one frame
+    assert np.array_equal(plain.act(frame[0]), primed.act(frame[0]))
+    with pytest.raises(RuntimeError, match="before the first act"):
+        primed.set_history(frame[:, None], np.zeros((1, 1, model.action_dim), np.float32))
+
+
+def test_load_policy_on_cuda_without_cuda_is_a_clear_error(model, tmp_path, monkeypatch):
+    model.save(tmp_path / "m.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        load_policy(tmp_path / "m.pt", device="cuda")

@@ -26,7 +26,16 @@ def test_wrap_and_joint_cost():
     assert math.isclose(float(wrap_angle(np.array(math.pi + 0.1))), -math.pi + 0.1, abs_tol=1e-12)
     goal = torch.tensor([[0.0, math.pi - 0.01, 0.0, 0.0, 0.0]], dtype=torch.float64)
     pred = torch.zeros(1, 2, 3, 5, dtype=torch.float64)
-    pred[0, 0, -1, 1] = -math.pi + 0.01  # 0.02 rad away across the wrap
+    pred[0, 0, -1, 1] = -math.pi + 0.01  # the shoulder turns freely: 0.02 rad away across the wrap
     pred[0, 1, -1, 1] = 0.0
     cost = joint_cost(pred, goal.double())
     assert math.isclose(float(cost[0, 0]), 0.02**2, rel_tol=1e-6) and float(cost[0, 1]) > 9
+
+
+def test_wrist_error_goes_the_way_the_joint_can_move():
+    """Wrist at +2.7 rad, goal -2.7 rad: 0.88 rad apart through +-pi, where the joint stops at +-2.79;
+    the only way is 5.4 rad back through 0, which is the error the cost sees."""
+    goal = torch.tensor([[0.0, 0.0, -2.7, 0.0]], dtype=torch.float64)
+    pred = torch.zeros(1, 1, 1, 4, dtype=torch.float64)
+    pred[0, 0, 0, 2] = 2.7
+    assert math.isclose(float(joint_cost(pred, goal)[0, 0]), 5.4**2, rel_tol=1e-9)

@@ -60,6 +60,16 @@ def config_fields(cfg, path: str = "", prefix: str = "") -> Iterator[ConfigField
                           f.metadata.get("help", ""), f.metadata.get("choices"), f.metadata.get("cli", True))
 
 
+def check_at_least(cfg, minimum: float, names, prefix: str = "", strictly: bool = False) -> None:
+    """A ``ValueError`` naming every option among ``names`` below ``minimum`` (or not above it, ``strictly``);
+    ``prefix`` is the options' prefix on the command line (``encoder.``)."""
+    bad = [n for n in names if not (getattr(cfg, n) > minimum if strictly else getattr(cfg, n) >= minimum)]
+    if bad:
+        bound = f"> {minimum:g}" if strictly else f">= {minimum:g}"
+        raise ValueError("invalid settings: " + ", ".join(
+            f"--{prefix}{n.replace('_', '-')} {getattr(cfg, n)} (must be {bound})" for n in bad))
+
+
 def check_choices(cfg) -> None:
     """A ``ValueError`` naming the option for any value outside its declared choices."""
     for f in config_fields(cfg):

@@ -53,3 +53,26 @@ def probe_split(store, meta: dict) -> tuple[list[int], list[int], str]:
         raise ValueError(f"{Path(str(meta.get('data', {}).get('path', '')))}: too few episodes for a probe "
                          f"({len(store)})")
     return fit, test, note
+
+
+def recorded_data(meta: dict) -> str | None:
+    """The dataset a checkpoint was trained on (its path as training saw it)."""
+    return meta.get("data", {}).get("path") or meta.get("train_config", {}).get("data")
+
+
+def load_with_data(checkpoint, data: str = "", device: str = "auto"):
+    """(model, meta, store, data path): a trained model and a dataset to evaluate or probe it on, by
+    default the one it was trained on, its frames sized for the model. Another env's data is refused."""
+    from envs.dataset import EpisodeStore
+    from worldmodel.model import WorldModel, read_model_meta
+
+    model = WorldModel.load(checkpoint, device)
+    meta = read_model_meta(checkpoint)
+    data = data or recorded_data(meta)
+    if not data:
+        raise ValueError(f"{checkpoint} does not record its dataset; pass --data")
+    store = EpisodeStore(data, image_size=model.cfg.image_size)
+    env = str(store.attrs["env"])
+    if env != model.cfg.env:
+        raise ValueError(f"{data} holds {env} episodes, but {checkpoint} is a model of {model.cfg.env}")
+    return model, meta, store, str(data)

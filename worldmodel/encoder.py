@@ -15,7 +15,7 @@ import torch.nn as nn
 from einops import pack, rearrange, unpack
 from torch import Tensor
 
-from worldmodel.config import option
+from worldmodel.config import check_at_least, option
 from worldmodel.layers import Attention, feed_forward
 
 
@@ -35,11 +35,8 @@ class EncoderConfig:
     vit_pool: str = option("cls", "vit: image feature from the cls token or the mean of patches", choices=("cls", "mean"))
 
     def __post_init__(self):
-        positive = {k: getattr(self, k) for k in ("proj_hidden", "conv_channels", "conv_stages", "conv_grid",
-                                                  "patch_size", "vit_width", "vit_depth", "vit_heads")}
-        bad = {k: v for k, v in positive.items() if not (isinstance(v, int) and v >= 1)}
-        if bad:
-            raise ValueError(f"encoder settings must be positive integers, got {bad}")
+        check_at_least(self, 1, ("proj_hidden", "conv_channels", "conv_stages", "conv_grid", "patch_size", "vit_width",
+                                 "vit_depth", "vit_heads"), "encoder.")
         if self.vit_width % self.vit_heads:
             raise ValueError(f"--encoder.vit-width ({self.vit_width}) must be a multiple of --encoder.vit-heads "
                              f"({self.vit_heads})")

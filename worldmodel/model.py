@@ -17,7 +17,7 @@ import torch.nn as nn
 from einops import rearrange
 from torch import Tensor
 
-from worldmodel.config import from_dict, nested, option
+from worldmodel.config import check_at_least, from_dict, nested, option
 from worldmodel.encoder import EncoderConfig, build_encoder
 from worldmodel.predictor import PredictorConfig, build_predictor
 
@@ -42,10 +42,7 @@ class WorldModelConfig:
     predictor: PredictorConfig = nested(PredictorConfig, "latent dynamics")
 
     def __post_init__(self):
-        bad = {k: getattr(self, k) for k in ("latent_dim", "history", "frameskip")
-               if not (isinstance(getattr(self, k), int) and getattr(self, k) >= 1)}
-        if bad:
-            raise ValueError(f"model settings must be positive integers, got {bad}")
+        check_at_least(self, 1, ("latent_dim", "history", "frameskip"))
         if self.image_size is not None and not 16 <= self.image_size <= 512:
             raise ValueError(f"--image-size must be in [16, 512], got {self.image_size}")
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 from einops import pack, rearrange, repeat, unpack
 from torch import Tensor
 
-from worldmodel.config import option
+from worldmodel.config import check_at_least, option
 from worldmodel.layers import Attention, feed_forward
 
 
@@ -34,10 +34,7 @@ class PredictorConfig:
     heads: int = option(4, "transformer: attention heads (hidden must be a multiple)")
 
     def __post_init__(self):
-        bad = {k: getattr(self, k) for k in ("hidden", "depth", "heads")
-               if not (isinstance(getattr(self, k), int) and getattr(self, k) >= 1)}
-        if bad:
-            raise ValueError(f"predictor settings must be positive integers, got {bad}")
+        check_at_least(self, 1, ("hidden", "depth", "heads"), "predictor.")
         if self.kind == "transformer" and self.hidden % self.heads:
             raise ValueError(f"--predictor.hidden ({self.hidden}) must be a multiple of --predictor.heads ({self.heads})")
 

@@ -81,16 +81,10 @@ def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out:
     """``wm probe``: R^2 of the trained encoder next to the same architecture untrained (the floor), fit on
     the episodes the model trained on and scored on held-out ones (``worldmodel.datasplit``). Writes
     ``probe.json`` and ``probe.md`` (beside the checkpoint unless ``out``)."""
-    from envs.dataset import EpisodeStore
-    from worldmodel.datasplit import probe_split
-    from worldmodel.model import WorldModel, atomic_write_json, read_model_meta
+    from worldmodel.datasplit import load_with_data, probe_split
+    from worldmodel.model import atomic_write_json
 
-    trained = WorldModel.load(checkpoint, device)
-    meta = read_model_meta(checkpoint)
-    data = data or meta.get("data", {}).get("path") or meta.get("train_config", {}).get("data")
-    if not data:
-        raise ValueError(f"{checkpoint} does not record its dataset; pass --data")
-    store = EpisodeStore(data, image_size=trained.cfg.image_size)
+    trained, meta, store, data = load_with_data(checkpoint, data, device)
     store.require_states(("qpos", "finger"), "linear probes")
     fit, test, note = probe_split(store, meta)
     print(f"probing {checkpoint} (step {meta.get('step')}) on {data}: fit on {len(fit)} episodes, scored on "

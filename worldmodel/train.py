@@ -27,7 +27,7 @@ from tqdm import tqdm
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
 from envs.storage import DEFAULT_DATA
 from worldmodel import distributed, rundir
-from worldmodel.config import apply_overrides, check_choices, config_fields, nested, option
+from worldmodel.config import apply_overrides, check_at_least, check_choices, config_fields, nested, option
 from worldmodel.datasplit import split_record
 from worldmodel.model import WorldModel, WorldModelConfig, atomic_write_json
 from worldmodel.objective import (SIGREG_SCOPES, autocast_for, batch_indices, effective_rank, lr_at,
@@ -80,16 +80,11 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model")
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "sigreg_directions", "n_pred", "val_horizon", "log_every", "val_every",
-                    "ckpt_every")
-        bad = {k: getattr(self, k) for k in positive if getattr(self, k) < 1}
-        bad |= {k: getattr(self, k) for k in ("warmup_steps", "rollout_steps", "probe_every", "eval_every",
-                                               "eval_episodes", "num_workers") if getattr(self, k) < 0}
-        bad |= {k: getattr(self, k) for k in ("lr", "grad_clip") if not getattr(self, k) > 0}
-        bad |= {k: getattr(self, k) for k in ("weight_decay", "sigreg_weight", "rollout_weight")
-                if not getattr(self, k) >= 0}
-        if bad:
-            raise ValueError("invalid settings: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in bad.items()))
+        check_at_least(self, 1, ("steps", "batch_size", "sigreg_directions", "n_pred", "val_horizon", "log_every",
+                                 "val_every", "ckpt_every"))
+        check_at_least(self, 0, ("warmup_steps", "rollout_steps", "probe_every", "eval_every", "eval_episodes",
+                                 "num_workers", "weight_decay", "sigreg_weight", "rollout_weight"))
+        check_at_least(self, 0, ("lr", "grad_clip"), strictly=True)
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.rollout_steps > self.n_pred:

@@ -1,0 +1,75 @@
+"""The command line a new user types: defaults that chain, help that shows the preset, refusals up front."""
+
+import json
+
+import pytest
+
+from conftest import run_wm
+from wm import add_config_arguments, config_from_args, main
+from worldmodel.train import preset_config
+
+TINY_MODEL = ["--latent-dim", 16, "--history", 2, "--encoder.conv-channels", 8, "--encoder.proj-hidden", 32,
+              "--predictor.hidden", 32, "--predictor.depth", 2, "--batch-size", 8, "--n-pred", 2, "--rollout-steps", 2,
+              "--val-every", 2, "--ckpt-every", 2, "--sigreg-directions", 16, "--eval-episodes", 2, "--device", "cpu"]
+
+
+def test_commands_chain_with_their_defaults(tmp_path):
+    """collect -> train -> eval -> probe with no paths typed: one default dataset and one run directory.
+    Training again is a no-op; evaluating again keeps the first results."""
+    run_wm("collect", "--episodes", 8, "--steps", 40, "--size", 32, "--workers", 1, cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "runs" / "demo" / "data").glob("*.h5"))
+    run_wm("train", "--steps", 4, *TINY_MODEL, cwd=tmp_path)
+    meta = json.loads((tmp_path / "runs" / "demo" / "model.json").read_text())
+    assert meta["step"] == 4 and meta["data"]["path"] == "runs/demo/data"
+    assert "reach25_latched" in meta["metrics"]["closed_loop"]
+    again = run_wm("train", "--steps", 4, *TINY_MODEL, cwd=tmp_path)
+    assert "already holds this finished run" in again.stdout
+    eval_args = ["eval", "--episodes", 2, "--seeds", 1, "--samples", 8, "--iterations", 1, "--sim-samples", 8,
+                 "--sim-iterations", 1]
+    out = run_wm(*eval_args, cwd=tmp_path).stdout
+    assert "held out when the model was trained on this dataset" in out
+    assert (tmp_path / "runs" / "demo" / "eval" / "results.json").exists()
+    refused = run_wm(*eval_args, check=False, cwd=tmp_path)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr
+    probe = run_wm("probe", cwd=tmp_path).stdout
+    assert "| trained |" in probe and (tmp_path / "runs" / "demo" / "probe.json").exists()
+    assert json.loads((tmp_path / "runs" / "demo" / "probe.json").read_text())["scored_episodes"] == 1
+
+
+def test_help_shows_the_presets_values_and_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "full", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "optimiser steps (default: 20000)" in text and "(default: 1024)" in text  # the full preset
+    assert "--encoder.kind {conv,vit}" in text and "--predictor.kind {mlp,transformer}" in text
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--cem.elites", "--cem.momentum", "--mppi.temperature", "--samples", "--cost {final,sum}"):
+        assert option in text
+
+
+def test_a_bad_choice_is_refused_before_any_data_is_loaded(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--encoder.kind", "resnet", "--data", str(tmp_path / "none")])
+    assert info.value.code == 2 and "invalid choice: 'resnet'" in capsys.readouterr().err
+    assert main(["train", "--steps", "0", "--data", str(tmp_path / "none")]) == 2
+    assert "--steps 0" in capsys.readouterr().err
+    assert main(["train", "--preset", "huge"]) == 2
+    assert "--preset must be one of" in capsys.readouterr().err
+    assert main(["eval", "--protocol", "reach99"]) == 2
+    assert "--protocol" in capsys.readouterr().err
+
+
+def test_an_option_declared_once_reaches_the_command_line():
+    """Every field of the nested configs is an option; values typed override the preset's."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cfg = preset_config("full")
+    add_config_arguments(parser, cfg)
+    args = parser.parse_args(["--encoder.vit-heads", "4", "--encoder.vit-width", "256", "--predictor.heads", "8",
+                              "--no-compile", "--image-size", "none"])
+    new = config_from_args(cfg, args)
+    assert (new.model.encoder.vit_heads, new.model.encoder.vit_width, new.model.predictor.heads) == (4, 256, 8)
+    assert new.model.image_size is None and new.steps == 20000 and new.model.predictor.hidden == 1024

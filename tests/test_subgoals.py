@@ -1,0 +1,100 @@
+"""Waypoints from a graph of trajectories: where greedy planning provably fails, and the graph gets there."""
+
+import math
+
+import numpy as np
+import torch
+
+from planners.cem import CEMConfig, CEMPlanner
+from planners.policy import MPCPolicy
+from planners.subgoals import SubgoalConfig, SubgoalGraph
+
+LIMIT = math.pi - 0.35  # a joint that stops short of +-pi, like the reacher's wrist (+-160 degrees)
+SPEED = 0.3  # rad per chunk at full action
+
+
+class RingWithWall:
+    """A joint angle seen as (cos, sin), as an image shows an arm: the latent wraps around while the
+    joint does not. An angle beyond +-LIMIT is unreachable, so from 2.7 to -2.7 the only way is 5.4 rad
+    the long way round, though the two latents are 0.86 apart across the wall."""
+
+    action_dim, frameskip, history = 1, 1, 1
+    device = torch.device("cpu")
+
+    def rollout(self, z_hist, a_hist, actions):
+        theta = torch.atan2(z_hist[:, -1, 1], z_hist[:, -1, 0])  # (M,)
+        out = []
+        for k in range(actions.shape[1]):
+            theta = (theta + SPEED * actions[:, k, 0].clamp(-1, 1)).clamp(-LIMIT, LIMIT)
+            out.append(torch.stack([theta.cos(), theta.sin()], -1))
+        return torch.stack(out, 1)  # (M, H, 2)
+
+
+def latent(theta) -> torch.Tensor:
+    theta = torch.as_tensor(theta, dtype=torch.float32)
+    return torch.stack([theta.cos(), theta.sin()], -1)
+
+
+def trajectories(n: int = 60, steps: int = 40, seed: int = 0) -> list[torch.Tensor]:
+    """Smooth random motion under the true dynamics: it never crosses the wall."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        theta, a, path = rng.uniform(-LIMIT, LIMIT), 0.0, []
+        for _ in range(steps):
+            a = float(np.clip(0.8 * a + 0.6 * rng.standard_normal(), -1, 1))
+            theta = float(np.clip(theta + SPEED * a, -LIMIT, LIMIT))
+            path.append(theta)
+        out.append(latent(path))
+    return out
+
+
+def run(policy: MPCPolicy, model: RingWithWall, start: torch.Tensor, goal: torch.Tensor, steps: int) -> torch.Tensor:
+    """Closed loop from angles ``start`` (B,) to goals (B,); returns the final angles."""
+    theta = start.clone()
+    policy.reset_latent(latent(goal))
+    for _ in range(steps):
+        action = torch.from_numpy(policy.act_latent(lambda: latent(theta), len(theta)))  # (B, 1)
+        theta = (theta + SPEED * action[:, 0].clamp(-1, 1)).clamp(-LIMIT, LIMIT)
+    return theta
+
+
+def planner(model):
+    return CEMPlanner(model, CEMConfig(samples=64, iterations=6, horizon=3, cost="sum"))
+
+
+def test_greedy_planning_is_stuck_at_the_wall_and_waypoints_go_round():
+    model = RingWithWall()
+    start, goal = torch.tensor([2.7, -2.7, 0.5]), torch.tensor([-2.7, 2.7, 1.0])  # two far goals, one near
+    greedy = run(MPCPolicy(model, planner(model)), model, start, goal, steps=40)
+    assert (greedy[:2] - start[:2]).abs().max() < 0.2 + 1e-4  # pressed against the wall it started by
+    assert abs(greedy[2] - goal[2]) < 0.05  # a near goal is no problem
+    cfg = SubgoalConfig(enabled=True, radius=0.5, reach=3.0, lookahead=3.0)
+    graph = SubgoalGraph.from_trajectories(trajectories(), cfg)
+    guided = run(MPCPolicy(model, planner(model), subgoals=(graph, cfg)), model, start, goal, steps=40)
+    assert (guided - goal).abs().max() < 0.05, guided
+
+
+def test_paths_follow_the_trajectories_and_never_cross_the_wall():
+    cfg = SubgoalConfig(enabled=True, radius=0.5, reach=3.0, lookahead=3.0)
+    graph = SubgoalGraph.from_trajectories(trajectories(), cfg)
+    route = graph.route(latent([-2.7, 0.0]))  # (B=2, N)
+    assert route.dist.shape == (2, len(graph.nodes)) and torch.isfinite(route.dist).all()
+    angles = torch.atan2(graph.nodes[:, 1], graph.nodes[:, 0])
+    near_wall = graph.nearest(latent([2.7]))
+    # from just inside +LIMIT to -2.7 takes about 5.4 rad / SPEED chunks along the graph, not 0.9 / SPEED
+    assert route.dist[0, near_wall] > 4.0 / SPEED
+    # the waypoints ahead of +2.7 on the way to -2.7 and to 0 turn away from the wall (smaller angles)
+    target = graph.targets(route, latent([2.7, 2.7]), cfg)
+    waypoints = torch.atan2(target[:, 1], target[:, 0])
+    assert (waypoints < 2.7 - 0.5).all() and (waypoints > 0).all()
+    assert angles.abs().max() <= LIMIT + 1e-5
+
+
+def test_goals_within_reach_are_planned_directly():
+    cfg = SubgoalConfig(enabled=True, radius=0.5, reach=3.0, lookahead=3.0)
+    graph = SubgoalGraph.from_trajectories(trajectories(), cfg)
+    goal = latent([0.5, 0.5])
+    route = graph.route(goal)
+    target = graph.targets(route, latent([0.3, -2.0]), cfg)  # 0.2 rad away: the goal; 2.5 rad: a waypoint
+    assert torch.equal(target[0], goal[0]) and not torch.equal(target[1], goal[1])
