@@ -118,7 +118,7 @@ class PipelineConfig:
     out: str = option(DEFAULT_RUN, "run directory; the data goes to its data/ folder")
     episodes: int = option(400, "episodes to collect")
     workers: int = option(2, "collection worker processes")
-    steps: int = option(2000, "training steps of the demo preset")
+    steps: int = option(3000, "training steps of the demo preset")
     eval_episodes: int = option(50, "evaluation episodes per seed")
     seeds: int = option(3, "evaluation seeds")
 
@@ -248,8 +248,8 @@ def run_pipeline(cfg: PipelineConfig) -> int:
         print(f"{out / 'eval'} already holds results: kept")
     else:
         run_eval(EvalConfig(checkpoint=model, episodes=cfg.eval_episodes, seeds=cfg.seeds))
-    stamp("planning videos")
-    run_demo(DemoConfig(checkpoint=model))
+    stamp("planning videos (far goals: poses uniform over the joint range)")
+    run_demo(DemoConfig(checkpoint=model, protocol="uniform"))
     stamp("done")
     print(f"model {model}; results {out / 'eval' / 'results.md'}; plot {out / 'eval' / 'results.png'}; "
           f"videos {out / 'videos'}; TensorBoard: tensorboard --logdir {out}")

@@ -35,11 +35,14 @@ class PlannerConfig:
     """Settings every planner has."""
 
     horizon: int = option(5, "planned action chunks H")
-    samples: int = option(300, "candidate sequences N scored per iteration and problem")
-    iterations: int = option(30, "refinement iterations (one batched rollout each)")
+    samples: int = option(100, "candidate sequences N scored per iteration and problem (100 plan as well as 300 "
+                               "or 1000 here: README, wm bench --what plan-quality)")
+    iterations: int = option(10, "refinement iterations, one batched rollout each (10 plan as well as 30 here)")
     cost: Any = option("sum", "distance of the predicted latents to the goal's, summed over the plan (sum) or at "
                               "its last step only (final, which under replanning keeps deferring arrival); a "
                               "callable (z_pred (B,N,H,D), z_goal (B,D)) -> (B,N) in Python", choices=tuple(COSTS))
+    rest: bool = option(True, "score the all-zero action sequence (letting the arm come to rest) among every "
+                              "iteration's candidates, so a plan that holds a reached goal is found exactly")
     seed: int = option(0, "seed of the noise streams; same seed, same plan", cli=False)
     compile: bool = option(False, "torch.compile one planning iteration (CUDA graphs via reduce-overhead on CUDA)")
 
@@ -195,6 +198,11 @@ class Planner:
         """Costs of candidates ``(B, N, H, A)`` -> ``(B, N)`` with one batched ``rollout`` call."""
         z = self.model.rollout(ctx.z_hist, ctx.a_hist, rearrange(cand, "b n h a -> (b n) h a"))  # (B*N, H, D)
         return self.cost_fn(rearrange(z, "(b n) h d -> b n h d", b=cand.shape[0]), ctx.z_goal)  # (B, N)
+
+    def fixed_candidates(self, mean: Tensor) -> Tensor:
+        """Candidates scored in every iteration besides the samples: the rest sequence (all-zero actions)
+        when ``cfg.rest``, else none: (B, 0 or 1, H, A)."""
+        return mean.new_zeros(mean.shape[0], int(self.cfg.rest), *mean.shape[1:])
 
     def sample(self, ctx: Context, stream: Tensor, mean: Tensor, std: Tensor, n: int) -> Tensor:
         """``n`` Gaussian candidates around ``mean (B, H, A)`` with ``std (B, H, A)``, clamped to [-1, 1];

@@ -29,10 +29,12 @@ class CEMOptions:
 
 @dataclass
 class CEMConfig(PlannerConfig, CEMOptions):
-    """CEM settings (defaults: the LeWM setting, 300 samples x 30 iterations, horizon 5)."""
+    """CEM settings (defaults: 100 samples x 10 iterations, horizon 5, the top 10 refit; LeWM: 300 x 30, top 30)."""
 
     def __post_init__(self):
         PlannerConfig.__post_init__(self)
+        if self.samples < self.n_carry + int(self.rest) + 1:
+            raise ValueError(f"samples ({self.samples}) must leave room for a fresh sample beside the carried ones")
         if not 2 <= self.n_elites <= self.samples:
             raise ValueError(f"need 2 <= elites <= samples, got elites={self.n_elites}, samples={self.samples}")
         if self.plan_from not in ("best", "mean"):
@@ -64,7 +66,7 @@ class CEMPlanner(Planner):
 
     Every iteration scores exactly N candidates per problem: the carried ones (the initial, e.g.
     warm-start, mean at the first iteration; then the top elites when ``keep_elites``, else the
-    current mean) plus fresh samples. Returns the better of the best candidate seen and the final mean
+    current mean), the rest sequence (``rest``), and fresh samples. Returns the better of the best candidate seen and the final mean
     (``Planner.finish``).
     """
 
@@ -80,8 +82,9 @@ class CEMPlanner(Planner):
     def iteration(self, ctx: Context, stream: Tensor, mean: Tensor, std: Tensor, carry: Tensor, best_a: Tensor,
                   best_c: Tensor) -> tuple[Tensor, ...]:
         cfg, m = self.cfg, self.cfg.momentum
-        fresh = self.sample(ctx, stream, mean, std, cfg.samples - carry.shape[1])  # (B, N - C, H, A)
-        cand = torch.cat([carry, fresh], dim=1)  # (B, N, H, A)
+        fixed = self.fixed_candidates(mean)  # (B, F, H, A)
+        fresh = self.sample(ctx, stream, mean, std, cfg.samples - carry.shape[1] - fixed.shape[1])  # (B, N-C-F, H, A)
+        cand = torch.cat([carry, fixed, fresh], dim=1)  # (B, N, H, A)
         cost = self.score(ctx, cand)  # (B, N)
         best_a, best_c = keep_best(best_a, best_c, cand, cost)
         top = cost.topk(cfg.n_elites, dim=1, largest=False).indices  # (B, K), best first

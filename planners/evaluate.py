@@ -26,7 +26,7 @@ from planners.protocols import (Protocol, episode_records, history_before, joint
                                 sample_episodes)
 from planners.report import log_to_tensorboard, plot_results, results_markdown, summarize
 from planners.simulator import JOINT_COSTS, SimulatorModel
-from planners.subgoals import SubgoalConfig, SubgoalGraph, training_episodes
+from planners.subgoals import SubgoalConfig, SubgoalGraph, complement, graph_for_checkpoint
 from worldmodel.config import apply_overrides, nested, option
 from worldmodel.datasplit import held_out, load_with_data, recorded_data
 from worldmodel.model import atomic_write_json
@@ -86,14 +86,20 @@ class Setup:
     held_out: list[int]
     split_note: str
     batch: ReacherBatch
+    checkpoint: str = ""
     _graphs: dict = field(default_factory=dict)
 
     def graph(self, cfg: SubgoalConfig) -> SubgoalGraph:
-        """The subgoal graph over the model's training episodes (built once per setting)."""
+        """The subgoal graph over the model's training episodes (built once per setting): those of this
+        dataset that are not held out, or, when it holds none, those of the dataset training recorded."""
         key = (cfg.neighbours, cfg.radius, cfg.max_nodes)
         if key not in self._graphs:
-            train = training_episodes(self.store, self.meta)
-            self._graphs[key] = SubgoalGraph.build(self.model, self.store, train, cfg)
+            held = set(self.held_out)
+            if len(held) < len(self.store) or not self.checkpoint:
+                graph = SubgoalGraph.build(self.model, self.store, complement(self.store, held), cfg)
+            else:
+                graph = graph_for_checkpoint(self.model, self.checkpoint, cfg)
+            self._graphs[key] = graph
         return self._graphs[key]
 
 
@@ -105,7 +111,7 @@ def load_setup(checkpoint: str, data: str, episodes: int, device: str = "auto") 
     ids, note = held_out(store, meta)
     if not ids:
         raise ValueError(f"{data}: no episode the model did not train on ({note})")
-    return Setup(model, meta, store, ids, note, batch_like(store, episodes))
+    return Setup(model, meta, store, ids, note, batch_like(store, episodes), str(checkpoint))
 
 
 def batch_like(store: EpisodeStore, n: int) -> ReacherBatch:

@@ -30,14 +30,16 @@ class MPPIConfig(PlannerConfig, MPPIOptions):
 
     def __post_init__(self):
         PlannerConfig.__post_init__(self)
-        if self.temperature <= 0 or self.samples < 2:
-            raise ValueError(f"need temperature > 0 and samples >= 2, got {self.temperature}, {self.samples}")
+        if self.temperature <= 0 or self.samples < 2 + int(self.rest):
+            raise ValueError(f"need temperature > 0 and samples >= {2 + int(self.rest)}, got {self.temperature}, "
+                             f"{self.samples}")
 
 
 class MPPIPlanner(Planner):
     """Batched MPPI over B problems x N candidates.
 
-    Candidate 0 is always the current mean (the nominal plan), the rest are perturbations of it.
+    Candidate 0 is always the current mean (the nominal plan), then the rest sequence (``rest``), then
+    perturbations of the mean.
     Returns the better of the best candidate seen and the final mean (``Planner.finish``).
     """
 
@@ -51,7 +53,9 @@ class MPPIPlanner(Planner):
     def iteration(self, ctx: Context, stream: Tensor, mean: Tensor, std: Tensor, best_a: Tensor,
                   best_c: Tensor) -> tuple[Tensor, ...]:
         cfg, m = self.cfg, self.cfg.momentum
-        cand = torch.cat([mean[:, None], self.sample(ctx, stream, mean, std, cfg.samples - 1)], dim=1)  # (B, N, H, A)
+        fixed = self.fixed_candidates(mean)  # (B, F, H, A)
+        fresh = self.sample(ctx, stream, mean, std, cfg.samples - 1 - fixed.shape[1])
+        cand = torch.cat([mean[:, None], fixed, fresh], dim=1)  # (B, N, H, A)
         cost = self.score(ctx, cand)  # (B, N)
         best_a, best_c = keep_best(best_a, best_c, cand, cost)
         w = self.weights(cost)  # (B, N)

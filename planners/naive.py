@@ -39,7 +39,7 @@ class NaiveCEMPlanner(Planner):
         best_a, best_c = mean, float("inf")
         carry = [mean] * cfg.n_carry
         for _ in range(cfg.iterations):
-            cands = list(carry)
+            cands = list(carry) + [torch.zeros_like(mean)] * int(cfg.rest)
             while len(cands) < cfg.samples:
                 eps = torch.randn(mean.shape, generator=self._gen, device=mean.device, dtype=mean.dtype)
                 cands.append((mean + std * eps).clamp(-1, 1))

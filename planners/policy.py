@@ -261,19 +261,27 @@ def policy_from_config(model, cfg: PolicyConfig, seed: int = 0, graph: SubgoalGr
 
 
 def load_policy(checkpoint_path: str | Path, planner: str = "cem", device: str = "auto",
-                receding_horizon: int = 1, subgoals: bool | SubgoalConfig = False, data: str = "",
+                receding_horizon: int = 1, subgoals: bool | str | SubgoalConfig = "auto", data: str = "",
                 **overrides) -> MPCPolicy:
     """An MPC policy from a trained checkpoint, for users and outside harnesses.
 
     ``overrides`` set the planner's config (``samples``, ``iterations``, ``horizon``, ``cost``, ``seed``,
-    and CEM's or MPPI's own settings such as ``elites`` or ``temperature``). ``subgoals=True`` (or a
-    ``SubgoalConfig``) plans far goals via waypoints of a graph built from the model's training data
-    (its recorded dataset, or ``data``).
+    and CEM's or MPPI's own settings such as ``elites`` or ``temperature``). ``subgoals`` plans far goals
+    via waypoints of a graph of the model's training frames (its recorded dataset, or ``data``): True (or
+    a ``SubgoalConfig``) requires that data, False plans without, ``"auto"`` (default) uses it when the
+    data is there and says so when it is not.
     """
     from planners.subgoals import graph_for_checkpoint
     from worldmodel.model import WorldModel
 
     model = WorldModel.load(checkpoint_path, device)
     graph_cfg = subgoals if isinstance(subgoals, SubgoalConfig) else SubgoalConfig(enabled=bool(subgoals))
-    graph = (graph_for_checkpoint(model, checkpoint_path, graph_cfg, data), graph_cfg) if graph_cfg.enabled else None
+    graph = None
+    if graph_cfg.enabled:
+        try:
+            graph = (graph_for_checkpoint(model, checkpoint_path, graph_cfg, data), graph_cfg)
+        except (OSError, ValueError) as exc:
+            if subgoals != "auto":
+                raise
+            print(f"load_policy: planning without subgoals (their graph needs the training data: {exc})")
     return MPCPolicy(model, make_planner(model, planner, **overrides), receding_horizon, subgoals=graph)

@@ -35,8 +35,8 @@ class Protocol:
 
 LEWM_POLICY = {"planner": "cem", "search.samples": 300, "search.iterations": 30, "search.horizon": 5,
                "search.cost": "final", "cem.elites": 30, "cem.init_std": 1.0, "cem.min_std": 0.0,
-               "cem.momentum": 0.0, "cem.keep_elites": False, "cem.plan_from": "mean", "receding_horizon": 5,
-               "context": 1}
+               "cem.momentum": 0.0, "cem.keep_elites": False, "cem.plan_from": "mean", "search.rest": False,
+               "receding_horizon": 5, "context": 1, "subgoals.enabled": False}
 
 PROTOCOLS = {
     "reach25": Protocol("reach25", 25, 50),

@@ -32,12 +32,12 @@ from worldmodel.config import option
 class SubgoalConfig:
     """Waypoints from a graph of training frames, for goals beyond the plan's reach."""
 
-    enabled: bool = option(False, "chase waypoints along a graph of training frames while the goal is far")
+    enabled: bool = option(True, "chase waypoints along a graph of training frames while the goal is far")
     neighbours: int = option(8, "latent neighbours linked across episodes, per node")
     radius: float = option(0.5, "link two frames of different episodes when their latents are closer than this "
                                 "times a typical one-chunk move")
-    reach: float = option(6.0, "plan to the goal itself once it is at most this many chunks away along the graph")
-    lookahead: float = option(5.0, "chunks along the path to the waypoint planned towards while the goal is far")
+    reach: float = option(1.0, "plan to the goal itself once it is at most this many chunks away along the graph")
+    lookahead: float = option(3.0, "chunks along the path to the waypoint planned towards while the goal is far")
     max_nodes: int = option(20000, "at most this many training frames in the graph (spread over episodes)")
 
     def __post_init__(self):
@@ -47,12 +47,13 @@ class SubgoalConfig:
 
 @dataclass
 class Route:
-    """Shortest paths from every node to each of B goals."""
+    """Shortest paths from every node to each of B goals, and which problems have come near their goal."""
 
     goal: Tensor  # (B, D) the true goal latents
     dist: Tensor  # (B, N) chunks from node n to goal b along the graph (inf: no path)
     next: Tensor  # (B, N) the neighbour of node n on a shortest path to goal b (n itself at the goal)
     next_cost: Tensor  # (B, N) the cost of that edge in chunks
+    near: Tensor  # (B,) bool: came within reach of its goal once; from then on plans to the goal itself
 
 
 class SubgoalGraph:
@@ -119,12 +120,13 @@ class SubgoalGraph:
         has = (edge >= 0) & (dist > 0)
         nxt = torch.where(has, self.dst[edge.clamp_min(0)], nodes)
         cost = torch.where(has, self.cost[edge.clamp_min(0)], torch.zeros_like(dist))
-        return Route(z_goal, dist, nxt, cost)
+        return Route(z_goal, dist, nxt, cost, torch.zeros(B, dtype=torch.bool, device=dist.device))
 
     def targets(self, route: Route, z: Tensor, cfg: SubgoalConfig) -> Tensor:
-        """What each of B problems plans towards from its current latent z (B, D): the goal when it is
-        within ``reach`` chunks along the graph (or not connected to it), else the node ``lookahead``
-        chunks ahead on the shortest path (a waypoint)."""
+        """What each of B problems plans towards from its current latent z (B, D): the goal once it has
+        come within ``reach`` chunks along the graph (or if it is not connected to it), else the node
+        ``lookahead`` chunks ahead on the shortest path (a waypoint). Coming near latches: an arm holding
+        its goal is never sent back to a waypoint because its nearest node lies a little off the path."""
         node = self.nearest(z)  # (B,)
         far = route.dist.gather(1, node[:, None])[:, 0]  # (B,)
         walked = torch.zeros_like(far)
@@ -136,8 +138,8 @@ class SubgoalGraph:
                 break
             node = torch.where(move, hop, node)
             walked = walked + torch.where(move, cost, torch.zeros_like(cost))
-        use_goal = (far <= cfg.reach) | ~torch.isfinite(far)
-        return torch.where(use_goal[:, None], route.goal, self.nodes[node])
+        route.near |= (far <= cfg.reach) | ~torch.isfinite(far)
+        return torch.where(route.near[:, None], route.goal, self.nodes[node])
 
 
 def _neighbours(nodes: Tensor, episode: Tensor, k: int, radius: float, block: int = 2048):
@@ -157,26 +159,25 @@ def _neighbours(nodes: Tensor, episode: Tensor, k: int, radius: float, block: in
 
 
 def graph_for_checkpoint(model, checkpoint, cfg: SubgoalConfig, data: str = "") -> SubgoalGraph:
-    """The subgoal graph of a trained model over its own training episodes (as recorded in its checkpoint;
-    ``data`` to use another dataset, all of whose episodes then count)."""
+    """The subgoal graph of a trained model over its own training episodes, read from the dataset its
+    checkpoint records (or ``data``, whose episodes the model trained on are used)."""
     from envs.dataset import EpisodeStore
-    from worldmodel.datasplit import recorded_data
+    from worldmodel.datasplit import held_out, recorded_data
     from worldmodel.model import read_model_meta
 
     meta = read_model_meta(checkpoint)
     path = data or recorded_data(meta)
     if not path:
-        raise ValueError(f"{checkpoint} does not record its dataset; subgoals need one (pass data=...)")
+        raise ValueError(f"{checkpoint} does not record its dataset; subgoals need its training frames")
     store = EpisodeStore(path, image_size=model.cfg.image_size)
-    return SubgoalGraph.build(model, store, training_episodes(store, meta), cfg)
+    return SubgoalGraph.build(model, store, complement(store, held_out(store, meta)[0]), cfg)
 
 
-def training_episodes(store, meta: dict) -> list[int]:
-    """The episodes of ``store`` the model trained on: the graph's frames (never an evaluation's goals)."""
-    from worldmodel.datasplit import held_out
-
-    test = set(held_out(store, meta)[0])
+def complement(store, held_out_ids) -> list[int]:
+    """The episodes of ``store`` not held out: the graph's frames (never an evaluation's goals)."""
+    test = set(held_out_ids)
     train = [i for i in range(len(store)) if i not in test]
     if not train:
-        raise ValueError("subgoals need the model's training episodes; this dataset holds none of them")
+        raise ValueError(f"{store.paths}: holds none of the model's training episodes, which subgoals need; plan "
+                         f"without them (--no-subgoals.enabled) or give the training data")
     return train

@@ -35,8 +35,8 @@ def test_warm_start_helps():
 def test_elites_carried():
     assert CEMConfig(elites=30).n_kept == 9 and CEMConfig(elites=2).n_kept == 1
     assert CEMConfig(keep_elites=False).n_kept == 0 and CEMConfig(keep_elites=False).n_carry == 1
-    assert CEMConfig().n_elites == 30 and CEMConfig(samples=16).n_elites == 2 and CEMConfig(samples=100).n_elites == 10
-    assert dataclasses.replace(CEMConfig(), samples=100).n_elites == 10  # derived, not frozen at construction
+    assert CEMConfig(samples=300).n_elites == 30 and CEMConfig(samples=16).n_elites == 2 and CEMConfig().n_elites == 10
+    assert dataclasses.replace(CEMConfig(), samples=300).n_elites == 30  # derived, not frozen at construction
     with pytest.raises(ValueError):
         CEMConfig(samples=10, elites=20)
 

@@ -9,6 +9,8 @@ from envs.collect import CollectConfig, collect
 from envs.dataset import EpisodeStore
 from envs.vector import ReacherBatch
 from planners.evaluate import EvalConfig, Setup, run_episodes, simulator_controller, world_model_controller
+from planners.policy import PolicyConfig
+from planners.subgoals import SubgoalConfig
 from planners.protocols import PROTOCOLS, episode_records, joint_errors, sample_episodes
 from planners.stats import cluster_bootstrap_interval, wilson_interval
 from conftest import run_wm as _wm
@@ -126,8 +128,8 @@ def test_world_model_starts_with_the_history_of_the_episode(data, monkeypatch):
             eps[k][b] = store.states(int(eps["episode"][b]))[k][t0]
     batch = ReacherBatch("reacher-easy", 6, size=32)
     setup = Setup(model, {}, store, list(range(10)), "", batch)
-    act, policy, real = world_model_controller(setup, EvalConfig(), protocol, eps,
-                                               np.zeros((6, 32, 32, 3), np.uint8), 0)
+    no_graph = EvalConfig(policy=PolicyConfig(subgoals=SubgoalConfig(enabled=False)))  # every episode is held out
+    act, policy, real = world_model_controller(setup, no_graph, protocol, eps, np.zeros((6, 32, 32, 3), np.uint8), 0)
     batch.reset_to(eps["qpos"], eps["qvel"], eps["target"], render=False)
     act()
     batch.close()
@@ -213,3 +215,37 @@ def test_wm_demo_smoke_writes_videos_and_sheet(data, tmp_path):
     import imageio.v2 as imageio
     frames = imageio.mimread(tmp_path / "videos" / "episode_00.mp4")
     assert len(frames) == 51  # the start frame and one per step of the 50-step budget
+
+
+def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path):
+    """A model of one env on another env's data, and an output that is a file: refused before any work."""
+    from conftest import write_synthetic
+    from planners.evaluate import evaluate
+
+    WorldModel(tiny_config("mlp", size=32, frameskip=5)).save(tmp_path / "m.pt")  # a reacher-easy model
+    gym = write_synthetic(tmp_path / "gym", n_episodes=4, steps=30, size=32, env="gym-reacher")
+    with pytest.raises(ValueError, match="holds gym-reacher episodes, but .* is a model of reacher-easy"):
+        evaluate(EvalConfig(checkpoint=str(tmp_path / "m.pt"), data=str(gym), out=str(tmp_path / "e1")), progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        evaluate(EvalConfig(checkpoint=str(tmp_path / "m.pt"), data=str(data), out=str(tmp_path / "file")),
+                 progress=False)
+    with pytest.raises(ValueError, match="--episodes"):
+        EvalConfig(episodes=0)
+
+
+def test_subgoal_graph_holds_training_frames_only(data):
+    """The graph's nodes are frames of the episodes the model trained on, one per chunk: never the
+    held-out episodes that evaluation goals come from."""
+    from planners.subgoals import SubgoalConfig
+
+    store = EpisodeStore(data)
+    model = WorldModel(tiny_config("mlp", size=32, frameskip=5)).eval()
+    setup = Setup(model, {}, store, [0, 3], "", None)
+    graph = setup.graph(SubgoalConfig())
+    train = [i for i in range(len(store)) if i not in (0, 3)]
+    assert len(graph.nodes) == sum(store.episodes[i].steps // 5 + 1 for i in train)
+    with torch.no_grad():
+        first = model.encode(torch.from_numpy(store.frames(train[0], np.array([0, 5]))))
+    torch.testing.assert_close(graph.nodes[:2], first)
+    assert setup.graph(SubgoalConfig()) is graph  # built once

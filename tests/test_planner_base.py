@@ -192,3 +192,16 @@ def test_compiled_iteration_captures_whole_and_plans_the_same(name, monkeypatch)
 def test_inductor_compiled_iteration_plans_the_same(name):
     torch._dynamo.reset()
     _compiled_equals_eager(name, exact=False)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_reached_goal_is_held_exactly(name):
+    """At the goal of a system at rest, the rest sequence (all-zero actions) is the best plan: with it among
+    the candidates the planner returns it exactly; from a warm start that moves, sampling only comes near."""
+    model = LinearDynamics(spin=0.0)
+    z = torch.randn(3, 1, 4, generator=torch.Generator().manual_seed(5))
+    moving = torch.full((3, H, A), 0.3)  # the shifted plan that brought the arm here
+    held = planner(name, model, cost="sum").plan(z, z[:, -1], init=moving)
+    assert torch.equal(held.actions, torch.zeros_like(held.actions)) and torch.equal(held.cost, torch.zeros(3))
+    sampled = planner(name, model, cost="sum", rest=False).plan(z, z[:, -1], init=moving)
+    assert sampled.actions.abs().max() > 0
