@@ -169,7 +169,7 @@ def graph_for_checkpoint(model, checkpoint, cfg: SubgoalConfig, data: str = "") 
     path = data or recorded_data(meta)
     if not path:
         raise ValueError(f"{checkpoint} does not record its dataset; subgoals need its training frames")
-    store = EpisodeStore(path, image_size=model.cfg.image_size)
+    store = EpisodeStore(path, image_size=model.cfg.image_size, env=model.cfg.env)
     return SubgoalGraph.build(model, store, complement(store, held_out(store, meta)[0]), cfg)
 
 

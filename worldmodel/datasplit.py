@@ -64,6 +64,7 @@ def load_with_data(checkpoint, data: str = "", device: str = "auto"):
     """(model, meta, store, data path): a trained model and a dataset to evaluate or probe it on, by
     default the one it was trained on, its frames sized for the model. Another env's data is refused."""
     from envs.dataset import EpisodeStore
+    from envs.storage import DatasetError
     from worldmodel.model import WorldModel, read_model_meta
 
     model = WorldModel.load(checkpoint, device)
@@ -71,8 +72,8 @@ def load_with_data(checkpoint, data: str = "", device: str = "auto"):
     data = data or recorded_data(meta)
     if not data:
         raise ValueError(f"{checkpoint} does not record its dataset; pass --data")
-    store = EpisodeStore(data, image_size=model.cfg.image_size)
-    env = str(store.attrs["env"])
-    if env != model.cfg.env:
-        raise ValueError(f"{data} holds {env} episodes, but {checkpoint} is a model of {model.cfg.env}")
+    try:  # a file that does not say its env (stable-worldmodel's) is read as the model's
+        store = EpisodeStore(data, image_size=model.cfg.image_size, env=model.cfg.env)
+    except DatasetError as exc:
+        raise ValueError(f"{exc} (the env of the model {checkpoint})") from None
     return model, meta, store, str(data)

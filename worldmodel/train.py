@@ -42,6 +42,8 @@ class TrainConfig:
     """``wm train``: train encoder and predictor with prediction loss + SIGReg."""
 
     data: str = option(DEFAULT_DATA, "dataset: a directory of .h5 shards, or one .h5 file (ours or stable-worldmodel's)")
+    env: str | None = option(None, "the environment of a dataset that does not record it (a stable-worldmodel file; "
+                                   "default: reacher-easy); a dataset that records another is refused")
     out: str = option(DEFAULT_RUN, "run directory: model.pt, checkpoint.pt, tb/")
     preset: str = option("demo", "demo (2-core CPU) or full (one GPU); the options you type override it",
                          choices=("demo", "full"))
@@ -192,7 +194,7 @@ def train(cfg: TrainConfig, progress: bool = True,
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume: bool, progress: bool,
            closed_loop) -> dict:
     is_main, out = rank == 0, Path(cfg.out)
-    store = EpisodeStore(cfg.data, image_size=cfg.model.image_size)
+    store = EpisodeStore(cfg.data, image_size=cfg.model.image_size, env=cfg.env)
     spec = WindowSpec(cfg.model.history, cfg.n_pred, cfg.model.frameskip)
     train_ds = WindowDataset(store, spec, "train", cfg.val_fraction, cfg.seed)
     val_ds = WindowDataset(store, WindowSpec(cfg.model.history, cfg.val_horizon, cfg.model.frameskip), "val",
