@@ -19,7 +19,7 @@ import envs  # noqa: F401  (selects the GL backend before anything imports mujoc
 from envs.collect import CollectConfig, collect
 from planners.demo import DemoConfig
 from planners.evaluate import DEFAULT_CHECKPOINT, EvalConfig
-from worldmodel.config import apply_overrides, config_fields, option
+from worldmodel.config import apply_overrides, config_fields, from_dict, option
 from envs.storage import DEFAULT_DATA
 from envs.swm import ConvertConfig
 from worldmodel.train import DEFAULT_RUN, TrainConfig, preset_config
@@ -80,14 +80,27 @@ def config_from_args(cfg, args: argparse.Namespace):
     return apply_overrides(cfg, {k: v for k, v in vars(args).items() if k in paths})
 
 
-def _preset_in(argv: list[str]) -> str:
-    """The ``--preset`` typed on a ``wm train`` line (its defaults are that preset's), else ``demo``."""
+def _typed(argv: list[str], flag: str) -> str | None:
+    """The value typed for ``flag`` on a command line (``--flag V`` or ``--flag=V``), or None."""
     for i, arg in enumerate(argv):
-        if arg == "--preset" and i + 1 < len(argv):
+        if arg == flag and i + 1 < len(argv):
             return argv[i + 1]
-        if arg.startswith("--preset="):
+        if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
-    return "demo"
+    return None
+
+
+def _train_defaults(argv: list[str]) -> TrainConfig:
+    """What ``wm train`` starts from: with ``--resume``, the settings the run was started with (so only what
+    is typed now changes them); else the typed ``--preset``'s (``demo`` by default)."""
+    if "--resume" in argv:
+        saved = Path(_typed(argv, "--out") or DEFAULT_RUN) / "train_config.json"
+        if saved.is_file():
+            try:
+                return from_dict(TrainConfig, json.loads(saved.read_text()), str(saved))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{saved}: not the settings of a run of this version ({exc})") from None
+    return preset_config(_typed(argv, "--preset") or "demo")
 
 
 # --- small commands' configs ---------------------------------------------------------------------------------
@@ -231,7 +244,8 @@ def run_demo(cfg: DemoConfig) -> int:
 
 
 def run_pipeline(cfg: PipelineConfig) -> int:
-    """Every stage skips what is already done, so an interrupted `make demo` resumes."""
+    """Collection, training and evaluation skip what is already done, so an interrupted `make demo`
+    resumes; the videos are made again."""
     import time
 
     out, start = Path(cfg.out), time.perf_counter()
@@ -277,19 +291,17 @@ COMMANDS = {
 def default_config(command: str, argv: list[str]):
     """The config whose values are the command's defaults (for ``train``: the typed preset's)."""
     cls = COMMANDS[command][0]
-    if cls is TrainConfig:
-        return preset_config(_preset_in(argv))
-    return cls()
+    return _train_defaults(argv) if cls is TrainConfig else cls()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="wm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="wm", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         for name, (cls, _, help_text) in COMMANDS.items():
-            p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or "").strip())
+            p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or "").strip(), allow_abbrev=False)
             # Only the chosen command's options are built (a bad --preset is reported below).
             if name == command:
                 add_config_arguments(p, default_config(name, argv))

@@ -7,6 +7,7 @@ actions between two kept frames are concatenated into one action chunk ``(frames
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,13 @@ class EpisodeStore:
 
     @property
     def fingerprint(self) -> str:
-        """``storage.dataset_fingerprint`` of the files this store was opened from."""
+        """What tells exactly this dataset from any other: ``storage.dataset_fingerprint`` of its files (names,
+        sizes, attributes) combined with its episodes' uids (their content: files of the same names and
+        sizes holding other episodes differ)."""
         if self._fingerprint is None:
-            self._fingerprint = dataset_fingerprint(sorted({e.shard for e in self.episodes}))
+            files = dataset_fingerprint(sorted({e.shard for e in self.episodes}))
+            content = hashlib.sha256(" ".join(sorted(e.uid for e in self.episodes)).encode()).hexdigest()
+            self._fingerprint = hashlib.sha256(f"{files} {content}".encode()).hexdigest()[:16]
         return self._fingerprint
 
     def index_of_uids(self, uids) -> list[int]:

@@ -120,13 +120,14 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def episode_uid(attrs: dict, file_name: str, key: str, action: np.ndarray) -> str:
-    """16 hex digits naming one episode: a hash of its file's attributes except ``versions``, the file's
-    name, the episode's key and its actions. Moving the dataset or adding shards keeps it; a collection
-    made with other settings (seed, policy, size, ...) or other actions gets other uids."""
-    settings = {k: v for k, v in attrs.items() if k != "versions"}
+def episode_uid(env: str, action: np.ndarray, qpos: np.ndarray | None) -> str:
+    """16 hex digits naming one episode by what it is, not where it is stored: a hash of its env, its
+    actions (as float32) and its first joint angles (rounded to 1e-6 rad). Moving, renaming, converting
+    (``wm convert``, to either layout, at any image size) or extending a dataset keeps it, so a model is
+    never evaluated on a copy of its own training episodes; other episodes get other uids."""
     actions = hashlib.sha256(np.ascontiguousarray(action, dtype=np.float32).tobytes()).hexdigest()
-    return _digest(settings, file_name, key, actions)[:16]
+    start = None if qpos is None else np.round(np.asarray(qpos, dtype=np.float64)[0], 6).tolist()
+    return _digest(env, actions, start)[:16]
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class EpisodeRef:
     """Where an episode lives, and its length in actions.
 
     ``row`` is the episode's first row in a single-file (stable-worldmodel) dataset, None in a shard.
-    ``uid`` is stable across moved directories and extended collections (see ``episode_uid``)."""
+    ``uid`` names the episode by its content (see ``episode_uid``)."""
 
     shard: Path
     key: str
@@ -183,7 +184,7 @@ def inspect_shard(path: str | Path, env: str | None = None) -> ShardInfo:
             except (OSError, KeyError, RuntimeError) as exc:
                 raise DatasetError(f"{path}: episode {key} cannot be read (truncated or corrupt?): {exc}") from exc
             missing.update(k for k in ("target",) if k not in episode)  # finger: derived from qpos
-            episodes.append(EpisodeRef(path, key, steps, episode_uid(attrs, path.name, key, episode["action"])))
+            episodes.append(EpisodeRef(path, key, steps, episode_uid(attrs["env"], episode["action"], episode["qpos"])))
             arrays.append(episode)
     if not episodes:
         raise DatasetError(f"{path}: holds no episodes")

@@ -102,8 +102,8 @@ def inspect_swm(path: str | Path, env: str | None = None) -> ShardInfo:
             episode = _episode_arrays(columns, start, rows)
         except DatasetError as exc:
             raise DatasetError(f"{path}: episode {e} (rows {start}..{start + rows - 1}): {exc}") from None
-        episodes.append(EpisodeRef(path, key, rows - 1, episode_uid(file_attrs, path.name, key, episode["action"]),
-                                   row=start))
+        episodes.append(EpisodeRef(path, key, rows - 1, episode_uid(attrs["env"], episode["action"],
+                                                                    episode.get("qpos")), row=start))
         arrays.append(episode)
     missing = tuple(k for k in STATE_KEYS if k not in columns and not (k == "finger" and "qpos" in columns))
     _complete(arrays, attrs["env"], path)

@@ -34,7 +34,7 @@ def demo_model(device: torch.device):
 def time_plan(planner, model, batch: int, repeats: int) -> float:
     """Median seconds of one ``plan`` call for ``batch`` problems."""
     g = torch.Generator().manual_seed(1)
-    d, h, dev = model.cfg.encoder.latent_dim, model.history, model.device
+    d, h, dev = model.cfg.latent_dim, model.history, model.device
     z_hist = torch.randn(batch, h, d, generator=g).to(dev)
     a_hist = (torch.rand(batch, h - 1, model.action_dim, generator=g) * 2 - 1).to(dev)
     z_goal = torch.randn(batch, d, generator=g).to(dev)
@@ -54,7 +54,7 @@ def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), hor
     dev = resolve_device(device)
     model = demo_model(dev)
     lines = [f"Model: demo preset (conv encoder, MLP predictor {model.cfg.predictor.hidden} wide x "
-             f"{model.cfg.predictor.depth}, latent {model.cfg.encoder.latent_dim}, history {model.history}, "
+             f"{model.cfg.predictor.depth}, latent {model.cfg.latent_dim}, history {model.history}, "
              f"action chunk {model.action_dim}); device {dev}; torch threads {torch.get_num_threads()}.", "",
              "| planner | samples | iterations | horizon | batch | ms per plan | ms per problem |",
              "|---|---|---|---|---|---|---|"]

@@ -9,6 +9,7 @@ velocity. Frames are rendered only when a policy looks at them (the world model'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -98,7 +99,12 @@ class Setup:
             if len(held) < len(self.store) or not self.checkpoint:
                 graph = SubgoalGraph.build(self.model, self.store, complement(self.store, held), cfg)
             else:
-                graph = graph_for_checkpoint(self.model, self.checkpoint, cfg)
+                try:
+                    graph = graph_for_checkpoint(self.model, self.checkpoint, cfg)
+                except (OSError, ValueError) as exc:
+                    raise ValueError(f"subgoals need the model's training frames, and this dataset holds none of "
+                                     f"them; the dataset its checkpoint records cannot be read ({exc}); give it "
+                                     f"with --data, or plan without subgoals (--no-subgoals.enabled)") from None
             self._graphs[key] = graph
         return self._graphs[key]
 
@@ -148,7 +154,7 @@ def world_model_controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, ep
     policy = policy_from_config(model, pcfg, seed, graph)
     n = len(goal_images)
     policy.reset(goal_images, keys=problem_keys(seed, eps["index"]))
-    real = np.zeros(n, dtype=int)
+    real = np.full(n, -1)  # -1: no history asked for
     if protocol.true_history and cfg.history == "true" and policy.history > 1:
         first = batch.reset_to(eps["qpos"], eps["qvel"], eps["target"])  # the start frames, to pad with
         frames, chunks, real = history_before(setup.store, eps, policy.history, model.frameskip, first)
@@ -159,15 +165,18 @@ def world_model_controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, ep
 
 def simulator_controller(batch: ReacherBatch, cfg: EvalConfig, protocol: Protocol, frameskip: int, eps: dict,
                          seed: int):
-    """CEM on the true MuJoCo dynamics (it sees the true state, velocity included): the ceiling."""
+    """CEM on the true MuJoCo dynamics (it sees the true state, velocity included): the ceiling. It plans
+    with the world model's planner settings (all of CEM's; with MPPI, the shared ones) and cost, on the
+    joint angles instead of latents; ``--sim-samples``/``--sim-iterations`` may set its budget apart."""
     pcfg = apply_overrides(cfg.policy, protocol.policy)
-    search = pcfg.planner_config() if pcfg.planner == "cem" else pcfg.search
-    settings = {k: getattr(search, k) for k in ("horizon", "samples", "iterations")}
-    settings["samples"] = cfg.sim_samples or settings["samples"]
-    settings["iterations"] = cfg.sim_iterations or settings["iterations"]
+    own = dataclasses.asdict(pcfg.cem) if pcfg.planner == "cem" else {}
+    budget = {"samples": cfg.sim_samples or pcfg.search.samples, "iterations": cfg.sim_iterations or pcfg.search.iterations}
+    if cfg.sim_samples and own:
+        own["elites"] = None  # a budget of its own: the elites are a tenth of it
+    settings = {**dataclasses.asdict(pcfg.search), **own, **budget, "cost": JOINT_COSTS[pcfg.search.cost], "seed": seed,
+                "compile": False}
     sim = SimulatorModel(batch.physics, frameskip, batch.action_repeat)
-    planner = CEMPlanner(sim, CEMConfig(**settings, cost=JOINT_COSTS[pcfg.search.cost], seed=seed))
-    policy = MPCPolicy(sim, planner, pcfg.receding_horizon)
+    policy = MPCPolicy(sim, CEMPlanner(sim, CEMConfig(**settings)), pcfg.receding_horizon)
     policy.reset_latent(sim.goal_states(eps["goal_qpos"]), keys=problem_keys(seed, eps["index"]))
     return (lambda: policy.act_latent(lambda: sim.states(batch.datas), len(eps["index"]))), policy
 
@@ -229,6 +238,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
     eps = sample_episodes(setup.store, setup.held_out, protocol, n, seed, batch.physics.wrist_range, cfg.tolerance)
     goal_images = batch.render_goals(eps["goal_qpos"])
     records = []
+    model_history = setup.model.history
     for method in methods:
         if bar is not None:
             bar.set_postfix(protocol=protocol.name, seed=seed, method=method)
@@ -256,6 +266,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
                 "success": bool(per["success"][j]), "held": bool(per["held"][j]),
                 "steps_to_success": int(per["steps_to_success"][j]), "final_error": float(per["final_error"][j]),
                 "min_error": float(per["min_error"][j]), "history_frames": int(real[j]),
+                "history_wanted": model_history - 1 if method == "world_model" else -1,
                 # one planning call serves all episodes of the batch
                 "plan_time_per_call_s": call, "plan_time_per_episode_s": call / n, "plan_calls": len(plan_times),
                 "route_time_batch_s": route,
@@ -267,7 +278,9 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
 def closed_loop_check(model, store: EpisodeStore, held_out_ids: list[int], episodes: int, protocol: str = "reach25",
                       iterations: int = 10) -> dict:
     """A small closed-loop evaluation during training (world model only, one seed, a cheaper CEM):
-    {"<protocol>_latched": rate, "<protocol>_held": rate}, logged to TensorBoard by ``wm train``."""
+    {"<protocol>_latched": rate, "<protocol>_held": rate}, logged to TensorBoard by ``wm train``. The model
+    is left in eval mode (the caller puts it back in training)."""
+    model.eval()
     batch = batch_like(store, episodes)
     try:
         setup = Setup(model, {}, store, held_out_ids, "", batch)

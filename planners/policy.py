@@ -46,6 +46,7 @@ class PolicyConfig:
                              f"got {self.receding_horizon}")
         if self.context is not None and self.context < 1:
             raise ValueError(f"--context must be >= 1, got {self.context}")
+        self.planner_config()  # the chosen planner's own checks (elites <= samples, ...), before any data loads
 
     def planner_config(self, **overrides) -> PlannerConfig:
         """The chosen planner's full config (``CEMConfig`` or ``MPPIConfig``)."""

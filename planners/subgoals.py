@@ -27,6 +27,8 @@ from torch import Tensor
 
 from worldmodel.config import option
 
+MIN_LINK_COST = 0.05  # chunks: every link costs something, so next hops strictly shorten the way left
+
 
 @dataclass
 class SubgoalConfig:
@@ -71,8 +73,13 @@ class SubgoalGraph:
         fs = model.frameskip
         per_episode = [np.arange(0, store.episodes[i].steps + 1, fs) for i in episode_ids]
         keep = max(1, -(-sum(map(len, per_episode)) // cfg.max_nodes))  # thin episodes if there are too many
-        latents = [model.encode(torch.from_numpy(store.frames(i, t)).to(model.device)).float()  # (T_i, D)
-                   for k, (i, t) in enumerate(zip(episode_ids, per_episode)) if k % keep == 0]
+        was_training = model.training
+        model.eval()  # the projector's BatchNorm must use (and keep) its running statistics
+        try:
+            latents = [model.encode(torch.from_numpy(store.frames(i, t)).to(model.device)).float()  # (T_i, D)
+                       for k, (i, t) in enumerate(zip(episode_ids, per_episode)) if k % keep == 0]
+        finally:
+            model.train(was_training)
         return cls.from_trajectories(latents, cfg)
 
     @classmethod
@@ -86,8 +93,7 @@ class SubgoalGraph:
         near_src, near_dst, near_d = _neighbours(nodes, episode.to(nodes.device), cfg.neighbours, cfg.radius * step)
         links_src = torch.cat([src, near_src])
         links_dst = torch.cat([src + 1, near_dst])
-        # every link costs something: next hops then strictly shorten the way left (no zero-cost cycles)
-        links_cost = torch.cat([torch.ones(len(src), device=nodes.device), (near_d / step).clamp_min(0.05)])
+        links_cost = torch.cat([torch.ones(len(src), device=nodes.device), (near_d / step).clamp_min(MIN_LINK_COST)])
         both = (torch.cat([links_src, links_dst]), torch.cat([links_dst, links_src]), torch.cat([links_cost] * 2))
         return cls(nodes, *both, step)
 
@@ -130,7 +136,7 @@ class SubgoalGraph:
         node = self.nearest(z)  # (B,)
         far = route.dist.gather(1, node[:, None])[:, 0]  # (B,)
         walked = torch.zeros_like(far)
-        for _ in range(8 * int(np.ceil(cfg.lookahead)) + 16):  # links across episodes are shorter than a chunk
+        for _ in range(int(np.ceil(cfg.lookahead / MIN_LINK_COST)) + 1):  # links may cost as little as MIN_LINK_COST
             hop = route.next.gather(1, node[:, None])[:, 0]
             cost = route.next_cost.gather(1, node[:, None])[:, 0]
             move = (walked < cfg.lookahead) & (hop != node)

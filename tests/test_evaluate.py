@@ -249,3 +249,18 @@ def test_subgoal_graph_holds_training_frames_only(data):
         first = model.encode(torch.from_numpy(store.frames(train[0], np.array([0, 5]))))
     torch.testing.assert_close(graph.nodes[:2], first)
     assert setup.graph(SubgoalConfig()) is graph  # built once
+
+
+def test_graph_of_a_model_in_training_uses_and_keeps_its_running_statistics(data):
+    """Built mid-training (the closed-loop check), the graph encodes as the planner will (eval mode) and
+    leaves the BatchNorm statistics that go into the checkpoint untouched."""
+    from planners.subgoals import SubgoalConfig, SubgoalGraph
+
+    store = EpisodeStore(data)
+    model = WorldModel(tiny_config("mlp", size=32, frameskip=5)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graph = SubgoalGraph.build(model, store, [1, 2], SubgoalConfig())
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        want = model.eval().encode(torch.from_numpy(store.frames(1, np.array([0]))))
+    torch.testing.assert_close(graph.nodes[:1], want)

@@ -83,12 +83,12 @@ def _uids(path):
 
 def test_uids_and_fingerprint_survive_a_move(tmp_path):
     data = write_synthetic(tmp_path / "a", n_episodes=4, steps=5)
-    uids, fp = _uids(data), dataset_fingerprint(data)
+    uids, fp, store_fp = _uids(data), dataset_fingerprint(data), EpisodeStore(data).fingerprint
     assert len(set(uids)) == 4 and all(len(u) == 16 for u in uids)
     moved = tmp_path / "elsewhere" / "b"
     shutil.move(data, moved)
     store = EpisodeStore(moved)
-    assert _uids(moved) == uids and dataset_fingerprint(moved) == fp == store.fingerprint
+    assert _uids(moved) == uids and dataset_fingerprint(moved) == fp and store.fingerprint == store_fp
     assert store.index_of_uids(uids[::-1]) == [3, 2, 1, 0] and store.uids[uids[2]] == 2
     with pytest.raises(DatasetError, match="holds no episode with uid \\['nope'\\]"):
         store.index_of_uids(["nope"])
@@ -123,3 +123,31 @@ def test_swm_uids_and_fingerprint(tmp_path):
     other = write_swm_file(tmp_path / "theirs.h5", n_episodes=3, rows=5, last_action=0.0,
                            columns={"action": np.full((18, 2), 0.5)})  # same name, other actions
     assert set(_uids(other)).isdisjoint(uids) and dataset_fingerprint(other) != fp
+
+
+def test_uids_survive_conversion_and_renaming(tmp_path):
+    """A copy of the training data in the other layout, resized, or with renamed shards is the same episodes:
+    evaluation then still knows which of them the model trained on."""
+    from envs.swm import convert_dataset
+
+    data = write_synthetic(tmp_path / "a", n_episodes=4, steps=5)
+    uids = _uids(data)
+    converted = convert_dataset(data, tmp_path / "a.h5", "swm", image_size=16)
+    assert sorted(_uids(converted)) == sorted(uids)
+    back = convert_dataset(converted, tmp_path / "b", "shards")
+    assert sorted(_uids(back)) == sorted(uids)
+    for shard in sorted(data.glob("*.h5")):
+        shard.rename(shard.with_name("renamed_" + shard.name))
+    assert sorted(_uids(data)) == sorted(uids)
+
+
+def test_same_names_and_sizes_but_other_episodes_are_another_dataset(tmp_path):
+    """File names, sizes and attributes can coincide (constant frames compress alike); the store's
+    fingerprint also covers the episodes themselves."""
+    a = write_synthetic(tmp_path / "a", n_episodes=4, steps=20)
+    b = write_synthetic(tmp_path / "b", n_episodes=4, steps=20)
+    for shard in b.glob("*.h5"):  # other actions, same names
+        with h5py.File(shard, "r+") as f:
+            for key in f:
+                f[key]["action"][0] = [0.5, 0.5]
+    assert EpisodeStore(a).fingerprint != EpisodeStore(b).fingerprint

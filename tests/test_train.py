@@ -75,9 +75,38 @@ def test_a_finished_run_is_kept_and_another_is_refused(data, tmp_path, capsys):
     train(tiny(data, tmp_path / "run", steps=2), progress=False)
     again = train(tiny(data, tmp_path / "run", steps=2), progress=False)  # the same run: nothing to do
     assert again["already_done"] and "already holds this finished run" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="already holds a run at step 2 of 2 with other settings.*--overwrite"):
-        train(tiny(data, tmp_path / "run", steps=2, lr=0.5), progress=False)
-    assert train(tiny(data, tmp_path / "run", steps=2, lr=0.5, overwrite=True), progress=False)["loss/total"] > 0
+    with pytest.raises(ValueError, match="already holds a run at step 2 of 2 with other settings.*batch_size.*"
+                                         "it is finished, --overwrite"):
+        train(tiny(data, tmp_path / "run", steps=2, batch_size=4), progress=False)
+    assert train(tiny(data, tmp_path / "run", steps=2, batch_size=4, overwrite=True), progress=False)["loss/total"] > 0
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(data, tmp_path, monkeypatch):
+    """Nothing to keep (no checkpoint, no model): the advice after an early divergence (a lower --lr) works."""
+    _poison_sigreg(monkeypatch, after=0)
+    with pytest.raises(TrainingDiverged):
+        train(tiny(data, tmp_path / "run"), progress=False)
+    monkeypatch.undo()
+    assert train(tiny(data, tmp_path / "run", lr=2.5e-4), progress=False)["loss/total"] > 0
+
+
+def test_resume_starts_from_the_runs_own_settings(data, tmp_path, monkeypatch):
+    """`wm train --out X --resume` continues a run started with other options (a preset, a moved dataset)
+    without retyping them."""
+    from wm import main
+
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "8"]
+    for path, v in TINY.items():
+        args += ["--" + path.removeprefix("model.").replace("_", "-"), str(v)]
+    _poison_sigreg(monkeypatch, after=5)
+    assert main(args) == 2  # diverged at step 6: checkpoint of step 4 kept
+    monkeypatch.undo()
+    other = write_synthetic(tmp_path / "other", n_episodes=6, steps=21)
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--data", str(other)]) == 2  # other data
+    moved = tmp_path / "moved-data"
+    data.rename(moved)
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--data", str(moved)]) == 0
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["step"] == 8
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
@@ -173,7 +202,7 @@ def test_backend_follows_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: chosen.append(backend))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: chosen.append(backend))
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
     assert distributed.setup("cpu")[2] == torch.device("cpu")
     assert distributed.setup("auto")[2] == torch.device("cuda", 0)

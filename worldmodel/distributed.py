@@ -7,6 +7,7 @@ tensor on the rank's own device (NCCL refuses CPU tensors).
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -40,8 +41,18 @@ def setup(device: str) -> tuple[int, int, torch.device]:
         return 0, 1, resolve_device(device)
     chosen = rank_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend_for(chosen))
+        # rank 0 alone validates, probes and evaluates while the others wait in a collective: a generous timeout
+        dist.init_process_group(backend_for(chosen), timeout=datetime.timedelta(minutes=60))
     return dist.get_rank(), world, chosen
+
+
+def share(value):
+    """Rank 0's ``value`` (any picklable object) on every rank; the value itself outside torchrun."""
+    if world_size() > 1 and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 def any_rank(flag: torch.Tensor) -> bool:

@@ -129,11 +129,11 @@ class WorldModel(nn.Module):
 
     # --- checkpoints ------------------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
-        """Write ``path`` (weights) and ``path.json`` (config) atomically."""
+        """Write ``path`` (weights) and then ``path.json`` (config and what training recorded), each atomically."""
         path = Path(path)
         meta = {"format_version": FORMAT_VERSION, "config": self.cfg.to_dict(), **(extra or {})}
-        atomic_write_json(path.with_suffix(".json"), meta)
         atomic_torch_save(self.state_dict(), path)
+        atomic_write_json(path.with_suffix(".json"), meta)
         return path
 
     @classmethod

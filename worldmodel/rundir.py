@@ -19,9 +19,10 @@ from pathlib import Path
 from worldmodel.config import config_fields
 from worldmodel.model import CheckpointError, WorldModel, atomic_torch_save, load_weights_file
 
-# Settings that may differ on --resume without changing what the run computes.
-RESUME_FREE = {"resume", "overwrite", "device", "num_workers", "log_every", "val_every", "probe_every",
-               "ckpt_every", "compile", "eval_every", "eval_episodes"}
+# Settings that may differ on --resume without changing what the run computes (a moved run or dataset
+# included: the dataset's fingerprint is checked instead of its path).
+RESUME_FREE = {"out", "data", "resume", "overwrite", "device", "num_workers", "log_every", "val_every",
+               "probe_every", "ckpt_every", "compile", "eval_every", "eval_episodes"}
 # Settings a resumed run may change to recover from a divergence; each change is kept in the run's history.
 RECOVERY = ("lr", "grad_clip")
 RUN_FILES = ("model.pt", "model.json", "checkpoint.pt", "train_config.json")
@@ -67,29 +68,39 @@ def _differences(saved: dict, cfg, ignore) -> dict:
 
 def status(out: Path, cfg) -> str:
     """What to do with ``out``: ``fresh`` (start), ``resume`` (continue) or ``done`` (nothing: it holds a
-    finished run of exactly these settings). A run in the way is an error that says what to type."""
-    ckpt = out / "checkpoint.pt"
+    finished run of these settings). A run in the way is an error that says what to type."""
+    ckpt, meta = out / "checkpoint.pt", _read_json(out / "model.json")
+    step = meta.get("step")
+    saved = flatten_dict(meta.get("train_config", {}))
+    finished = step is not None and step == saved.get("steps") and not _differences(saved, cfg, RESUME_FREE | set(RECOVERY))
     if cfg.resume:
         if not ckpt.is_file():
             raise ValueError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
-        return "resume"
-    if not any((out / name).exists() for name in RUN_FILES):
+        return "done" if finished and step == cfg.steps else "resume"
+    if not ckpt.exists() and not meta:  # nothing worth keeping (a run that stopped before its first checkpoint)
         return "fresh"
     if cfg.overwrite:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "tb", ignore_errors=True)
         return "fresh"
-    meta = _read_json(out / "model.json")
-    step = meta.get("step")
-    saved = flatten_dict(meta.get("train_config", {}))
-    diff = _differences(saved, cfg, RESUME_FREE)
-    if step == cfg.steps and not diff:
+    if finished and step == cfg.steps:
         return "done"
-    what = f"a run at step {step} of {saved.get('steps')}" if step is not None else "a run"
+    diff = _differences(saved, cfg, RESUME_FREE)
+    where = f"a run at step {step} of {saved.get('steps')}" if step is not None else "a run"
     other = f" with other settings (saved, now): {diff}" if diff else ""
-    raise ValueError(f"{out} already holds {what}{other}; pass --resume to continue it, --overwrite to start "
-                     f"again, or choose another --out")
+    advice = ("pass --resume to continue it" if step is not None and step < saved.get("steps", 0)
+              else "it is finished")
+    raise ValueError(f"{out} already holds {where}{other}; {advice}, --overwrite to start again, or choose another "
+                     f"--out")
+
+
+def check_same_data(out: Path, store, data: str) -> None:
+    """A resumed run trains on the data it started with (wherever it now lies): same fingerprint."""
+    recorded = _read_json(out / "model.json").get("data", {})
+    if recorded.get("fingerprint") and recorded["fingerprint"] != store.fingerprint:
+        raise ValueError(f"--resume: {data} is not the dataset this run started on ({recorded.get('path')}): "
+                         f"its fingerprint differs")
 
 
 def _read_json(path: Path) -> dict:
@@ -111,10 +122,10 @@ def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, histo
     extra = {"step": step, "train_config": settings, "history": history, "data": data,
              "metrics": {k: v for k, v in metrics.items()
                          if k in ("probe", "val", "loss/prediction", "ddp_max_param_diff", "closed_loop")}}
-    try:
-        model.save(out / "model.pt", extra=extra)
+    try:  # model.json last: it is what says which step the run has reached
         atomic_torch_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                            "config": settings, "history": history}, out / "checkpoint.pt")
+        model.save(out / "model.pt", extra=extra)
     except OSError as exc:
         raise RunWriteError(f"could not write the checkpoint of step {step} in {out} ({exc.strerror or exc}); "
                             f"the files of the last good checkpoint are kept") from None

@@ -137,10 +137,12 @@ class StepBatches(torch.utils.data.Sampler):
 
 class StopRequest:
     """SIGINT/SIGTERM during training: remember it, let the step in flight finish, then stop at the
-    step boundary (so the checkpoint holds exactly the completed steps). A second Ctrl-C stops at once."""
+    step boundary (so the checkpoint holds exactly the completed steps; under torchrun all ranks stop
+    together at the next logging step). A second Ctrl-C, a second or more later, stops at once."""
 
     def __init__(self):
         self.signal: int | None = None
+        self._at = 0.0
         self._old = {}
 
     def __enter__(self):
@@ -151,8 +153,10 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signal is not None:
+            if time.monotonic() - self._at < 1.0:  # the same stop, delivered twice (terminal and torchrun)
+                return
             raise KeyboardInterrupt
-        self.signal = signum
+        self.signal, self._at = signum, time.monotonic()
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
               f"(Ctrl-C again to stop at once)", flush=True)
 
@@ -178,9 +182,11 @@ def train(cfg: TrainConfig, progress: bool = True,
     is_main = rank == 0
     out = Path(cfg.out)
     try:
+        state = None
         if is_main:
             rundir.prepare(out)
-        state = rundir.status(out, cfg)
+            state = rundir.status(out, cfg)  # may clear the directory (--overwrite): one rank decides
+        state = distributed.share(state)
         if state == "done":
             if is_main:
                 print(f"{out} already holds this finished run (step {cfg.steps}); pass --overwrite to train "
@@ -209,6 +215,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     model = WorldModel(model_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, history = rundir.load(out, cfg, model, opt) if resume else (0, [])
+    if resume:
+        rundir.check_same_data(out, store, cfg.data)
     if is_main:
         atomic_write_json(out / "train_config.json", dataclasses.asdict(cfg))
 
@@ -254,16 +262,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 with autocast_for(device):
                     losses = world_model_losses(net, batch, cfg, step_generator(cfg.seed, step, 0, device))
                 loss = losses["loss"]
-                nonfinite |= ~torch.isfinite(loss.detach())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                nonfinite |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
                 opt.step()
                 done = step + 1
                 frames_seen += batch["pixels"].shape[0] * batch["pixels"].shape[1] * world
                 bar.update(1)
                 last = done == cfg.steps
-                if done % cfg.log_every == 0 or last:
+                logging = done % cfg.log_every == 0 or last
+                if logging:
                     check_finite()
                     if writer is not None:
                         now = time.perf_counter()
@@ -294,7 +303,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                     metrics["closed_loop"] = result
                 if done % cfg.ckpt_every == 0 or last:
                     save()
-                if stop.signal is not None and not last:
+                # one process stops at the step boundary; data-parallel ranks agree at a logging step
+                stopping = stop.signal is not None if world == 1 else (
+                    logging and distributed.any_rank(torch.tensor(stop.signal is not None, device=device)))
+                if stopping and not last:
                     save()
                     if is_main:
                         print(f"stopped: checkpoint at step {done} in {out}; continue with --resume")
