@@ -131,7 +131,7 @@ class PipelineConfig:
     out: str = option(DEFAULT_RUN, "run directory; the data goes to its data/ folder")
     episodes: int = option(400, "episodes to collect")
     workers: int = option(2, "collection worker processes")
-    steps: int = option(3000, "training steps of the demo preset")
+    steps: int = option(2500, "training steps of the demo preset")
     eval_episodes: int = option(50, "evaluation episodes per seed")
     seeds: int = option(3, "evaluation seeds")
 

@@ -52,7 +52,7 @@ class TrainConfig:
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     seed: int = option(0, "seed of initialisation, batches, SIGReg directions and the train/val split")
     # optimisation
-    steps: int = option(3000, "optimiser steps")
+    steps: int = option(2500, "optimiser steps")
     batch_size: int = option(32, "windows per step (per process under torchrun)")
     lr: float = option(1e-3, "peak learning rate (AdamW); may be lowered on --resume after a divergence")
     weight_decay: float = option(1e-3, "AdamW weight decay")
@@ -74,7 +74,7 @@ class TrainConfig:
     log_every: int = option(25, "steps between TensorBoard scalars (and checks for a non-finite loss)")
     val_every: int = option(500, "steps between validation losses and rollouts")
     val_horizon: int = option(5, "rollout steps scored in validation")
-    probe_every: int = option(1000, "steps between linear probes (0: only at the end)")
+    probe_every: int = option(0, "steps between linear probes (0: only at the end)")
     ckpt_every: int = option(500, "steps between checkpoints")
     eval_every: int = option(0, "steps between small closed-loop evaluations (0: only at the end)")
     eval_episodes: int = option(20, "episodes of the closed-loop evaluation logged to TensorBoard (0: none)")
@@ -99,7 +99,7 @@ class TrainConfig:
 
 PRESETS = {
     # 2-core CPU, the defaults: the conv encoder (16-32-64-128 channels) and MLP predictor on 64px
-    # frames, windows of 3 + 5 frames with a 5-step open-loop rollout loss, 3,000 steps (README: results
+    # frames, windows of 3 + 5 frames with a 5-step open-loop rollout loss, 2,500 steps (README: results
     # and the ablations behind each choice).
     "demo": {},
     # One GPU: a larger batch, longer schedule; bf16 autocast is on by itself on CUDA.
