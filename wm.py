@@ -19,7 +19,7 @@ import envs  # noqa: F401  (selects the GL backend before anything imports mujoc
 from envs.collect import CollectConfig, collect
 from planners.demo import DemoConfig
 from planners.evaluate import DEFAULT_CHECKPOINT, EvalConfig
-from worldmodel.config import apply_overrides, config_fields, from_dict, option
+from worldmodel.config import apply_overrides, check_at_least, config_fields, from_dict, option
 from envs.storage import DEFAULT_DATA
 from envs.swm import ConvertConfig
 from worldmodel.train import DEFAULT_RUN, TrainConfig, preset_config
@@ -121,7 +121,12 @@ class BenchConfig:
     what: str = option("all", "which benchmark", choices=("collect", "train", "plan", "plan-quality", "all"))
     device: str = option("auto", "train and plan benchmark device: auto, cpu or cuda")
     checkpoint: str = option(DEFAULT_CHECKPOINT, "plan-quality: the trained model whose closed-loop success is measured")
+    data: str = option("", "plan-quality: evaluation dataset (default: the one the model was trained on)")
+    episodes: int = option(50, "plan-quality: episodes per setting")
     out: str = option("runs/bench", "directory for the Markdown report")
+
+    def __post_init__(self):
+        check_at_least(self, 1, ("episodes",))
 
 
 @dataclass
@@ -134,6 +139,14 @@ class PipelineConfig:
     steps: int = option(2500, "training steps of the demo preset")
     eval_episodes: int = option(50, "evaluation episodes per seed")
     seeds: int = option(3, "evaluation seeds")
+    baselines: str = option("random", "evaluation baselines: random, simulator (the true-simulator ceiling "
+                                      "costs about 40 s more; `wm eval` runs both by default)")
+
+    def __post_init__(self):
+        from planners.evaluate import parse_baselines
+
+        check_at_least(self, 1, ("episodes", "workers", "steps", "eval_episodes", "seeds"))
+        parse_baselines(self.baselines)  # a bad name is refused before anything runs
 
 
 @dataclass
@@ -202,7 +215,8 @@ def run_bench(cfg: BenchConfig) -> int:
 
     benches = {"collect": envs_bench.run, "train": lambda: train_bench.run(cfg.device),
                "plan": lambda: plan_bench.run(cfg.device),
-               "plan-quality": lambda: plan_bench.run_quality(cfg.checkpoint, cfg.device)}
+               "plan-quality": lambda: plan_bench.run_quality(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
+                                                           data=cfg.data)}
     chosen = {k: v for k, v in benches.items() if k != "plan-quality"} if cfg.what == "all" else {cfg.what: benches[cfg.what]}
     report = "\n\n".join(f"# wm bench {name}\n\n{_machine()}\n\n{fn()}" for name, fn in chosen.items())
     print(report)
@@ -257,11 +271,11 @@ def run_pipeline(cfg: PipelineConfig) -> int:
     resume = (out / "checkpoint.pt").exists() and not _finished(out, cfg.steps)
     run_train(preset_config("demo", data=data, out=str(out), steps=cfg.steps, resume=resume))
     model = str(out / "model.pt")
-    stamp("evaluate reach25 against random actions and the true-simulator CEM")
+    stamp(f"evaluate reach25 against: {cfg.baselines or 'no baseline'}")
     if (out / "eval" / "results.json").exists():
         print(f"{out / 'eval'} already holds results: kept")
     else:
-        run_eval(EvalConfig(checkpoint=model, episodes=cfg.eval_episodes, seeds=cfg.seeds))
+        run_eval(EvalConfig(checkpoint=model, episodes=cfg.eval_episodes, seeds=cfg.seeds, baselines=cfg.baselines))
     stamp("planning videos (far goals: poses uniform over the joint range)")
     run_demo(DemoConfig(checkpoint=model, protocol="uniform"))
     stamp("done")

@@ -85,16 +85,17 @@ QUALITY_SETTINGS = ((300, 30), (300, 10), (300, 5), (100, 10), (100, 30), (1000,
 
 
 def run_quality(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episodes: int = 50,
-                protocol: str = "reach25", seed: int = 0) -> str:
+                protocol: str = "reach25", seed: int = 0, data: str = "") -> str:
     """Closed-loop success (latched and held) against planning time, for CEM settings (samples x
     iterations) on a trained model: the curve the planner's defaults are chosen from. Every setting
-    runs the same episodes with the same per-episode noise keys."""
+    runs the same episodes with the same per-episode noise keys. ``data`` as for ``wm eval``: the
+    dataset the model was trained on unless given."""
     from planners.evaluate import EvalConfig, load_setup, run_protocol_seed
     from planners.policy import PolicyConfig
     from planners.protocols import PROTOCOLS
     from worldmodel.config import apply_overrides
 
-    setup = load_setup(checkpoint, "", episodes, device)
+    setup = load_setup(checkpoint, data, episodes, device)
     lines = [f"Model `{checkpoint}`; {episodes} `{protocol}` episodes (seed {seed}), every setting on the same "
              f"episodes; CEM, horizon 5, summed cost; device {setup.model.device}, torch threads "
              f"{torch.get_num_threads()}.", "",

@@ -1,0 +1,29 @@
+"""``planners.bench``: the planning-speed table and the plan-quality curve run end to end (tiny settings)."""
+
+from __future__ import annotations
+
+import re
+
+from envs.collect import CollectConfig, collect
+from planners import bench
+from test_model import tiny_config
+from worldmodel.model import WorldModel
+
+
+def test_plan_bench_table_has_a_row_per_setting_and_a_measured_speed_up(monkeypatch):
+    monkeypatch.setattr(bench, "demo_model", lambda dev: WorldModel(tiny_config("mlp", size=32)).to(dev).eval())
+    report = bench.run("cpu", samples=(8,), iterations=(2,), horizons=(2,), batches=(1, 3), naive_budget_s=30)
+    rows = [line for line in report.splitlines() if re.match(r"\| (cem|mppi) \| 8 \| 2 \| 2 \|", line)]
+    assert len(rows) == 4  # two planners x two batch sizes
+    speed_up = re.search(r"\| 8 \| 2 \| 2 \| (\d+) \| ([\d.]+) \| (\d+)x \|", report)
+    assert speed_up, report  # the naive reference ran, and its ratio is printed
+
+
+def test_plan_quality_runs_every_setting_on_the_same_episodes(tmp_path):
+    data = tmp_path / "data"
+    collect(CollectConfig(episodes=6, steps=60, size=32, workers=1, out=str(data)), progress=False)
+    WorldModel(tiny_config("mlp", size=32, frameskip=5)).save(tmp_path / "m.pt")
+    report = bench.run_quality(str(tmp_path / "m.pt"), "cpu", settings=((8, 1), (16, 2)), episodes=3, data=str(data))
+    rows = re.findall(r"\| (\d+) x (\d+) \| (\d+)% \| (\d+)% \| (\d+) \| ([\d.]+) \| ([\d.]+)x \|", report)
+    assert [(n, it) for n, it, *_ in rows] == [("8", "1"), ("16", "2")]
+    assert rows[0][-1] == "1.00"  # no 300 x 30 row: times are relative to the first setting
