@@ -18,7 +18,7 @@ from pathlib import Path
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
 from envs.collect import CollectConfig, collect
 from planners.demo import DemoConfig
-from planners.evaluate import DEFAULT_CHECKPOINT, EvalConfig
+from planners.evaluate import DEFAULT_CHECKPOINT, EvalConfig, parse_baselines
 from worldmodel.config import apply_overrides, check_at_least, config_fields, from_dict, option
 from envs.storage import DEFAULT_DATA
 from envs.swm import ConvertConfig
@@ -143,8 +143,6 @@ class PipelineConfig:
                                       "costs about 40 s more; `wm eval` runs both by default)")
 
     def __post_init__(self):
-        from planners.evaluate import parse_baselines
-
         check_at_least(self, 1, ("episodes", "workers", "steps", "eval_episodes", "seeds"))
         parse_baselines(self.baselines)  # a bad name is refused before anything runs
 
@@ -313,15 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wm", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     command = next((a for a in argv if not a.startswith("-")), None)
+    defaults = None
     try:
         for name, (cls, _, help_text) in COMMANDS.items():
             p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or "").strip(), allow_abbrev=False)
             # Only the chosen command's options are built (a bad --preset is reported below).
             if name == command:
-                add_config_arguments(p, default_config(name, argv))
+                defaults = default_config(name, argv)
+                add_config_arguments(p, defaults)
         args = parser.parse_args(argv)
-        cls, run, _ = COMMANDS[args.command]
-        return run(config_from_args(default_config(args.command, argv), args))
+        run = COMMANDS[args.command][1]
+        return run(config_from_args(defaults if args.command == command else default_config(args.command, argv), args))
     except KeyboardInterrupt:
         return 130
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:

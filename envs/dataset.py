@@ -77,6 +77,7 @@ class EpisodeStore:
             in_memory = frames * self.size * self.size * 3 <= max_memory_gb * 1e9
         self.in_memory = in_memory
         self._handles: dict[Path, h5py.File] = {}
+        self._datasets: dict[tuple, h5py.Dataset] = {}  # open pixel datasets, by (file, episode key)
         self._pid = os.getpid()
         self._cache = None
         if in_memory:
@@ -124,22 +125,31 @@ class EpisodeStore:
 
     def _file(self, path: Path) -> h5py.File:
         if os.getpid() != self._pid:  # a DataLoader worker: h5py handles do not survive a fork
-            self._handles, self._pid = {}, os.getpid()
+            self._handles, self._datasets, self._pid = {}, {}, os.getpid()
         if path not in self._handles:
             # A chunk cache that holds a compressed chunk of frames (their files: 100 frames of 224 px).
             self._handles[path] = h5py.File(path, "r", rdcc_nbytes=64 * 1024**2)
         return self._handles[path]
 
+    def _pixels(self, ref: EpisodeRef) -> h5py.Dataset:
+        """The pixel dataset holding episode ``ref``, kept open: its chunk cache then serves the next read
+        of neighbouring frames (reopening it on every read would start each with an empty cache)."""
+        f = self._file(ref.shard)  # first: a forked worker drops the parent's handles and datasets
+        key = (ref.shard, None if ref.row is not None else ref.key)
+        if key not in self._datasets:
+            self._datasets[key] = f["pixels"] if ref.row is not None else f[ref.key]["pixels"]
+        return self._datasets[key]
+
     def _read_frames(self, i: int, index: np.ndarray | None = None) -> np.ndarray:
         """Frames ``index`` (all when None) of episode ``i`` from disk, resized: (n, size, size, 3) uint8."""
         ref = self.episodes[i]
         try:
-            f = self._file(ref.shard)
-            if ref.row is not None:
-                frames = swm.read_frames(f, ref, index)
+            pixels = self._pixels(ref)
+            first, count = (ref.row, ref.steps + 1) if ref.row is not None else (0, len(pixels))
+            if index is None:
+                frames = pixels[first:first + count]
             else:
-                pixels = f[ref.key]["pixels"]
-                frames = pixels[()] if index is None else swm.read_rows(pixels, 0, index)
+                frames = swm.read_rows(pixels, first, index)
         except (OSError, KeyError, RuntimeError, ValueError) as exc:
             raise DatasetError(f"{ref.shard}: episode {ref.key} cannot be read (truncated or corrupt?): {exc}") from exc
         return resize_frames(frames, self.size)
@@ -174,11 +184,11 @@ class EpisodeStore:
     def close(self) -> None:
         for f in self._handles.values():
             f.close()
-        self._handles = {}
+        self._handles, self._datasets = {}, {}
 
     def __getstate__(self):  # DataLoader workers reopen files themselves
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        state["_handles"], state["_datasets"] = {}, {}
         return state
 
 

@@ -38,7 +38,6 @@ DEFAULT_DATA = "runs/demo/data"  # where `wm collect` writes and every other com
 STATE_KEYS = ("qpos", "qvel", "finger", "target")
 REQUIRED_KEYS = ("pixels", "action", "qpos", "qvel")
 OPTIONAL_KEYS = ("finger", "target")
-EPISODE_KEYS = ("pixels", "action", *STATE_KEYS)
 # Attributes that must agree between shards of one dataset.
 CONSISTENT_ATTRS = ("env", "size", "format_version")
 # Recorded float32 actions clipped to [-1, 1] may round a hair outside; anything further is a bug.

@@ -213,14 +213,6 @@ def _attrs(file_attrs: dict, frame_shape, env: str | None, path: Path) -> dict:
     return attrs
 
 
-def read_frames(f: h5py.File, ref: EpisodeRef, index: np.ndarray | None = None) -> np.ndarray:
-    """Frames ``index`` (increasing; all when None) of a stable-worldmodel episode: (n, H, W, 3) uint8."""
-    pixels = f["pixels"]
-    if index is None:
-        return pixels[ref.row:ref.row + ref.steps + 1]
-    return read_rows(pixels, ref.row, np.asarray(index, dtype=np.int64))
-
-
 def read_rows(ds: h5py.Dataset, first: int, index: np.ndarray) -> np.ndarray:
     """Rows ``first + index`` (increasing) of ``ds`` by contiguous slices: h5py's point selection
     (``ds[list]``) costs 3 ms per window of 64 px frames and 37 ms with 100-frame Blosc chunks, a slice

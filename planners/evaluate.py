@@ -9,10 +9,9 @@ velocity. Frames are rendered only when a policy looks at them (the world model'
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from envs.dataset import EpisodeStore
 from envs.vector import ReacherBatch
-from planners.cem import CEMConfig, CEMPlanner
+from planners.cem import CEMOptions, CEMPlanner
 from planners.noise import problem_keys
 from planners.policy import MPCPolicy, PolicyConfig, policy_from_config
 from planners.protocols import (Protocol, episode_records, history_before, joint_errors, parse_protocols,
@@ -123,8 +122,8 @@ def load_setup(checkpoint: str, data: str, episodes: int, device: str = "auto") 
 def batch_like(store: EpisodeStore, n: int) -> ReacherBatch:
     """``n`` environments that render and step as the dataset's were recorded (its size, look, target
     visibility and action repeat), frames resized as the store resizes them for the model."""
-    return ReacherBatch(str(store.attrs["env"]), n, size=store.source_size,
-                        image_size=store.size if store.size != store.source_size else None,
+    render = int(store.attrs.get("render_size", store.source_size))  # `wm collect --image-size` renders larger
+    return ReacherBatch(str(store.attrs["env"]), n, size=render, image_size=store.size if store.size != render else None,
                         action_repeat=int(store.attrs.get("action_repeat", 1)),
                         hide_target=bool(store.attrs.get("hide_target", True)),
                         render_quality=str(store.attrs.get("render_quality", "fast")))
@@ -169,14 +168,14 @@ def simulator_controller(batch: ReacherBatch, cfg: EvalConfig, protocol: Protoco
     with the world model's planner settings (all of CEM's; with MPPI, the shared ones) and cost, on the
     joint angles instead of latents; ``--sim-samples``/``--sim-iterations`` may set its budget apart."""
     pcfg = apply_overrides(cfg.policy, protocol.policy)
-    own = dataclasses.asdict(pcfg.cem) if pcfg.planner == "cem" else {}
-    budget = {"samples": cfg.sim_samples or pcfg.search.samples, "iterations": cfg.sim_iterations or pcfg.search.iterations}
-    if cfg.sim_samples and own:
-        own["elites"] = None  # a budget of its own: the elites are a tenth of it
-    settings = {**dataclasses.asdict(pcfg.search), **own, **budget, "cost": JOINT_COSTS[pcfg.search.cost], "seed": seed,
-                "compile": False}
+    if pcfg.planner != "cem":
+        pcfg = replace(pcfg, planner="cem", cem=CEMOptions())
+    overrides = {"samples": cfg.sim_samples or pcfg.search.samples, "cost": JOINT_COSTS[pcfg.search.cost],
+                 "iterations": cfg.sim_iterations or pcfg.search.iterations, "seed": seed, "compile": False}
+    if cfg.sim_samples:
+        overrides["elites"] = None  # a budget of its own: the elites are a tenth of it
     sim = SimulatorModel(batch.physics, frameskip, batch.action_repeat)
-    policy = MPCPolicy(sim, CEMPlanner(sim, CEMConfig(**settings)), pcfg.receding_horizon)
+    policy = MPCPolicy(sim, CEMPlanner(sim, pcfg.planner_config(**overrides)), pcfg.receding_horizon)
     policy.reset_latent(sim.goal_states(eps["goal_qpos"]), keys=problem_keys(seed, eps["index"]))
     return (lambda: policy.act_latent(lambda: sim.states(batch.datas), len(eps["index"]))), policy
 
@@ -238,7 +237,6 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
     eps = sample_episodes(setup.store, setup.held_out, protocol, n, seed, batch.physics.wrist_range, cfg.tolerance)
     goal_images = batch.render_goals(eps["goal_qpos"])
     records = []
-    model_history = setup.model.history
     for method in methods:
         if bar is not None:
             bar.set_postfix(protocol=protocol.name, seed=seed, method=method)
@@ -255,7 +253,8 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
         wall = time.perf_counter() - start
         curves.setdefault((protocol.name, method), []).append(errors)
         plan_times = policy.plan_times if policy is not None else []
-        route = float(sum(policy.route_times)) if policy is not None and hasattr(policy, "route_times") else 0.0
+        route = float(sum(policy.route_times)) if policy is not None else 0.0
+        wanted = policy.history - 1 if method == "world_model" else -1  # history frames asked for (--context caps)
         per = episode_records(errors, cfg.tolerance)
         call = float(np.mean(plan_times)) if plan_times else 0.0
         for j in range(n):
@@ -266,7 +265,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
                 "success": bool(per["success"][j]), "held": bool(per["held"][j]),
                 "steps_to_success": int(per["steps_to_success"][j]), "final_error": float(per["final_error"][j]),
                 "min_error": float(per["min_error"][j]), "history_frames": int(real[j]),
-                "history_wanted": model_history - 1 if method == "world_model" else -1,
+                "history_wanted": wanted,
                 # one planning call serves all episodes of the batch
                 "plan_time_per_call_s": call, "plan_time_per_episode_s": call / n, "plan_calls": len(plan_times),
                 "route_time_batch_s": route,
@@ -277,7 +276,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
 
 def closed_loop_check(model, store: EpisodeStore, held_out_ids: list[int], episodes: int, protocol: str = "reach25",
                       iterations: int = 10) -> dict:
-    """A small closed-loop evaluation during training (world model only, one seed, a cheaper CEM):
+    """A small closed-loop evaluation during training (world model only, one seed, CEM with ``iterations``):
     {"<protocol>_latched": rate, "<protocol>_held": rate}, logged to TensorBoard by ``wm train``. The model
     is left in eval mode (the caller puts it back in training)."""
     model.eval()

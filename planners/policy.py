@@ -19,7 +19,6 @@ from einops import rearrange
 from planners.base import Planner, PlannerConfig, shift_plan
 from planners.cem import CEMConfig, CEMOptions, CEMPlanner
 from planners.mppi import MPPIConfig, MPPIOptions, MPPIPlanner
-from planners.noise import problem_keys
 from planners.subgoals import SubgoalConfig, SubgoalGraph
 from worldmodel.config import nested, option
 from worldmodel.model import synchronize
@@ -89,11 +88,11 @@ class MPCPolicy:
         """Start B episodes towards goal latents ``z_goal`` (B, D)."""
         B = z_goal.shape[0]
         self._z_goal = z_goal
-        self._keys = (problem_keys(self.planner.cfg.seed, range(B), z_goal.device) if keys is None
+        self.planner.reset()
+        self._keys = (self.planner.default_keys(B, z_goal.device) if keys is None
                       else torch.as_tensor(keys, dtype=torch.int32).to(z_goal.device))
         if self._keys.shape != (B,):
             raise ValueError(f"keys must be ({B},) for {B} goals, got {tuple(self._keys.shape)}")
-        self.planner.reset()
         self._route = None
         if self.subgoals is not None:
             start = time.perf_counter()

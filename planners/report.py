@@ -39,7 +39,7 @@ def summarize(records: list[dict], methods, protocols) -> dict:
                 "plan_time_per_episode_s": float(np.mean([r["plan_time_per_episode_s"] for r in rows])),
             }
             if method == "world_model":  # episodes that began too early for the history the model wants
-                short = [r for r in rows if 0 <= r["history_frames"] < r.get("history_wanted", 0)]
+                short = [r for r in rows if 0 <= r["history_frames"] < r["history_wanted"]]
                 s["padded_history"] = len(short) if any(r["history_frames"] >= 0 for r in rows) else None
             summary[f"{protocol.name}/{method}"] = s
     return summary

@@ -19,11 +19,11 @@ def test_plan_bench_table_has_a_row_per_setting_and_a_measured_speed_up(monkeypa
     assert speed_up, report  # the naive reference ran, and its ratio is printed
 
 
-def test_plan_quality_runs_every_setting_on_the_same_episodes(tmp_path):
+def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
     data = tmp_path / "data"
     collect(CollectConfig(episodes=6, steps=60, size=32, workers=1, out=str(data)), progress=False)
     WorldModel(tiny_config("mlp", size=32, frameskip=5)).save(tmp_path / "m.pt")
     report = bench.run_quality(str(tmp_path / "m.pt"), "cpu", settings=((8, 1), (16, 2)), episodes=3, data=str(data))
     rows = re.findall(r"\| (\d+) x (\d+) \| (\d+)% \| (\d+)% \| (\d+) \| ([\d.]+) \| ([\d.]+)x \|", report)
     assert [(n, it) for n, it, *_ in rows] == [("8", "1"), ("16", "2")]
-    assert rows[0][-1] == "1.00"  # no 300 x 30 row: times are relative to the first setting
+    assert rows[0][-1] == "1.00" and "time vs 8 x 1 |" in report  # no 300 x 30 row: relative to the first

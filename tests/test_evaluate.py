@@ -8,7 +8,7 @@ import torch
 from envs.collect import CollectConfig, collect
 from envs.dataset import EpisodeStore
 from envs.vector import ReacherBatch
-from planners.evaluate import EvalConfig, Setup, run_episodes, simulator_controller, world_model_controller
+from planners.evaluate import EvalConfig, Setup, batch_like, run_episodes, simulator_controller, world_model_controller
 from planners.policy import PolicyConfig
 from planners.subgoals import SubgoalConfig
 from planners.protocols import PROTOCOLS, episode_records, joint_errors, sample_episodes
@@ -264,3 +264,18 @@ def test_graph_of_a_model_in_training_uses_and_keeps_its_running_statistics(data
     with torch.no_grad():
         want = model.eval().encode(torch.from_numpy(store.frames(1, np.array([0]))))
     torch.testing.assert_close(graph.nodes[:1], want)
+
+
+def test_evaluation_renders_as_the_dataset_was_collected(tmp_path):
+    """Data collected with --image-size (rendered at 64, stored at 32): the evaluation's frames of a stored
+    state equal the stored frames, i.e. it renders at 64 and area-resizes too."""
+    out = tmp_path / "small"
+    collect(CollectConfig(episodes=1, steps=4, size=64, image_size=32, workers=1, out=str(out)), progress=False)
+    store = EpisodeStore(out)
+    s = store.episode(0)
+    batch = batch_like(store, 1)
+    try:
+        frames = batch.reset_to(s["qpos"][:1], s["qvel"][:1], s["target"][:1])
+    finally:
+        batch.close()
+    assert np.array_equal(frames[0], s["pixels"][0])

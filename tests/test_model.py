@@ -107,6 +107,7 @@ def test_float32_latents_and_residuals_under_bf16_autocast():
     in steps of ~0.004-0.008, the size of the changes near a goal)."""
     torch.manual_seed(0)
     model = WorldModel(tiny_config()).eval()
+    torch.nn.init.normal_(model.predictor.mlp[-1].weight, std=0.1)  # a trained predictor moves the latents
     frames = torch.randint(0, 256, (4, 3, 32, 32, 3), dtype=torch.uint8)
     actions = torch.randn(4, 6, 4) * 0.5
     with torch.no_grad():
@@ -117,7 +118,10 @@ def test_float32_latents_and_residuals_under_bf16_autocast():
             roll16 = model.rollout(z16[:, :2], actions[:, :1], actions[:, 1:])
             step16 = model.predictor(z16, actions[:, :3])
     assert z16.dtype == roll16.dtype == step16.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 latents in: the stream turns float32
+        assert model.predictor(z16.bfloat16(), actions[:, :3]).dtype == torch.float32
     scale = (roll32 - z32[:, 1:2]).abs().mean()  # how far the rollout moves
+    assert scale > 0.01
     assert (roll16 - roll32).abs().mean() < 0.1 * scale + 0.01 * z32.abs().mean()
 
 

@@ -83,7 +83,7 @@ def test_a_finished_run_is_kept_and_another_is_refused(data, tmp_path, capsys):
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_again(data, tmp_path, monkeypatch):
     """Nothing to keep (no checkpoint, no model): the advice after an early divergence (a lower --lr) works."""
-    _poison_sigreg(monkeypatch, after=0)
+    _poison_loss(monkeypatch, after=0)
     with pytest.raises(TrainingDiverged):
         train(tiny(data, tmp_path / "run"), progress=False)
     monkeypatch.undo()
@@ -98,7 +98,7 @@ def test_resume_starts_from_the_runs_own_settings(data, tmp_path, monkeypatch):
     args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "8"]
     for path, v in TINY.items():
         args += ["--" + path.removeprefix("model.").replace("_", "-"), str(v)]
-    _poison_sigreg(monkeypatch, after=5)
+    _poison_loss(monkeypatch, after=5)
     assert main(args) == 2  # diverged at step 6: checkpoint of step 4 kept
     monkeypatch.undo()
     other = write_synthetic(tmp_path / "other", n_episodes=6, steps=21)
@@ -139,7 +139,7 @@ def test_resume_with_other_settings_is_refused(data, tmp_path):
         train(tiny(data, tmp_path / "run", steps=8, batch_size=4, resume=True), progress=False)
 
 
-def _poison_sigreg(monkeypatch, after: int):
+def _poison_loss(monkeypatch, after: int):
     real, calls = train_module.world_model_losses, {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -152,7 +152,7 @@ def _poison_sigreg(monkeypatch, after: int):
 
 
 def test_non_finite_loss_stops_names_the_steps_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
-    _poison_sigreg(monkeypatch, after=5)  # steps 6, 7, ... (1-based) are non-finite
+    _poison_loss(monkeypatch, after=5)  # steps 6, 7, ... (1-based) are non-finite
     with pytest.raises(TrainingDiverged, match=r"between steps 5 and 6.*checkpoint\.pt \(step 4\).*--resume --lr"):
         train(tiny(data, tmp_path / "run"), progress=False)
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
@@ -163,7 +163,7 @@ def test_non_finite_loss_stops_names_the_steps_and_keeps_the_last_checkpoint(dat
 
 
 def test_divergence_before_the_first_checkpoint_names_none(data, tmp_path, monkeypatch):
-    _poison_sigreg(monkeypatch, after=0)
+    _poison_loss(monkeypatch, after=0)
     with pytest.raises(TrainingDiverged, match="no checkpoint was written yet") as info:
         train(tiny(data, tmp_path / "run"), progress=False)
     assert "checkpoint.pt" not in str(info.value) and not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -77,12 +77,6 @@ def check_choices(cfg) -> None:
             raise ValueError(f"{f.flag} must be one of {list(f.choices)}, got {f.value!r}")
 
 
-def get_path(cfg, path: str) -> Any:
-    for name in path.split("."):
-        cfg = getattr(cfg, name)
-    return cfg
-
-
 def apply_overrides(cfg, overrides: dict[str, Any]):
     """``cfg`` with every ``{dotted path: value}`` applied at once (so checks that relate two settings see
     both new values); unknown paths are a ``ValueError``. Configs are rebuilt, their checks run again."""

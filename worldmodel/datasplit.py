@@ -28,8 +28,7 @@ def held_out(store, meta: dict) -> tuple[list[int], str]:
         return ids, (f"the checkpoint records no split: {len(ids)} held-out episodes re-derived with "
                      f"val_fraction={fraction}, seed={seed} (correct only if this is its training dataset)")
     if store.fingerprint == record["fingerprint"]:
-        wanted = set(record["val"])
-        ids = [i for i, e in enumerate(store.episodes) if e.uid in wanted]
+        ids = sorted(store.index_of_uids(record["val"]))
         return ids, f"the {len(ids)} episodes held out when the model was trained on this dataset"
     trained = set(record["train"])
     ids = [i for i, e in enumerate(store.episodes) if e.uid not in trained]

@@ -14,6 +14,7 @@ from torch import Tensor
 
 PROBE_TARGETS = ("cos_shoulder", "sin_shoulder", "cos_wrist", "sin_wrist", "finger_x", "finger_y")
 JOINT_TARGETS = PROBE_TARGETS[:4]
+PROBE_STATES = ("qpos", "finger")  # the true states the targets are computed from
 
 
 def state_targets(qpos: np.ndarray, finger: np.ndarray) -> np.ndarray:
@@ -85,7 +86,7 @@ def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out:
     from worldmodel.model import atomic_write_json
 
     trained, meta, store, data = load_with_data(checkpoint, data, device)
-    store.require_states(("qpos", "finger"), "linear probes")
+    store.require_states(PROBE_STATES, "linear probes")
     fit, test, note = probe_split(store, meta)
     print(f"probing {checkpoint} (step {meta.get('step')}) on {data}: fit on {len(fit)} episodes, scored on "
           f"{len(test)}: {note}", flush=True)

@@ -13,15 +13,19 @@ weight from the LeJEPA or LeWorldModel papers (LeWM uses 0.09) means the same he
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.distributed as dist
 from einops import rearrange
 from torch import Tensor
 
 
+@lru_cache(maxsize=8)
 def _knots(knots: int, t_max: float, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Knots t (K,) on [0, t_max], trapezoid weights (K,) of the symmetric integral over [-t_max, t_max]
-    (each t > 0 stands for +t and -t), and the N(0, 1) characteristic function exp(-t^2/2) (K,)."""
+    (each t > 0 stands for +t and -t), and the N(0, 1) characteristic function exp(-t^2/2) (K,).
+    Built once per device (constants, never written to), not at every training step."""
     t = torch.linspace(0.0, t_max, knots, device=device, dtype=torch.float32)
     w = torch.full_like(t, 2 * t_max / (knots - 1))
     w[0] = w[-1] = t_max / (knots - 1)

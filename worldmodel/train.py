@@ -32,7 +32,7 @@ from worldmodel.datasplit import split_record
 from worldmodel.model import WorldModel, WorldModelConfig, atomic_write_json
 from worldmodel.objective import (SIGREG_SCOPES, autocast_for, batch_indices, effective_rank, lr_at,
                                   step_generator, validation_metrics, world_model_losses)
-from worldmodel.probe import run_probe
+from worldmodel.probe import PROBE_STATES, run_probe
 
 DEFAULT_RUN = "runs/demo"  # where `wm train` writes and `wm eval/probe/demo` read, by default
 
@@ -208,7 +208,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_ds, _spread(len(val_ds), 512)),
                                              batch_size=256)
     data_record = split_record(store, cfg.data, train_ds.episode_ids, val_ds.episode_ids)
-    can_probe = not {"qpos", "finger"} & set(store.missing_states)  # probes need the true joints and fingertip
+    can_probe = not set(PROBE_STATES) & set(store.missing_states)
 
     torch.manual_seed(cfg.seed)
     model_cfg = dataclasses.replace(cfg.model, image_size=store.size, env=str(store.attrs["env"]))
@@ -241,6 +241,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
 
     def check_finite() -> None:
         nonlocal checked
+        if checked == done:  # already checked at this step (a logging step that also saves)
+            return
         if distributed.any_rank(nonfinite):
             raise TrainingDiverged(_divergence_message(cfg, out, checked, done))
         checked = done
@@ -252,6 +254,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
         if is_main:
             rundir.save(out, model, opt, cfg, done, metrics, history, data_record)
 
+    autocast = autocast_for(device)
     with StopRequest() as stop:
         try:
             for step, batch in enumerate(loader, start=start):
@@ -259,7 +262,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                     group["lr"] = cfg.lr * lr_at(step, cfg.warmup_steps, cfg.steps)
                 # only what the step reads goes to the device (the windows also carry the true states)
                 batch = {k: batch[k].to(device, non_blocking=True) for k in ("pixels", "actions")}
-                with autocast_for(device):
+                with autocast:
                     losses = world_model_losses(net, batch, cfg, step_generator(cfg.seed, step, 0, device))
                 loss = losses["loss"]
                 opt.zero_grad(set_to_none=True)
@@ -301,13 +304,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                     for k, v in result.items():
                         writer.add_scalar(f"closed_loop/{k}", v, done)
                     metrics["closed_loop"] = result
-                if done % cfg.ckpt_every == 0 or last:
+                saved = done % cfg.ckpt_every == 0 or last
+                if saved:
                     save()
                 # one process stops at the step boundary; data-parallel ranks agree at a logging step
                 stopping = stop.signal is not None if world == 1 else (
                     logging and distributed.any_rank(torch.tensor(stop.signal is not None, device=device)))
                 if stopping and not last:
-                    save()
+                    if not saved:
+                        save()
                     if is_main:
                         print(f"stopped: checkpoint at step {done} in {out}; continue with --resume")
                     raise KeyboardInterrupt
@@ -322,7 +327,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
 
 
 def _scalars(losses: dict, opt, grad_norm, frames_per_s: float) -> dict:
-    """What a logging step writes: the only place the training loop reads tensors on the host."""
+    """What a logging step writes (the loop reads tensors on the host only at logging steps and saves)."""
     z = rearrange(losses["z"], "b l d -> (b l) d")
     scalars = {"loss/total": losses["loss"].item(), "loss/prediction": losses["pred_loss"].item(),
                "loss/sigreg": losses["sigreg"].item(), "embedding/std": z.std(0).mean().item(),
