@@ -81,20 +81,27 @@ def write_shard(path: str | Path, episodes: dict[int, dict[str, np.ndarray]], at
             _write_episode(f.create_group(episode_key(index)), episodes[index])
         f.flush()
         image = f.id.get_file_image()
-    write_atomically(path, image)
+    write_atomically(path, lambda tmp: _write_bytes(tmp, image))
     return path
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """``data`` to ``path`` through ``<name>.<pid>.tmp`` beside it and a rename; no temporary file remains."""
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` to ``<name>.<pid>.tmp`` beside ``path``, then a rename over it: a reader sees the old
+    file or the new one, never half of one. On failure (a full disk, say) the temporary file is removed
+    and the old file is kept."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            _write_file(fh, data)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        _write_file(fh, data)
 
 
 def _write_file(fh, data: bytes) -> None:

@@ -31,7 +31,6 @@ action for two control steps (``DMControlWrapper.action_repeat = 2``), ours for 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,8 @@ import h5py
 import numpy as np
 
 from envs.storage import (DEFAULT_DATA, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _plain, check_arrays, check_filters,
-                          complete_states, episode_key, episode_uid, open_h5, package_versions, write_shard)
+                          complete_states, episode_key, episode_uid, open_h5, package_versions, write_atomically,
+                          write_shard)
 
 INDEX_KEYS = ("ep_len", "ep_offset")
 # Our name -> the column names that may hold it, first match wins.
@@ -243,15 +243,13 @@ def write_swm(source, out_path: str | Path, compression: str | None = "blosc", i
                                                                           image_size=image_size, env=env)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w", libver="latest") as f:  # 'latest': their reader opens with swmr=True
-            _write_columns(f, store, compression)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomically(out, lambda tmp: _write_file(tmp, store, compression))
     return out
+
+
+def _write_file(path: Path, store, compression: str | None) -> None:
+    with h5py.File(path, "w", libver="latest") as f:  # 'latest': their reader opens with swmr=True
+        _write_columns(f, store, compression)
 
 
 def _write_columns(f: h5py.File, store, compression: str | None) -> None:

@@ -12,7 +12,6 @@ import itertools
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from planners.cem import CEMConfig
@@ -90,9 +89,8 @@ def run_quality(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS
     iterations) on a trained model: the curve the planner's defaults are chosen from. Every setting
     runs the same episodes with the same per-episode noise keys. ``data`` as for ``wm eval``: the
     dataset the model was trained on unless given."""
-    from planners.evaluate import EvalConfig, load_setup, run_protocol_seed
+    from planners.evaluate import load_setup, world_model_rates
     from planners.policy import PolicyConfig
-    from planners.protocols import PROTOCOLS
     from worldmodel.config import apply_overrides
 
     setup = load_setup(checkpoint, data, episodes, device)
@@ -104,10 +102,7 @@ def run_quality(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS
     try:
         for n, it in settings:
             policy = apply_overrides(PolicyConfig(), {"search.samples": n, "search.iterations": it})
-            cfg = EvalConfig(checkpoint=checkpoint, episodes=episodes, seeds=1, policy=policy, baselines="")
-            records = run_protocol_seed(setup, cfg, PROTOCOLS[protocol], seed, ["world_model"], {})
-            call = records[0]["plan_time_per_call_s"]
-            rows.append((n, it, np.mean([r["success"] for r in records]), np.mean([r["held"] for r in records]), call))
+            rows.append((n, it, *world_model_rates(setup, policy, protocol, episodes, seed)))
     finally:
         setup.batch.close()
     base = next((r for r in rows if r[:2] == (300, 30)), rows[0])  # the published setting when it ran

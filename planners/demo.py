@@ -90,7 +90,7 @@ def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                               cfg.tolerance)
         goals = batch.render_goals(eps["goal_qpos"])
         eval_cfg = EvalConfig(checkpoint=cfg.checkpoint, policy=cfg.policy, episodes=cfg.episodes)
-        act, policy, _ = world_model_controller(setup, eval_cfg, protocol, eps, goals, cfg.seed)
+        _, policy, _ = world_model_controller(setup, eval_cfg, protocol, eps, goals, cfg.seed)
         frames = batch.reset_to(eps["qpos"], eps["qvel"], eps["target"])
         first = frames.copy()
         reached = np.zeros(cfg.episodes, bool)
@@ -99,7 +99,7 @@ def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
             error = joint_errors(batch.states()["qpos"], eps["goal_qpos"], protocol.wrap)
             within = (error < cfg.tolerance) & (step > 0)
             reached |= within
-            actions = act() if step < protocol.budget else None
+            actions = policy.act_batch(frames) if step < protocol.budget else None  # the frames filmed
             nearest = torch.cdist(policy.last_prediction.float(), bank_z).argmin(1).cpu().numpy()
             for i in range(cfg.episodes):
                 videos[i].append(compose(frames[i], goals[i], bank_frames[nearest[i]], step, error[i], within[i],

@@ -284,9 +284,16 @@ def closed_loop_check(model, store: EpisodeStore, held_out_ids: list[int], episo
     try:
         setup = Setup(model, {}, store, held_out_ids, "", batch)
         policy = apply_overrides(PolicyConfig(), {"search.iterations": iterations})
-        cfg = EvalConfig(episodes=episodes, seeds=1, policy=policy, baselines="")
-        records = run_protocol_seed(setup, cfg, parse_protocols(protocol)[0], 0, ["world_model"], {})
+        latched, held, _ = world_model_rates(setup, policy, protocol, episodes)
     finally:
         batch.close()
-    return {f"{protocol}_latched": float(np.mean([r["success"] for r in records])),
-            f"{protocol}_held": float(np.mean([r["held"] for r in records]))}
+    return {f"{protocol}_latched": latched, f"{protocol}_held": held}
+
+
+def world_model_rates(setup: Setup, policy: PolicyConfig, protocol: str, episodes: int, seed: int = 0):
+    """(latched rate, held rate, seconds per planning call) of the world-model policy on one seed of
+    ``protocol``: ``episodes`` episodes planned together."""
+    cfg = EvalConfig(episodes=episodes, seeds=1, policy=policy, baselines="")
+    records = run_protocol_seed(setup, cfg, parse_protocols(protocol)[0], seed, ["world_model"], {})
+    return (float(np.mean([r["success"] for r in records])), float(np.mean([r["held"] for r in records])),
+            records[0]["plan_time_per_call_s"])

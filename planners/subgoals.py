@@ -167,15 +167,11 @@ def _neighbours(nodes: Tensor, episode: Tensor, k: int, radius: float, block: in
 def graph_for_checkpoint(model, checkpoint, cfg: SubgoalConfig, data: str = "") -> SubgoalGraph:
     """The subgoal graph of a trained model over its own training episodes, read from the dataset its
     checkpoint records (or ``data``, whose episodes the model trained on are used)."""
-    from envs.dataset import EpisodeStore
-    from worldmodel.datasplit import held_out, recorded_data
+    from worldmodel.datasplit import held_out, open_data
     from worldmodel.model import read_model_meta
 
     meta = read_model_meta(checkpoint)
-    path = data or recorded_data(meta)
-    if not path:
-        raise ValueError(f"{checkpoint} does not record its dataset; subgoals need its training frames")
-    store = EpisodeStore(path, image_size=model.cfg.image_size, env=model.cfg.env)
+    store, _ = open_data(model, meta, checkpoint, data, "subgoals need its training frames")
     return SubgoalGraph.build(model, store, complement(store, held_out(store, meta)[0]), cfg)
 
 

@@ -62,17 +62,25 @@ def recorded_data(meta: dict) -> str | None:
 def load_with_data(checkpoint, data: str = "", device: str = "auto"):
     """(model, meta, store, data path): a trained model and a dataset to evaluate or probe it on, by
     default the one it was trained on, its frames sized for the model. Another env's data is refused."""
-    from envs.dataset import EpisodeStore
-    from envs.storage import DatasetError
     from worldmodel.model import WorldModel, read_model_meta
 
     model = WorldModel.load(checkpoint, device)
     meta = read_model_meta(checkpoint)
+    store, data = open_data(model, meta, checkpoint, data)
+    return model, meta, store, data
+
+
+def open_data(model, meta: dict, checkpoint, data: str = "", need: str = "pass --data"):
+    """(store, path): ``data``, or else the dataset the checkpoint records, its frames sized for the model;
+    ``need`` ends the error when there is neither. Another env's data is refused."""
+    from envs.dataset import EpisodeStore
+    from envs.storage import DatasetError
+
     data = data or recorded_data(meta)
     if not data:
-        raise ValueError(f"{checkpoint} does not record its dataset; pass --data")
+        raise ValueError(f"{checkpoint} does not record its dataset; {need}")
     try:  # a file that does not say its env (stable-worldmodel's) is read as the model's
         store = EpisodeStore(data, image_size=model.cfg.image_size, env=model.cfg.env)
     except DatasetError as exc:
         raise ValueError(f"{exc} (the env of the model {checkpoint})") from None
-    return model, meta, store, str(data)
+    return store, str(data)

@@ -57,20 +57,18 @@ class WorldModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "WorldModelConfig":
         try:
-            return from_dict(cls, _upgrade_v1(d), "model config")
+            return from_dict(cls, d, "model config")
         except (TypeError, ValueError) as exc:
             raise CheckpointError(str(exc)) from exc
 
 
 def _upgrade_v1(d: dict) -> dict:
     """Format 1 kept latent_dim/image_size in the encoder config and latent_dim/action_dim/history in the
-    predictor's; read such a config as format 2."""
-    if not isinstance(d, dict) or "latent_dim" in d:
-        return d
+    predictor's (it wrote every field); the same config in format 2."""
     d, enc, pred = dict(d), dict(d.get("encoder", {})), dict(d.get("predictor", {}))
-    d["latent_dim"] = enc.pop("latent_dim", 64)
-    d["image_size"] = enc.pop("image_size", 64)
-    d["history"] = pred.pop("history", 3)
+    d["latent_dim"] = enc.pop("latent_dim", None)
+    d["image_size"] = enc.pop("image_size", None)
+    d["history"] = pred.pop("history", None)
     pred.pop("latent_dim", None)
     pred.pop("action_dim", None)
     d["encoder"], d["predictor"] = enc, pred
@@ -171,6 +169,8 @@ def read_model_meta(path: str | Path) -> dict:
     version = meta.get("format_version")
     if version not in (1, FORMAT_VERSION):
         raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads 1 and {FORMAT_VERSION}")
+    if version == 1:  # every reader sees the current format
+        meta = {**meta, "config": _upgrade_v1(meta["config"]), "format_version": FORMAT_VERSION}
     return meta
 
 
@@ -193,7 +193,8 @@ def load_weights_file(path: Path, what: str) -> dict:
 
 def _atomic_write(path: Path, write) -> None:
     """``write(tmp)`` then rename over ``path``: a reader sees the old file or the new one, never half of
-    one. On failure (a full disk, say) the temporary file is removed and the old file is kept."""
+    one. On failure (a full disk, say) the temporary file is removed and the old file is kept. (The same as
+    ``envs.storage.write_atomically``, kept here so that loading a model never imports the environments.)"""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:

@@ -76,7 +76,7 @@ def status(out: Path, cfg) -> str:
     if cfg.resume:
         if not ckpt.is_file():
             raise ValueError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
-        return "done" if finished and step == cfg.steps else "resume"
+        return "done" if finished else "resume"
     if not ckpt.exists() and not meta:  # nothing worth keeping (a run that stopped before its first checkpoint)
         return "fresh"
     if cfg.overwrite:
@@ -84,7 +84,7 @@ def status(out: Path, cfg) -> str:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "tb", ignore_errors=True)
         return "fresh"
-    if finished and step == cfg.steps:
+    if finished:  # the same settings, so the same number of steps
         return "done"
     diff = _differences(saved, cfg, RESUME_FREE)
     where = f"a run at step {step} of {saved.get('steps')}" if step is not None else "a run"
