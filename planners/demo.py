@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from envs.dataset import EpisodeStore
+from envs.reacher import GOAL_TOLERANCE
 from envs.video import upscale, write_video
 from planners.evaluate import DEFAULT_CHECKPOINT, EvalConfig, load_setup, world_model_controller
 from planners.policy import PolicyConfig
@@ -31,7 +32,7 @@ class DemoConfig:
     protocol: str = option("reach25", "which goals: reach25, reach50, uniform or lewm", choices=tuple(PROTOCOLS))
     policy: PolicyConfig = nested(PolicyConfig, "the MPC policy", flat=True)
     seed: int = option(0, "episode and planner seed")
-    tolerance: float = option(0.05, "success: every joint within this many rad")
+    tolerance: float = option(GOAL_TOLERANCE, "success: every joint within this many rad")
     bank_frames: int = option(20000, "most dataset frames in the retrieval bank")
     gif: bool = option(True, "also write a gif beside each mp4")
     device: str = option("auto", "auto, cpu or cuda")

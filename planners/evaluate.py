@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from envs.dataset import EpisodeStore
+from envs.reacher import GOAL_TOLERANCE
 from envs.vector import ReacherBatch
 from planners.cem import CEMOptions, CEMPlanner
 from planners.noise import problem_keys
@@ -52,7 +53,7 @@ class EvalConfig:
     baselines: str = option("random,simulator", "comma list of random, simulator (or empty)")
     sim_samples: int | None = option(None, "simulator-CEM candidates per iteration (default: --samples)")
     sim_iterations: int | None = option(None, "simulator-CEM iterations per replan (default: --iterations)")
-    tolerance: float = option(0.05, "success: every joint within this many rad of the goal")
+    tolerance: float = option(GOAL_TOLERANCE, "success: every joint within this many rad of the goal")
     device: str = option("auto", "auto, cpu or cuda")
     out: str = option("", "output directory (default: eval/ beside the checkpoint)")
     overwrite: bool = option(False, "replace results already in --out")
