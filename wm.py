@@ -10,33 +10,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
+from common.config import unwrap_optional, apply_overrides, check_at_least, config_fields, from_dict, option
 from envs.collect import CollectConfig, collect
-from planners.demo import DemoConfig
-from planners.evaluate import DEFAULT_CHECKPOINT, EvalConfig, parse_baselines
-from worldmodel.config import apply_overrides, check_at_least, config_fields, from_dict, option
+from envs.convert import ConvertConfig
 from envs.storage import DEFAULT_DATA
-from envs.swm import ConvertConfig
+from evaluation.demo import DemoConfig
+from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, parse_baselines
 from worldmodel.train import DEFAULT_RUN, TrainConfig, preset_config
 
 
 # --- options from configs ----------------------------------------------------------------------------------
-def _optional(kind):
-    """(the type inside ``X | None``, True) or (kind, False)."""
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(kind) if a is not type(None)]
-        return inner[0], True
-    return kind, False
-
-
 def _parser_of(kind):
     """The function turning an option's text into its value."""
-    inner, optional = _optional(kind)
+    inner, optional = unwrap_optional(kind)
     base = inner if inner in (int, float) else str
 
     def parse(text: str):
@@ -57,27 +47,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, cfg) -> None:
     for f in config_fields(cfg):
         if not f.cli:
             continue
-        help_text = f"{f.help} (default: {f.value})"
-        if f.choices:
-            help_text += f"; one of: {', '.join(map(str, f.choices))}"
+        help_text = f"{f.help} (default: {f.value})"  # the choices show once, in the metavar
         if f.type is bool:
-            parser.add_argument(f.flag, dest=f.path, action=argparse.BooleanOptionalAction,
+            parser.add_argument(f.flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(f.flag, dest=f.path, type=_parser_of(f.type), choices=f.choices,
+            parser.add_argument(f.flag, dest=f.name, type=_parser_of(f.type), choices=f.choices,
                                 default=argparse.SUPPRESS, help=help_text, metavar=_metavar(f))
 
 
 def _metavar(f) -> str:
     if f.choices:
         return "{" + ",".join(map(str, f.choices)) + "}"
-    return f.path.rsplit(".", 1)[-1].upper()
+    return f.name.rsplit(".", 1)[-1].upper()
 
 
 def config_from_args(cfg, args: argparse.Namespace):
     """``cfg`` with every option the user typed applied."""
-    paths = {f.path for f in config_fields(cfg)}
-    return apply_overrides(cfg, {k: v for k, v in vars(args).items() if k in paths})
+    names = {f.name for f in config_fields(cfg)}
+    return apply_overrides(cfg, {k: v for k, v in vars(args).items() if k in names})
 
 
 def _typed(argv: list[str], flag: str) -> str | None:
@@ -159,7 +147,7 @@ class ProbeConfig:
 
 # --- the commands --------------------------------------------------------------------------------------------
 def run_train(cfg: TrainConfig) -> int:
-    from planners.evaluate import closed_loop_check
+    from evaluation.evaluate import closed_loop_check
     from worldmodel.train import train
 
     metrics = train(cfg, closed_loop=closed_loop_check)
@@ -185,7 +173,7 @@ def run_collect(cfg: CollectConfig) -> int:
 
 
 def run_convert(cfg: ConvertConfig) -> int:
-    from envs.swm import convert
+    from envs.convert import convert
 
     print(f"wrote {convert(cfg)}")
     return 0
@@ -206,15 +194,15 @@ def run_video(cfg: VideoConfig) -> int:
 
 
 def run_bench(cfg: BenchConfig) -> int:
-    from envs import bench as envs_bench
-    from planners import bench as plan_bench
+    from benchmarks import data as data_bench
+    from benchmarks import plan as plan_bench
+    from benchmarks import quality as quality_bench
+    from benchmarks import train as train_bench
 
-    from worldmodel import bench as train_bench
-
-    benches = {"collect": envs_bench.run, "train": lambda: train_bench.run(cfg.device),
+    benches = {"collect": data_bench.run, "train": lambda: train_bench.run(cfg.device),
                "plan": lambda: plan_bench.run(cfg.device),
-               "plan-quality": lambda: plan_bench.run_quality(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
-                                                           data=cfg.data)}
+               "plan-quality": lambda: quality_bench.run(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
+                                                         data=cfg.data)}
     chosen = {k: v for k, v in benches.items() if k != "plan-quality"} if cfg.what == "all" else {cfg.what: benches[cfg.what]}
     report = "\n\n".join(f"# wm bench {name}\n\n{_machine()}\n\n{fn()}" for name, fn in chosen.items())
     print(report)
@@ -236,7 +224,7 @@ def _machine() -> str:
 
 
 def run_eval(cfg: EvalConfig) -> int:
-    from planners.evaluate import evaluate
+    from evaluation.evaluate import evaluate
 
     evaluate(cfg)
     out = cfg.out_dir
@@ -246,7 +234,7 @@ def run_eval(cfg: EvalConfig) -> int:
 
 
 def run_demo(cfg: DemoConfig) -> int:
-    from planners.demo import make_demo
+    from evaluation.demo import make_demo
 
     result = make_demo(cfg)
     gifs = f" (and {len(result['gifs'])} gifs)" if result["gifs"] else ""
@@ -314,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = None
     try:
         for name, (cls, _, help_text) in COMMANDS.items():
-            p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or "").strip(), allow_abbrev=False)
+            p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or "").strip().replace("``", ""),
+                               allow_abbrev=False)
             # Only the chosen command's options are built (a bad --preset is reported below).
             if name == command:
                 defaults = default_config(name, argv)

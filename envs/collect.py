@@ -16,16 +16,17 @@ import multiprocessing as mp
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from common.config import option
+from common.files import OutputDirError, prepare_output_dir
 from envs.policies import POLICIES, make_policy
 from envs.reacher import ENV_NAMES, make_env
 from envs.storage import (DEFAULT_DATA, DatasetError, episode_index, find_shards, inspect_shard, write_shard)
@@ -43,23 +44,35 @@ class CollectionError(RuntimeError):
 
 @dataclass
 class CollectConfig:
-    """``wm collect``: roll out an exploration policy and store pixels, actions and true states."""
+    """wm collect: roll out an exploration policy and store pixels, actions and true states."""
 
-    env: str = field(default="reacher-easy", metadata={"help": "environment", "choices": tuple(ENV_NAMES)})
-    size: int = field(default=64, metadata={"help": "frame height and width in pixels (32..256)"})
-    episodes: int = field(default=100, metadata={"help": "number of episodes in the dataset"})
-    steps: int = field(default=100, metadata={"help": "actions per episode (an episode stores steps+1 frames)"})
-    policy: str = field(default="smooth", metadata={"help": "exploration policy", "choices": POLICIES})
-    workers: int = field(default=2, metadata={"help": "worker processes, each with its own renderer"})
-    seed: int = field(default=0, metadata={"help": "seed of the collection; episode i is seeded by (seed, i)"})
-    out: str = field(default=DEFAULT_DATA, metadata={"help": "output directory of .h5 shards"})
-    episodes_per_shard: int = field(default=20, metadata={"help": "episodes per shard file"})
-    hide_target: bool = field(default=True, metadata={"help": "hide the target sphere (pose-reaching goals)"})
-    render_quality: str = field(default="fast", metadata={"help": "fast (no shadows/reflections, ~5x faster) or standard",
-                                                          "choices": ("fast", "standard")})
-    image_size: int | None = field(default=None, metadata={
-        "help": "store frames area-resized to this size (rendered at --size), as EpisodeStore(image_size=) "
-                "resizes another dataset; default: --size"})
+    env: str = option("reacher-easy", "environment", choices=tuple(ENV_NAMES))
+    size: int = option(64, "frame height and width in pixels (32..256)")
+    episodes: int = option(100, "number of episodes in the dataset")
+    steps: int = option(100, "actions per episode (an episode stores steps+1 frames)")
+    policy: str = option("smooth", "exploration policy", choices=POLICIES)
+    workers: int = option(2, "worker processes, each with its own renderer")
+    seed: int = option(0, "seed of the collection; episode i is seeded by (seed, i)")
+    out: str = option(DEFAULT_DATA, "output directory of .h5 shards")
+    episodes_per_shard: int = option(20, "episodes per shard file")
+    hide_target: bool = option(True, "hide the target sphere (pose-reaching goals)")
+    render_quality: str = option("fast", "fast (no shadows or reflections, about 5x faster in software) or standard",
+                                 choices=("fast", "standard"))
+    image_size: int | None = option(None, "store frames area-resized to this size (rendered at --size), as "
+                                          "datasets of another size are resized when loaded; default: --size")
+
+    def __post_init__(self):
+        """Refuse bad settings before any work, naming the option."""
+        if self.env not in ENV_NAMES:
+            raise ValueError(f"env must be one of {sorted(ENV_NAMES)}, got {self.env!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        for name in ("episodes", "steps", "workers", "episodes_per_shard"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} ({name}) must be a positive integer, got {value!r}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
+            raise ValueError(f"--image-size (image_size) must be an integer >= 8, got {self.image_size!r}")
 
 
 def rollout_episode(env, policy: str, steps: int, seed: int, index: int) -> dict[str, np.ndarray]:
@@ -206,39 +219,16 @@ def _episodes_in_workers(cfg: CollectConfig, indices: list[int], workers: int):
         ex.shutdown(wait=True, cancel_futures=True)
 
 
-def check_config(cfg: CollectConfig) -> None:
-    """Refuse bad settings before any work, naming the option."""
-    if cfg.env not in ENV_NAMES:
-        raise ValueError(f"env must be one of {sorted(ENV_NAMES)}, got {cfg.env!r}")
-    if cfg.policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {cfg.policy!r}")
-    for name in ("episodes", "steps", "workers", "episodes_per_shard"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} ({name}) must be a positive integer, got {value!r}")
-    if cfg.image_size is not None and (not isinstance(cfg.image_size, int) or cfg.image_size < 8):
-        raise ValueError(f"--image-size (image_size) must be an integer >= 8, got {cfg.image_size!r}")
-
-
-def prepare_output(out: Path) -> None:
-    """Create ``out`` and prove it writable before anything is simulated."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".wm-write-test-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise CollectionError(f"cannot write to the output directory {out}: {exc.strerror or exc}; "
-                              f"choose another --out or fix its permissions") from exc
-
-
 def collect(cfg: CollectConfig, progress: bool = True) -> dict:
     """Collect until ``cfg.out`` holds ``cfg.episodes`` episodes; returns a summary.
 
     ``collected`` counts the episodes simulated by this call, ``saved`` those written to shards."""
-    check_config(cfg)
     out = Path(cfg.out)
-    prepare_output(out)
+    try:
+        prepare_output_dir(out)
+    except OutputDirError as exc:
+        raise CollectionError(f"cannot write to the output directory {out}: {exc.reason}; choose another --out "
+                              f"or fix its permissions") from None
     done = existing_episodes(cfg)
     missing = [i for i in range(cfg.episodes) if i not in done]
     summary = {"out": str(out), "episodes": cfg.episodes, "already_there": cfg.episodes - len(missing),

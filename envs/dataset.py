@@ -8,6 +8,7 @@ actions between two kept frames are concatenated into one action chunk ``(frames
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,50 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from envs import swm
-from envs.storage import STATE_KEYS, DatasetError, EpisodeRef, dataset_fingerprint, inspect_dataset
+from envs.storage import (CONSISTENT_ATTRS, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _digest, _files, _plain,
+                          inspect_shard, open_h5, recording)
 
 SPLITS = ("train", "val", "all")
+
+
+def inspect_dataset(paths, env: str | None = None) -> list[ShardInfo]:
+    """Inspect every file of one or many datasets and check that they belong together.
+
+    A stable-worldmodel file (detected by its ``ep_len``/``ep_offset`` datasets) is a whole dataset:
+    it cannot be mixed with shards or other files. ``env`` names its environment when it does not.
+    Shards must agree on everything that changes what a frame looks like or how an action moves the
+    arm (``storage.CONSISTENT_ATTRS``, defaults filled): the error names the files that differ."""
+    files = _files(paths)
+    single = [p for p in files if swm.is_swm_file(p)]
+    if single:
+        if len(files) > 1:
+            raise DatasetError(f"{single[0]} is a stable-worldmodel file (one file = one dataset); it cannot be "
+                               f"mixed with other files ({len(files) - 1} more were given: "
+                               f"{[str(p) for p in files if p != single[0]][:3]}); convert them first")
+        return [swm.inspect_swm(single[0], env=env)]
+    shards = [inspect_shard(s, env) for s in files]
+    first = recording(shards[0].attrs)
+    for shard in shards[1:]:
+        have = recording(shard.attrs)
+        differ = {k: (first[k], have[k]) for k in CONSISTENT_ATTRS if have[k] != first[k]}
+        if differ:
+            raise DatasetError(f"shards do not belong together: {shards[0].path} and {shard.path} differ in "
+                               + ", ".join(f"{k} ({a!r} vs {b!r})" for k, (a, b) in differ.items()))
+    return shards
+
+
+def dataset_fingerprint(paths) -> str:
+    """16 hex digits that change whenever the dataset does: a hash of every file's name, size in bytes
+    and attributes (for a stable-worldmodel file, which often has no attributes and, uncompressed, a
+    size set by its shapes alone, also of its ep_len, ep_offset and action columns). Same data in a
+    moved directory: same fingerprint; one more shard: another one."""
+    rows = []
+    for p in _files(paths):
+        with open_h5(p) as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            content = swm.content_digest(f) if swm.is_swm_handle(f) else ""
+        rows.append((p.name, p.stat().st_size, attrs, content))
+    return _digest(sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, default=str)))[:16]
 
 
 def resize_frames(frames: np.ndarray, size: int, batch: int = 64) -> np.ndarray:
@@ -52,7 +94,7 @@ class EpisodeStore:
     ``missing_states`` names the states the data lacks (NaN in ``states(i)``): ``target`` when a file has
     no target column; ``qpos``/``qvel`` (and then ``finger``) in a stable-worldmodel file without them.
     Each episode has a stable ``uid`` (``EpisodeRef.uid``); ``uids`` maps them to indices and
-    ``fingerprint`` tells whether the data is exactly the same (``storage.dataset_fingerprint``).
+    ``fingerprint`` tells whether the data is exactly the same (``dataset_fingerprint``).
     """
 
     def __init__(self, paths, in_memory: bool | None = None, max_memory_gb: float = 8.0,
@@ -99,7 +141,7 @@ class EpisodeStore:
 
     @property
     def fingerprint(self) -> str:
-        """What tells exactly this dataset from any other: ``storage.dataset_fingerprint`` of its files (names,
+        """What tells exactly this dataset from any other: ``dataset_fingerprint`` of its files (names,
         sizes, attributes) combined with its episodes' uids (their content: files of the same names and
         sizes holding other episodes differ)."""
         if self._fingerprint is None:

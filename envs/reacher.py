@@ -32,14 +32,16 @@ def wrap_angle(x):
     return (x + math.pi) % (2 * math.pi) - math.pi
 
 
-def joint_error(qpos, goal) -> np.ndarray:
-    """The protocol's pose error: the largest wrapped joint-angle error, (..., 2), (..., 2) -> (...), radians.
+def joint_error(qpos, goal, wrap: bool = True) -> np.ndarray:
+    """The protocol's pose error: the largest joint-angle error, (..., 2), (..., 2) -> (...), radians; angles
+    wrapped to [-pi, pi) unless ``wrap`` is off (LeWM's rule, under which a shoulder at pi - 0.01 is
+    2 pi - 0.02 away from one at -pi + 0.01).
 
     Success is ``joint_error(qpos, goal) < 0.05`` (every joint within 0.05 rad of the goal pose)."""
     diff = np.asarray(qpos, dtype=np.float64) - np.asarray(goal, dtype=np.float64)
     if diff.shape[-1:] != (2,):
         raise ValueError(f"joint_error takes (..., 2) joint angles, got shapes {np.shape(qpos)} and {np.shape(goal)}")
-    return np.abs(wrap_angle(diff)).max(-1)
+    return np.abs(wrap_angle(diff) if wrap else diff).max(-1)
 
 
 class ReacherPixels(gym.Env):

@@ -12,7 +12,7 @@ index in its collection) holding
     target  (T+1, 2)       float64  target xy (optional: NaN and listed in ``missing`` when absent)
 
 Anyone can bring their own rollouts by writing files of this shape (see ``write_shard``), or as one
-stable-worldmodel file (``envs.swm``): ``inspect_dataset`` reads both. Every array but the frames is
+stable-worldmodel file (``envs.swm``): ``envs.dataset.inspect_dataset`` reads both. Every array but the frames is
 read and checked when a shard is opened (finite values, actions in [-1, 1]), so a bad value names its
 file, episode and key at once instead of surfacing as a NaN loss hours later.
 """
@@ -28,6 +28,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from common.files import atomic_write
+
 try:  # registers the compression filters (Blosc, Zstd, LZ4, ...) of files written by other tools
     import hdf5plugin  # noqa: F401
 except ImportError:  # pragma: no cover - a missing filter is then reported by name (check_filters)
@@ -38,8 +40,12 @@ DEFAULT_DATA = "runs/demo/data"  # where `wm collect` writes and every other com
 STATE_KEYS = ("qpos", "qvel", "finger", "target")
 REQUIRED_KEYS = ("pixels", "action", "qpos", "qvel")
 OPTIONAL_KEYS = ("finger", "target")
-# Attributes that must agree between shards of one dataset.
-CONSISTENT_ATTRS = ("env", "size", "format_version")
+# What a dataset that does not say assumes about how its frames look and how its actions move the arm
+# (our shards from before these were recorded: one control step per action, fast look, target hidden).
+RECORDING_DEFAULTS = {"hide_target": True, "render_quality": "fast", "action_repeat": 1}
+# Attributes that must agree between shards of one dataset: what a frame looks like, how an action moves
+# the arm, and the format.
+CONSISTENT_ATTRS = ("env", "size", "render_size", "hide_target", "render_quality", "action_repeat", "format_version")
 # Recorded float32 actions clipped to [-1, 1] may round a hair outside; anything further is a bug.
 ACTION_TOLERANCE = 1e-4
 
@@ -58,6 +64,15 @@ def package_versions() -> str:
         except PackageNotFoundError:
             pass
     return json.dumps(versions)
+
+
+def recording(attrs: dict) -> dict:
+    """How a dataset was recorded, defaults filled: ``env``, ``size`` (stored frames), ``render_size``
+    (rendered, then area-resized to ``size``), ``hide_target``, ``render_quality``, ``action_repeat``
+    (control steps per action). An evaluation rebuilds its environments from exactly this."""
+    out = {**RECORDING_DEFAULTS, **{k: attrs[k] for k in CONSISTENT_ATTRS if attrs.get(k) is not None}}
+    out.setdefault("render_size", out.get("size"))
+    return {k: out.get(k) for k in CONSISTENT_ATTRS}
 
 
 def episode_key(index: int) -> str:
@@ -81,22 +96,8 @@ def write_shard(path: str | Path, episodes: dict[int, dict[str, np.ndarray]], at
             _write_episode(f.create_group(episode_key(index)), episodes[index])
         f.flush()
         image = f.id.get_file_image()
-    write_atomically(path, lambda tmp: _write_bytes(tmp, image))
+    atomic_write(path, lambda tmp: _write_bytes(tmp, image))
     return path
-
-
-def write_atomically(path: Path, write) -> None:
-    """``write(tmp)`` to ``<name>.<pid>.tmp`` beside ``path``, then a rename over it: a reader sees the old
-    file or the new one, never half of one. On failure (a full disk, say) the temporary file is removed
-    and the old file is kept."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -329,46 +330,3 @@ def _files(paths) -> list[Path]:
     if isinstance(paths, (str, Path)):
         paths = [paths]
     return [s for p in paths for s in find_shards(p)]
-
-
-def inspect_dataset(paths, env: str | None = None) -> list[ShardInfo]:
-    """Inspect every shard of one or many datasets and check that they belong together.
-
-    A stable-worldmodel file (detected by its ``ep_len``/``ep_offset`` datasets) is a whole dataset:
-    it cannot be mixed with shards or other files. ``env`` names its environment when it does not."""
-    from envs import swm
-
-    files = _files(paths)
-    single = [p for p in files if swm.is_swm_file(p)]
-    if single:
-        if len(files) > 1:
-            raise DatasetError(f"{single[0]} is a stable-worldmodel file (one file = one dataset); it cannot be "
-                               f"mixed with other files ({len(files) - 1} more were given: "
-                               f"{[str(p) for p in files if p != single[0]][:3]}); convert them first")
-        return [swm.inspect_swm(single[0], env=env)]
-    shards = [inspect_shard(s, env) for s in files]
-    first = shards[0]
-    for shard in shards[1:]:
-        for key in CONSISTENT_ATTRS:
-            if shard.attrs.get(key) != first.attrs.get(key):
-                raise DatasetError(
-                    f"shards do not belong together: {first.path} has {key}={first.attrs.get(key)!r} but "
-                    f"{shard.path} has {key}={shard.attrs.get(key)!r}"
-                )
-    return shards
-
-
-def dataset_fingerprint(paths) -> str:
-    """16 hex digits that change whenever the dataset does: a hash of every file's name, size in bytes
-    and attributes (for a stable-worldmodel file, which often has no attributes and, uncompressed, a
-    size set by its shapes alone, also of its ep_len, ep_offset and action columns). Same data in a
-    moved directory: same fingerprint; one more shard: another one."""
-    from envs import swm
-
-    rows = []
-    for p in _files(paths):
-        with open_h5(p) as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            content = swm.content_digest(f) if swm.is_swm_handle(f) else ""
-        rows.append((p.name, p.stat().st_size, attrs, content))
-    return _digest(sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, default=str)))[:16]

@@ -31,15 +31,15 @@ action for two control steps (``DMControlWrapper.action_repeat = 2``), ours for 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from envs.storage import (DEFAULT_DATA, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _plain, check_arrays, check_filters,
-                          complete_states, episode_key, episode_uid, open_h5, package_versions, write_atomically,
-                          write_shard)
+from common.files import atomic_write
+from envs.reacher import ENV_NAMES
+from envs.storage import (STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _plain, check_arrays, check_filters,
+                          complete_states, episode_key, episode_uid, open_h5, package_versions)
 
 INDEX_KEYS = ("ep_len", "ep_offset")
 # Our name -> the column names that may hold it, first match wins.
@@ -199,8 +199,6 @@ def _complete(arrays: list[dict], env: str, path: Path) -> None:
 
 def _attrs(file_attrs: dict, frame_shape, env: str | None, path: Path) -> dict:
     """Our attributes: the file's own, the defaults for what it lacks, ``env`` if given."""
-    from envs.reacher import ENV_NAMES
-
     attrs = {**SWM_DEFAULTS, **file_attrs}
     if attrs["env"] not in ENV_NAMES:  # e.g. a gym id: kept for reference, not used
         attrs["source_env"], attrs["env"] = attrs["env"], SWM_DEFAULTS["env"]
@@ -226,24 +224,19 @@ def read_rows(ds: h5py.Dataset, first: int, index: np.ndarray) -> np.ndarray:
 
 
 # --- writing -------------------------------------------------------------------------------------
-def write_swm(source, out_path: str | Path, compression: str | None = "blosc", image_size: int | None = None,
-              env: str | None = None) -> Path:
-    """Write a dataset (an ``EpisodeStore`` or anything it opens) as ONE stable-worldmodel ``.h5``.
+def write_swm(store, out_path: str | Path, compression: str | None = "blosc") -> Path:
+    """Write a dataset (an ``envs.dataset.EpisodeStore``) as ONE stable-worldmodel ``.h5``.
 
     Columns ``pixels, action, qpos, qvel, finger_pos, target_pos, step_idx, ep_idx`` plus ``ep_len``
     (int32) and ``ep_offset`` (int64), rows of all episodes concatenated; ``action`` holds NaN on each
     episode's last row (their convention). Pixels are Blosc/LZ4 compressed as their recorder does
     (``compression="gzip"`` or None for readers without hdf5plugin). Episode by episode, so memory stays
     bounded; atomically (a temporary ``<name>.<pid>.tmp`` beside it, then a rename)."""
-    from envs.dataset import EpisodeStore
-
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-    store = source if isinstance(source, EpisodeStore) else EpisodeStore(source, in_memory=False,
-                                                                          image_size=image_size, env=env)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, lambda tmp: _write_file(tmp, store, compression))
+    atomic_write(out, lambda tmp: _write_file(tmp, store, compression))
     return out
 
 
@@ -304,62 +297,3 @@ def _file_attrs(store) -> dict:
     attrs = {k: v for k, v in store.attrs.items() if k not in skip and v is not None}
     attrs.setdefault("action_repeat", 1)  # our own collections: one control step per action
     return {**attrs, "size": store.size, "versions": package_versions()}
-
-
-# --- conversion ----------------------------------------------------------------------------------
-def write_shards(store, out_dir: str | Path, episodes_per_shard: int = 20) -> list[Path]:
-    """Write a dataset as a directory of our shards (episode i of the store becomes ``ep_{i:06d}``)."""
-    out = Path(out_dir)
-    if out.exists() and any(out.glob("*.h5")):
-        raise DatasetError(f"{out}: already holds .h5 files; write the shards to an empty directory")
-    lacking = [k for k in ("qpos", "qvel") if k in store.missing_states]
-    if lacking:
-        raise DatasetError(f"cannot write shards: the source has no {lacking} (our shards need qpos and qvel)")
-    out.mkdir(parents=True, exist_ok=True)
-    skip = {"layout", "frame_shape", "versions", "format_version"}
-    attrs = {k: v for k, v in store.attrs.items() if k not in skip and v is not None}
-    attrs["size"] = store.size
-    keep = ("pixels", "action", *(k for k in STATE_KEYS if k not in store.missing_states))
-    paths = []
-    for first in range(0, len(store), episodes_per_shard):
-        ids = range(first, min(first + episodes_per_shard, len(store)))
-        episodes = {i: {k: v for k, v in store.episode(i).items() if k in keep} for i in ids}
-        paths.append(write_shard(out / f"shard_{ids[0]:06d}_{ids[-1]:06d}.h5", episodes, attrs))
-    return paths
-
-
-def convert_dataset(src, dst: str | Path, fmt: str = "swm", image_size: int | None = None, env: str | None = None,
-                    compression: str | None = "blosc") -> Path:
-    """``wm convert``: any dataset we read -> ``fmt`` ``swm`` (one .h5 file) or ``shards`` (a directory)."""
-    from envs.dataset import EpisodeStore
-
-    if fmt not in ("swm", "shards"):
-        raise ValueError(f"format must be 'swm' or 'shards', got {fmt!r}")
-    store = EpisodeStore(src, in_memory=False, image_size=image_size, env=env)
-    try:
-        if fmt == "swm":
-            return write_swm(store, dst, compression)
-        write_shards(store, dst)
-        return Path(dst)
-    finally:
-        store.close()
-
-
-@dataclass
-class ConvertConfig:
-    """``wm convert``: rewrite a dataset as one stable-worldmodel .h5 file or as a directory of our shards."""
-
-    data: str = field(default=DEFAULT_DATA, metadata={"help": "source: a directory of shards or one .h5 file"})
-    out: str = field(default=DEFAULT_DATA + ".h5", metadata={"help": "destination: an .h5 file (swm) or a directory (shards)"})
-    format: str = field(default="swm", metadata={"help": "swm (one file, stable-worldmodel layout) or shards",
-                                                 "choices": ("swm", "shards")})
-    image_size: int | None = field(default=None, metadata={"help": "area-resize frames to this size (default: keep)"})
-    env: str | None = field(default=None, metadata={"help": "the source's env when a stable-worldmodel file does not say"})
-    compression: str = field(default="blosc", metadata={"help": "swm pixels: blosc (as their recorder), gzip or none",
-                                                         "choices": ("blosc", "gzip", "none")})
-
-
-def convert(cfg: ConvertConfig) -> Path:
-    """Run ``wm convert``; returns the destination."""
-    compression = None if cfg.compression == "none" else cfg.compression
-    return convert_dataset(cfg.data, cfg.out, cfg.format, cfg.image_size, cfg.env, compression)

@@ -16,6 +16,7 @@ so ``compile=True`` can compile one iteration (CUDA graphs through ``mode="reduc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -23,35 +24,9 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
-from planners.costs import COSTS, CostFn, get_cost
+from planners.config import STREAMS_PER_CALL, PlannerConfig
+from planners.costs import CostFn, get_cost
 from planners.noise import problem_keys, standard_normal
-from worldmodel.config import option
-
-STREAMS_PER_CALL = 4096  # noise streams a plan call may use (one per iteration): iterations must stay below
-
-
-@dataclass
-class PlannerConfig:
-    """Settings every planner has."""
-
-    horizon: int = option(5, "planned action chunks H")
-    samples: int = option(100, "candidate sequences N scored per iteration and problem (100 plan as well as 300 "
-                               "or 1000 here: README, wm bench --what plan-quality)")
-    iterations: int = option(10, "refinement iterations, one batched rollout each (10 plan as well as 30 here)")
-    cost: Any = option("sum", "distance of the predicted latents to the goal's, summed over the plan (sum) or at "
-                              "its last step only (final, which under replanning keeps deferring arrival); a "
-                              "callable (z_pred (B,N,H,D), z_goal (B,D)) -> (B,N) in Python", choices=tuple(COSTS))
-    rest: bool = option(True, "score the all-zero action sequence (letting the arm come to rest) among every "
-                              "iteration's candidates, so a plan that holds a reached goal is found exactly")
-    seed: int = option(0, "seed of the noise streams; same seed, same plan", cli=False)
-    compile: bool = option(False, "torch.compile one planning iteration (CUDA graphs via reduce-overhead on CUDA)")
-
-    def __post_init__(self):
-        if min(self.horizon, self.samples, self.iterations) < 1:
-            raise ValueError(f"horizon, samples and iterations must be >= 1, got {self}")
-        if self.iterations >= STREAMS_PER_CALL:
-            raise ValueError(f"iterations must be < {STREAMS_PER_CALL}, got {self.iterations}")
-
 
 @dataclass
 class PlanResult:
@@ -102,13 +77,17 @@ class Planner:
     """Base class: validates inputs, keys the noise, scores candidates; subclasses define the search as
     ``initial_state`` + ``iteration`` (one batched rollout) + ``result``.
 
-    ``action_dim`` (the chunk size A) is read from ``model.action_dim`` unless given.
+    ``cfg`` is a ``PlannerConfig`` (default: its defaults); ``action_dim`` (the chunk size A) is read from
+    ``model.action_dim`` unless given.
     """
 
-    config_class = PlannerConfig
+    kind = ""  # the ``PlannerConfig.planner`` this class is
 
     def __init__(self, model: Any, cfg: PlannerConfig | None = None, action_dim: int | None = None):
-        self.model, self.cfg = model, cfg if cfg is not None else self.config_class()
+        cfg = cfg if cfg is not None else PlannerConfig(planner=self.kind or "cem")
+        if self.kind and cfg.planner != self.kind:  # this class decides; its own checks of the shared settings run
+            cfg = dataclasses.replace(cfg, planner=self.kind)
+        self.model, self.cfg = model, cfg
         self.action_dim = action_dim if action_dim is not None else getattr(model, "action_dim", None)
         if self.action_dim is None:
             raise ValueError("pass action_dim or give the model an `action_dim` attribute")

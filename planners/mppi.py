@@ -2,57 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from einops import einsum
 from torch import Tensor
 
-from planners.base import Context, Planner, PlannerConfig, keep_best
-from worldmodel.config import option
-
-
-@dataclass
-class MPPIOptions:
-    """What only MPPI has (the rest is ``PlannerConfig``)."""
-
-    temperature: float = option(0.1, "softmax temperature on the costs; small: greedy, large: plain average")
-    normalize: bool = option(True, "measure cost gaps in units of the median gap: temperature unitless")
-    noise_std: float = option(0.5, "initial std of the perturbations (actions lie in [-1, 1])")
-    adapt_std: bool = option(True, "refit the std to the weighted spread (else keep noise_std)")
-    min_std: float = option(0.02, "floor of the adapted std")
-    momentum: float = option(0.0, "weight of the old mean/std in each update")
-
-
-@dataclass
-class MPPIConfig(PlannerConfig, MPPIOptions):
-    """MPPI settings; ``samples`` x ``iterations`` is the same rollout budget as CEM's."""
-
-    def __post_init__(self):
-        PlannerConfig.__post_init__(self)
-        if self.temperature <= 0 or self.samples < 2 + int(self.rest):
-            raise ValueError(f"need temperature > 0 and samples >= {2 + int(self.rest)}, got {self.temperature}, "
-                             f"{self.samples}")
+from planners.base import Context, Planner, keep_best
 
 
 class MPPIPlanner(Planner):
-    """Batched MPPI over B problems x N candidates.
+    """Batched MPPI over B problems x N candidates (its settings: ``PlannerConfig`` and its ``mppi``).
 
     Candidate 0 is always the current mean (the nominal plan), then the rest sequence (``rest``), then
     perturbations of the mean.
     Returns the better of the best candidate seen and the final mean (``Planner.finish``).
     """
 
-    cfg: MPPIConfig
-    config_class = MPPIConfig
+    kind = "mppi"
 
     def initial_state(self, mean: Tensor) -> tuple[Tensor, ...]:
-        std = torch.full_like(mean, self.cfg.noise_std)  # (B, H, A)
+        std = torch.full_like(mean, self.cfg.mppi.noise_std)  # (B, H, A)
         return mean, std, mean, mean.new_full(mean.shape[:1], float("inf"))
 
     def iteration(self, ctx: Context, stream: Tensor, mean: Tensor, std: Tensor, best_a: Tensor,
                   best_c: Tensor) -> tuple[Tensor, ...]:
-        cfg, m = self.cfg, self.cfg.momentum
+        cfg, own, m = self.cfg, self.cfg.mppi, self.cfg.mppi.momentum
         fixed = self.fixed_candidates(mean)  # (B, F, H, A)
         fresh = self.sample(ctx, stream, mean, std, cfg.samples - 1 - fixed.shape[1])
         cand = torch.cat([mean[:, None], fixed, fresh], dim=1)  # (B, N, H, A)
@@ -60,9 +33,9 @@ class MPPIPlanner(Planner):
         best_a, best_c = keep_best(best_a, best_c, cand, cost)
         w = self.weights(cost)  # (B, N)
         new_mean = einsum(w, cand, "b n, b n h a -> b h a")
-        if cfg.adapt_std:
+        if own.adapt_std:
             var = einsum(w, (cand - new_mean[:, None]).square(), "b n, b n h a -> b h a")
-            std = (m * std + (1 - m) * var.sqrt()).clamp_min(cfg.min_std)
+            std = (m * std + (1 - m) * var.sqrt()).clamp_min(own.min_std)
         mean = m * mean + (1 - m) * new_mean
         return mean, std, best_a, best_c
 
@@ -78,6 +51,6 @@ class MPPIPlanner(Planner):
         the same temperature works whatever the scale of the latent distances.
         """
         gap = cost - cost.min(dim=1, keepdim=True).values  # (B, N), >= 0
-        if self.cfg.normalize:
+        if self.cfg.mppi.normalize:
             gap = gap / (gap.median(dim=1, keepdim=True).values + 1e-12)
-        return torch.softmax(-gap / self.cfg.temperature, dim=1)
+        return torch.softmax(-gap / self.cfg.mppi.temperature, dim=1)

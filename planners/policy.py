@@ -7,7 +7,6 @@ shifted previous plan; between boundaries it plays the current chunk's actions o
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,61 +15,67 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from planners.base import Planner, PlannerConfig, shift_plan
-from planners.cem import CEMConfig, CEMOptions, CEMPlanner
-from planners.mppi import MPPIConfig, MPPIOptions, MPPIPlanner
-from planners.subgoals import SubgoalConfig, SubgoalGraph
-from worldmodel.config import nested, option
-from worldmodel.model import synchronize
+from common.config import apply_overrides, nested, option
+from common.device import synchronize
+from planners import subgoals
+from planners.base import Planner, shift_plan
+from planners.cem import CEMPlanner
+from planners.config import PlannerConfig
+from planners.mppi import MPPIPlanner
+from planners.subgoals import SubgoalConfig
+from worldmodel.graph import LatentGraph
 
-PLANNERS = {"cem": (CEMPlanner, CEMConfig), "mppi": (MPPIPlanner, MPPIConfig)}
+PLANNERS = {"cem": CEMPlanner, "mppi": MPPIPlanner}  # PlannerConfig.planner -> its class
 
 
 @dataclass
 class PolicyConfig:
-    """How the MPC policy plans: the planner, its search settings, and how often it replans."""
+    """How the MPC policy plans: the planner and its settings, how often it replans, what it conditions on,
+    and the subgoals it chases towards far goals."""
 
-    planner: str = option("cem", "cem or mppi", choices=tuple(PLANNERS))
-    search: PlannerConfig = nested(PlannerConfig, "settings every planner has", flat=True)
-    cem: CEMOptions = nested(CEMOptions, "CEM only")
-    mppi: MPPIOptions = nested(MPPIOptions, "MPPI only")
+    plan: PlannerConfig = nested(PlannerConfig, "the planner", flat=True)
     receding_horizon: int = option(1, "chunks executed between replans (the plan's first chunks)")
     context: int | None = option(None, "latest frames the planner conditions on (default: the model's history; "
                                        "1: the current frame only, as LeWM plans)")
     subgoals: SubgoalConfig = nested(SubgoalConfig, "waypoints for far goals")
 
     def __post_init__(self):
-        if not 1 <= self.receding_horizon <= self.search.horizon:
-            raise ValueError(f"--receding-horizon must be in [1, --horizon={self.search.horizon}], "
-                             f"got {self.receding_horizon}")
+        if not 1 <= self.receding_horizon <= self.plan.horizon:
+            raise ValueError(f"receding_horizon must be in [1, horizon={self.plan.horizon}], got "
+                             f"{self.receding_horizon}")
         if self.context is not None and self.context < 1:
-            raise ValueError(f"--context must be >= 1, got {self.context}")
-        self.planner_config()  # the chosen planner's own checks (elites <= samples, ...), before any data loads
+            raise ValueError(f"context must be >= 1, got {self.context}")
 
-    def planner_config(self, **overrides) -> PlannerConfig:
-        """The chosen planner's full config (``CEMConfig`` or ``MPPIConfig``)."""
-        _, cfg_cls = PLANNERS[self.planner]
-        own = dataclasses.asdict(getattr(self, self.planner))
-        return cfg_cls(**{**dataclasses.asdict(self.search), **own, **overrides})
+
+def make_planner(model, cfg: PlannerConfig | None = None) -> Planner:
+    """The planner ``cfg.planner`` names (CEM by default) over ``model``."""
+    cfg = cfg if cfg is not None else PlannerConfig()
+    return PLANNERS[cfg.planner](model, cfg)
 
 
 class MPCPolicy:
     """``reset(goal_image)``, then ``act(obs_image) -> (2,)``; or the batched ``reset``/``act_batch``
     over B environments in lock-step (one planning call for all of them)."""
 
-    def __init__(self, model, planner: Planner, receding_horizon: int = 1, context: int | None = None,
-                 subgoals: tuple[SubgoalGraph, SubgoalConfig] | None = None):
+    def __init__(self, model, cfg: PolicyConfig | None = None, graph: LatentGraph | None = None,
+                 planner: Planner | None = None):
         """``model`` is put in eval mode: the projector's BatchNorm must use its running statistics.
-        ``context`` caps the frames the planner conditions on (default: the model's history).
-        ``subgoals`` (a graph of training frames and its settings) makes far goals planned via waypoints."""
-        if not 1 <= receding_horizon <= planner.cfg.horizon:
-            raise ValueError(f"receding_horizon must be in [1, horizon={planner.cfg.horizon}], got {receding_horizon}")
+        ``cfg`` says how to plan (default: ``PolicyConfig()``); ``graph`` (the graph of the model's training
+        frames) is needed when ``cfg.subgoals.enabled``. ``planner`` replaces the one ``cfg.plan`` describes
+        (e.g. a planner over another model of the same horizon)."""
+        cfg = cfg if cfg is not None else PolicyConfig()
+        if cfg.subgoals.enabled and graph is None:
+            raise ValueError("subgoals are enabled: pass the graph of the model's training frames "
+                             "(worldmodel.graph), or disable them (subgoals.enabled=False)")
+        planner = planner if planner is not None else make_planner(model, cfg.plan)
+        if planner.cfg.horizon != cfg.plan.horizon:
+            raise ValueError(f"the planner's horizon {planner.cfg.horizon} is not the policy's {cfg.plan.horizon}")
         if hasattr(model, "eval"):
             model.eval()
-        self.model, self.planner, self.receding_horizon = model, planner, receding_horizon
+        self.model, self.cfg, self.planner, self.receding_horizon = model, cfg, planner, cfg.receding_horizon
         self.frameskip, self.device = model.frameskip, model.device
-        self.history = model.history if context is None else min(context, model.history)
-        self.subgoals = subgoals
+        self.history = model.history if cfg.context is None else min(cfg.context, model.history)
+        self.graph = graph if cfg.subgoals.enabled else None
         self.plan_times: list[float] = []  # seconds per planning call (all B problems together)
         self.route_times: list[float] = []  # seconds to find the paths to the goals (subgoals only)
         self._z_goal = None
@@ -94,9 +99,9 @@ class MPCPolicy:
         if self._keys.shape != (B,):
             raise ValueError(f"keys must be ({B},) for {B} goals, got {tuple(self._keys.shape)}")
         self._route = None
-        if self.subgoals is not None:
+        if self.graph is not None:
             start = time.perf_counter()
-            self._route = self.subgoals[0].route(z_goal)
+            self._route = subgoals.route(self.graph, z_goal)
             self.route_times.append(time.perf_counter() - start)
         self._z_hist: torch.Tensor | None = None  # (B, h, D)
         self._a_hist: torch.Tensor | None = None  # (B, h-1, A)
@@ -191,8 +196,7 @@ class MPCPolicy:
         start = time.perf_counter()
         target = self._z_goal
         if self._route is not None:  # a waypoint on the way to a far goal
-            graph, cfg = self.subgoals
-            target = graph.targets(self._route, self._z_hist[:, -1], cfg)
+            target = subgoals.targets(self.graph, self._route, self._z_hist[:, -1], self.cfg.subgoals)
         result = self.planner.plan(self._z_hist, target, a_hist, init, keys=self._keys)
         synchronize(self.device)
         self.plan_times.append(time.perf_counter() - start)
@@ -238,50 +242,18 @@ def pad_history(frames: np.ndarray, chunks: np.ndarray, k: int, first_obs: np.nd
             np.concatenate([np.zeros((k - m, chunks.shape[1]), np.float32), chunks]))
 
 
-def make_planner(model, planner: str = "cem", **overrides) -> Planner:
-    """A CEM or MPPI planner over ``model``; ``overrides`` set fields of its config."""
-    if planner not in PLANNERS:
-        raise ValueError(f"planner must be one of {sorted(PLANNERS)}, got {planner!r}")
-    cls, cfg_cls = PLANNERS[planner]
-    known = {f.name for f in dataclasses.fields(cfg_cls)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"unknown {planner} settings {sorted(unknown)}; known: {sorted(known)}")
-    return cls(model, cfg_cls(**overrides))
-
-
-def policy_from_config(model, cfg: PolicyConfig, seed: int = 0, graph: SubgoalGraph | None = None) -> MPCPolicy:
-    """The MPC policy a ``PolicyConfig`` describes, over ``model`` (``graph``: the subgoal graph, needed
-    when ``cfg.subgoals.enabled``)."""
-    cls, _ = PLANNERS[cfg.planner]
-    if cfg.subgoals.enabled and graph is None:
-        raise ValueError("subgoals are enabled: pass the graph of the model's training frames")
-    subgoals = (graph, cfg.subgoals) if cfg.subgoals.enabled else None
-    return MPCPolicy(model, cls(model, cfg.planner_config(seed=seed)), cfg.receding_horizon, cfg.context, subgoals)
-
-
-def load_policy(checkpoint_path: str | Path, planner: str = "cem", device: str = "auto",
-                receding_horizon: int = 1, subgoals: bool | str | SubgoalConfig = "auto", data: str = "",
-                **overrides) -> MPCPolicy:
+def load_policy(checkpoint_path: str | Path, device: str = "auto", data: str = "", **overrides) -> MPCPolicy:
     """An MPC policy from a trained checkpoint, for users and outside harnesses.
 
-    ``overrides`` set the planner's config (``samples``, ``iterations``, ``horizon``, ``cost``, ``seed``,
-    and CEM's or MPPI's own settings such as ``elites`` or ``temperature``). ``subgoals`` plans far goals
-    via waypoints of a graph of the model's training frames (its recorded dataset, or ``data``): True (or
-    a ``SubgoalConfig``) requires that data, False plans without, ``"auto"`` (default) uses it when the
-    data is there and says so when it is not.
+    ``overrides`` set the policy's settings by the names the command line uses: ``samples=300``,
+    ``planner="mppi"``, ``receding_horizon=2``, and the dotted ones as ``**{"cem.elites": 30,
+    "subgoals.enabled": False}``. Subgoals (on by default) plan far goals via waypoints of a graph of the
+    model's training frames, read from its recorded dataset (or ``data``).
     """
-    from planners.subgoals import graph_for_checkpoint
+    from worldmodel.graph import graph_for_checkpoint
     from worldmodel.model import WorldModel
 
+    cfg = apply_overrides(PolicyConfig(), overrides)
     model = WorldModel.load(checkpoint_path, device)
-    graph_cfg = subgoals if isinstance(subgoals, SubgoalConfig) else SubgoalConfig(enabled=bool(subgoals))
-    graph = None
-    if graph_cfg.enabled:
-        try:
-            graph = (graph_for_checkpoint(model, checkpoint_path, graph_cfg, data), graph_cfg)
-        except (OSError, ValueError) as exc:
-            if subgoals != "auto":
-                raise
-            print(f"load_policy: planning without subgoals (their graph needs the training data: {exc})")
-    return MPCPolicy(model, make_planner(model, planner, **overrides), receding_horizon, subgoals=graph)
+    graph = graph_for_checkpoint(model, checkpoint_path, cfg.subgoals.graph, data) if cfg.subgoals.enabled else None
+    return MPCPolicy(model, cfg, graph)

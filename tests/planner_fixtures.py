@@ -10,12 +10,22 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
+from common.config import apply_overrides
 from planners.base import shift_plan
-from planners.cem import CEMConfig, CEMPlanner
-from planners.mppi import MPPIConfig, MPPIPlanner
+from planners.cem import CEMPlanner
+from planners.config import PlannerConfig
+from planners.mppi import MPPIPlanner
 
 D, A, H = 4, 4, 5  # latent dim, action chunk dim, horizon
-PLANNERS = {"cem": (CEMPlanner, CEMConfig), "mppi": (MPPIPlanner, MPPIConfig)}
+PLANNERS = {"cem": CEMPlanner, "mppi": MPPIPlanner}
+SHARED = ("horizon", "samples", "iterations", "cost", "rest", "seed", "compile")
+
+
+def planner_config(name: str, **settings) -> PlannerConfig:
+    """A ``PlannerConfig`` of planner ``name`` from flat keywords: the shared settings by their names, the
+    planner's own (``elites``, ``temperature``) under its prefix (``cem.elites``)."""
+    named = {(k if k in SHARED else f"{name}.{k}"): v for k, v in settings.items()}
+    return apply_overrides(PlannerConfig(planner=name), named)
 
 
 class LinearDynamics:
@@ -67,9 +77,8 @@ def make_problems(model: LinearDynamics, B: int, h: int = 1, seed: int = 0):
 
 def planner(name: str, model=None, **overrides):
     """A small, fast planner of the given kind (``cem`` or ``mppi``) on the linear model."""
-    cls, cfg = PLANNERS[name]
     small = dict(samples=64, iterations=8, cost="final") | (dict(elites=8) if name == "cem" else {})
-    return cls(model or LinearDynamics(), cfg(**(small | overrides)))
+    return PLANNERS[name](model or LinearDynamics(), planner_config(name, **(small | overrides)))
 
 
 def random_shooting_cost(model, z_hist, z_goal, a_hist, n: int, seed: int = 0) -> Tensor:

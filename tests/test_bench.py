@@ -1,11 +1,12 @@
-"""``planners.bench``: the planning-speed table and the plan-quality curve run end to end (tiny settings)."""
+"""``benchmarks``: the planning-speed table and the plan-quality curve run end to end (tiny settings)."""
 
 from __future__ import annotations
 
 import re
 
 from envs.collect import CollectConfig, collect
-from planners import bench
+from benchmarks import plan as bench
+from benchmarks import quality
 from test_model import tiny_config
 from worldmodel.model import WorldModel
 
@@ -23,7 +24,7 @@ def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
     data = tmp_path / "data"
     collect(CollectConfig(episodes=6, steps=60, size=32, workers=1, out=str(data)), progress=False)
     WorldModel(tiny_config("mlp", size=32, frameskip=5)).save(tmp_path / "m.pt")
-    report = bench.run_quality(str(tmp_path / "m.pt"), "cpu", settings=((8, 1), (16, 2)), episodes=3, data=str(data))
+    report = quality.run(str(tmp_path / "m.pt"), "cpu", settings=((8, 1), (16, 2)), episodes=3, data=str(data))
     rows = re.findall(r"\| (\d+) x (\d+) \| (\d+)% \| (\d+)% \| (\d+) \| ([\d.]+) \| ([\d.]+)x \|", report)
     assert [(n, it) for n, it, *_ in rows] == [("8", "1"), ("16", "2")]
     assert rows[0][-1] == "1.00" and "time vs 8 x 1 |" in report  # no 300 x 30 row: relative to the first

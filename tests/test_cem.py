@@ -6,6 +6,7 @@ import pytest
 from planner_fixtures import (
     CountingModel,
     LinearDynamics,
+    planner_config,
     check_beats_random_shooting,
     check_reaches_goal,
     check_warm_start_helps,
@@ -15,8 +16,9 @@ from planner_fixtures import (
 
 import torch
 
-from planners.cem import CEMConfig, CEMPlanner
-from planners.naive import NaiveCEMPlanner
+from benchmarks.naive import NaiveCEMPlanner
+from planners.cem import CEMPlanner
+from planners.config import CEMConfig
 
 
 @pytest.mark.parametrize("h", [1, 2])
@@ -33,12 +35,13 @@ def test_warm_start_helps():
 
 
 def test_elites_carried():
-    assert CEMConfig(elites=30).n_kept == 9 and CEMConfig(elites=2).n_kept == 1
-    assert CEMConfig(keep_elites=False).n_kept == 0 and CEMConfig(keep_elites=False).n_carry == 1
-    assert CEMConfig(samples=300).n_elites == 30 and CEMConfig(samples=16).n_elites == 2 and CEMConfig().n_elites == 10
-    assert dataclasses.replace(CEMConfig(), samples=300).n_elites == 30  # derived, not frozen at construction
+    assert CEMConfig(elites=30).n_kept(100) == 9 and CEMConfig(elites=2).n_kept(100) == 1
+    assert CEMConfig(keep_elites=False).n_kept(100) == 0 and CEMConfig(keep_elites=False).n_carry(100) == 1
+    assert CEMConfig().n_elites(300) == 30 and CEMConfig().n_elites(16) == 2 and CEMConfig().n_elites(100) == 10
+    cem = CEMPlanner(LinearDynamics(), dataclasses.replace(planner_config("cem"), samples=300))
+    assert cem.n_elites == 30  # derived from the samples, not frozen at construction
     with pytest.raises(ValueError):
-        CEMConfig(samples=10, elites=20)
+        planner_config("cem", samples=10, elites=20)
 
 
 def test_without_kept_elites_still_reaches_goal():
@@ -48,7 +51,7 @@ def test_without_kept_elites_still_reaches_goal():
 def test_naive_cem_agrees_in_quality():
     model = CountingModel(LinearDynamics())
     z, g, a = make_problems(model.model, 6, h=2)
-    cfg = CEMConfig(samples=50, iterations=8, elites=8, cost="final")
+    cfg = planner_config("cem", samples=50, iterations=8, elites=8, cost="final")
     naive = NaiveCEMPlanner(model, cfg).plan(z, g, a)
     assert model.calls == 6 * (50 * 8 + 1)  # one rollout per candidate and problem
     batched = CEMPlanner(model.model, cfg).plan(z, g, a)
@@ -63,8 +66,8 @@ def test_lewm_variant_returns_the_final_mean():
     """LeWM's CEM: no momentum, the current mean as candidate 0, the final mean executed."""
     model = LinearDynamics()
     z, g, a = make_problems(model, 4, h=1)
-    cfg = CEMConfig(samples=100, iterations=15, elites=10, momentum=0.0, keep_elites=False, min_std=0.0,
-                    plan_from="mean", cost="final")
+    cfg = planner_config("cem", samples=100, iterations=15, elites=10, momentum=0.0, keep_elites=False, min_std=0.0,
+                         plan_from="mean", cost="final")
     res = CEMPlanner(model, cfg).plan(z, g, a)
     reached = (model.rollout(z, a, res.actions)[:, -1] - g).square().sum(-1)
     assert torch.allclose(reached, res.cost, rtol=1e-4, atol=1e-6)

@@ -4,7 +4,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -131,12 +130,12 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, monkeypatch):
     out.mkdir()
     out.chmod(0o555)
     if os.geteuid() == 0:  # root writes anywhere: make the write test fail as it would for a user
-        real = tempfile.mkstemp
-        def refuse(*args, dir=None, **kwargs):
-            if Path(dir) == out:
-                raise PermissionError(errno.EACCES, "Permission denied", str(out))
-            return real(*args, dir=dir, **kwargs)
-        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+        real = Path.write_bytes
+        def refuse(self, *args, **kwargs):
+            if self.parent == out:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(Path, "write_bytes", refuse)
     monkeypatch.setattr(envs.collect, "_make_collection_env", lambda cfg: pytest.fail("simulated before checking"))
     try:
         with pytest.raises(CollectionError, match="cannot write to the output directory .*ro: Permission denied"):

@@ -5,15 +5,17 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_wm as _wm
+from envs import joint_error
 from envs.collect import CollectConfig, collect
 from envs.dataset import EpisodeStore
 from envs.vector import ReacherBatch
-from planners.evaluate import EvalConfig, Setup, batch_like, run_episodes, simulator_controller, world_model_controller
+from evaluation.baselines import simulator_controller
+from evaluation.evaluate import EvalConfig, Setup, batch_like, run_episodes, world_model_controller
+from evaluation.protocols import PROTOCOLS, episode_records, sample_episodes
+from evaluation.stats import cluster_bootstrap_interval, wilson_interval
 from planners.policy import PolicyConfig
 from planners.subgoals import SubgoalConfig
-from planners.protocols import PROTOCOLS, episode_records, joint_errors, sample_episodes
-from planners.stats import cluster_bootstrap_interval, wilson_interval
-from conftest import run_wm as _wm
 from test_model import tiny_config
 from worldmodel.model import WorldModel
 
@@ -30,9 +32,9 @@ def data(tmp_path_factory):
 def test_joint_errors_wrapped_and_raw():
     """Wrapped (ours): across the +-pi seam a pose is near; raw (LeWM as released): 2 pi - 0.02 away."""
     a, b = np.array([math.pi - 0.01, 0.0]), np.array([-math.pi + 0.01, 0.0])
-    assert math.isclose(joint_errors(a, b), 0.02, abs_tol=1e-9)
-    assert math.isclose(joint_errors(a, b, wrap=False), 2 * math.pi - 0.02, abs_tol=1e-9)
-    assert math.isclose(joint_errors(np.array([0.3, -0.2]), np.zeros(2), wrap=False), 0.3)
+    assert math.isclose(joint_error(a, b), 0.02, abs_tol=1e-9)
+    assert math.isclose(joint_error(a, b, wrap=False), 2 * math.pi - 0.02, abs_tol=1e-9)
+    assert math.isclose(joint_error(np.array([0.3, -0.2]), np.zeros(2), wrap=False), 0.3)
 
 
 def test_success_counts_from_step_one_and_held_is_the_last_step():
@@ -52,8 +54,8 @@ def test_lewm_rule_on_a_synthetic_trace():
     under the wrapped rule, not under LeWM's raw one."""
     goal = np.array([-math.pi + 0.01, 0.5])
     qpos = np.array([[0.0, 0.0], [math.pi - 0.2, 0.45], [math.pi - 0.01, 0.49]])
-    wrapped = episode_records(joint_errors(qpos, goal)[None], 0.05)
-    raw = episode_records(joint_errors(qpos, goal, wrap=False)[None], 0.05)
+    wrapped = episode_records(joint_error(qpos, goal)[None], 0.05)
+    raw = episode_records(joint_error(qpos, goal, wrap=False)[None], 0.05)
     assert wrapped["success"][0] and wrapped["held"][0] and not raw["success"][0]
 
 
@@ -66,14 +68,14 @@ def test_episodes_start_apart_from_their_goal_25_steps_later(data):
         assert i in ids and j == len(rows)
         assert np.array_equal(store.states(i)["qpos"][t0], q)
         assert np.array_equal(store.states(i)["qpos"][t0 + 25], goal)
-        assert joint_errors(q, goal) >= 0.3  # never a free success
+        assert joint_error(q, goal) >= 0.3  # never a free success
         rows.add((i, t0))
     assert len(rows) == 20  # distinct start rows
     again = sample_episodes(store, ids, PROTOCOLS["reach25"], 20, 0, WRIST, tolerance=0.3)
     assert np.array_equal(again["t0"], eps["t0"])
     uniform = sample_episodes(store, ids, PROTOCOLS["uniform"], 50, 0, WRIST, tolerance=0.05)
     assert np.all(np.abs(uniform["goal_qpos"][:, 1]) <= 2.8) and uniform["goal_qpos"][:, 0].std() > 1
-    assert np.all(joint_errors(uniform["qpos"], uniform["goal_qpos"]) >= 0.05)
+    assert np.all(joint_error(uniform["qpos"], uniform["goal_qpos"]) >= 0.05)
     with pytest.raises(ValueError, match="usable start rows"):
         sample_episodes(store, ids[:1], PROTOCOLS["reach25"], 1000, 0, WRIST, tolerance=0.05)
 
@@ -86,7 +88,7 @@ def test_budget_is_the_number_of_steps(data):
     calls = []
     errors = run_episodes(batch, eps, protocol, lambda: calls.append(1) or np.zeros((3, 2)))
     assert errors.shape == (3, 51) and len(calls) == 50
-    assert np.allclose(errors[:, 0], joint_errors(eps["qpos"], eps["goal_qpos"]))
+    assert np.allclose(errors[:, 0], joint_error(eps["qpos"], eps["goal_qpos"]))
     batch.close()
 
 
@@ -94,7 +96,7 @@ class SpyPlanner:
     """Records what the MPC policy hands the planner; plans zeros."""
 
     def __init__(self, horizon, action_dim):
-        from planners.base import PlannerConfig
+        from planners.config import PlannerConfig
 
         self.cfg, self.action_dim, self.calls = PlannerConfig(horizon=horizon), action_dim, []
 
@@ -113,13 +115,14 @@ def test_world_model_starts_with_the_history_of_the_episode(data, monkeypatch):
     them, exactly as a training window holds them; an episode starting too early is left-padded."""
     import dataclasses
 
-    import planners.evaluate as ev
+    import evaluation.evaluate as ev
 
     store = EpisodeStore(data)
     torch.manual_seed(0)
     model = WorldModel(dataclasses.replace(tiny_config("mlp", size=32, frameskip=5), history=3)).eval()
     spy = SpyPlanner(5, model.action_dim)
-    monkeypatch.setattr(ev, "policy_from_config", lambda m, cfg, seed, graph: ev.MPCPolicy(m, spy, 1))
+    real = ev.MPCPolicy
+    monkeypatch.setattr(ev, "MPCPolicy", lambda m, cfg, graph: real(m, cfg, graph, planner=spy))
     protocol = PROTOCOLS["reach25"]
     eps = sample_episodes(store, list(range(10)), protocol, 6, 0, WRIST, 0.05)
     for b, t0 in ((0, 3), (1, 7), (2, 12)):  # too early for any history; one frame; two frames
@@ -157,16 +160,16 @@ def test_simulator_baseline_reaches_most_goals_and_batching_agrees(data):
     store = EpisodeStore(data)
     protocol = PROTOCOLS["reach25"]
     eps = sample_episodes(store, list(range(10)), protocol, 6, 0, WRIST, 0.05)
-    cfg = EvalConfig(sim_samples=100, sim_iterations=8)
+    cfg = PolicyConfig()
     batch = ReacherBatch("reacher-easy", 6, size=32)
-    act, _ = simulator_controller(batch, cfg, protocol, 5, eps, seed=0)
+    act, _ = simulator_controller(batch, cfg, 5, eps, seed=0, samples=100, iterations=8)
     together = run_episodes(batch, eps, protocol, act)
     batch.close()
     assert episode_records(together, 0.05)["success"].mean() >= 4 / 6
     for i in (0, 3):
         one = {k: v[i:i + 1] for k, v in eps.items()}
         single = ReacherBatch("reacher-easy", 1, size=32)
-        act, _ = simulator_controller(single, cfg, protocol, 5, one, seed=0)
+        act, _ = simulator_controller(single, cfg, 5, one, seed=0, samples=100, iterations=8)
         alone = run_episodes(single, one, protocol, act)
         single.close()
         assert np.allclose(alone[0], together[i], atol=1e-9)
@@ -220,7 +223,7 @@ def test_wm_demo_smoke_writes_videos_and_sheet(data, tmp_path):
 def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path):
     """A model of one env on another env's data, and an output that is a file: refused before any work."""
     from conftest import write_synthetic
-    from planners.evaluate import evaluate
+    from evaluation.evaluate import evaluate
 
     WorldModel(tiny_config("mlp", size=32, frameskip=5)).save(tmp_path / "m.pt")  # a reacher-easy model
     gym = write_synthetic(tmp_path / "gym", n_episodes=4, steps=30, size=32, env="gym-reacher")
@@ -237,29 +240,29 @@ def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path):
 def test_subgoal_graph_holds_training_frames_only(data):
     """The graph's nodes are frames of the episodes the model trained on, one per chunk: never the
     held-out episodes that evaluation goals come from."""
-    from planners.subgoals import SubgoalConfig
+    from worldmodel.graph import GraphConfig
 
     store = EpisodeStore(data)
     model = WorldModel(tiny_config("mlp", size=32, frameskip=5)).eval()
     setup = Setup(model, {}, store, [0, 3], "", None)
-    graph = setup.graph(SubgoalConfig())
+    graph = setup.graph(GraphConfig())
     train = [i for i in range(len(store)) if i not in (0, 3)]
     assert len(graph.nodes) == sum(store.episodes[i].steps // 5 + 1 for i in train)
     with torch.no_grad():
         first = model.encode(torch.from_numpy(store.frames(train[0], np.array([0, 5]))))
     torch.testing.assert_close(graph.nodes[:2], first)
-    assert setup.graph(SubgoalConfig()) is graph  # built once
+    assert setup.graph(GraphConfig()) is graph  # built once
 
 
 def test_graph_of_a_model_in_training_uses_and_keeps_its_running_statistics(data):
     """Built mid-training (the closed-loop check), the graph encodes as the planner will (eval mode) and
     leaves the BatchNorm statistics that go into the checkpoint untouched."""
-    from planners.subgoals import SubgoalConfig, SubgoalGraph
+    from worldmodel.graph import GraphConfig, LatentGraph
 
     store = EpisodeStore(data)
     model = WorldModel(tiny_config("mlp", size=32, frameskip=5)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    graph = SubgoalGraph.build(model, store, [1, 2], SubgoalConfig())
+    graph = LatentGraph.build(model, store, [1, 2], GraphConfig())
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         want = model.eval().encode(torch.from_numpy(store.frames(1, np.array([0]))))

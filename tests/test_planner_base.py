@@ -4,7 +4,8 @@ import pytest
 import torch
 from planner_fixtures import A, H, PLANNERS, CountingModel, LinearDynamics, make_problems, planner
 
-from planners.base import Planner, PlannerConfig, keep_best, shift_plan, take
+from planners.base import Planner, keep_best, shift_plan, take
+from planners.config import PlannerConfig
 from planners.costs import final_cost, get_cost, sum_cost
 from planners.noise import problem_keys
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from envs import ReacherPixels
-from planners.simulator import SimulatorModel, joint_cost, wrap_angle
+from evaluation.simulator import SimulatorModel, joint_cost, wrap_angle
 
 
 def test_rollout_is_the_env_dynamics():

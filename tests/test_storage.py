@@ -10,8 +10,8 @@ import pytest
 from conftest import synthetic_episode, write_swm_file, write_synthetic
 from envs import ReacherPixels
 from envs.collect import CollectConfig, collect
-from envs.dataset import EpisodeStore
-from envs.storage import DatasetError, EpisodeRef, dataset_fingerprint, write_shard
+from envs.dataset import EpisodeStore, dataset_fingerprint
+from envs.storage import DatasetError, EpisodeRef, write_shard
 
 ATTRS = {"env": "reacher-easy", "size": 32}
 
@@ -128,7 +128,7 @@ def test_swm_uids_and_fingerprint(tmp_path):
 def test_uids_survive_conversion_and_renaming(tmp_path):
     """A copy of the training data in the other layout, resized, or with renamed shards is the same episodes:
     evaluation then still knows which of them the model trained on."""
-    from envs.swm import convert_dataset
+    from envs.convert import convert_dataset
 
     data = write_synthetic(tmp_path / "a", n_episodes=4, steps=5)
     uids = _uids(data)

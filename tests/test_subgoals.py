@@ -5,9 +5,10 @@ import math
 import numpy as np
 import torch
 
-from planners.cem import CEMConfig, CEMPlanner
-from planners.policy import MPCPolicy
-from planners.subgoals import SubgoalConfig, SubgoalGraph
+from planners.config import PlannerConfig
+from planners.policy import MPCPolicy, PolicyConfig
+from planners.subgoals import SubgoalConfig, route, targets
+from worldmodel.graph import GraphConfig, LatentGraph
 
 LIMIT = math.pi - 0.35  # a joint that stops short of +-pi, like the reacher's wrist (+-160 degrees)
 SPEED = 0.3  # rad per chunk at full action
@@ -59,33 +60,36 @@ def run(policy: MPCPolicy, model: RingWithWall, start: torch.Tensor, goal: torch
     return theta
 
 
-def planner(model):
-    return CEMPlanner(model, CEMConfig(samples=64, iterations=6, horizon=3, cost="sum"))
+PLAN = PlannerConfig(samples=64, iterations=6, horizon=3, cost="sum")
+SUBGOALS = SubgoalConfig(enabled=True, reach=3.0, lookahead=3.0, graph=GraphConfig(radius=0.5))
+
+
+def policy(model, subgoals: bool):
+    cfg = PolicyConfig(plan=PLAN, subgoals=SUBGOALS if subgoals else SubgoalConfig(enabled=False))
+    return MPCPolicy(model, cfg, LatentGraph.from_trajectories(trajectories(), SUBGOALS.graph) if subgoals else None)
 
 
 def test_greedy_planning_is_stuck_at_the_wall_and_waypoints_go_round():
     model = RingWithWall()
     start, goal = torch.tensor([2.7, -2.7, 0.5]), torch.tensor([-2.7, 2.7, 1.0])  # two far goals, one near
-    greedy = run(MPCPolicy(model, planner(model)), model, start, goal, steps=40)
+    greedy = run(policy(model, subgoals=False), model, start, goal, steps=40)
     assert (greedy[:2] - start[:2]).abs().max() < 0.2 + 1e-4  # pressed against the wall it started by
     assert abs(greedy[2] - goal[2]) < 0.05  # a near goal is no problem
-    cfg = SubgoalConfig(enabled=True, radius=0.5, reach=3.0, lookahead=3.0)
-    graph = SubgoalGraph.from_trajectories(trajectories(), cfg)
-    guided = run(MPCPolicy(model, planner(model), subgoals=(graph, cfg)), model, start, goal, steps=40)
+    guided = run(policy(model, subgoals=True), model, start, goal, steps=40)
     assert (guided - goal).abs().max() < 0.05, guided
 
 
 def test_paths_follow_the_trajectories_and_never_cross_the_wall():
-    cfg = SubgoalConfig(enabled=True, radius=0.5, reach=3.0, lookahead=3.0)
-    graph = SubgoalGraph.from_trajectories(trajectories(), cfg)
-    route = graph.route(latent([-2.7, 0.0]))  # (B=2, N)
-    assert route.dist.shape == (2, len(graph.nodes)) and torch.isfinite(route.dist).all()
+    cfg = SUBGOALS
+    graph = LatentGraph.from_trajectories(trajectories(), cfg.graph)
+    paths = route(graph, latent([-2.7, 0.0]))  # (B=2, N)
+    assert paths.dist.shape == (2, len(graph.nodes)) and torch.isfinite(paths.dist).all()
     angles = torch.atan2(graph.nodes[:, 1], graph.nodes[:, 0])
     near_wall = graph.nearest(latent([2.7]))
     # from just inside +LIMIT to -2.7 takes about 5.4 rad / SPEED chunks along the graph, not 0.9 / SPEED
-    assert route.dist[0, near_wall] > 4.0 / SPEED
+    assert paths.dist[0, near_wall] > 4.0 / SPEED
     # the waypoints ahead of +2.7 on the way to -2.7 and to 0 turn away from the wall (smaller angles)
-    target = graph.targets(route, latent([2.7, 2.7]), cfg)
+    target = targets(graph, paths, latent([2.7, 2.7]), cfg)
     waypoints = torch.atan2(target[:, 1], target[:, 0])
     assert (waypoints < 2.7 - 0.5).all() and (waypoints > 0).all()
     # no link joins the two sides of the wall (their angles would differ by about 2 pi - 2 LIMIT the long way)
@@ -93,9 +97,8 @@ def test_paths_follow_the_trajectories_and_never_cross_the_wall():
 
 
 def test_goals_within_reach_are_planned_directly():
-    cfg = SubgoalConfig(enabled=True, radius=0.5, reach=3.0, lookahead=3.0)
-    graph = SubgoalGraph.from_trajectories(trajectories(), cfg)
+    cfg = SUBGOALS
+    graph = LatentGraph.from_trajectories(trajectories(), cfg.graph)
     goal = latent([0.5, 0.5])
-    route = graph.route(goal)
-    target = graph.targets(route, latent([0.3, -2.0]), cfg)  # 0.2 rad away: the goal; 2.5 rad: a waypoint
+    target = targets(graph, route(graph, goal), latent([0.3, -2.0]), cfg)  # 0.2 rad away: the goal; 2.5 rad: a waypoint
     assert torch.equal(target[0], goal[0]) and not torch.equal(target[1], goal[1])

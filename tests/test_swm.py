@@ -14,7 +14,8 @@ from conftest import synthetic_action, write_swm_file, write_synthetic
 from envs import ReacherPixels
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec, resize_frames
 from envs.storage import DatasetError
-from envs.swm import ConvertConfig, convert, convert_dataset, write_swm
+from envs.convert import ConvertConfig, convert, convert_dataset
+from envs.swm import write_swm
 from envs.vector import ReacherBatch
 
 BLOSC = dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))

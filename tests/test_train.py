@@ -17,8 +17,8 @@ from worldmodel.objective import lr_at
 from worldmodel.rundir import RunWriteError
 from worldmodel.train import TrainingDiverged, preset_config, train
 
-TINY = {"model.latent_dim": 16, "model.encoder.proj_hidden": 32, "model.encoder.conv_channels": 8,
-        "model.predictor.hidden": 32, "model.predictor.depth": 2, "model.history": 2, "model.frameskip": 2,
+TINY = {"latent_dim": 16, "encoder.proj_hidden": 32, "encoder.conv_channels": 8,
+        "predictor.hidden": 32, "predictor.depth": 2, "history": 2, "frameskip": 2,
         "batch_size": 8, "n_pred": 1, "rollout_steps": 0, "val_horizon": 2, "warmup_steps": 2, "log_every": 2,
         "val_every": 4, "probe_every": 0, "ckpt_every": 4, "sigreg_directions": 32, "eval_episodes": 0,
         "device": "cpu"}
@@ -97,7 +97,7 @@ def test_resume_starts_from_the_runs_own_settings(data, tmp_path, monkeypatch):
 
     args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "8"]
     for path, v in TINY.items():
-        args += ["--" + path.removeprefix("model.").replace("_", "-"), str(v)]
+        args += ["--" + path.replace("_", "-"), str(v)]
     _poison_loss(monkeypatch, after=5)
     assert main(args) == 2  # diverged at step 6: checkpoint of step 4 kept
     monkeypatch.undo()
@@ -212,7 +212,7 @@ def test_backend_follows_the_device(monkeypatch):
 def test_bad_settings_are_refused_before_any_data(tmp_path):
     for bad, match in (({"steps": 0}, "--steps 0"), ({"batch_size": 0}, "--batch-size 0"),
                        ({"lr": -1.0}, "--lr -1"), ({"val_fraction": 1.0}, "--val-fraction"),
-                       ({"model.encoder.vit_width": 256}, "vit-width"), ({"model.encoder.kind": "resnet"}, "kind")):
+                       ({"encoder.vit_width": 256}, "vit-width"), ({"encoder.kind": "resnet"}, "kind")):
         with pytest.raises(ValueError, match=match):
             preset_config("demo", bad, data=str(tmp_path / "no-data"))
 
@@ -291,10 +291,10 @@ def test_lr_schedule_warms_up_then_decays():
 def test_presets_and_overrides():
     with pytest.raises(ValueError, match="preset"):
         preset_config("huge")
-    full = preset_config("full", {"model.latent_dim": 32})
+    full = preset_config("full", {"latent_dim": 32})
     assert full.model.latent_dim == 32 and full.model.predictor.hidden == 1024 and full.steps == 20000
     with pytest.raises(ValueError, match="unknown settings"):
-        preset_config("demo", {"model.encoder.colour": "red"})
+        preset_config("demo", {"encoder.colour": "red"})
 
 
 def test_two_cpu_processes_stay_in_sync(data, tmp_path):
@@ -304,7 +304,7 @@ def test_two_cpu_processes_stay_in_sync(data, tmp_path):
             "train", "--data", str(data), "--out", str(out), "--steps", "4", "--device", "cpu", "--ckpt-every", "2"]
     for path, v in TINY.items():
         if path not in ("device", "ckpt_every"):
-            args += ["--" + path.removeprefix("model.").replace("_", "-"), str(v)]
+            args += ["--" + path.replace("_", "-"), str(v)]
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
     proc = subprocess.run(args, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

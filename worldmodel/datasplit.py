@@ -39,12 +39,27 @@ def held_out(store, meta: dict) -> tuple[list[int], str]:
     return ids, note
 
 
+def not_held_out(store, held_out_ids) -> list[int]:
+    """The episodes of ``store`` not among ``held_out_ids``."""
+    test = set(held_out_ids)
+    return [i for i in range(len(store)) if i not in test]
+
+
+def training_episodes(store, meta: dict) -> list[int]:
+    """The episodes of ``store`` the model trained on (what the subgoal graph is built from, never an
+    evaluation's goals); a ValueError saying what to do when it holds none."""
+    train = not_held_out(store, held_out(store, meta)[0])
+    if not train:
+        raise ValueError(f"{store.paths}: holds none of the model's training episodes, which subgoals need; plan "
+                         f"without them (--no-subgoals.enabled) or give the training data")
+    return train
+
+
 def probe_split(store, meta: dict) -> tuple[list[int], list[int], str]:
     """(fit, score, note) episodes for a linear probe: the probe is fit on the model's training episodes
     and scored on held-out ones; on a dataset the model never saw, its episodes are halved."""
     test, note = held_out(store, meta)
-    test_set = set(test)
-    fit = [i for i in range(len(store)) if i not in test_set]
+    fit = not_held_out(store, test)
     if not fit:  # every episode is new to the model: fit on half of them, score on the other half
         fit, test = test[: len(test) // 2], test[len(test) // 2:]
         note += "; the probe is fit on half of them and scored on the other half"

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from worldmodel.model import resolve_device
+from common.device import resolve_device
 
 
 def world_size() -> int:

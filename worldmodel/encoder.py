@@ -15,7 +15,7 @@ import torch.nn as nn
 from einops import pack, rearrange, unpack
 from torch import Tensor
 
-from worldmodel.config import check_at_least, option
+from common.config import check_at_least, option
 from worldmodel.layers import Attention, feed_forward
 
 
@@ -25,8 +25,7 @@ class EncoderConfig:
 
     kind: str = option("conv", "backbone: conv (fast on CPU) or vit (the LeJEPA choice)", choices=("conv", "vit"))
     proj_hidden: int = option(512, "hidden width of the projector MLP")
-    conv_channels: int = option(16, "conv: channels of the first stage, doubled per stage (16 trains 2.4x faster "
-                                    "than 32 on a CPU, as well)")
+    conv_channels: int = option(16, "conv: channels of the first stage, doubled per stage")
     conv_stages: int = option(4, "conv: stride-2 stages (64px -> 4x4 with 4 stages)")
     conv_grid: int = option(4, "conv: final feature map pooled to grid x grid, then flattened")
     patch_size: int = option(8, "vit: patch size (8 for 64px, 16 for 224px); must divide the image size")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,9 @@ import torch.nn as nn
 from einops import rearrange
 from torch import Tensor
 
-from worldmodel.config import check_at_least, from_dict, nested, option
+from common.config import check_at_least, from_dict, nested, option
+from common.device import resolve_device
+from common.files import atomic_write, atomic_write_json
 from worldmodel.encoder import EncoderConfig, build_encoder
 from worldmodel.predictor import PredictorConfig, build_predictor
 
@@ -191,45 +192,5 @@ def load_weights_file(path: Path, what: str) -> dict:
     return state
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` then rename over ``path``: a reader sees the old file or the new one, never half of
-    one. On failure (a full disk, say) the temporary file is removed and the old file is kept. (The same as
-    ``envs.storage.write_atomically``, kept here so that loading a model never imports the environments.)"""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def atomic_torch_save(obj, path: Path) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a timer measures it (a no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` is CUDA when present, else CPU; asking for CUDA on a machine without it is a clear error."""
-    if isinstance(device, torch.device):
-        chosen = device
-    elif device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            chosen = torch.device(device)
-        except RuntimeError as exc:
-            raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}") from exc
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu or auto")
-    return chosen
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -6,8 +6,6 @@ Pure functions of a model and a batch, so the training loop, the benchmark and t
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,12 +36,6 @@ def lr_at(step: int, warmup_steps: int, steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (matmuls and convolutions; latents, residuals, losses and SIGReg stay
-    float32, see the encoder and predictor); full precision on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def effective_rank(z: torch.Tensor) -> float:
@@ -88,19 +80,19 @@ def world_model_losses(model, batch: dict, cfg, generator: torch.Generator) -> d
 
 @torch.no_grad()
 def validation_metrics(model, loader, history: int, device) -> dict:
-    """On held-out windows: the teacher-forced prediction loss (as in training), and the open-loop
-    error at every rollout step 1..H, absolute and relative to predicting no change (the last context
-    latent): below 1 means the model saw the motion coming."""
+    """On held-out windows of ``history`` + H frames, through the model's own forward pass (as training
+    computes it): the teacher-forced prediction loss, and the open-loop error at every rollout step 1..H,
+    absolute and relative to predicting no change (the last context latent): below 1 means the model saw
+    the motion coming."""
     model.eval()
     se, base, tf, n = 0.0, 0.0, 0.0, 0
     for batch in loader:
         frames, actions = batch["pixels"].to(device), batch["actions"].to(device)
-        z = model.encode(frames).float()  # (B, L, D)
-        pred = model.rollout(z[:, :history], actions[:, :history - 1], actions[:, history - 1:]).float()
-        target = z[:, history:]
-        se = se + ((pred - target) ** 2).mean(-1).sum(0)  # (H,)
+        z, pred, roll = model(frames, actions, rollout_steps=frames.shape[1] - history)  # (B, L, D), ...
+        z, target = z.float(), z[:, history:].float()
+        se = se + ((roll.float() - target) ** 2).mean(-1).sum(0)  # (H,)
         base = base + ((z[:, history - 1:history] - target) ** 2).mean(-1).sum(0)
-        tf = tf + ((model.predictor(z[:, :-1], actions).float() - z[:, 1:]) ** 2).mean((1, 2)).sum()
+        tf = tf + ((pred.float() - z[:, 1:]) ** 2).mean((1, 2)).sum()
         n += len(z)
     model.train()
     mse = (se / n).cpu()

@@ -19,7 +19,7 @@ import torch.nn as nn
 from einops import pack, rearrange, repeat, unpack
 from torch import Tensor
 
-from worldmodel.config import check_at_least, option
+from common.config import check_at_least, option
 from worldmodel.layers import Attention, feed_forward
 
 

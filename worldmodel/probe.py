@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from worldmodel.latents import encode_episodes, every
+
 PROBE_TARGETS = ("cos_shoulder", "sin_shoulder", "cos_wrist", "sin_wrist", "finger_x", "finger_y")
 JOINT_TARGETS = PROBE_TARGETS[:4]
 PROBE_STATES = ("qpos", "finger")  # the true states the targets are computed from
@@ -51,30 +53,24 @@ def probe_r2(z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tensor, r
     return out
 
 
-@torch.no_grad()
-def encode_frames(model, store, episode_ids, stride: int = 5, batch_size: int = 512, device="cpu"):
-    """Latents (N, D) and probe targets (N, 6) of every ``stride``-th frame of the given episodes."""
-    zs, frames, targets = [], [], []
-    for i in episode_ids:
-        states = store.states(i)
-        t = np.arange(0, len(states["qpos"]), stride)
-        frames.append(store.frames(i, t))
-        targets.append(state_targets(states["qpos"][t], states["finger"][t]))
-    frames = np.concatenate(frames)
-    for start in range(0, len(frames), batch_size):
-        batch = torch.from_numpy(frames[start:start + batch_size]).to(device)
-        zs.append(model.encode(batch).float().cpu())
-    ys = torch.from_numpy(np.concatenate(targets))
-    return torch.cat(zs), ys
+def encode_frames(model, store, episode_ids, stride: int = 5, batch_size: int = 512):
+    """Latents (N, D) on the CPU and probe targets (N, 6) of every ``stride``-th frame of the given episodes."""
+    encoded = encode_episodes(model, store, episode_ids, every(stride), batch_size)
+    targets = [state_targets(store.states(i)["qpos"][t], store.states(i)["finger"][t])
+               for i, t in _by_episode(encoded)]
+    return encoded["z"].cpu(), torch.from_numpy(np.concatenate(targets))
 
 
-def run_probe(model, store, train_ids, test_ids, stride: int = 5, device="cpu") -> dict:
+def _by_episode(encoded: dict):
+    """(episode, positions) of each episode of ``encode_episodes``' output, in order."""
+    ends = np.cumsum(encoded["counts"])
+    return [(int(encoded["episode"][end - 1]), encoded["t"][end - n:end]) for n, end in zip(encoded["counts"], ends)]
+
+
+def run_probe(model, store, train_ids, test_ids, stride: int = 5) -> dict:
     """R^2 of the probe from ``model``'s latents, trained on ``train_ids``, scored on ``test_ids``."""
-    was_training = model.training
-    model.eval()
-    z_tr, y_tr = encode_frames(model, store, train_ids, stride, device=device)
-    z_te, y_te = encode_frames(model, store, test_ids, stride, device=device)
-    model.train(was_training)
+    z_tr, y_tr = encode_frames(model, store, train_ids, stride)
+    z_te, y_te = encode_frames(model, store, test_ids, stride)
     return probe_r2(z_tr, y_tr, z_te, y_te)
 
 
@@ -83,7 +79,7 @@ def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out:
     the episodes the model trained on and scored on held-out ones (``worldmodel.datasplit``). Writes
     ``probe.json`` and ``probe.md`` (beside the checkpoint unless ``out``)."""
     from worldmodel.datasplit import load_with_data, probe_split
-    from worldmodel.model import atomic_write_json
+    from common.files import atomic_write_json
 
     trained, meta, store, data = load_with_data(checkpoint, data, device)
     store.require_states(PROBE_STATES, "linear probes")
@@ -95,7 +91,7 @@ def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out:
     rows = {}
     for label, model in (("trained", trained), ("untrained (floor)", untrained)):
         print(f"  encoding frames with the {label} encoder", flush=True)
-        rows[label] = run_probe(model, store, fit, test, device=trained.device)
+        rows[label] = run_probe(model, store, fit, test)
     names = [*PROBE_TARGETS, "joints_mean"]
     md = ["| encoder | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     md += [f"| {label} | " + " | ".join(f"{r2[n]:.3f}" for n in names) + " |" for label, r2 in rows.items()]

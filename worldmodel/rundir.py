@@ -11,12 +11,11 @@ Every file is written atomically, so an interrupt or a full disk leaves the last
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import shutil
 from pathlib import Path
 
-from worldmodel.config import config_fields
+from common.config import config_fields, from_dict
+from common.files import read_json
 from worldmodel.model import CheckpointError, WorldModel, atomic_torch_save, load_weights_file
 
 # Settings that may differ on --resume without changing what the run computes (a moved run or dataset
@@ -32,33 +31,20 @@ class RunWriteError(RuntimeError):
     """A checkpoint could not be written (full disk, lost permissions); the last good one is kept."""
 
 
-def prepare(out: Path) -> None:
-    """Create ``out`` and make sure it is a writable directory before any work starts."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory")
-    probe = out / f".write_test.{os.getpid()}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"--out {out} is not writable: {exc.strerror or exc}") from None
-
-
 def flat_settings(cfg) -> dict:
-    """{dotted name: value} of every setting of a (nested) config."""
-    return {f.path: f.value for f in config_fields(cfg)}
+    """{name: value} of every setting of a (nested) config."""
+    return {f.name: f.value for f in config_fields(cfg)}
 
 
-def flatten_dict(d: dict, prefix: str = "") -> dict:
-    """The saved (``dataclasses.asdict``) form of a config as {dotted name: value}."""
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(flatten_dict(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
+def saved_settings(saved: dict, cls, what: str, filled: list | None = None) -> dict:
+    """{name: value} of a config saved by ``dataclasses.asdict``, read as today's code reads it: settings
+    added since it was written take today's defaults (their names go to ``filled``)."""
+    missing: list = []
+    cfg = from_dict(cls, saved, what, missing)
+    if filled is not None:  # from attribute paths ("model.encoder.x") to the settings' names ("encoder.x")
+        names = {f.path: f.name for f in config_fields(cfg)}
+        filled.extend(names.get(p, p) for p in missing)
+    return flat_settings(cfg)
 
 
 def _differences(saved: dict, cfg, ignore) -> dict:
@@ -69,9 +55,9 @@ def _differences(saved: dict, cfg, ignore) -> dict:
 def status(out: Path, cfg) -> str:
     """What to do with ``out``: ``fresh`` (start), ``resume`` (continue) or ``done`` (nothing: it holds a
     finished run of these settings). A run in the way is an error that says what to type."""
-    ckpt, meta = out / "checkpoint.pt", _read_json(out / "model.json")
+    ckpt, meta = out / "checkpoint.pt", read_json(out / "model.json")
     step = meta.get("step")
-    saved = flatten_dict(meta.get("train_config", {}))
+    saved = saved_settings(meta.get("train_config", {}), type(cfg), str(out / "model.json")) if meta else {}
     finished = step is not None and step == saved.get("steps") and not _differences(saved, cfg, RESUME_FREE | set(RECOVERY))
     if cfg.resume:
         if not ckpt.is_file():
@@ -97,23 +83,15 @@ def status(out: Path, cfg) -> str:
 
 def check_same_data(out: Path, store, data: str) -> None:
     """A resumed run trains on the data it started with (wherever it now lies): same fingerprint."""
-    recorded = _read_json(out / "model.json").get("data", {})
+    recorded = read_json(out / "model.json").get("data", {})
     if recorded.get("fingerprint") and recorded["fingerprint"] != store.fingerprint:
         raise ValueError(f"--resume: {data} is not the dataset this run started on ({recorded.get('path')}): "
                          f"its fingerprint differs")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def finished_metrics(out: Path) -> dict:
     """The metrics a finished run recorded in its model.json."""
-    return _read_json(out / "model.json").get("metrics", {})
+    return read_json(out / "model.json").get("metrics", {})
 
 
 def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, history: list, data: dict) -> None:
@@ -142,7 +120,8 @@ def load(out: Path, cfg, model: WorldModel, opt) -> tuple[int, list]:
     missing = [k for k in ("step", "model", "optimizer", "config") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a training checkpoint (missing {missing})")
-    saved = flatten_dict(state["config"])
+    filled: list = []
+    saved = saved_settings(state["config"], type(cfg), str(path), filled)
     diff = _differences(saved, cfg, RESUME_FREE | set(RECOVERY))
     if diff:
         raise ValueError(f"--resume: settings differ from the checkpoint's (saved, now): {diff}; only "
@@ -150,6 +129,8 @@ def load(out: Path, cfg, model: WorldModel, opt) -> tuple[int, list]:
     step = int(state["step"])
     changed = {k: [saved.get(k), getattr(cfg, k)] for k in RECOVERY if saved.get(k) != getattr(cfg, k)}
     history = list(state.get("history", [])) + ([{"step": step, "changed": changed}] if changed else [])
+    if filled:  # settings this code has and the run's own did not: they take today's defaults
+        history.append({"step": step, "new_settings": {k: saved[k] for k in sorted(filled) if k in saved}})
     try:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

@@ -24,14 +24,16 @@ import torch
 from einops import rearrange
 from tqdm import tqdm
 
+from common.config import apply_overrides, check_at_least, check_choices, config_fields, nested, option
+from common.device import autocast_for
+from common.files import atomic_write_json, prepare_output_dir, read_json
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
 from envs.storage import DEFAULT_DATA
 from worldmodel import distributed, rundir
-from worldmodel.config import apply_overrides, check_at_least, check_choices, config_fields, nested, option
 from worldmodel.datasplit import split_record
-from worldmodel.model import WorldModel, WorldModelConfig, atomic_write_json
-from worldmodel.objective import (SIGREG_SCOPES, autocast_for, batch_indices, effective_rank, lr_at,
-                                  step_generator, validation_metrics, world_model_losses)
+from worldmodel.model import WorldModel, WorldModelConfig
+from worldmodel.objective import (SIGREG_SCOPES, batch_indices, effective_rank, lr_at, step_generator,
+                                  validation_metrics, world_model_losses)
 from worldmodel.probe import PROBE_STATES, run_probe
 
 DEFAULT_RUN = "runs/demo"  # where `wm train` writes and `wm eval/probe/demo` read, by default
@@ -103,15 +105,15 @@ PRESETS = {
     # and the ablations behind each choice).
     "demo": {},
     # One GPU: a larger batch, longer schedule; bf16 autocast is on by itself on CUDA.
-    "full": {"steps": 20000, "batch_size": 256, "lr": 5e-4, "warmup_steps": 500, "model.latent_dim": 128,
-             "model.encoder.conv_channels": 64, "model.predictor.hidden": 1024, "num_workers": 4,
+    "full": {"steps": 20000, "batch_size": 256, "lr": 5e-4, "warmup_steps": 500, "latent_dim": 128,
+             "encoder.conv_channels": 64, "predictor.hidden": 1024, "num_workers": 4,
              "val_every": 1000, "probe_every": 2000, "ckpt_every": 2000},
 }
 
 
 def preset_config(name: str, overrides: dict | None = None, **kwargs) -> TrainConfig:
-    """The preset's config with ``overrides`` ({dotted name: value}, e.g. ``{"model.latent_dim": 32}``) and
-    plain keyword settings applied on top."""
+    """The preset's config with ``overrides`` ({setting's name: value}, e.g. ``{"encoder.kind": "vit"}``) and
+    keyword settings applied on top."""
     if name not in PRESETS:
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {name!r}")
     return apply_overrides(TrainConfig(), {**PRESETS[name], "preset": name, **(overrides or {}), **kwargs})
@@ -184,7 +186,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     try:
         state = None
         if is_main:
-            rundir.prepare(out)
+            prepare_output_dir(out)
             state = rundir.status(out, cfg)  # may clear the directory (--overwrite): one rank decides
         state = distributed.share(state)
         if state == "done":
@@ -199,62 +201,37 @@ def train(cfg: TrainConfig, progress: bool = True,
 
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume: bool, progress: bool,
            closed_loop) -> dict:
+    # --- setup: data, model, optimiser, where to start, logs ---------------------------------------------
     is_main, out = rank == 0, Path(cfg.out)
-    store = EpisodeStore(cfg.data, image_size=cfg.model.image_size, env=cfg.env)
-    spec = WindowSpec(cfg.model.history, cfg.n_pred, cfg.model.frameskip)
-    train_ds = WindowDataset(store, spec, "train", cfg.val_fraction, cfg.seed)
-    val_ds = WindowDataset(store, WindowSpec(cfg.model.history, cfg.val_horizon, cfg.model.frameskip), "val",
-                           cfg.val_fraction, cfg.seed)
-    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_ds, _spread(len(val_ds), 512)),
-                                             batch_size=256)
-    data_record = split_record(store, cfg.data, train_ds.episode_ids, val_ds.episode_ids)
-    can_probe = not set(PROBE_STATES) & set(store.missing_states)
-
+    data = TrainingData(cfg)
     torch.manual_seed(cfg.seed)
-    model_cfg = dataclasses.replace(cfg.model, image_size=store.size, env=str(store.attrs["env"]))
-    model = WorldModel(model_cfg).to(device)
+    model = WorldModel(dataclasses.replace(cfg.model, image_size=data.store.size,
+                                           env=str(data.store.attrs["env"]))).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, history = rundir.load(out, cfg, model, opt) if resume else (0, [])
     if resume:
-        rundir.check_same_data(out, store, cfg.data)
+        rundir.check_same_data(out, data.store, cfg.data)
     if is_main:
         atomic_write_json(out / "train_config.json", dataclasses.asdict(cfg))
-
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
-    loader = torch.utils.data.DataLoader(
-        train_ds, batch_sampler=StepBatches(len(train_ds), cfg.batch_size, cfg.seed, start, cfg.steps, rank),
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint)
-
+    net = _wrap(model, cfg, world, device)
+    loader = data.loader(cfg, start, rank, device)
     writer = _writer(out) if is_main else None
     if writer is not None and start == 0:
-        _log_frames(writer, train_ds)
+        _log_frames(writer, data.train)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {out.name}", disable=not (progress and is_main),
                unit="step")
+    guard = DivergenceGuard(cfg, out, start, device)
     metrics: dict = {}
-    done = checked = start  # completed steps; steps known to have had finite losses
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since `checked`
     t_last, frames_seen = time.perf_counter(), 0
 
-    def check_finite() -> None:
-        nonlocal checked
-        if checked == done:  # already checked at this step (a logging step that also saves)
-            return
-        if distributed.any_rank(nonfinite):
-            raise TrainingDiverged(_divergence_message(cfg, out, checked, done))
-        checked = done
-
-    def save() -> None:
-        check_finite()  # never save weights a non-finite step has touched
+    def save(done: int) -> None:
+        guard.check(done)  # never save weights a non-finite step has touched
         if world > 1:
             metrics["ddp_max_param_diff"] = distributed.check_in_sync(model)
         if is_main:
-            rundir.save(out, model, opt, cfg, done, metrics, history, data_record)
+            rundir.save(out, model, opt, cfg, done, metrics, history, data.record)
 
-    autocast = autocast_for(device)
+    # --- the loop --------------------------------------------------------------------------------------
     with StopRequest() as stop:
         try:
             for step, batch in enumerate(loader, start=start):
@@ -262,57 +239,39 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                     group["lr"] = cfg.lr * lr_at(step, cfg.warmup_steps, cfg.steps)
                 # only what the step reads goes to the device (the windows also carry the true states)
                 batch = {k: batch[k].to(device, non_blocking=True) for k in ("pixels", "actions")}
-                with autocast:
+                with autocast_for(device):
                     losses = world_model_losses(net, batch, cfg, step_generator(cfg.seed, step, 0, device))
-                loss = losses["loss"]
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                losses["loss"].backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                nonfinite |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
+                guard.note(losses["loss"], grad_norm)
                 opt.step()
+
                 done = step + 1
                 frames_seen += batch["pixels"].shape[0] * batch["pixels"].shape[1] * world
                 bar.update(1)
                 last = done == cfg.steps
                 logging = done % cfg.log_every == 0 or last
                 if logging:
-                    check_finite()
+                    guard.check(done)
                     if writer is not None:
                         now = time.perf_counter()
                         scalars = _scalars(losses, opt, grad_norm, frames_seen / (now - t_last))
                         t_last, frames_seen = now, 0
-                        for k, v in scalars.items():
-                            writer.add_scalar(k, v, done)
+                        _log(writer, scalars, done)
                         bar.set_postfix(loss=f"{scalars['loss/total']:.4f}", fps=f"{scalars['speed/frames_per_s']:.0f}")
                         metrics.update(scalars)
-                if is_main and (done % cfg.val_every == 0 or last):
-                    val = validation_metrics(model, val_loader, cfg.model.history, device)
-                    writer.add_scalar("val/prediction_loss", val["prediction_loss"], done)
-                    for k, (mse, rel) in enumerate(zip(val["mse"], val["relative"]), start=1):
-                        writer.add_scalar(f"val/rollout_mse_step{k}", mse, done)
-                        writer.add_scalar(f"val/rollout_relative_step{k}", rel, done)
-                    metrics["val"] = val
-                if is_main and can_probe and ((cfg.probe_every and done % cfg.probe_every == 0) or last):
-                    probe = run_probe(model, store, train_ds.episode_ids, val_ds.episode_ids, device=device)
-                    for k, v in probe.items():
-                        writer.add_scalar(f"probe/r2_{k}", v, done)
-                    metrics["probe"] = probe
-                if is_main and closed_loop is not None and cfg.eval_episodes and (
-                        (cfg.eval_every and done % cfg.eval_every == 0) or last):
-                    result = closed_loop(model, store, val_ds.episode_ids, cfg.eval_episodes)
-                    model.train()
-                    for k, v in result.items():
-                        writer.add_scalar(f"closed_loop/{k}", v, done)
-                    metrics["closed_loop"] = result
+                if is_main:
+                    metrics.update(_evaluate(model, data, cfg, done, writer, closed_loop, device))
                 saved = done % cfg.ckpt_every == 0 or last
                 if saved:
-                    save()
+                    save(done)
                 # one process stops at the step boundary; data-parallel ranks agree at a logging step
                 stopping = stop.signal is not None if world == 1 else (
                     logging and distributed.any_rank(torch.tensor(stop.signal is not None, device=device)))
                 if stopping and not last:
                     if not saved:
-                        save()
+                        save(done)
                     if is_main:
                         print(f"stopped: checkpoint at step {done} in {out}; continue with --resume")
                     raise KeyboardInterrupt
@@ -320,10 +279,91 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
         finally:
             bar.close()
             if writer is not None:
-                if done == cfg.steps and done > start:
+                if guard.done == cfg.steps and guard.done > start:
                     _log_hparams(writer, cfg, metrics)
                 writer.close()
     return metrics
+
+
+# --- what the loop uses ---------------------------------------------------------------------------------
+class TrainingData:
+    """The dataset, its training and validation windows (split by episode), and what the checkpoint
+    records about them."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.store = EpisodeStore(cfg.data, image_size=cfg.model.image_size, env=cfg.env)
+        history, fs = cfg.model.history, cfg.model.frameskip
+        self.train = WindowDataset(self.store, WindowSpec(history, cfg.n_pred, fs), "train", cfg.val_fraction, cfg.seed)
+        self.val = WindowDataset(self.store, WindowSpec(history, cfg.val_horizon, fs), "val", cfg.val_fraction,
+                                 cfg.seed)
+        self.val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val, _spread(len(self.val), 512)),
+                                                      batch_size=256)
+        self.record = split_record(self.store, cfg.data, self.train.episode_ids, self.val.episode_ids)
+        self.can_probe = not set(PROBE_STATES) & set(self.store.missing_states)
+
+    def loader(self, cfg: TrainConfig, start: int, rank: int, device: torch.device):
+        """Batches of steps ``start..steps-1``; step k's windows come from (seed, k, rank) alone."""
+        return torch.utils.data.DataLoader(
+            self.train, batch_sampler=StepBatches(len(self.train), cfg.batch_size, cfg.seed, start, cfg.steps, rank),
+            num_workers=cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint)
+
+
+def _wrap(model: WorldModel, cfg: TrainConfig, world: int, device: torch.device):
+    """What the step calls: the model, data-parallel under torchrun, compiled with ``--compile``."""
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return torch.compile(net) if cfg.compile else net
+
+
+class DivergenceGuard:
+    """A non-finite loss or gradient sets a flag on the device (no host sync in the step); the flag is read
+    at logging steps and before every checkpoint, and a set flag stops the run naming the steps."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, start: int, device: torch.device):
+        self.cfg, self.out = cfg, out
+        self.done = self.checked = start  # completed steps; steps known to have had finite losses
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def note(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.nonfinite |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
+
+    def check(self, done: int) -> None:
+        self.done = done
+        if self.checked == done:  # already checked at this step (a logging step that also saves)
+            return
+        if distributed.any_rank(self.nonfinite):
+            raise TrainingDiverged(_divergence_message(self.cfg, self.out, self.checked, done))
+        self.checked = done
+
+
+def _evaluate(model: WorldModel, data: TrainingData, cfg: TrainConfig, done: int, writer, closed_loop,
+              device: torch.device) -> dict:
+    """The measurements due at step ``done`` (rank 0): validation losses, probes, the closed-loop check."""
+    last, metrics = done == cfg.steps, {}
+    if done % cfg.val_every == 0 or last:
+        with autocast_for(device):
+            val = validation_metrics(model, data.val_loader, cfg.model.history, device)
+        writer.add_scalar("val/prediction_loss", val["prediction_loss"], done)
+        for k, (mse, rel) in enumerate(zip(val["mse"], val["relative"]), start=1):
+            writer.add_scalar(f"val/rollout_mse_step{k}", mse, done)
+            writer.add_scalar(f"val/rollout_relative_step{k}", rel, done)
+        metrics["val"] = val
+    if data.can_probe and ((cfg.probe_every and done % cfg.probe_every == 0) or last):
+        probe = run_probe(model, data.store, data.train.episode_ids, data.val.episode_ids)
+        _log(writer, {f"probe/r2_{k}": v for k, v in probe.items()}, done)
+        metrics["probe"] = probe
+    if closed_loop is not None and cfg.eval_episodes and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
+        result = closed_loop(model, data.store, data.val.episode_ids, cfg.eval_episodes)
+        model.train()
+        _log(writer, {f"closed_loop/{k}": v for k, v in result.items()}, done)
+        metrics["closed_loop"] = result
+    return metrics
+
+
+def _log(writer, scalars: dict, step: int) -> None:
+    for k, v in scalars.items():
+        writer.add_scalar(k, v, step)
 
 
 def _scalars(losses: dict, opt, grad_norm, frames_per_s: float) -> dict:
@@ -342,7 +382,7 @@ def _divergence_message(cfg: TrainConfig, out: Path, checked: int, done: int) ->
     where = f"at step {done}" if done == checked + 1 else f"between steps {checked + 1} and {done}"
     ckpt = out / "checkpoint.pt"
     if ckpt.is_file():
-        step = rundir._read_json(out / "model.json").get("step", "?")
+        step = read_json(out / "model.json").get("step", "?")
         advice = (f"the last good checkpoint is {ckpt} (step {step}); continue from it with a lower learning "
                   f"rate, e.g. `wm train ... --resume --lr {cfg.lr / 4:g}` (or another --grad-clip)")
     else:

@@ -11,27 +11,25 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from common.config import apply_overrides, nested, option
+from common.files import atomic_write_json, prepare_output_dir
 from envs.dataset import EpisodeStore
-from envs.reacher import GOAL_TOLERANCE
+from envs.reacher import GOAL_TOLERANCE, joint_error
+from envs.storage import recording
 from envs.vector import ReacherBatch
-from planners.cem import CEMOptions, CEMPlanner
+from evaluation.baselines import random_controller, simulator_controller
+from evaluation.protocols import Protocol, episode_records, history_before, parse_protocols, sample_episodes
+from evaluation.report import log_to_tensorboard, plot_results, results_markdown, summarize
 from planners.noise import problem_keys
-from planners.policy import MPCPolicy, PolicyConfig, policy_from_config
-from planners.protocols import (Protocol, episode_records, history_before, joint_errors, parse_protocols,
-                                sample_episodes)
-from planners.report import log_to_tensorboard, plot_results, results_markdown, summarize
-from planners.simulator import JOINT_COSTS, SimulatorModel
-from planners.subgoals import SubgoalConfig, SubgoalGraph, complement, graph_for_checkpoint
-from worldmodel.config import apply_overrides, nested, option
-from worldmodel.datasplit import held_out, load_with_data, recorded_data
-from worldmodel.model import atomic_write_json
-from worldmodel.rundir import prepare as prepare_output
+from planners.policy import MPCPolicy, PolicyConfig
+from worldmodel.datasplit import held_out, load_with_data, not_held_out, recorded_data
+from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint
 
 METHODS = ("world_model", "random", "simulator")
 DEFAULT_CHECKPOINT = "runs/demo/model.pt"
@@ -90,14 +88,14 @@ class Setup:
     checkpoint: str = ""
     _graphs: dict = field(default_factory=dict)
 
-    def graph(self, cfg: SubgoalConfig) -> SubgoalGraph:
+    def graph(self, cfg: GraphConfig) -> LatentGraph:
         """The subgoal graph over the model's training episodes (built once per setting): those of this
         dataset that are not held out, or, when it holds none, those of the dataset training recorded."""
         key = (cfg.neighbours, cfg.radius, cfg.max_nodes)
         if key not in self._graphs:
-            held = set(self.held_out)
-            if len(held) < len(self.store) or not self.checkpoint:
-                graph = SubgoalGraph.build(self.model, self.store, complement(self.store, held), cfg)
+            train = not_held_out(self.store, self.held_out)
+            if train or not self.checkpoint:
+                graph = LatentGraph.build(self.model, self.store, train, cfg)
             else:
                 try:
                     graph = graph_for_checkpoint(self.model, self.checkpoint, cfg)
@@ -123,11 +121,11 @@ def load_setup(checkpoint: str, data: str, episodes: int, device: str = "auto") 
 def batch_like(store: EpisodeStore, n: int) -> ReacherBatch:
     """``n`` environments that render and step as the dataset's were recorded (its size, look, target
     visibility and action repeat), frames resized as the store resizes them for the model."""
-    render = int(store.attrs.get("render_size", store.source_size))  # `wm collect --image-size` renders larger
-    return ReacherBatch(str(store.attrs["env"]), n, size=render, image_size=store.size if store.size != render else None,
-                        action_repeat=int(store.attrs.get("action_repeat", 1)),
-                        hide_target=bool(store.attrs.get("hide_target", True)),
-                        render_quality=str(store.attrs.get("render_quality", "fast")))
+    rec = recording(store.attrs)
+    render = int(rec["render_size"] or store.source_size)  # `wm collect --image-size` renders larger
+    return ReacherBatch(str(rec["env"]), n, size=render, image_size=store.size if store.size != render else None,
+                        action_repeat=int(rec["action_repeat"]), hide_target=bool(rec["hide_target"]),
+                        render_quality=str(rec["render_quality"]))
 
 
 # --- the closed loop -----------------------------------------------------------------------------------
@@ -136,10 +134,10 @@ def run_episodes(batch: ReacherBatch, episodes: dict, protocol: Protocol, act, b
     Returns joint errors (B, budget + 1) under the protocol's rule; column 0 is the start."""
     batch.reset_to(episodes["qpos"], episodes["qvel"], episodes["target"], render=False)
     goal = episodes["goal_qpos"]
-    errors = [joint_errors(batch.states()["qpos"], goal, protocol.wrap)]
+    errors = [joint_error(batch.states()["qpos"], goal, protocol.wrap)]
     for _ in range(protocol.budget):
         batch.step(act(), render=False)
-        errors.append(joint_errors(batch.states()["qpos"], goal, protocol.wrap))
+        errors.append(joint_error(batch.states()["qpos"], goal, protocol.wrap))
         if bar is not None:
             bar.update(1)
     return np.stack(errors, 1)
@@ -149,9 +147,9 @@ def world_model_controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, ep
                            seed: int):
     """MPC on the world model; returns (act, policy, real history frames per episode)."""
     model, batch = setup.model, setup.batch
-    pcfg = apply_overrides(cfg.policy, protocol.policy)
-    graph = setup.graph(pcfg.subgoals) if pcfg.subgoals.enabled else None
-    policy = policy_from_config(model, pcfg, seed, graph)
+    pcfg = apply_overrides(cfg.policy, {**protocol.policy, "seed": seed})
+    graph = setup.graph(pcfg.subgoals.graph) if pcfg.subgoals.enabled else None
+    policy = MPCPolicy(model, pcfg, graph)
     n = len(goal_images)
     policy.reset(goal_images, keys=problem_keys(seed, eps["index"]))
     real = np.full(n, -1)  # -1: no history asked for
@@ -161,29 +159,6 @@ def world_model_controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, ep
         policy.set_history(frames, chunks)
     act = lambda: policy.act_latent(lambda: policy.encode_images(batch.render()), n)  # noqa: E731
     return act, policy, real
-
-
-def simulator_controller(batch: ReacherBatch, cfg: EvalConfig, protocol: Protocol, frameskip: int, eps: dict,
-                         seed: int):
-    """CEM on the true MuJoCo dynamics (it sees the true state, velocity included): the ceiling. It plans
-    with the world model's planner settings (all of CEM's; with MPPI, the shared ones) and cost, on the
-    joint angles instead of latents; ``--sim-samples``/``--sim-iterations`` may set its budget apart."""
-    pcfg = apply_overrides(cfg.policy, protocol.policy)
-    if pcfg.planner != "cem":
-        pcfg = replace(pcfg, planner="cem", cem=CEMOptions())
-    overrides = {"samples": cfg.sim_samples or pcfg.search.samples, "cost": JOINT_COSTS[pcfg.search.cost],
-                 "iterations": cfg.sim_iterations or pcfg.search.iterations, "seed": seed, "compile": False}
-    if cfg.sim_samples:
-        overrides["elites"] = None  # a budget of its own: the elites are a tenth of it
-    sim = SimulatorModel(batch.physics, frameskip, batch.action_repeat)
-    policy = MPCPolicy(sim, CEMPlanner(sim, pcfg.planner_config(**overrides)), pcfg.receding_horizon)
-    policy.reset_latent(sim.goal_states(eps["goal_qpos"]), keys=problem_keys(seed, eps["index"]))
-    return (lambda: policy.act_latent(lambda: sim.states(batch.datas), len(eps["index"]))), policy
-
-
-def random_controller(n: int, seed: int):
-    rng = np.random.default_rng([seed, 7])
-    return lambda: rng.uniform(-1, 1, (n, 2)).astype(np.float32)
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -199,7 +174,7 @@ def check_output(cfg: EvalConfig) -> Path:
             what = "results"
         raise ValueError(f"{out} already holds {what}; pass --overwrite to replace them, or --out for another "
                          f"directory")
-    prepare_output(out)
+    prepare_output_dir(out)
     return out
 
 
@@ -248,7 +223,9 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
         elif method == "random":
             act = random_controller(n, seed)
         else:
-            act, policy = simulator_controller(batch, cfg, protocol, setup.model.frameskip, eps, seed)
+            pcfg = apply_overrides(cfg.policy, protocol.policy)
+            act, policy = simulator_controller(batch, pcfg, setup.model.frameskip, eps, seed, cfg.sim_samples,
+                                               cfg.sim_iterations)
         start = time.perf_counter()
         errors = run_episodes(batch, eps, protocol, act, bar)
         wall = time.perf_counter() - start
@@ -284,7 +261,7 @@ def closed_loop_check(model, store: EpisodeStore, held_out_ids: list[int], episo
     batch = batch_like(store, episodes)
     try:
         setup = Setup(model, {}, store, held_out_ids, "", batch)
-        policy = apply_overrides(PolicyConfig(), {"search.iterations": iterations})
+        policy = apply_overrides(PolicyConfig(), {"iterations": iterations})
         latched, held, _ = world_model_rates(setup, policy, protocol, episodes)
     finally:
         batch.close()

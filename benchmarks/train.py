@@ -11,11 +11,12 @@ import time
 
 import torch
 
-from worldmodel.model import WorldModel, resolve_device, synchronize
-from worldmodel.objective import autocast_for, step_generator, world_model_losses
+from common.device import autocast_for, resolve_device, synchronize
+from worldmodel.model import WorldModel
+from worldmodel.objective import step_generator, world_model_losses
 from worldmodel.train import preset_config
 
-ENCODERS = {"conv": {}, "vit (width 192, depth 6, patch 8)": {"model.encoder.kind": "vit"}}
+ENCODERS = {"conv": {}, "vit (width 192, depth 6, patch 8)": {"encoder.kind": "vit"}}
 
 
 def steps_per_s(cfg, device: torch.device, batch_size: int, steps: int) -> float:

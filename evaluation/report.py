@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planners.stats import cluster_bootstrap_interval
+from evaluation.stats import cluster_bootstrap_interval
 
 QUANTILES = (10, 25, 50, 75, 90)
 
@@ -52,9 +52,9 @@ def _pct(x: float) -> str:
 def results_markdown(summary: dict, cfg, split_note: str) -> str:
     p = cfg.policy
     lines = [f"# Evaluation of `{cfg.checkpoint}`", "",
-             f"{cfg.episodes} episodes x {cfg.seeds} seeds per protocol on {split_note}. Planner {p.planner} "
-             f"{p.search.samples} samples x {p.search.iterations} iterations, horizon {p.search.horizon}, cost "
-             f"{p.search.cost}, replanning every {p.receding_horizon} chunk(s) (the lewm protocol fixes its own); "
+             f"{cfg.episodes} episodes x {cfg.seeds} seeds per protocol on {split_note}. Planner {p.plan.planner} "
+             f"{p.plan.samples} samples x {p.plan.iterations} iterations, horizon {p.plan.horizon}, cost "
+             f"{p.plan.cost}, replanning every {p.receding_horizon} chunk(s) (the lewm protocol fixes its own); "
              f"world-model start: {cfg.history} history. Success: every joint within {cfg.tolerance} rad of the "
              f"goal, latched = at some step >= 1, held = at the last step of the budget. Intervals: 95%, "
              f"bootstrap over source episodes.", "",

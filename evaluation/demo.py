@@ -12,13 +12,14 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from common.config import nested, option
 from envs.dataset import EpisodeStore
-from envs.reacher import GOAL_TOLERANCE
+from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.video import upscale, write_video
-from planners.evaluate import DEFAULT_CHECKPOINT, EvalConfig, load_setup, world_model_controller
+from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, load_setup, world_model_controller
+from evaluation.protocols import PROTOCOLS, sample_episodes
 from planners.policy import PolicyConfig
-from planners.protocols import PROTOCOLS, joint_errors, sample_episodes
-from worldmodel.config import nested, option
+from worldmodel.latents import encode_episodes
 
 
 @dataclass
@@ -29,7 +30,7 @@ class DemoConfig:
     data: str = option("", "dataset: held-out episodes give starts and goals, its frames the retrieval bank "
                            "(default: the one the model was trained on)")
     episodes: int = option(4, "episodes (one video each)")
-    protocol: str = option("reach25", "which goals: reach25, reach50, uniform or lewm", choices=tuple(PROTOCOLS))
+    protocol: str = option("reach25", "which goals", choices=tuple(PROTOCOLS))
     policy: PolicyConfig = nested(PolicyConfig, "the MPC policy", flat=True)
     seed: int = option(0, "episode and planner seed")
     tolerance: float = option(GOAL_TOLERANCE, "success: every joint within this many rad")
@@ -47,18 +48,12 @@ class DemoConfig:
         return Path(self.out) if self.out else Path(self.checkpoint).parent / "videos"
 
 
-@torch.no_grad()
 def frame_bank(model, store: EpisodeStore, most: int) -> tuple[torch.Tensor, np.ndarray]:
     """Latents (N, D) and frames (N, H, W, 3) of up to ``most`` dataset frames, spread over episodes."""
     per = max(1, most // max(1, len(store)))
-    frames = []
-    for i in range(len(store)):
-        steps = store.episodes[i].steps
-        frames.append(store.frames(i, np.unique(np.linspace(0, steps, min(per, steps + 1)).astype(int))))
-    frames = np.concatenate(frames)[:most]
-    z = torch.cat([model.encode(torch.from_numpy(frames[s:s + 1024]).to(model.device)).float()
-                   for s in range(0, len(frames), 1024)])
-    return z, frames
+    spread = lambda steps: np.unique(np.linspace(0, steps, min(per, steps + 1)).astype(int))  # noqa: E731
+    encoded = encode_episodes(model, store, range(len(store)), spread, batch_size=1024, keep_frames=True)
+    return encoded["z"][:most], encoded["frames"][:most]
 
 
 def caption(panel: np.ndarray, text: str, colour=(255, 255, 255)) -> np.ndarray:
@@ -97,7 +92,7 @@ def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         reached = np.zeros(cfg.episodes, bool)
         videos = [[] for _ in range(cfg.episodes)]
         for step in tqdm(range(protocol.budget + 1), desc="demo", unit="step", disable=not progress):
-            error = joint_errors(batch.states()["qpos"], eps["goal_qpos"], protocol.wrap)
+            error = joint_error(batch.states()["qpos"], eps["goal_qpos"], protocol.wrap)
             within = (error < cfg.tolerance) & (step > 0)
             reached |= within
             actions = policy.act_batch(frames) if step < protocol.budget else None  # the frames filmed

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from envs import joint_error as wrapped_joint_error
+from envs import joint_error
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,12 @@ class Protocol:
     budget: int  # env steps
     wrap: bool = True  # joint errors on wrapped angles (False: raw differences, as LeWM released)
     true_history: bool = True  # the world model sees the frames before the start (False: the current frame only)
-    policy: dict = field(default_factory=dict)  # {dotted PolicyConfig setting: value} the protocol fixes
+    policy: dict = field(default_factory=dict)  # {policy setting's name: value} the protocol fixes
 
 
-LEWM_POLICY = {"planner": "cem", "search.samples": 300, "search.iterations": 30, "search.horizon": 5,
-               "search.cost": "final", "cem.elites": 30, "cem.init_std": 1.0, "cem.min_std": 0.0,
-               "cem.momentum": 0.0, "cem.keep_elites": False, "cem.plan_from": "mean", "search.rest": False,
-               "receding_horizon": 5, "context": 1, "subgoals.enabled": False}
+LEWM_POLICY = {"planner": "cem", "samples": 300, "iterations": 30, "horizon": 5, "cost": "final", "cem.elites": 30,
+               "cem.init_std": 1.0, "cem.min_std": 0.0, "cem.momentum": 0.0, "cem.keep_elites": False,
+               "cem.plan_from": "mean", "rest": False, "receding_horizon": 5, "context": 1, "subgoals.enabled": False}
 
 PROTOCOLS = {
     "reach25": Protocol("reach25", 25, 50),
@@ -52,14 +51,6 @@ def parse_protocols(names: str) -> list[Protocol]:
     if unknown or not chosen:
         raise ValueError(f"--protocol must be a comma list of {list(PROTOCOLS)}, got {names!r}")
     return [PROTOCOLS[p] for p in chosen]
-
-
-def joint_errors(qpos: np.ndarray, goal: np.ndarray, wrap: bool = True) -> np.ndarray:
-    """Largest joint-angle error: (..., 2), (..., 2) -> (...); angles wrapped to [-pi, pi) unless ``wrap``
-    is off (LeWM's rule, under which a shoulder at pi - 0.01 is 2 pi - 0.02 away from one at -pi + 0.01)."""
-    if wrap:
-        return wrapped_joint_error(qpos, goal)
-    return np.abs(np.asarray(qpos) - np.asarray(goal)).max(-1)
 
 
 def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, seed: int,
@@ -78,7 +69,7 @@ def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, s
         q = store.states(i)["qpos"]  # (T+1, 2)
         t0 = np.arange(len(q) - need)
         if protocol.goal_offset is not None:
-            t0 = t0[joint_errors(q[:len(q) - need], q[need:], protocol.wrap) >= tolerance]
+            t0 = t0[joint_error(q[:len(q) - need], q[need:], protocol.wrap) >= tolerance]
         rows.extend((i, int(t)) for t in t0)
     if len(rows) < n:
         raise ValueError(f"{protocol.name}: {len(rows)} usable start rows in {len(episode_ids)} held-out episodes, "
@@ -89,7 +80,7 @@ def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, s
         i, t0 = rows[k]
         s = store.states(i)
         goal = s["qpos"][t0 + need] if protocol.goal_offset is not None else None
-        while goal is None or joint_errors(s["qpos"][t0], goal, protocol.wrap) < tolerance:
+        while goal is None or joint_error(s["qpos"][t0], goal, protocol.wrap) < tolerance:
             goal = np.array([rng.uniform(-math.pi, math.pi), rng.uniform(*wrist_range)])
         for key, v in (("index", j), ("episode", i), ("t0", t0), ("qpos", s["qpos"][t0]), ("qvel", s["qvel"][t0]),
                        ("target", s["target"][t0]), ("goal_qpos", goal)):

@@ -1,8 +1,8 @@
-"""``wm bench plan``: time per plan of CEM and MPPI with the world model's predictor.
+"""``wm bench --what plan``: time per plan of CEM and MPPI with the world model's predictor.
 
 The model is the ``demo`` preset's architecture (weights do not change the time). Each row's time is
 the median of repeated plans after a warm-up. The naive reference (one candidate of one problem at a
-time, ``planners.naive``) is timed in the same run where that takes seconds, not hours; the speed-up
+time, ``benchmarks.naive``) is timed in the same run where that takes seconds, not hours; the speed-up
 column is only ever a ratio of two times measured here.
 """
 
@@ -14,10 +14,11 @@ import time
 
 import torch
 
-from planners.cem import CEMConfig
-from planners.naive import NaiveCEMPlanner
+from benchmarks.naive import NaiveCEMPlanner
+from common.config import apply_overrides
+from common.device import resolve_device, synchronize
+from planners.config import PlannerConfig
 from planners.policy import make_planner
-from worldmodel.model import resolve_device, synchronize
 
 
 def demo_model(device: torch.device):
@@ -59,7 +60,8 @@ def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), hor
              "|---|---|---|---|---|---|---|"]
     headline = {}
     for name, n, it, hz, b in itertools.product(("cem", "mppi"), samples, iterations, horizons, batches):
-        planner = make_planner(model, name, samples=n, iterations=it, horizon=hz)
+        planner = make_planner(model, apply_overrides(PlannerConfig(), {"planner": name, "samples": n, "iterations": it,
+                                                                         "horizon": hz}))
         repeats = 3 if n * it * hz * b <= 300 * 30 * 5 * 50 else 1
         t = time_plan(planner, model, b, repeats)
         headline[(name, n, it, hz, b)] = t
@@ -70,45 +72,11 @@ def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), hor
     for n, it, hz in itertools.product(samples, iterations, horizons):
         batched = headline.get(("cem", n, it, hz, 1))
         # The naive time grows with n * it * hz: skip settings whose estimate exceeds the budget.
-        probe = NaiveCEMPlanner(model, CEMConfig(samples=n, iterations=1, horizon=hz))
+        probe = NaiveCEMPlanner(model, PlannerConfig(samples=n, iterations=1, horizon=hz))
         one_iteration = time_plan(probe, model, 1, 1)
         if batched is None or one_iteration * it > naive_budget_s:
             lines.append(f"| {n} | {it} | {hz} | not run (about {one_iteration * it:.0f} s) | - | - |")
             continue
-        naive = time_plan(NaiveCEMPlanner(model, CEMConfig(samples=n, iterations=it, horizon=hz)), model, 1, 1)
+        naive = time_plan(NaiveCEMPlanner(model, PlannerConfig(samples=n, iterations=it, horizon=hz)), model, 1, 1)
         lines.append(f"| {n} | {it} | {hz} | {1000 * naive:.0f} | {1000 * batched:.1f} | {naive / batched:.0f}x |")
-    return "\n".join(lines)
-
-
-QUALITY_SETTINGS = ((300, 30), (300, 10), (300, 5), (100, 10), (100, 30), (1000, 10))
-
-
-def run_quality(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episodes: int = 50,
-                protocol: str = "reach25", seed: int = 0, data: str = "") -> str:
-    """Closed-loop success (latched and held) against planning time, for CEM settings (samples x
-    iterations) on a trained model: the curve the planner's defaults are chosen from. Every setting
-    runs the same episodes with the same per-episode noise keys. ``data`` as for ``wm eval``: the
-    dataset the model was trained on unless given."""
-    from planners.evaluate import load_setup, world_model_rates
-    from planners.policy import PolicyConfig
-    from worldmodel.config import apply_overrides
-
-    setup = load_setup(checkpoint, data, episodes, device)
-    search = PolicyConfig().search
-    lines = [f"Model `{checkpoint}`; {episodes} `{protocol}` episodes (seed {seed}), every setting on the same "
-             f"episodes; CEM, horizon {search.horizon}, {search.cost} cost, the default policy otherwise (rest "
-             f"candidate, subgoals); device {setup.model.device}, torch threads {torch.get_num_threads()}.", ""]
-    rows = []
-    try:
-        for n, it in settings:
-            policy = apply_overrides(PolicyConfig(), {"search.samples": n, "search.iterations": it})
-            rows.append((n, it, *world_model_rates(setup, policy, protocol, episodes, seed)))
-    finally:
-        setup.batch.close()
-    base = next((r for r in rows if r[:2] == (300, 30)), rows[0])  # the published setting when it ran
-    lines += [f"| samples x iterations | latched | held at end | ms per planning call ({episodes} problems) "
-              f"| ms per problem | time vs {base[0]} x {base[1]} |", "|---|---|---|---|---|---|"]
-    for n, it, latched, held, call in rows:
-        lines.append(f"| {n} x {it} | {100 * latched:.0f}% | {100 * held:.0f}% | {1000 * call:.0f} | "
-                     f"{1000 * call / episodes:.1f} | {call / base[4]:.2f}x |")
     return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""Config dataclasses: every option declared once, nested, and walked to build the command line.
+
+A config is a dataclass whose fields carry their help (and, where the value is one of a few, their
+choices) in ``metadata`` (``option``). A field whose default is a dataclass nests a sub-config
+(``nested``); on the command line its options get the field's name as a prefix (``--encoder.kind``)
+unless the field is ``flat`` (the policy's planner settings read ``--samples``, not
+``--plan.samples``). The command line builds every option from the fields by itself, so adding an
+option means adding one field.
+
+Every setting has ONE name, the one the command line shows without its dashes and with underscores:
+``samples``, ``cem.init_std``, ``subgoals.enabled``. ``apply_overrides`` and every function that takes
+settings by name (``load_policy``, presets, protocols) use that name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+
+def option(default: Any, help: str, choices: tuple | None = None, cli: bool = True) -> Any:
+    """A config field: its default, the help the command line shows, the allowed values if few.
+
+    ``cli=False`` keeps a field off the command line (a value the program fills in, such as the image
+    size a model was trained at, which comes from the data).
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+
+
+def nested(cls, help: str = "", flat: bool = False) -> Any:
+    """A sub-config field; ``flat`` puts its options on the command line without a prefix."""
+    return field(default_factory=cls, metadata={"help": help, "flat": flat, "nested": True})
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One leaf setting of a (nested) config."""
+
+    path: str  # dotted attribute path from the root config: "policy.plan.samples"
+    name: str  # the setting's one name (the option without dashes): "samples", "cem.init_std"
+    type: Any  # the annotation: int, float, str, bool, int | None, ...
+    value: Any  # its value in the config walked (the default, or the preset's value)
+    help: str
+    choices: tuple | None
+    cli: bool
+
+    @property
+    def flag(self) -> str:
+        """The command-line option: ``--cem.init-std``."""
+        return "--" + self.name.replace("_", "-")
+
+
+def is_config(x) -> bool:
+    return dataclasses.is_dataclass(x)
+
+
+def config_fields(cfg, path: str = "", prefix: str = "") -> Iterator[ConfigField]:
+    """Every leaf field of ``cfg`` (an instance), nested configs walked depth-first."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        sub_path = f"{path}{f.name}"
+        if is_config(value):
+            sub_prefix = prefix if f.metadata.get("flat") else f"{prefix}{f.name}."
+            yield from config_fields(value, sub_path + ".", sub_prefix)
+            continue
+        yield ConfigField(sub_path, prefix + f.name, hints[f.name], value, f.metadata.get("help", ""),
+                          f.metadata.get("choices"), f.metadata.get("cli", True))
+
+
+def check_at_least(cfg, minimum: float, names, prefix: str = "", strictly: bool = False) -> None:
+    """A ``ValueError`` naming every option among ``names`` below ``minimum`` (or not above it, ``strictly``);
+    ``prefix`` is the options' prefix on the command line (``encoder.``)."""
+    bad = [n for n in names if not (getattr(cfg, n) > minimum if strictly else getattr(cfg, n) >= minimum)]
+    if bad:
+        bound = f"> {minimum:g}" if strictly else f">= {minimum:g}"
+        raise ValueError("invalid settings: " + ", ".join(
+            f"--{prefix}{n.replace('_', '-')} {getattr(cfg, n)} (must be {bound})" for n in bad))
+
+
+def check_choices(cfg) -> None:
+    """A ``ValueError`` naming the option for any value outside its declared choices."""
+    for f in config_fields(cfg):
+        if f.choices is not None and f.value not in f.choices:
+            raise ValueError(f"{f.flag} must be one of {list(f.choices)}, got {f.value!r}")
+
+
+def unwrap_optional(kind) -> tuple[Any, bool]:
+    """(the type inside ``X | None``, True) or (kind, False)."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        return (inner[0] if len(inner) == 1 else Any), True
+    return kind, False
+
+
+def check_value(f: ConfigField, value, where: str = "") -> Any:
+    """``value`` as the type of field ``f`` (an int for a float field becomes a float), or a ``ValueError``
+    naming the setting: a string for a number, 2.5 for an int, NaN or infinity for a float, a number for
+    a switch."""
+    kind, optional = unwrap_optional(f.type)
+    if kind is Any or (value is None and optional):
+        return value  # a setting of any type (a cost may be a callable) is checked by its config
+    what = f"{where}: " if where else ""
+    bad = ValueError(f"{what}{f.name} must be {_type_name(kind)}{' or None' if optional else ''}, got {value!r}")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise bad
+    if f.choices is not None and value not in f.choices:
+        raise ValueError(f"{what}{f.name} must be one of {list(f.choices)}, got {value!r}")
+    return value
+
+
+def _type_name(kind) -> str:
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(kind, str(kind))
+
+
+def apply_overrides(cfg, overrides: dict[str, Any]):
+    """``cfg`` with every ``{name: value}`` applied at once (so checks that relate two settings see both
+    new values). Names are the settings' names (``samples``, ``cem.elites``; dashes work too); an unknown
+    name or a value of the wrong type is a ``ValueError``. Configs are rebuilt, their checks run again."""
+    fields = {f.name: f for f in config_fields(cfg)}
+    by_path = {}
+    unknown = []
+    for name, value in overrides.items():
+        f = fields.get(name.replace("-", "_"))
+        if f is None:
+            unknown.append(name)
+            continue
+        by_path[f.path] = check_value(f, value)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)} for {type(cfg).__name__}; known: {sorted(fields)}")
+    return _replace(cfg, by_path)
+
+
+def _replace(cfg, overrides: dict[str, Any]):
+    direct, deeper = {}, {}
+    for path, value in overrides.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            deeper.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, sub in deeper.items():
+        direct[head] = _replace(getattr(cfg, head), sub)
+    return dataclasses.replace(cfg, **direct)
+
+
+def from_dict(cls, d: dict, what: str = "", filled: list | None = None, prefix: str = ""):
+    """Rebuild a (nested) config from its saved form (``dataclasses.asdict``).
+
+    Settings the saved form lacks (added to the code after it was written) take today's defaults, and
+    their names are appended to ``filled``; unknown keys (a config from newer code) are a ``ValueError``
+    naming them. ``what`` names the file in errors.
+    """
+    where = what or cls.__name__
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object for {cls.__name__}, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} keys {unknown} (written by a newer version of this "
+                         f"program?)")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        kind = hints[name]
+        if name not in d:
+            if filled is not None:
+                filled.append(prefix + name)
+            continue
+        if isinstance(kind, type) and is_config(kind):
+            kwargs[name] = from_dict(kind, d[name], what, filled, f"{prefix}{name}.")
+        else:
+            leaf = ConfigField(prefix + name, prefix + name, kind, None, "", f.metadata.get("choices"), True)
+            kwargs[name] = check_value(leaf, d[name], where)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None

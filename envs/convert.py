@@ -1,0 +1,70 @@
+"""``wm convert``: any dataset we read, rewritten as one stable-worldmodel ``.h5`` file or as our shards.
+
+The last link of the data layer's one-way chain: storage (our shard format) <- swm (their single-file
+format) <- dataset (``EpisodeStore``: either layout) <- convert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import option
+from envs.dataset import EpisodeStore
+from envs.storage import DEFAULT_DATA, STATE_KEYS, DatasetError, write_shard
+from envs.swm import write_swm
+
+
+def write_shards(store: EpisodeStore, out_dir: str | Path, episodes_per_shard: int = 20) -> list[Path]:
+    """Write a dataset as a directory of our shards (episode i of the store becomes ``ep_{i:06d}``)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.glob("*.h5")):
+        raise DatasetError(f"{out}: already holds .h5 files; write the shards to an empty directory")
+    lacking = [k for k in ("qpos", "qvel") if k in store.missing_states]
+    if lacking:
+        raise DatasetError(f"cannot write shards: the source has no {lacking} (our shards need qpos and qvel)")
+    out.mkdir(parents=True, exist_ok=True)
+    skip = {"layout", "frame_shape", "versions", "format_version"}
+    attrs = {k: v for k, v in store.attrs.items() if k not in skip and v is not None}
+    attrs["size"] = store.size
+    keep = ("pixels", "action", *(k for k in STATE_KEYS if k not in store.missing_states))
+    paths = []
+    for first in range(0, len(store), episodes_per_shard):
+        ids = range(first, min(first + episodes_per_shard, len(store)))
+        episodes = {i: {k: v for k, v in store.episode(i).items() if k in keep} for i in ids}
+        paths.append(write_shard(out / f"shard_{ids[0]:06d}_{ids[-1]:06d}.h5", episodes, attrs))
+    return paths
+
+
+def convert_dataset(src, dst: str | Path, fmt: str = "swm", image_size: int | None = None, env: str | None = None,
+                    compression: str | None = "blosc") -> Path:
+    """Any dataset we read -> ``fmt`` ``swm`` (one .h5 file) or ``shards`` (a directory)."""
+    if fmt not in ("swm", "shards"):
+        raise ValueError(f"format must be 'swm' or 'shards', got {fmt!r}")
+    store = EpisodeStore(src, in_memory=False, image_size=image_size, env=env)
+    try:
+        if fmt == "swm":
+            return write_swm(store, dst, compression)
+        write_shards(store, dst)
+        return Path(dst)
+    finally:
+        store.close()
+
+
+@dataclass
+class ConvertConfig:
+    """wm convert: rewrite a dataset as one stable-worldmodel .h5 file or as a directory of our shards."""
+
+    data: str = option(DEFAULT_DATA, "source: a directory of shards or one .h5 file")
+    out: str = option(DEFAULT_DATA + ".h5", "destination: an .h5 file (swm) or a directory (shards)")
+    format: str = option("swm", "swm (one file, stable-worldmodel layout) or shards", choices=("swm", "shards"))
+    image_size: int | None = option(None, "area-resize frames to this size (default: keep)")
+    env: str | None = option(None, "the source's env when a stable-worldmodel file does not say")
+    compression: str = option("blosc", "swm pixels: blosc (as their recorder), gzip or none",
+                              choices=("blosc", "gzip", "none"))
+
+
+def convert(cfg: ConvertConfig) -> Path:
+    """Run ``wm convert``; returns the destination."""
+    compression = None if cfg.compression == "none" else cfg.compression
+    return convert_dataset(cfg.data, cfg.out, cfg.format, cfg.image_size, cfg.env, compression)

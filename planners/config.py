@@ -1,0 +1,118 @@
+"""A planner's settings, in one shape: what every planner has, and each planner's own, nested by name.
+
+``PlannerConfig`` is what a planner takes (``CEMPlanner(model, cfg)``). Settings are reached by the
+names the command line uses: ``samples``, ``iterations``, ``cem.elites``, ``mppi.temperature``. Adding
+a CEM option is one field in ``CEMConfig`` (with its check) and its use in ``CEMPlanner``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from common.config import nested, option
+from planners.costs import COSTS
+
+PLANNER_KINDS = ("cem", "mppi")
+STREAMS_PER_CALL = 4096  # noise streams a plan call may use (one per iteration): iterations must stay below
+
+
+@dataclass
+class CEMConfig:
+    """What only CEM has."""
+
+    elites: int | None = option(None, "best candidates the Gaussian is refit to (default: a tenth of the samples, "
+                                      "at least 2)")
+    init_std: float = option(1.0, "initial std of the Gaussian (actions lie in [-1, 1])")
+    min_std: float = option(0.05, "floor of the std, so the search never freezes")
+    momentum: float = option(0.1, "weight of the old mean and std in each refit (0: jump to the elites' fit)")
+    keep_elites: bool = option(True, "carry the top elites into the next iteration's candidates (else the "
+                                     "current mean is the first candidate, as in LeWM)")
+    keep_fraction: float = option(0.3, "share of the elites carried (at least 1); carrying all slows convergence")
+    plan_from: str = option("best", "the plan returned: the better of the best candidate seen and the final "
+                                    "mean (best), or the final mean (mean, as LeWM)", choices=("best", "mean"))
+
+    def __post_init__(self):
+        if self.plan_from not in ("best", "mean"):
+            raise ValueError(f"cem.plan_from must be best or mean, got {self.plan_from!r}")
+        if not (self.init_std > 0 and self.min_std >= 0 and 0 <= self.momentum < 1 and 0 < self.keep_fraction <= 1):
+            raise ValueError(f"need cem.init_std > 0, cem.min_std >= 0, 0 <= cem.momentum < 1 and "
+                             f"0 < cem.keep_fraction <= 1, got {self}")
+        if self.elites is not None and self.elites < 2:
+            raise ValueError(f"cem.elites must be >= 2, got {self.elites}")
+
+    def n_elites(self, samples: int) -> int:
+        """``elites``, or a tenth of the samples (at least 2): 30 of 300."""
+        return self.elites if self.elites is not None else max(2, round(samples / 10))
+
+    def n_kept(self, samples: int) -> int:
+        """How many elites are carried into the next iteration (fewer than ``samples``)."""
+        if not self.keep_elites:
+            return 0
+        return min(max(1, round(self.keep_fraction * self.n_elites(samples))), samples - 1)
+
+    def n_carry(self, samples: int) -> int:
+        """Candidates carried into each iteration: the kept elites, or the current mean alone. The first
+        iteration carries the initial (warm-start) mean in every slot, so every iteration has one shape."""
+        return max(1, self.n_kept(samples))
+
+    def check(self, p: "PlannerConfig") -> None:
+        """What CEM needs of the shared settings."""
+        if p.samples < self.n_carry(p.samples) + int(p.rest) + 1:
+            raise ValueError(f"samples ({p.samples}) must leave room for a fresh sample beside the carried ones")
+        if not 2 <= self.n_elites(p.samples) <= p.samples:
+            raise ValueError(f"need 2 <= cem.elites <= samples, got cem.elites={self.n_elites(p.samples)}, "
+                             f"samples={p.samples}")
+
+
+@dataclass
+class MPPIConfig:
+    """What only MPPI has; ``samples`` x ``iterations`` is the same rollout budget as CEM's."""
+
+    temperature: float = option(0.1, "softmax temperature on the costs; small: greedy, large: plain average")
+    normalize: bool = option(True, "measure cost gaps in units of the median gap: temperature unitless")
+    noise_std: float = option(0.5, "initial std of the perturbations (actions lie in [-1, 1])")
+    adapt_std: bool = option(True, "refit the std to the weighted spread (else keep noise-std)")
+    min_std: float = option(0.02, "floor of the adapted std")
+    momentum: float = option(0.0, "weight of the old mean and std in each update")
+
+    def __post_init__(self):
+        if not (self.temperature > 0 and self.noise_std > 0 and self.min_std >= 0 and 0 <= self.momentum < 1):
+            raise ValueError(f"need mppi.temperature > 0, mppi.noise_std > 0, mppi.min_std >= 0 and "
+                             f"0 <= mppi.momentum < 1, got {self}")
+
+    def check(self, p: "PlannerConfig") -> None:
+        """What MPPI needs of the shared settings."""
+        if p.samples < 2 + int(p.rest):
+            raise ValueError(f"MPPI needs samples >= {2 + int(p.rest)}, got {p.samples}")
+
+
+@dataclass
+class PlannerConfig:
+    """A planner: which one, the settings every planner has, and each planner's own."""
+
+    planner: str = option("cem", "the search: cem or mppi", choices=PLANNER_KINDS)
+    horizon: int = option(5, "planned action chunks H")
+    samples: int = option(100, "candidate sequences N scored per iteration and problem")
+    iterations: int = option(10, "refinement iterations, one batched rollout each")
+    cost: Any = option("sum", "distance of the predicted latents to the goal's, summed over the plan (sum) or at "
+                              "its last step only (final); in Python also a callable "
+                              "(z_pred (B,N,H,D), z_goal (B,D)) -> (B,N)", choices=tuple(COSTS))
+    rest: bool = option(True, "score the all-zero action sequence (letting the arm come to rest) among every "
+                              "iteration's candidates, so a plan that holds a reached goal is found exactly")
+    seed: int = option(0, "seed of the noise streams; same seed, same plan", cli=False)
+    compile: bool = option(False, "torch.compile one planning iteration (CUDA graphs on CUDA)")
+    cem: CEMConfig = nested(CEMConfig, "CEM only")
+    mppi: MPPIConfig = nested(MPPIConfig, "MPPI only")
+
+    def __post_init__(self):
+        if self.planner not in PLANNER_KINDS:
+            raise ValueError(f"planner must be one of {list(PLANNER_KINDS)}, got {self.planner!r}")
+        if min(self.horizon, self.samples, self.iterations) < 1:
+            raise ValueError(f"horizon, samples and iterations must be >= 1, got {self.horizon}, {self.samples}, "
+                             f"{self.iterations}")
+        if self.iterations >= STREAMS_PER_CALL:
+            raise ValueError(f"iterations must be < {STREAMS_PER_CALL}, got {self.iterations}")
+        if not (callable(self.cost) or self.cost in COSTS):
+            raise ValueError(f"cost must be one of {sorted(COSTS)} or a callable, got {self.cost!r}")
+        getattr(self, self.planner).check(self)  # the chosen planner's needs of the shared settings

@@ -1,0 +1,101 @@
+"""A graph over the latents of a model's training frames: the map the planner's subgoals follow.
+
+Its nodes are the latents of training frames, one per action chunk. Each node is linked to the frame
+one chunk later in its own episode (cost 1), and to latents of other episodes that are nearer than
+``radius`` times a typical one-chunk move (cost: their distance in chunks). Paths along it follow
+motion the arm really made (``planners.subgoals`` routes on it). It is a property of a trained model
+and its training data, so it lives with the model.
+
+Everything is batched tensor code (kNN by blocks), on the model's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from common.config import option
+from worldmodel.latents import encode_episodes, every
+
+MIN_LINK_COST = 0.05  # chunks: every link costs something, so next hops strictly shorten the way left
+
+
+@dataclass
+class GraphConfig:
+    """How the graph of training frames is built."""
+
+    neighbours: int = option(8, "latent neighbours linked across episodes, per node")
+    radius: float = option(0.5, "link two frames of different episodes when their latents are closer than this "
+                                "times a typical one-chunk move")
+    max_nodes: int = option(20000, "at most this many training frames in the graph (spread over episodes)")
+
+    def __post_init__(self):
+        if self.neighbours < 1 or self.radius <= 0 or self.max_nodes < 2:
+            raise ValueError(f"graph settings must be positive (max_nodes >= 2), got {self}")
+
+
+class LatentGraph:
+    """Nodes (N, D), directed edges src -> dst with costs in chunks (both directions of every link), and
+    ``step``, the typical latent distance of one chunk of motion."""
+
+    def __init__(self, nodes: Tensor, src: Tensor, dst: Tensor, cost: Tensor, step: float):
+        self.nodes, self.src, self.dst, self.cost, self.step = nodes, src, dst, cost, step
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, store, episode_ids, cfg: GraphConfig) -> "LatentGraph":
+        """The graph of ``model``'s latents of the frames of ``episode_ids`` (training episodes: never the
+        held-out ones an evaluation draws goals from), one frame per chunk."""
+        steps = sum(store.episodes[i].steps // model.frameskip + 1 for i in episode_ids)
+        keep = max(1, -(-steps // cfg.max_nodes))  # thin episodes if there are too many frames
+        encoded = encode_episodes(model, store, list(episode_ids)[::keep], every(model.frameskip))
+        return cls.from_trajectories(list(encoded["z"].split(encoded["counts"])), cfg)
+
+    @classmethod
+    def from_trajectories(cls, latents: list[Tensor], cfg: GraphConfig) -> "LatentGraph":
+        """The graph of trajectories of latents, each (T_i, D) one chunk apart."""
+        nodes = torch.cat(latents)  # (N, D)
+        starts = np.cumsum([0] + [len(z) for z in latents])
+        src = torch.cat([torch.arange(a, b - 1) for a, b in zip(starts[:-1], starts[1:])]).to(nodes.device)
+        step = float((nodes[src + 1] - nodes[src]).norm(dim=-1).median())  # a typical one-chunk move
+        episode = torch.repeat_interleave(torch.arange(len(latents)), torch.tensor([len(z) for z in latents]))
+        near_src, near_dst, near_d = _neighbours(nodes, episode.to(nodes.device), cfg.neighbours, cfg.radius * step)
+        links_src = torch.cat([src, near_src])
+        links_dst = torch.cat([src + 1, near_dst])
+        links_cost = torch.cat([torch.ones(len(src), device=nodes.device), (near_d / step).clamp_min(MIN_LINK_COST)])
+        both = (torch.cat([links_src, links_dst]), torch.cat([links_dst, links_src]), torch.cat([links_cost] * 2))
+        return cls(nodes, *both, step)
+
+    def nearest(self, z: Tensor) -> Tensor:
+        """Index (B,) of the node nearest each latent z (B, D)."""
+        return torch.cdist(z.float(), self.nodes).argmin(1)
+
+
+def _neighbours(nodes: Tensor, episode: Tensor, k: int, radius: float, block: int = 2048):
+    """Links (src, dst, distance) from each node to its k nearest nodes of OTHER episodes within ``radius``."""
+    srcs, dsts, ds = [], [], []
+    for start in range(0, len(nodes), block):
+        d = torch.cdist(nodes[start:start + block], nodes)  # (b, N)
+        own = episode[start:start + block, None] == episode[None, :]
+        d = torch.where(own, torch.full_like(d, float("inf")), d)
+        dist, idx = d.topk(min(k, len(nodes)), dim=1, largest=False)  # (b, k)
+        ok = dist < radius
+        rows = torch.arange(start, start + len(d), device=nodes.device)[:, None].expand_as(idx)
+        srcs.append(rows[ok])
+        dsts.append(idx[ok])
+        ds.append(dist[ok])
+    return torch.cat(srcs), torch.cat(dsts), torch.cat(ds)
+
+
+def graph_for_checkpoint(model, checkpoint, cfg: GraphConfig, data: str = "") -> LatentGraph:
+    """The graph of a trained model over its own training episodes, read from the dataset its
+    checkpoint records (or ``data``, whose episodes the model trained on are used)."""
+    from worldmodel.datasplit import open_data, training_episodes
+    from worldmodel.model import read_model_meta
+
+    meta = read_model_meta(checkpoint)
+    store, _ = open_data(model, meta, checkpoint, data, "subgoals need its training frames")
+    return LatentGraph.build(model, store, training_episodes(store, meta), cfg)
