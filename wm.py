@@ -47,7 +47,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cfg) -> None:
     for f in config_fields(cfg):
         if not f.cli:
             continue
-        help_text = f"{f.help} (default: {f.value})"  # the choices show once, in the metavar
+        # each default once (a help text that explains its default keeps its words); choices show in the metavar
+        help_text = f.help if "default" in f.help else f"{f.help} (default: {f.value})"
         if f.type is bool:
             parser.add_argument(f.flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
@@ -85,9 +86,10 @@ def _train_defaults(argv: list[str]) -> TrainConfig:
         saved = Path(_typed(argv, "--out") or DEFAULT_RUN) / "train_config.json"
         if saved.is_file():
             try:
-                return from_dict(TrainConfig, json.loads(saved.read_text()), str(saved))
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"{saved}: not the settings of a run of this version ({exc})") from None
+                settings = json.loads(saved.read_text())
+            except ValueError as exc:
+                raise ValueError(f"{saved}: not valid JSON ({exc})") from None
+            return from_dict(TrainConfig, settings, str(saved))  # settings it lacks: today's defaults
     return preset_config(_typed(argv, "--preset") or "demo")
 
 

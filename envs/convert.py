@@ -59,7 +59,8 @@ class ConvertConfig:
     out: str = option(DEFAULT_DATA + ".h5", "destination: an .h5 file (swm) or a directory (shards)")
     format: str = option("swm", "swm (one file, stable-worldmodel layout) or shards", choices=("swm", "shards"))
     image_size: int | None = option(None, "area-resize frames to this size (default: keep)")
-    env: str | None = option(None, "the source's env when a stable-worldmodel file does not say")
+    env: str | None = option(None, "the source's env when a stable-worldmodel file does not say (default: the "
+                                   "file's, else reacher-easy)")
     compression: str = option("blosc", "swm pixels: blosc (as their recorder), gzip or none",
                               choices=("blosc", "gzip", "none"))
 

@@ -34,7 +34,8 @@ class CEMPlanner(Planner):
                   best_c: Tensor) -> tuple[Tensor, ...]:
         own, m = self.cfg.cem, self.cfg.cem.momentum
         fixed = self.fixed_candidates(mean)  # (B, F, H, A)
-        fresh = self.sample(ctx, stream, mean, std, self.cfg.samples - carry.shape[1] - fixed.shape[1])  # (B, N-C-F, H, A)
+        n_fresh = self.cfg.samples - carry.shape[1] - fixed.shape[1]
+        fresh = self.sample(ctx, stream, mean, std, n_fresh)  # (B, N-C-F, H, A)
         cand = torch.cat([carry, fixed, fresh], dim=1)  # (B, N, H, A)
         cost = self.score(ctx, cand)  # (B, N)
         best_a, best_c = keep_best(best_a, best_c, cand, cost)

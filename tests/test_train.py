@@ -310,3 +310,46 @@ def test_two_cpu_processes_stay_in_sync(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / "model.json").read_text())
     assert meta["step"] == 4 and meta["metrics"]["ddp_max_param_diff"] == 0.0
+
+
+def _forget_setting(run: Path, name: str) -> None:
+    """Make ``run`` look written by code that did not have the setting ``name`` yet."""
+    for meta in (run / "model.json", run / "train_config.json"):
+        d = json.loads(meta.read_text())
+        (d.get("train_config", d)).pop(name)
+        meta.write_text(json.dumps(d))
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["config"].pop(name)
+    torch.save(ckpt, run / "checkpoint.pt")
+
+
+def test_runs_written_before_a_setting_existed_keep_working(data, tmp_path, monkeypatch):
+    """A setting added since a run was written takes today's default: the finished run is still the same
+    run (not "other settings"), an unfinished one resumes, and its history notes the new setting."""
+    from wm import main
+
+    train(tiny(data, tmp_path / "done"), progress=False)
+    _forget_setting(tmp_path / "done", "rollout_weight")
+    assert train(tiny(data, tmp_path / "done"), progress=False)["already_done"]
+
+    _poison_loss(monkeypatch, after=5)
+    with pytest.raises(TrainingDiverged):  # checkpoint of step 4 kept
+        train(tiny(data, tmp_path / "run"), progress=False)
+    monkeypatch.undo()
+    _forget_setting(tmp_path / "run", "rollout_weight")
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume"]) == 0
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["step"] == 8 and {"step": 4, "new_settings": {"rollout_weight": 1.0}} in meta["history"]
+
+
+def test_a_run_of_newer_code_is_a_clear_error(data, tmp_path, capsys):
+    """A saved setting this code does not know (written by a newer version): the error names the file and
+    the setting, not a traceback."""
+    from wm import main
+
+    train(tiny(data, tmp_path / "run"), progress=False)
+    saved = tmp_path / "run" / "train_config.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "future_setting": 1}))
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "train_config.json" in err and "future_setting" in err and "newer version" in err
