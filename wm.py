@@ -20,6 +20,7 @@ from envs.convert import ConvertConfig
 from envs.storage import DEFAULT_DATA
 from evaluation.demo import DemoConfig
 from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, parse_baselines
+from worldmodel.datasplit import HELD_OUT
 from worldmodel.train import DEFAULT_RUN, TrainConfig, preset_config
 
 
@@ -113,6 +114,8 @@ class BenchConfig:
     checkpoint: str = option(DEFAULT_CHECKPOINT, "plan-quality: the trained model whose closed-loop success is measured")
     data: str = option("", "plan-quality: evaluation dataset (default: the one the model was trained on)")
     episodes: int = option(50, "plan-quality: episodes per setting")
+    split: str = option("val", "plan-quality: the model's episodes it runs on (val: settings are chosen there)",
+                        choices=HELD_OUT)
     out: str = option("runs/bench", "directory for the Markdown report")
 
     def __post_init__(self):
@@ -124,13 +127,13 @@ class PipelineConfig:
     """``wm demo-pipeline`` (what `make demo` runs): collect, train, evaluate, film; resumes where it stopped."""
 
     out: str = option(DEFAULT_RUN, "run directory; the data goes to its data/ folder")
-    episodes: int = option(400, "episodes to collect")
+    episodes: int = option(450, "episodes to collect (the demo preset trains on 80%, chooses on 10%, reports on 10%)")
     workers: int = option(2, "collection worker processes")
     steps: int = option(2500, "training steps of the demo preset")
     eval_episodes: int = option(50, "evaluation episodes per seed")
     seeds: int = option(3, "evaluation seeds")
-    baselines: str = option("random", "evaluation baselines: random, simulator (the true-simulator ceiling "
-                                      "costs about 40 s more; `wm eval` runs both by default)")
+    baselines: str = option("random,exploration", "evaluation reference methods: random, exploration, simulator "
+                                                  "(CEM on the true state: about 40 s more; `wm eval` runs all three)")
 
     def __post_init__(self):
         check_at_least(self, 1, ("episodes", "workers", "steps", "eval_episodes", "seeds"))
@@ -143,6 +146,7 @@ class ProbeConfig:
 
     checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run")
     data: str = option("", "dataset (default: the one the model was trained on)")
+    split: str = option("test", "the model's episodes the probe is scored on: test or val", choices=HELD_OUT)
     device: str = option("auto", "auto, cpu or cuda")
     out: str = option("", "where probe.json and probe.md go (default: beside the checkpoint)")
 
@@ -162,7 +166,7 @@ def run_train(cfg: TrainConfig) -> int:
 def run_probe(cfg: ProbeConfig) -> int:
     from worldmodel.probe import probe_checkpoint
 
-    result = probe_checkpoint(cfg.checkpoint, cfg.data, cfg.device, cfg.out)
+    result = probe_checkpoint(cfg.checkpoint, cfg.data, cfg.device, cfg.out, cfg.split)
     print(result["markdown"])
     print(f"wrote {result['json']} and {result['md']}")
     return 0
@@ -204,7 +208,7 @@ def run_bench(cfg: BenchConfig) -> int:
     benches = {"collect": data_bench.run, "train": lambda: train_bench.run(cfg.device),
                "plan": lambda: plan_bench.run(cfg.device),
                "plan-quality": lambda: quality_bench.run(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
-                                                         data=cfg.data)}
+                                                         data=cfg.data, split=cfg.split)}
     chosen = {k: v for k, v in benches.items() if k != "plan-quality"} if cfg.what == "all" else {cfg.what: benches[cfg.what]}
     report = "\n\n".join(f"# wm bench {name}\n\n{_machine()}\n\n{fn()}" for name, fn in chosen.items())
     print(report)
@@ -283,7 +287,7 @@ COMMANDS = {
     "video": (VideoConfig, run_video, "write an mp4 of dataset episodes"),
     "train": (TrainConfig, run_train, "train the world model (presets: demo, full)"),
     "probe": (ProbeConfig, run_probe, "linear-probe R^2 of a trained encoder vs an untrained one"),
-    "eval": (EvalConfig, run_eval, "closed-loop success in MuJoCo against random and true-simulator baselines"),
+    "eval": (EvalConfig, run_eval, "closed-loop success in MuJoCo beside reference methods (random, exploration, simulator)"),
     "demo": (DemoConfig, run_demo, "planning videos (mp4 + gif) and a summary sheet"),
     "bench": (BenchConfig, run_bench, "measure collection, training and planning speed, and planning quality"),
     "demo-pipeline": (PipelineConfig, run_pipeline, "the embedded default that `make demo` runs"),

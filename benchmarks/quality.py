@@ -13,14 +13,16 @@ QUALITY_SETTINGS = ((300, 30), (300, 10), (300, 5), (100, 10), (100, 30), (1000,
 
 
 def run(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episodes: int = 50,
-                protocol: str = "reach25", seed: int = 0, data: str = "") -> str:
+                protocol: str = "reach25", seed: int = 0, data: str = "", split: str = "val") -> str:
     """Closed-loop success (latched and held) against planning time, for CEM settings (samples x
     iterations) on a trained model: the curve the planner's defaults are chosen from. Every setting
     runs the same episodes with the same per-episode noise keys. ``data`` as for ``wm eval``: the
-    dataset the model was trained on unless given."""
-    setup = load_setup(checkpoint, data, episodes, device)
+    dataset the model was trained on unless given; ``split`` the model's episodes they come from (val: the
+    curve chooses settings, so it never runs on the test episodes results are reported on)."""
+    setup = load_setup(checkpoint, data, episodes, device, split)
     search = PolicyConfig().plan
-    lines = [f"Model `{checkpoint}`; {episodes} `{protocol}` episodes (seed {seed}), every setting on the same "
+    lines = [f"Model `{checkpoint}`; {episodes} `{protocol}` episodes (seed {seed}) of {setup.split_note}, every "
+             f"setting on the same "
              f"episodes; CEM, horizon {search.horizon}, {search.cost} cost, the default policy otherwise (rest "
              f"candidate, subgoals); device {setup.model.device}, torch threads {torch.get_num_threads()}.", ""]
     rows = []

@@ -23,7 +23,7 @@ from envs import swm
 from envs.storage import (CONSISTENT_ATTRS, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _digest, _files, _plain,
                           inspect_shard, open_h5, recording)
 
-SPLITS = ("train", "val", "all")
+SPLITS = ("train", "val", "test", "all")
 
 
 def inspect_dataset(paths, env: str | None = None) -> list[ShardInfo]:
@@ -110,9 +110,13 @@ class EpisodeStore:
         self.episodes: list[EpisodeRef] = [e for e, _ in pairs]
         self._states = [a for _, a in pairs]  # action (T, 2) float32, states (T+1, 2) float64
         self.missing_states = tuple(sorted({k for s in shards for k in s.missing}))
-        self.uids: dict[str, int] = {}  # the same episode given twice (a copied shard) keeps its first index
+        self.uids: dict[str, int] = {}
         for i, e in enumerate(self.episodes):
-            self.uids.setdefault(e.uid, i)
+            first = self.uids.setdefault(e.uid, i)
+            if first != i:  # a copied shard: the split would put one episode on both sides
+                other = self.episodes[first]
+                raise DatasetError(f"the same episode twice: {other.shard} {other.key} and {e.shard} {e.key} (uid "
+                                   f"{e.uid}); remove the copy, so that no episode is both trained on and held out")
         self._fingerprint: str | None = None
         frames = sum(e.steps + 1 for e in self.episodes)
         if in_memory is None:
@@ -212,15 +216,21 @@ class EpisodeStore:
             return self._cache[i]["pixels"][index]
         return self._read_frames(i, np.asarray(index, dtype=np.int64))
 
-    def split(self, split: str, val_fraction: float = 0.1, seed: int = 0) -> list[int]:
-        """Episode indices of a split by episode, deterministic from ``seed``."""
+    def split(self, split: str, val_fraction: float = 0.1, seed: int = 0, test_fraction: float = 0.0) -> list[int]:
+        """Episode indices of a split by episode, deterministic from ``seed``: ``test`` (reported on, never
+        chosen on), ``val`` (chosen on), ``train`` (the rest) or ``all``. Each of val and test holds its
+        fraction (at least one episode when the fraction is positive and the other splits keep one)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        order = np.random.default_rng(seed).permutation(len(self))
-        n_val = int(round(val_fraction * len(self)))
-        if split != "all" and len(self) >= 2:
-            n_val = min(max(n_val, 1), len(self) - 1)  # both splits non-empty when there are 2+ episodes
-        chosen = {"train": order[n_val:], "val": order[:n_val], "all": order}[split]
+        n = len(self)
+        order = np.random.default_rng(seed).permutation(n)
+        n_test = int(round(test_fraction * n))
+        n_val = int(round(val_fraction * n))
+        if n >= 2 + (test_fraction > 0):  # every split non-empty when there are episodes enough
+            n_test = min(max(n_test, 1), n - 2) if test_fraction > 0 else 0
+            n_val = min(max(n_val, 1), n - n_test - 1)
+        chosen = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:],
+                  "all": order}[split]
         return sorted(int(i) for i in chosen)
 
     def close(self) -> None:
@@ -258,11 +268,11 @@ class WindowDataset(Dataset):
     """Windows ``{pixels (L,H,W,3) uint8, actions (L-1, frameskip*2), qpos/qvel/finger/target (L, 2)}``."""
 
     def __init__(self, store: EpisodeStore, spec: WindowSpec, split: str = "train", val_fraction: float = 0.1,
-                 seed: int = 0):
+                 seed: int = 0, test_fraction: float = 0.0):
         if spec.history < 1 or spec.n_pred < 1 or spec.frameskip < 1:
             raise ValueError(f"history, n_pred and frameskip must be positive, got {spec}")
         self.store, self.spec = store, spec
-        self.episode_ids = store.split(split, val_fraction, seed)
+        self.episode_ids = store.split(split, val_fraction, seed, test_fraction)
         starts = []
         for i in self.episode_ids:
             steps = store.episodes[i].steps

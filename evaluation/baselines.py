@@ -1,5 +1,7 @@
-"""The methods an evaluation compares the world model with, on the same episodes: random actions, and
-CEM on the true simulator state (a strong reference controller)."""
+"""The methods an evaluation compares the world model with, on the same episodes: random actions, the
+data's own exploration policy (the floor a world model must beat: it moves the arm as the data did), and
+CEM on the true simulator state with a hand-made joint cost (a strong reference controller, not an upper
+bound on what a world model can do)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import dataclasses
 import numpy as np
 
 from common.config import apply_overrides
+from envs.policies import POLICIES, make_policy
 from evaluation.simulator import JOINT_COSTS, SimulatorModel
 from planners.cem import CEMPlanner
 from planners.config import CEMConfig
@@ -21,10 +24,20 @@ def random_controller(n: int, seed: int):
     return lambda: rng.uniform(-1, 1, (n, 2)).astype(np.float32)
 
 
+def exploration_controller(indices, seed: int, policy: str):
+    """The dataset's own exploration policy (``envs.policies``; ``mixed`` draws its kind per episode) from
+    the same starts, with fresh noise per episode: episode j of the batch draws from (seed, 11, index j)."""
+    if policy not in POLICIES:
+        raise ValueError(f"the exploration baseline replays the dataset's policy, and {policy!r} is not one of ours "
+                         f"{list(POLICIES)}; leave it out of --baselines")
+    acts = [make_policy(policy, np.random.default_rng([seed, 11, int(j)]))[0] for j in indices]
+    return lambda: np.stack([act() for act in acts]).astype(np.float32)
+
+
 def simulator_controller(batch, pcfg: PolicyConfig, frameskip: int, eps: dict, seed: int,
                          samples: int | None = None, iterations: int | None = None):
-    """CEM on the true MuJoCo dynamics (it sees the true state, velocity included): the reference
-    controller. It plans with the world model's planner settings (all of CEM's; with MPPI, the shared
+    """CEM on the true MuJoCo dynamics (it sees the true state, velocity included) with a hand-made joint
+    cost: the reference controller. It plans with the world model's planner settings (all of CEM's; with MPPI, the shared
     ones and CEM's defaults) and cost, on the joint angles instead of latents; ``samples``/``iterations``
     set its budget apart (its elites then a tenth of the samples). Returns (act, policy)."""
     plan = pcfg.plan if pcfg.plan.planner == "cem" else dataclasses.replace(pcfg.plan, planner="cem", cem=CEMConfig())

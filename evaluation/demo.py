@@ -17,6 +17,7 @@ from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.video import upscale, write_video
 from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, load_setup, world_model_controller
+from worldmodel.datasplit import HELD_OUT
 from evaluation.protocols import PROTOCOLS, sample_episodes
 from planners.policy import PolicyConfig
 from worldmodel.latents import encode_episodes
@@ -27,8 +28,9 @@ class DemoConfig:
     """``wm demo``: mp4 and gif planning videos, and a summary sheet of first, last and goal frames."""
 
     checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run")
-    data: str = option("", "dataset: held-out episodes give starts and goals, its frames the retrieval bank "
-                           "(default: the one the model was trained on)")
+    data: str = option("", "dataset: its --split episodes give starts and goals, its training frames the retrieval "
+                           "bank (default: the one the model was trained on)")
+    split: str = option("test", "the model's episodes that give starts and goals: test or val", choices=HELD_OUT)
     episodes: int = option(4, "episodes (one video each)")
     protocol: str = option("reach25", "which goals", choices=tuple(PROTOCOLS))
     policy: PolicyConfig = nested(PolicyConfig, "the MPC policy", flat=True)
@@ -48,11 +50,11 @@ class DemoConfig:
         return Path(self.out) if self.out else Path(self.checkpoint).parent / "videos"
 
 
-def frame_bank(model, store: EpisodeStore, most: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Latents (N, D) and frames (N, H, W, 3) of up to ``most`` dataset frames, spread over episodes."""
-    per = max(1, most // max(1, len(store)))
+def frame_bank(model, store: EpisodeStore, episode_ids: list[int], most: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Latents (N, D) and frames (N, H, W, 3) of up to ``most`` frames of ``episode_ids``, spread over them."""
+    per = max(1, most // max(1, len(episode_ids)))
     spread = lambda steps: np.unique(np.linspace(0, steps, min(per, steps + 1)).astype(int))  # noqa: E731
-    encoded = encode_episodes(model, store, range(len(store)), spread, batch_size=1024, keep_frames=True)
+    encoded = encode_episodes(model, store, episode_ids, spread, batch_size=1024, keep_frames=True)
     return encoded["z"][:most], encoded["frames"][:most]
 
 
@@ -76,13 +78,17 @@ def compose(obs, goal, expected, step: int, error: float, within: bool, reached:
 
 def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     protocol = PROTOCOLS[cfg.protocol]
-    setup = load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device)
+    setup = load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
     model, store, batch = setup.model, setup.store, setup.batch
+    # what the model expects is shown as a frame it was trained on, never one of the filmed episodes
+    filmed = set(setup.episodes)
+    bank_ids = setup.train or [i for i in range(len(store)) if i not in filmed]
     try:
         if progress:
-            print(f"retrieval bank: encoding up to {cfg.bank_frames} dataset frames", flush=True)
-        bank_z, bank_frames = frame_bank(model, store, cfg.bank_frames)
-        eps = sample_episodes(store, setup.held_out, protocol, cfg.episodes, cfg.seed, batch.physics.wrist_range,
+            print(f"retrieval bank: encoding up to {cfg.bank_frames} frames of {len(bank_ids)} training episodes",
+                  flush=True)
+        bank_z, bank_frames = frame_bank(model, store, bank_ids, cfg.bank_frames)
+        eps = sample_episodes(store, setup.episodes, protocol, cfg.episodes, cfg.seed, batch.physics.wrist_range,
                               cfg.tolerance)
         goals = batch.render_goals(eps["goal_qpos"])
         eval_cfg = EvalConfig(checkpoint=cfg.checkpoint, policy=cfg.policy, episodes=cfg.episodes)

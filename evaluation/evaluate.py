@@ -23,37 +23,44 @@ from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.storage import recording
 from envs.vector import ReacherBatch
-from evaluation.baselines import random_controller, simulator_controller
+from evaluation.baselines import exploration_controller, random_controller, simulator_controller
 from evaluation.protocols import Protocol, episode_records, history_before, parse_protocols, sample_episodes
 from evaluation.report import log_to_tensorboard, plot_results, results_markdown, summarize
+from evaluation.stats import METHOD
 from planners.noise import problem_keys
 from planners.policy import MPCPolicy, PolicyConfig
-from worldmodel.datasplit import held_out, load_with_data, not_held_out, recorded_data
+from worldmodel.datasplit import HELD_OUT, load_with_data, recorded_data, split_episodes, training_episodes
 from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint
 
-METHODS = ("world_model", "random", "simulator")
+METHODS = ("world_model", "random", "exploration", "simulator")
 DEFAULT_CHECKPOINT = "runs/demo/model.pt"
 
 
 @dataclass
 class EvalConfig:
-    """``wm eval``: success of MPC with the world model against random actions and the true simulator."""
+    """wm eval: closed-loop success of MPC with the world model, beside reference methods on the same episodes."""
 
-    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run")
-    data: str = option("", "dataset whose held-out episodes give starts and goals (default: the one the model was "
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run, or a comma list of several (e.g. "
+                                                 "training seeds: pooled, with the spread between them)")
+    data: str = option("", "dataset whose --split episodes give starts and goals (default: the one the model was "
                            "trained on)")
     protocol: str = option("reach25", "comma list of reach25, reach50, uniform, lewm (the published protocol)")
+    split: str = option("test", "the model's episodes that give starts and goals: test (to report) or val (to "
+                                "choose settings on)", choices=HELD_OUT)
     episodes: int = option(50, "episodes per seed")
     seeds: int = option(3, "seeds: each draws its own episodes; every episode plans with its own noise")
     policy: PolicyConfig = nested(PolicyConfig, "the MPC policy", flat=True)
     history: str = option("true", "start the world model with the frames and actions before the start (true) "
                                   "or as if the arm had been at rest (padded)", choices=("true", "padded"))
-    baselines: str = option("random,simulator", "comma list of random, simulator (or empty)")
+    baselines: str = option("random,exploration,simulator", "comma list of reference methods (or empty): random "
+                                                            "(i.i.d. uniform actions), exploration (the data's own "
+                                                            "policy), simulator (CEM on the true state with a "
+                                                            "hand-made joint cost)")
     sim_samples: int | None = option(None, "simulator-CEM candidates per iteration (default: --samples)")
     sim_iterations: int | None = option(None, "simulator-CEM iterations per replan (default: --iterations)")
     tolerance: float = option(GOAL_TOLERANCE, "success: every joint within this many rad of the goal")
     device: str = option("auto", "auto, cpu or cuda")
-    out: str = option("", "output directory (default: eval/ beside the checkpoint)")
+    out: str = option("", "output directory (default: eval/ beside the checkpoint; needed for several)")
     overwrite: bool = option(False, "replace results already in --out")
 
     def __post_init__(self):
@@ -62,10 +69,18 @@ class EvalConfig:
                              f"{self.seeds}, {self.tolerance}")
         parse_protocols(self.protocol)
         parse_baselines(self.baselines)
+        if len(self.checkpoints) > 1 and not self.out:
+            raise ValueError("several --checkpoint: give --out for their pooled results")
+        if not self.checkpoints:
+            raise ValueError("--checkpoint: give at least one model.pt")
+
+    @property
+    def checkpoints(self) -> list[str]:
+        return [c.strip() for c in self.checkpoint.split(",") if c.strip()]
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else Path(self.checkpoint).parent / "eval"
+        return Path(self.out) if self.out else Path(self.checkpoints[0]).parent / "eval"
 
 
 def parse_baselines(names: str) -> list[str]:
@@ -79,23 +94,26 @@ def parse_baselines(names: str) -> list[str]:
 # --- setup ---------------------------------------------------------------------------------------------
 @dataclass
 class Setup:
+    """What an evaluation runs on: the model, its dataset, the episodes starts and goals come from (one
+    split), the environments, and the model's training episodes in this dataset (the subgoal graph's)."""
+
     model: object
     meta: dict
     store: EpisodeStore
-    held_out: list[int]
+    episodes: list[int]
     split_note: str
     batch: ReacherBatch
     checkpoint: str = ""
+    train: list[int] = field(default_factory=list)
     _graphs: dict = field(default_factory=dict)
 
     def graph(self, cfg: GraphConfig) -> LatentGraph:
         """The subgoal graph over the model's training episodes (built once per setting): those of this
-        dataset that are not held out, or, when it holds none, those of the dataset training recorded."""
+        dataset, or, when it holds none, those of the dataset training recorded."""
         key = (cfg.neighbours, cfg.radius, cfg.max_nodes)
         if key not in self._graphs:
-            train = not_held_out(self.store, self.held_out)
-            if train or not self.checkpoint:
-                graph = LatentGraph.build(self.model, self.store, train, cfg)
+            if self.train or not self.checkpoint:
+                graph = LatentGraph.build(self.model, self.store, self.train, cfg)
             else:
                 try:
                     graph = graph_for_checkpoint(self.model, self.checkpoint, cfg)
@@ -107,15 +125,19 @@ class Setup:
         return self._graphs[key]
 
 
-def load_setup(checkpoint: str, data: str, episodes: int, device: str = "auto") -> Setup:
-    """The model, its dataset (the one it was trained on unless ``data``), the episodes it never trained on,
-    and a batch of ``episodes`` environments like the dataset's."""
+def load_setup(checkpoint: str, data: str, episodes: int, device: str = "auto", split: str = "test") -> Setup:
+    """The model, its dataset (the one it was trained on unless ``data``), the episodes of ``split`` (test
+    to report, val to choose), and a batch of ``episodes`` environments like the dataset's."""
     model, meta, store, data = load_with_data(checkpoint, data, device)
     store.require_states(("qpos", "qvel"), "evaluation episodes")
-    ids, note = held_out(store, meta)
+    ids, note = split_episodes(store, meta, split)
     if not ids:
-        raise ValueError(f"{data}: no episode the model did not train on ({note})")
-    return Setup(model, meta, store, ids, note, batch_like(store, episodes), str(checkpoint))
+        raise ValueError(f"{data}: no {split} episode for this model ({note})")
+    try:
+        train = training_episodes(store, meta)
+    except ValueError:
+        train = []  # none here: the graph comes from the recorded dataset, if asked for
+    return Setup(model, meta, store, ids, note, batch_like(store, episodes), str(checkpoint), train)
 
 
 def batch_like(store: EpisodeStore, n: int) -> ReacherBatch:
@@ -179,30 +201,41 @@ def check_output(cfg: EvalConfig) -> Path:
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
+    """``wm eval``: every method on the same episodes of every protocol and seed, for each checkpoint (its
+    own split); results pooled over checkpoints with the spread between them."""
     protocols = parse_protocols(cfg.protocol)
     methods = ["world_model", *parse_baselines(cfg.baselines)]
     out = check_output(cfg)
-    setup = load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device)
-    if progress:
-        print(f"evaluating {cfg.checkpoint} on {len(setup.held_out)} episodes of "
-              f"{cfg.data or recorded_data(setup.meta)}: {setup.split_note}")
-    total = sum(p.budget for p in protocols) * cfg.seeds * len(methods)
+    total = sum(p.budget for p in protocols) * cfg.seeds * len(methods) * len(cfg.checkpoints)
     bar = tqdm(total=total, desc="eval", unit="step", disable=not progress)
-    records, curves = [], {}
+    records, curves, notes, steps = [], {}, [], []
     try:
-        for protocol in protocols:
-            for seed in range(cfg.seeds):
-                records += run_protocol_seed(setup, cfg, protocol, seed, methods, curves, bar)
+        for run, checkpoint in enumerate(cfg.checkpoints):
+            setup = load_setup(checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
+            notes.append(setup.split_note)
+            steps.append(setup.meta.get("step"))
+            if progress:
+                tqdm.write(f"evaluating {checkpoint} on {len(setup.episodes)} episodes of "
+                           f"{cfg.data or recorded_data(setup.meta)}: {setup.split_note}")
+            try:
+                for protocol in protocols:
+                    for seed in range(cfg.seeds):
+                        rows = run_protocol_seed(setup, cfg, protocol, seed, methods, curves, bar)
+                        records += [{**r, "run": run, "checkpoint": checkpoint} for r in rows]
+            finally:
+                setup.batch.close()
     finally:
         bar.close()
-        setup.batch.close()
     summary = summarize(records, methods, protocols)
-    report = {"config": asdict(cfg), "checkpoint_step": setup.meta.get("step"), "split": setup.split_note,
-              "summary": summary, "episodes": records}
+    split_note = notes[0] if len(notes) == 1 else f"each model's own {cfg.split} episodes"
+    report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps, "split": notes,
+              "interval": METHOD, "summary": summary, "episodes": records}
     atomic_write_json(out / "results.json", report)
-    (out / "results.md").write_text(results_markdown(summary, cfg, setup.split_note))
-    plot_results(summary, curves, cfg.tolerance, out / "results.png")
-    log_to_tensorboard(out / "tb", summary, setup.meta.get("step") or 0)
+    (out / "results.md").write_text(results_markdown(summary, cfg, split_note, cfg.checkpoints))
+    title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"
+             f"{' and model' if len(cfg.checkpoints) > 1 else ''}, {cfg.split} split")
+    plot_results(summary, curves, cfg.tolerance, out / "results.png", title)
+    log_to_tensorboard(out / "tb", summary, steps[0] or 0)
     return report
 
 
@@ -210,7 +243,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
                       bar=None) -> list[dict]:
     """Every method on the episodes of one (protocol, seed); one record per episode and method."""
     batch, n = setup.batch, cfg.episodes
-    eps = sample_episodes(setup.store, setup.held_out, protocol, n, seed, batch.physics.wrist_range, cfg.tolerance)
+    eps = sample_episodes(setup.store, setup.episodes, protocol, n, seed, batch.physics.wrist_range, cfg.tolerance)
     goal_images = batch.render_goals(eps["goal_qpos"])
     records = []
     for method in methods:
@@ -222,6 +255,8 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
             act, policy, real = world_model_controller(setup, cfg, protocol, eps, goal_images, seed)
         elif method == "random":
             act = random_controller(n, seed)
+        elif method == "exploration":
+            act = exploration_controller(eps["index"], seed, str(setup.store.attrs.get("policy", "random")))
         else:
             pcfg = apply_overrides(cfg.policy, protocol.policy)
             act, policy = simulator_controller(batch, pcfg, setup.model.frameskip, eps, seed, cfg.sim_samples,
@@ -252,15 +287,16 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
     return records
 
 
-def closed_loop_check(model, store: EpisodeStore, held_out_ids: list[int], episodes: int, protocol: str = "reach25",
-                      iterations: int = 10) -> dict:
-    """A small closed-loop evaluation during training (world model only, one seed, CEM with ``iterations``):
-    {"<protocol>_latched": rate, "<protocol>_held": rate}, logged to TensorBoard by ``wm train``. The model
-    is left in eval mode (the caller puts it back in training)."""
+def closed_loop_check(model, store: EpisodeStore, train_ids: list[int], val_ids: list[int], episodes: int,
+                      protocol: str = "reach25", iterations: int = 10) -> dict:
+    """A small closed-loop evaluation during training on validation episodes (world model only, one seed,
+    CEM with ``iterations``, subgoals over the training episodes): {"<protocol>_latched": rate,
+    "<protocol>_held": rate}, logged to TensorBoard by ``wm train``. The model is left in eval mode (the
+    caller puts it back in training)."""
     model.eval()
     batch = batch_like(store, episodes)
     try:
-        setup = Setup(model, {}, store, held_out_ids, "", batch)
+        setup = Setup(model, {}, store, val_ids, "", batch, train=train_ids)
         policy = apply_overrides(PolicyConfig(), {"iterations": iterations})
         latched, held, _ = world_model_rates(setup, policy, protocol, episodes)
     finally:

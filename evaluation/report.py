@@ -1,6 +1,7 @@
-"""What an evaluation reports: per protocol and method, latched and held-at-end success with intervals
-that respect how episodes were drawn, steps to success, final-error quantiles, planning time; as JSON,
-Markdown, a plot and TensorBoard scalars."""
+"""What an evaluation reports: per protocol and method, latched and held-at-end success with one interval
+method (``evaluation.stats``), steps to success, final-error quantiles, planning time, and, when several
+trained models are evaluated together, the spread between them; as JSON, Markdown, a plot and
+TensorBoard scalars."""
 
 from __future__ import annotations
 
@@ -8,36 +9,48 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.stats import cluster_bootstrap_interval
+from evaluation.stats import METHOD, cluster_warning, success_interval
 
 QUANTILES = (10, 25, 50, 75, 90)
+# What each method is, in every report.
+LABELS = {"world_model": "world model (MPC)", "random": "random actions (i.i.d. uniform)",
+          "exploration": "exploration policy (the data's own)",
+          "simulator": "CEM on the true state, hand-made joint cost (reference)"}
+COLOURS = {"world_model": "tab:blue", "random": "tab:gray", "exploration": "tab:olive", "simulator": "tab:green"}
 
 
 def summarize(records: list[dict], methods, protocols) -> dict:
+    """Per protocol and method: rates pooled over every episode (of every run), intervals over source
+    episodes (of each run), per-seed and per-run rates, the spread between runs."""
     summary = {}
     for protocol in protocols:
         for method in methods:
             rows = [r for r in records if r["protocol"] == protocol.name and r["method"] == method]
             if not rows:
                 continue
-            clusters = [r["source_episode"] for r in rows]
+            clusters = [f"{r.get('run', 0)}/{r['source_episode']}" for r in rows]
             latched = np.array([r["success"] for r in rows])
             held = np.array([r["held"] for r in rows])
-            seeds = sorted({r["seed"] for r in rows})
             final = np.array([r["final_error"] for r in rows])
             steps = [r["steps_to_success"] for r in rows if r["success"]]
+            per = lambda key, field: [float(np.mean([r[field] for r in rows if r[key] == k]))  # noqa: E731
+                                      for k in sorted({r[key] for r in rows})]
             s = {
-                "protocol": protocol.name, "method": method, "episodes": len(rows),
-                "source_episodes": len(set(clusters)),
-                "success_rate": float(latched.mean()), "ci95": cluster_bootstrap_interval(latched, clusters),
-                "held_rate": float(held.mean()), "held_ci95": cluster_bootstrap_interval(held, clusters),
-                "per_seed": [float(np.mean([r["success"] for r in rows if r["seed"] == k])) for k in seeds],
-                "held_per_seed": [float(np.mean([r["held"] for r in rows if r["seed"] == k])) for k in seeds],
+                "protocol": protocol.name, "method": method, "label": LABELS[method], "episodes": len(rows),
+                "source_episodes": len(set(clusters)), "interval": METHOD, "warning": cluster_warning(clusters),
+                "success_rate": float(latched.mean()), "ci95": success_interval(latched, clusters),
+                "held_rate": float(held.mean()), "held_ci95": success_interval(held, clusters),
+                "per_seed": per("seed", "success"), "held_per_seed": per("seed", "held"),
                 "final_error_quantiles": {q: float(np.quantile(final, q / 100)) for q in QUANTILES},
                 "median_steps_to_success": float(np.median(steps)) if steps else None,
                 "plan_time_per_call_s": float(np.mean([r["plan_time_per_call_s"] for r in rows])),
                 "plan_time_per_episode_s": float(np.mean([r["plan_time_per_episode_s"] for r in rows])),
             }
+            runs = sorted({r.get("run", 0) for r in rows})
+            if len(runs) > 1:  # several trained models: the spread a user sees between training runs
+                s["per_run"], s["held_per_run"] = per("run", "success"), per("run", "held")
+                s["between_runs_sd"] = float(np.std(s["per_run"], ddof=1))
+                s["held_between_runs_sd"] = float(np.std(s["held_per_run"], ddof=1))
             if method == "world_model":  # episodes that began too early for the history the model wants
                 short = [r for r in rows if 0 <= r["history_frames"] < r["history_wanted"]]
                 s["padded_history"] = len(short) if any(r["history_frames"] >= 0 for r in rows) else None
@@ -49,29 +62,43 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def results_markdown(summary: dict, cfg, split_note: str) -> str:
+def _rates(s: dict, key: str, ci: str, runs: str, sd: str) -> str:
+    text = f"{_pct(s[key])} | {_pct(s[ci][0])}-{_pct(s[ci][1])}"
+    if runs in s:
+        text += f" | {', '.join(f'{100 * r:.1f}' for r in s[runs])} (sd {100 * s[sd]:.1f})"
+    return text
+
+
+def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str] | None = None) -> str:
     p = cfg.policy
-    lines = [f"# Evaluation of `{cfg.checkpoint}`", "",
-             f"{cfg.episodes} episodes x {cfg.seeds} seeds per protocol on {split_note}. Planner {p.plan.planner} "
-             f"{p.plan.samples} samples x {p.plan.iterations} iterations, horizon {p.plan.horizon}, cost "
-             f"{p.plan.cost}, replanning every {p.receding_horizon} chunk(s) (the lewm protocol fixes its own); "
-             f"world-model start: {cfg.history} history. Success: every joint within {cfg.tolerance} rad of the "
-             f"goal, latched = at some step >= 1, held = at the last step of the budget. Intervals: 95%, "
-             f"bootstrap over source episodes.", "",
-             "| protocol | method | latched success | 95% CI | held at end | 95% CI | per seed (latched / held) "
-             "| final joint error p25 / p50 / p75 (rad) | median steps to success "
-             f"| planning per call ({cfg.episodes} episodes at once) | per episode |",
-             "|---" * 11 + "|"]
+    checkpoints = checkpoints or [cfg.checkpoint]
+    pooled = len(checkpoints) > 1
+    models = ", ".join(f"`{c}`" for c in checkpoints)
+    lines = [f"# Evaluation of {models}", "",
+             f"{cfg.episodes} episodes x {cfg.seeds} seeds per protocol{' and model' if pooled else ''} on "
+             f"{split_note}. Planner {p.plan.planner} {p.plan.samples} samples x {p.plan.iterations} iterations, "
+             f"horizon {p.plan.horizon}, cost {p.plan.cost}, replanning every {p.receding_horizon} chunk(s) (the "
+             f"lewm protocol fixes its own); world-model start: {cfg.history} history. Success: every joint within "
+             f"{cfg.tolerance} rad of the goal, latched = at some step >= 1, held = at the last step of the budget. "
+             f"Intervals: {METHOD}." + (" Rates pool every model's episodes; per model: each trained model's rate "
+                                        "and the standard deviation between them." if pooled else ""), ""]
+    per_model = " | per model (sd)" if pooled else ""
+    header = (f"| protocol | method | latched | 95% CI{per_model} | held at end | 95% CI{per_model} | per seed (latched "
+              f"/ held) | final joint error p25 / p50 / p75 / p90 (rad) | median steps to success | planning per call "
+              f"({cfg.episodes} episodes at once) | per episode |")
+    lines += [header, "|---" * header.count(" | ") + "|---|"]
     for s in summary.values():
         q = s["final_error_quantiles"]
         steps = "-" if s["median_steps_to_success"] is None else f"{s['median_steps_to_success']:.0f}"
         plan = (f"{1000 * s['plan_time_per_call_s']:.0f} ms | {1000 * s['plan_time_per_episode_s']:.1f} ms"
                 if s["plan_time_per_call_s"] else "- | -")
         seeds = ", ".join(f"{100 * a:.0f}/{100 * b:.0f}" for a, b in zip(s["per_seed"], s["held_per_seed"]))
-        lines.append(f"| {s['protocol']} | {s['method']} | {_pct(s['success_rate'])} | "
-                     f"{_pct(s['ci95'][0])}-{_pct(s['ci95'][1])} | {_pct(s['held_rate'])} | "
-                     f"{_pct(s['held_ci95'][0])}-{_pct(s['held_ci95'][1])} | {seeds} | "
-                     f"{q[25]:.3f} / {q[50]:.3f} / {q[75]:.3f} | {steps} | {plan} |")
+        lines.append(f"| {s['protocol']} | {s['label']} | {_rates(s, 'success_rate', 'ci95', 'per_run', 'between_runs_sd')}"
+                     f" | {_rates(s, 'held_rate', 'held_ci95', 'held_per_run', 'held_between_runs_sd')} | {seeds} | "
+                     f"{q[25]:.3f} / {q[50]:.3f} / {q[75]:.3f} / {q[90]:.3f} | {steps} | {plan} |")
+    warnings = [f"{s['protocol']}, {s['label']}: {s['warning']}" for s in summary.values() if s.get("warning")]
+    if warnings:
+        lines += ["", "**Warning**: " + "; ".join(warnings) + "."]
     padded = [f"{s['protocol']}: {s['padded_history']} of {s['episodes']}" for s in summary.values()
               if s.get("padded_history")]
     if padded:
@@ -80,32 +107,53 @@ def results_markdown(summary: dict, cfg, split_note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_results(summary: dict, curves: dict, tolerance: float, path: Path) -> None:
+def plot_results(summary: dict, curves: dict, tolerance: float, path: Path, title: str = "") -> None:
+    """Bars of latched (solid) and held-at-end (hatched) success per protocol and method, one colour per
+    method in both panels, every bar labelled with its value (a 0% bar shows as its label and outline);
+    median joint error over the episode on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.2))
     rows = list(summary.values())
-    x = np.arange(len(rows))
-    for offset, key, ci, label, colour in ((-0.2, "success_rate", "ci95", "latched", "tab:blue"),
-                                           (0.2, "held_rate", "held_ci95", "held at end", "tab:orange")):
-        rate = np.array([100 * s[key] for s in rows])
-        err = np.array([[100 * (s[key] - s[ci][0]), 100 * (s[ci][1] - s[key])] for s in rows]).T
-        ax1.bar(x + offset, rate, width=0.4, yerr=err, capsize=3, color=colour, label=label)
-    ax1.set_xticks(x, [f"{s['protocol']}\n{s['method']}" for s in rows], fontsize=8)
-    ax1.set_ylabel("success (%) with 95% CI")
-    ax1.set_ylim(0, 100)
-    ax1.legend(fontsize=8)
+    protocols = list(dict.fromkeys(s["protocol"] for s in rows))
+    methods = list(dict.fromkeys(s["method"] for s in rows))
+    width = 0.8 / (2 * len(methods))
+    for m, method in enumerate(methods):
+        for k, (key, ci, hatch) in enumerate((("success_rate", "ci95", None), ("held_rate", "held_ci95", "//"))):
+            xs, rates, errs = [], [], []
+            for p, protocol in enumerate(protocols):
+                s = summary.get(f"{protocol}/{method}")
+                if s is None:
+                    continue
+                xs.append(p - 0.4 + width * (2 * m + k + 0.5))
+                rates.append(100 * s[key])
+                errs.append([100 * (s[key] - s[ci][0]), 100 * (s[ci][1] - s[key])])
+            ax1.bar(xs, rates, width=width, yerr=np.array(errs).T if errs else None, capsize=2,
+                    color=COLOURS[method], alpha=0.9 if hatch is None else 0.45, hatch=hatch, edgecolor="black",
+                    linewidth=0.6, label=f"{LABELS[method]}, {'latched' if hatch is None else 'held at end'}")
+            for x, r in zip(xs, rates):
+                ax1.annotate(f"{r:.0f}", (x, r), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=6)
+    ax1.set_xticks(range(len(protocols)), protocols)
+    ax1.set_ylabel("success (%) with 95% interval")
+    ax1.set_ylim(0, 109)
+    ax1.legend(fontsize=6, loc="lower left")
+    ax1.set_title("success: latched (solid) and held at the end (hatched)", fontsize=9)
+    styles = ["-", "--", ":", "-."]
     for (protocol, method), runs in curves.items():
         e = np.concatenate(runs)  # (episodes, T+1)
-        ax2.plot(np.median(e, 0), label=f"{protocol} {method}")
+        ax2.plot(np.median(e, 0), color=COLOURS[method], linestyle=styles[protocols.index(protocol) % len(styles)],
+                 label=f"{protocol}, {LABELS[method]}")
     ax2.axhline(tolerance, color="k", linestyle="--", linewidth=1, label="success tolerance")
     ax2.set_yscale("log")
     ax2.set_xlabel("env step")
-    ax2.set_ylabel("median max joint error (rad)")
-    ax2.legend(fontsize=7)
+    ax2.set_ylabel("median largest joint error (rad)")
+    ax2.set_title("median joint error over the episode", fontsize=9)
+    ax2.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

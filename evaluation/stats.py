@@ -1,11 +1,12 @@
-"""Confidence intervals that respect how evaluation episodes are drawn.
+"""One interval method for every success rate we report, respecting how episodes are drawn.
 
-Episodes are not independent draws: several starts come from the same held-out source episode (its
-target, its stretch of the joint space), across seeds too. A plain binomial interval over all
-episodes then overstates certainty. We resample source episodes (clusters) with replacement, all of
-a cluster's episodes together, and take the percentile interval of the success rate (the cluster
-bootstrap). When every episode has the same outcome the bootstrap has no spread; the interval is then
-the Wilson interval with one observation per source episode, the most conservative reading.
+Episodes are not independent draws: several starts come from the same source episode (its target, its
+stretch of the joint space), across seeds too, and pooled runs add their own source episodes. A plain
+binomial interval over all episodes then overstates certainty. We take the Wilson score interval at the
+effective sample size n / deff, where the design effect deff is the cluster-robust (between source
+episodes) variance of the rate over the binomial variance, never below 1. When every outcome is the
+same there is no evidence of clustering and deff = 1, so the interval of a perfect rate is never wider
+than that of a lower rate from as many episodes.
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ import math
 
 import numpy as np
 
+METHOD = ("95% Wilson score interval at the effective sample size n / deff, deff = cluster-robust variance "
+          "(clusters: source episodes) / binomial variance, at least 1")
+MIN_CLUSTERS = 10  # fewer source episodes than this behind a rate: a warning in every report
 
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% confidence interval of a success rate (Wilson score): sound at 0% and 100% too."""
-    if n == 0:
+
+def wilson_interval(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """95% confidence interval of a success rate (Wilson score), sound at 0% and 100% too; ``n`` may be an
+    effective (fractional) sample size."""
+    if n <= 0:
         return (0.0, 1.0)
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
@@ -25,17 +31,35 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))  # contains p despite rounding
 
 
-def cluster_bootstrap_interval(outcomes, clusters, reps: int = 2000, level: float = 0.95,
-                               seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of the mean of ``outcomes`` (n,) (0/1) resampling ``clusters`` (n,) ids."""
-    outcomes = np.asarray(outcomes, dtype=np.float64)
+def design_effect(outcomes, clusters) -> float:
+    """Cluster-robust variance of the mean of 0/1 ``outcomes`` (clusters: ``clusters``) over the binomial
+    variance, at least 1; 1 when all outcomes agree or there is one cluster."""
+    y = np.asarray(outcomes, dtype=np.float64)
     ids, inverse = np.unique(np.asarray(clusters), return_inverse=True)
-    if outcomes.min() == outcomes.max():
-        return wilson_interval(outcomes.sum() * len(ids) / len(outcomes), len(ids))
-    sums = np.bincount(inverse, weights=outcomes, minlength=len(ids))  # (C,) per cluster
-    sizes = np.bincount(inverse, minlength=len(ids)).astype(np.float64)
-    draw = np.random.default_rng(seed).integers(len(ids), size=(reps, len(ids)))  # (reps, C)
-    rates = sums[draw].sum(1) / sizes[draw].sum(1)
-    lo, hi = np.quantile(rates, [(1 - level) / 2, (1 + level) / 2])
-    mean = outcomes.mean()
-    return (float(min(lo, mean)), float(max(hi, mean)))
+    n, c, p = len(y), len(ids), y.mean()
+    binomial = p * (1 - p) / n
+    if binomial == 0 or c < 2:
+        return 1.0
+    sums = np.bincount(inverse, weights=y, minlength=c)  # (C,) successes per cluster
+    sizes = np.bincount(inverse, minlength=c).astype(np.float64)
+    robust = c / (c - 1) * np.sum((sums - p * sizes) ** 2) / n**2
+    return max(1.0, float(robust / binomial))
+
+
+def success_interval(outcomes, clusters) -> tuple[float, float]:
+    """The 95% interval of the success rate of ``outcomes`` (n,) drawn from source episodes ``clusters``
+    (n,): Wilson at n / deff (``METHOD``)."""
+    y = np.asarray(outcomes, dtype=np.float64)
+    if len(y) == 0:
+        return (0.0, 1.0)
+    n_eff = len(y) / design_effect(y, clusters)
+    return wilson_interval(y.mean() * n_eff, n_eff)
+
+
+def cluster_warning(clusters) -> str | None:
+    """A sentence when fewer than ``MIN_CLUSTERS`` source episodes back a rate, else None."""
+    count = len(set(np.asarray(clusters).tolist()))
+    if count < MIN_CLUSTERS:
+        return (f"only {count} source episode(s) back this rate: its interval rests on few independent draws "
+                f"(use more held-out episodes)")
+    return None

@@ -42,10 +42,12 @@ def synthetic_episode(steps: int, size: int = 32, offset: int = 0, noise: bool =
 
 
 def write_synthetic(dirpath, n_episodes: int = 4, steps: int = 30, size: int = 32, per_shard: int = 2,
-                    env: str = "reacher-easy", noise: bool = False):
+                    env: str = "reacher-easy", noise: bool = False, first: int = 0):
+    """Episodes ``first`` .. ``first + n_episodes - 1`` (episode i starts at step offset 1000 i)."""
     dirpath.mkdir(parents=True, exist_ok=True)
-    for start in range(0, n_episodes, per_shard):
-        eps = {i: synthetic_episode(steps, size, 1000 * i, noise) for i in range(start, min(start + per_shard, n_episodes))}
+    for start in range(first, first + n_episodes, per_shard):
+        stop = min(start + per_shard, first + n_episodes)
+        eps = {i: synthetic_episode(steps, size, 1000 * i, noise) for i in range(start, stop)}
         write_shard(dirpath / f"shard_{start:06d}_{max(eps):06d}.h5", eps, {"env": env, "size": size})
     return dirpath
 
@@ -102,3 +104,14 @@ def run_wm(*args, check: bool = True, cwd=None, timeout: int = 300):
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def save_as_trained_on(model, path, data, val_fraction: float = 0.25, test_fraction: float = 0.25, seed: int = 0):
+    """Save ``model`` as if training had split ``data`` (train / val / test by episode, from ``seed``) and
+    recorded it, as ``wm train`` does; returns the path."""
+    from envs.dataset import EpisodeStore
+    from worldmodel.datasplit import split_record
+
+    store = EpisodeStore(data)
+    ids = {s: store.split(s, val_fraction, seed, test_fraction) for s in ("train", "val", "test")}
+    return model.save(path, extra={"data": split_record(store, str(data), ids)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from conftest import save_as_trained_on
 from envs.collect import CollectConfig, collect
 from benchmarks import plan as bench
 from benchmarks import quality
@@ -23,7 +24,7 @@ def test_plan_bench_table_has_a_row_per_setting_and_a_measured_speed_up(monkeypa
 def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
     data = tmp_path / "data"
     collect(CollectConfig(episodes=6, steps=60, size=32, workers=1, out=str(data)), progress=False)
-    WorldModel(tiny_config("mlp", size=32, frameskip=5)).save(tmp_path / "m.pt")
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
     report = quality.run(str(tmp_path / "m.pt"), "cpu", settings=((8, 1), (16, 2)), episodes=3, data=str(data))
     rows = re.findall(r"\| (\d+) x (\d+) \| (\d+)% \| (\d+)% \| (\d+) \| ([\d.]+) \| ([\d.]+)x \|", report)
     assert [(n, it) for n, it, *_ in rows] == [("8", "1"), ("16", "2")]

@@ -16,7 +16,7 @@ TINY_MODEL = ["--latent-dim", 16, "--history", 2, "--encoder.conv-channels", 8, 
 def test_commands_chain_with_their_defaults(tmp_path):
     """collect -> train -> eval -> probe with no paths typed: one default dataset and one run directory.
     Training again is a no-op; evaluating again keeps the first results."""
-    run_wm("collect", "--episodes", 8, "--steps", 40, "--size", 32, "--workers", 1, cwd=tmp_path)
+    run_wm("collect", "--episodes", 10, "--steps", 40, "--size", 32, "--workers", 1, cwd=tmp_path)
     assert sorted(p.name for p in (tmp_path / "runs" / "demo" / "data").glob("*.h5"))
     run_wm("train", "--steps", 4, *TINY_MODEL, cwd=tmp_path)
     meta = json.loads((tmp_path / "runs" / "demo" / "model.json").read_text())
@@ -27,8 +27,10 @@ def test_commands_chain_with_their_defaults(tmp_path):
     eval_args = ["eval", "--episodes", 2, "--seeds", 1, "--samples", 8, "--iterations", 1, "--sim-samples", 8,
                  "--sim-iterations", 1]
     out = run_wm(*eval_args, cwd=tmp_path).stdout
-    assert "held out when the model was trained on this dataset" in out
-    assert (tmp_path / "runs" / "demo" / "eval" / "results.json").exists()
+    assert "test episodes of the dataset the model was trained on" in out
+    results = json.loads((tmp_path / "runs" / "demo" / "eval" / "results.json").read_text())
+    scored = {r["source_episode"] for r in results["episodes"]}  # never a training (or validation) episode
+    assert scored and scored <= set(meta["data"]["test"]) and not scored & set(meta["data"]["train"] + meta["data"]["val"])
     refused = run_wm(*eval_args, check=False, cwd=tmp_path)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
     probe = run_wm("probe", cwd=tmp_path).stdout

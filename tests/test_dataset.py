@@ -102,7 +102,9 @@ def test_mixed_sizes_or_envs_are_refused(tmp_path):
         EpisodeStore([a, b])
     with pytest.raises(DatasetError, match="env"):
         EpisodeStore([a, c])
-    assert len(EpisodeStore([a, write_synthetic(tmp_path / "a2", n_episodes=3)])) == 5
+    assert len(EpisodeStore([a, write_synthetic(tmp_path / "a2", n_episodes=3, first=2)])) == 5
+    with pytest.raises(DatasetError, match="the same episode twice"):  # a copied shard: one episode on both sides
+        EpisodeStore([a, write_synthetic(tmp_path / "a3", n_episodes=3)])
 
 
 def test_atomic_write_leaves_no_file_on_failure(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import run_wm as _wm
+from conftest import save_as_trained_on
 from envs import joint_error
 from envs.collect import CollectConfig, collect
 from envs.dataset import EpisodeStore
@@ -13,7 +14,7 @@ from envs.vector import ReacherBatch
 from evaluation.baselines import simulator_controller
 from evaluation.evaluate import EvalConfig, Setup, batch_like, run_episodes, world_model_controller
 from evaluation.protocols import PROTOCOLS, episode_records, sample_episodes
-from evaluation.stats import cluster_bootstrap_interval, wilson_interval
+from evaluation.stats import cluster_warning, design_effect, success_interval, wilson_interval
 from planners.policy import PolicyConfig
 from planners.subgoals import SubgoalConfig
 from test_model import tiny_config
@@ -182,34 +183,52 @@ def test_intervals():
     rng = np.random.default_rng(0)
     independent = rng.uniform(size=150) < 0.8
     clustered = np.repeat(rng.uniform(size=15) < 0.8, 10)  # 15 source episodes, each drawn 10 times
-    w_ind = np.subtract(*cluster_bootstrap_interval(independent, np.arange(150))[::-1])
-    w_clu = np.subtract(*cluster_bootstrap_interval(clustered, np.repeat(np.arange(15), 10))[::-1])
+    w_ind = np.subtract(*success_interval(independent, np.arange(150))[::-1])
+    w_clu = np.subtract(*success_interval(clustered, np.repeat(np.arange(15), 10))[::-1])
     assert w_clu > 1.8 * w_ind  # correlated episodes carry less information: a wider interval
-    assert cluster_bootstrap_interval(np.ones(150), np.repeat(np.arange(15), 10)) == wilson_interval(15, 15)
+    assert design_effect(clustered, np.repeat(np.arange(15), 10)) > 5 and design_effect(independent, np.arange(150)) < 2
+
+
+def test_a_higher_rate_never_gets_a_lower_bound_below_a_lower_rates():
+    """The contradiction of mixing two methods: 150 episodes from 40 source episodes, all successes, must
+    not get a wider interval than 147 of them; every rate is also inside its interval."""
+    clusters = np.arange(150) % 40
+    perfect = success_interval(np.ones(150), clusters)
+    for failures in (1, 3, 6, 15):
+        outcomes = np.ones(150)
+        outcomes[np.random.default_rng(failures).choice(150, failures, replace=False)] = 0
+        lo, hi = success_interval(outcomes, clusters)
+        assert lo <= outcomes.mean() <= hi and lo < perfect[0]
+    assert perfect[1] == 1.0 and perfect[0] > 0.97
+
+
+def test_few_source_episodes_are_warned_about():
+    assert cluster_warning(np.repeat(np.arange(4), 10)) and "4 source" in cluster_warning(np.repeat(np.arange(4), 10))
+    assert cluster_warning(np.arange(40)) is None
 
 
 def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):
-    WorldModel(tiny_config("mlp", size=32, frameskip=5)).save(tmp_path / "m.pt")
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
     args = ["eval", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 3, "--seeds", 2,
             "--samples", 16, "--iterations", 2, "--sim-samples", 16, "--sim-iterations", 2,
             "--protocol", "reach25,uniform,lewm"]
     out = _wm(*args).stdout
-    assert "| reach25 | world_model |" in out and "| lewm | world_model |" in out
+    assert "| reach25 | world model (MPC) |" in out and "| lewm | world model (MPC) |" in out
     for name in ("results.json", "results.md", "results.png"):
         assert (tmp_path / "eval" / name).exists()  # beside the checkpoint by default
     assert list((tmp_path / "eval" / "tb").iterdir())
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert len(report["episodes"]) == 3 * 2 * 3 * 3  # protocols x seeds x methods x episodes
+    assert len(report["episodes"]) == 3 * 2 * 4 * 3  # protocols x seeds x methods x episodes
     assert set(report["summary"]) == {f"{p}/{m}" for p in ("reach25", "uniform", "lewm")
-                                      for m in ("world_model", "random", "simulator")}
+                                      for m in ("world_model", "random", "exploration", "simulator")}
     assert all("held" in r for r in report["episodes"])
     again = _wm(*args, check=False)  # a second run does not overwrite the first's results
-    assert again.returncode == 2 and "already holds 54 episodes" in again.stderr and "--overwrite" in again.stderr
+    assert again.returncode == 2 and "already holds 72 episodes" in again.stderr and "--overwrite" in again.stderr
     assert _wm(*args[:-2], "--protocol", "reach25", "--overwrite").returncode == 0
 
 
 def test_wm_demo_smoke_writes_videos_and_sheet(data, tmp_path):
-    WorldModel(tiny_config("mlp", size=32, frameskip=5)).save(tmp_path / "m.pt")
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
     out = _wm("demo", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 2, "--samples", 8,
               "--iterations", 1, "--bank-frames", 50).stdout
     assert "wrote 2 videos (and 2 gifs)" in out
@@ -244,9 +263,9 @@ def test_subgoal_graph_holds_training_frames_only(data):
 
     store = EpisodeStore(data)
     model = WorldModel(tiny_config("mlp", size=32, frameskip=5)).eval()
-    setup = Setup(model, {}, store, [0, 3], "", None)
-    graph = setup.graph(GraphConfig())
     train = [i for i in range(len(store)) if i not in (0, 3)]
+    setup = Setup(model, {}, store, [0, 3], "", None, train=train)
+    graph = setup.graph(GraphConfig())
     assert len(graph.nodes) == sum(store.episodes[i].steps // 5 + 1 for i in train)
     with torch.no_grad():
         first = model.encode(torch.from_numpy(store.frames(train[0], np.array([0, 5]))))
@@ -282,3 +301,27 @@ def test_evaluation_renders_as_the_dataset_was_collected(tmp_path):
     finally:
         batch.close()
     assert np.array_equal(frames[0], s["pixels"][0])
+
+
+def test_choosing_never_touches_the_test_episodes(data, tmp_path, monkeypatch):
+    """What chooses settings (the planning-quality curve, the closed-loop check during training) draws its
+    episodes from validation only; the check is shown able to fail by asking the curve for the test split."""
+    import evaluation.evaluate as ev
+    from benchmarks import quality
+    from worldmodel.datasplit import split_episodes
+
+    model = WorldModel(tiny_config("mlp", size=32, frameskip=5))
+    save_as_trained_on(model, tmp_path / "m.pt", data)
+    meta = json.loads((tmp_path / "m.json").read_text())
+    store = EpisodeStore(data)
+    val, test = (set(store.index_of_uids(meta["data"][s])) for s in ("val", "test"))
+    seen = []
+    real = ev.sample_episodes
+    monkeypatch.setattr(ev, "sample_episodes", lambda st, ids, *a, **k: seen.append(set(ids)) or real(st, ids, *a, **k))
+    quality.run(str(tmp_path / "m.pt"), "cpu", settings=((8, 1),), episodes=2, data=str(data))
+    train = sorted(store.index_of_uids(meta["data"]["train"]))
+    ev.closed_loop_check(model, store, train, sorted(val), episodes=2, iterations=1)
+    assert len(seen) == 2 and all(ids == val for ids in seen) and not any(ids & test for ids in seen)
+    quality.run(str(tmp_path / "m.pt"), "cpu", settings=((8, 1),), episodes=2, data=str(data), split="test")
+    assert seen[-1] == test  # the spy sees a split when one is used
+    assert set(split_episodes(store, meta, "val")[0]) == val

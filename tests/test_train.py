@@ -42,7 +42,8 @@ def test_train_writes_model_checkpoint_logs_and_split(data, tmp_path):
     assert metrics["val"]["prediction_loss"] > 0
     WorldModel.load(tmp_path / "run" / "model.pt")
     record = json.loads((tmp_path / "run" / "model.json").read_text())["data"]
-    assert len(record["train"]) + len(record["val"]) == 6 and not set(record["train"]) & set(record["val"])
+    fit, val, test = set(record["train"]), set(record["val"]), set(record["test"])
+    assert len(fit) + len(val) + len(test) == 6 and len(fit | val | test) == 6 and val and test
     assert record["path"] == str(data) and record["fingerprint"]
 
 
@@ -51,8 +52,8 @@ def test_tensorboard_has_validation_loss_hparams_and_closed_loop(data, tmp_path)
 
     calls = []
 
-    def closed_loop(model, store, held_out, episodes):
-        calls.append((len(held_out), episodes))
+    def closed_loop(model, store, train_ids, val_ids, episodes):
+        calls.append((len(val_ids), episodes))
         return {"reach25_latched": 0.5, "reach25_held": 0.25}
 
     metrics = train(tiny(data, tmp_path / "run", eval_episodes=3), progress=False, closed_loop=closed_loop)
@@ -275,9 +276,9 @@ def test_sigreg_prevents_collapse(tmp_path):
 def test_a_tiny_world_model_fits_a_tiny_dataset(data, tmp_path):
     """Grey-level frames that brighten step by step: after training, held-out rollouts beat predicting
     "no change" (relative error < 1), far from where training started."""
-    first = train(tiny(data, tmp_path / "short", steps=2, lr=3e-3, val_every=1000, ckpt_every=1000), progress=False)
-    fitted = train(tiny(data, tmp_path / "long", steps=150, lr=3e-3, val_every=1000, ckpt_every=1000),
-                   progress=False)
+    kw = dict(lr=3e-3, val_every=1000, ckpt_every=1000, test_fraction=0.0)  # 5 training episodes of 6
+    first = train(tiny(data, tmp_path / "short", steps=2, **kw), progress=False)
+    fitted = train(tiny(data, tmp_path / "long", steps=150, **kw), progress=False)
     assert fitted["val"]["relative"][0] < 0.6, fitted["val"]
     assert fitted["val"]["relative"][0] < 0.01 * first["val"]["relative"][0], (first["val"], fitted["val"])
 

@@ -1,72 +1,104 @@
-"""Which episodes a model was trained on, recorded in its checkpoint and enforced when it is evaluated.
+"""Which episodes a model was trained on, chosen on and reported on, recorded in its checkpoint and enforced.
 
-Training records the dataset's fingerprint and the uids of its training and held-out episodes
-(``EpisodeRef.uid``: stable across moved directories and extended collections). Evaluation and probes
-then never score a model on its own training episodes: on the training dataset they use the recorded
-held-out episodes; on any other dataset every episode counts as held out, except episodes that were
-training episodes (an extended collection keeps its old uids).
+Training splits its dataset by episode into train, validation and test (deterministic from the seed) and
+records the dataset's fingerprint and the uids of each split's episodes (``EpisodeRef.uid``: stable
+across moved directories and extended collections). Whatever chooses (planner settings, presets, the
+closed-loop check during training) uses validation; what is reported (``wm eval``, ``wm probe``,
+``wm demo``) uses test. No command ever scores a model on its training episodes.
+
+On any other dataset every episode the model did not train on is held out; they are divided into a
+validation and a test half by their uids, so choices made there never see the reported episodes either.
+A checkpoint from before validation was recorded has its held-out episodes as test, and none to choose on.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+HELD_OUT = ("val", "test")
 
-def split_record(store, data: str, train_ids: list[int], val_ids: list[int]) -> dict:
-    """What a checkpoint keeps about its training data."""
+
+def split_record(store, data: str, ids: dict[str, list[int]]) -> dict:
+    """What a checkpoint keeps about its training data: ``ids`` maps train, val, test to episode indices."""
     return {"path": str(data), "fingerprint": store.fingerprint, "episodes": len(store),
-            "train": [store.episodes[i].uid for i in train_ids], "val": [store.episodes[i].uid for i in val_ids]}
+            **{name: [store.episodes[i].uid for i in episode_ids] for name, episode_ids in ids.items()}}
 
 
-def held_out(store, meta: dict) -> tuple[list[int], str]:
-    """Indices of ``store``'s episodes the model never trained on, and a sentence saying how they were chosen."""
+def _legacy_held_out(store, meta: dict) -> tuple[list[int], str]:
+    """A checkpoint that records no split: its held-out episodes re-derived as training drew them."""
+    train_cfg = meta.get("train_config", {})
+    fraction, seed = train_cfg.get("val_fraction", 0.1), train_cfg.get("seed", 0)
+    ids = store.split("val", fraction, seed)
+    return ids, (f"the checkpoint records no split: {len(ids)} held-out episodes re-derived with "
+                 f"val_fraction={fraction}, seed={seed} (correct only if this is its training dataset)")
+
+
+def _half(uid: str) -> str:
+    """val or test for an episode of a dataset the model never saw: a fixed function of its uid."""
+    return HELD_OUT[hashlib.sha256(uid.encode()).digest()[0] % 2]
+
+
+def split_episodes(store, meta: dict, split: str) -> tuple[list[int], str]:
+    """Indices of ``store``'s episodes in ``split`` (val or test) for the model ``meta`` describes, and a
+    sentence saying how they were chosen. A ValueError when the model has no such episodes here."""
+    if split not in HELD_OUT:
+        raise ValueError(f"split must be one of {list(HELD_OUT)}, got {split!r}")
     record = meta.get("data")
-    if not record:  # a checkpoint from before splits were recorded: the split is re-derived as training drew it
-        train_cfg = meta.get("train_config", {})
-        fraction, seed = train_cfg.get("val_fraction", 0.1), train_cfg.get("seed", 0)
-        ids = store.split("val", fraction, seed)
-        return ids, (f"the checkpoint records no split: {len(ids)} held-out episodes re-derived with "
-                     f"val_fraction={fraction}, seed={seed} (correct only if this is its training dataset)")
+    if not record and meta.get("train_config"):
+        ids, note = _legacy_held_out(store, meta)
+        if split == "val":
+            raise ValueError(f"{note}; they are its test episodes, and it has no validation episodes to choose on")
+        return ids, note
+    record = record or {"train": [], "fingerprint": None, "path": "none recorded"}
     if store.fingerprint == record["fingerprint"]:
-        ids = sorted(store.index_of_uids(record["val"]))
-        return ids, f"the {len(ids)} episodes held out when the model was trained on this dataset"
+        if "test" not in record:  # recorded before validation and test were told apart
+            if split == "val":
+                raise ValueError("this checkpoint records held-out episodes but no validation split: they are its "
+                                 "test episodes, and it has none to choose on (train it again to get one)")
+            ids = sorted(store.index_of_uids(record["val"]))
+            return ids, f"the {len(ids)} episodes held out when the model was trained on this dataset (test)"
+        ids = sorted(store.index_of_uids(record[split]))
+        name = {"val": "validation", "test": "test"}[split]
+        return ids, f"the {len(ids)} {name} episodes of the dataset the model was trained on"
     trained = set(record["train"])
-    ids = [i for i, e in enumerate(store.episodes) if e.uid not in trained]
-    note = (f"not the dataset the model was trained on ({record['path']}): all {len(store)} of its episodes "
-            f"count as held out")
-    if len(ids) < len(store):
-        note += f", except {len(store) - len(ids)} that were training episodes"
+    ids = [i for i, e in enumerate(store.episodes) if e.uid not in trained and _half(e.uid) == split]
+    note = (f"not the dataset the model was trained on ({record['path']}): {len(ids)} of its {len(store)} episodes, "
+            f"the {split} half (by uid) of those the model never trained on")
     return ids, note
-
-
-def not_held_out(store, held_out_ids) -> list[int]:
-    """The episodes of ``store`` not among ``held_out_ids``."""
-    test = set(held_out_ids)
-    return [i for i in range(len(store)) if i not in test]
 
 
 def training_episodes(store, meta: dict) -> list[int]:
     """The episodes of ``store`` the model trained on (what the subgoal graph is built from, never an
     evaluation's goals); a ValueError saying what to do when it holds none."""
-    train = not_held_out(store, held_out(store, meta)[0])
+    record = meta.get("data") or ({} if meta.get("train_config") else {"train": []})
+    if record:
+        trained = set(record["train"])
+        train = [i for i, e in enumerate(store.episodes) if e.uid in trained]
+    else:
+        held = set(_legacy_held_out(store, meta)[0])
+        train = [i for i in range(len(store)) if i not in held]
     if not train:
         raise ValueError(f"{store.paths}: holds none of the model's training episodes, which subgoals need; plan "
                          f"without them (--no-subgoals.enabled) or give the training data")
     return train
 
 
-def probe_split(store, meta: dict) -> tuple[list[int], list[int], str]:
-    """(fit, score, note) episodes for a linear probe: the probe is fit on the model's training episodes
-    and scored on held-out ones; on a dataset the model never saw, its episodes are halved."""
-    test, note = held_out(store, meta)
-    fit = not_held_out(store, test)
+def probe_split(store, meta: dict, split: str = "test") -> tuple[list[int], list[int], str]:
+    """(fit, score, note) episodes for a probe: fit on the model's training episodes, scored on ``split``;
+    on a dataset the model never saw, fit on half of the split's episodes and scored on the other half."""
+    score, note = split_episodes(store, meta, split)
+    try:
+        fit = training_episodes(store, meta)
+    except ValueError:
+        fit = []
     if not fit:  # every episode is new to the model: fit on half of them, score on the other half
-        fit, test = test[: len(test) // 2], test[len(test) // 2:]
+        fit, score = score[: len(score) // 2], score[len(score) // 2:]
         note += "; the probe is fit on half of them and scored on the other half"
-    if not fit or not test:
+    if not fit or not score:
         raise ValueError(f"{Path(str(meta.get('data', {}).get('path', '')))}: too few episodes for a probe "
                          f"({len(store)})")
-    return fit, test, note
+    return fit, score, note
 
 
 def recorded_data(meta: dict) -> str | None:

@@ -49,6 +49,8 @@ class LatentGraph:
     def build(cls, model, store, episode_ids, cfg: GraphConfig) -> "LatentGraph":
         """The graph of ``model``'s latents of the frames of ``episode_ids`` (training episodes: never the
         held-out ones an evaluation draws goals from), one frame per chunk."""
+        if not len(episode_ids):
+            raise ValueError("no training episodes to build the subgoal graph from")
         steps = sum(store.episodes[i].steps // model.frameskip + 1 for i in episode_ids)
         keep = max(1, -(-steps // cfg.max_nodes))  # thin episodes if there are too many frames
         encoded = encode_episodes(model, store, list(episode_ids)[::keep], every(model.frameskip))

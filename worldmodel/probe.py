@@ -74,7 +74,7 @@ def run_probe(model, store, train_ids, test_ids, stride: int = 5) -> dict:
     return probe_r2(z_tr, y_tr, z_te, y_te)
 
 
-def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out: str = "") -> dict:
+def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out: str = "", split: str = "test") -> dict:
     """``wm probe``: R^2 of the trained encoder next to the same architecture untrained (the floor), fit on
     the episodes the model trained on and scored on held-out ones (``worldmodel.datasplit``). Writes
     ``probe.json`` and ``probe.md`` (beside the checkpoint unless ``out``)."""
@@ -83,7 +83,7 @@ def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out:
 
     trained, meta, store, data = load_with_data(checkpoint, data, device)
     store.require_states(PROBE_STATES, "linear probes")
-    fit, test, note = probe_split(store, meta)
+    fit, test, note = probe_split(store, meta, split)
     print(f"probing {checkpoint} (step {meta.get('step')}) on {data}: fit on {len(fit)} episodes, scored on "
           f"{len(test)}: {note}", flush=True)
     torch.manual_seed(0)

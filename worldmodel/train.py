@@ -52,7 +52,7 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --out from its checkpoint")
     overwrite: bool = option(False, "start again in --out although it holds a run (its model and checkpoint go)")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
-    seed: int = option(0, "seed of initialisation, batches, SIGReg directions and the train/val split")
+    seed: int = option(0, "seed of initialisation, batches, SIGReg directions and the train/val/test split")
     # optimisation
     steps: int = option(2500, "optimiser steps")
     batch_size: int = option(32, "windows per step (per process under torchrun)")
@@ -70,7 +70,10 @@ class TrainConfig:
     rollout_steps: int = option(5, "also train open-loop rollouts of this many steps (<= n-pred); 0: teacher "
                                    "forcing only")
     rollout_weight: float = option(1.0, "weight of the open-loop rollout loss")
-    val_fraction: float = option(0.1, "fraction of episodes held out (recorded in the checkpoint)")
+    val_fraction: float = option(0.1, "fraction of episodes held out to choose on (validation losses, probes, the "
+                                      "closed-loop check, planner settings); recorded in the checkpoint")
+    test_fraction: float = option(0.1, "fraction of episodes held out to report on (wm eval, probe, demo), never "
+                                       "used to choose anything; recorded in the checkpoint")
     model: WorldModelConfig = nested(WorldModelConfig, "the architecture", flat=True)
     # bookkeeping
     log_every: int = option(25, "steps between TensorBoard scalars (and checks for a non-finite loss)")
@@ -89,8 +92,9 @@ class TrainConfig:
         check_at_least(self, 0, ("warmup_steps", "rollout_steps", "probe_every", "eval_every", "eval_episodes",
                                  "num_workers", "weight_decay", "sigreg_weight", "rollout_weight"))
         check_at_least(self, 0, ("lr", "grad_clip"), strictly=True)
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ValueError(f"--val-fraction must be in (0, 1) and --test-fraction in [0, 1), together below 1; got "
+                             f"{self.val_fraction}, {self.test_fraction}")
         if self.rollout_steps > self.n_pred:
             raise ValueError(f"--rollout-steps ({self.rollout_steps}) must be <= --n-pred ({self.n_pred}): the "
                              f"window holds the targets")
@@ -176,7 +180,7 @@ def train(cfg: TrainConfig, progress: bool = True,
           closed_loop: Callable[..., dict] | None = None) -> dict:
     """Train (or resume) a world model; returns the final metrics. Writes under ``cfg.out``.
 
-    ``closed_loop(model, store, held_out_ids, episodes) -> {name: value}`` (given by the command line,
+    ``closed_loop(model, store, train_ids, val_ids, episodes) -> {name: value}`` (given by the command line,
     which sees the planners) runs a small closed-loop evaluation every ``eval_every`` steps and at the
     end; its values are logged to TensorBoard under ``closed_loop/`` and kept in model.json.
     """
@@ -293,12 +297,13 @@ class TrainingData:
     def __init__(self, cfg: TrainConfig):
         self.store = EpisodeStore(cfg.data, image_size=cfg.model.image_size, env=cfg.env)
         history, fs = cfg.model.history, cfg.model.frameskip
-        self.train = WindowDataset(self.store, WindowSpec(history, cfg.n_pred, fs), "train", cfg.val_fraction, cfg.seed)
-        self.val = WindowDataset(self.store, WindowSpec(history, cfg.val_horizon, fs), "val", cfg.val_fraction,
-                                 cfg.seed)
+        fractions = (cfg.val_fraction, cfg.seed, cfg.test_fraction)
+        self.train = WindowDataset(self.store, WindowSpec(history, cfg.n_pred, fs), "train", *fractions)
+        self.val = WindowDataset(self.store, WindowSpec(history, cfg.val_horizon, fs), "val", *fractions)
         self.val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val, _spread(len(self.val), 512)),
                                                       batch_size=256)
-        self.record = split_record(self.store, cfg.data, self.train.episode_ids, self.val.episode_ids)
+        self.record = split_record(self.store, cfg.data, {"train": self.train.episode_ids, "val": self.val.episode_ids,
+                                                          "test": self.store.split("test", *fractions)})
         self.can_probe = not set(PROBE_STATES) & set(self.store.missing_states)
 
     def loader(self, cfg: TrainConfig, start: int, rank: int, device: torch.device):
@@ -354,7 +359,7 @@ def _evaluate(model: WorldModel, data: TrainingData, cfg: TrainConfig, done: int
         _log(writer, {f"probe/r2_{k}": v for k, v in probe.items()}, done)
         metrics["probe"] = probe
     if closed_loop is not None and cfg.eval_episodes and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
-        result = closed_loop(model, data.store, data.val.episode_ids, cfg.eval_episodes)
+        result = closed_loop(model, data.store, data.train.episode_ids, data.val.episode_ids, cfg.eval_episodes)
         model.train()
         _log(writer, {f"closed_loop/{k}": v for k, v in result.items()}, done)
         metrics["closed_loop"] = result
