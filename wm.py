@@ -15,6 +15,7 @@ from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
 from common.config import unwrap_optional, apply_overrides, check_at_least, config_fields, from_dict, option
+from common.files import atomic_write_text, prepare_output_dir
 from envs.collect import CollectConfig, collect
 from envs.convert import ConvertConfig
 from envs.storage import DEFAULT_DATA
@@ -188,12 +189,15 @@ def run_convert(cfg: ConvertConfig) -> int:
 def run_video(cfg: VideoConfig) -> int:
     import numpy as np
 
+    from common.files import prepare_output_file
     from envs.dataset import EpisodeStore
-    from envs.video import write_video
+    from envs.video import check_ffmpeg, write_video
 
+    out = cfg.out or str((Path(cfg.data) if Path(cfg.data).is_dir() else Path(cfg.data).parent) / "episodes.mp4")
+    prepare_output_file(out)  # the output and ffmpeg are checked before the data is read
+    check_ffmpeg()
     store = EpisodeStore(cfg.data, in_memory=False)
     frames = np.concatenate([store.episode(i)["pixels"] for i in range(min(cfg.episodes, len(store)))])
-    out = cfg.out or str((Path(cfg.data) if Path(cfg.data).is_dir() else Path(cfg.data).parent) / "episodes.mp4")
     for path in write_video(out, frames, fps=cfg.fps):
         print(f"wrote {path}")
     return 0
@@ -210,11 +214,10 @@ def run_bench(cfg: BenchConfig) -> int:
                "plan-quality": lambda: quality_bench.run(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
                                                          data=cfg.data, split=cfg.split)}
     chosen = {k: v for k, v in benches.items() if k != "plan-quality"} if cfg.what == "all" else {cfg.what: benches[cfg.what]}
+    out = prepare_output_dir(cfg.out)  # before any benchmark runs
     report = "\n\n".join(f"# wm bench {name}\n\n{_machine()}\n\n{fn()}" for name, fn in chosen.items())
     print(report)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_{cfg.what}.md").write_text(report + "\n")
+    atomic_write_text(out / f"bench_{cfg.what}.md", report + "\n")
     return 0
 
 

@@ -75,9 +75,19 @@ def config_fields(cfg, path: str = "", prefix: str = "") -> Iterator[ConfigField
 def check_at_least(cfg, minimum: float, names, prefix: str = "", strictly: bool = False) -> None:
     """A ``ValueError`` naming every option among ``names`` below ``minimum`` (or not above it, ``strictly``);
     ``prefix`` is the options' prefix on the command line (``encoder.``)."""
-    bad = [n for n in names if not (getattr(cfg, n) > minimum if strictly else getattr(cfg, n) >= minimum)]
+    ok = (lambda v: v > minimum) if strictly else (lambda v: v >= minimum)
+    _check_bound(cfg, names, prefix, ok, f"> {minimum:g}" if strictly else f">= {minimum:g}")
+
+
+def check_at_most(cfg, maximum: float, names, prefix: str = "") -> None:
+    """A ``ValueError`` naming every option among ``names`` above ``maximum``: what a saved config or a
+    command line may ask for is bounded before anything is allocated."""
+    _check_bound(cfg, names, prefix, lambda v: v <= maximum, f"<= {maximum:g}")
+
+
+def _check_bound(cfg, names, prefix: str, ok, bound: str) -> None:
+    bad = [n for n in names if not ok(getattr(cfg, n))]
     if bad:
-        bound = f"> {minimum:g}" if strictly else f">= {minimum:g}"
         raise ValueError("invalid settings: " + ", ".join(
             f"--{prefix}{n.replace('_', '-')} {getattr(cfg, n)} (must be {bound})" for n in bad))
 

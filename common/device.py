@@ -16,8 +16,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     else:
         try:
             chosen = torch.device(device)
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}") from exc
+    if chosen.type not in ("cpu", "cuda"):  # meta, mps, ...: nothing here runs on them
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu or auto")
     return chosen

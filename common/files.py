@@ -1,23 +1,38 @@
-"""Files written so that nothing is ever half-written, and output directories checked before work."""
+"""Files written so that nothing is ever half-written, output directories checked before work, outputs
+locked while a run uses them, and the temporary files of killed runs cleaned up."""
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
 import os
+import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
+from common.process import pid_alive
 
-def temporary_path(path: Path) -> Path:
-    """Where ``atomic_write`` writes first: ``<name>.<pid>.tmp`` beside ``path``."""
+LOCK_NAME = ".wm.lock"  # inside a directory a run writes in place (a run, a collection, an evaluation)
+# ``<name>.<pid>.tmp`` (atomic_write) or ``<stem>.<pid>.tmp<suffix>`` (writers that need the suffix)
+_TEMPORARY = re.compile(r"(?P<base>.+?)\.(?P<pid>\d+)\.tmp(?P<suffix>\.[A-Za-z0-9]+)?")
+
+
+def temporary_path(path: Path, keep_suffix: bool = False) -> Path:
+    """Where ``atomic_write`` writes first: ``<name>.<pid>.tmp`` beside ``path``, or with ``keep_suffix``
+    ``<stem>.<pid>.tmp<suffix>`` (for writers that choose the format by the suffix: images, videos)."""
+    if keep_suffix and path.suffix:
+        return path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_write(path: str | Path, write) -> None:
+def atomic_write(path: str | Path, write, keep_suffix: bool = False) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then a rename over it: a reader sees the old
     file or the new one, never half of one. On any failure (a full disk, Ctrl-C) the temporary file is
     removed and the old file is kept."""
     path = Path(path)
-    tmp = temporary_path(path)
+    tmp = temporary_path(path, keep_suffix)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -26,8 +41,33 @@ def atomic_write(path: str | Path, write) -> None:
             tmp.unlink()
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """``data`` to ``path`` atomically in one plain write: a full disk or a file-size limit is one clean
+    ``OSError`` (libraries writing piecemeal to a failing file may raise their own errors, or crash)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            _write_all(fh, data)
+    atomic_write(path, write)
+
+
+def _write_all(fh, data: bytes) -> None:
+    fh.write(data)
+    fh.flush()
+    os.fsync(fh.fileno())  # a full disk may only show at the flush
+
+
+@contextmanager
+def naming_write_errors(path: str | Path):
+    """An ``OSError`` (a full disk, a file-size limit) while writing ``path`` atomically, re-raised naming it:
+    the writers clean up after themselves, so nothing of it was left behind."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, f"could not write {path} ({exc.strerror or exc}); nothing was left behind") from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -43,6 +83,58 @@ def read_json(path: str | Path) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
+class LatchedErrorFile(io.RawIOBase):
+    """A file for a library that writes piecemeal and cannot survive a failed write (HDF5 crashes the
+    interpreter when it later closes a file whose write failed): the first ``OSError`` is kept in
+    ``error`` and every later write is dropped, so the library finishes cleanly; the caller then raises
+    ``error`` (``raise_error``) and removes the file."""
+
+    def __init__(self, fh):
+        super().__init__()
+        self.fh, self.error = fh, None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.fh.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def readinto(self, buffer) -> int:
+        return self.fh.readinto(buffer)
+
+    def write(self, data) -> int:
+        self._latched(self.fh.write, data)
+        return len(data)
+
+    def truncate(self, size=None):
+        self._latched(self.fh.truncate, size)
+        return size
+
+    def flush(self) -> None:
+        self._latched(self.fh.flush)
+
+    def _latched(self, op, *args) -> None:
+        if self.error is None:
+            try:
+                op(*args)
+            except OSError as exc:
+                self.error = exc
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+# --- output directories ---------------------------------------------------------------------------
 class OutputDirError(ValueError):
     """An output directory that cannot be used; ``reason`` says why (the OS's words)."""
 
@@ -67,3 +159,98 @@ def prepare_output_dir(out: str | Path, option: str = "--out") -> Path:
         raise OutputDirError(f"{option} {out} is not writable: {reason}; choose another {option} or fix its "
                              f"permissions", out, reason) from None
     return out
+
+
+def prepare_output_file(path: str | Path, option: str = "--out") -> Path:
+    """An output file's directory created and proven writable before any work starts (``prepare_output_dir``
+    of its parent); a directory in the file's place is refused."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputDirError(f"{option} {path} is a directory, not a file", path, "a directory, not a file")
+    prepare_output_dir(path.parent, option)
+    return path
+
+
+# --- locks ----------------------------------------------------------------------------------------
+class OutputLockedError(RuntimeError):
+    """An output another live process is writing."""
+
+
+@contextmanager
+def output_lock(target: str | Path, inside: bool = True):
+    """Hold an advisory lock on an output while a run writes it: ``<target>/.wm.lock`` for a directory used
+    in place (``inside``), else ``<target>.lock`` beside it (an output renamed into place at the end). The
+    lock file holds the owner's pid; a second run is refused naming it, and a lock its owner left behind
+    (killed: the kernel released its ``flock``) is taken over with a message."""
+    target = Path(target)
+    lock = target / LOCK_NAME if inside else target.with_name(f"{target.name}.lock")
+    fd = _acquire(lock, target)
+    try:
+        yield lock
+    finally:
+        try:
+            lock.unlink()
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _acquire(lock: Path, target: Path) -> int:
+    """The locked file descriptor of ``lock``, holding our pid."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live process
+            owner = _pid_in(fd)
+            os.close(fd)
+            raise OutputLockedError(f"{target} is in use by another run (process {owner or '?'}, lock {lock}); wait "
+                                    f"for it to finish, or choose another output") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its owner removed it between our open and our lock: take the new one
+            os.close(fd)
+            continue
+        previous = _pid_in(fd)
+        if previous and previous != os.getpid():
+            state = "no longer running" if not pid_alive(previous) else "no longer holding it"
+            print(f"{target}: taking over the lock left by process {previous} ({state})", flush=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+
+def _pid_in(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+# --- leftovers ------------------------------------------------------------------------------------
+def remove_stale_temporaries(directory: str | Path, names: str, locked: bool = True) -> list[Path]:
+    """Remove the temporary files (or directories) our writers left in ``directory`` when their process was
+    killed: ``<name>.<pid>.tmp`` (or ``<stem>.<pid>.tmp<suffix>``) whose ``<name>`` matches the regular
+    expression ``names`` and whose process is dead, or, when the caller holds the directory's lock
+    (``locked``), any other process's. Says what it removes; returns the paths."""
+    directory, pattern, removed = Path(directory), re.compile(names), []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for path in sorted(entries):
+        m = _TEMPORARY.fullmatch(path.name)
+        if not m or not pattern.fullmatch(m["base"] + (m["suffix"] or "")):
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or (not locked and pid_alive(pid)):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except OSError:
+            continue
+        print(f"removed {path}: left by an interrupted run (process {pid})", flush=True)
+        removed.append(path)
+    return removed

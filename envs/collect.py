@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import re
 import signal
 import threading
 import time
@@ -26,15 +25,17 @@ import numpy as np
 from tqdm import tqdm
 
 from common.config import option
-from common.files import OutputDirError, prepare_output_dir
+from common.files import OutputDirError, output_lock, prepare_output_dir, remove_stale_temporaries
+from common.process import ignore_stop_signals
 from envs.policies import POLICIES, make_policy
 from envs.reacher import ENV_NAMES, make_env
-from envs.storage import (DEFAULT_DATA, DatasetError, episode_index, find_shards, inspect_shard, write_shard)
+from envs.storage import (DEFAULT_DATA, DatasetError, episode_index, find_shards, inspect_shard, write_manifest,
+                          write_shard)
 
 # Settings that must match for a resumed collection to continue the same dataset.
 RESUME_KEYS = ("env", "size", "steps", "policy", "seed", "hide_target", "render_quality")
-# The temporary files write_shard makes for our shards (``<shard>.<pid>.tmp``): the only ones we delete.
-OUR_TEMPORARY = re.compile(r"shard_\d{6}_\d{6}\.h5\.\d+\.tmp")
+# Our shards' names: of the temporary files in --out, only theirs (``<shard>.<pid>.tmp``) are deleted.
+OUR_SHARDS = r"shard_\d{6}_\d{6}\.h5"
 PARENT_POLL_S = 0.5  # how often a worker checks that its parent is alive
 
 
@@ -118,9 +119,7 @@ def _resized(episode: dict, cfg: CollectConfig) -> dict:
 def existing_episodes(cfg: CollectConfig) -> set[int]:
     """Indices already collected in ``cfg.out``; an error if that data was made with other settings."""
     out = Path(cfg.out)
-    for stale in out.glob("*.tmp"):  # ours, left by a hard kill while a shard was being written
-        if OUR_TEMPORARY.fullmatch(stale.name):
-            stale.unlink()
+    remove_stale_temporaries(out, OUR_SHARDS)  # ours, left by a hard kill while a shard was being written
     try:
         shards = find_shards(out)
     except DatasetError:
@@ -161,7 +160,7 @@ _worker_error: str | None = None
 
 def _init_worker(cfg: CollectConfig, parent: int) -> None:
     global _worker_env, _worker_cfg, _worker_error
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    ignore_stop_signals()  # the parent handles Ctrl-C and SIGTERM, and writes what was finished
     _exit_with_parent(parent)
     _worker_cfg = cfg
     try:
@@ -220,7 +219,9 @@ def _episodes_in_workers(cfg: CollectConfig, indices: list[int], workers: int):
 
 
 def collect(cfg: CollectConfig, progress: bool = True) -> dict:
-    """Collect until ``cfg.out`` holds ``cfg.episodes`` episodes; returns a summary.
+    """Collect until ``cfg.out`` holds ``cfg.episodes`` episodes; returns a summary. ``cfg.out`` is locked
+    meanwhile, and records how many episodes it should hold (``storage.MANIFEST``), so an interrupted
+    collection says it is short when opened.
 
     ``collected`` counts the episodes simulated by this call, ``saved`` those written to shards."""
     out = Path(cfg.out)
@@ -229,10 +230,17 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
     except OutputDirError as exc:
         raise CollectionError(f"cannot write to the output directory {out}: {exc.reason}; choose another --out "
                               f"or fix its permissions") from None
+    with output_lock(out):
+        return _collect(cfg, out, progress)
+
+
+def _collect(cfg: CollectConfig, out: Path, progress: bool) -> dict:
+    """``collect`` once ``out`` is checked and locked."""
     done = existing_episodes(cfg)
     missing = [i for i in range(cfg.episodes) if i not in done]
     summary = {"out": str(out), "episodes": cfg.episodes, "already_there": cfg.episodes - len(missing),
                "collected": 0, "saved": 0, "frames_per_s": None}
+    write_manifest(out, cfg.episodes)
     if not missing:
         return summary
 

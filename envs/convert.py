@@ -6,49 +6,82 @@ format) <- dataset (``EpisodeStore``: either layout) <- convert.
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import option
+from common.files import (naming_write_errors, output_lock, prepare_output_dir, prepare_output_file,
+                          remove_stale_temporaries, temporary_path)
 from envs.dataset import EpisodeStore
-from envs.storage import DEFAULT_DATA, STATE_KEYS, DatasetError, write_shard
+from envs.storage import DEFAULT_DATA, STATE_KEYS, DatasetError, write_manifest, write_shard
 from envs.swm import write_swm
 
 
 def write_shards(store: EpisodeStore, out_dir: str | Path, episodes_per_shard: int = 20) -> list[Path]:
-    """Write a dataset as a directory of our shards (episode i of the store becomes ``ep_{i:06d}``)."""
-    out = Path(out_dir)
-    if out.exists() and any(out.glob("*.h5")):
-        raise DatasetError(f"{out}: already holds .h5 files; write the shards to an empty directory")
+    """Write a dataset as a directory of our shards (episode i of the store becomes ``ep_{i:06d}``), with
+    its manifest. Built in a temporary directory beside it and renamed into place at the end: an
+    interrupted or failed conversion leaves no directory that looks complete (its leftovers are removed
+    by the next run)."""
+    out = check_new_directory(out_dir)
     lacking = [k for k in ("qpos", "qvel") if k in store.missing_states]
     if lacking:
         raise DatasetError(f"cannot write shards: the source has no {lacking} (our shards need qpos and qvel)")
-    out.mkdir(parents=True, exist_ok=True)
     skip = {"layout", "frame_shape", "versions", "format_version"}
     attrs = {k: v for k, v in store.attrs.items() if k not in skip and v is not None}
     attrs["size"] = store.size
     keep = ("pixels", "action", *(k for k in STATE_KEYS if k not in store.missing_states))
-    paths = []
-    for first in range(0, len(store), episodes_per_shard):
-        ids = range(first, min(first + episodes_per_shard, len(store)))
-        episodes = {i: {k: v for k, v in store.episode(i).items() if k in keep} for i in ids}
-        paths.append(write_shard(out / f"shard_{ids[0]:06d}_{ids[-1]:06d}.h5", episodes, attrs))
-    return paths
+    tmp, names = temporary_path(out), []
+    try:
+        with naming_write_errors(out):
+            tmp.mkdir(parents=True)
+            for first in range(0, len(store), episodes_per_shard):
+                ids = range(first, min(first + episodes_per_shard, len(store)))
+                episodes = {i: {k: v for k, v in store.episode(i).items() if k in keep} for i in ids}
+                names.append(write_shard(tmp / f"shard_{ids[0]:06d}_{ids[-1]:06d}.h5", episodes, attrs).name)
+            write_manifest(tmp, len(store))
+            os.replace(tmp, out)  # onto a missing or empty directory
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return [out / name for name in names]
+
+
+def check_new_directory(out: str | Path) -> Path:
+    """Shards go to a new or empty directory: one holding anything is refused before any work."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = ("is a file" if not out.is_dir() else
+                "already holds .h5 files" if any(out.glob("*.h5")) else "is not empty")
+        raise DatasetError(f"{out}: {what}; write the shards to a new or empty directory")
+    return out
 
 
 def convert_dataset(src, dst: str | Path, fmt: str = "swm", image_size: int | None = None, env: str | None = None,
                     compression: str | None = "blosc") -> Path:
-    """Any dataset we read -> ``fmt`` ``swm`` (one .h5 file) or ``shards`` (a directory)."""
+    """Any dataset we read -> ``fmt`` ``swm`` (one .h5 file) or ``shards`` (a directory). The destination
+    is locked while it is written (``<dst>.lock``); what killed conversions left beside it is removed."""
     if fmt not in ("swm", "shards"):
         raise ValueError(f"format must be 'swm' or 'shards', got {fmt!r}")
-    store = EpisodeStore(src, in_memory=False, image_size=image_size, env=env)
-    try:
-        if fmt == "swm":
-            return write_swm(store, dst, compression)
-        write_shards(store, dst)
-        return Path(dst)
-    finally:
-        store.close()
+    dst = Path(dst)
+    if fmt == "swm":
+        prepare_output_file(dst)
+    else:
+        prepare_output_dir(dst.parent)
+    with output_lock(dst, inside=False):
+        remove_stale_temporaries(dst.parent, re.escape(dst.name))
+        if fmt == "shards":
+            check_new_directory(dst)
+        store = EpisodeStore(src, in_memory=False, image_size=image_size, env=env)
+        try:
+            if fmt == "swm":
+                return write_swm(store, dst, compression)
+            write_shards(store, dst)
+            return dst
+        finally:
+            store.close()
 
 
 @dataclass
@@ -59,8 +92,8 @@ class ConvertConfig:
     out: str = option(DEFAULT_DATA + ".h5", "destination: an .h5 file (swm) or a directory (shards)")
     format: str = option("swm", "swm (one file, stable-worldmodel layout) or shards", choices=("swm", "shards"))
     image_size: int | None = option(None, "area-resize frames to this size (default: keep)")
-    env: str | None = option(None, "the source's env when a stable-worldmodel file does not say (default: the "
-                                   "file's, else reacher-easy)")
+    env: str | None = option(None, "the source's env when a stable-worldmodel file does not say (default: "
+                                   "reacher-easy); a source that records another is refused")
     compression: str = option("blosc", "swm pixels: blosc (as their recorder), gzip or none",
                               choices=("blosc", "gzip", "none"))
 

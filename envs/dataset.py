@@ -21,9 +21,10 @@ from torch.utils.data import Dataset
 
 from envs import swm
 from envs.storage import (CONSISTENT_ATTRS, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _digest, _files, _plain,
-                          inspect_shard, open_h5, recording)
+                          check_complete, inspect_shard, open_h5, recording)
 
 SPLITS = ("train", "val", "test", "all")
+CHUNK_CACHE_MB = 64  # HDF5 chunk cache of each open file
 
 
 def inspect_dataset(paths, env: str | None = None) -> list[ShardInfo]:
@@ -32,7 +33,8 @@ def inspect_dataset(paths, env: str | None = None) -> list[ShardInfo]:
     A stable-worldmodel file (detected by its ``ep_len``/``ep_offset`` datasets) is a whole dataset:
     it cannot be mixed with shards or other files. ``env`` names its environment when it does not.
     Shards must agree on everything that changes what a frame looks like or how an action moves the
-    arm (``storage.CONSISTENT_ATTRS``, defaults filled): the error names the files that differ."""
+    arm (``storage.CONSISTENT_ATTRS``, defaults filled): the error names the files that differ. A directory
+    holding fewer episodes than its manifest records says so (``storage.check_complete``)."""
     files = _files(paths)
     single = [p for p in files if swm.is_swm_file(p)]
     if single:
@@ -49,6 +51,7 @@ def inspect_dataset(paths, env: str | None = None) -> list[ShardInfo]:
         if differ:
             raise DatasetError(f"shards do not belong together: {shards[0].path} and {shard.path} differ in "
                                + ", ".join(f"{k} ({a!r} vs {b!r})" for k, (a, b) in differ.items()))
+    check_complete(paths, {s.path: len(s.episodes) for s in shards})
     return shards
 
 
@@ -174,7 +177,7 @@ class EpisodeStore:
             self._handles, self._datasets, self._pid = {}, {}, os.getpid()
         if path not in self._handles:
             # A chunk cache that holds a compressed chunk of frames (their files: 100 frames of 224 px).
-            self._handles[path] = h5py.File(path, "r", rdcc_nbytes=64 * 1024**2)
+            self._handles[path] = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_MB * 1024**2)
         return self._handles[path]
 
     def _pixels(self, ref: EpisodeRef) -> h5py.Dataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -18,6 +19,10 @@ MIN_SIZE, MAX_SIZE = 32, 256
 # and must stay usable as starts and goals. Beyond this slack a pose is refused.
 WRIST_SLACK = 0.25
 GOAL_TOLERANCE = 0.05  # rad: the protocol's success threshold on every joint
+# Joint speeds an arm can have: under full torque it stays below ~6 rad/s (dm_control) and ~95 rad/s
+# (gymnasium's lighter arm); far beyond, MuJoCo finds the simulation unstable and silently resets it.
+MAX_QVEL = 1000.0
+RESET_OPTIONS = ("qpos", "qvel", "target", "goal_qpos")
 
 # The names used on the command line and stored in datasets: name -> (backend, task).
 ENV_NAMES = {
@@ -97,12 +102,13 @@ class ReacherPixels(gym.Env):
     # --- gymnasium API ---------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """Random start; ``options`` may give ``qpos`` (and ``qvel``, ``target``) to start from instead,
-        and ``goal_qpos``, the pose to reach (see the class docstring; no goal when absent)."""
+        and ``goal_qpos``, the pose to reach (see the class docstring; no goal when absent). Anything else
+        (another key, a velocity or target without a pose) is a ``ValueError``, never ignored."""
         self._check_open()
-        options = options or {}
+        options = _reset_options(options)
         start = None
         if options.get("qpos") is not None:  # checked before anything changes
-            start = (self._pose(options["qpos"], "qpos"), _optional_pair(options.get("qvel"), "qvel"),
+            start = (self._pose(options["qpos"], "qpos"), _velocity(options.get("qvel")),
                      _optional_pair(options.get("target"), "target"))
         goal = None if options.get("goal_qpos") is None else self._pose(options["goal_qpos"], "goal_qpos")
         super().reset(seed=seed)
@@ -155,7 +161,7 @@ class ReacherPixels(gym.Env):
     def set_state(self, qpos, qvel=None, target=None) -> np.ndarray:
         """Put the arm at ``qpos`` (at rest unless ``qvel``); returns the new observation."""
         self._check_open()
-        self.physics.set_state(self._pose(qpos, "qpos"), _optional_pair(qvel, "qvel"), _optional_pair(target, "target"))
+        self.physics.set_state(self._pose(qpos, "qpos"), _velocity(qvel), _optional_pair(target, "target"))
         return self._observe()
 
     def render_goal(self, qpos, target=None) -> np.ndarray:
@@ -202,6 +208,28 @@ def _pair(x, name: str) -> np.ndarray:
 
 def _optional_pair(x, name: str) -> np.ndarray | None:
     return None if x is None else _pair(x, name)
+
+
+def _velocity(qvel) -> np.ndarray | None:
+    """Joint velocities the arm can have (``MAX_QVEL``), or None (at rest)."""
+    qvel = _optional_pair(qvel, "qvel")
+    if qvel is not None and np.abs(qvel).max() > MAX_QVEL:
+        raise ValueError(f"qvel must lie within +-{MAX_QVEL:g} rad/s (MuJoCo would reset a faster arm), got {qvel}")
+    return qvel
+
+
+def _reset_options(options) -> dict:
+    """``reset``'s options, checked: a dict of known keys; a start's velocity and target need its pose."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"options must be a dict with keys among {list(RESET_OPTIONS)}, got {options!r}")
+    unknown = sorted(set(options) - set(RESET_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown reset options {unknown}; known: {list(RESET_OPTIONS)}")
+    if options.get("qpos") is None and any(options.get(k) is not None for k in ("qvel", "target")):
+        raise ValueError("reset options qvel and target set a start together with qpos: give qpos too")
+    return dict(options)
 
 
 def make_env(name: str, **kwargs) -> ReacherPixels:

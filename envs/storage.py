@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from common.files import atomic_write
+from common.files import atomic_write_bytes, atomic_write_json
 
 try:  # registers the compression filters (Blosc, Zstd, LZ4, ...) of files written by other tools
     import hdf5plugin  # noqa: F401
@@ -54,6 +55,15 @@ class DatasetError(ValueError):
     """A dataset file that cannot be used, with the file and the problem named."""
 
 
+class EnvMismatchError(DatasetError):
+    """A dataset of another environment than the one asked for."""
+
+
+EPISODE_KEY = re.compile(r"ep_\d+")  # an episode's group: ep_NNNNNN
+MANIFEST = "dataset.json"  # in a dataset directory: how many episodes it should hold
+RENDER_QUALITIES = ("fast", "standard")
+
+
 def package_versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -73,6 +83,32 @@ def recording(attrs: dict) -> dict:
     out = {**RECORDING_DEFAULTS, **{k: attrs[k] for k in CONSISTENT_ATTRS if attrs.get(k) is not None}}
     out.setdefault("render_size", out.get("size"))
     return {k: out.get(k) for k in CONSISTENT_ATTRS}
+
+
+def check_attrs(attrs: dict, path) -> None:
+    """The file attributes that decide what a frame looks like and how an action moves the arm, of the
+    right type and range: a ``DatasetError`` naming the file and the attribute otherwise (not a crash when
+    an evaluation rebuilds its environments from them)."""
+    def bad(key: str, want: str):
+        return DatasetError(f"{path}: file attribute {key!r} must be {want}, got {attrs[key]!r}")
+
+    if not isinstance(attrs.get("env"), str):
+        raise bad("env", "the environment's name, a string")
+    for key, low, high, what in (("size", 8, 4096, "pixels"), ("render_size", 8, 4096, "pixels"),
+                                 ("action_repeat", 1, 100, "control steps per action")):
+        value = attrs.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+            raise bad(key, f"an integer in [{low}, {high}] ({what})")
+    if attrs.get("hide_target") is not None and not isinstance(attrs["hide_target"], bool):
+        raise bad("hide_target", "true or false")
+    if attrs.get("render_quality") is not None and attrs["render_quality"] not in RENDER_QUALITIES:
+        raise bad("render_quality", f"one of {list(RENDER_QUALITIES)}")
+
+
+def check_env(attrs: dict, env: str | None, path) -> None:
+    """A dataset that records its env is that env's: asking for another is an ``EnvMismatchError``."""
+    if env is not None and env != attrs["env"]:
+        raise EnvMismatchError(f"{path}: holds {attrs['env']!r} episodes, but env={env!r} was asked for")
 
 
 def episode_key(index: int) -> str:
@@ -96,19 +132,8 @@ def write_shard(path: str | Path, episodes: dict[int, dict[str, np.ndarray]], at
             _write_episode(f.create_group(episode_key(index)), episodes[index])
         f.flush()
         image = f.id.get_file_image()
-    atomic_write(path, lambda tmp: _write_bytes(tmp, image))
+    atomic_write_bytes(path, image)
     return path
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        _write_file(fh, data)
-
-
-def _write_file(fh, data: bytes) -> None:
-    fh.write(data)
-    fh.flush()
-    os.fsync(fh.fileno())  # a full disk may only show at the flush
 
 
 def _write_episode(group: h5py.Group, episode: dict[str, np.ndarray]) -> None:
@@ -179,11 +204,14 @@ def inspect_shard(path: str | Path, env: str | None = None) -> ShardInfo:
         for key in ("env", "size"):
             if key not in attrs:
                 raise DatasetError(f"{path}: missing file attribute {key!r}")
-        if env is not None and env != attrs["env"]:
-            raise DatasetError(f"{path}: holds {attrs['env']!r} episodes, but env={env!r} was asked for")
-        size = int(attrs["size"])
+        check_attrs(attrs, path)
+        check_env(attrs, env, path)
+        size = attrs["size"]
         episodes, arrays, missing = [], [], set()
         for key in sorted(f.keys()):
+            if not EPISODE_KEY.fullmatch(key):
+                raise DatasetError(f"{path}: unexpected member {key!r}: a shard holds only episodes, groups named "
+                                   f"ep_NNNNNN")
             try:
                 steps, episode = _read_episode(f[key], size, path)
             except DatasetError as exc:
@@ -213,6 +241,9 @@ def _read_episode(group, size: int, path: Path) -> tuple[int, dict]:
     if missing:
         raise DatasetError(f"missing keys {missing} (an episode needs {list(REQUIRED_KEYS)}, "
                            f"optionally {list(OPTIONAL_KEYS)})")
+    groups = [k for k in (*REQUIRED_KEYS, *OPTIONAL_KEYS) if k in group and not isinstance(group[k], h5py.Dataset)]
+    if groups:
+        raise DatasetError(f"{groups[0]} must be an array (an HDF5 dataset), got a group")
     pixels, action = group["pixels"], group["action"]
     if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
         raise DatasetError(f"pixels must be uint8 (T+1, {size}, {size}, 3), got {pixels.dtype} {pixels.shape}")
@@ -320,10 +351,50 @@ def find_shards(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DatasetError(f"{path}: no such dataset (a directory of .h5 shards or one .h5 file)")
-    shards = sorted(path.glob("*.h5"))
+    try:
+        shards = sorted(p for p in path.iterdir() if p.suffix == ".h5")
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if not shards:
         raise DatasetError(f"{path}: holds no .h5 shards")
     return shards
+
+
+def write_manifest(directory: str | Path, episodes: int) -> None:
+    """Record in a dataset directory how many episodes it should hold, so a short one says so when opened."""
+    atomic_write_json(Path(directory) / MANIFEST, {"episodes": int(episodes), "format_version": FORMAT_VERSION})
+
+
+def expected_episodes(directory: Path) -> int | None:
+    """The episodes a dataset directory's manifest says it should hold (None without one)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        n = json.loads(path.read_text()).get("episodes")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DatasetError(f"{path}: cannot be read as a dataset manifest: {exc}") from None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise DatasetError(f"{path}: 'episodes' must be a count of episodes, got {n!r}")
+    return n
+
+
+def check_complete(paths, counts: dict[Path, int]) -> None:
+    """Say so (on stderr) when a dataset directory holds fewer episodes than its manifest records: an
+    interrupted collection or conversion, not the dataset it was meant to be. ``counts``: episodes by file."""
+    for directory in _directories(paths):
+        expected = expected_episodes(directory)
+        held = sum(n for p, n in counts.items() if p.parent == directory)
+        if expected is not None and held < expected:
+            print(f"warning: {directory} holds {held} of the {expected} episodes its {MANIFEST} records (an "
+                  f"interrupted `wm collect` or `wm convert`?); run the same command again to complete it",
+                  file=sys.stderr, flush=True)
+
+
+def _directories(paths) -> list[Path]:
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    return [Path(p) for p in paths if Path(p).is_dir()]
 
 
 def _files(paths) -> list[Path]:

@@ -23,7 +23,8 @@ Their reader imports ``hdf5plugin`` (pixels of ``record_dataset`` files are Blos
 filter id 32001); we do too when it is installed, and name a missing filter otherwise.
 
 What the file does not say gets a documented default (``SWM_DEFAULTS``): env ``reacher-easy``
-(override with ``env=``), size from the pixels, the target hidden and dm_control's standard look (their
+(or ``env=``, which fills it only where the file records none of ours: a recorded env wins, and asking
+for another is an error), size from the pixels, the target hidden and dm_control's standard look (their
 wrapper renders with ``physics.render``), and ``action_repeat`` 2: their dm_control wrapper applies each
 action for two control steps (``DMControlWrapper.action_repeat = 2``), ours for one.
 """
@@ -31,15 +32,17 @@ action for two control steps (``DMControlWrapper.action_repeat = 2``), ours for 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from common.files import atomic_write
+from common.files import LatchedErrorFile, atomic_write, naming_write_errors
 from envs.reacher import ENV_NAMES
-from envs.storage import (STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _plain, check_arrays, check_filters,
-                          complete_states, episode_key, episode_uid, open_h5, package_versions)
+from envs.storage import (STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _plain, check_arrays, check_attrs,
+                          check_env, check_filters, complete_states, episode_key, episode_uid, open_h5,
+                          package_versions)
 
 INDEX_KEYS = ("ep_len", "ep_offset")
 # Our name -> the column names that may hold it, first match wins.
@@ -141,6 +144,9 @@ def _columns(f: h5py.File, path: Path) -> dict[str, str]:
     """Our key -> the file's column name, for the columns we use; the rest are ignored."""
     names = {}
     for ours, theirs in COLUMNS.items():
+        groups = [n for n in theirs if isinstance(f.get(n), h5py.Group)]
+        if groups:
+            raise DatasetError(f"{path}: column {groups[0]!r} must be an array (an HDF5 dataset), got a group")
         found = [n for n in theirs if isinstance(f.get(n), h5py.Dataset)]
         if found:
             names[ours] = found[0]
@@ -151,15 +157,17 @@ def _columns(f: h5py.File, path: Path) -> dict[str, str]:
 
 
 def _check_rows(f: h5py.File, path: Path, names: dict, lengths: np.ndarray, offsets: np.ndarray) -> None:
-    """Every episode within every column we use, and no two episodes sharing rows."""
-    ends = offsets + lengths
+    """Every episode within every column we use, and no two episodes sharing rows. Compared without
+    computing offset + length first: a crafted offset near the integer limit would wrap around."""
     for ours, name in names.items():
         rows = f[name].shape[0] if f[name].ndim else 0
-        past = np.flatnonzero(ends > rows)
+        past = np.flatnonzero((offsets > rows) | (lengths > rows - offsets))
         if len(past):
             e = int(past[0])
+            start, end = int(offsets[e]), int(offsets[e]) + int(lengths[e])  # Python integers: no wrap-around
             raise DatasetError(f"{path}: ep_len/ep_offset disagree with the column lengths: episode {e} is rows "
-                               f"{offsets[e]}..{ends[e] - 1} but {name!r} has {rows} rows")
+                               f"{start}..{end - 1} but {name!r} has {rows} rows")
+    ends = offsets + lengths
     order = np.argsort(offsets, kind="stable")
     overlap = np.flatnonzero(offsets[order][1:] < ends[order][:-1])
     if len(overlap):
@@ -198,16 +206,22 @@ def _complete(arrays: list[dict], env: str, path: Path) -> None:
 
 
 def _attrs(file_attrs: dict, frame_shape, env: str | None, path: Path) -> dict:
-    """Our attributes: the file's own, the defaults for what it lacks, ``env`` if given."""
+    """Our attributes: the file's own, the defaults for what it lacks. An env the file records wins: ``env``
+    fills it only where the file says nothing we know (no env, or another tool's name), and asking for
+    another is an error, as for shards."""
     attrs = {**SWM_DEFAULTS, **file_attrs}
-    if attrs["env"] not in ENV_NAMES:  # e.g. a gym id: kept for reference, not used
+    recorded = isinstance(file_attrs.get("env"), str) and file_attrs["env"] in ENV_NAMES
+    if "env" in file_attrs and not recorded:  # e.g. a gym id: kept for reference, not used
         attrs["source_env"], attrs["env"] = attrs["env"], SWM_DEFAULTS["env"]
     if env is not None:
         if env not in ENV_NAMES:
             raise DatasetError(f"{path}: env must be one of {sorted(ENV_NAMES)}, got {env!r}")
+        if recorded:
+            check_env(attrs, env, path)
         attrs["env"] = env
     height, width = (int(x) for x in frame_shape)
     attrs.update(size=height if height == width else None, frame_shape=[height, width], layout=LAYOUT)
+    check_attrs(attrs, path)
     return attrs
 
 
@@ -236,16 +250,24 @@ def write_swm(store, out_path: str | Path, compression: str | None = "blosc") ->
         raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: _write_file(tmp, store, compression))
+    with naming_write_errors(out):
+        atomic_write(out, lambda tmp: _write_file(tmp, store, compression))
     return out
 
 
 def _write_file(path: Path, store, compression: str | None) -> None:
-    with h5py.File(path, "w", libver="latest") as f:  # 'latest': their reader opens with swmr=True
-        _write_columns(f, store, compression)
+    """HDF5 writes through a file that keeps its first write error and drops the rest: a full disk or a
+    file-size limit stops the writing at the next episode and is raised once HDF5 has closed the file
+    (writing to a failing file directly, HDF5 floods errors and crashes the interpreter at exit)."""
+    with open(path, "w+b", buffering=0) as fh:
+        sink = LatchedErrorFile(fh)
+        with h5py.File(sink, "w", libver="latest") as f:  # 'latest': their reader opens with swmr=True
+            _write_columns(f, store, compression, sink.raise_error)
+        sink.raise_error()
+        os.fsync(fh.fileno())
 
 
-def _write_columns(f: h5py.File, store, compression: str | None) -> None:
+def _write_columns(f: h5py.File, store, compression: str | None, check=lambda: None) -> None:
     lengths = np.array([ref.steps + 1 for ref in store.episodes], np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]]).astype(np.int64)
     n, s = int(lengths.sum()), store.size
@@ -257,6 +279,7 @@ def _write_columns(f: h5py.File, store, compression: str | None) -> None:
     cols.update({k: _column(f, names[k], (n, 2), np.float64) for k in states})
     step_idx, ep_idx = _column(f, "step_idx", (n,), np.int64), _column(f, "ep_idx", (n,), np.int32)
     for e, (start, rows) in enumerate(zip(offsets.tolist(), lengths.tolist())):
+        check()  # a failed write stops the work here
         episode = store.episode(e)
         end = start + rows
         cols["pixels"][start:end] = episode["pixels"]

@@ -74,6 +74,14 @@ class ReacherBatch:
 
         return resize_frames(frames, self.image_size)
 
+    def qpos(self) -> np.ndarray:
+        """Joint angles (B, 2): what the success rule reads, without building the full state."""
+        return np.stack([d.qpos[:2] for d in self.datas])
+
+    def qvel(self) -> np.ndarray:
+        """Joint velocities (B, 2)."""
+        return np.stack([d.qvel[:2] for d in self.datas])
+
     def states(self) -> dict[str, np.ndarray]:
         """True states, each (B, 2)."""
         per = [self.physics.state(d) for d in self.datas]

@@ -13,9 +13,10 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from common.config import nested, option
+from common.files import atomic_write, prepare_output_dir
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
-from envs.video import upscale, write_video
+from envs.video import check_ffmpeg, upscale, write_video
 from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, load_setup, world_model_controller
 from worldmodel.datasplit import HELD_OUT
 from evaluation.protocols import PROTOCOLS, sample_episodes
@@ -78,6 +79,8 @@ def compose(obs, goal, expected, step: int, error: float, within: bool, reached:
 
 def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     protocol = PROTOCOLS[cfg.protocol]
+    out = prepare_output_dir(cfg.out_dir)  # the output and ffmpeg are checked before any work
+    check_ffmpeg()
     setup = load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
     model, store, batch = setup.model, setup.store, setup.batch
     # what the model expects is shown as a frame it was trained on, never one of the filmed episodes
@@ -111,10 +114,9 @@ def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         final = error
     finally:
         batch.close()
-    out = cfg.out_dir
     written = [write_video(out / f"episode_{i:02d}.mp4", np.stack(v), gif=cfg.gif) for i, v in enumerate(videos)]
     sheet = summary_sheet(first, frames, goals, reached, final, cfg.tolerance)
-    Image.fromarray(sheet).save(out / "summary.png")
+    atomic_write(out / "summary.png", lambda tmp: Image.fromarray(sheet).save(tmp), keep_suffix=True)
     return {"videos": [str(paths[0]) for paths in written], "gifs": [str(p) for paths in written for p in paths[1:]],
             "summary_sheet": str(out / "summary.png"), "success": reached.tolist(),
             "held": (final < cfg.tolerance).tolist(), "final_error": final.tolist()}

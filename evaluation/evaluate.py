@@ -10,6 +10,7 @@ velocity. Frames are rendered only when a policy looks at them (the world model'
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from common.config import apply_overrides, nested, option
-from common.files import atomic_write_json, prepare_output_dir
+from common.files import (atomic_write, atomic_write_json, atomic_write_text, output_lock, prepare_output_dir,
+                          remove_stale_temporaries)
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.storage import recording
@@ -33,6 +35,7 @@ from worldmodel.datasplit import HELD_OUT, load_with_data, recorded_data, split_
 from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint
 
 METHODS = ("world_model", "random", "exploration", "simulator")
+OUTPUTS = ("results.md", "results.png", "results.json")  # in the order written: results.json last
 DEFAULT_CHECKPOINT = "runs/demo/model.pt"
 
 
@@ -133,6 +136,10 @@ def load_setup(checkpoint: str, data: str, episodes: int, device: str = "auto", 
     ids, note = split_episodes(store, meta, split)
     if not ids:
         raise ValueError(f"{data}: no {split} episode for this model ({note})")
+    rows = sum(store.episodes[i].steps + 1 for i in ids)  # an upper bound of the usable start rows
+    if episodes > rows:  # checked before the environments are allocated
+        raise ValueError(f"--episodes {episodes}: the model's {len(ids)} {split} episodes of {data} have {rows} start "
+                         f"rows in all, and each evaluation episode needs its own")
     try:
         train = training_episodes(store, meta)
     except ValueError:
@@ -151,18 +158,26 @@ def batch_like(store: EpisodeStore, n: int) -> ReacherBatch:
 
 
 # --- the closed loop -----------------------------------------------------------------------------------
-def run_episodes(batch: ReacherBatch, episodes: dict, protocol: Protocol, act, bar=None) -> np.ndarray:
+def run_episodes(batch: ReacherBatch, episodes: dict, protocol: Protocol, act, bar=None,
+                 trace: dict | None = None) -> np.ndarray:
     """Closed loop for all episodes at once; ``act() -> (B, 2)`` renders only if it needs frames.
-    Returns joint errors (B, budget + 1) under the protocol's rule; column 0 is the start."""
+    Returns joint errors (B, budget + 1) under the protocol's rule; column 0 is the start. ``trace``, when
+    given, receives the joint angles and velocities of every step (B, budget + 1, 2) and the actions
+    (B, budget, 2)."""
     batch.reset_to(episodes["qpos"], episodes["qvel"], episodes["target"], render=False)
     goal = episodes["goal_qpos"]
-    errors = [joint_error(batch.states()["qpos"], goal, protocol.wrap)]
+    qpos, qvel, actions = [batch.qpos()], [batch.qvel()], []
     for _ in range(protocol.budget):
-        batch.step(act(), render=False)
-        errors.append(joint_error(batch.states()["qpos"], goal, protocol.wrap))
+        actions.append(np.asarray(act(), np.float32))
+        batch.step(actions[-1], render=False)
+        qpos.append(batch.qpos())
+        if trace is not None:
+            qvel.append(batch.qvel())
         if bar is not None:
             bar.update(1)
-    return np.stack(errors, 1)
+    if trace is not None:
+        trace.update(qpos=np.stack(qpos, 1), qvel=np.stack(qvel, 1), action=np.stack(actions, 1))
+    return joint_error(np.stack(qpos, 1), goal[:, None], protocol.wrap)
 
 
 def world_model_controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, eps: dict, goal_images: np.ndarray,
@@ -185,10 +200,10 @@ def world_model_controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, ep
 
 # --- the command ---------------------------------------------------------------------------------------
 def check_output(cfg: EvalConfig) -> Path:
-    """The output directory, refusing to overwrite finished results unless asked."""
+    """The output directory, refusing to overwrite finished results (all of ``OUTPUTS``) unless asked."""
     out = cfg.out_dir
-    results = out / "results.json"
-    if results.exists() and not cfg.overwrite:
+    results = out / "results.json"  # written last: what says the evaluation finished
+    if all((out / name).exists() for name in OUTPUTS) and not cfg.overwrite:
         try:
             done = json.loads(results.read_text())
             what = f"{len(done['episodes'])} episodes of {done['config']['protocol']}"
@@ -206,6 +221,13 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     protocols = parse_protocols(cfg.protocol)
     methods = ["world_model", *parse_baselines(cfg.baselines)]
     out = check_output(cfg)
+    with output_lock(out):  # one evaluation at a time in a directory
+        return _evaluate(cfg, out, protocols, methods, progress)
+
+
+def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) -> dict:
+    """``evaluate`` once ``out`` is checked and locked; results.json, written last, says it finished."""
+    remove_stale_temporaries(out, "|".join(map(re.escape, OUTPUTS)))
     total = sum(p.budget for p in protocols) * cfg.seeds * len(methods) * len(cfg.checkpoints)
     bar = tqdm(total=total, desc="eval", unit="step", disable=not progress)
     records, curves, notes, steps = [], {}, [], []
@@ -230,12 +252,13 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     split_note = notes[0] if len(notes) == 1 else f"each model's own {cfg.split} episodes"
     report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps, "split": notes,
               "interval": METHOD, "summary": summary, "episodes": records}
-    atomic_write_json(out / "results.json", report)
-    (out / "results.md").write_text(results_markdown(summary, cfg, split_note, cfg.checkpoints))
+    atomic_write_text(out / "results.md", results_markdown(summary, cfg, split_note, cfg.checkpoints))
     title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"
              f"{' and model' if len(cfg.checkpoints) > 1 else ''}, {cfg.split} split")
-    plot_results(summary, curves, cfg.tolerance, out / "results.png", title)
+    atomic_write(out / "results.png", lambda tmp: plot_results(summary, curves, cfg.tolerance, tmp, title),
+                 keep_suffix=True)
     log_to_tensorboard(out / "tb", summary, steps[0] or 0)
+    atomic_write_json(out / "results.json", report)  # last: the evaluation is finished
     return report
 
 
@@ -311,3 +334,16 @@ def world_model_rates(setup: Setup, policy: PolicyConfig, protocol: str, episode
     records = run_protocol_seed(setup, cfg, parse_protocols(protocol)[0], seed, ["world_model"], {})
     return (float(np.mean([r["success"] for r in records])), float(np.mean([r["held"] for r in records])),
             records[0]["plan_time_per_call_s"])
+
+
+def closed_loop_rates(checkpoint: str, data: str = "", split: str = "test", episodes: int = 50,
+                      protocol: str = "reach25", seed: int = 0, policy: PolicyConfig | None = None,
+                      device: str = "auto") -> tuple[float, float]:
+    """(latched rate, held rate) of the world-model policy (the default unless ``policy``) on one seed of
+    ``protocol`` from ``checkpoint``'s ``split`` episodes: what a study records beside its own numbers."""
+    setup = load_setup(checkpoint, data, episodes, device, split)
+    try:
+        latched, held, _ = world_model_rates(setup, policy or PolicyConfig(), protocol, episodes, seed)
+    finally:
+        setup.batch.close()
+    return latched, held

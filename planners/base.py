@@ -92,6 +92,7 @@ class Planner:
         if self.action_dim is None:
             raise ValueError("pass action_dim or give the model an `action_dim` attribute")
         self.cost_fn: CostFn = get_cost(self.cfg.cost)
+        self.steps_per_chunk = getattr(model, "frameskip", 1)  # a chunk holds this many env actions
         self._seed, self._calls = self.cfg.seed, 0
         self._step = self.iteration
         if self.cfg.compile:
@@ -164,7 +165,7 @@ class Planner:
         candidate seen. The mean averages noise away (it wins on smooth costs); the best candidate
         guards against a mean that falls between two good modes. Both costs are exact.
         """
-        cost = self.cost_fn(self.model.rollout(z_hist, a_hist, mean)[:, None], z_goal)  # (B, 1)
+        cost = self.plan_cost(self.model.rollout(z_hist, a_hist, mean)[:, None], z_goal, mean[:, None])  # (B, 1)
         return PlanResult(*keep_best(best_a, best_c, mean[:, None], cost))
 
     def context(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, keys: Tensor) -> Context:
@@ -176,7 +177,15 @@ class Planner:
     def score(self, ctx: Context, cand: Tensor) -> Tensor:
         """Costs of candidates ``(B, N, H, A)`` -> ``(B, N)`` with one batched ``rollout`` call."""
         z = self.model.rollout(ctx.z_hist, ctx.a_hist, rearrange(cand, "b n h a -> (b n) h a"))  # (B*N, H, D)
-        return self.cost_fn(rearrange(z, "(b n) h d -> b n h d", b=cand.shape[0]), ctx.z_goal)  # (B, N)
+        return self.plan_cost(rearrange(z, "(b n) h d -> b n h d", b=cand.shape[0]), ctx.z_goal, cand)  # (B, N)
+
+    def plan_cost(self, z_pred: Tensor, z_goal: Tensor, actions: Tensor) -> Tensor:
+        """The cost of candidates: the latent cost of their predictions ``(B, N, H, D)``, plus
+        ``action_cost`` times their summed squared actions ``(B, N, H, A)``: -> ``(B, N)``."""
+        cost = self.cost_fn(z_pred, z_goal)
+        if self.cfg.action_cost:
+            cost = cost + self.cfg.action_cost * actions.square().sum((-1, -2))
+        return cost
 
     def fixed_candidates(self, mean: Tensor) -> Tensor:
         """Candidates scored in every iteration besides the samples: the rest sequence (all-zero actions)
@@ -187,7 +196,24 @@ class Planner:
         """``n`` Gaussian candidates around ``mean (B, H, A)`` with ``std (B, H, A)``, clamped to [-1, 1];
         problem b's noise comes from its own stream ``(ctx.keys[b], stream)``."""
         eps = standard_normal(ctx.keys, stream, (n, *mean.shape[1:]), mean.dtype)  # (B, n, H, A)
+        if self.cfg.noise_beta:
+            eps = coloured(eps, self.cfg.noise_beta, self.steps_per_chunk)
         return (mean[:, None] + std[:, None] * eps).clamp(-1, 1)  # (B, n, H, A)
+
+
+def coloured(eps: Tensor, beta: float, steps_per_chunk: int) -> Tensor:
+    """White noise (B, n, H, A) made temporally correlated along the plan's env steps (H chunks of
+    ``steps_per_chunk`` actions): power spectrum ~ 1 / f^beta (1: pink, 2: red, as iCEM), each sequence and
+    action dimension scaled back to unit variance. Low frequencies dominate, so a candidate keeps pushing
+    the same way for a while instead of dithering."""
+    B, n, H, A = eps.shape
+    x = rearrange(eps, "b n h (k d) -> b n d (h k)", k=steps_per_chunk)  # (B, n, dims, T)
+    T = x.shape[-1]
+    freq = torch.fft.rfftfreq(T, device=eps.device, dtype=eps.dtype)  # (T//2 + 1,)
+    scale = torch.where(freq > 0, freq, freq[1] if T > 1 else freq.new_ones(())).pow(-beta / 2)
+    x = torch.fft.irfft(torch.fft.rfft(x, dim=-1) * scale, n=T, dim=-1)
+    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-6)
+    return rearrange(x, "b n d (h k) -> b n h (k d)", k=steps_per_chunk)
 
 
 COMPILE_BACKEND = "inductor"  # the tests' fast check of graph capture swaps in "aot_eager"

@@ -52,6 +52,6 @@ class CEMPlanner(Planner):
 
     def finish(self, z_hist, a_hist, z_goal, mean, best_a, best_c) -> PlanResult:
         if self.cfg.cem.plan_from == "mean":
-            cost = self.cost_fn(self.model.rollout(z_hist, a_hist, mean)[:, None], z_goal)[:, 0]  # (B,)
+            cost = self.plan_cost(self.model.rollout(z_hist, a_hist, mean)[:, None], z_goal, mean[:, None])[:, 0]
             return PlanResult(mean, cost)
         return super().finish(z_hist, a_hist, z_goal, mean, best_a, best_c)

@@ -98,8 +98,12 @@ class PlannerConfig:
     cost: Any = option("sum", "distance of the predicted latents to the goal's, summed over the plan (sum) or at "
                               "its last step only (final); in Python also a callable "
                               "(z_pred (B,N,H,D), z_goal (B,D)) -> (B,N)", choices=tuple(COSTS))
+    action_cost: float = option(0.0, "weight of the summed squared actions in the cost (0: none); near the goal it "
+                                     "makes the planner prefer small moves to large ones the model rates alike")
     rest: bool = option(True, "score the all-zero action sequence (letting the arm come to rest) among every "
                               "iteration's candidates, so a plan that holds a reached goal is found exactly")
+    noise_beta: float = option(0.0, "colour of the sampling noise along the plan's env steps: power ~ 1/f^beta "
+                                    "(0: white; 2: red, temporally correlated, as iCEM)")
     seed: int = option(0, "seed of the noise streams; same seed, same plan", cli=False)
     compile: bool = option(False, "torch.compile one planning iteration (CUDA graphs on CUDA)")
     cem: CEMConfig = nested(CEMConfig, "CEM only")
@@ -113,6 +117,10 @@ class PlannerConfig:
                              f"{self.iterations}")
         if self.iterations >= STREAMS_PER_CALL:
             raise ValueError(f"iterations must be < {STREAMS_PER_CALL}, got {self.iterations}")
+        if self.action_cost < 0:
+            raise ValueError(f"action_cost must be >= 0, got {self.action_cost}")
+        if not 0 <= self.noise_beta <= 4:
+            raise ValueError(f"noise_beta must be in [0, 4], got {self.noise_beta}")
         if not (callable(self.cost) or self.cost in COSTS):
             raise ValueError(f"cost must be one of {sorted(COSTS)} or a callable, got {self.cost!r}")
         getattr(self, self.planner).check(self)  # the chosen planner's needs of the shared settings

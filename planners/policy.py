@@ -37,9 +37,19 @@ class PolicyConfig:
     receding_horizon: int = option(1, "chunks executed between replans (the plan's first chunks)")
     context: int | None = option(None, "latest frames the planner conditions on (default: the model's history; "
                                        "1: the current frame only, as LeWM plans)")
+    step_replan: str = option("never", "also replan between chunk boundaries, at every env step: never, near (a "
+                                       "problem, once it has come within subgoals.reach of its goal) or always; "
+                                       "frames are then rendered and encoded at every step",
+                              choices=("never", "near", "always"))
     subgoals: SubgoalConfig = nested(SubgoalConfig, "waypoints for far goals")
 
     def __post_init__(self):
+        if self.step_replan not in ("never", "near", "always"):
+            raise ValueError(f"step_replan must be never, near or always, got {self.step_replan!r}")
+        if self.step_replan != "never" and self.receding_horizon != 1:
+            raise ValueError("step_replan needs receding_horizon 1 (a plan per chunk boundary at least)")
+        if self.step_replan == "near" and not self.subgoals.enabled:
+            raise ValueError("step_replan near uses the subgoal route to tell when the goal is near: enable subgoals")
         if not 1 <= self.receding_horizon <= self.plan.horizon:
             raise ValueError(f"receding_horizon must be in [1, horizon={self.plan.horizon}], got "
                              f"{self.receding_horizon}")
@@ -101,7 +111,7 @@ class MPCPolicy:
         self._route = None
         if self.graph is not None:
             start = time.perf_counter()
-            self._route = subgoals.route(self.graph, z_goal)
+            self._route = subgoals.route(self.graph, z_goal, self.cfg.subgoals)
             self.route_times.append(time.perf_counter() - start)
         self._z_hist: torch.Tensor | None = None  # (B, h, D)
         self._a_hist: torch.Tensor | None = None  # (B, h-1, A)
@@ -112,6 +122,10 @@ class MPCPolicy:
         self._chunks_since_plan = 0
         self._planned_from = None  # (z_hist, a_hist) the current plan was made from
         self._prediction = None  # its predicted final latent, computed on demand
+        self._step_z: list[torch.Tensor] = []  # step replanning: latents (B, D) of the recent env steps
+        self._played: list[np.ndarray] = []  # step replanning: actions (B, 2) played at the recent env steps
+        self._step_plan = None  # (host (B, H*fs, 2), pointer (B,), rows (B,) bool) of plans made between boundaries
+        self._steps_since_plan = 0  # step replanning: env steps played since the boundary plan
 
     def set_history(self, frames: np.ndarray, chunks: np.ndarray) -> None:
         """Start from the history the episode would have had, instead of as if the arm had been at rest.
@@ -127,7 +141,10 @@ class MPCPolicy:
             raise RuntimeError("call set_history after reset and before the first act")
         frames = self._frames(np.asarray(frames).reshape(-1, *np.shape(frames)[-3:]), "history frame")
         B, A = self._z_goal.shape[0], self.model.action_dim
-        chunks = torch.as_tensor(np.asarray(chunks, np.float32), device=self.device)
+        chunks = np.asarray(chunks, np.float32)
+        if not np.all(np.abs(chunks) <= 1 + 1e-4):  # NaN fails this too
+            raise ValueError("history: chunks must hold the actions played, finite and in [-1, 1]")
+        chunks = torch.as_tensor(chunks, device=self.device)
         if chunks.ndim != 3 or chunks.shape[0] != B or chunks.shape[2] != A or len(frames) != B * chunks.shape[1]:
             raise ValueError(f"history: frames (B={B}, k, H, W, 3) and chunks (B, k, {A}) must agree, got "
                              f"{len(frames)} frames and chunks {tuple(chunks.shape)}")
@@ -152,16 +169,70 @@ class MPCPolicy:
 
     @torch.no_grad()
     def act_latent(self, observe, n: int) -> np.ndarray:
-        """Env actions (B, 2); ``observe()`` gives the current latents (B, D), called only at chunk boundaries."""
+        """Env actions (B, 2); ``observe()`` gives the current latents (B, D), called only at chunk boundaries
+        (at every step with ``step_replan``)."""
         if self._z_goal is None:
             raise RuntimeError("call reset(goal_image) before act")
         if n != self._z_goal.shape[0]:
             raise ValueError(f"{n} observations for {self._z_goal.shape[0]} goals")
         k = self._t % self.frameskip
+        if self.cfg.step_replan == "never":
+            if k == 0:
+                self._observe(observe())
+            self._t += 1
+            return self._chunk_host[:, k]
+        return self._act_stepwise(observe(), k)
+
+    def _act_stepwise(self, z: torch.Tensor, k: int) -> np.ndarray:
+        """``step_replan``: every step's latent is kept; between chunk boundaries, the problems that are near
+        their goal (or all) replan from the frames ``frameskip`` steps apart that end at this step."""
+        span = (self.history - 1) * self.frameskip
+        self._step_z = (self._step_z + [z])[-(span + 1):]
         if k == 0:
-            self._observe(observe())
+            self._observe(z)  # replans every problem from the boundary, warm-started from what each was playing
+            self._step_plan = None
+        elif len(self._step_z) > span:
+            rows = np.ones(len(z), bool) if self.cfg.step_replan == "always" else self._route.near.cpu().numpy()
+            if rows.any():
+                self._step_replan(rows)
+        action = self._chunk_host[:, k].copy()
+        if self._step_plan is not None:
+            queue, pointer, rows = self._step_plan
+            action[rows] = queue[rows, pointer[rows]]
+            pointer += 1
+        self._played = (self._played + [action])[-max(span, self.frameskip):]
+        self._steps_since_plan += 1
         self._t += 1
-        return self._chunk_host[:, k]
+        return action
+
+    def _step_replan(self, rows: np.ndarray) -> None:
+        """Plan all problems from this step's history; the ``rows`` (B,) that asked follow the new plans."""
+        fs = self.frameskip
+        z_hist = torch.stack(self._step_z[::fs], 1)  # (B, h, D): frames fs steps apart, ending now
+        a_hist = None
+        if self.history > 1:  # the chunks played between those frames
+            played = torch.from_numpy(np.stack(self._played[-(self.history - 1) * fs:], 1)).to(self.device)
+            a_hist = rearrange(played, "b (c k) a -> b c (k a)", k=fs)  # (B, h-1, A)
+        result = self._plan_from(z_hist, a_hist, self._upcoming())
+        new = rearrange(result.actions.cpu().numpy(), "b h (k a) -> b (h k) a", k=fs)
+        if self._step_plan is None:
+            self._step_plan = (np.zeros_like(new), np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows), bool))
+        queue, pointer, following = self._step_plan
+        queue[rows], pointer[rows], following[rows] = new[rows], 0, True
+
+    def _upcoming(self) -> torch.Tensor:
+        """Each problem's actions still to play from this step on (B, H, A), zero-padded: the warm start of a
+        plan made now, from the boundary plan or the plan made since."""
+        fs, H = self.frameskip, self._plan.shape[1]
+        flat = rearrange(self._plan.cpu().numpy(), "b h (k a) -> b (h k) a", k=fs)
+        upcoming = np.zeros_like(flat)
+        upcoming[:, :H * fs - self._steps_since_plan] = flat[:, self._steps_since_plan:]
+        if self._step_plan is not None:
+            queue, pointer, rows = self._step_plan
+            for b in np.flatnonzero(rows):
+                upcoming[b] = 0
+                upcoming[b, :H * fs - pointer[b]] = queue[b, pointer[b]:]
+        return torch.from_numpy(rearrange(upcoming, "b (h k) a -> b h (k a)", h=H)).to(self.device)
 
     @property
     @torch.no_grad()
@@ -177,7 +248,11 @@ class MPCPolicy:
         if self._z_hist is None:
             self._z_hist, self._a_hist = z[:, None], None
         else:
-            played = rearrange(self._chunk, "b k a -> b (k a)")[:, None]  # (B, 1, A)
+            if self._played and self._t > 0:  # step replanning: what was really played, some of it replanned
+                chunk = torch.from_numpy(np.stack(self._played[-self.frameskip:], 1)).to(self.device)
+            else:
+                chunk = self._chunk
+            played = rearrange(chunk, "b k a -> b (k a)")[:, None]  # (B, 1, A)
             a = played if self._a_hist is None else torch.cat([self._a_hist, played], 1)
             self._z_hist = torch.cat([self._z_hist, z[:, None]], 1)[:, -self.history:]
             self._a_hist = a[:, a.shape[1] - (self._z_hist.shape[1] - 1):]
@@ -190,18 +265,25 @@ class MPCPolicy:
         self._chunk_host = self._chunk.cpu().numpy().astype(np.float32)
 
     def _replan(self) -> None:
-        init = None if self._plan is None else shift_plan(self._plan, self._chunks_since_plan)
+        init = None
+        if self._plan is not None:  # warm start: what each problem was about to play
+            init = self._upcoming() if self._step_plan is not None else shift_plan(self._plan, self._chunks_since_plan)
         a_hist = self._a_hist if self._z_hist.shape[1] > 1 else None
+        result = self._plan_from(self._z_hist, a_hist, init)
+        self._plan, self._chunks_since_plan, self._steps_since_plan = result.actions, 0, 0
+        self._planned_from, self._prediction = (self._z_hist, a_hist), None
+
+    def _plan_from(self, z_hist: torch.Tensor, a_hist, init):
+        """One timed planning call for all problems, towards each one's goal or waypoint."""
         synchronize(self.device)
         start = time.perf_counter()
         target = self._z_goal
         if self._route is not None:  # a waypoint on the way to a far goal
-            target = subgoals.targets(self.graph, self._route, self._z_hist[:, -1], self.cfg.subgoals)
-        result = self.planner.plan(self._z_hist, target, a_hist, init, keys=self._keys)
+            target = subgoals.targets(self.graph, self._route, z_hist[:, -1], self.cfg.subgoals)
+        result = self.planner.plan(z_hist, target, a_hist, init, keys=self._keys)
         synchronize(self.device)
         self.plan_times.append(time.perf_counter() - start)
-        self._plan, self._chunks_since_plan = result.actions, 0
-        self._planned_from, self._prediction = (self._z_hist, a_hist), None
+        return result
 
     def _check_frames(self, images, what: str) -> np.ndarray:
         x, size = np.asarray(images), self.model.cfg.image_size

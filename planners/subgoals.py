@@ -11,15 +11,20 @@ every replan, while the goal is more than ``reach`` chunks away along the graph,
 the node ``lookahead`` chunks ahead on the path (a waypoint) instead of the goal; close to the goal it
 plans to the goal itself, so near goals are planned exactly as without it.
 
-Routing is batched tensor code (Bellman-Ford relaxation with ``scatter_reduce``), on the model's device.
+Routing solves shortest paths on the sparse graph (scipy's Dijkstra, once per goal node, cached) when an
+episode starts; each replan then finds the waypoint with a nearest-node search and two gathers on the
+model's device, without a host synchronisation.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import dijkstra
 from torch import Tensor
 
 from common.config import nested, option
@@ -43,57 +48,83 @@ class SubgoalConfig:
 
 @dataclass
 class Route:
-    """Shortest paths from every node to each of B goals, and which problems have come near their goal."""
+    """Where each of B problems goes along the graph: its distance to the goal from every node, the
+    waypoint ``lookahead`` chunks ahead of every node, and whether it has come near its goal."""
 
     goal: Tensor  # (B, D) the true goal latents
     dist: Tensor  # (B, N) chunks from node n to goal b along the graph (inf: no path)
-    next: Tensor  # (B, N) the neighbour of node n on a shortest path to goal b (n itself at the goal)
-    next_cost: Tensor  # (B, N) the cost of that edge in chunks
+    ahead: Tensor  # (B, N) long: the node ``lookahead`` chunks from n on its shortest path to goal b
     near: Tensor  # (B,) bool: came within reach of its goal once; from then on plans to the goal itself
 
 
-def route(graph: LatentGraph, z_goal: Tensor, max_iterations: int = 100000) -> Route:
-    """Shortest paths from every node to each goal's nearest node: Bellman-Ford relaxation of all
-    edges for all goals at once, then each node's next hop."""
-    goal_node = graph.nearest(z_goal)  # (B,)
-    B, N = len(z_goal), len(graph.nodes)
-    src = graph.src.expand(B, -1)  # (B, E)
-    dist = torch.full((B, N), float("inf"), device=graph.nodes.device)
-    dist[torch.arange(B), goal_node] = 0.0
-    for _ in range(max_iterations):
-        through = dist[:, graph.dst] + graph.cost  # (B, E): from src, via this edge, then on to the goal
-        new = dist.scatter_reduce(1, src, through, reduce="amin")
-        if torch.equal(new, dist):
-            break
-        dist = new
-    through = dist[:, graph.dst] + graph.cost  # (B, E)
-    best = dist.scatter_reduce(1, src, through, reduce="amin", include_self=False)  # (B, N)
-    on_path = through <= best.gather(1, src)  # (B, E) edges that realise their source's best
-    edge = torch.full((B, N), -1, dtype=torch.long, device=dist.device)
-    index = torch.arange(len(graph.src), device=dist.device).expand(B, -1)
-    edge = edge.scatter_reduce(1, src, torch.where(on_path, index, -1), reduce="amax")  # (B, N), -1: none
-    nodes = torch.arange(N, device=dist.device).expand(B, -1)
-    has = (edge >= 0) & (dist > 0)
-    nxt = torch.where(has, graph.dst[edge.clamp_min(0)], nodes)
-    cost = torch.where(has, graph.cost[edge.clamp_min(0)], torch.zeros_like(dist))
-    return Route(z_goal, dist, nxt, cost, torch.zeros(B, dtype=torch.bool, device=dist.device))
+class Router:
+    """Shortest paths to goal nodes on a graph, one Dijkstra solve per goal node (the graph is symmetric,
+    so the tree of shortest paths FROM the goal gives every node's next hop TOWARDS it), cached."""
+
+    def __init__(self, graph: LatentGraph):
+        self.graph = graph
+        n = len(graph.nodes)
+        src, dst, cost = (t.cpu().numpy() for t in (graph.src, graph.dst, graph.cost))
+        order = np.lexsort((cost, dst, src))  # the cheapest of parallel links first
+        src, dst, cost = src[order], dst[order], cost[order].astype(np.float64)
+        first = np.r_[True, (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])]
+        self.matrix = csr_matrix((cost[first], (src[first], dst[first])), shape=(n, n))
+        self._trees: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # goal node -> (dist (N,), next (N,))
+        self._ahead: dict[tuple[int, float], np.ndarray] = {}  # (goal node, lookahead) -> waypoint (N,)
+
+    def tree(self, goal: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dist (N,) chunks to ``goal``, next (N,) hop towards it; a node with no path is its own next)."""
+        if goal not in self._trees:
+            dist, pred = dijkstra(self.matrix, directed=True, indices=goal, return_predecessors=True)
+            nodes = np.arange(len(dist))
+            self._trees[goal] = (dist, np.where(pred < 0, nodes, pred))
+        return self._trees[goal]
+
+    def ahead(self, goal: int, lookahead: float) -> np.ndarray:
+        """For every node, the node reached by walking towards ``goal`` until ``lookahead`` chunks are
+        covered (or the goal is reached): the waypoint planned towards from there."""
+        key = (goal, lookahead)
+        if key not in self._ahead:
+            dist, nxt = self.tree(goal)
+            node, walked = np.arange(len(dist)), np.zeros(len(dist))
+            for _ in range(int(np.ceil(lookahead / MIN_LINK_COST)) + 1):  # links cost at least MIN_LINK_COST
+                hop = nxt[node]
+                move = (walked < lookahead) & (hop != node)
+                if not move.any():
+                    break
+                with np.errstate(invalid="ignore"):  # inf - inf where there is no path (and no move)
+                    walked = walked + np.where(move, dist[node] - dist[hop], 0.0)  # the link's cost, on the path
+                node = np.where(move, hop, node)
+            self._ahead[key] = node
+        return self._ahead[key]
+
+    def route(self, z_goal: Tensor, cfg: SubgoalConfig) -> Route:
+        """The routes of B goal latents (B, D) to their nearest nodes (host work, once per episode)."""
+        goals = self.graph.nearest(z_goal).tolist()  # (B,)
+        device = self.graph.nodes.device
+        dist = torch.as_tensor(np.stack([self.tree(g)[0] for g in goals]), dtype=torch.float32, device=device)
+        ahead = torch.as_tensor(np.stack([self.ahead(g, cfg.lookahead) for g in goals]), device=device)
+        return Route(z_goal, dist, ahead, torch.zeros(len(goals), dtype=torch.bool, device=device))
+
+
+_ROUTERS: "weakref.WeakKeyDictionary[LatentGraph, Router]" = weakref.WeakKeyDictionary()
+
+
+def route(graph: LatentGraph, z_goal: Tensor, cfg: SubgoalConfig) -> Route:
+    """Routes of B goals (B, D) along ``graph``; solves are cached per graph and goal node."""
+    if graph not in _ROUTERS:
+        _ROUTERS[graph] = Router(graph)
+    return _ROUTERS[graph].route(z_goal, cfg)
 
 
 def targets(graph: LatentGraph, route: Route, z: Tensor, cfg: SubgoalConfig) -> Tensor:
     """What each of B problems plans towards from its current latent z (B, D): the goal once it has
-    come within ``reach`` chunks along the graph (or if it is not connected to it), else the node
-    ``lookahead`` chunks ahead on the shortest path (a waypoint). Coming near latches: an arm holding
-    its goal is never sent back to a waypoint because its nearest node lies a little off the path."""
-    node = graph.nearest(z)  # (B,)
-    far = route.dist.gather(1, node[:, None])[:, 0]  # (B,)
-    walked = torch.zeros_like(far)
-    for _ in range(int(np.ceil(cfg.lookahead / MIN_LINK_COST)) + 1):  # links may cost as little as MIN_LINK_COST
-        hop = route.next.gather(1, node[:, None])[:, 0]
-        cost = route.next_cost.gather(1, node[:, None])[:, 0]
-        move = (walked < cfg.lookahead) & (hop != node)
-        if not move.any():
-            break
-        node = torch.where(move, hop, node)
-        walked = walked + torch.where(move, cost, torch.zeros_like(cost))
+    come within ``reach`` chunks along the graph (or if it is not connected to it), else the waypoint
+    ``lookahead`` chunks ahead on the shortest path. Coming near latches: an arm holding its goal is never
+    sent back to a waypoint because its nearest node lies a little off the path. No host synchronisation:
+    a nearest-node search and two gathers."""
+    node = graph.nearest(z)[:, None]  # (B, 1)
+    far = route.dist.gather(1, node)[:, 0]  # (B,)
+    waypoint = route.ahead.gather(1, node)[:, 0]  # (B,)
     route.near |= (far <= cfg.reach) | ~torch.isfinite(far)
-    return torch.where(route.near[:, None], route.goal, graph.nodes[node])
+    return torch.where(route.near[:, None], route.goal, graph.nodes[waypoint])

@@ -115,3 +115,11 @@ def save_as_trained_on(model, path, data, val_fraction: float = 0.25, test_fract
     store = EpisodeStore(data)
     ids = {s: store.split(s, val_fraction, seed, test_fraction) for s in ("train", "val", "test")}
     return model.save(path, extra={"data": split_record(store, str(data), ids)})
+
+
+def tqdm_progress(log) -> int:
+    """Items done so far (steps, frames), read off the last tqdm bar written to the file ``log``."""
+    import re
+
+    done = re.findall(r"(\d+)/\d+ \[", log.read_text(errors="ignore"))
+    return int(done[-1]) if done else 0

@@ -19,6 +19,8 @@ def test_plan_bench_table_has_a_row_per_setting_and_a_measured_speed_up(monkeypa
     assert len(rows) == 4  # two planners x two batch sizes
     speed_up = re.search(r"\| 8 \| 2 \| 2 \| (\d+) \| ([\d.]+) \| (\d+)x \|", report)
     assert speed_up, report  # the naive reference ran, and its ratio is printed
+    fair = re.search(r"\| 8 \| 2 \| 2 \| (\d+) \| (\d+) \| ([\d.]+)x \|", report.split("fair")[1])
+    assert fair, report  # so did the fair one (problems one at a time, candidates batched)
 
 
 def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):

@@ -75,3 +75,28 @@ def test_an_option_declared_once_reaches_the_command_line():
     new = config_from_args(cfg, args)
     assert (new.model.encoder.vit_heads, new.model.encoder.vit_width, new.model.predictor.heads) == (4, 256, 8)
     assert new.model.image_size is None and new.steps == 20000 and new.model.predictor.hidden == 1024
+
+
+def test_outputs_and_tools_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    """`wm bench --what plan-quality` and `wm video` refuse an unwritable --out, and `wm video` a missing
+    ffmpeg, before they run or read anything; `--cem.init-std nan` is refused before anything too."""
+    import imageio_ffmpeg
+
+    import benchmarks.quality
+    import envs.dataset
+
+    monkeypatch.setattr(benchmarks.quality, "run", lambda *a, **k: pytest.fail("benchmarked before checking"))
+    monkeypatch.setattr(envs.dataset, "EpisodeStore", lambda *a, **k: pytest.fail("read before checking"))
+    (tmp_path / "file").write_text("x")
+    assert main(["bench", "--what", "plan-quality", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert main(["video", "--data", str(tmp_path), "--out", str(tmp_path / "file" / "v.mp4")]) == 2
+    assert "file" in capsys.readouterr().err
+
+    def missing():
+        raise RuntimeError("No ffmpeg exe could be found")
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", missing)
+    assert main(["video", "--data", str(tmp_path), "--out", str(tmp_path / "v.mp4")]) == 2
+    assert "writing mp4 videos needs ffmpeg" in capsys.readouterr().err
+    assert main(["eval", "--cem.init-std", "nan", "--data", str(tmp_path / "none")]) == 2
+    assert "cem.init_std must be a finite number, got nan" in capsys.readouterr().err

@@ -12,10 +12,11 @@ import h5py
 import numpy as np
 import pytest
 
+import common.files
 import envs.collect
-import envs.storage
 from envs.collect import CollectConfig, CollectionError, collect, plan_shards
 from envs.dataset import EpisodeStore
+from conftest import tqdm_progress
 from envs.storage import DatasetError
 
 TINY = CollectConfig(episodes=5, steps=12, size=32, workers=1, episodes_per_shard=2)
@@ -67,12 +68,6 @@ def test_resume_with_other_settings_is_an_error(tmp_path):
         collect(replace(TINY, out=str(tmp_path / "d"), policy="random"), progress=False)
 
 
-def _progress(log) -> int:
-    """Frames done so far, read off the tqdm bar in the log."""
-    done = re.findall(r"(\d+)/\d+ \[", log.read_text(errors="ignore"))
-    return int(done[-1]) if done else 0
-
-
 def test_interrupted_collection_keeps_finished_episodes_and_resumes(tmp_path):
     """SIGINT in the middle of `wm collect`: finished episodes are saved; rerunning completes the same data."""
     out, log = tmp_path / "d", tmp_path / "log"
@@ -82,7 +77,7 @@ def test_interrupted_collection_keeps_finished_episodes_and_resumes(tmp_path):
     with open(log, "w") as err:
         proc = subprocess.Popen(args, stdout=err, stderr=err, env=dict(os.environ, PYTHONPATH=os.getcwd()))
         deadline = time.time() + 120
-        while _progress(log) < 5 * (steps + 1) and time.time() < deadline and proc.poll() is None:
+        while tqdm_progress(log) < 5 * (steps + 1) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)  # a shard of 500 never completes by itself: only the interrupt writes it
         proc.wait(timeout=120)
@@ -147,22 +142,25 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, monkeypatch):
 
 def test_full_disk_stops_cleanly_and_reports_what_was_saved(tmp_path, monkeypatch, capsys):
     """The 2nd shard's write fails with ENOSPC half-way: a clear error, the 1st shard kept, no temporary file."""
-    real, calls = envs.storage._write_file, []
+    real, calls = common.files._write_all, []
     def full_disk(fh, data):
+        if not Path(fh.name).name.startswith("shard_"):  # the dataset's manifest
+            return real(fh, data)
         calls.append(fh.name)
         if len(calls) == 2:
             fh.write(data[: len(data) // 2])  # half of it is in the temporary file already
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fh, data)
-    monkeypatch.setattr(envs.storage, "_write_file", full_disk)
+    monkeypatch.setattr(common.files, "_write_all", full_disk)
     out = tmp_path / "d"
     with pytest.raises(CollectionError, match=r"could not write shard_000002_000003.h5 \(No space left on device\); "
                                               r"2/5 episodes are saved"):
         collect(replace(TINY, out=str(out)), progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["shard_000000_000001.h5"]
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "shard_000000_000001.h5"]
     assert len(EpisodeStore(out).episodes) == 2
+    assert f"{out} holds 2 of the 5 episodes its dataset.json records" in capsys.readouterr().err  # short: says so
     assert Path(calls[1]).name.startswith("shard_000002_000003.h5.")
-    monkeypatch.setattr(envs.storage, "_write_file", real)
+    monkeypatch.setattr(common.files, "_write_all", real)
     summary = collect(replace(TINY, out=str(out)), progress=False)
     assert summary["saved"] == 3 and summary["already_there"] == 2
 
@@ -210,7 +208,7 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
     with open(log, "w") as err:
         proc = subprocess.Popen(args, stdout=err, stderr=err, env=dict(os.environ, PYTHONPATH=os.getcwd()))
         deadline = time.time() + 120
-        while _progress(log) < 21 and time.time() < deadline and proc.poll() is None:
+        while tqdm_progress(log) < 21 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
         workers = _children(proc.pid)
         assert len(workers) == 2, log.read_text()
@@ -241,3 +239,16 @@ def test_image_size_stores_area_resized_frames(tmp_path):
         assert np.array_equal(store.episode(i)["pixels"], big.episode(i)["pixels"])
     with pytest.raises(DatasetError, match="other settings"):  # resuming with another image size
         collect(replace(small, out=str(tmp_path / "small"), image_size=48, episodes=3), progress=False)
+
+
+def test_one_collection_at_a_time_into_a_directory(tmp_path):
+    from common.files import OutputLockedError, output_lock
+
+    out = tmp_path / "d"
+    out.mkdir()
+    with output_lock(out):
+        with pytest.raises(OutputLockedError, match=f"{out} is in use by another run"):
+            collect(replace(TINY, out=str(out), episodes=1), progress=False)
+    assert not list(out.glob("*.h5"))
+    assert collect(replace(TINY, out=str(out), episodes=1), progress=False)["saved"] == 1
+    assert not (out / ".wm.lock").exists()

@@ -111,3 +111,45 @@ def test_atomic_write_leaves_no_file_on_failure(tmp_path):
     with pytest.raises(Exception):
         write_shard(tmp_path / "s.h5", {0: {"pixels": object()}}, {"env": "x", "size": 32})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_copied_shard_in_a_dataset_directory_names_both_files(tmp_path):
+    data = write_synthetic(tmp_path / "d", n_episodes=4, steps=10)
+    shard = sorted(data.glob("*.h5"))[0]
+    copy = data / "shard_copy.h5"
+    copy.write_bytes(shard.read_bytes())
+    with pytest.raises(DatasetError, match=rf"the same episode twice: .*{shard.name} ep_000000 and .*{copy.name} "
+                                           rf"ep_000000"):
+        EpisodeStore(data)
+
+
+def test_a_short_dataset_directory_says_so_when_opened(tmp_path, capsys):
+    """A directory records how many episodes it should hold: one left short by an interrupted collection or
+    conversion is not silently a smaller dataset."""
+    from envs.storage import write_manifest
+
+    data = write_synthetic(tmp_path / "d", n_episodes=4, steps=10)
+    write_manifest(data, 4)
+    EpisodeStore(data)
+    assert "holds" not in capsys.readouterr().err
+    sorted(data.glob("*.h5"))[-1].unlink()
+    assert len(EpisodeStore(data)) == 2
+    assert f"warning: {data} holds 2 of the 4 episodes its dataset.json records" in capsys.readouterr().err
+    (data / "dataset.json").write_text('{"episodes": "four"}')
+    with pytest.raises(DatasetError, match=r"dataset\.json: 'episodes' must be a count of episodes, got 'four'"):
+        EpisodeStore(data)
+
+
+def test_an_unreadable_directory_is_not_reported_as_empty(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    data = write_synthetic(tmp_path / "d", n_episodes=2, steps=10)
+    real = Path.iterdir
+
+    def refuse(self):
+        if self == data:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(DatasetError, match=rf"{data}: cannot be read \(Permission denied\)"):
+        EpisodeStore(data)

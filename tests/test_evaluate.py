@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.config import apply_overrides
 from conftest import run_wm as _wm
 from conftest import save_as_trained_on
 from envs import joint_error
@@ -325,3 +326,81 @@ def test_choosing_never_touches_the_test_episodes(data, tmp_path, monkeypatch):
     quality.run(str(tmp_path / "m.pt"), "cpu", settings=((8, 1),), episodes=2, data=str(data), split="test")
     assert seen[-1] == test  # the spy sees a split when one is used
     assert set(split_episodes(store, meta, "val")[0]) == val
+
+
+def _small_eval(checkpoint, data, out, **kw):
+    return EvalConfig(checkpoint=str(checkpoint), data=str(data), out=str(out), episodes=2, seeds=1, baselines="",
+                      policy=apply_overrides(PolicyConfig(), {"samples": 8, "iterations": 1}), **kw)
+
+
+def test_a_failed_evaluation_leaves_no_partial_output_and_is_not_finished(data, tmp_path, monkeypatch):
+    """A full disk while plotting: no 0-byte results.png, no results.json (written last), so the rerun is not
+    refused as finished."""
+    import evaluation.evaluate as ev
+    from evaluation.evaluate import evaluate
+
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    cfg = _small_eval(tmp_path / "m.pt", data, tmp_path / "e")
+
+    def full_disk(summary, curves, tolerance, path, title=""):
+        open(path, "wb").close()
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ev, "plot_results", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate(cfg, progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["results.md"]  # complete, but not the rest
+    evaluate(cfg, progress=False)  # not "already holds": it never finished
+    assert {"results.json", "results.md", "results.png"} <= {p.name for p in (tmp_path / "e").iterdir()}
+    with pytest.raises(ValueError, match="already holds"):
+        evaluate(cfg, progress=False)
+
+
+def test_one_evaluation_at_a_time_into_a_directory(data, tmp_path):
+    from common.files import OutputLockedError, output_lock
+    from evaluation.evaluate import evaluate
+
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    (tmp_path / "e").mkdir()
+    with output_lock(tmp_path / "e"):
+        with pytest.raises(OutputLockedError, match="is in use by another run"):
+            evaluate(_small_eval(tmp_path / "m.pt", data, tmp_path / "e"), progress=False)
+    assert not (tmp_path / "e" / "results.json").exists()
+
+
+def test_too_many_episodes_are_refused_before_the_environments_exist(data, tmp_path, monkeypatch):
+    import evaluation.evaluate as ev
+    from evaluation.evaluate import evaluate
+
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    monkeypatch.setattr(ev, "batch_like", lambda *a: pytest.fail("environments allocated before the check"))
+    cfg = _small_eval(tmp_path / "m.pt", data, tmp_path / "e")
+    cfg.episodes = 100_000_000
+    with pytest.raises(ValueError, match=r"--episodes 100000000: the model's \d+ test episodes .* have \d+ start rows"):
+        evaluate(cfg, progress=False)
+
+
+def test_a_dataset_error_is_not_blamed_on_the_models_env(data, tmp_path):
+    from evaluation.evaluate import evaluate
+
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    with pytest.raises(ValueError, match="no such dataset") as info:
+        evaluate(_small_eval(tmp_path / "m.pt", tmp_path / "nowhere", tmp_path / "e"), progress=False)
+    assert "the env of the model" not in str(info.value)
+
+
+def test_demo_checks_its_output_and_ffmpeg_before_any_work(data, tmp_path, monkeypatch):
+    import evaluation.demo as demo
+    import imageio_ffmpeg
+
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    monkeypatch.setattr(demo, "load_setup", lambda *a, **k: pytest.fail("worked before checking"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        demo.make_demo(demo.DemoConfig(checkpoint=str(tmp_path / "m.pt"), out=str(tmp_path / "file")), progress=False)
+
+    def missing():
+        raise RuntimeError("No ffmpeg exe could be found")
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", missing)
+    with pytest.raises(RuntimeError, match="writing mp4 videos needs ffmpeg"):
+        demo.make_demo(demo.DemoConfig(checkpoint=str(tmp_path / "m.pt"), out=str(tmp_path / "v")), progress=False)

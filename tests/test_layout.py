@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).parents[1]
-LAYERS = ("common", "envs", "worldmodel", "planners", "evaluation", "benchmarks", "wm")
+LAYERS = ("common", "envs", "worldmodel", "planners", "evaluation", "benchmarks", "studies", "wm")
 FORBIDDEN = {("planners", "envs")}  # the planning core needs no environment: a model is enough to plan
 
 

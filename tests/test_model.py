@@ -131,3 +131,79 @@ def test_a_pickle_is_not_loaded(tmp_path):
     torch.save({"evil": object()}, path)
     with pytest.raises(CheckpointError, match="cannot be read as a weights file"):
         WorldModel.load(path)
+
+
+def test_corrupt_bytes_and_non_finite_weights_are_refused(tmp_path):
+    """torch checks no checksum: a flipped byte inside a tensor would load as a wrong weight, and NaN weights
+    would plan nothing (0% success, exit 0). Both name the file."""
+    path = WorldModel(tiny_config()).save(tmp_path / "m.pt")
+    good = path.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"m\.pt: cannot be read as a weights file .*checksum .* does not match"):
+        WorldModel.load(path)
+    state = WorldModel(tiny_config()).state_dict()
+    state["predictor.mlp.0.weight"][0, 0] = float("nan")
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"m\.pt: predictor\.mlp\.0\.weight holds non-finite values"):
+        WorldModel.load(path)
+
+
+def test_a_pickle_is_refused_without_advice_to_unpickle(tmp_path):
+    path = WorldModel(tiny_config()).save(tmp_path / "m.pt")
+    torch.save({"evil": object()}, path)
+    with pytest.raises(CheckpointError, match=r"objects other than tensors and plain containers \(object\)") as info:
+        WorldModel.load(path)
+    assert "weights_only" not in str(info.value) and "can still be loaded" not in str(info.value)
+
+
+def test_absurd_sizes_are_refused_before_anything_is_allocated(tmp_path):
+    """A config may not ask for more than the code allows, and a config that disagrees with its weights is
+    found on shapes alone (latent_dim 1e6 would have allocated gigabytes first)."""
+    import time
+
+    path = WorldModel(tiny_config()).save(tmp_path / "m.pt")
+    meta = json.loads((tmp_path / "m.json").read_text())
+    for bad in (10**6, 10**9):
+        meta["config"]["latent_dim"] = bad
+        (tmp_path / "m.json").write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match=rf"m\.json: .*--latent-dim {bad} \(must be <= 4096\)"):
+            WorldModel.load(path)
+    meta["config"]["latent_dim"] = 4096
+    meta["config"]["predictor"]["hidden"] = 16384  # allowed sizes, but not these weights: refused on shapes
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="do not match its config"):
+        WorldModel.load(path)
+    assert time.perf_counter() - start < 5
+    meta["config"]["encoder"].update(conv_channels=1024, conv_stages=8)  # each allowed, together too many
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"m\.json: this architecture has [\d,]+ parameters"):
+        WorldModel.load(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"config.latent_dim": "64"}, r"latent_dim must be an integer, got '64'"),
+    ({"config.latent_dim": 64.0}, r"latent_dim must be an integer, got 64\.0"),
+    ({"config.latent_dim": True}, r"latent_dim must be an integer, got True"),
+    ({"step": "ten"}, r"'step' must be a count of steps, got 'ten'"),
+    ({"step": -5}, r"'step' must be a count of steps, got -5"),
+    ({"data": "runs/demo/data"}, r"'data' must be the record of the training data"),
+    ({"data": {"path": "d", "fingerprint": "f", "train": "all"}}, r"'data\.train' must be episode uids"),
+    ({"data": {"path": "d", "fingerprint": "f", "train": [1, 2]}}, r"'data\.train' must list episode uids"),
+    ({"data": {"path": 3, "fingerprint": "f", "train": []}}, r"'data\.path' must be the dataset's path"),
+    ({"data": {"path": "d"}}, r"'data' must record 'fingerprint' and 'train'"),
+])
+def test_crafted_model_json_names_the_file_and_field(tmp_path, change, message):
+    path = WorldModel(tiny_config()).save(tmp_path / "m.pt")
+    meta = json.loads((tmp_path / "m.json").read_text())
+    for key, value in change.items():
+        *parents, leaf = key.split(".")
+        target = meta
+        for name in parents:
+            target = target[name]
+        target[leaf] = value
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"m\.json: .*{message}"):
+        WorldModel.load(path)

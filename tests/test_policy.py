@@ -77,7 +77,9 @@ def test_load_policy(model, tmp_path):
     policy = load_policy(tmp_path / "m.pt", device="cpu", planner="mppi", samples=8, iterations=2, horizon=2,
                          **{"subgoals.enabled": False})
     assert policy.planner.cfg.samples == 8 and policy.planner.cfg.horizon == 2
-    assert policy.planner.cfg.cost == "sum"  # the MPC default; the bare planners keep "final"
+    assert policy.planner.cfg.cost == "sum"  # the default: a final-step cost keeps deferring arrival under MPC
+    final = load_policy(tmp_path / "m.pt", device="cpu", cost="final", **{"cem.elites": 3, "subgoals.enabled": False})
+    assert final.planner.cfg.cost == "final" and final.planner.n_elites == 3  # settings by name reach the planner
     policy.reset(np.zeros((32, 32, 3), np.uint8))
     assert policy.act(np.zeros((32, 32, 3), np.uint8)).shape == (2,)
     with pytest.raises(CheckpointError):
@@ -118,3 +120,99 @@ def test_load_policy_on_cuda_without_cuda_is_a_clear_error(model, tmp_path, monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no CUDA GPU"):
         load_policy(tmp_path / "m.pt", device="cuda", **{"subgoals.enabled": False})
+
+
+def test_no_host_sync_while_replanning(model):
+    """A replan (waypoint lookup on the subgoal graph and the plan itself) never reads a tensor on the
+    host: on a GPU it would stall the pipeline at every chunk. Only the chunk's copy to the host, once per
+    chunk, is allowed, outside the replan. The guard is shown able to fail on a tensor read."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    graph = _graph()
+    cfg = apply_overrides(small(), {"subgoals.enabled": True, "subgoals.reach": 0.5})
+    policy = MPCPolicy(model, cfg, graph)
+    real = policy._replan
+
+    def no_sync(*args):
+        raise AssertionError("host synchronisation inside a replan")
+
+    def guarded():
+        with ExitStack() as stack:
+            for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+                stack.enter_context(mock.patch.object(torch.Tensor, name, no_sync))
+            real()
+
+    policy._replan = guarded
+    frames = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    policy.reset(frames)
+    for _ in range(6):  # three chunks of frameskip 2: three replans
+        policy.act_batch(frames)
+    assert len(policy.plan_times) == 3 and policy._route is not None
+    from planners import subgoals
+
+    real_targets = subgoals.targets
+    sloppy = lambda *a: real_targets(*a) if bool(a[1].near.any()) or True else None  # noqa: E731 (reads a flag)
+    with mock.patch.object(subgoals, "targets", sloppy), pytest.raises(AssertionError, match="host synchronisation"):
+        policy.act_batch(frames)
+        policy.act_batch(frames)  # the next chunk boundary replans
+
+
+def test_settings_by_name_and_history_edges_are_clear_errors(model, tmp_path):
+    """Each value is checked by its setting's type and range before anything runs: NaN, a string for a
+    number, 2.5 for a count, a device nothing runs on, a word for a switch; NaN history chunks too."""
+    model.save(tmp_path / "m.pt")
+    for overrides, message in (({"cem.init_std": float("nan")}, r"cem\.init_std must be a finite number, got nan"),
+                               ({"samples": "100"}, r"samples must be an integer, got '100'"),
+                               ({"samples": 2.5}, r"samples must be an integer, got 2\.5"),
+                               ({"subgoals": "maybe"}, r"unknown settings \['subgoals'\]"),
+                               ({"subgoals.enabled": "maybe"}, r"subgoals\.enabled must be true or false, got 'maybe'")):
+        with pytest.raises(ValueError, match=message):
+            load_policy(tmp_path / "m.pt", device="cpu", **overrides)
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        load_policy(tmp_path / "m.pt", device="meta", **{"subgoals.enabled": False})
+    policy = MPCPolicy(model, small())
+    policy.reset(np.zeros((1, 32, 32, 3), np.uint8))
+    chunks = np.full((1, 1, model.action_dim), np.nan, np.float32)
+    with pytest.raises(ValueError, match=r"history: chunks must hold the actions played, finite and in \[-1, 1\]"):
+        policy.set_history(np.zeros((1, 1, 32, 32, 3), np.uint8), chunks)
+    with pytest.raises(ValueError, match="finite and in"):
+        policy.set_history(np.zeros((1, 1, 32, 32, 3), np.uint8), np.full((1, 1, model.action_dim), 3.0, np.float32))
+
+
+def _graph(dim: int = 16):
+    from worldmodel.graph import GraphConfig, LatentGraph
+
+    g = torch.Generator().manual_seed(0)
+    return LatentGraph.from_trajectories([torch.randn(12, dim, generator=g).cumsum(0) * 0.1 for _ in range(6)],
+                                         GraphConfig(radius=5.0))
+
+
+def test_step_replanning_replans_between_boundaries_and_changes_nothing_far_from_the_goal(model, monkeypatch):
+    """``step_replan always`` plans at every step once the history spans it; ``near`` with no problem near
+    its goal plays exactly what chunk-boundary replanning plays."""
+    frames = np.random.default_rng(1).integers(0, 256, (12, 2, 32, 32, 3), dtype=np.uint8)  # (T, B, ...)
+    always = MPCPolicy(model, small(step_replan="always"))
+    always.reset(frames[0])
+    acts = [always.act_batch(f) for f in frames]
+    # boundaries (frameskip 2) at 0, 2, ..., 10; between them once two frames 2 steps apart exist: 3, 5, ..., 11
+    assert len(always.plan_times) == 6 + 5 and np.all(np.abs(np.stack(acts)) <= 1)
+    from planners import subgoals
+
+    real = subgoals.targets
+
+    def never_near(graph, route, z, cfg):  # the goals stay far: waypoints, and no problem counts as near
+        out = real(graph, route, z, cfg)
+        route.near[:] = False
+        return out
+
+    monkeypatch.setattr(subgoals, "targets", never_near)
+    runs = {}
+    for mode in ("never", "near"):
+        cfg = small(step_replan=mode, **{"subgoals.enabled": True})
+        policy = MPCPolicy(model, cfg, _graph())
+        policy.reset(frames[0][:, ::-1].copy())
+        runs[mode] = np.stack([policy.act_batch(f) for f in frames])
+    assert np.array_equal(runs["never"], runs["near"])
+    with pytest.raises(ValueError, match="receding_horizon 1"):
+        small(receding_horizon=2, step_replan="always")

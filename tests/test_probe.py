@@ -28,3 +28,40 @@ def test_probe_high_for_informative_latents_low_for_noise():
     good = probe_r2(informative[:400], y[:400], informative[400:], y[400:])
     bad = probe_r2(noise[:400], y[:400], noise[400:], y[400:])
     assert good["joints_mean"] > 0.99 and bad["joints_mean"] < 0.1
+
+
+def test_wm_probe_checks_its_output_before_any_work(tmp_path, monkeypatch):
+    import pytest
+
+    import worldmodel.datasplit
+    from worldmodel.probe import probe_checkpoint
+
+    monkeypatch.setattr(worldmodel.datasplit, "load_with_data", lambda *a: pytest.fail("worked before checking"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"--out .*file is a file, not a directory"):
+        probe_checkpoint(str(tmp_path / "m.pt"), out=str(tmp_path / "file"))
+
+
+def _states(n: int, seed: int):
+    """Random joint angles (n, 2) and their probe targets (cos/sin of both, a made-up fingertip)."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1) * 3.0
+    finger = torch.stack([q[:, 0].cos() + 0.5 * q.sum(1).cos(), q[:, 0].sin() + 0.5 * q.sum(1).sin()], 1)
+    return q, torch.from_numpy(state_targets(q.numpy(), finger.numpy()))
+
+
+def test_a_linear_latent_scores_one_both_ways_and_a_nonlinear_one_only_nonlinearly():
+    """The probe metrics of the identifiability check on synthetic latents: a latent that is a linear map of
+    the state (cos/sin of the joints) is recovered by both probes; a latent that is a linear map of the raw
+    angles (a nonlinear map of the state: cos is even in the angle) by the MLP far better than by the ridge."""
+    from worldmodel.probe import PROBE_TARGETS, linear_and_nonlinear
+
+    (q_tr, y_tr), (q_te, y_te) = _states(1500, 0), _states(500, 1)
+    mix = torch.randn(6, 16, generator=torch.Generator().manual_seed(2)).double()
+    kw = dict(mlp_steps=400, hidden=64)
+    linear = linear_and_nonlinear(y_tr @ mix, y_tr, y_te @ mix, y_te, PROBE_TARGETS, **kw)
+    assert min(linear["linear"].values()) > 0.999 and min(linear["nonlinear"].values()) > 0.95
+    angles = lambda q: q @ mix[:2]  # noqa: E731  (16 linear mixtures of the two raw angles)
+    curved = linear_and_nonlinear(angles(q_tr), y_tr, angles(q_te), y_te, PROBE_TARGETS, **kw)
+    lin, non = (sum(curved[k].values()) / 6 for k in ("linear", "nonlinear"))
+    assert non > 0.9 and non - lin > 0.3, (lin, non)

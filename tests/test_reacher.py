@@ -201,3 +201,20 @@ def test_goal_error_and_success_in_info(env):
     _, info = strict.reset(seed=0, options={"qpos": goal + [0.0, 0.04], "goal_qpos": goal})
     assert not info["is_success"]
     strict.close()
+
+
+def test_reset_options_are_checked(env):
+    """Options that are not a dict, a misspelt key, a target of 3 values or without a pose, an arm MuJoCo
+    would reset itself: clear errors, never silently ignored."""
+    for options, message in (("garbage", r"options must be a dict with keys among \['qpos', 'qvel', 'target', "
+                                         r"'goal_qpos'\]"),
+                             ({"qpso": [0.1, 0.2]}, r"unknown reset options \['qpso'\]"),
+                             ({"target": [0.1, 0.1, 0.0]}, "target set a start together with qpos: give qpos too"),
+                             ({"qpos": [0.1, 0.2], "target": [0.1, 0.1, 0.0]}, "target must be 2 finite numbers"),
+                             ({"qpos": [0.1, 0.2], "qvel": [1e9, 1e9]}, r"qvel must lie within \+-1000 rad/s")):
+        with pytest.raises(ValueError, match=message):
+            env.reset(options=options)
+    with pytest.raises(ValueError, match="qvel must lie within"):
+        env.set_state([0.1, 0.2], qvel=[0.0, -1e9])
+    _, info = env.reset(options={"qpos": [0.1, 0.2], "qvel": [50.0, -50.0]})  # fast, but an arm's speed
+    assert np.allclose(info["qvel"], [50.0, -50.0])

@@ -151,3 +151,36 @@ def test_same_names_and_sizes_but_other_episodes_are_another_dataset(tmp_path):
             for key in f:
                 f[key]["action"][0] = [0.5, 0.5]
     assert EpisodeStore(a).fingerprint != EpisodeStore(b).fingerprint
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"size": "sixty-four"}, r"file attribute 'size' must be an integer in \[8, 4096\] \(pixels\), got 'sixty-four'"),
+    ({"action_repeat": "two"}, r"file attribute 'action_repeat' must be an integer in \[1, 100\] .*got 'two'"),
+    ({"action_repeat": 0}, r"file attribute 'action_repeat' must be an integer in \[1, 100\] .*got 0"),
+    ({"env": 3}, r"file attribute 'env' must be the environment's name, a string, got 3"),
+    ({"render_quality": "ultra"}, r"file attribute 'render_quality' must be one of \['fast', 'standard'\]"),
+])
+def test_bad_file_attributes_name_the_file_and_attribute(tmp_path, attrs, message):
+    write_shard(tmp_path / "s.h5", {0: synthetic_episode(10)}, {**ATTRS, **attrs})
+    with pytest.raises(DatasetError, match=rf"s\.h5: {message}"):
+        EpisodeStore(tmp_path / "s.h5")
+
+
+def test_bad_members_name_the_file_and_member(tmp_path):
+    """An extra group named like no episode (training took it for one, collection crashed on its name) and a
+    frame column that is a group."""
+    write_shard(tmp_path / "s.h5", {0: synthetic_episode(10)}, ATTRS)
+    with h5py.File(tmp_path / "s.h5", "a") as f:
+        f.copy("ep_000000", "ep_abc")
+    with pytest.raises(DatasetError, match=r"s\.h5: unexpected member 'ep_abc': a shard holds only episodes"):
+        EpisodeStore(tmp_path / "s.h5")
+    cfg = CollectConfig(episodes=1, steps=10, size=32, workers=1, out=str(tmp_path))
+    with pytest.raises(DatasetError, match="unexpected member 'ep_abc'"):  # not a crash on its name
+        collect(cfg, progress=False)
+    write_shard(tmp_path / "g.h5", {0: synthetic_episode(10)}, ATTRS)
+    with h5py.File(tmp_path / "g.h5", "a") as f:
+        del f["ep_000000/pixels"]
+        f.create_group("ep_000000/pixels")
+    with pytest.raises(DatasetError, match=r"g\.h5: episode ep_000000: pixels must be an array \(an HDF5 dataset\), "
+                                           r"got a group"):
+        EpisodeStore(tmp_path / "g.h5")

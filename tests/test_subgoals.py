@@ -82,7 +82,7 @@ def test_greedy_planning_is_stuck_at_the_wall_and_waypoints_go_round():
 def test_paths_follow_the_trajectories_and_never_cross_the_wall():
     cfg = SUBGOALS
     graph = LatentGraph.from_trajectories(trajectories(), cfg.graph)
-    paths = route(graph, latent([-2.7, 0.0]))  # (B=2, N)
+    paths = route(graph, latent([-2.7, 0.0]), cfg)  # (B=2, N)
     assert paths.dist.shape == (2, len(graph.nodes)) and torch.isfinite(paths.dist).all()
     angles = torch.atan2(graph.nodes[:, 1], graph.nodes[:, 0])
     near_wall = graph.nearest(latent([2.7]))
@@ -100,5 +100,5 @@ def test_goals_within_reach_are_planned_directly():
     cfg = SUBGOALS
     graph = LatentGraph.from_trajectories(trajectories(), cfg.graph)
     goal = latent([0.5, 0.5])
-    target = targets(graph, route(graph, goal), latent([0.3, -2.0]), cfg)  # 0.2 rad away: the goal; 2.5 rad: a waypoint
+    target = targets(graph, route(graph, goal, cfg), latent([0.3, -2.0]), cfg)  # 0.2 rad away: the goal; 2.5 rad: a waypoint
     assert torch.equal(target[0], goal[0]) and not torch.equal(target[1], goal[1])

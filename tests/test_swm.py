@@ -1,5 +1,6 @@
 """stable-worldmodel single-file datasets: alignment, defaults, resizing, round trips and bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -320,3 +321,98 @@ def test_batch_for_models_trained_on_their_data():
     with pytest.raises(ValueError, match="qvel holds NaN"):
         twice.reset_to(qpos, qvel=np.full((2, 2), np.nan))
     twice.close(), once.close()
+
+
+def test_a_recorded_env_wins_and_conflicts_are_errors(tmp_path):
+    """A file that records its env is that env's data: --env fills it only where the file says nothing."""
+    from worldmodel.datasplit import open_data
+    from test_model import tiny_config
+    from worldmodel.model import WorldModel
+
+    hard = write_swm_file(tmp_path / "hard.h5", n_episodes=2, rows=5, attrs={"env": "reacher-hard"})
+    assert EpisodeStore(hard).attrs["env"] == "reacher-hard"
+    for env in ("reacher-easy", "gym-reacher"):
+        with pytest.raises(DatasetError, match=rf"hard\.h5: holds 'reacher-hard' episodes, but env='{env}' was asked"):
+            EpisodeStore(hard, env=env)
+    with pytest.raises(DatasetError, match="holds 'reacher-hard' episodes"):  # train and convert: the same
+        convert_dataset(hard, tmp_path / "out", fmt="shards", env="reacher-easy")
+    easy_model = WorldModel(tiny_config("mlp", size=32))
+    with pytest.raises(ValueError, match=r"holds 'reacher-hard' episodes, but env='reacher-easy' .*\(the env of the "
+                                         r"model m\.pt\)"):
+        open_data(easy_model, {}, "m.pt", str(hard))  # what `wm eval` opens its data with
+    silent = write_swm_file(tmp_path / "silent.h5", n_episodes=2, rows=5)
+    assert EpisodeStore(silent, env="reacher-hard").attrs["env"] == "reacher-hard"
+
+
+def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, monkeypatch, capsys):
+    """Shards are written into a temporary directory renamed into place at the end; the directory records
+    how many episodes it holds; a killed conversion's leftovers are removed by the next run."""
+    import envs.convert
+    from test_files import dead_pid
+
+    src = write_synthetic(tmp_path / "src", n_episodes=25, steps=4, per_shard=25)  # two shards of 20 and 5
+    out = tmp_path / "out"
+    real, calls = envs.convert.write_shard, []
+
+    def failing(path, *args):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, *args)
+    monkeypatch.setattr(envs.convert, "write_shard", failing)
+    with pytest.raises(OSError, match=rf"could not write {out} \(No space left on device\); nothing was left behind"):
+        convert_dataset(src, out, fmt="shards")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no partial directory, no temporary one
+    stale = tmp_path / f"out.{dead_pid()}.tmp"  # what a killed conversion leaves
+    stale.mkdir()
+    (stale / "shard_000000_000001.h5").write_bytes(b"partial")
+    convert(ConvertConfig(data=str(src), out=str(out), format="shards"))
+    assert not stale.exists() and f"{stale}: left by an interrupted run" in capsys.readouterr().out
+    assert len(EpisodeStore(out)) == 25 and json.loads((out / "dataset.json").read_text())["episodes"] == 25
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_file_size_limit_while_writing_a_swm_file_is_a_clear_error(tmp_path):
+    """HDF5 writing to a failing file used to crash the interpreter (rc 139): now a clear error, rc 2."""
+    import resource
+
+    src = write_synthetic(tmp_path / "src", n_episodes=6, steps=30, noise=True)  # ~600 KB of incompressible frames
+    out = tmp_path / "out" / "theirs.h5"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # noqa: E731
+    for compression in ("blosc", "none"):
+        proc = subprocess.run([sys.executable, "-m", "wm", "convert", "--data", str(src), "--out", str(out),
+                               "--compression", compression], capture_output=True, text=True, timeout=180,
+                              preexec_fn=limit, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+        assert f"wm convert: error: [Errno 27] could not write {out} (File too large)" in proc.stderr
+        assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+        assert list(out.parent.iterdir()) == []  # no temporary file, no lock
+
+
+def test_offsets_near_the_integer_limit_are_refused(tmp_path):
+    big = np.iinfo(np.int64).max - 3
+    path = _rewrite(write_swm_file(tmp_path / "bad.h5", n_episodes=3, rows=5), ep_offset=np.array([0, 5, big]))
+    with pytest.raises(DatasetError, match=rf"bad\.h5: ep_len/ep_offset disagree with the column lengths: episode 2 is "
+                                           rf"rows {big}\.\.{big + 6}"):
+        EpisodeStore(path)
+
+
+def test_a_column_that_is_a_group_is_named(tmp_path):
+    path = write_swm_file(tmp_path / "g.h5", n_episodes=2, rows=5)
+    with h5py.File(path, "a") as f:
+        del f["pixels"]
+        f.create_group("pixels")
+    with pytest.raises(DatasetError, match=r"g\.h5: column 'pixels' must be an array \(an HDF5 dataset\), got a group"):
+        EpisodeStore(path)
+
+
+def test_one_conversion_at_a_time_into_a_destination(tmp_path):
+    from common.files import OutputLockedError, output_lock
+
+    src = write_synthetic(tmp_path / "src", n_episodes=2, steps=6)
+    with output_lock(tmp_path / "theirs.h5", inside=False):
+        with pytest.raises(OutputLockedError, match="theirs.h5 is in use by another run"):
+            convert_dataset(src, tmp_path / "theirs.h5")
+    assert not (tmp_path / "theirs.h5").exists()
+    assert len(EpisodeStore(convert_dataset(src, tmp_path / "theirs.h5"))) == 2

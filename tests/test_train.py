@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -231,15 +232,18 @@ def test_out_must_be_a_writable_directory(data, tmp_path, monkeypatch):
 
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_no_temporary_file(data, tmp_path, monkeypatch):
-    real, calls = torch.save, {"n": 0}
+    import common.files
 
-    def save(obj, f, *a, **k):
-        calls["n"] += 1
-        if calls["n"] > 2:  # model.pt and checkpoint.pt of step 4 go through; step 8's do not
-            Path(f).write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(obj, f, *a, **k)
-    monkeypatch.setattr(torch, "save", save)
+    real, calls = common.files._write_all, {"n": 0}
+
+    def write_all(fh, payload):
+        if Path(fh.name).name.split(".")[1] == "pt":  # the weights files, written in one piece
+            calls["n"] += 1
+            if calls["n"] > 2:  # model.pt and checkpoint.pt of step 4 go through; step 8's do not
+                fh.write(payload[: len(payload) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fh, payload)
+    monkeypatch.setattr(common.files, "_write_all", write_all)
     with pytest.raises(RunWriteError, match="step 8.*No space left"):
         train(tiny(data, tmp_path / "run"), progress=False)
     monkeypatch.undo()
@@ -354,3 +358,205 @@ def test_a_run_of_newer_code_is_a_clear_error(data, tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "run"), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "train_config.json" in err and "future_setting" in err and "newer version" in err
+
+
+# --- reliability: checkpoints that are sound, runs that stop cleanly, one run per directory ---------------
+def _params(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def _unfinished_run(data, out, monkeypatch, steps=12):
+    """A run of ``steps`` stopped by a divergence at step 6: its checkpoint of step 4 is sound."""
+    _poison_loss(monkeypatch, after=5)
+    with pytest.raises(TrainingDiverged):
+        train(tiny(data, out, steps=steps), progress=False)
+    monkeypatch.undo()
+
+
+def test_a_blown_up_model_never_replaces_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    """`--resume --lr 1e6`: the advice is a rate that works (a quarter of the rate the sound checkpoint was
+    reached with), never a quarter of the absurd one. Parameters blown up while the loss stays finite (a
+    scale the normalisation hides): the checkpoint is refused and the sound one kept."""
+    out = tmp_path / "run"
+    _unfinished_run(data, out, monkeypatch)
+    sound = _params(out / "checkpoint.pt")
+    with pytest.raises(TrainingDiverged, match=r"checkpoint\.pt \(step 4\).*--resume --lr 0\.00025") as info:
+        train(tiny(data, out, steps=12, lr=1e6, resume=True), progress=False)
+    assert "250000" not in str(info.value)
+    real, calls = train_module.world_model_losses, {"n": 0}
+
+    def blown_up(net, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                conv = net.encoder.convs[0]  # GroupNorm follows: the loss does not see the scale
+                conv.weight.mul_(1e6), conv.bias.mul_(1e6)
+        return real(net, *args, **kwargs)
+    monkeypatch.setattr(train_module, "world_model_losses", blown_up)
+    with pytest.raises(TrainingDiverged, match=r"model at step 8 is unsound: parameters up to .*not saved.*"
+                                               r"checkpoint\.pt \(step 4\).*--resume --lr 0\.00025"):
+        train(tiny(data, out, steps=12, resume=True), progress=False)
+    monkeypatch.undo()
+    kept = _params(out / "checkpoint.pt")
+    assert all(torch.equal(sound[k], kept[k]) for k in sound)
+    train(tiny(data, out, steps=12, lr=2.5e-4, resume=True), progress=False)  # the advice works
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 12
+    assert torch.load(out / "checkpoint.prev.pt", weights_only=True)["step"] == 8  # the one before, kept beside
+
+
+def test_soundness_is_judged_against_the_last_good_checkpoint():
+    from worldmodel.train import unsound
+
+    good = {"param_norm": 10.0, "param_max": 2.0, "loss": 0.5}
+    assert unsound({"param_norm": 12.0, "param_max": 2.5, "loss": 0.6}, good) is None
+    assert "non-finite" in unsound({"param_norm": float("inf"), "param_max": float("inf")}, good)
+    assert "parameters up to 1.97e+15" in unsound({"param_norm": 1e16, "param_max": 1.97e15}, {})
+    assert "grew 20x" in unsound({"param_norm": 200.0, "param_max": 50.0, "loss": 0.5}, good)
+    assert "loss rose from 0.5" in unsound({"param_norm": 10.0, "param_max": 2.0, "loss": 80.0}, good)
+    assert unsound({"param_norm": 10.0, "param_max": 2.0, "loss": 0.05}, {**good, "loss": 1e-6}) is None  # a floor
+
+
+def _wm_train_args(data, out, **settings):
+    args = [sys.executable, "-m", "wm", "train", "--data", str(data), "--out", str(out)]
+    for name, value in {**TINY, **settings}.items():
+        args += ["--" + name.replace("_", "-"), str(value)]
+    return args
+
+
+def _wm_env():
+    return dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_saves(data, tmp_path):
+    """`timeout`, `docker stop` and Slurm signal the whole group: the workers leave it to the main process,
+    which finishes the step, saves and stops."""
+    from conftest import tqdm_progress
+
+    out, log = tmp_path / "run", tmp_path / "log"
+    args = _wm_train_args(data, out, steps=2000, num_workers=2, ckpt_every=5000, log_every=1000, val_every=5000)
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(args, stdout=sink, stderr=sink, env=_wm_env(), start_new_session=True)
+        deadline = time.time() + 120
+        while tqdm_progress(log) < 5 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    text = log.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert "exited unexpectedly" not in text and "continue with --resume" in text
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 5
+
+
+def test_one_run_at_a_time_in_a_run_directory(data, tmp_path, capsys):
+    """A second `wm train` on the same --out is refused while the first runs; the lock a killed run left is
+    taken over with a message."""
+    from common.files import OutputLockedError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom common.files import output_lock\n"
+                               "with output_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)",
+                               str(out)], stdout=subprocess.PIPE, text=True, env=_wm_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputLockedError, match=rf"in use by another run \(process {holder.pid}"):
+            train(tiny(data, out), progress=False)
+        assert sorted(p.name for p in out.iterdir()) == [".wm.lock"]  # nothing of the refused run
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays behind, its flock goes
+        holder.wait()
+    assert train(tiny(data, out, steps=2), progress=False)["loss/total"] > 0
+    assert f"taking over the lock left by process {holder.pid}" in capsys.readouterr().out
+    assert not (out / ".wm.lock").exists()
+
+
+def test_corrupt_bytes_or_non_finite_weights_in_a_checkpoint_are_refused(data, tmp_path):
+    """torch checks no checksum: flipped bytes would resume from wrong weights; NaN weights would diverge."""
+    out = tmp_path / "run"
+    train(tiny(data, out, steps=4), progress=False)
+    ckpt = out / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    state = torch.load(ckpt, weights_only=True)
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF  # inside a tensor's bytes: the file still loads
+    ckpt.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: cannot be read .*checksum .* does not match"):
+        train(tiny(data, out, steps=8, resume=True), progress=False)
+    state["optimizer"]["state"][0]["exp_avg"][0] = float("nan")
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: optimizer\.state\.0\.exp_avg holds non-finite"):
+        train(tiny(data, out, steps=8, resume=True), progress=False)
+
+
+def test_a_resumable_run_without_its_model_json_says_resume(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _unfinished_run(data, out, monkeypatch, steps=8)
+    (out / "model.json").unlink()
+    with pytest.raises(ValueError, match="a run at step 4 of 8; pass --resume to continue it") as info:
+        train(tiny(data, out), progress=False)
+    assert "finished" not in str(info.value)
+    assert train(tiny(data, out, resume=True), progress=False)["loss/total"] > 0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("config", "steps=8", r"'config' must be the run's settings \(a dict\), got a str"),
+    ("step", "ten", r"'step' must be a count of steps, got 'ten'"),
+    ("step", -5, r"'step' must be a count of steps, got -5"),
+    ("step", 1e6, r"'step' must be a count of steps, got 1000000.0"),
+    ("step", 10**6, r"'step' is 1000000, beyond the run's 8 steps"),
+    ("history", "none", r"'history' must be the run's history \(a list\)"),
+])
+def test_crafted_checkpoints_name_the_file_and_field(data, tmp_path, monkeypatch, field, value, message):
+    out = tmp_path / "run"
+    _unfinished_run(data, out, monkeypatch, steps=8)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state[field] = value
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=rf"checkpoint\.pt: {message}"):
+        train(tiny(data, out, resume=True), progress=False)
+
+
+def test_a_real_full_disk_while_checkpointing_is_a_clear_error(data, tmp_path):
+    """Not a faked OSError: a file-size limit makes the real write fail (torch writing to such a file raises
+    its own `enforce fail` RuntimeError); the error is ours, the checkpoint of step 4 intact."""
+    out = tmp_path / "run"
+    code = ("import resource, sys\nsys.path.insert(0, 'tests')\n"
+            "from test_train import tiny\nimport worldmodel.rundir as rundir\nfrom worldmodel.train import train\n"
+            "real = rundir.save\n"
+            "def save(out, model, opt, cfg, step, *a, **k):\n"
+            "    if step == 8:\n"
+            "        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+            "    return real(out, model, opt, cfg, step, *a, **k)\n"
+            "rundir.save = save\n"
+            f"train(tiny({str(data)!r}, {str(out)!r}), progress=False)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=_wm_env())
+    assert proc.returncode != 0 and "RunWriteError: could not write the checkpoint of step 8" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "File too large" in proc.stderr and "enforce fail" not in proc.stderr
+    assert not list(out.glob("*.tmp"))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+    WorldModel.load(out / "model.pt")
+
+
+def test_temporary_files_of_killed_runs_are_removed(data, tmp_path, capsys):
+    from test_files import dead_pid
+
+    out = tmp_path / "run"
+    out.mkdir()
+    pid = dead_pid()
+    left = [out / f"checkpoint.pt.{pid}.tmp", out / f"model.json.{pid}.tmp"]
+    for path in left:
+        path.write_bytes(b"partial")
+    (out / "notes.txt.123.tmp").write_text("not ours")
+    train(tiny(data, out, steps=2), progress=False)
+    assert not any(p.exists() for p in left) and (out / "notes.txt.123.tmp").exists()
+    assert f"checkpoint.pt.{pid}.tmp: left by an interrupted run (process {pid})" in capsys.readouterr().out
+
+
+def test_a_malformed_data_record_on_resume_names_the_file_and_field(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _unfinished_run(data, out, monkeypatch, steps=8)
+    meta = json.loads((out / "model.json").read_text())
+    (out / "model.json").write_text(json.dumps({**meta, "data": "runs/demo/data"}))
+    with pytest.raises(CheckpointError, match=r"model\.json: 'data' must be the record of the training data"):
+        train(tiny(data, out, resume=True), progress=False)

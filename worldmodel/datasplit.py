@@ -121,13 +121,13 @@ def open_data(model, meta: dict, checkpoint, data: str = "", need: str = "pass -
     """(store, path): ``data``, or else the dataset the checkpoint records, its frames sized for the model;
     ``need`` ends the error when there is neither. Another env's data is refused."""
     from envs.dataset import EpisodeStore
-    from envs.storage import DatasetError
+    from envs.storage import EnvMismatchError
 
     data = data or recorded_data(meta)
     if not data:
         raise ValueError(f"{checkpoint} does not record its dataset; {need}")
     try:  # a file that does not say its env (stable-worldmodel's) is read as the model's
         store = EpisodeStore(data, image_size=model.cfg.image_size, env=model.cfg.env)
-    except DatasetError as exc:
-        raise ValueError(f"{exc} (the env of the model {checkpoint})") from None
+    except EnvMismatchError as exc:  # only then is the model's env the point (other errors name their file)
+        raise EnvMismatchError(f"{exc} (the env of the model {checkpoint})") from None
     return store, str(data)

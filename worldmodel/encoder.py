@@ -15,7 +15,7 @@ import torch.nn as nn
 from einops import pack, rearrange, unpack
 from torch import Tensor
 
-from common.config import check_at_least, option
+from common.config import check_at_least, check_at_most, option
 from worldmodel.layers import Attention, feed_forward
 
 
@@ -37,6 +37,11 @@ class EncoderConfig:
     def __post_init__(self):
         check_at_least(self, 1, ("proj_hidden", "conv_channels", "conv_stages", "conv_grid", "patch_size", "vit_width",
                                  "vit_depth", "vit_heads"), "encoder.")
+        check_at_most(self, 16384, ("proj_hidden", "vit_width"), "encoder.")
+        check_at_most(self, 1024, ("conv_channels",), "encoder.")
+        check_at_most(self, 8, ("conv_stages",), "encoder.")
+        check_at_most(self, 512, ("conv_grid", "patch_size"), "encoder.")
+        check_at_most(self, 128, ("vit_depth", "vit_heads"), "encoder.")
         if self.vit_width % self.vit_heads:
             raise ValueError(f"--encoder.vit-width ({self.vit_width}) must be a multiple of --encoder.vit-heads "
                              f"({self.vit_heads})")

@@ -7,7 +7,11 @@ A checkpoint is two files side by side: ``NAME.pt`` (a plain state dict, loaded 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import pickle
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +20,14 @@ import torch.nn as nn
 from einops import rearrange
 from torch import Tensor
 
-from common.config import check_at_least, from_dict, nested, option
+from common.config import check_at_least, check_at_most, from_dict, nested, option
 from common.device import resolve_device
-from common.files import atomic_write, atomic_write_json
+from common.files import atomic_write_bytes, atomic_write_json
 from worldmodel.encoder import EncoderConfig, build_encoder
 from worldmodel.predictor import PredictorConfig, build_predictor
 
 FORMAT_VERSION = 2  # 2: latent size, history and image size moved from the sub-configs to the top
+MAX_PARAMETERS = 10**9  # 4 GB of float32 weights: what a config may ask for (refused before allocating)
 
 
 class CheckpointError(ValueError):
@@ -44,6 +49,9 @@ class WorldModelConfig:
 
     def __post_init__(self):
         check_at_least(self, 1, ("latent_dim", "history", "frameskip"))
+        check_at_most(self, 4096, ("latent_dim",))
+        check_at_most(self, 64, ("history",))
+        check_at_most(self, 100, ("frameskip",))
         if self.image_size is not None and not 16 <= self.image_size <= 512:
             raise ValueError(f"--image-size must be in [16, 512], got {self.image_size}")
 
@@ -56,11 +64,12 @@ class WorldModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "WorldModelConfig":
+    def from_dict(cls, d: dict, what: str = "model config") -> "WorldModelConfig":
+        """The config saved in ``what`` (a model.json: errors name it and the setting)."""
         try:
-            return from_dict(cls, d, "model config")
+            return from_dict(cls, d, what)
         except (TypeError, ValueError) as exc:
-            raise CheckpointError(str(exc)) from exc
+            raise CheckpointError(str(exc)) from None
 
 
 def _upgrade_v1(d: dict) -> dict:
@@ -84,8 +93,18 @@ class WorldModel(nn.Module):
         if cfg.image_size is None:
             raise ValueError("WorldModelConfig.image_size must be set (training fills it from the data)")
         self.cfg = cfg
+        if not _on_meta():  # sized on the meta device first: an absurd config allocates nothing
+            with torch.device("meta"):
+                WorldModel(cfg).check_size()
         self.encoder = build_encoder(cfg.encoder, cfg.image_size, cfg.latent_dim)
         self.predictor = build_predictor(cfg.predictor, cfg.latent_dim, cfg.action_dim, cfg.history)
+
+    def check_size(self) -> None:
+        """A ``ValueError`` when the architecture has more parameters than ``MAX_PARAMETERS``."""
+        count = sum(p.numel() for p in self.parameters())
+        if count > MAX_PARAMETERS:
+            raise ValueError(f"this architecture has {count:,} parameters, more than the {MAX_PARAMETERS:,} a "
+                             f"world model may have here: lower --latent-dim, the widths or the depths")
 
     @property
     def action_dim(self) -> int:
@@ -142,21 +161,35 @@ class WorldModel(nn.Module):
         if not path.is_file():
             raise CheckpointError(f"{path}: no such checkpoint")
         meta = read_model_meta(path)
-        model = cls(WorldModelConfig.from_dict(meta["config"]))
+        cfg = WorldModelConfig.from_dict(meta["config"], str(path.with_suffix(".json")))
         state = load_weights_file(path, "a weights file")
-        mine = model.state_dict()
+        try:
+            with torch.device("meta"):  # the config's size and shapes, checked before anything is allocated
+                skeleton = cls(cfg)
+            skeleton.check_size()
+            mine = skeleton.state_dict()
+        except ValueError as exc:
+            raise CheckpointError(f"{path.with_suffix('.json')}: {exc}") from None
         missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
-        wrong = [k for k in mine.keys() & state.keys() if mine[k].shape != state[k].shape]
+        wrong = [k for k in mine.keys() & state.keys()
+                 if not isinstance(state[k], torch.Tensor) or mine[k].shape != state[k].shape]
         if missing or unexpected or wrong:
             raise CheckpointError(
                 f"{path}: weights do not match its config (another config or code version?): "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+        model = cls(cfg)
         model.load_state_dict(state)
         return model.to(resolve_device(device)).eval()
 
 
+def _on_meta() -> bool:
+    """Whether modules are being built on the meta device (shapes only, no memory)."""
+    return torch.empty(0).device.type == "meta"
+
+
 def read_model_meta(path: str | Path) -> dict:
-    """The JSON beside a ``model.pt``: its config, format version and what training recorded."""
+    """The JSON beside a ``model.pt``: its config, format version and what training recorded, each field
+    of the right type (a ``CheckpointError`` naming the file and the field otherwise)."""
     path = Path(path)
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
@@ -170,27 +203,94 @@ def read_model_meta(path: str | Path) -> dict:
     version = meta.get("format_version")
     if version not in (1, FORMAT_VERSION):
         raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads 1 and {FORMAT_VERSION}")
+    _check_meta(meta, meta_path)
     if version == 1:  # every reader sees the current format
         meta = {**meta, "config": _upgrade_v1(meta["config"]), "format_version": FORMAT_VERSION}
     return meta
 
 
+# What training records in model.json: field -> (its type, what it is). ``data`` lists episode uids.
+META_FIELDS = {"step": (int, "a count of steps"), "train_config": (dict, "the run's settings"),
+               "history": (list, "the run's history"), "metrics": (dict, "the run's metrics"),
+               "data": (dict, "the record of the training data")}
+DATA_FIELDS = {"path": (str, "the dataset's path"), "fingerprint": ((str, type(None)), "the dataset's fingerprint"),
+               "episodes": (int, "a count of episodes"), "train": (list, "episode uids"),
+               "val": (list, "episode uids"), "test": (list, "episode uids")}
+
+
+def _check_meta(meta: dict, where: Path) -> None:
+    """model.json's recorded fields, when present, of the types their readers assume."""
+    _check_fields(meta, META_FIELDS, where, "")
+    if isinstance(meta.get("step"), int) and (isinstance(meta["step"], bool) or meta["step"] < 0):
+        raise CheckpointError(f"{where}: 'step' must be a count of steps, got {meta['step']!r}")
+    data = meta.get("data")
+    if data:
+        if not {"fingerprint", "train"} <= set(data):
+            raise CheckpointError(f"{where}: 'data' must record 'fingerprint' and 'train' (the training data's "
+                                  f"fingerprint and episodes), got keys {sorted(data)}")
+        _check_fields(data, DATA_FIELDS, where, "data.")
+        for split in ("train", "val", "test"):
+            if not all(isinstance(u, str) for u in data.get(split, [])):
+                raise CheckpointError(f"{where}: 'data.{split}' must list episode uids (strings)")
+
+
+def _check_fields(record: dict, fields: dict, where: Path, prefix: str) -> None:
+    for key, (kind, what) in fields.items():
+        value = record.get(key)
+        if key in record and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise CheckpointError(f"{where}: '{prefix}{key}' must be {what}, got {value!r}"[:300])
+
+
 def load_weights_file(path: Path, what: str) -> dict:
     """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickles.
 
-    Any failure (truncated file, not a torch file, a pickle that would run code) is a
-    ``CheckpointError`` naming the file, not torch's own advice to turn ``weights_only`` off.
+    The archive's checksums are verified first (torch does not check them: flipped bytes would load as
+    wrong weights), and every weight must be finite. Any failure (truncated file, corrupt bytes, not a
+    torch file, a pickle that would run code, NaN weights) is a ``CheckpointError`` naming the file, not
+    torch's own advice to turn ``weights_only`` off.
     """
+    refused = (f"{path}: cannot be read as {what} (truncated, corrupt, or not written by this program; it is never "
+               f"unpickled)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{refused}: {exc}"[:500]) from None
+    if bad is not None:
+        raise CheckpointError(f"{refused}: the checksum of its member {bad!r} does not match (corrupt bytes)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise CheckpointError(f"{refused}: it holds Python objects other than tensors and plain containers"
+                              f"{f' ({found.group(1)})' if found else ''}, which are refused") from None
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot be read as {what} (truncated, corrupt, or not written by this "
-                              f"program; it is never unpickled): {reason[:200]}") from None
+        raise CheckpointError(f"{refused}: {reason[:200]}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: cannot be read as {what}: holds a {type(state).__name__}, not a dict")
+    bad_key = first_non_finite(state)
+    if bad_key is not None:
+        raise CheckpointError(f"{path}: {bad_key} holds non-finite values (NaN or infinity): the weights of a "
+                              f"diverged run, or corrupt; it is refused")
     return state
 
 
+def first_non_finite(tree, prefix: str = "") -> str | None:
+    """The dotted key of the first floating tensor of a (nested) state that holds NaN or infinity, or None."""
+    if isinstance(tree, torch.Tensor):
+        return (prefix or "a tensor") if tree.is_floating_point() and not torch.isfinite(tree).all() else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = first_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def atomic_torch_save(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` into memory, then one plain atomic write: a full disk is a clean ``OSError`` (torch
+    writing to a failing file raises its own ``enforce fail`` RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())

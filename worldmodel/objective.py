@@ -45,16 +45,17 @@ def effective_rank(z: torch.Tensor) -> float:
     return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
 
 
-def sigreg_term(z: torch.Tensor, scope: str, directions: int, generator: torch.Generator) -> torch.Tensor:
-    """SIGReg of the latents of a batch of windows z (B, L, D).
+def sigreg_term(z: torch.Tensor, scope: str, directions: int, generator: torch.Generator,
+                target: str = "gaussian") -> torch.Tensor:
+    """SIGReg of the latents of a batch of windows z (B, L, D), towards ``target``.
 
     ``frames``: all B*L latents tested as one sample (consecutive frames of a window are correlated);
     ``step``: each time step's B latents tested on their own, then averaged (LeWorldModel's choice).
     """
     if scope == "frames":
-        return sigreg_loss(rearrange(z, "b l d -> (b l) d"), directions, generator=generator)
+        return sigreg_loss(rearrange(z, "b l d -> (b l) d"), directions, generator=generator, target=target)
     if scope == "step":
-        return sigreg_loss(rearrange(z, "b l d -> l b d"), directions, generator=generator)
+        return sigreg_loss(rearrange(z, "b l d -> l b d"), directions, generator=generator, target=target)
     raise ValueError(f"sigreg scope must be one of {SIGREG_SCOPES}, got {scope!r}")
 
 
@@ -68,7 +69,7 @@ def world_model_losses(model, batch: dict, cfg, generator: torch.Generator) -> d
     z, pred, roll = model(batch["pixels"], batch["actions"], cfg.rollout_steps)  # (B, L, D), (B, L-1, D), (B, R, D)
     z = z.float()
     pred_loss = F.mse_loss(pred.float(), z[:, 1:])
-    sig = sigreg_term(z, cfg.sigreg_scope, cfg.sigreg_directions, generator)
+    sig = sigreg_term(z, cfg.sigreg_scope, cfg.sigreg_directions, generator, cfg.sigreg_target)
     loss = pred_loss + cfg.sigreg_weight * sig
     out = {"pred_loss": pred_loss, "sigreg": sig, "z": z.detach()}
     if roll is not None:

@@ -19,7 +19,7 @@ import torch.nn as nn
 from einops import pack, rearrange, repeat, unpack
 from torch import Tensor
 
-from common.config import check_at_least, option
+from common.config import check_at_least, check_at_most, option
 from worldmodel.layers import Attention, feed_forward
 
 
@@ -35,6 +35,8 @@ class PredictorConfig:
 
     def __post_init__(self):
         check_at_least(self, 1, ("hidden", "depth", "heads"), "predictor.")
+        check_at_most(self, 16384, ("hidden",), "predictor.")
+        check_at_most(self, 128, ("depth", "heads"), "predictor.")
         if self.kind == "transformer" and self.hidden % self.heads:
             raise ValueError(f"--predictor.hidden ({self.hidden}) must be a multiple of --predictor.heads ({self.heads})")
 

@@ -78,9 +78,10 @@ def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out:
     """``wm probe``: R^2 of the trained encoder next to the same architecture untrained (the floor), fit on
     the episodes the model trained on and scored on held-out ones (``worldmodel.datasplit``). Writes
     ``probe.json`` and ``probe.md`` (beside the checkpoint unless ``out``)."""
+    from common.files import atomic_write_json, atomic_write_text, prepare_output_dir
     from worldmodel.datasplit import load_with_data, probe_split
-    from common.files import atomic_write_json
 
+    where = prepare_output_dir(out if out else Path(checkpoint).parent)  # before any work
     trained, meta, store, data = load_with_data(checkpoint, data, device)
     store.require_states(PROBE_STATES, "linear probes")
     fit, test, note = probe_split(store, meta, split)
@@ -97,10 +98,91 @@ def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out:
     md += [f"| {label} | " + " | ".join(f"{r2[n]:.3f}" for n in names) + " |" for label, r2 in rows.items()]
     markdown = (f"Linear-probe R^2 of `{checkpoint}` (step {meta.get('step')}) on `{data}`; fit on {len(fit)} "
                 f"episodes, scored on {len(test)} ({note}).\n\n" + "\n".join(md) + "\n")
-    where = Path(out) if out else Path(checkpoint).parent
-    where.mkdir(parents=True, exist_ok=True)
     atomic_write_json(where / "probe.json", {"checkpoint": str(checkpoint), "step": meta.get("step"), "data": str(data),
                                              "fit_episodes": len(fit), "scored_episodes": len(test), "split": note,
                                              "r2": rows})
-    (where / "probe.md").write_text(markdown)
+    atomic_write_text(where / "probe.md", markdown)
     return {"r2": rows, "markdown": markdown, "json": str(where / "probe.json"), "md": str(where / "probe.md")}
+
+
+# --- what kind of map: linear against nonlinear probes, per state variable, and how Gaussian ---------------
+STATE_VARIABLES = (*PROBE_TARGETS, "vel_shoulder", "vel_wrist")  # velocities: from two consecutive latents
+
+
+def probe_data(model, store, episode_ids, stride: int = 5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(z (N, D), y (N, 6), z pairs (N, 2D), joint velocities (N, 2)) of every ``stride``-th frame of the
+    episodes: the latent of frame t for the pose targets, and [z_t, z_t+1] for the velocities at t."""
+    pos = lambda steps: np.arange(0, steps, stride)  # noqa: E731  (frames t that have a next frame)
+    now = encode_episodes(model, store, episode_ids, pos, batch_size=512)
+    nxt = encode_episodes(model, store, episode_ids, lambda steps: pos(steps) + 1, batch_size=512)
+    y, vel = [], []
+    for i, t in _by_episode(now):
+        s = store.states(i)
+        y.append(state_targets(s["qpos"][t], s["finger"][t]))
+        vel.append(s["qvel"][t])
+    z, z_next = now["z"].cpu(), nxt["z"].cpu()
+    return z, torch.from_numpy(np.concatenate(y)), torch.cat([z, z_next], 1), torch.from_numpy(np.concatenate(vel))
+
+
+def fit_mlp(x: Tensor, y: Tensor, hidden: int = 256, steps: int = 1500, lr: float = 3e-3, batch: int = 512,
+            seed: int = 0):
+    """A small MLP (two hidden layers, GELU) from standardised x to standardised y, Adam on minibatches with
+    a cosine decay (a converged probe, not a noisy one): the nonlinear probe. Returns a function x -> y."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = x.float(), y.float()
+    mx, sx, my, sy = x.mean(0), x.std(0).clamp_min(1e-8), y.mean(0), y.std(0).clamp_min(1e-8)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden),
+                              torch.nn.GELU(), torch.nn.Linear(hidden, y.shape[1]))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (1 / p.shape[-1]) ** 0.5 if p.ndim == 2 else 0 * p)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    xs, ys = (x - mx) / sx, (y - my) / sy
+    with torch.enable_grad():
+        for k in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * k / steps))
+            rows = torch.randint(len(xs), (min(batch, len(xs)),), generator=g)
+            loss = torch.nn.functional.mse_loss(net(xs[rows]), ys[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return lambda q: net((q.float() - mx) / sx).detach() * sy + my
+
+
+def linear_and_nonlinear(z_tr, y_tr, z_te, y_te, names, mlp_steps: int = 1500, hidden: int = 256) -> dict:
+    """R^2 per variable on test of a ridge (linear) and an MLP (nonlinear) probe fit on train, with the
+    linear probe's test residuals."""
+    w, b = fit_ridge(z_tr, y_tr)
+    linear_pred = z_te.double() @ w + b
+    mlp = fit_mlp(z_tr, y_tr, hidden=hidden, steps=mlp_steps)
+    lin, non = r2_score(y_te, linear_pred), r2_score(y_te, mlp(z_te))
+    return {"linear": dict(zip(names, map(float, lin))), "nonlinear": dict(zip(names, map(float, non))),
+            "residuals": (y_te.double() - linear_pred).float()}
+
+
+def gaussianity(z: Tensor, residuals: Tensor, directions: int = 256, seed: int = 0) -> dict:
+    """How Gaussian the test latents are: the SIGReg statistic of the standardised latents (mean over random
+    directions; about 1 for a Gaussian, whatever the sample size), and the Epps-Pulley statistic of each
+    probe residual (standardised) against N(0, 1)."""
+    from worldmodel.sigreg import epps_pulley, sigreg_loss
+
+    zs = (z - z.mean(0)) / z.std(0).clamp_min(1e-8)
+    stat = float(sigreg_loss(zs.float(), directions, generator=torch.Generator().manual_seed(seed)))
+    rs = (residuals - residuals.mean(0)) / residuals.std(0).clamp_min(1e-8)
+    return {"latent_sigreg": stat, "residual_epps_pulley": [float(v) for v in epps_pulley(rs.T.float())]}
+
+
+def identifiability(model, store, fit_ids, test_ids, stride: int = 5, mlp_steps: int = 1500) -> dict:
+    """Linear and nonlinear R^2 per state variable (poses from one latent, joint velocities from two
+    consecutive ones), their gap, and how Gaussian the latents and the linear probe's residuals are."""
+    z_tr, y_tr, zz_tr, v_tr = probe_data(model, store, fit_ids, stride)
+    z_te, y_te, zz_te, v_te = probe_data(model, store, test_ids, stride)
+    poses = linear_and_nonlinear(z_tr, y_tr, z_te, y_te, PROBE_TARGETS, mlp_steps)
+    vels = linear_and_nonlinear(zz_tr, v_tr, zz_te, v_te, STATE_VARIABLES[6:], mlp_steps)
+    out = {kind: {**poses[kind], **vels[kind]} for kind in ("linear", "nonlinear")}
+    for kind in ("linear", "nonlinear"):
+        out[kind]["joints_mean"] = float(np.mean([out[kind][k] for k in JOINT_TARGETS]))
+    out["gap"] = {k: out["nonlinear"][k] - out["linear"][k] for k in (*STATE_VARIABLES, "joints_mean")}
+    out["gaussianity"] = gaussianity(z_te, torch.cat([poses["residuals"], vels["residuals"]], 1))
+    return out

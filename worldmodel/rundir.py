@@ -1,22 +1,28 @@
 """A training run's directory: whether it may be started, continued or left alone, and writing it safely.
 
     runs/NAME/model.pt, model.json   the model for users: weights; config, step, data split, metrics
-    runs/NAME/checkpoint.pt          model + optimizer + step + settings + history, for --resume
+    runs/NAME/checkpoint.pt          model + optimizer + step + settings + history + health, for --resume
+    runs/NAME/checkpoint.prev.pt     the checkpoint before it, kept as a way back
     runs/NAME/train_config.json      the settings of the run
     runs/NAME/tb/                    TensorBoard
+    runs/NAME/.wm.lock               while a run uses the directory: its pid
 
-Every file is written atomically, so an interrupt or a full disk leaves the last good checkpoint.
+Every file is written atomically, so an interrupt or a full disk leaves the last good checkpoint; a
+checkpoint is written only after the training loop checked the model sound (``train.DivergenceGuard``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import shutil
 from pathlib import Path
 
 from common.config import config_fields, from_dict
-from common.files import read_json
-from worldmodel.model import CheckpointError, WorldModel, atomic_torch_save, load_weights_file
+from common.files import read_json, temporary_path
+from worldmodel.model import CheckpointError, WorldModel, atomic_torch_save, load_weights_file, read_model_meta
 
 # Settings that may differ on --resume without changing what the run computes (a moved run or dataset
 # included: the dataset's fingerprint is checked instead of its path).
@@ -24,7 +30,10 @@ RESUME_FREE = {"out", "data", "resume", "overwrite", "device", "num_workers", "l
                "probe_every", "ckpt_every", "compile", "eval_every", "eval_episodes"}
 # Settings a resumed run may change to recover from a divergence; each change is kept in the run's history.
 RECOVERY = ("lr", "grad_clip")
-RUN_FILES = ("model.pt", "model.json", "checkpoint.pt", "train_config.json")
+PREVIOUS = "checkpoint.prev.pt"
+RUN_FILES = ("model.pt", "model.json", "checkpoint.pt", PREVIOUS, "train_config.json")
+RUN_TEMPORARIES = "|".join(map(re.escape, RUN_FILES))  # what killed runs leave: <name>.<pid>.tmp
+HEALTH_KEYS = ("step", "lr", "loss", "param_norm", "param_max")  # what a checkpoint records of the model's health
 
 
 class RunWriteError(RuntimeError):
@@ -55,35 +64,77 @@ def _differences(saved: dict, cfg, ignore) -> dict:
 def status(out: Path, cfg) -> str:
     """What to do with ``out``: ``fresh`` (start), ``resume`` (continue) or ``done`` (nothing: it holds a
     finished run of these settings). A run in the way is an error that says what to type."""
-    ckpt, meta = out / "checkpoint.pt", read_json(out / "model.json")
-    step = meta.get("step")
-    saved = saved_settings(meta.get("train_config", {}), type(cfg), str(out / "model.json")) if meta else {}
-    finished = step is not None and step == saved.get("steps") and not _differences(saved, cfg, RESUME_FREE | set(RECOVERY))
-    if cfg.resume:
-        if not ckpt.is_file():
-            raise ValueError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
-        return "done" if finished else "resume"
-    if not ckpt.exists() and not meta:  # nothing worth keeping (a run that stopped before its first checkpoint)
-        return "fresh"
+    ckpt = out / "checkpoint.pt"
     if cfg.overwrite:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "tb", ignore_errors=True)
         return "fresh"
+    step, saved = recorded_run(out, type(cfg))
+    finished = step is not None and step == saved.get("steps") and not _differences(saved, cfg, RESUME_FREE | set(RECOVERY))
+    if cfg.resume:
+        if not ckpt.is_file():
+            raise ValueError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
+        return "done" if finished else "resume"
+    if step is None:  # nothing worth keeping (a run that stopped before its first checkpoint)
+        return "fresh"
     if finished:  # the same settings, so the same number of steps
         return "done"
     diff = _differences(saved, cfg, RESUME_FREE)
-    where = f"a run at step {step} of {saved.get('steps')}" if step is not None else "a run"
     other = f" with other settings (saved, now): {diff}" if diff else ""
-    advice = ("pass --resume to continue it" if step is not None and step < saved.get("steps", 0)
+    advice = ("pass --resume to continue it" if ckpt.is_file() and step < saved.get("steps", 0)
               else "it is finished")
-    raise ValueError(f"{out} already holds {where}{other}; {advice}, --overwrite to start again, or choose another "
-                     f"--out")
+    raise ValueError(f"{out} already holds a run at step {step} of {saved.get('steps')}{other}; {advice}, --overwrite "
+                     f"to start again, or choose another --out")
+
+
+def recorded_run(out: Path, cls) -> tuple[int | None, dict]:
+    """(step, settings) of the run in ``out``: from its checkpoint (what --resume continues), else from its
+    model.json; (None, {}) when it holds neither."""
+    ckpt = out / "checkpoint.pt"
+    if ckpt.is_file():
+        try:
+            state = read_checkpoint(ckpt)
+        except CheckpointError as exc:
+            before = (f"; the checkpoint before it is kept: rename {out / PREVIOUS} to {ckpt.name} to resume from it"
+                      if (out / PREVIOUS).is_file() else "")
+            raise CheckpointError(f"{exc}{before}; --overwrite starts the run again") from None
+        return state["step"], saved_settings(state["config"], cls, str(ckpt))
+    meta_path = out / "model.json"
+    meta = read_json(meta_path)
+    if not meta:
+        return None, {}
+    step = meta.get("step")
+    if not _is_count(step):
+        raise CheckpointError(f"{meta_path}: 'step' must be a count of steps, got {step!r}")
+    return step, saved_settings(meta.get("train_config", {}), cls, str(meta_path))
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint's contents, each field checked: a ``CheckpointError`` naming the file and the
+    field otherwise."""
+    state = load_weights_file(path, "a training checkpoint")
+    missing = [k for k in ("step", "model", "optimizer", "config") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint (missing {missing})")
+    if not _is_count(state["step"]):
+        raise CheckpointError(f"{path}: 'step' must be a count of steps, got {state['step']!r}")
+    for key, kind, what in (("config", dict, "the run's settings"), ("model", dict, "the model's weights"),
+                            ("optimizer", dict, "the optimizer's state"), ("history", list, "the run's history")):
+        if key in state and not isinstance(state[key], kind):
+            raise CheckpointError(f"{path}: {key!r} must be {what} (a {kind.__name__}), got a "
+                                  f"{type(state[key]).__name__}")
+    return state
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def check_same_data(out: Path, store, data: str) -> None:
     """A resumed run trains on the data it started with (wherever it now lies): same fingerprint."""
-    recorded = read_json(out / "model.json").get("data", {})
+    meta = read_model_meta(out / "model.pt") if (out / "model.json").is_file() else {}  # its fields checked
+    recorded = meta.get("data") or {}
     if recorded.get("fingerprint") and recorded["fingerprint"] != store.fingerprint:
         raise ValueError(f"--resume: {data} is not the dataset this run started on ({recorded.get('path')}): "
                          f"its fingerprint differs")
@@ -94,39 +145,57 @@ def finished_metrics(out: Path) -> dict:
     return read_json(out / "model.json").get("metrics", {})
 
 
-def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, history: list, data: dict) -> None:
-    """The user-facing model (model.pt + model.json) and the training state (checkpoint.pt)."""
+def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, history: list, data: dict,
+         health: dict | None = None) -> None:
+    """The user-facing model (model.pt + model.json) and the training state (checkpoint.pt, with the model's
+    ``health`` as the guard measured it); the checkpoint replaced is kept as checkpoint.prev.pt."""
     settings = dataclasses.asdict(cfg)
     extra = {"step": step, "train_config": settings, "history": history, "data": data,
              "metrics": {k: v for k, v in metrics.items()
                          if k in ("probe", "val", "loss/prediction", "ddp_max_param_diff", "closed_loop")}}
     try:  # model.json last: it is what says which step the run has reached
+        _keep_previous(out / "checkpoint.pt", out / PREVIOUS)
         atomic_torch_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "config": settings, "history": history}, out / "checkpoint.pt")
+                           "config": settings, "history": history, "health": health or {}}, out / "checkpoint.pt")
         model.save(out / "model.pt", extra=extra)
     except OSError as exc:
         raise RunWriteError(f"could not write the checkpoint of step {step} in {out} ({exc.strerror or exc}); "
                             f"the files of the last good checkpoint are kept") from None
 
 
-def load(out: Path, cfg, model: WorldModel, opt) -> tuple[int, list]:
-    """Restore model and optimizer from ``out/checkpoint.pt``; returns (step, history).
+def _keep_previous(path: Path, previous: Path) -> None:
+    """``previous`` becomes (atomically) the file ``path`` holds now: a hard link, or a copy where links fail."""
+    if not path.is_file():
+        return
+    tmp = temporary_path(previous)
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, previous)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(out: Path, cfg, model: WorldModel, opt) -> tuple[int, list, dict]:
+    """Restore model and optimizer from ``out/checkpoint.pt``; returns (step, history, health), ``health``
+    what the checkpoint records of the model it holds (``HEALTH_KEYS``; at least its step and learning rate).
 
     The settings must be the saved ones, except those in ``RESUME_FREE`` and the recovery settings
     (``lr``, ``grad_clip``), whose changes are appended to the run's history.
     """
     path = out / "checkpoint.pt"
-    state = load_weights_file(path, "a training checkpoint")
-    missing = [k for k in ("step", "model", "optimizer", "config") if k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: not a training checkpoint (missing {missing})")
+    state = read_checkpoint(path)
     filled: list = []
     saved = saved_settings(state["config"], type(cfg), str(path), filled)
     diff = _differences(saved, cfg, RESUME_FREE | set(RECOVERY))
     if diff:
         raise ValueError(f"--resume: settings differ from the checkpoint's (saved, now): {diff}; only "
                          f"{', '.join('--' + k.replace('_', '-') for k in RECOVERY)} may change on resume")
-    step = int(state["step"])
+    step = state["step"]
+    if step > saved["steps"]:
+        raise CheckpointError(f"{path}: 'step' is {step}, beyond the run's {saved['steps']} steps")
     changed = {k: [saved.get(k), getattr(cfg, k)] for k in RECOVERY if saved.get(k) != getattr(cfg, k)}
     history = list(state.get("history", [])) + ([{"step": step, "changed": changed}] if changed else [])
     if filled:  # settings this code has and the run's own did not: they take today's defaults
@@ -134,6 +203,14 @@ def load(out: Path, cfg, model: WorldModel, opt) -> tuple[int, list]:
     try:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: its weights do not fit this model: {str(exc)[:300]}") from None
-    return step, history
+    return step, history, {**_health(state.get("health")), "step": step, "lr": saved["lr"]}
+
+
+def _health(recorded) -> dict:
+    """The numbers of a checkpoint's health record that are numbers (an older checkpoint has none)."""
+    if not isinstance(recorded, dict):
+        return {}
+    return {k: float(v) for k, v in recorded.items()
+            if k in HEALTH_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}

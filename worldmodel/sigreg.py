@@ -13,6 +13,7 @@ weight from the LeJEPA or LeWorldModel papers (LeWM uses 0.09) means the same he
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
@@ -21,15 +22,27 @@ from einops import rearrange
 from torch import Tensor
 
 
-@lru_cache(maxsize=8)
-def _knots(knots: int, t_max: float, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+# The 1-D distributions SIGReg can pull each projection towards, all of zero mean and unit variance, by
+# their (real, since symmetric) characteristic functions. The LeJEPA theory singles out the Gaussian: only
+# an isotropic Gaussian embedding keeps the state linearly identifiable; the others exist to test that claim.
+TARGETS = {
+    "gaussian": lambda t: torch.exp(-0.5 * t * t),
+    "uniform": lambda t: torch.where(t > 0, torch.sin(math.sqrt(3) * t) / (math.sqrt(3) * t.clamp_min(1e-12)), 1.0),
+    "laplace": lambda t: 1 / (1 + 0.5 * t * t),
+}
+
+
+@lru_cache(maxsize=16)
+def _knots(knots: int, t_max: float, device: torch.device, target: str = "gaussian") -> tuple[Tensor, Tensor, Tensor]:
     """Knots t (K,) on [0, t_max], trapezoid weights (K,) of the symmetric integral over [-t_max, t_max]
-    (each t > 0 stands for +t and -t), and the N(0, 1) characteristic function exp(-t^2/2) (K,).
-    Built once per device (constants, never written to), not at every training step."""
+    (each t > 0 stands for +t and -t) times the N(0, 1) weight exp(-t^2/2), and the target's characteristic
+    function (K,). Built once per device (constants, never written to), not at every training step."""
+    if target not in TARGETS:
+        raise ValueError(f"SIGReg target must be one of {sorted(TARGETS)}, got {target!r}")
     t = torch.linspace(0.0, t_max, knots, device=device, dtype=torch.float32)
     w = torch.full_like(t, 2 * t_max / (knots - 1))
     w[0] = w[-1] = t_max / (knots - 1)
-    return t, w, torch.exp(-0.5 * t * t)
+    return t, w * torch.exp(-0.5 * t * t), TARGETS[target](t)
 
 
 def _ecf_sums(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,20 +52,21 @@ def _ecf_sums(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _statistic(cos_mean: Tensor, sin_mean: Tensor, n: Tensor | int, w: Tensor, phi: Tensor) -> Tensor:
-    """N * trapezoid integral of |ECF - phi|^2 * phi, from the ECF real/imag parts (..., K) -> (...)."""
+    """N * weighted trapezoid integral of |ECF - phi|^2, from the ECF real/imag parts (..., K) -> (...)."""
     err = (cos_mean - phi) ** 2 + sin_mean**2  # (..., K); phi is real, so sin_mean is the whole imag part
-    return n * (err * phi * w).sum(-1)
+    return n * (err * w).sum(-1)
 
 
-def epps_pulley(x: Tensor, knots: int = 17, t_max: float = 3.0) -> Tensor:
-    """Epps-Pulley statistic of each row of 1-D samples against N(0, 1): x (..., N) -> (...).
+def epps_pulley(x: Tensor, knots: int = 17, t_max: float = 3.0, target: str = "gaussian") -> Tensor:
+    """Epps-Pulley statistic of each row of 1-D samples against ``target`` (N(0, 1) by default):
+    x (..., N) -> (...).
 
-    About 1 in expectation for Gaussian rows whatever N (the N factor cancels the 1/N noise of the
-    ECF), and grows like N for rows that are not Gaussian. Always computed in float32.
+    About 1 in expectation for rows drawn from the target whatever N (the N factor cancels the 1/N noise
+    of the ECF), and grows like N for rows that are not. Always computed in float32.
     """
     with torch.autocast(x.device.type, enabled=False):
         x = x.float()
-        t, w, phi = _knots(knots, t_max, x.device)
+        t, w, phi = _knots(knots, t_max, x.device, target)
         n = x.shape[-1]
         cos_sum, sin_sum = _ecf_sums(x, t)
         return _statistic(cos_sum / n, sin_sum / n, n, w, phi)
@@ -116,6 +130,7 @@ def sigreg_loss(
     generator: torch.Generator | None = None,
     knots: int = 17,
     t_max: float = 3.0,
+    target: str = "gaussian",
 ) -> Tensor:
     """SIGReg of embeddings z (N, D) -> scalar: the mean Epps-Pulley statistic over random unit
     projections. With leading dims, z (G, N, D) tests each of the G groups of N samples on its own
@@ -134,7 +149,7 @@ def sigreg_loss(
         z = z.float()
         dirs = random_directions(z.shape[-1], num_directions, z.device, generator)  # (D, M)
         proj = rearrange(z @ dirs, "... n m -> ... m n")  # (..., M, N)
-        t, w, phi = _knots(knots, t_max, z.device)
+        t, w, phi = _knots(knots, t_max, z.device, target)
         cos_sum, sin_sum = _ecf_sums(proj, t)  # (..., M, K) each
         cos_sum, sin_sum, n = _global_sums(cos_sum, sin_sum, z.shape[-2])
         return _statistic(cos_sum / n, sin_sum / n, n, w, phi).mean()

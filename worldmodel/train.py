@@ -6,15 +6,19 @@ flight, save, and stop. Run data-parallel with ``torchrun --nproc_per_node=N -m 
 
 The step never waits for the GPU: a non-finite loss sets a flag on the device, read at logging steps
 and before every checkpoint (a diverged run stops there, naming the steps, and keeps the last good
-checkpoint).
+checkpoint). Before a checkpoint is written the model is also checked sound (finite parameters of
+bounded size and growth, a loss in line with the last good checkpoint's), so a run blown up by a huge
+learning rate never replaces a sound checkpoint. The run directory is locked while a run uses it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,7 +30,8 @@ from tqdm import tqdm
 
 from common.config import apply_overrides, check_at_least, check_choices, config_fields, nested, option
 from common.device import autocast_for
-from common.files import atomic_write_json, prepare_output_dir, read_json
+from common.files import atomic_write_json, output_lock, prepare_output_dir, remove_stale_temporaries
+from common.process import ignore_stop_signals
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
 from envs.storage import DEFAULT_DATA
 from worldmodel import distributed, rundir
@@ -35,6 +40,7 @@ from worldmodel.model import WorldModel, WorldModelConfig
 from worldmodel.objective import (SIGREG_SCOPES, batch_indices, effective_rank, lr_at, step_generator,
                                   validation_metrics, world_model_losses)
 from worldmodel.probe import PROBE_STATES, run_probe
+from worldmodel.sigreg import TARGETS as SIGREG_TARGETS
 
 DEFAULT_RUN = "runs/demo"  # where `wm train` writes and `wm eval/probe/demo` read, by default
 
@@ -65,6 +71,10 @@ class TrainConfig:
     sigreg_directions: int = option(256, "random 1-D projections per step")
     sigreg_scope: str = option("frames", "SIGReg over all frames of the batch pooled (frames) or per time step "
                                          "(step, LeWM's choice)", choices=SIGREG_SCOPES)
+    sigreg_target: str = option("gaussian", "the distribution SIGReg pulls each projection towards (gaussian: "
+                                            "LeJEPA; uniform, laplace: to test the theory's claim that only the "
+                                            "Gaussian keeps the state linearly identifiable)",
+                                choices=tuple(SIGREG_TARGETS))
     # data windows
     n_pred: int = option(5, "frames per window after the history (teacher-forced targets)")
     rollout_steps: int = option(5, "also train open-loop rollouts of this many steps (<= n-pred); 0: teacher "
@@ -172,10 +182,6 @@ class StopRequest:
         return False
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # DataLoader workers: the main process handles Ctrl-C
-
-
 def train(cfg: TrainConfig, progress: bool = True,
           closed_loop: Callable[..., dict] | None = None) -> dict:
     """Train (or resume) a world model; returns the final metrics. Writes under ``cfg.out``.
@@ -188,17 +194,20 @@ def train(cfg: TrainConfig, progress: bool = True,
     is_main = rank == 0
     out = Path(cfg.out)
     try:
-        state = None
-        if is_main:
-            prepare_output_dir(out)
-            state = rundir.status(out, cfg)  # may clear the directory (--overwrite): one rank decides
-        state = distributed.share(state)
-        if state == "done":
+        with ExitStack() as held:
+            state = None
             if is_main:
-                print(f"{out} already holds this finished run (step {cfg.steps}); pass --overwrite to train "
-                      f"it again, or choose another --out")
-            return {**rundir.finished_metrics(out), "already_done": True}
-        return _train(cfg, rank, world, device, state == "resume", progress, closed_loop)
+                prepare_output_dir(out)
+                held.enter_context(output_lock(out))  # one run at a time in a directory
+                remove_stale_temporaries(out, rundir.RUN_TEMPORARIES)
+                state = rundir.status(out, cfg)  # may clear the directory (--overwrite): one rank decides
+            state = distributed.share(state)
+            if state == "done":
+                if is_main:
+                    print(f"{out} already holds this finished run (step {cfg.steps}); pass --overwrite to train "
+                          f"it again, or choose another --out")
+                return {**rundir.finished_metrics(out), "already_done": True}
+            return _train(cfg, rank, world, device, state == "resume", progress, closed_loop)
     finally:
         distributed.teardown(world)
 
@@ -212,7 +221,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     model = WorldModel(dataclasses.replace(cfg.model, image_size=data.store.size,
                                            env=str(data.store.attrs["env"]))).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, history = rundir.load(out, cfg, model, opt) if resume else (0, [])
+    start, history, good = rundir.load(out, cfg, model, opt) if resume else (0, [], {})
     if resume:
         rundir.check_same_data(out, data.store, cfg.data)
     if is_main:
@@ -224,16 +233,16 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
         _log_frames(writer, data.train)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {out.name}", disable=not (progress and is_main),
                unit="step")
-    guard = DivergenceGuard(cfg, out, start, device)
+    guard = DivergenceGuard(cfg, out, start, device, good)
     metrics: dict = {}
     t_last, frames_seen = time.perf_counter(), 0
 
     def save(done: int) -> None:
-        guard.check(done)  # never save weights a non-finite step has touched
+        health = guard.check_sound(model, done)  # never save weights a diverging run has touched
         if world > 1:
             metrics["ddp_max_param_diff"] = distributed.check_in_sync(model)
         if is_main:
-            rundir.save(out, model, opt, cfg, done, metrics, history, data.record)
+            rundir.save(out, model, opt, cfg, done, metrics, history, data.record, health)
 
     # --- the loop --------------------------------------------------------------------------------------
     with StopRequest() as stop:
@@ -263,6 +272,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                         scalars = _scalars(losses, opt, grad_norm, frames_seen / (now - t_last))
                         t_last, frames_seen = now, 0
                         _log(writer, scalars, done)
+                        guard.logged(scalars["loss/total"])
                         bar.set_postfix(loss=f"{scalars['loss/total']:.4f}", fps=f"{scalars['speed/frames_per_s']:.0f}")
                         metrics.update(scalars)
                 if is_main:
@@ -310,7 +320,7 @@ class TrainingData:
         """Batches of steps ``start..steps-1``; step k's windows come from (seed, k, rank) alone."""
         return torch.utils.data.DataLoader(
             self.train, batch_sampler=StepBatches(len(self.train), cfg.batch_size, cfg.seed, start, cfg.steps, rank),
-            num_workers=cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint)
+            num_workers=cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
 
 
 def _wrap(model: WorldModel, cfg: TrainConfig, world: int, device: torch.device):
@@ -321,25 +331,87 @@ def _wrap(model: WorldModel, cfg: TrainConfig, world: int, device: torch.device)
     return torch.compile(net) if cfg.compile else net
 
 
+PARAM_LIMIT = 1e4  # largest |parameter| of a sound model (trained ones stay within a few units)
+PARAM_GROWTH = 10.0  # how much the parameters' norm may grow between two checkpoints
+LOSS_GROWTH = 10.0  # how far the recent loss may rise above the last good checkpoint's
+LOSS_FLOOR = 0.01  # losses below this count as this (a rise from 1e-6 to 1e-5 is no divergence)
+
+
 class DivergenceGuard:
     """A non-finite loss or gradient sets a flag on the device (no host sync in the step); the flag is read
-    at logging steps and before every checkpoint, and a set flag stops the run naming the steps."""
+    at logging steps and before every checkpoint, and a set flag stops the run naming the steps. Before a
+    checkpoint the model is also checked sound against the last good checkpoint (``check_sound``): a run
+    whose parameters or loss blew up while staying finite is stopped instead of saved."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, start: int, device: torch.device):
+    def __init__(self, cfg: TrainConfig, out: Path, start: int, device: torch.device, good: dict | None = None):
         self.cfg, self.out = cfg, out
         self.done = self.checked = start  # completed steps; steps known to have had finite losses
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        # the last good checkpoint's health (HEALTH_KEYS); before the first, only the learning rate
+        self.good = {"lr": cfg.lr, **(good or {})}
+        self.losses: list[float] = []  # losses read since the last good checkpoint
+        self._loss: torch.Tensor | None = None
 
     def note(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.nonfinite |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
+        self._loss = loss.detach()
+
+    def logged(self, loss: float) -> None:
+        """A loss read on the host at a logging step: part of the run's recent history."""
+        self.losses.append(loss)
 
     def check(self, done: int) -> None:
         self.done = done
         if self.checked == done:  # already checked at this step (a logging step that also saves)
             return
         if distributed.any_rank(self.nonfinite):
-            raise TrainingDiverged(_divergence_message(self.cfg, self.out, self.checked, done))
+            raise TrainingDiverged(_divergence_message(self, f"non-finite loss {_steps(self.checked, done)}"))
         self.checked = done
+
+    def check_sound(self, model: torch.nn.Module, done: int) -> dict:
+        """Before saving step ``done``: finite losses, and parameters and loss in line with the last good
+        checkpoint; returns the health the checkpoint records, or stops the run (``TrainingDiverged``)."""
+        self.check(done)
+        recent = self.losses + ([float(self._loss)] if self._loss is not None else [])
+        health = {"step": done, "lr": self.cfg.lr, **parameter_health(model)}
+        if recent:
+            health["loss"] = float(np.median(recent))
+        problem = unsound(health, self.good)
+        if distributed.any_rank(torch.tensor(problem is not None, device=self.nonfinite.device)):
+            raise TrainingDiverged(_divergence_message(self, f"the model at step {done} is unsound: "
+                                                              f"{problem or 'on another rank'}; it was not saved"))
+        self.good, self.losses = health, []
+        return health
+
+
+def parameter_health(model: torch.nn.Module) -> dict:
+    """The parameters' norm and largest magnitude (inf when any parameter or buffer is not finite)."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+        finite = bool(torch.isfinite(flat).all()) and all(
+            bool(torch.isfinite(b).all()) for b in model.buffers() if b.is_floating_point())
+        if not finite:
+            return {"param_norm": math.inf, "param_max": math.inf}
+        return {"param_norm": float(torch.linalg.vector_norm(flat)), "param_max": float(flat.abs().max())}
+
+
+def unsound(health: dict, good: dict) -> str | None:
+    """Why a model with ``health`` must not replace the checkpoint with ``good`` health, or None."""
+    if not math.isfinite(health["param_max"]):
+        return "non-finite parameters"
+    if health["param_max"] > PARAM_LIMIT:
+        return f"parameters up to {health['param_max']:.3g} (a sound model's stay far below {PARAM_LIMIT:g})"
+    if good.get("param_norm") and health["param_norm"] > PARAM_GROWTH * good["param_norm"]:
+        return (f"the parameters' norm grew {health['param_norm'] / good['param_norm']:.3g}x since the last good "
+                f"checkpoint (at most {PARAM_GROWTH:g}x)")
+    if good.get("loss") is not None and health.get("loss") is not None:
+        if health["loss"] > LOSS_GROWTH * max(good["loss"], LOSS_FLOOR):
+            return f"the loss rose from {good['loss']:.4g} at the last good checkpoint to {health['loss']:.4g}"
+    return None
+
+
+def _steps(checked: int, done: int) -> str:
+    return f"at step {done}" if done == checked + 1 else f"between steps {checked + 1} and {done}"
 
 
 def _evaluate(model: WorldModel, data: TrainingData, cfg: TrainConfig, done: int, writer, closed_loop,
@@ -383,17 +455,22 @@ def _scalars(losses: dict, opt, grad_norm, frames_per_s: float) -> dict:
     return scalars
 
 
-def _divergence_message(cfg: TrainConfig, out: Path, checked: int, done: int) -> str:
-    where = f"at step {done}" if done == checked + 1 else f"between steps {checked + 1} and {done}"
-    ckpt = out / "checkpoint.pt"
+def _divergence_message(guard: DivergenceGuard, what: str) -> str:
+    """``what`` went wrong, what is kept, and advice that works: a quarter of the lowest of this run's
+    learning rate and the one the last good checkpoint was reached with (an absurd rate is never scaled)."""
+    cfg, ckpt = guard.cfg, guard.out / "checkpoint.pt"
+    lr = min(cfg.lr, guard.good["lr"]) / 4
     if ckpt.is_file():
-        step = read_json(out / "model.json").get("step", "?")
-        advice = (f"the last good checkpoint is {ckpt} (step {step}); continue from it with a lower learning "
-                  f"rate, e.g. `wm train ... --resume --lr {cfg.lr / 4:g}` (or another --grad-clip)")
+        previous = guard.out / rundir.PREVIOUS
+        before = f" (and the one before it as {previous})" if previous.is_file() else ""
+        step = int(guard.good["step"]) if "step" in guard.good else "?"
+        advice = (f"the last good checkpoint is {ckpt} (step {step}){before}; continue "
+                  f"from it with a lower learning rate, e.g. `wm train ... --resume --lr {lr:g}` (or another "
+                  f"--grad-clip)")
     else:
         advice = (f"no checkpoint was written yet (the first is due at step {cfg.ckpt_every}); start again with "
-                  f"a lower learning rate, e.g. --lr {cfg.lr / 4:g}")
-    return f"non-finite loss {where}; {advice}"
+                  f"a lower learning rate, e.g. --lr {lr:g}")
+    return f"{what}; {advice}"
 
 
 def _log_hparams(writer, cfg: TrainConfig, metrics: dict) -> None:

@@ -1,0 +1,63 @@
+"""The file helpers every command writes through: locks, leftovers of killed runs, writes that fail cleanly."""
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from common.files import LatchedErrorFile, OutputLockedError, output_lock, remove_stale_temporaries
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_lock_refuses_a_second_holder_and_a_dead_owners_lock_is_taken_over(tmp_path, capsys):
+    with output_lock(tmp_path) as lock:
+        assert lock.read_text().strip() == str(os.getpid())
+        with pytest.raises(OutputLockedError, match=rf"{tmp_path} is in use by another run \(process \d+"):
+            with output_lock(tmp_path):
+                pass
+    assert not lock.exists()  # released
+    pid = dead_pid()
+    lock.write_text(f"{pid}\n")  # left by a killed run
+    with output_lock(tmp_path):
+        pass
+    assert f"taking over the lock left by process {pid} (no longer running)" in capsys.readouterr().out
+    with output_lock(tmp_path / "out.h5", inside=False) as beside:  # an output renamed into place at the end
+        assert beside == tmp_path / "out.h5.lock"
+
+
+def test_only_our_stale_temporaries_are_removed(tmp_path, capsys):
+    pid, alive = dead_pid(), 1  # pid 1 always runs
+    ours = [f"model.pt.{pid}.tmp", f"results.{pid}.tmp.png"]
+    kept = [f"model.pt.{alive}.tmp", f"notes.txt.{pid}.tmp", "model.pt.tmp", "draft.tmp"]
+    for name in ours + kept:
+        (tmp_path / name).write_text("x")
+    (tmp_path / f"data.{pid}.tmp").mkdir()  # a directory being converted into place
+    removed = remove_stale_temporaries(tmp_path, r"model\.pt|results\.png|data", locked=False)
+    assert sorted(p.name for p in removed) == sorted(ours + [f"data.{pid}.tmp"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert f"model.pt.{pid}.tmp: left by an interrupted run (process {pid})" in capsys.readouterr().out
+    remove_stale_temporaries(tmp_path, r"model\.pt", locked=True)  # under the lock, no other writer can be alive
+    assert not (tmp_path / f"model.pt.{alive}.tmp").exists()
+
+
+def test_a_latched_file_keeps_the_first_error_and_drops_later_writes(tmp_path):
+    class Failing:
+        calls = 0
+
+        def write(self, data):
+            self.calls += 1
+            raise OSError(errno.EFBIG, "File too large")
+
+    raw = Failing()
+    f = LatchedErrorFile(raw)
+    assert f.write(b"abc") == 3 and f.write(b"de") == 2 and raw.calls == 1
+    with pytest.raises(OSError, match="File too large"):
+        f.raise_error()
