@@ -8,20 +8,26 @@ the full preset's values.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
-from common.config import unwrap_optional, apply_overrides, check_at_least, config_fields, from_dict, option
-from common.files import atomic_write_text, prepare_output_dir
+from common.config import apply_overrides, check_at_least, config_fields, from_dict, nested, option, unwrap_optional
+from common.device import THREADS_HELP, set_threads
+from common.files import atomic_write_json, atomic_write_text, prepare_output_dir
 from envs.collect import CollectConfig, collect
 from envs.convert import ConvertConfig
 from envs.storage import DEFAULT_DATA
 from evaluation.demo import DemoConfig
 from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, parse_baselines
+from studies.identifiability import IdentifiabilityConfig
 from worldmodel.datasplit import HELD_OUT
+from worldmodel.graph import GraphConfig
 from worldmodel.train import DEFAULT_RUN, TrainConfig, preset_config
 
 
@@ -112,6 +118,7 @@ class BenchConfig:
 
     what: str = option("all", "which benchmark", choices=("collect", "train", "plan", "plan-quality", "all"))
     device: str = option("auto", "train and plan benchmark device: auto, cpu or cuda")
+    threads: int = option(0, THREADS_HELP)
     checkpoint: str = option(DEFAULT_CHECKPOINT, "plan-quality: the trained model whose closed-loop success is measured")
     data: str = option("", "plan-quality: evaluation dataset (default: the one the model was trained on)")
     episodes: int = option(50, "plan-quality: episodes per setting")
@@ -135,6 +142,7 @@ class PipelineConfig:
     seeds: int = option(3, "evaluation seeds")
     baselines: str = option("random,exploration", "evaluation reference methods: random, exploration, simulator "
                                                   "(CEM on the true state: about 40 s more; `wm eval` runs all three)")
+    threads: int = option(0, THREADS_HELP)
 
     def __post_init__(self):
         check_at_least(self, 1, ("episodes", "workers", "steps", "eval_episodes", "seeds"))
@@ -149,7 +157,38 @@ class ProbeConfig:
     data: str = option("", "dataset (default: the one the model was trained on)")
     split: str = option("test", "the model's episodes the probe is scored on: test or val", choices=HELD_OUT)
     device: str = option("auto", "auto, cpu or cuda")
+    threads: int = option(0, THREADS_HELP)
     out: str = option("", "where probe.json and probe.md go (default: beside the checkpoint)")
+
+
+@dataclass
+class ExportConfig:
+    """wm export: make a model file plan alone: build the subgoal graph of its training frames (from its recorded
+    dataset, or --data) and save it in model.pt. Models trained by this version already hold it."""
+
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run")
+    data: str = option("", "its training dataset (default: the one it records)")
+    graph: GraphConfig = nested(GraphConfig, "the graph's settings")
+    device: str = option("auto", "auto, cpu or cuda")
+    threads: int = option(0, THREADS_HELP)
+
+
+@dataclass
+class StudyConfig:
+    """wm study: measurements that answer one question, written as JSON, Markdown and a figure. hold: why the arm
+    does not always hold its goal (a trained model's validation episodes); identifiability: when the latent is a
+    linear map of the arm's state (trains short runs side by side)."""
+
+    what: str = option("hold", "which study", choices=("hold", "identifiability"))
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "hold: the trained model")
+    data: str = option("", "hold: its dataset (default: the one it records)")
+    episodes: int = option(50, "hold: validation episodes per seed")
+    seeds: int = option(1, "hold: episode seeds; identifiability: training seeds of every run")
+    identifiability: IdentifiabilityConfig = nested(IdentifiabilityConfig, "the identifiability study")
+    device: str = option("auto", "hold: auto, cpu or cuda")
+    threads: int = option(0, THREADS_HELP)
+    out: str = option("", "output directory (default: study-hold/ beside the checkpoint, or the identifiability "
+                          "study's own)")
 
 
 # --- the commands --------------------------------------------------------------------------------------------
@@ -158,9 +197,10 @@ def run_train(cfg: TrainConfig) -> int:
     from worldmodel.train import train
 
     metrics = train(cfg, closed_loop=closed_loop_check)
-    print(json.dumps({k: metrics[k] for k in ("loss/prediction", "embedding/std", "val", "probe", "closed_loop")
-                      if k in metrics}, indent=1))
-    print(f"model: {Path(cfg.out) / 'model.pt'}  logs: tensorboard --logdir {Path(cfg.out) / 'tb'}")
+    if _main_process():
+        print(json.dumps({k: metrics[k] for k in ("loss/prediction", "embedding/std", "val", "probe", "closed_loop")
+                          if k in metrics}, indent=1))
+        print(f"model: {Path(cfg.out) / 'model.pt'}  logs: tensorboard --logdir {Path(cfg.out) / 'tb'}")
     return 0
 
 
@@ -222,7 +262,6 @@ def run_bench(cfg: BenchConfig) -> int:
 
 
 def _machine() -> str:
-    import os
     import platform
 
     import torch
@@ -249,6 +288,39 @@ def run_demo(cfg: DemoConfig) -> int:
     gifs = f" (and {len(result['gifs'])} gifs)" if result["gifs"] else ""
     print(f"wrote {len(result['videos'])} videos{gifs} and {result['summary_sheet']} in {cfg.out_dir}; "
           f"reached: {result['success']}, held at the end: {result['held']}")
+    return 0
+
+
+def run_export(cfg: ExportConfig) -> int:
+    from worldmodel.graph import graph_for_checkpoint
+    from worldmodel.model import WorldModel
+
+    model = WorldModel.load(cfg.checkpoint, cfg.device)
+    graph = graph_for_checkpoint(model, cfg.checkpoint, cfg.graph, cfg.data)
+    print(f"{cfg.checkpoint} holds its subgoal graph ({len(graph.nodes)} training frames, {len(graph.src)} links): "
+          f"model.pt and model.json plan alone")
+    return 0
+
+
+def run_study(cfg: StudyConfig) -> int:
+    if cfg.what == "identifiability":
+        from studies.identifiability import run as identifiability
+
+        ident = dataclasses.replace(cfg.identifiability, seeds=cfg.seeds, out=cfg.out or cfg.identifiability.out)
+        identifiability(ident)
+        print(Path(ident.out, "results.md").read_text())
+        print(f"wrote {ident.out}/results.json, results.md, results.png")
+        return 0
+    from studies import hold
+
+    out = prepare_output_dir(cfg.out or Path(cfg.checkpoint).parent / "study-hold")
+    result = hold.run_all(cfg.checkpoint, cfg.episodes, cfg.seeds, cfg.device, cfg.data)
+    text = hold.report(result, cfg.checkpoint)
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "results.md", text)
+    hold.plot(result, out / "results.png")
+    print(text)
+    print(f"wrote {out}/results.json, results.md, results.png")
     return 0
 
 
@@ -293,6 +365,8 @@ COMMANDS = {
     "eval": (EvalConfig, run_eval, "closed-loop success in MuJoCo beside reference methods (random, exploration, simulator)"),
     "demo": (DemoConfig, run_demo, "planning videos (mp4 + gif) and a summary sheet"),
     "bench": (BenchConfig, run_bench, "measure collection, training and planning speed, and planning quality"),
+    "export": (ExportConfig, run_export, "save what planning needs (the subgoal graph) in an older model file"),
+    "study": (StudyConfig, run_study, "studies: why the goal is not always held; when the latent is linear"),
     "demo-pipeline": (PipelineConfig, run_pipeline, "the embedded default that `make demo` runs"),
 }
 
@@ -303,8 +377,26 @@ def default_config(command: str, argv: list[str]):
     return _train_defaults(argv) if cls is TrainConfig else cls()
 
 
+def _main_process() -> bool:
+    """Rank 0 under torchrun (or the only process): the one that prints results."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _configure_logging() -> None:
+    """The library logs; the command line shows its messages on stderr (rank 0 all of them, other ranks only
+    warnings), results go to stdout."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_wm", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._wm = True
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if _main_process() else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _configure_logging()
     parser = argparse.ArgumentParser(prog="wm", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -319,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
                 add_config_arguments(p, defaults)
         args = parser.parse_args(argv)
         run = COMMANDS[args.command][1]
-        return run(config_from_args(defaults if args.command == command else default_config(args.command, argv), args))
+        cfg = config_from_args(defaults if args.command == command else default_config(args.command, argv), args)
+        if hasattr(cfg, "threads"):
+            set_threads(cfg.threads)
+        return run(cfg)
     except KeyboardInterrupt:
         return 130
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -35,3 +36,31 @@ def autocast_for(device: torch.device):
     """bf16 autocast on CUDA (matmuls and convolutions; latents, residuals, losses and SIGReg stay
     float32, see the encoder and predictor); full precision on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+THREADS_HELP = ("torch CPU threads (0: automatic, the cores this process may use, one per process under torchrun; "
+                "on a machine other jobs share, 1 is often several times faster)")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int = 0) -> int:
+    """Set torch's intra-op threads: ``threads``, or when 0 the cores this process may use shared among the
+    processes torchrun started on this machine (one each on a small one), unless OMP_NUM_THREADS says
+    otherwise. Returns the number set."""
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+    if threads == 0:
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            threads = int(os.environ["OMP_NUM_THREADS"])
+        else:
+            threads = available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = max(1, threads)
+    torch.set_num_threads(threads)
+    return threads

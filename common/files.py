@@ -3,6 +3,7 @@ locked while a run uses them, and the temporary files of killed runs cleaned up.
 
 from __future__ import annotations
 
+import logging
 import fcntl
 import io
 import json
@@ -13,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from common.process import pid_alive
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".wm.lock"  # inside a directory a run writes in place (a run, a collection, an evaluation)
 # ``<name>.<pid>.tmp`` (atomic_write) or ``<stem>.<pid>.tmp<suffix>`` (writers that need the suffix)
@@ -216,7 +219,7 @@ def _acquire(lock: Path, target: Path) -> int:
         previous = _pid_in(fd)
         if previous and previous != os.getpid():
             state = "no longer running" if not pid_alive(previous) else "no longer holding it"
-            print(f"{target}: taking over the lock left by process {previous} ({state})", flush=True)
+            log.warning("%s: taking over the lock left by process %s (%s)", target, previous, state)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
@@ -251,6 +254,6 @@ def remove_stale_temporaries(directory: str | Path, names: str, locked: bool = T
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         except OSError:
             continue
-        print(f"removed {path}: left by an interrupted run (process {pid})", flush=True)
+        log.warning("removed %s: left by an interrupted run (process %s)", path, pid)
         removed.append(path)
     return removed

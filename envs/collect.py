@@ -12,6 +12,7 @@ A shard that cannot be written (disk full, file size limit) stops the collection
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -31,6 +32,8 @@ from envs.policies import POLICIES, make_policy
 from envs.reacher import ENV_NAMES, make_env
 from envs.storage import (DEFAULT_DATA, DatasetError, episode_index, find_shards, inspect_shard, write_manifest,
                           write_shard)
+
+log = logging.getLogger(__name__)
 
 # Settings that must match for a resumed collection to continue the same dataset.
 RESUME_KEYS = ("env", "size", "steps", "policy", "seed", "hide_target", "render_quality")
@@ -288,8 +291,8 @@ def _collect(cfg: CollectConfig, out: Path, progress: bool) -> dict:
             for group in list(pending):
                 flush(group)
         finally:
-            print(f"\ncollection stopped: {len(done) + summary['saved']}/{cfg.episodes} episodes are saved "
-                  f"in {out}; run the same command again to resume.")
+            log.warning("collection stopped: %d/%d episodes are saved in %s; run the same command again to resume",
+                        len(done) + summary["saved"], cfg.episodes, out)
         raise
     finally:
         if on_main_thread:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-POLICIES = ("random", "smooth", "mixed")
+POLICIES = ("random", "smooth", "mixed", "varied")
 
 Policy = Callable[[], np.ndarray]  # called once per step, returns float32 (2,) in [-1, 1]
 
@@ -45,4 +45,7 @@ def make_policy(name: str, rng: np.random.Generator) -> tuple[Policy, str]:
             return random_policy(rng), "random"
         correlation = float(np.exp(-1.0 / rng.uniform(3.0, 50.0)))
         return smooth_policy(rng, correlation), f"smooth(c={correlation:.3f})"
+    if name == "varied":  # smooth at a speed drawn per episode: slow, fine motion as well as fast sweeps
+        scale = float(rng.uniform(0.15, 1.0))
+        return smooth_policy(rng, scale=scale), f"smooth(scale={scale:.2f})"
     raise ValueError(f"policy must be one of {POLICIES}, got {name!r}")

@@ -19,10 +19,10 @@ file, episode and key at once instead of surfacing as a NaN loss hours later.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,8 @@ import h5py
 import numpy as np
 
 from common.files import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
 
 try:  # registers the compression filters (Blosc, Zstd, LZ4, ...) of files written by other tools
     import hdf5plugin  # noqa: F401
@@ -386,9 +388,8 @@ def check_complete(paths, counts: dict[Path, int]) -> None:
         expected = expected_episodes(directory)
         held = sum(n for p, n in counts.items() if p.parent == directory)
         if expected is not None and held < expected:
-            print(f"warning: {directory} holds {held} of the {expected} episodes its {MANIFEST} records (an "
-                  f"interrupted `wm collect` or `wm convert`?); run the same command again to complete it",
-                  file=sys.stderr, flush=True)
+            log.warning("%s holds %d of the %d episodes its %s records (an interrupted `wm collect` or `wm "
+                        "convert`?); run the same command again to complete it", directory, held, expected, MANIFEST)
 
 
 def _directories(paths) -> list[Path]:

@@ -4,6 +4,8 @@ for the end of its current plan (a retrieval, not a decoder: the model has no pi
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,15 +15,19 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from common.config import nested, option
-from common.files import atomic_write, prepare_output_dir
+from common.device import THREADS_HELP
+from common.files import atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.video import check_ffmpeg, upscale, write_video
 from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, load_setup, world_model_controller
+from evaluation.html import demo_page
 from worldmodel.datasplit import HELD_OUT
 from evaluation.protocols import PROTOCOLS, sample_episodes
 from planners.policy import PolicyConfig
 from worldmodel.latents import encode_episodes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,7 +46,9 @@ class DemoConfig:
     bank_frames: int = option(20000, "most dataset frames in the retrieval bank")
     gif: bool = option(True, "also write a gif beside each mp4")
     device: str = option("auto", "auto, cpu or cuda")
+    threads: int = option(0, THREADS_HELP)
     out: str = option("", "output directory (default: videos/ beside the checkpoint)")
+    overwrite: bool = option(False, "replace a demo already in --out (its videos, sheet and page are removed first)")
 
     def __post_init__(self):
         if self.episodes < 1:
@@ -67,19 +75,41 @@ def caption(panel: np.ndarray, text: str, colour=(255, 255, 255)) -> np.ndarray:
     return np.asarray(image)
 
 
-def compose(obs, goal, expected, step: int, error: float, within: bool, reached: bool) -> np.ndarray:
-    """One video frame: [camera | goal | model's expectation], each captioned. The joint error is on
-    every frame, so drifting away after arrival shows; green while within tolerance."""
-    obs, goal, expected = (upscale(x[None], 160)[0] for x in (obs, goal, expected))
-    text = f"step {step}  err {error:.3f} rad" + ("  reached" if reached else "")
+def compose(label: str, obs, goal, expected, waypoint, step: int, error: float, within: bool,
+            reached: bool) -> np.ndarray:
+    """One video frame: [camera | goal | model's expectation | current waypoint], each captioned. The
+    protocol, episode, step and joint error are on every frame, so drifting away after arrival shows (green
+    while within tolerance); the waypoint panel shows the training frame the planner is heading for while
+    the goal is far (``waypoint`` None: planning to the goal itself)."""
+    panels = [obs, goal, expected] + ([waypoint] if waypoint is not None else [])
+    obs, goal, expected, *rest = (upscale(x[None], 160)[0] for x in panels)
+    text = f"{label} step {step} err {error:.3f} rad" + (" reached" if reached else "")
     colour = (120, 255, 120) if within else ((255, 200, 120) if reached else (255, 255, 255))
-    return np.concatenate([caption(obs, text, colour), caption(goal, "goal"),
-                           caption(expected, "model expects (nearest frame)")], 1)
+    out = [caption(obs, text, colour), caption(goal, "goal"), caption(expected, "model expects (nearest frame)")]
+    if rest:
+        out.append(caption(rest[0], "heading for (waypoint)"))
+    return np.concatenate(out, 1)
+
+
+DEMO_FILES = re.compile(r"episode_\d+\.(mp4|gif)|summary\.png|demo\.json|demo\.md|index\.html")
+
+
+def prepare_demo_dir(cfg: DemoConfig) -> Path:
+    """The output directory, checked before any work: a demo already there is refused unless --overwrite,
+    which removes all of its files (no stale video of another run is left beside the new ones)."""
+    out = prepare_output_dir(cfg.out_dir)
+    earlier = [p for p in out.iterdir() if DEMO_FILES.fullmatch(p.name)]
+    if earlier and not cfg.overwrite:
+        raise ValueError(f"{out} already holds a demo ({len(earlier)} files); pass --overwrite to replace it, or "
+                         f"--out for another directory")
+    for path in earlier:
+        path.unlink()
+    return out
 
 
 def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     protocol = PROTOCOLS[cfg.protocol]
-    out = prepare_output_dir(cfg.out_dir)  # the output and ffmpeg are checked before any work
+    out = prepare_demo_dir(cfg)  # the output and ffmpeg are checked before any work
     check_ffmpeg()
     setup = load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
     model, store, batch = setup.model, setup.store, setup.batch
@@ -88,8 +118,7 @@ def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     bank_ids = setup.train or [i for i in range(len(store)) if i not in filmed]
     try:
         if progress:
-            print(f"retrieval bank: encoding up to {cfg.bank_frames} frames of {len(bank_ids)} training episodes",
-                  flush=True)
+            log.info(f"retrieval bank: encoding up to {cfg.bank_frames} frames of {len(bank_ids)} training episodes")
         bank_z, bank_frames = frame_bank(model, store, bank_ids, cfg.bank_frames)
         eps = sample_episodes(store, setup.episodes, protocol, cfg.episodes, cfg.seed, batch.physics.wrist_range,
                               cfg.tolerance)
@@ -100,26 +129,55 @@ def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         first = frames.copy()
         reached = np.zeros(cfg.episodes, bool)
         videos = [[] for _ in range(cfg.episodes)]
+        nearest = lambda z: torch.cdist(z.float(), bank_z).argmin(1).cpu().numpy()  # noqa: E731
         for step in tqdm(range(protocol.budget + 1), desc="demo", unit="step", disable=not progress):
-            error = joint_error(batch.states()["qpos"], eps["goal_qpos"], protocol.wrap)
+            error = joint_error(batch.qpos(), eps["goal_qpos"], protocol.wrap)
             within = (error < cfg.tolerance) & (step > 0)
             reached |= within
             actions = policy.act_batch(frames) if step < protocol.budget else None  # the frames filmed
-            nearest = torch.cdist(policy.last_prediction.float(), bank_z).argmin(1).cpu().numpy()
+            expected = nearest(policy.last_prediction)
+            heading = policy.last_target if policy.graph is not None else None
+            waypoint = None if heading is None else nearest(heading)
+            to_goal = None if heading is None else policy._route.near.cpu().numpy()
             for i in range(cfg.episodes):
-                videos[i].append(compose(frames[i], goals[i], bank_frames[nearest[i]], step, error[i], within[i],
-                                         reached[i]))
+                wp = None if waypoint is None else (goals[i] if to_goal[i] else bank_frames[waypoint[i]])
+                videos[i].append(compose(f"{protocol.name} ep {int(eps['index'][i])}", frames[i], goals[i],
+                                         bank_frames[expected[i]], wp, step, error[i], within[i], reached[i]))
             if actions is not None:
                 frames = batch.step(actions)
         final = error
     finally:
         batch.close()
-    written = [write_video(out / f"episode_{i:02d}.mp4", np.stack(v), gif=cfg.gif) for i, v in enumerate(videos)]
+    names = [f"episode_{int(j):02d}" for j in eps["index"]]  # episode j is the same whatever --episodes is
+    written = [write_video(out / f"{name}.mp4", np.stack(v), gif=cfg.gif) for name, v in zip(names, videos)]
     sheet = summary_sheet(first, frames, goals, reached, final, cfg.tolerance)
     atomic_write(out / "summary.png", lambda tmp: Image.fromarray(sheet).save(tmp), keep_suffix=True)
-    return {"videos": [str(paths[0]) for paths in written], "gifs": [str(p) for paths in written for p in paths[1:]],
-            "summary_sheet": str(out / "summary.png"), "success": reached.tolist(),
-            "held": (final < cfg.tolerance).tolist(), "final_error": final.tolist()}
+    result = {"checkpoint": cfg.checkpoint, "protocol": protocol.name, "split": cfg.split, "seed": cfg.seed,
+              "videos": [str(paths[0]) for paths in written], "gifs": [str(p) for paths in written for p in paths[1:]],
+              "summary_sheet": str(out / "summary.png"), "success": reached.tolist(),
+              "held": (final < cfg.tolerance).tolist(), "final_error": final.tolist()}
+    markdown = demo_markdown(cfg, protocol, result, names)
+    atomic_write_text(out / "demo.md", markdown)
+    atomic_write_text(out / "index.html", demo_page(
+        f"planning videos: {cfg.checkpoint}", markdown,
+        [(f"{n}.mp4", f"{n}: {'held' if h else ('reached, drifted' if r else 'missed')}, final error {e:.3f} rad")
+         for n, r, h, e in zip(names, result["success"], result["held"], result["final_error"])]))
+    atomic_write_json(out / "demo.json", result)
+    return result
+
+
+def demo_markdown(cfg: DemoConfig, protocol, result: dict, names: list[str]) -> str:
+    """What was filmed, for the page and for a reader of the folder."""
+    lines = [f"# Planning videos of `{cfg.checkpoint}`", "",
+             f"{len(names)} `{protocol.name}` episodes of the model's {cfg.split} split (seed {cfg.seed}), budget "
+             f"{protocol.budget} steps. Each video: the camera, the goal image, the training frame nearest to what "
+             f"the model expects at the end of its plan"
+             + (", and the training frame it is heading for (a waypoint while the goal is far)"
+                if cfg.policy.subgoals.enabled else "") + ".", "",
+             "| episode | reached | held at the end | final joint error (rad) |", "|---|---|---|---|"]
+    lines += [f"| {n} | {'yes' if r else 'no'} | {'yes' if h else 'no'} | {e:.3f} |"
+              for n, r, h, e in zip(names, result["success"], result["held"], result["final_error"])]
+    return "\n".join(lines) + "\n"
 
 
 def summary_sheet(first: np.ndarray, last: np.ndarray, goals: np.ndarray, reached: np.ndarray, final: np.ndarray,

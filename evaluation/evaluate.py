@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from common.config import apply_overrides, nested, option
+from common.device import THREADS_HELP
 from common.files import (atomic_write, atomic_write_json, atomic_write_text, output_lock, prepare_output_dir,
                           remove_stale_temporaries)
 from envs.dataset import EpisodeStore
@@ -27,15 +29,16 @@ from envs.storage import recording
 from envs.vector import ReacherBatch
 from evaluation.baselines import exploration_controller, random_controller, simulator_controller
 from evaluation.protocols import Protocol, episode_records, history_before, parse_protocols, sample_episodes
+from evaluation.html import evaluation_page
 from evaluation.report import log_to_tensorboard, plot_results, results_markdown, summarize
 from evaluation.stats import METHOD
 from planners.noise import problem_keys
 from planners.policy import MPCPolicy, PolicyConfig
 from worldmodel.datasplit import HELD_OUT, load_with_data, recorded_data, split_episodes, training_episodes
-from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint
+from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint, keep_graph, saved_graph
 
 METHODS = ("world_model", "random", "exploration", "simulator")
-OUTPUTS = ("results.md", "results.png", "results.json")  # in the order written: results.json last
+OUTPUTS = ("results.md", "index.html", "results.png", "results.json")  # in the order written: results.json last
 DEFAULT_CHECKPOINT = "runs/demo/model.pt"
 
 
@@ -63,6 +66,7 @@ class EvalConfig:
     sim_iterations: int | None = option(None, "simulator-CEM iterations per replan (default: --iterations)")
     tolerance: float = option(GOAL_TOLERANCE, "success: every joint within this many rad of the goal")
     device: str = option("auto", "auto, cpu or cuda")
+    threads: int = option(0, THREADS_HELP)
     out: str = option("", "output directory (default: eval/ beside the checkpoint; needed for several)")
     overwrite: bool = option(False, "replace results already in --out")
 
@@ -114,9 +118,13 @@ class Setup:
         """The subgoal graph over the model's training episodes (built once per setting): those of this
         dataset, or, when it holds none, those of the dataset training recorded."""
         key = (cfg.neighbours, cfg.radius, cfg.max_nodes)
-        if key not in self._graphs:
+        if key not in self._graphs and self.checkpoint:  # the one the model file holds, if built alike
+            self._graphs[key] = saved_graph(self.model, cfg, self.checkpoint)
+        if self._graphs.get(key) is None:
             if self.train or not self.checkpoint:
                 graph = LatentGraph.build(self.model, self.store, self.train, cfg)
+                if self.checkpoint:
+                    keep_graph(self.checkpoint, self.model, graph, cfg)
             else:
                 try:
                     graph = graph_for_checkpoint(self.model, self.checkpoint, cfg)
@@ -251,8 +259,10 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
     summary = summarize(records, methods, protocols)
     split_note = notes[0] if len(notes) == 1 else f"each model's own {cfg.split} episodes"
     report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps, "split": notes,
-              "interval": METHOD, "summary": summary, "episodes": records}
-    atomic_write_text(out / "results.md", results_markdown(summary, cfg, split_note, cfg.checkpoints))
+              "interval": METHOD, "torch_threads": torch.get_num_threads(), "summary": summary, "episodes": records}
+    markdown = results_markdown(summary, cfg, split_note, cfg.checkpoints)
+    atomic_write_text(out / "results.md", markdown)
+    atomic_write_text(out / "index.html", evaluation_page(markdown))
     title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"
              f"{' and model' if len(cfg.checkpoints) > 1 else ''}, {cfg.split} split")
     atomic_write(out / "results.png", lambda tmp: plot_results(summary, curves, cfg.tolerance, tmp, title),

@@ -56,7 +56,8 @@ def parse_protocols(names: str) -> list[Protocol]:
 def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, seed: int,
                     wrist_range: tuple[float, float], tolerance: float) -> dict[str, np.ndarray]:
     """Start states and goal poses of ``n`` protocol episodes from the rows of held-out episodes; each
-    episode's ``index`` (0..n-1) keys its planner noise, so any subset of them plans as in the full batch.
+    episode's ``index`` (0..n-1) keys its planner noise, so any subset of them plans as in the full batch,
+    and episode j is the same whatever ``n`` is (a video's episode 0 is the evaluation's episode 0).
 
     Starts are distinct rows drawn uniformly over every usable row (an episode's row with the goal
     inside the episode). A start within ``tolerance`` of its goal is never drawn (it would be a free
@@ -74,7 +75,7 @@ def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, s
     if len(rows) < n:
         raise ValueError(f"{protocol.name}: {len(rows)} usable start rows in {len(episode_ids)} held-out episodes, "
                          f"{n} episodes asked for")
-    picked = rng.choice(len(rows), size=n, replace=False)
+    picked = rng.permutation(len(rows))[:n]  # the first k episodes are the same whatever n is
     out = {k: [] for k in ("index", "episode", "t0", "qpos", "qvel", "target", "goal_qpos")}
     for j, k in enumerate(picked):
         i, t0 = rows[k]

@@ -136,7 +136,18 @@ class Planner:
         streams = torch.arange(self.cfg.iterations, device=z_hist.device, dtype=torch.int32) + \
             self._calls * STREAMS_PER_CALL
         self._calls += 1
-        return self.optimize(z_hist, a_hist, z_goal, mean, keys, streams)
+        result = self.optimize(z_hist, a_hist, z_goal, mean, keys, streams)
+        return self.prefer_rest(z_hist, a_hist, z_goal, result) if self.cfg.rest and self.cfg.rest_margin else result
+
+    def prefer_rest(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, result: PlanResult) -> PlanResult:
+        """The rest sequence instead of the plan found when its predicted cost is within ``rest_margin``
+        (relative) of the plan's: near a held goal, a move the model rates only a little better is more
+        likely its error than a real gain (one more rollout of B rows)."""
+        rest = torch.zeros_like(result.actions)
+        cost = self.plan_cost(self.model.rollout(z_hist, a_hist, rest)[:, None], z_goal, rest[:, None])[:, 0]
+        take_rest = cost <= result.cost * (1 + self.cfg.rest_margin)  # (B,)
+        return PlanResult(torch.where(take_rest[:, None, None], rest, result.actions),
+                          torch.where(take_rest, cost, result.cost))
 
     def optimize(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, mean: Tensor, keys: Tensor,
                  streams: Tensor) -> PlanResult:

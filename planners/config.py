@@ -104,6 +104,8 @@ class PlannerConfig:
                               "iteration's candidates, so a plan that holds a reached goal is found exactly")
     noise_beta: float = option(0.0, "colour of the sampling noise along the plan's env steps: power ~ 1/f^beta "
                                     "(0: white; 2: red, temporally correlated, as iCEM)")
+    rest_margin: float = option(0.0, "with rest: play the rest sequence when its predicted cost is within this "
+                                     "fraction of the best plan's (0: only when it is the best)")
     seed: int = option(0, "seed of the noise streams; same seed, same plan", cli=False)
     compile: bool = option(False, "torch.compile one planning iteration (CUDA graphs on CUDA)")
     cem: CEMConfig = nested(CEMConfig, "CEM only")
@@ -117,6 +119,8 @@ class PlannerConfig:
                              f"{self.iterations}")
         if self.iterations >= STREAMS_PER_CALL:
             raise ValueError(f"iterations must be < {STREAMS_PER_CALL}, got {self.iterations}")
+        if self.rest_margin < 0:
+            raise ValueError(f"rest_margin must be >= 0, got {self.rest_margin}")
         if self.action_cost < 0:
             raise ValueError(f"action_cost must be >= 0, got {self.action_cost}")
         if not 0 <= self.noise_beta <= 4:

@@ -280,6 +280,7 @@ class MPCPolicy:
         target = self._z_goal
         if self._route is not None:  # a waypoint on the way to a far goal
             target = subgoals.targets(self.graph, self._route, z_hist[:, -1], self.cfg.subgoals)
+        self.last_target = target  # (B, D): what the last plan headed for (for videos)
         result = self.planner.plan(z_hist, target, a_hist, init, keys=self._keys)
         synchronize(self.device)
         self.plan_times.append(time.perf_counter() - start)

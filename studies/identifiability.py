@@ -43,12 +43,13 @@ class IdentifiabilityConfig:
     """The study's size: short runs side by side (about an hour on 2 CPU cores with the defaults)."""
 
     steps: int = option(1000, "training steps of each run")
-    seeds: int = option(1, "training seeds of each run (the README's intervals need 2 or more)")
+    seeds: int = option(1, "training seeds of each run (intervals need 2 or more)", cli=False)
     episodes: int = option(450, "episodes of each collected dataset (the short one has 100)")
     eval_episodes: int = option(50, "closed-loop reach25 episodes on each run's test split")
     mlp_steps: int = option(1500, "optimiser steps of the nonlinear probe")
     workers: int = option(2, "collection worker processes")
-    out: str = option("runs/study-identifiability", "where datasets, runs and the results go (resumes there)")
+    out: str = option("runs/study-identifiability", "where datasets, runs and the results go (resumes there)",
+                      cli=False)
 
 
 def run(cfg: IdentifiabilityConfig, progress: bool = True) -> dict:

@@ -23,7 +23,7 @@ def test_commands_chain_with_their_defaults(tmp_path):
     assert meta["step"] == 4 and meta["data"]["path"] == "runs/demo/data"
     assert "reach25_latched" in meta["metrics"]["closed_loop"]
     again = run_wm("train", "--steps", 4, *TINY_MODEL, cwd=tmp_path)
-    assert "already holds this finished run" in again.stdout
+    assert "already holds this finished run" in again.stderr
     eval_args = ["eval", "--episodes", 2, "--seeds", 1, "--samples", 8, "--iterations", 1, "--sim-samples", 8,
                  "--sim-iterations", 1]
     out = run_wm(*eval_args, cwd=tmp_path).stdout

@@ -215,8 +215,10 @@ def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):
             "--protocol", "reach25,uniform,lewm"]
     out = _wm(*args).stdout
     assert "| reach25 | world model (MPC) |" in out and "| lewm | world model (MPC) |" in out
-    for name in ("results.json", "results.md", "results.png"):
+    for name in ("results.json", "results.md", "results.png", "index.html"):
         assert (tmp_path / "eval" / name).exists()  # beside the checkpoint by default
+    assert _page_links(tmp_path / "eval" / "index.html") == {"results.png"}
+    assert "<table>" in (tmp_path / "eval" / "index.html").read_text()
     assert list((tmp_path / "eval" / "tb").iterdir())
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert len(report["episodes"]) == 3 * 2 * 4 * 3  # protocols x seeds x methods x episodes
@@ -234,10 +236,36 @@ def test_wm_demo_smoke_writes_videos_and_sheet(data, tmp_path):
               "--iterations", 1, "--bank-frames", 50).stdout
     assert "wrote 2 videos (and 2 gifs)" in out
     names = sorted(p.name for p in (tmp_path / "videos").iterdir())
-    assert names == ["episode_00.gif", "episode_00.mp4", "episode_01.gif", "episode_01.mp4", "summary.png"]
+    assert names == ["demo.json", "demo.md", "episode_00.gif", "episode_00.mp4", "episode_01.gif", "episode_01.mp4",
+                     "index.html", "summary.png"]
     import imageio.v2 as imageio
     frames = imageio.mimread(tmp_path / "videos" / "episode_00.mp4")
     assert len(frames) == 51  # the start frame and one per step of the 50-step budget
+    assert _page_links(tmp_path / "videos" / "index.html") == {"episode_00.mp4", "episode_01.mp4", "summary.png"}
+    again = _wm("demo", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 1, check=False)
+    assert again.returncode == 2 and "already holds a demo" in again.stderr and "--overwrite" in again.stderr
+    _wm("demo", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 1, "--samples", 8, "--iterations", 1,
+        "--bank-frames", 50, "--no-gif", "--overwrite")
+    names = sorted(p.name for p in (tmp_path / "videos").iterdir())  # no stale video of the earlier demo is left
+    assert names == ["demo.json", "demo.md", "episode_00.mp4", "index.html", "summary.png"]
+    again = imageio.mimread(tmp_path / "videos" / "episode_00.mp4")
+    assert np.array_equal(again[0], frames[0])  # episode 0 is episode 0, however many are filmed
+
+
+def _page_links(page) -> set:
+    """The files a page shows (img and video sources); each must exist beside it."""
+    from html.parser import HTMLParser
+
+    found = set()
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag in ("img", "video"):
+                found.add(dict(attrs)["src"])
+
+    Links().feed(page.read_text())
+    assert all((page.parent / name).is_file() for name in found), found
+    return found
 
 
 def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path):
@@ -404,3 +432,37 @@ def test_demo_checks_its_output_and_ffmpeg_before_any_work(data, tmp_path, monke
     monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", missing)
     with pytest.raises(RuntimeError, match="writing mp4 videos needs ffmpeg"):
         demo.make_demo(demo.DemoConfig(checkpoint=str(tmp_path / "m.pt"), out=str(tmp_path / "v")), progress=False)
+
+
+def test_recorded_paths_mean_the_same_from_anywhere(tmp_path, monkeypatch):
+    """A run directory moved together with its dataset finds it from any working directory; when the data
+    is gone, the error says which paths were tried and how to give another (--data)."""
+    from conftest import write_synthetic
+    from test_train import tiny
+    from worldmodel.datasplit import load_with_data
+    from worldmodel.train import train
+
+    project = tmp_path / "project"
+    write_synthetic(project / "data", n_episodes=6, steps=20)
+    monkeypatch.chdir(project)
+    train(tiny("data", "run", steps=2, save_graph=False), progress=False)  # relative paths, as a user types them
+    (tmp_path / "project").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    _, _, store, data = load_with_data(tmp_path / "moved" / "run" / "model.pt", device="cpu")
+    assert len(store) == 6 and data == str(tmp_path / "moved" / "run" / ".." / "data")
+    import shutil
+
+    shutil.rmtree(tmp_path / "moved" / "data")
+    with pytest.raises(ValueError, match=r"not where it was recorded \(tried .*moved/run/\.\./data.*\); pass --data"):
+        load_with_data(tmp_path / "moved" / "run" / "model.pt", device="cpu")
+
+
+def test_an_episode_is_the_same_whatever_the_number_drawn(data):
+    """Episode j of a protocol and seed does not depend on how many are drawn: a demo's episode 0 is the
+    evaluation's episode 0."""
+    store = EpisodeStore(data)
+    for name in ("reach25", "uniform"):
+        few = sample_episodes(store, list(range(10)), PROTOCOLS[name], 3, 0, WRIST, 0.05)
+        many = sample_episodes(store, list(range(10)), PROTOCOLS[name], 12, 0, WRIST, 0.05)
+        for key in ("episode", "t0", "qpos", "goal_qpos"):
+            assert np.array_equal(few[key], many[key][:3]), (name, key)

@@ -17,7 +17,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def test_a_lock_refuses_a_second_holder_and_a_dead_owners_lock_is_taken_over(tmp_path, capsys):
+def test_a_lock_refuses_a_second_holder_and_a_dead_owners_lock_is_taken_over(tmp_path, caplog):
     with output_lock(tmp_path) as lock:
         assert lock.read_text().strip() == str(os.getpid())
         with pytest.raises(OutputLockedError, match=rf"{tmp_path} is in use by another run \(process \d+"):
@@ -28,12 +28,12 @@ def test_a_lock_refuses_a_second_holder_and_a_dead_owners_lock_is_taken_over(tmp
     lock.write_text(f"{pid}\n")  # left by a killed run
     with output_lock(tmp_path):
         pass
-    assert f"taking over the lock left by process {pid} (no longer running)" in capsys.readouterr().out
+    assert f"taking over the lock left by process {pid} (no longer running)" in caplog.text
     with output_lock(tmp_path / "out.h5", inside=False) as beside:  # an output renamed into place at the end
         assert beside == tmp_path / "out.h5.lock"
 
 
-def test_only_our_stale_temporaries_are_removed(tmp_path, capsys):
+def test_only_our_stale_temporaries_are_removed(tmp_path, caplog):
     pid, alive = dead_pid(), 1  # pid 1 always runs
     ours = [f"model.pt.{pid}.tmp", f"results.{pid}.tmp.png"]
     kept = [f"model.pt.{alive}.tmp", f"notes.txt.{pid}.tmp", "model.pt.tmp", "draft.tmp"]
@@ -43,7 +43,7 @@ def test_only_our_stale_temporaries_are_removed(tmp_path, capsys):
     removed = remove_stale_temporaries(tmp_path, r"model\.pt|results\.png|data", locked=False)
     assert sorted(p.name for p in removed) == sorted(ours + [f"data.{pid}.tmp"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
-    assert f"model.pt.{pid}.tmp: left by an interrupted run (process {pid})" in capsys.readouterr().out
+    assert f"model.pt.{pid}.tmp: left by an interrupted run (process {pid})" in caplog.text
     remove_stale_temporaries(tmp_path, r"model\.pt", locked=True)  # under the lock, no other writer can be alive
     assert not (tmp_path / f"model.pt.{alive}.tmp").exists()
 

@@ -83,8 +83,12 @@ def test_format_1_checkpoints_still_load(tmp_path):
                       "predictor": {**c["predictor"], "latent_dim": c["latent_dim"], "action_dim": 2 * c["frameskip"],
                                     "history": c["history"]}}
     (tmp_path / "m.json").write_text(json.dumps(meta))
+    torch.save(model.state_dict(), path)  # formats 1 and 2 kept the plain state dict in model.pt
     loaded = WorldModel.load(path)
-    assert loaded.cfg == model.cfg
+    assert loaded.cfg == model.cfg and loaded.extras == {}
+    meta["format_version"], meta["config"] = 2, c  # format 2: today's config, the plain state dict
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    assert WorldModel.load(path).cfg == model.cfg
 
 
 def test_truncated_weights_fail_clearly(tmp_path):

@@ -216,3 +216,35 @@ def test_step_replanning_replans_between_boundaries_and_changes_nothing_far_from
     assert np.array_equal(runs["never"], runs["near"])
     with pytest.raises(ValueError, match="receding_horizon 1"):
         small(receding_horizon=2, step_replan="always")
+
+
+def test_a_model_file_plans_alone_from_anywhere(tmp_path, monkeypatch):
+    """model.pt + model.json copied to another directory, the dataset deleted, the script run from an empty
+    directory: the default policy (subgoals included) loads and plans exactly as it does beside its data."""
+    import shutil
+
+    from conftest import write_synthetic
+    from test_train import tiny
+    from worldmodel.train import train
+
+    data = write_synthetic(tmp_path / "data", n_episodes=6, steps=20, noise=True)
+    train(tiny(data, tmp_path / "run", steps=4), progress=False)
+    frames = np.random.default_rng(3).integers(0, 256, (3, 2, 32, 32, 3), dtype=np.uint8)
+
+    def plans(checkpoint):
+        policy = load_policy(checkpoint, device="cpu", samples=16, iterations=2)
+        policy.reset(frames[0])
+        return np.stack([policy.act_batch(f) for f in frames]), policy
+
+    here, policy = plans(tmp_path / "run" / "model.pt")
+    assert policy.graph is not None  # subgoals on, from the graph saved with the model
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("model.pt", "model.json"):
+        shutil.copy(tmp_path / "run" / name, elsewhere / name)
+    shutil.rmtree(data)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    there, _ = plans(elsewhere / "model.pt")
+    assert np.array_equal(here, there)

@@ -344,7 +344,7 @@ def test_a_recorded_env_wins_and_conflicts_are_errors(tmp_path):
     assert EpisodeStore(silent, env="reacher-hard").attrs["env"] == "reacher-hard"
 
 
-def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, monkeypatch, capsys):
+def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, monkeypatch, caplog):
     """Shards are written into a temporary directory renamed into place at the end; the directory records
     how many episodes it holds; a killed conversion's leftovers are removed by the next run."""
     import envs.convert
@@ -368,7 +368,7 @@ def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, 
     stale.mkdir()
     (stale / "shard_000000_000001.h5").write_bytes(b"partial")
     convert(ConvertConfig(data=str(src), out=str(out), format="shards"))
-    assert not stale.exists() and f"{stale}: left by an interrupted run" in capsys.readouterr().out
+    assert not stale.exists() and f"{stale}: left by an interrupted run" in caplog.text
     assert len(EpisodeStore(out)) == 25 and json.loads((out / "dataset.json").read_text())["episodes"] == 25
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 

@@ -73,10 +73,10 @@ def test_rollout_loss_is_trained_and_logged(data, tmp_path):
         tiny(data, tmp_path / "bad", steps=2, n_pred=1, rollout_steps=2)
 
 
-def test_a_finished_run_is_kept_and_another_is_refused(data, tmp_path, capsys):
+def test_a_finished_run_is_kept_and_another_is_refused(data, tmp_path, caplog):
     train(tiny(data, tmp_path / "run", steps=2), progress=False)
     again = train(tiny(data, tmp_path / "run", steps=2), progress=False)  # the same run: nothing to do
-    assert again["already_done"] and "already holds this finished run" in capsys.readouterr().out
+    assert again["already_done"] and "already holds this finished run" in caplog.text
     with pytest.raises(ValueError, match="already holds a run at step 2 of 2 with other settings.*batch_size.*"
                                          "it is finished, --overwrite"):
         train(tiny(data, tmp_path / "run", steps=2, batch_size=4), progress=False)
@@ -129,8 +129,8 @@ def test_interrupt_then_resume_is_bit_for_bit(data, tmp_path, monkeypatch, sig):
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 6
     monkeypatch.undo()
     train(tiny(data, tmp_path / "resumed", resume=True), progress=False)
-    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["weights"]
+    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)["weights"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
@@ -315,6 +315,7 @@ def test_two_cpu_processes_stay_in_sync(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / "model.json").read_text())
     assert meta["step"] == 4 and meta["metrics"]["ddp_max_param_diff"] == 0.0
+    assert proc.stdout.count("model:") == 1 and "{}" not in proc.stdout  # results from rank 0 alone
 
 
 def _forget_setting(run: Path, name: str) -> None:
@@ -447,7 +448,7 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_saves(data, tmp_pa
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 5
 
 
-def test_one_run_at_a_time_in_a_run_directory(data, tmp_path, capsys):
+def test_one_run_at_a_time_in_a_run_directory(data, tmp_path, caplog):
     """A second `wm train` on the same --out is refused while the first runs; the lock a killed run left is
     taken over with a message."""
     from common.files import OutputLockedError
@@ -466,7 +467,7 @@ def test_one_run_at_a_time_in_a_run_directory(data, tmp_path, capsys):
         holder.kill()  # SIGKILL: the lock file stays behind, its flock goes
         holder.wait()
     assert train(tiny(data, out, steps=2), progress=False)["loss/total"] > 0
-    assert f"taking over the lock left by process {holder.pid}" in capsys.readouterr().out
+    assert f"taking over the lock left by process {holder.pid}" in caplog.text
     assert not (out / ".wm.lock").exists()
 
 
@@ -538,7 +539,7 @@ def test_a_real_full_disk_while_checkpointing_is_a_clear_error(data, tmp_path):
     WorldModel.load(out / "model.pt")
 
 
-def test_temporary_files_of_killed_runs_are_removed(data, tmp_path, capsys):
+def test_temporary_files_of_killed_runs_are_removed(data, tmp_path, caplog):
     from test_files import dead_pid
 
     out = tmp_path / "run"
@@ -550,7 +551,7 @@ def test_temporary_files_of_killed_runs_are_removed(data, tmp_path, capsys):
     (out / "notes.txt.123.tmp").write_text("not ours")
     train(tiny(data, out, steps=2), progress=False)
     assert not any(p.exists() for p in left) and (out / "notes.txt.123.tmp").exists()
-    assert f"checkpoint.pt.{pid}.tmp: left by an interrupted run (process {pid})" in capsys.readouterr().out
+    assert f"checkpoint.pt.{pid}.tmp: left by an interrupted run (process {pid})" in caplog.text
 
 
 def test_a_malformed_data_record_on_resume_names_the_file_and_field(data, tmp_path, monkeypatch):

@@ -14,14 +14,21 @@ A checkpoint from before validation was recorded has its held-out episodes as te
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 HELD_OUT = ("val", "test")
 
 
-def split_record(store, data: str, ids: dict[str, list[int]]) -> dict:
-    """What a checkpoint keeps about its training data: ``ids`` maps train, val, test to episode indices."""
-    return {"path": str(data), "fingerprint": store.fingerprint, "episodes": len(store),
+def split_record(store, data: str, ids: dict[str, list[int]], model_dir: str | Path | None = None) -> dict:
+    """What a checkpoint keeps about its training data: ``ids`` maps train, val, test to episode indices. The
+    dataset's path is kept as given, absolute, and relative to the model's directory ``model_dir`` (so a
+    run directory moved together with its data still finds it)."""
+    where = Path(data).resolve()
+    paths = {"path": str(data), "absolute": str(where)}
+    if model_dir is not None:
+        paths["relative_to_model"] = os.path.relpath(where, Path(model_dir).resolve())
+    return {**paths, "fingerprint": store.fingerprint, "episodes": len(store),
             **{name: [store.episodes[i].uid for i in episode_ids] for name, episode_ids in ids.items()}}
 
 
@@ -106,6 +113,32 @@ def recorded_data(meta: dict) -> str | None:
     return meta.get("data", {}).get("path") or meta.get("train_config", {}).get("data")
 
 
+def data_candidates(meta: dict, checkpoint) -> list[Path]:
+    """Where a checkpoint's dataset may be, most specific first: relative to the model file (a run directory
+    moved with its data), its absolute path, and the path as training was given it (from the directory the
+    command runs in, as models of earlier versions recorded it)."""
+    record, found = meta.get("data", {}), []
+    if record.get("relative_to_model"):
+        found.append(Path(checkpoint).resolve().parent / record["relative_to_model"])
+    if record.get("absolute"):
+        found.append(Path(record["absolute"]))
+    if recorded_data(meta):
+        found.append(Path(recorded_data(meta)))
+    return list(dict.fromkeys(found))
+
+
+def resolve_data(meta: dict, checkpoint, need: str = "pass --data") -> str:
+    """The recorded dataset of a checkpoint that exists; a ValueError listing the paths tried otherwise."""
+    candidates = data_candidates(meta, checkpoint)
+    if not candidates:
+        raise ValueError(f"{checkpoint} does not record its dataset; {need}")
+    for path in candidates:
+        if path.exists():
+            return str(path)
+    raise ValueError(f"{checkpoint}: its dataset is not where it was recorded (tried "
+                     f"{', '.join(str(p) for p in candidates)}); {need}")
+
+
 def load_with_data(checkpoint, data: str = "", device: str = "auto"):
     """(model, meta, store, data path): a trained model and a dataset to evaluate or probe it on, by
     default the one it was trained on, its frames sized for the model. Another env's data is refused."""
@@ -123,9 +156,7 @@ def open_data(model, meta: dict, checkpoint, data: str = "", need: str = "pass -
     from envs.dataset import EpisodeStore
     from envs.storage import EnvMismatchError
 
-    data = data or recorded_data(meta)
-    if not data:
-        raise ValueError(f"{checkpoint} does not record its dataset; {need}")
+    data = data or resolve_data(meta, checkpoint, need)
     try:  # a file that does not say its env (stable-worldmodel's) is read as the model's
         store = EpisodeStore(data, image_size=model.cfg.image_size, env=model.cfg.env)
     except EnvMismatchError as exc:  # only then is the model's env the point (other errors name their file)

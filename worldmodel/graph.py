@@ -11,6 +11,8 @@ Everything is batched tensor code (kNN by blocks), on the model's device.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,8 @@ from common.config import option
 from worldmodel.latents import encode_episodes, every
 
 MIN_LINK_COST = 0.05  # chunks: every link costs something, so next hops strictly shorten the way left
+GRAPH_VERSION = 1  # of the graph a model file keeps
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,6 +79,32 @@ class LatentGraph:
         """Index (B,) of the node nearest each latent z (B, D)."""
         return torch.cdist(z.float(), self.nodes).argmin(1)
 
+    def to(self, device) -> "LatentGraph":
+        return LatentGraph(self.nodes.to(device), self.src.to(device), self.dst.to(device), self.cost.to(device),
+                           self.step)
+
+    def state(self, cfg: GraphConfig) -> dict:
+        """What a model file keeps (tensors and plain values only: it is loaded with ``weights_only``)."""
+        return {"version": GRAPH_VERSION, "config": dataclasses.asdict(cfg), "nodes": self.nodes.float().cpu(),
+                "src": self.src.int().cpu(), "dst": self.dst.int().cpu(), "cost": self.cost.float().cpu(),
+                "step": float(self.step)}
+
+    @classmethod
+    def from_state(cls, state: dict, latent_dim: int, where: str = "") -> "LatentGraph":
+        """The graph a model file keeps; a ValueError naming ``where`` when it does not fit the model."""
+        try:
+            nodes, src, dst, cost = (state[k] for k in ("nodes", "src", "dst", "cost"))
+            n = len(nodes)
+            ok = (state.get("version") == GRAPH_VERSION and nodes.ndim == 2 and nodes.shape[1] == latent_dim
+                  and src.shape == dst.shape == cost.shape and len(src) > 0 and int(src.min()) >= 0
+                  and int(dst.min()) >= 0 and int(max(src.max(), dst.max())) < n and bool(torch.isfinite(cost).all())
+                  and bool((cost > 0).all()) and float(state["step"]) > 0)
+        except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
+            raise ValueError(f"{where}: its subgoal graph is malformed ({exc})") from None
+        if not ok:
+            raise ValueError(f"{where}: its subgoal graph does not fit the model (version, shapes or values)")
+        return cls(nodes.float(), src.long(), dst.long(), cost.float(), float(state["step"]))
+
 
 def _neighbours(nodes: Tensor, episode: Tensor, k: int, radius: float, block: int = 2048):
     """Links (src, dst, distance) from each node to its k nearest nodes of OTHER episodes within ``radius``."""
@@ -92,12 +122,41 @@ def _neighbours(nodes: Tensor, episode: Tensor, k: int, radius: float, block: in
     return torch.cat(srcs), torch.cat(dsts), torch.cat(ds)
 
 
-def graph_for_checkpoint(model, checkpoint, cfg: GraphConfig, data: str = "") -> LatentGraph:
-    """The graph of a trained model over its own training episodes, read from the dataset its
-    checkpoint records (or ``data``, whose episodes the model trained on are used)."""
+def saved_graph(model, cfg: GraphConfig, where: str = "") -> LatentGraph | None:
+    """The graph a loaded model's file holds, if it was built with the settings ``cfg``; else None."""
+    state = getattr(model, "extras", {}).get("graph")
+    if state is None or state.get("config") != dataclasses.asdict(cfg):
+        return None
+    return LatentGraph.from_state(state, model.cfg.latent_dim, where).to(model.device)
+
+
+def graph_for_checkpoint(model, checkpoint, cfg: GraphConfig, data: str = "", keep: bool = True) -> LatentGraph:
+    """The subgoal graph of a trained model: the one its file holds when built with ``cfg``; else built
+    from its own training episodes (of the dataset its checkpoint records, or ``data``) and, with ``keep``,
+    saved into its file so the next load needs no data (with a message)."""
     from worldmodel.datasplit import open_data, training_episodes
     from worldmodel.model import read_model_meta
 
+    graph = saved_graph(model, cfg, str(checkpoint))
+    if graph is not None:
+        return graph
     meta = read_model_meta(checkpoint)
-    store, _ = open_data(model, meta, checkpoint, data, "subgoals need its training frames")
-    return LatentGraph.build(model, store, training_episodes(store, meta), cfg)
+    store, _ = open_data(model, meta, checkpoint, data, "subgoals need its training frames, or a model file that "
+                                                       "holds its graph (wm export)")
+    graph = LatentGraph.build(model, store, training_episodes(store, meta), cfg)
+    if keep:
+        keep_graph(checkpoint, model, graph, cfg)
+    return graph
+
+
+def keep_graph(checkpoint, model, graph: LatentGraph, cfg: GraphConfig) -> None:
+    """Save a graph built for a model into its file, so the next load finds it (a message says so)."""
+    from worldmodel.model import save_extras
+
+    try:
+        save_extras(checkpoint, {"graph": graph.state(cfg)})
+        model.extras = {**getattr(model, "extras", {}), "graph": graph.state(cfg)}
+        log.info("%s: built its subgoal graph from the training frames and saved it in the model file", checkpoint)
+    except OSError as exc:
+        log.warning("%s: built its subgoal graph but could not save it in the model file (%s); it will be built "
+                    "again next time", checkpoint, exc.strerror or exc)

@@ -26,7 +26,9 @@ from common.files import atomic_write_bytes, atomic_write_json
 from worldmodel.encoder import EncoderConfig, build_encoder
 from worldmodel.predictor import PredictorConfig, build_predictor
 
-FORMAT_VERSION = 2  # 2: latent size, history and image size moved from the sub-configs to the top
+# 2: latent size, history and image size moved from the sub-configs to the top; 3: model.pt holds the weights
+# and what planning needs beside them ({"weights": ..., "extras": {"graph": ...}}), so a model file plans alone
+FORMAT_VERSION = 3
 MAX_PARAMETERS = 10**9  # 4 GB of float32 weights: what a config may ask for (refused before allocating)
 
 
@@ -146,11 +148,12 @@ class WorldModel(nn.Module):
         return self.predictor.rollout(z_hist, a_hist, actions)
 
     # --- checkpoints ------------------------------------------------------------------------------
-    def save(self, path: str | Path, extra: dict | None = None) -> Path:
-        """Write ``path`` (weights) and then ``path.json`` (config and what training recorded), each atomically."""
+    def save(self, path: str | Path, extra: dict | None = None, extras: dict | None = None) -> Path:
+        """Write ``path`` (the weights and ``extras``: tensors planning needs, such as the subgoal graph) and
+        then ``path.json`` (config and what training recorded, ``extra``), each atomically."""
         path = Path(path)
         meta = {"format_version": FORMAT_VERSION, "config": self.cfg.to_dict(), **(extra or {})}
-        atomic_torch_save(self.state_dict(), path)
+        atomic_torch_save({"weights": self.state_dict(), "extras": extras or {}}, path)
         atomic_write_json(path.with_suffix(".json"), meta)
         return path
 
@@ -162,7 +165,7 @@ class WorldModel(nn.Module):
             raise CheckpointError(f"{path}: no such checkpoint")
         meta = read_model_meta(path)
         cfg = WorldModelConfig.from_dict(meta["config"], str(path.with_suffix(".json")))
-        state = load_weights_file(path, "a weights file")
+        state, extras = _weights_and_extras(load_weights_file(path, "a weights file"), meta, path)
         try:
             with torch.device("meta"):  # the config's size and shapes, checked before anything is allocated
                 skeleton = cls(cfg)
@@ -179,7 +182,27 @@ class WorldModel(nn.Module):
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
         model = cls(cfg)
         model.load_state_dict(state)
+        model.extras = extras  # what planning needs beside the weights (e.g. "graph"), on the CPU
         return model.to(resolve_device(device)).eval()
+
+
+def _weights_and_extras(state: dict, meta: dict, path: Path) -> tuple[dict, dict]:
+    """(state dict, extras) of a model file: format 3 holds both; earlier formats the state dict alone."""
+    if meta["format_version"] < 3:
+        return state, {}
+    if not isinstance(state.get("weights"), dict) or not isinstance(state.get("extras", {}), dict):
+        raise CheckpointError(f"{path}: a format-3 model file holds 'weights' and 'extras' dicts; this one does not")
+    return state["weights"], state.get("extras", {})
+
+
+def save_extras(path: str | Path, extras: dict) -> None:
+    """Add ``extras`` to a saved model file (rewritten atomically, in the current format): what an older
+    model lacks, such as its subgoal graph, saved once."""
+    path = Path(path)
+    meta = read_model_meta(path)
+    state, old = _weights_and_extras(load_weights_file(path, "a weights file"), meta, path)
+    atomic_torch_save({"weights": state, "extras": {**old, **extras}}, path)
+    atomic_write_json(path.with_suffix(".json"), {**meta, "format_version": FORMAT_VERSION})
 
 
 def _on_meta() -> bool:
@@ -201,11 +224,11 @@ def read_model_meta(path: str | Path) -> dict:
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{meta_path}: not a model config (a JSON object with a 'config' object)")
     version = meta.get("format_version")
-    if version not in (1, FORMAT_VERSION):
-        raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads 1 and {FORMAT_VERSION}")
+    if version not in (1, 2, FORMAT_VERSION):
+        raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads 1 to {FORMAT_VERSION}")
     _check_meta(meta, meta_path)
     if version == 1:  # every reader sees the current format
-        meta = {**meta, "config": _upgrade_v1(meta["config"]), "format_version": FORMAT_VERSION}
+        meta = {**meta, "config": _upgrade_v1(meta["config"]), "format_version": 2}
     return meta
 
 

@@ -6,6 +6,7 @@ identifiable; R^2 of a ridge regression from latent to state, on held-out episod
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import torch
 from torch import Tensor
 
 from worldmodel.latents import encode_episodes, every
+
+log = logging.getLogger(__name__)
 
 PROBE_TARGETS = ("cos_shoulder", "sin_shoulder", "cos_wrist", "sin_wrist", "finger_x", "finger_y")
 JOINT_TARGETS = PROBE_TARGETS[:4]
@@ -85,13 +88,13 @@ def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out:
     trained, meta, store, data = load_with_data(checkpoint, data, device)
     store.require_states(PROBE_STATES, "linear probes")
     fit, test, note = probe_split(store, meta, split)
-    print(f"probing {checkpoint} (step {meta.get('step')}) on {data}: fit on {len(fit)} episodes, scored on "
-          f"{len(test)}: {note}", flush=True)
+    log.info(f"probing {checkpoint} (step {meta.get('step')}) on {data}: fit on {len(fit)} episodes, scored on "
+          f"{len(test)}: {note}")
     torch.manual_seed(0)
     untrained = type(trained)(trained.cfg).to(trained.device)  # same architecture, random weights: the floor
     rows = {}
     for label, model in (("trained", trained), ("untrained (floor)", untrained)):
-        print(f"  encoding frames with the {label} encoder", flush=True)
+        log.info("  encoding frames with the %s encoder", label)
         rows[label] = run_probe(model, store, fit, test)
     names = [*PROBE_TARGETS, "joints_mean"]
     md = ["| encoder | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]

@@ -27,7 +27,8 @@ from worldmodel.model import CheckpointError, WorldModel, atomic_torch_save, loa
 # Settings that may differ on --resume without changing what the run computes (a moved run or dataset
 # included: the dataset's fingerprint is checked instead of its path).
 RESUME_FREE = {"out", "data", "resume", "overwrite", "device", "num_workers", "log_every", "val_every",
-               "probe_every", "ckpt_every", "compile", "eval_every", "eval_episodes"}
+               "probe_every", "ckpt_every", "compile", "eval_every", "eval_episodes", "threads", "save_graph",
+               "graph.neighbours", "graph.radius", "graph.max_nodes"}
 # Settings a resumed run may change to recover from a divergence; each change is kept in the run's history.
 RECOVERY = ("lr", "grad_clip")
 PREVIOUS = "checkpoint.prev.pt"
@@ -146,7 +147,7 @@ def finished_metrics(out: Path) -> dict:
 
 
 def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, history: list, data: dict,
-         health: dict | None = None) -> None:
+         health: dict | None = None, extras: dict | None = None) -> None:
     """The user-facing model (model.pt + model.json) and the training state (checkpoint.pt, with the model's
     ``health`` as the guard measured it); the checkpoint replaced is kept as checkpoint.prev.pt."""
     settings = dataclasses.asdict(cfg)
@@ -157,7 +158,7 @@ def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, histo
         _keep_previous(out / "checkpoint.pt", out / PREVIOUS)
         atomic_torch_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                            "config": settings, "history": history, "health": health or {}}, out / "checkpoint.pt")
-        model.save(out / "model.pt", extra=extra)
+        model.save(out / "model.pt", extra=extra, extras=extras)
     except OSError as exc:
         raise RunWriteError(f"could not write the checkpoint of step {step} in {out} ({exc.strerror or exc}); "
                             f"the files of the last good checkpoint are kept") from None

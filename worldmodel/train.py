@@ -13,6 +13,7 @@ learning rate never replaces a sound checkpoint. The run directory is locked whi
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import math
 import signal
@@ -29,18 +30,21 @@ from einops import rearrange
 from tqdm import tqdm
 
 from common.config import apply_overrides, check_at_least, check_choices, config_fields, nested, option
-from common.device import autocast_for
+from common.device import THREADS_HELP, autocast_for
 from common.files import atomic_write_json, output_lock, prepare_output_dir, remove_stale_temporaries
 from common.process import ignore_stop_signals
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
 from envs.storage import DEFAULT_DATA
 from worldmodel import distributed, rundir
 from worldmodel.datasplit import split_record
+from worldmodel.graph import GraphConfig, LatentGraph
 from worldmodel.model import WorldModel, WorldModelConfig
 from worldmodel.objective import (SIGREG_SCOPES, batch_indices, effective_rank, lr_at, step_generator,
                                   validation_metrics, world_model_losses)
 from worldmodel.probe import PROBE_STATES, run_probe
 from worldmodel.sigreg import TARGETS as SIGREG_TARGETS
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RUN = "runs/demo"  # where `wm train` writes and `wm eval/probe/demo` read, by default
 
@@ -58,6 +62,7 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --out from its checkpoint")
     overwrite: bool = option(False, "start again in --out although it holds a run (its model and checkpoint go)")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    threads: int = option(0, THREADS_HELP)
     seed: int = option(0, "seed of initialisation, batches, SIGReg directions and the train/val/test split")
     # optimisation
     steps: int = option(2500, "optimiser steps")
@@ -85,6 +90,9 @@ class TrainConfig:
     test_fraction: float = option(0.1, "fraction of episodes held out to report on (wm eval, probe, demo), never "
                                        "used to choose anything; recorded in the checkpoint")
     model: WorldModelConfig = nested(WorldModelConfig, "the architecture", flat=True)
+    graph: GraphConfig = nested(GraphConfig, "the graph of training frames saved with the model (subgoals)")
+    save_graph: bool = option(True, "build that graph when training ends and save it in model.pt, so the model "
+                                     "plans with subgoals without its dataset")
     # bookkeeping
     log_every: int = option(25, "steps between TensorBoard scalars (and checks for a non-finite loss)")
     val_every: int = option(500, "steps between validation losses and rollouts")
@@ -173,8 +181,8 @@ class StopRequest:
                 return
             raise KeyboardInterrupt
         self.signal, self._at = signum, time.monotonic()
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-              f"(Ctrl-C again to stop at once)", flush=True)
+        log.warning(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              f"(Ctrl-C again to stop at once)")
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -204,7 +212,7 @@ def train(cfg: TrainConfig, progress: bool = True,
             state = distributed.share(state)
             if state == "done":
                 if is_main:
-                    print(f"{out} already holds this finished run (step {cfg.steps}); pass --overwrite to train "
+                    log.warning(f"{out} already holds this finished run (step {cfg.steps}); pass --overwrite to train "
                           f"it again, or choose another --out")
                 return {**rundir.finished_metrics(out), "already_done": True}
             return _train(cfg, rank, world, device, state == "resume", progress, closed_loop)
@@ -241,8 +249,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
         health = guard.check_sound(model, done)  # never save weights a diverging run has touched
         if world > 1:
             metrics["ddp_max_param_diff"] = distributed.check_in_sync(model)
-        if is_main:
-            rundir.save(out, model, opt, cfg, done, metrics, history, data.record, health)
+        if is_main:  # the finished model carries what planning needs: the graph of its training frames
+            extras = ({"graph": LatentGraph.build(model, data.store, data.train.episode_ids, cfg.graph).state(cfg.graph)}
+                      if done == cfg.steps and cfg.save_graph else {})
+            rundir.save(out, model, opt, cfg, done, metrics, history, data.record, health, extras)
 
     # --- the loop --------------------------------------------------------------------------------------
     with StopRequest() as stop:
@@ -287,7 +297,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                     if not saved:
                         save(done)
                     if is_main:
-                        print(f"stopped: checkpoint at step {done} in {out}; continue with --resume")
+                        log.warning(f"stopped: checkpoint at step {done} in {out}; continue with --resume")
                     raise KeyboardInterrupt
             distributed.finish(world)
         finally:
@@ -312,8 +322,8 @@ class TrainingData:
         self.val = WindowDataset(self.store, WindowSpec(history, cfg.val_horizon, fs), "val", *fractions)
         self.val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val, _spread(len(self.val), 512)),
                                                       batch_size=256)
-        self.record = split_record(self.store, cfg.data, {"train": self.train.episode_ids, "val": self.val.episode_ids,
-                                                          "test": self.store.split("test", *fractions)})
+        ids = {"train": self.train.episode_ids, "val": self.val.episode_ids, "test": self.store.split("test", *fractions)}
+        self.record = split_record(self.store, cfg.data, ids, model_dir=cfg.out)
         self.can_probe = not set(PROBE_STATES) & set(self.store.missing_states)
 
     def loader(self, cfg: TrainConfig, start: int, rank: int, device: torch.device):
