@@ -30,13 +30,13 @@ from common.files import OutputDirError, output_lock, prepare_output_dir, remove
 from common.process import ignore_stop_signals
 from envs.policies import POLICIES, make_policy
 from envs.reacher import ENV_NAMES, make_env
-from envs.storage import (DEFAULT_DATA, DatasetError, episode_index, find_shards, inspect_shard, write_manifest,
-                          write_shard)
+from envs.storage import (DEFAULT_DATA, RECORDING_DEFAULTS, DatasetError, episode_index, find_shards, inspect_shard,
+                          write_manifest, write_shard)
 
 log = logging.getLogger(__name__)
 
 # Settings that must match for a resumed collection to continue the same dataset.
-RESUME_KEYS = ("env", "size", "steps", "policy", "seed", "hide_target", "render_quality")
+RESUME_KEYS = ("env", "size", "steps", "policy", "seed", "hide_target", "render_quality", "action_repeat")
 # Our shards' names: of the temporary files in --out, only theirs (``<shard>.<pid>.tmp``) are deleted.
 OUR_SHARDS = r"shard_\d{6}_\d{6}\.h5"
 PARENT_POLL_S = 0.5  # how often a worker checks that its parent is alive
@@ -62,6 +62,8 @@ class CollectConfig:
     hide_target: bool = option(True, "hide the target sphere (pose-reaching goals)")
     render_quality: str = option("fast", "fast (no shadows or reflections, about 5x faster in software) or standard",
                                  choices=("fast", "standard"))
+    action_repeat: int = option(1, "control steps each action is held for (stable-worldmodel's dm_control Reacher: "
+                                   "2); recorded, and replayed by every evaluation of models trained on the data")
     image_size: int | None = option(None, "store frames area-resized to this size (rendered at --size), as "
                                           "datasets of another size are resized when loaded; default: --size")
 
@@ -108,6 +110,9 @@ def _shard_attrs(cfg: CollectConfig) -> dict:
 
 
 def _resume_view(attrs: dict) -> dict:
+    """What must match to continue a collection, with the defaults of shards written before a setting was
+    recorded (their action repeat was 1)."""
+    attrs = {**RECORDING_DEFAULTS, **attrs}
     return {k: attrs.get(k) for k in (*RESUME_KEYS, "render_size")}
 
 
@@ -192,7 +197,7 @@ def _worker_rollout(index: int) -> dict:
 
 def _make_collection_env(cfg: CollectConfig):
     return make_env(cfg.env, size=cfg.size, hide_target=cfg.hide_target, render_quality=cfg.render_quality,
-                    max_steps=cfg.steps + 1)
+                    max_steps=cfg.steps + 1, action_repeat=cfg.action_repeat)
 
 
 def _sigterm_to_interrupt(signum, frame):

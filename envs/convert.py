@@ -29,7 +29,7 @@ def write_shards(store: EpisodeStore, out_dir: str | Path, episodes_per_shard: i
     lacking = [k for k in ("qpos", "qvel") if k in store.missing_states]
     if lacking:
         raise DatasetError(f"cannot write shards: the source has no {lacking} (our shards need qpos and qvel)")
-    skip = {"layout", "frame_shape", "versions", "format_version"}
+    skip = {"layout", "frame_shape", "versions", "format_version", "channels_first", "assumed"}
     attrs = {k: v for k, v in store.attrs.items() if k not in skip and v is not None}
     attrs["size"] = store.size
     keep = ("pixels", "action", *(k for k in STATE_KEYS if k not in store.missing_states))

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from envs import swm
-from envs.storage import (CONSISTENT_ATTRS, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _digest, _files, _plain,
-                          check_complete, inspect_shard, open_h5, recording)
+from envs.storage import (CONSISTENT_ATTRS, RECORDING_DEFAULTS, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo,
+                          _digest, _files, _plain, check_complete, inspect_shard, open_h5, recording)
 
 SPLITS = ("train", "val", "test", "all")
 CHUNK_CACHE_MB = 64  # HDF5 chunk cache of each open file
@@ -106,6 +106,8 @@ class EpisodeStore:
         self.paths = paths
         self.attrs = dict(shards[0].attrs)
         self.layout = shards[0].layout
+        # what the files do not say and is assumed (a stable-worldmodel file says which; our shards' defaults)
+        self.assumed = self.attrs.pop("assumed", None) or sorted(k for k in RECORDING_DEFAULTS if k not in self.attrs)
         self.source_size = self.attrs.get("size")
         self.size = self._output_size(image_size, shards[0])
         pairs = sorted(((e, a) for s in shards for e, a in zip(s.episodes, s.arrays)),
@@ -201,6 +203,8 @@ class EpisodeStore:
                 frames = swm.read_rows(pixels, first, index)
         except (OSError, KeyError, RuntimeError, ValueError) as exc:
             raise DatasetError(f"{ref.shard}: episode {ref.key} cannot be read (truncated or corrupt?): {exc}") from exc
+        if self.attrs.get("channels_first"):  # (n, 3, H, W), as some tools store frames
+            frames = np.ascontiguousarray(np.moveaxis(frames, 1, -1))
         return resize_frames(frames, self.size)
 
     def episode(self, i: int) -> dict[str, np.ndarray]:

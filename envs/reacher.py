@@ -76,11 +76,15 @@ class ReacherPixels(gym.Env):
         max_steps: int = 1000,
         render_mode: str | None = "rgb_array",
         goal_tolerance: float = GOAL_TOLERANCE,
+        action_repeat: int = 1,
     ):
         if not (isinstance(size, (int, np.integer)) and MIN_SIZE <= size <= MAX_SIZE):
             raise ValueError(f"size must be an integer in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
         if camera != "fixed":
             raise ValueError(f"camera must be 'fixed' (top-down), got {camera!r}")
+        if not (isinstance(action_repeat, (int, np.integer)) and 1 <= action_repeat <= 100):
+            raise ValueError(f"action_repeat must be an integer in [1, 100], got {action_repeat!r}")
+        self.action_repeat = int(action_repeat)  # control steps each action is held for (stable-worldmodel: 2)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.task, self.size, self.backend, self.hide_target = task, int(size), backend, hide_target
@@ -130,7 +134,8 @@ class ReacherPixels(gym.Env):
             raise ValueError(f"action must have shape (2,), got {np.shape(action)}")
         if not np.all(np.isfinite(action)):
             raise ValueError(f"action must be finite, got {action}")
-        self.physics.step(np.clip(action, -1.0, 1.0))
+        for _ in range(self.action_repeat):
+            self.physics.step(np.clip(action, -1.0, 1.0))
         self._steps += 1
         obs = self._observe()
         return obs, self.physics.reward(), False, self._steps >= self.max_steps, self.state()

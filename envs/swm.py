@@ -88,10 +88,13 @@ def inspect_swm(path: str | Path, env: str | None = None) -> ShardInfo:
         check_filters(path, {k: f[v] for k, v in names.items()})
         _check_rows(f, path, names, lengths, offsets)
         pixels = f[names["pixels"]]
-        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[3] != 3:
-            raise DatasetError(f"{path}: pixels must be uint8 (N, H, W, 3), got {pixels.dtype} {pixels.shape}")
+        channels_first = pixels.ndim == 4 and pixels.shape[1] == 3 and pixels.shape[3] != 3  # (N, 3, H, W)
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or 3 not in (pixels.shape[3], pixels.shape[1]):
+            raise DatasetError(f"{path}: pixels must be uint8 (N, H, W, 3) or (N, 3, H, W), got {pixels.dtype} "
+                               f"{pixels.shape}")
         file_attrs = {k: _plain(v) for k, v in f.attrs.items()}
-        attrs = _attrs(file_attrs, pixels.shape[1:3], env, path)
+        attrs = _attrs(file_attrs, pixels.shape[2:4] if channels_first else pixels.shape[1:3], env, path)
+        attrs["channels_first"] = channels_first
         try:
             columns = {k: f[v][()] for k, v in names.items() if k != "pixels"}  # (N, ...) each, small
             pixels[int((offsets + lengths).max()) - 1]  # the last frame: a truncated file fails here
@@ -211,6 +214,7 @@ def _attrs(file_attrs: dict, frame_shape, env: str | None, path: Path) -> dict:
     another is an error, as for shards."""
     attrs = {**SWM_DEFAULTS, **file_attrs}
     recorded = isinstance(file_attrs.get("env"), str) and file_attrs["env"] in ENV_NAMES
+    attrs["assumed"] = sorted(k for k in SWM_DEFAULTS if k not in file_attrs and not (k == "env" and env))
     if "env" in file_attrs and not recorded:  # e.g. a gym id: kept for reference, not used
         attrs["source_env"], attrs["env"] = attrs["env"], SWM_DEFAULTS["env"]
     if env is not None:
@@ -316,7 +320,7 @@ def _compression(name: str | None) -> dict:
 
 def _file_attrs(store) -> dict:
     """Our attributes travel in the file, so reading it back needs no defaults; None values are dropped."""
-    skip = {"layout", "frame_shape", "versions", "size"}
+    skip = {"layout", "frame_shape", "versions", "size", "channels_first", "assumed"}
     attrs = {k: v for k, v in store.attrs.items() if k not in skip and v is not None}
     attrs.setdefault("action_repeat", 1)  # our own collections: one control step per action
     return {**attrs, "size": store.size, "versions": package_versions()}

@@ -47,15 +47,19 @@ class ReacherBatch:
             self.physics.set_state(qpos[i], None if qvel is None else qvel[i], self._targets[i], d)
         return self.render() if render else None
 
-    def step(self, actions: np.ndarray, render: bool = True) -> np.ndarray | None:
-        """Apply ``actions`` (B, 2) (clipped to [-1, 1]); returns frames (B, H, W, 3), or None with
-        ``render=False`` (call ``render()`` when frames are needed)."""
+    def step(self, actions: np.ndarray, render: bool = True, control_qpos: list | None = None) -> np.ndarray | None:
+        """Apply ``actions`` (B, 2) (clipped to [-1, 1]) for ``action_repeat`` control steps each; returns
+        frames (B, H, W, 3), or None with ``render=False`` (call ``render()`` when frames are needed).
+        ``control_qpos``, when given, receives the joint angles (B, 2) after every control step."""
         actions = np.asarray(actions, np.float64)
         if actions.shape != (len(self), 2) or not np.all(np.isfinite(actions)):
             raise ValueError(f"actions must be finite with shape {(len(self), 2)}, got {actions.shape}")
-        for d, a in zip(self.datas, np.clip(actions, -1.0, 1.0)):
-            for _ in range(self.action_repeat):
+        actions = np.clip(actions, -1.0, 1.0)
+        for _ in range(self.action_repeat):
+            for d, a in zip(self.datas, actions):
                 self.physics.step(a, d)
+            if control_qpos is not None:
+                control_qpos.append(self.qpos())
         return self.render() if render else None
 
     def render(self) -> np.ndarray:

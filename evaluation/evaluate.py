@@ -28,7 +28,8 @@ from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.storage import recording
 from envs.vector import ReacherBatch
 from evaluation.baselines import exploration_controller, random_controller, simulator_controller
-from evaluation.protocols import Protocol, episode_records, history_before, parse_protocols, sample_episodes
+from evaluation.protocols import (Protocol, episode_records, history_before, lewm_training_rows, parse_protocols,
+                                  sample_episodes)
 from evaluation.html import evaluation_page
 from evaluation.report import log_to_tensorboard, plot_results, results_markdown, summarize
 from evaluation.stats import METHOD
@@ -53,6 +54,9 @@ class EvalConfig:
     protocol: str = option("reach25", "comma list of reach25, reach50, uniform, lewm (the published protocol)")
     split: str = option("test", "the model's episodes that give starts and goals: test (to report) or val (to "
                                 "choose settings on)", choices=HELD_OUT)
+    lewm_rows: str = option("split", "lewm protocol's starts: from --split episodes as every protocol draws them "
+                                     "(split), or as LeWM's evaluation draws them: rows of the model's training "
+                                     "episodes, default_rng(42 + seed) (train)", choices=("split", "train"))
     episodes: int = option(50, "episodes per seed")
     seeds: int = option(3, "seeds: each draws its own episodes; every episode plans with its own noise")
     policy: PolicyConfig = nested(PolicyConfig, "the MPC policy", flat=True)
@@ -114,6 +118,12 @@ class Setup:
     train: list[int] = field(default_factory=list)
     _graphs: dict = field(default_factory=dict)
 
+    def action_std(self) -> float:
+        """The std of the actions of the model's training episodes here (all episodes when it holds none),
+        averaged over the action dimensions: one unit of a z-scored action space."""
+        ids = self.train or range(len(self.store))
+        return float(np.concatenate([self.store.states(i)["action"] for i in ids]).std(0).mean())
+
     def graph(self, cfg: GraphConfig) -> LatentGraph:
         """The subgoal graph over the model's training episodes (built once per setting): those of this
         dataset, or, when it holds none, those of the dataset training recorded."""
@@ -169,30 +179,38 @@ def batch_like(store: EpisodeStore, n: int) -> ReacherBatch:
 def run_episodes(batch: ReacherBatch, episodes: dict, protocol: Protocol, act, bar=None,
                  trace: dict | None = None) -> np.ndarray:
     """Closed loop for all episodes at once; ``act() -> (B, 2)`` renders only if it needs frames.
-    Returns joint errors (B, budget + 1) under the protocol's rule; column 0 is the start. ``trace``, when
+    Returns joint errors (B, budget + 1) under the protocol's rule, column 0 the start; (B, budget + 1, R)
+    after each of the R control steps of every env step when the protocol checks them all. ``trace``, when
     given, receives the joint angles and velocities of every step (B, budget + 1, 2) and the actions
     (B, budget, 2)."""
     batch.reset_to(episodes["qpos"], episodes["qvel"], episodes["target"], render=False)
     goal = episodes["goal_qpos"]
-    qpos, qvel, actions = [batch.qpos()], [batch.qvel()], []
+    repeat = batch.action_repeat if protocol.control_steps else 1
+    qpos, qvel, actions = [np.repeat(batch.qpos()[:, None], repeat, 1)], [batch.qvel()], []
     for _ in range(protocol.budget):
         actions.append(np.asarray(act(), np.float32))
-        batch.step(actions[-1], render=False)
-        qpos.append(batch.qpos())
+        inside: list = []  # the joint angles after each control step of this env step
+        batch.step(actions[-1], render=False, control_qpos=inside if protocol.control_steps else None)
+        qpos.append(np.stack(inside, 1) if protocol.control_steps else batch.qpos()[:, None])
         if trace is not None:
             qvel.append(batch.qvel())
         if bar is not None:
             bar.update(1)
+    qpos = np.stack(qpos, 1)  # (B, budget + 1, control steps checked per env step)
     if trace is not None:
-        trace.update(qpos=np.stack(qpos, 1), qvel=np.stack(qvel, 1), action=np.stack(actions, 1))
-    return joint_error(np.stack(qpos, 1), goal[:, None], protocol.wrap)
+        trace.update(qpos=qpos[:, :, -1], qvel=np.stack(qvel, 1), action=np.stack(actions, 1))
+    errors = joint_error(qpos, goal[:, None, None], protocol.wrap)
+    return errors if protocol.control_steps else errors[..., 0]
 
 
 def world_model_controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, eps: dict, goal_images: np.ndarray,
                            seed: int):
     """MPC on the world model; returns (act, policy, real history frames per episode)."""
     model, batch = setup.model, setup.batch
-    pcfg = apply_overrides(cfg.policy, {**protocol.policy, "seed": seed})
+    fixed = {**protocol.policy, "seed": seed}
+    if protocol.data_action_std:  # a sample of unit std in z-scored action space, as LeWM plans
+        fixed["cem.init_std"] = setup.action_std()
+    pcfg = apply_overrides(cfg.policy, fixed)
     graph = setup.graph(pcfg.subgoals.graph) if pcfg.subgoals.enabled else None
     policy = MPCPolicy(model, pcfg, graph)
     n = len(goal_images)
@@ -202,8 +220,21 @@ def world_model_controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, ep
         first = batch.reset_to(eps["qpos"], eps["qvel"], eps["target"])  # the start frames, to pad with
         frames, chunks, real = history_before(setup.store, eps, policy.history, model.frameskip, first)
         policy.set_history(frames, chunks)
-    act = lambda: policy.act_latent(lambda: policy.encode_images(batch.render()), n)  # noqa: E731
+    first_frames = stored_frames(setup.store, eps, 0) if protocol.stored_frames else None
+    looked = []
+
+    def observe():  # the first look at the stored start frame when the protocol says so, then the camera
+        frames = first_frames if first_frames is not None and not looked else batch.render()
+        looked.append(True)
+        return policy.encode_images(frames)
+
+    act = lambda: policy.act_latent(observe, n)  # noqa: E731
     return act, policy, real
+
+
+def stored_frames(store: EpisodeStore, eps: dict, offset: int) -> np.ndarray:
+    """The dataset's own frames (B, H, W, 3) of each episode's row ``t0 + offset`` (the start, or its goal)."""
+    return np.stack([store.frames(int(i), np.array([int(t) + offset]))[0] for i, t in zip(eps["episode"], eps["t0"])])
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -276,8 +307,13 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
                       bar=None) -> list[dict]:
     """Every method on the episodes of one (protocol, seed); one record per episode and method."""
     batch, n = setup.batch, cfg.episodes
-    eps = sample_episodes(setup.store, setup.episodes, protocol, n, seed, batch.physics.wrist_range, cfg.tolerance)
-    goal_images = batch.render_goals(eps["goal_qpos"])
+    if "lewm" in (protocol.name, protocol.draws_as) and cfg.lewm_rows == "train":  # as LeWM's eval draws them
+        eps = lewm_training_rows(setup.store, setup.train, n, protocol.goal_offset, 42 + seed)
+    else:
+        eps = sample_episodes(setup.store, setup.episodes, protocol, n, seed, batch.physics.wrist_range,
+                              cfg.tolerance)
+    goal_images = (stored_frames(setup.store, eps, protocol.goal_offset) if protocol.stored_frames
+                   else batch.render_goals(eps["goal_qpos"]))
     records = []
     for method in methods:
         if bar is not None:
@@ -297,7 +333,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
         start = time.perf_counter()
         errors = run_episodes(batch, eps, protocol, act, bar)
         wall = time.perf_counter() - start
-        curves.setdefault((protocol.name, method), []).append(errors)
+        curves.setdefault((protocol.name, method), []).append(errors if errors.ndim == 2 else errors[..., -1])
         plan_times = policy.plan_times if policy is not None else []
         route = float(sum(policy.route_times)) if policy is not None else 0.0
         wanted = policy.history - 1 if method == "world_model" else -1  # history frames asked for (--context caps)

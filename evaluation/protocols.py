@@ -7,10 +7,15 @@ action): a start already within tolerance of its goal is never drawn.
 - ``reach25``: goal = the pose 25 env steps later in the same episode, budget 50.
 - ``reach50``: goal 50 steps later, budget 100.
 - ``uniform``: goal pose uniform over the joint range (shoulder unlimited, wrist within its limit), budget 100.
-- ``lewm``: the published LeWorldModel Reacher protocol as released: goal 25 steps later, budget 50,
-  success ``|qpos - goal| < tolerance`` on every joint WITHOUT wrapping angles, the planner conditioned
-  on the current frame only, CEM 300 samples x 30 iterations with the top 30, horizon 5 chunks, the
-  whole plan executed before replanning, cost on the last predicted latent, the final mean executed.
+- ``lewm``: the published LeWorldModel Reacher protocol as its code runs it: goal 25 env steps later (an env
+  step of the dataset's action repeat: 2 control steps on their data), budget 50, success
+  ``|qpos - goal| < tolerance`` on every joint WITHOUT wrapping angles, checked after every control step
+  and latched; the goal image and first observation are the dataset's stored frames; the planner
+  conditioned on the current frame only, CEM 300 samples x 30 iterations with the top 30, initial std one
+  unit of the data's action std, horizon 5 chunks, the whole plan executed before replanning, cost on the
+  last predicted latent, the final mean executed.
+- ``lewm-mpc``: the same episodes, budget and success rule, planned by the policy as configured (our
+  default MPC: replanning every chunk, the true history, subgoals).
 """
 
 from __future__ import annotations
@@ -31,17 +36,27 @@ class Protocol:
     wrap: bool = True  # joint errors on wrapped angles (False: raw differences, as LeWM released)
     true_history: bool = True  # the world model sees the frames before the start (False: the current frame only)
     policy: dict = field(default_factory=dict)  # {policy setting's name: value} the protocol fixes
+    control_steps: bool = False  # success checked after every control step, also inside an action repeat
+    stored_frames: bool = False  # goal image and first observation: the dataset's stored frames, not rendered
+    data_action_std: bool = False  # CEM's initial std: the std of the data's actions (unit std when z-scored)
+    draws_as: str = ""  # another protocol whose episodes this one draws (the same episodes, another planner)
 
 
+# LeWorldModel's planner as released (le-wm config/eval/reacher.yaml; stable-worldmodel solver/cem.py): CEM 300 x
+# 30, the top 30 refit without momentum or a floor, the current mean as a candidate, the final mean executed,
+# cost on the last predicted latent, horizon 5 chunks all played before the next plan, one frame of context.
 LEWM_POLICY = {"planner": "cem", "samples": 300, "iterations": 30, "horizon": 5, "cost": "final", "cem.elites": 30,
-               "cem.init_std": 1.0, "cem.min_std": 0.0, "cem.momentum": 0.0, "cem.keep_elites": False,
-               "cem.plan_from": "mean", "rest": False, "receding_horizon": 5, "context": 1, "subgoals.enabled": False}
+               "cem.min_std": 0.0, "cem.momentum": 0.0, "cem.keep_elites": False, "cem.plan_from": "mean",
+               "rest": False, "receding_horizon": 5, "context": 1, "subgoals.enabled": False}
 
 PROTOCOLS = {
     "reach25": Protocol("reach25", 25, 50),
     "reach50": Protocol("reach50", 50, 100),
     "uniform": Protocol("uniform", None, 100),
-    "lewm": Protocol("lewm", 25, 50, wrap=False, true_history=False, policy=LEWM_POLICY),
+    "lewm": Protocol("lewm", 25, 50, wrap=False, true_history=False, policy=LEWM_POLICY, control_steps=True,
+                     stored_frames=True, data_action_std=True),
+    # our default MPC (the policy as configured) under LeWM's episodes, budget and success rule
+    "lewm-mpc": Protocol("lewm-mpc", 25, 50, wrap=False, control_steps=True, stored_frames=True, draws_as="lewm"),
 }
 
 
@@ -63,7 +78,7 @@ def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, s
     inside the episode). A start within ``tolerance`` of its goal is never drawn (it would be a free
     success); for uniform goals, such a goal is redrawn.
     """
-    rng = np.random.default_rng([seed, list(PROTOCOLS).index(protocol.name)])
+    rng = np.random.default_rng([seed, list(PROTOCOLS).index(protocol.draws_as or protocol.name)])
     need = protocol.goal_offset or 0
     rows = []  # (episode, t0) of every usable start
     for i in episode_ids:
@@ -115,10 +130,31 @@ def history_before(store, episodes: dict, history: int, frameskip: int, first_ob
 
 
 def episode_records(errors: np.ndarray, tolerance: float) -> dict[str, np.ndarray]:
-    """Per episode, from joint errors (B, budget + 1) where column 0 is the start (never counted):
-    latched success (within tolerance at some step >= 1), held-at-end success (within tolerance at the
-    last step), the first step of success (-1 if never), final and best error."""
-    hit = errors[:, 1:] < tolerance  # (B, budget): steps 1..budget
+    """Per episode, from joint errors (B, budget + 1) where column 0 is the start (never counted), or
+    (B, budget + 1, R) after each of the R control steps of every env step: latched success (within
+    tolerance at some step >= 1, or some control step of it), held-at-end success (within tolerance at the
+    end of the last step), the first step of success (-1 if never), final and best error."""
+    closest = errors if errors.ndim == 2 else errors.min(-1)  # (B, budget + 1)
+    final = errors[:, -1] if errors.ndim == 2 else errors[:, -1, -1]
+    hit = closest[:, 1:] < tolerance  # (B, budget): steps 1..budget
     latched = hit.any(1)
-    return {"success": latched, "held": hit[:, -1], "steps_to_success": np.where(latched, hit.argmax(1) + 1, -1),
-            "final_error": errors[:, -1], "min_error": errors[:, 1:].min(1)}
+    return {"success": latched, "held": final < tolerance, "steps_to_success": np.where(latched, hit.argmax(1) + 1, -1),
+            "final_error": final, "min_error": closest[:, 1:].min(1)}
+
+
+def lewm_training_rows(store, train_ids: list[int], n: int, offset: int = 25, seed: int = 42) -> dict[str, np.ndarray]:
+    """Starts drawn as LeWM's evaluation draws them: ``default_rng(seed)`` picks ``n`` rows without
+    replacement among all rows of the (training) episodes with at least ``offset`` env steps left; the goal
+    is the row ``offset`` steps later. No start is excluded, not even one already at its goal."""
+    rows = [(i, t) for i in train_ids for t in range(store.episodes[i].steps + 1 - offset)]
+    if len(rows) < n:
+        raise ValueError(f"lewm: {len(rows)} usable start rows in {len(train_ids)} episodes, {n} episodes asked for")
+    picked = np.random.default_rng(seed).choice(len(rows), size=n, replace=False)
+    out = {k: [] for k in ("index", "episode", "t0", "qpos", "qvel", "target", "goal_qpos")}
+    for j, k in enumerate(picked):
+        i, t0 = rows[k]
+        s = store.states(i)
+        for key, v in (("index", j), ("episode", i), ("t0", t0), ("qpos", s["qpos"][t0]), ("qvel", s["qvel"][t0]),
+                       ("target", s["target"][t0]), ("goal_qpos", s["qpos"][t0 + offset])):
+            out[key].append(v)
+    return {k: np.asarray(v) for k, v in out.items()}

@@ -252,3 +252,31 @@ def test_one_collection_at_a_time_into_a_directory(tmp_path):
     assert not list(out.glob("*.h5"))
     assert collect(replace(TINY, out=str(out), episodes=1), progress=False)["saved"] == 1
     assert not (out / ".wm.lock").exists()
+
+
+def test_actions_held_for_several_control_steps_are_recorded_and_replayed(tmp_path):
+    """--action-repeat 2 (stable-worldmodel's dm_control Reacher): each action moves the arm for two control
+    steps; the shards record it, and the batched environments an evaluation builds from the data replay it."""
+    from envs.vector import ReacherBatch
+    from evaluation.evaluate import batch_like
+
+    out = tmp_path / "twice"
+    collect(replace(TINY, out=str(out), episodes=1, steps=6, action_repeat=2), progress=False)
+    store = EpisodeStore(out)
+    assert store.attrs["action_repeat"] == 2 and "action_repeat" not in store.assumed
+    ep = store.episode(0)
+    batch = batch_like(store, 1)
+    once = ReacherBatch("reacher-easy", 1, size=TINY.size, action_repeat=1)
+    try:
+        assert batch.action_repeat == 2
+        batch.reset_to(ep["qpos"][:1], ep["qvel"][:1], render=False)
+        once.reset_to(ep["qpos"][:1], ep["qvel"][:1], render=False)
+        for t in range(6):
+            batch.step(ep["action"][t][None], render=False)
+            once.step(ep["action"][t][None], render=False)
+        assert np.allclose(batch.qpos()[0], ep["qpos"][6], atol=1e-6)  # the recorded motion, replayed
+        assert not np.allclose(once.qpos()[0], ep["qpos"][6], atol=1e-3)  # held once, the arm moves less
+    finally:
+        batch.close(), once.close()
+    with pytest.raises(DatasetError, match="action_repeat"):  # resuming with another repeat is refused
+        collect(replace(TINY, out=str(out), episodes=2, steps=6, action_repeat=1), progress=False)

@@ -377,7 +377,7 @@ def test_a_failed_evaluation_leaves_no_partial_output_and_is_not_finished(data, 
     with pytest.raises(OSError, match="No space left"):
         evaluate(cfg, progress=False)
     monkeypatch.undo()
-    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["results.md"]  # complete, but not the rest
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["index.html", "results.md"]  # not the rest
     evaluate(cfg, progress=False)  # not "already holds": it never finished
     assert {"results.json", "results.md", "results.png"} <= {p.name for p in (tmp_path / "e").iterdir()}
     with pytest.raises(ValueError, match="already holds"):
@@ -466,3 +466,31 @@ def test_an_episode_is_the_same_whatever_the_number_drawn(data):
         many = sample_episodes(store, list(range(10)), PROTOCOLS[name], 12, 0, WRIST, 0.05)
         for key in ("episode", "t0", "qpos", "goal_qpos"):
             assert np.array_equal(few[key], many[key][:3]), (name, key)
+
+
+def test_lewm_success_counts_every_control_step_on_raw_angles(data):
+    """LeWM's rule: joint angles checked after every control step, inside an action repeat too, without
+    wrapping; held at the end is the state after the last one."""
+    errors = np.array([[[0.5, 0.5], [0.3, 0.04], [0.2, 0.06]]])  # (B=1, budget+1=3, R=2): inside step 1 only
+    rec = episode_records(errors, 0.05)
+    assert rec["success"][0] and not rec["held"][0] and rec["steps_to_success"][0] == 1
+    assert rec["final_error"][0] == 0.06 and rec["min_error"][0] == 0.04
+    store = EpisodeStore(data)
+    eps = sample_episodes(store, list(range(10)), PROTOCOLS["lewm"], 3, 0, WRIST, 0.05)
+    batch = ReacherBatch("reacher-easy", 3, size=32, action_repeat=2)
+    errs = run_episodes(batch, eps, PROTOCOLS["lewm"], lambda: np.ones((3, 2)))
+    batch.close()
+    assert errs.shape == (3, 51, 2) and np.allclose(errs[:, 0, 0], joint_error(eps["qpos"], eps["goal_qpos"], False))
+    assert not np.allclose(errs[:, 1:, 0], errs[:, 1:, 1])  # the arm moved between the two control steps
+
+
+def test_lewm_training_rows_are_drawn_as_their_evaluation_draws_them(data):
+    from evaluation.protocols import lewm_training_rows
+
+    store = EpisodeStore(data)
+    eps = lewm_training_rows(store, [0, 1, 2], 5)
+    rows = [(i, t) for i in (0, 1, 2) for t in range(store.episodes[i].steps + 1 - 25)]
+    picked = np.random.default_rng(42).choice(len(rows), size=5, replace=False)
+    assert [(int(i), int(t)) for i, t in zip(eps["episode"], eps["t0"])] == [rows[k] for k in picked]
+    for i, t, g in zip(eps["episode"], eps["t0"], eps["goal_qpos"]):
+        assert np.array_equal(g, store.states(int(i))["qpos"][t + 25])

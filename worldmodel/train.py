@@ -34,7 +34,7 @@ from common.device import THREADS_HELP, autocast_for
 from common.files import atomic_write_json, output_lock, prepare_output_dir, remove_stale_temporaries
 from common.process import ignore_stop_signals
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
-from envs.storage import DEFAULT_DATA
+from envs.storage import DEFAULT_DATA, recording
 from worldmodel import distributed, rundir
 from worldmodel.datasplit import split_record
 from worldmodel.graph import GraphConfig, LatentGraph
@@ -225,6 +225,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     # --- setup: data, model, optimiser, where to start, logs ---------------------------------------------
     is_main, out = rank == 0, Path(cfg.out)
     data = TrainingData(cfg)
+    if is_main:
+        log.info(data.summary(cfg, device))
     torch.manual_seed(cfg.seed)
     model = WorldModel(dataclasses.replace(cfg.model, image_size=data.store.size,
                                            env=str(data.store.attrs["env"]))).to(device)
@@ -325,6 +327,23 @@ class TrainingData:
         ids = {"train": self.train.episode_ids, "val": self.val.episode_ids, "test": self.store.split("test", *fractions)}
         self.record = split_record(self.store, cfg.data, ids, model_dir=cfg.out)
         self.can_probe = not set(PROBE_STATES) & set(self.store.missing_states)
+
+    def summary(self, cfg: TrainConfig, device: torch.device) -> str:
+        """One paragraph: what was read, what was assumed, and what runs when training ends."""
+        rec, store = recording(self.store.attrs), self.store
+        assumed = f"; assumed (the data does not say): {', '.join(store.assumed)}" if store.assumed else ""
+        sizes = (f"{store.source_size} px stored, resized to {store.size}" if store.size != store.source_size
+                 else f"{store.size} px")
+        lines = [f"data: {cfg.data} ({store.layout}, {len(store)} episodes: {len(self.train.episode_ids)} train, "
+                 f"{len(self.val.episode_ids)} validation, {len(self.record['test'])} test); env {rec['env']}, "
+                 f"{rec['action_repeat']} control step(s) per action, {rec['render_quality']} look, target "
+                 f"{'hidden' if rec['hide_target'] else 'shown'}, frames {sizes}{assumed}; missing states: "
+                 f"{', '.join(store.missing_states) or 'none'}",
+                 f"device {device}, {torch.get_num_threads()} torch thread(s)"]
+        if cfg.eval_episodes:
+            lines.append(f"when training ends: the probes and a closed-loop check of {cfg.eval_episodes} validation "
+                         f"episodes (about a minute on a CPU; --eval-episodes 0 turns it off)")
+        return "\n".join(lines)
 
     def loader(self, cfg: TrainConfig, start: int, rank: int, device: torch.device):
         """Batches of steps ``start..steps-1``; step k's windows come from (seed, k, rank) alone."""
