@@ -116,7 +116,9 @@ class VideoConfig:
 class BenchConfig:
     """``wm bench``: measured speeds, each beside a baseline timed in the same run."""
 
-    what: str = option("all", "which benchmark", choices=("collect", "train", "plan", "plan-quality", "all"))
+    what: str = option("all", "which benchmark (gpu: the one-call check of a GPU machine, about 8 minutes)",
+                       choices=("collect", "train", "plan", "plan-quality", "gpu", "all"))
+    dry_run: bool = option(False, "gpu: every part with tiny settings, on any device (a check of the command)")
     device: str = option("auto", "train and plan benchmark device: auto, cpu or cuda")
     threads: int = option(0, THREADS_HELP)
     checkpoint: str = option(DEFAULT_CHECKPOINT, "plan-quality: the trained model whose closed-loop success is measured")
@@ -151,14 +153,17 @@ class PipelineConfig:
 
 @dataclass
 class ProbeConfig:
-    """``wm probe``: linear-probe R^2 from latents to the true state, on episodes the model never trained on."""
+    """wm probe: linear and nonlinear probes from the latent to the arm's state (is it a linear map?), on episodes
+    the model never trained on, and how Gaussian the latents are."""
 
     checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run")
     data: str = option("", "dataset (default: the one the model was trained on)")
     split: str = option("test", "the model's episodes the probe is scored on: test or val", choices=HELD_OUT)
     device: str = option("auto", "auto, cpu or cuda")
     threads: int = option(0, THREADS_HELP)
+    mlp_steps: int = option(1500, "optimiser steps of the nonlinear (MLP) probe")
     out: str = option("", "where probe.json and probe.md go (default: beside the checkpoint)")
+    overwrite: bool = option(False, "replace a probe already in --out")
 
 
 @dataclass
@@ -207,7 +212,7 @@ def run_train(cfg: TrainConfig) -> int:
 def run_probe(cfg: ProbeConfig) -> int:
     from worldmodel.probe import probe_checkpoint
 
-    result = probe_checkpoint(cfg.checkpoint, cfg.data, cfg.device, cfg.out, cfg.split)
+    result = probe_checkpoint(cfg.checkpoint, cfg.data, cfg.device, cfg.out, cfg.split, cfg.overwrite, cfg.mlp_steps)
     print(result["markdown"])
     print(f"wrote {result['json']} and {result['md']}")
     return 0
@@ -245,6 +250,7 @@ def run_video(cfg: VideoConfig) -> int:
 
 def run_bench(cfg: BenchConfig) -> int:
     from benchmarks import data as data_bench
+    from benchmarks import gpu as gpu_bench
     from benchmarks import plan as plan_bench
     from benchmarks import quality as quality_bench
     from benchmarks import train as train_bench
@@ -252,8 +258,10 @@ def run_bench(cfg: BenchConfig) -> int:
     benches = {"collect": data_bench.run, "train": lambda: train_bench.run(cfg.device),
                "plan": lambda: plan_bench.run(cfg.device),
                "plan-quality": lambda: quality_bench.run(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
-                                                         data=cfg.data, split=cfg.split)}
-    chosen = {k: v for k, v in benches.items() if k != "plan-quality"} if cfg.what == "all" else {cfg.what: benches[cfg.what]}
+                                                         data=cfg.data, split=cfg.split),
+               "gpu": lambda: gpu_bench.run(cfg.device, str(Path(cfg.out) / "gpu-check"), cfg.dry_run)}
+    chosen = ({k: v for k, v in benches.items() if k not in ("plan-quality", "gpu")} if cfg.what == "all"
+              else {cfg.what: benches[cfg.what]})
     out = prepare_output_dir(cfg.out)  # before any benchmark runs
     report = "\n\n".join(f"# wm bench {name}\n\n{_machine()}\n\n{fn()}" for name, fn in chosen.items())
     print(report)
@@ -361,7 +369,7 @@ COMMANDS = {
     "convert": (ConvertConfig, run_convert, "rewrite a dataset as one stable-worldmodel .h5 file, or as our shards"),
     "video": (VideoConfig, run_video, "write an mp4 of dataset episodes"),
     "train": (TrainConfig, run_train, "train the world model (presets: demo, full)"),
-    "probe": (ProbeConfig, run_probe, "linear-probe R^2 of a trained encoder vs an untrained one"),
+    "probe": (ProbeConfig, run_probe, "linear and nonlinear probes of the latent: is the state a linear map of it?"),
     "eval": (EvalConfig, run_eval, "closed-loop success in MuJoCo beside reference methods (random, exploration, simulator)"),
     "demo": (DemoConfig, run_demo, "planning videos (mp4 + gif) and a summary sheet"),
     "bench": (BenchConfig, run_bench, "measure collection, training and planning speed, and planning quality"),

@@ -275,10 +275,10 @@ class WindowDataset(Dataset):
     """Windows ``{pixels (L,H,W,3) uint8, actions (L-1, frameskip*2), qpos/qvel/finger/target (L, 2)}``."""
 
     def __init__(self, store: EpisodeStore, spec: WindowSpec, split: str = "train", val_fraction: float = 0.1,
-                 seed: int = 0, test_fraction: float = 0.0):
+                 seed: int = 0, test_fraction: float = 0.0, states: bool = True):
         if spec.history < 1 or spec.n_pred < 1 or spec.frameskip < 1:
             raise ValueError(f"history, n_pred and frameskip must be positive, got {spec}")
-        self.store, self.spec = store, spec
+        self.store, self.spec, self.states = store, spec, states  # states: also the true states of each frame
         self.episode_ids = store.split(split, val_fraction, seed, test_fraction)
         starts = []
         for i in self.episode_ids:
@@ -302,6 +302,7 @@ class WindowDataset(Dataset):
         ep = self.store.states(i)
         actions = ep["action"][t0:t0 + spec.span].reshape(spec.frames - 1, spec.action_dim)  # (L-1, fs*2)
         item = {"pixels": torch.from_numpy(self.store.frames(i, t)), "actions": torch.from_numpy(actions)}
-        for key in STATE_KEYS:
-            item[key] = torch.from_numpy(ep[key][t].astype(np.float32))
+        if self.states:  # training reads only frames and actions
+            for key in STATE_KEYS:
+                item[key] = torch.from_numpy(ep[key][t].astype(np.float32))
         return item

@@ -74,12 +74,15 @@ class ReacherPhysics:
         raise NotImplementedError
 
     # --- dynamics ------------------------------------------------------------------------------
-    def step(self, action: np.ndarray, data: mujoco.MjData | None = None) -> None:
+    def step(self, action: np.ndarray, data: mujoco.MjData | None = None, forward: bool = True) -> None:
+        """One control step. mj_step leaves positions-derived fields (geom_xpos, what we render and where the
+        fingertip is) one step behind; ``forward`` brings them up to date (``False`` when nothing reads them
+        before the next step: the dynamics are the same bit for bit)."""
         data = self.data if data is None else data
         data.ctrl[:] = action
         mujoco.mj_step(self.model, data, nstep=self.n_substeps)
-        # mj_step leaves positions-derived fields (geom_xpos, what we render) one step behind.
-        mujoco.mj_forward(self.model, data)
+        if forward:
+            mujoco.mj_forward(self.model, data)
 
     def reset(self, rng: np.random.Generator) -> None:
         """Joints uniform over their range (the shoulder is unlimited), at rest; a fresh target."""

@@ -26,6 +26,7 @@ class ReacherBatch:
         self.action_repeat, self.image_size = int(action_repeat), image_size
         self.physics = self.env.physics
         self.datas = [mujoco.MjData(self.physics.model) for _ in range(n)]
+        self._stale = False  # stepped without updating positions-derived fields (see ``step``)
         self._targets = [None] * n
 
     def __len__(self) -> int:
@@ -45,6 +46,7 @@ class ReacherBatch:
             mujoco.mj_resetData(self.physics.model, d)
             self._targets[i] = _finite_or_none(None if target is None else target[i])
             self.physics.set_state(qpos[i], None if qvel is None else qvel[i], self._targets[i], d)
+        self._stale = False  # set_state ran the forward pass
         return self.render() if render else None
 
     def step(self, actions: np.ndarray, render: bool = True, control_qpos: list | None = None) -> np.ndarray | None:
@@ -57,12 +59,21 @@ class ReacherBatch:
         actions = np.clip(actions, -1.0, 1.0)
         for _ in range(self.action_repeat):
             for d, a in zip(self.datas, actions):
-                self.physics.step(a, d)
+                self.physics.step(a, d, forward=False)  # positions for rendering are brought up to date on demand
             if control_qpos is not None:
                 control_qpos.append(self.qpos())
+        self._stale = True
         return self.render() if render else None
 
+    def _update_positions(self) -> None:
+        """Forward kinematics of every state stepped since: what rendering and fingertip positions read."""
+        if self._stale:
+            for d in self.datas:
+                mujoco.mj_kinematics(self.physics.model, d)
+            self._stale = False
+
     def render(self) -> np.ndarray:
+        self._update_positions()
         frames = []
         for d, target in zip(self.datas, self._targets):
             if target is not None:  # dm_control keeps the target in the model: set it for this state
@@ -88,6 +99,7 @@ class ReacherBatch:
 
     def states(self) -> dict[str, np.ndarray]:
         """True states, each (B, 2)."""
+        self._update_positions()
         per = [self.physics.state(d) for d in self.datas]
         return {k: np.stack([s[k] for s in per]) for k in per[0]}
 

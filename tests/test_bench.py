@@ -31,3 +31,17 @@ def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
     rows = re.findall(r"\| (\d+) x (\d+) \| (\d+)% \| (\d+)% \| (\d+) \| ([\d.]+) \| ([\d.]+)x \|", report)
     assert [(n, it) for n, it, *_ in rows] == [("8", "1"), ("16", "2")]
     assert rows[0][-1] == "1.00" and "time vs 8 x 1 |" in report  # no 300 x 30 row: relative to the first
+
+
+def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
+    """``wm bench --what gpu --dry-run``: every part of the one-call GPU check with tiny settings, so the
+    command is known to work before a GPU machine is at hand."""
+    import json
+
+    from benchmarks import gpu
+
+    report = gpu.run("cpu", str(tmp_path / "check"), dry_run=True)
+    result = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
+    assert "DRY RUN" in report and (tmp_path / "check" / "gpu_check.md").is_file()
+    assert len(result["plan_latency"]) == 2 and {r["preset"] for r in result["training"]} == {"demo", "full"}
+    assert 0 <= result["short_training"]["reach25_latched"] <= 1 and result["short_training"]["steps"] == 4

@@ -33,9 +33,11 @@ def test_commands_chain_with_their_defaults(tmp_path):
     assert scored and scored <= set(meta["data"]["test"]) and not scored & set(meta["data"]["train"] + meta["data"]["val"])
     refused = run_wm(*eval_args, check=False, cwd=tmp_path)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
-    probe = run_wm("probe", cwd=tmp_path).stdout
-    assert "| trained |" in probe and (tmp_path / "runs" / "demo" / "probe.json").exists()
-    assert json.loads((tmp_path / "runs" / "demo" / "probe.json").read_text())["scored_episodes"] == 1
+    probe = run_wm("probe", "--mlp-steps", 20, cwd=tmp_path).stdout
+    assert "| linear (ridge) |" in probe and "| nonlinear (MLP) |" in probe
+    report = json.loads((tmp_path / "runs" / "demo" / "probe.json").read_text())
+    assert report["scored_episodes"] == 1 and {"linear", "nonlinear", "gap", "gaussianity"} <= set(report)
+    assert run_wm("probe", cwd=tmp_path, check=False).returncode == 2  # kept unless --overwrite
 
 
 def test_help_shows_the_presets_values_and_choices(capsys):

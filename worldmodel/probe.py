@@ -77,35 +77,54 @@ def run_probe(model, store, train_ids, test_ids, stride: int = 5) -> dict:
     return probe_r2(z_tr, y_tr, z_te, y_te)
 
 
-def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out: str = "", split: str = "test") -> dict:
-    """``wm probe``: R^2 of the trained encoder next to the same architecture untrained (the floor), fit on
-    the episodes the model trained on and scored on held-out ones (``worldmodel.datasplit``). Writes
-    ``probe.json`` and ``probe.md`` (beside the checkpoint unless ``out``)."""
+def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out: str = "", split: str = "test",
+                     overwrite: bool = False, mlp_steps: int = 1500) -> dict:
+    """``wm probe``: what kind of map leads from the latent to the arm's state. Linear (ridge) and nonlinear
+    (MLP) probes per state variable (joint cos/sin, fingertip, joint velocities from two consecutive
+    latents), fit on the model's training episodes and scored on ``split`` episodes, their gap (linear
+    identifiability: the MLP adds nothing), how Gaussian the latents and the probe's residuals are, and the
+    linear probe of the same architecture untrained (the floor). Writes ``probe.json`` and ``probe.md``
+    (beside the checkpoint unless ``out``; finished ones are kept unless ``overwrite``)."""
     from common.files import atomic_write_json, atomic_write_text, prepare_output_dir
     from worldmodel.datasplit import load_with_data, probe_split
 
     where = prepare_output_dir(out if out else Path(checkpoint).parent)  # before any work
+    if (where / "probe.json").exists() and not overwrite:
+        raise ValueError(f"{where} already holds probe.json; pass --overwrite to replace it, or --out for another "
+                         f"directory")
     trained, meta, store, data = load_with_data(checkpoint, data, device)
-    store.require_states(PROBE_STATES, "linear probes")
+    store.require_states(PROBE_STATES, "probes")
     fit, test, note = probe_split(store, meta, split)
     log.info(f"probing {checkpoint} (step {meta.get('step')}) on {data}: fit on {len(fit)} episodes, scored on "
-          f"{len(test)}: {note}")
+             f"{len(test)}: {note}")
+    result = identifiability(trained, store, fit, test, mlp_steps=mlp_steps)
     torch.manual_seed(0)
     untrained = type(trained)(trained.cfg).to(trained.device)  # same architecture, random weights: the floor
-    rows = {}
-    for label, model in (("trained", trained), ("untrained (floor)", untrained)):
-        log.info("  encoding frames with the %s encoder", label)
-        rows[label] = run_probe(model, store, fit, test)
-    names = [*PROBE_TARGETS, "joints_mean"]
-    md = ["| encoder | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    md += [f"| {label} | " + " | ".join(f"{r2[n]:.3f}" for n in names) + " |" for label, r2 in rows.items()]
-    markdown = (f"Linear-probe R^2 of `{checkpoint}` (step {meta.get('step')}) on `{data}`; fit on {len(fit)} "
-                f"episodes, scored on {len(test)} ({note}).\n\n" + "\n".join(md) + "\n")
+    result["untrained_linear"] = run_probe(untrained, store, fit, test)
+    markdown = probe_markdown(result, checkpoint, meta.get("step"), data, len(fit), len(test), note)
+    atomic_write_text(where / "probe.md", markdown)
     atomic_write_json(where / "probe.json", {"checkpoint": str(checkpoint), "step": meta.get("step"), "data": str(data),
                                              "fit_episodes": len(fit), "scored_episodes": len(test), "split": note,
-                                             "r2": rows})
-    atomic_write_text(where / "probe.md", markdown)
-    return {"r2": rows, "markdown": markdown, "json": str(where / "probe.json"), "md": str(where / "probe.md")}
+                                             **result})
+    return {**result, "markdown": markdown, "json": str(where / "probe.json"), "md": str(where / "probe.md")}
+
+
+def probe_markdown(result: dict, checkpoint, step, data, fit: int, test: int, note: str) -> str:
+    names = [*STATE_VARIABLES, "joints_mean"]
+    floor = result["untrained_linear"]
+    rows = {"linear (ridge)": result["linear"], "nonlinear (MLP)": result["nonlinear"],
+            "gap (nonlinear - linear)": result["gap"],
+            "untrained encoder, linear (floor)": {k: floor.get(k) for k in names}}
+    md = ["| probe | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    md += [f"| {label} | " + " | ".join("-" if r.get(n) is None else f"{r[n]:.3f}" for n in names) + " |"
+           for label, r in rows.items()]
+    g = result["gaussianity"]
+    return (f"R^2 of probes from the latent of `{checkpoint}` (step {step}) to the arm's state, on `{data}`: fit on "
+            f"{fit} episodes, scored on {test} ({note}). Velocities are probed from two consecutive latents.\n\n"
+            + "\n".join(md) + f"\n\nHow Gaussian: the SIGReg statistic of the standardised test latents is "
+            f"{g['latent_sigreg']:.2f} (about 1 for a Gaussian); the Epps-Pulley statistics of the linear probe's "
+            f"standardised residuals: {', '.join(f'{v:.1f}' for v in g['residual_epps_pulley'])} (per variable, "
+            f"same order).\n")
 
 
 # --- what kind of map: linear against nonlinear probes, per state variable, and how Gaussian ---------------

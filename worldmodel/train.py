@@ -262,7 +262,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             for step, batch in enumerate(loader, start=start):
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * lr_at(step, cfg.warmup_steps, cfg.steps)
-                # only what the step reads goes to the device (the windows also carry the true states)
+                # only what the step reads goes to the device
                 batch = {k: batch[k].to(device, non_blocking=True) for k in ("pixels", "actions")}
                 with autocast_for(device):
                     losses = world_model_losses(net, batch, cfg, step_generator(cfg.seed, step, 0, device))
@@ -320,8 +320,8 @@ class TrainingData:
         self.store = EpisodeStore(cfg.data, image_size=cfg.model.image_size, env=cfg.env)
         history, fs = cfg.model.history, cfg.model.frameskip
         fractions = (cfg.val_fraction, cfg.seed, cfg.test_fraction)
-        self.train = WindowDataset(self.store, WindowSpec(history, cfg.n_pred, fs), "train", *fractions)
-        self.val = WindowDataset(self.store, WindowSpec(history, cfg.val_horizon, fs), "val", *fractions)
+        self.train = WindowDataset(self.store, WindowSpec(history, cfg.n_pred, fs), "train", *fractions, states=False)
+        self.val = WindowDataset(self.store, WindowSpec(history, cfg.val_horizon, fs), "val", *fractions, states=False)
         self.val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val, _spread(len(self.val), 512)),
                                                       batch_size=256)
         ids = {"train": self.train.episode_ids, "val": self.val.episode_ids, "test": self.store.split("test", *fractions)}
