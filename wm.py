@@ -117,7 +117,7 @@ class BenchConfig:
     """``wm bench``: measured speeds, each beside a baseline timed in the same run."""
 
     what: str = option("all", "which benchmark (gpu: the one-call check of a GPU machine, about 8 minutes)",
-                       choices=("collect", "train", "plan", "plan-quality", "gpu", "all"))
+                       choices=("collect", "train", "plan", "plan-quality", "subgoals", "gpu", "all"))
     dry_run: bool = option(False, "gpu: every part with tiny settings, on any device (a check of the command)")
     device: str = option("auto", "train and plan benchmark device: auto, cpu or cuda")
     threads: int = option(0, THREADS_HELP)
@@ -259,8 +259,10 @@ def run_bench(cfg: BenchConfig) -> int:
                "plan": lambda: plan_bench.run(cfg.device),
                "plan-quality": lambda: quality_bench.run(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
                                                          data=cfg.data, split=cfg.split),
+               "subgoals": lambda: quality_bench.subgoal_cost(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
+                                                              data=cfg.data, split=cfg.split),
                "gpu": lambda: gpu_bench.run(cfg.device, str(Path(cfg.out) / "gpu-check"), cfg.dry_run)}
-    chosen = ({k: v for k, v in benches.items() if k not in ("plan-quality", "gpu")} if cfg.what == "all"
+    chosen = ({k: v for k, v in benches.items() if k not in ("plan-quality", "subgoals", "gpu")} if cfg.what == "all"
               else {cfg.what: benches[cfg.what]})
     out = prepare_output_dir(cfg.out)  # before any benchmark runs
     report = "\n\n".join(f"# wm bench {name}\n\n{_machine()}\n\n{fn()}" for name, fn in chosen.items())
@@ -344,15 +346,18 @@ def run_pipeline(cfg: PipelineConfig) -> int:
     run_collect(CollectConfig(out=data, episodes=cfg.episodes, workers=cfg.workers))
     stamp("train (demo preset)")
     resume = (out / "checkpoint.pt").exists() and not _finished(out, cfg.steps)
-    run_train(preset_config("demo", data=data, out=str(out), steps=cfg.steps, resume=resume))
+    # the evaluation comes next: the closed-loop check at the end of training would measure it twice
+    run_train(preset_config("demo", data=data, out=str(out), steps=cfg.steps, resume=resume, eval_episodes=0,
+                            threads=cfg.threads))
     model = str(out / "model.pt")
     stamp(f"evaluate reach25 against: {cfg.baselines or 'no baseline'}")
     if (out / "eval" / "results.json").exists():
         print(f"{out / 'eval'} already holds results: kept")
     else:
-        run_eval(EvalConfig(checkpoint=model, episodes=cfg.eval_episodes, seeds=cfg.seeds, baselines=cfg.baselines))
+        run_eval(EvalConfig(checkpoint=model, episodes=cfg.eval_episodes, seeds=cfg.seeds, baselines=cfg.baselines,
+                            threads=cfg.threads))
     stamp("planning videos (far goals: poses uniform over the joint range)")
-    run_demo(DemoConfig(checkpoint=model, protocol="uniform"))
+    run_demo(DemoConfig(checkpoint=model, protocol="uniform", overwrite=True, threads=cfg.threads))
     stamp("done")
     print(f"model {model}; results {out / 'eval' / 'results.md'}; plot {out / 'eval' / 'results.png'}; "
           f"videos {out / 'videos'}; TensorBoard: tensorboard --logdir {out}")

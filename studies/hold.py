@@ -77,9 +77,10 @@ def _encode(model, frames: np.ndarray, chunk: int = 512) -> torch.Tensor:
                       for s in range(0, len(frames), chunk)])
 
 
-def classify(error: np.ndarray, qvel: np.ndarray, tolerance: float, still: float = 0.05, tail: int = 20) -> str:
+def classify(error: np.ndarray, qvel: np.ndarray, tolerance: float, still: float = 0.005, tail: int = 20) -> str:
     """What happened in one episode that does not hold its goal at the end: errors (T+1,), velocities
-    (T+1, 2). ``still``: rad/step below which the arm counts as stopped (qvel is in rad/s, 50 steps/s)."""
+    (T+1, 2). ``still``: rad per env step below which the arm counts as stopped (0.25 rad/s: a tenth of the
+    tolerance in a step; qvel is in rad/s, 50 steps/s)."""
     hit = error[1:] < tolerance
     speed = np.abs(qvel[-tail:]).max(-1) / 50  # rad per env step over the last ``tail`` steps
     if not hit.any():

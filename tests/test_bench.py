@@ -45,3 +45,13 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     assert "DRY RUN" in report and (tmp_path / "check" / "gpu_check.md").is_file()
     assert len(result["plan_latency"]) == 2 and {r["preset"] for r in result["training"]} == {"demo", "full"}
     assert 0 <= result["short_training"]["reach25_latched"] <= 1 and result["short_training"]["steps"] == 4
+
+
+def test_subgoal_cost_compares_the_same_episodes_with_and_without(tmp_path):
+    from benchmarks import quality
+
+    data = tmp_path / "data"
+    collect(CollectConfig(episodes=6, steps=60, size=32, workers=1, out=str(data)), progress=False)
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    report = quality.subgoal_cost(str(tmp_path / "m.pt"), "cpu", episodes=2, protocols=("reach25",), data=str(data))
+    assert "load_policy" in report and "| reach25 | off |" in report and "| reach25 | on |" in report

@@ -1,5 +1,5 @@
 """The rooms and the way imports flow between them: common <- envs <- worldmodel <- planners <- evaluation
-<- benchmarks <- wm; planners never import envs; no module imports another that (through any chain,
+<- benchmarks <- studies <- wm; planners never import envs; no module imports another that (through any chain,
 function-level imports included) imports it back."""
 
 from __future__ import annotations
