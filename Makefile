@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: install
 
 bench: install
 	$(VENV)/bin/wm bench
+
+# On a GPU machine whose Python already has this project's packages (no venv, no download).
+gpu-check:
+	$(PYTHON) -m wm bench --what gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info

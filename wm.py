@@ -139,7 +139,7 @@ class PipelineConfig:
     out: str = option(DEFAULT_RUN, "run directory; the data goes to its data/ folder")
     episodes: int = option(450, "episodes to collect (the demo preset trains on 80%, chooses on 10%, reports on 10%)")
     workers: int = option(2, "collection worker processes")
-    steps: int = option(2500, "training steps of the demo preset")
+    steps: int = option(3500, "training steps of the demo preset")
     eval_episodes: int = option(50, "evaluation episodes per seed")
     seeds: int = option(3, "evaluation seeds")
     baselines: str = option("random,exploration", "evaluation reference methods: random, exploration, simulator "
@@ -373,7 +373,7 @@ COMMANDS = {
     "collect": (CollectConfig, run_collect, "collect pixel rollouts into HDF5 shards"),
     "convert": (ConvertConfig, run_convert, "rewrite a dataset as one stable-worldmodel .h5 file, or as our shards"),
     "video": (VideoConfig, run_video, "write an mp4 of dataset episodes"),
-    "train": (TrainConfig, run_train, "train the world model (presets: demo, full)"),
+    "train": (TrainConfig, run_train, "train the world model (presets: demo, lewm-data, full)"),
     "probe": (ProbeConfig, run_probe, "linear and nonlinear probes of the latent: is the state a linear map of it?"),
     "eval": (EvalConfig, run_eval, "closed-loop success in MuJoCo beside reference methods (random, exploration, simulator)"),
     "demo": (DemoConfig, run_demo, "planning videos (mp4 + gif) and a summary sheet"),

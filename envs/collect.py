@@ -54,7 +54,8 @@ class CollectConfig:
     size: int = option(64, "frame height and width in pixels (32..256)")
     episodes: int = option(100, "number of episodes in the dataset")
     steps: int = option(100, "actions per episode (an episode stores steps+1 frames)")
-    policy: str = option("smooth", "exploration policy", choices=POLICIES)
+    policy: str = option("mixed", "exploration policy (mixed: half smooth sweeps, half i.i.d. jitter in place; its "
+                                  "slow motion is what a model needs to hold a goal)", choices=POLICIES)
     workers: int = option(2, "worker processes, each with its own renderer")
     seed: int = option(0, "seed of the collection; episode i is seeded by (seed, i)")
     out: str = option(DEFAULT_DATA, "output directory of .h5 shards")

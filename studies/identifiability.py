@@ -9,7 +9,8 @@ R^2 of the state, their gap, how Gaussian the latents are, and closed-loop ``rea
 
 The runs: SIGReg weight 0 (prediction alone), 0.01, the default 0.05 and 0.2; the same machinery pulling
 the projections towards a uniform or a Laplace distribution instead of N(0, 1); data of i.i.d. uniform
-actions, of our smooth exploration (the reference) and of a mixture of both; and a short dataset.
+actions, of smooth sweeps alone and of the demo's mixture of sweeps and jitter (the reference); and a
+short dataset.
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ from common.files import atomic_write_json, atomic_write_text, prepare_output_di
 
 # name -> (dataset, training settings by name); the reference run first
 RUNS = {
-    "reference (smooth data, SIGReg 0.05)": ("smooth", {}),
-    "SIGReg 0 (prediction alone)": ("smooth", {"sigreg_weight": 0.0}),
-    "SIGReg 0.01": ("smooth", {"sigreg_weight": 0.01}),
-    "SIGReg 0.2": ("smooth", {"sigreg_weight": 0.2}),
-    "uniform target": ("smooth", {"sigreg_target": "uniform"}),
-    "Laplace target": ("smooth", {"sigreg_target": "laplace"}),
+    "reference (mixed data, SIGReg 0.05)": ("mixed", {}),
+    "SIGReg 0 (prediction alone)": ("mixed", {"sigreg_weight": 0.0}),
+    "SIGReg 0.01": ("mixed", {"sigreg_weight": 0.01}),
+    "SIGReg 0.2": ("mixed", {"sigreg_weight": 0.2}),
+    "uniform target": ("mixed", {"sigreg_target": "uniform"}),
+    "Laplace target": ("mixed", {"sigreg_target": "laplace"}),
     "i.i.d. uniform actions": ("random", {}),
-    "mixed actions": ("mixed", {}),
+    "smooth sweeps only": ("smooth", {}),
     "short dataset (100 episodes)": ("short", {}),
 }
-DATASETS = {"smooth": ("smooth", None), "random": ("random", None), "mixed": ("mixed", None), "short": ("smooth", 100)}
+DATASETS = {"mixed": ("mixed", None), "random": ("random", None), "smooth": ("smooth", None), "short": ("mixed", 100)}
 
 
 @dataclass

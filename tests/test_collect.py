@@ -39,7 +39,7 @@ def test_collect_writes_the_documented_format(tmp_path):
     summary = collect(replace(TINY, out=str(tmp_path / "d")), progress=False)
     assert summary["collected"] == 5
     with h5py.File(sorted((tmp_path / "d").glob("*.h5"))[0]) as f:
-        assert f.attrs["env"] == "reacher-easy" and f.attrs["size"] == 32 and f.attrs["policy"] == "smooth"
+        assert f.attrs["env"] == "reacher-easy" and f.attrs["size"] == 32 and f.attrs["policy"] == "mixed"
         assert "mujoco" in f.attrs["versions"]
         ep = f["ep_000000"]
         assert ep["pixels"].shape == (13, 32, 32, 3) and ep["pixels"].dtype == np.uint8

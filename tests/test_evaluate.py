@@ -494,3 +494,34 @@ def test_lewm_training_rows_are_drawn_as_their_evaluation_draws_them(data):
     assert [(int(i), int(t)) for i, t in zip(eps["episode"], eps["t0"])] == [rows[k] for k in picked]
     for i, t, g in zip(eps["episode"], eps["t0"], eps["goal_qpos"]):
         assert np.array_equal(g, store.states(int(i))["qpos"][t + 25])
+
+
+@pytest.mark.slow
+def test_the_pages_open_in_a_real_browser(data, tmp_path):
+    """A real headless browser (Debian's chromium) loads wm eval's and wm demo's pages: the table, the plot
+    and the videos are in the page it renders, and the screenshot is not blank."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no chromium here (apt-get install chromium)")
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    _wm("eval", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 2, "--seeds", 1, "--samples", 8,
+        "--iterations", 1, "--baselines", "random")
+    _wm("demo", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 2, "--samples", 8, "--iterations", 1,
+        "--bank-frames", 50, "--no-gif")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+             "--virtual-time-budget=3000"]
+    for page, wanted in ((tmp_path / "eval" / "index.html", ("<table>", "results.png")),
+                         (tmp_path / "videos" / "index.html", ("<video", "episode_00.mp4", "summary.png"))):
+        dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                             timeout=120).stdout
+        assert all(w in dom for w in wanted), dom[:500]
+        shot = tmp_path / f"{page.parent.name}.png"
+        subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()],
+                       capture_output=True, timeout=120)
+        import imageio.v2 as imageio
+
+        pixels = imageio.imread(shot)
+        assert pixels.std() > 5  # something was drawn: text, a table, images
