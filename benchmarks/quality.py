@@ -63,7 +63,7 @@ def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, prot
         load_s = time.perf_counter() - start
     setup = load_setup(checkpoint, data, episodes, device, split)
     lines = [f"`load_policy` from `model.pt` + `model.json` alone (subgoal graph included): {load_s:.2f} s.", "",
-             f"| protocol | subgoals | latched | held | planning per episode (s, routing included) | with / without |",
+             "| protocol | subgoals | latched | held | planning per episode (s, routing included) | with / without |",
              "|---|---|---|---|---|---|"]
     try:
         for protocol in parse_protocols(",".join(protocols)):
