@@ -365,8 +365,16 @@ def run_pipeline(cfg: PipelineConfig) -> int:
 
 
 def _finished(out: Path, steps: int) -> bool:
+    """Whether the run in ``out`` reached ``steps``; an unreadable model.json counts as unfinished (training
+    then resumes from the checkpoint and writes it again), and says so."""
     meta = out / "model.json"
-    return meta.exists() and json.loads(meta.read_text()).get("step") == steps
+    if not meta.exists():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("step") == steps
+    except (OSError, ValueError, AttributeError) as e:
+        logging.getLogger(__name__).warning(f"{meta}: unreadable ({e}); resuming the run from its checkpoint")
+        return False
 
 
 COMMANDS = {
