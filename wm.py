@@ -365,16 +365,16 @@ def run_pipeline(cfg: PipelineConfig) -> int:
 
 
 def _finished(out: Path, steps: int) -> bool:
-    """Whether the run in ``out`` reached ``steps``; an unreadable model.json counts as unfinished (training
-    then resumes from the checkpoint and writes it again), and says so."""
+    """Whether the run in ``out`` reached ``steps``. A damaged model.json is an error naming it (every later
+    stage would need it), and nothing in the run is touched."""
     meta = out / "model.json"
     if not meta.exists():
         return False
     try:
         return json.loads(meta.read_text()).get("step") == steps
-    except (OSError, ValueError, AttributeError) as e:
-        logging.getLogger(__name__).warning(f"{meta}: unreadable ({e}); resuming the run from its checkpoint")
-        return False
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{meta}: not a readable model description ({e}); the run in {out} is kept as it is: "
+                         f"move it away, or pass another --out, to start again") from e
 
 
 COMMANDS = {

@@ -104,15 +104,15 @@ def test_outputs_and_tools_are_checked_before_any_work(tmp_path, monkeypatch, ca
     assert "cem.init_std must be a finite number, got nan" in capsys.readouterr().err
 
 
-def test_the_demo_pipeline_resumes_a_run_whose_model_json_is_unreadable(tmp_path, caplog):
-    """A truncated model.json (a full disk, a kill mid-write by another tool) makes `make demo` resume the
-    run from its checkpoint, saying so, instead of stopping on a JSON traceback."""
+def test_the_demo_pipeline_names_a_damaged_model_json_and_keeps_the_run(tmp_path):
+    """A truncated model.json (a full disk, a kill mid-write by another tool) stops `make demo` with an error
+    naming the file, not a JSON traceback, and leaves the run's files as they were."""
     from wm import _finished
 
     assert not _finished(tmp_path, 3500)
     (tmp_path / "model.json").write_text('{"step": 3500}')
     assert _finished(tmp_path, 3500) and not _finished(tmp_path, 2500)
     (tmp_path / "model.json").write_text('{"step": 35')
-    with caplog.at_level("WARNING"):
-        assert not _finished(tmp_path, 3500)
-    assert "model.json" in caplog.text and "unreadable" in caplog.text
+    with pytest.raises(ValueError, match="model.json: not a readable model description"):
+        _finished(tmp_path, 3500)
+    assert (tmp_path / "model.json").read_text() == '{"step": 35'
