@@ -52,6 +52,15 @@ def write_synthetic(dirpath, n_episodes: int = 4, steps: int = 30, size: int = 3
     return dirpath
 
 
+def collect_tiny(out, episodes: int, steps: int, size: int = 32, **settings):
+    """A tiny dataset collected by our own collector (real MuJoCo frames), quietly, one worker; returns ``out``."""
+    from envs.collect import CollectConfig, collect
+
+    collect(CollectConfig(episodes=episodes, steps=steps, size=size, workers=1, out=str(out), **settings),
+            progress=False)
+    return out
+
+
 @pytest.fixture
 def synthetic_data(tmp_path):
     return write_synthetic(tmp_path / "data")

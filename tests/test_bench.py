@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import save_as_trained_on
-from envs.collect import CollectConfig, collect
+from conftest import collect_tiny, save_as_trained_on
 from benchmarks import plan as bench
 from benchmarks import quality
 from test_model import tiny_config
@@ -24,8 +23,7 @@ def test_plan_bench_table_has_a_row_per_setting_and_a_measured_speed_up(monkeypa
 
 
 def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
-    data = tmp_path / "data"
-    collect(CollectConfig(episodes=6, steps=60, size=32, workers=1, out=str(data)), progress=False)
+    data = collect_tiny(tmp_path / "data", episodes=6, steps=60)
     save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
     report = quality.run(str(tmp_path / "m.pt"), "cpu", settings=((8, 1), (16, 2)), episodes=3, data=str(data))
     rows = re.findall(r"\| (\d+) x (\d+) \| (\d+)% \| (\d+)% \| (\d+) \| ([\d.]+) \| ([\d.]+)x \|", report)
@@ -50,8 +48,7 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
 def test_subgoal_cost_compares_the_same_episodes_with_and_without(tmp_path):
     from benchmarks import quality
 
-    data = tmp_path / "data"
-    collect(CollectConfig(episodes=6, steps=60, size=32, workers=1, out=str(data)), progress=False)
+    data = collect_tiny(tmp_path / "data", episodes=6, steps=60)
     save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
     report = quality.subgoal_cost(str(tmp_path / "m.pt"), "cpu", episodes=2, protocols=("reach25",), data=str(data))
     assert "load_policy" in report and "| reach25 | off |" in report and "| reach25 | on |" in report

@@ -7,9 +7,8 @@ import torch
 
 from common.config import apply_overrides
 from conftest import run_wm as _wm
-from conftest import save_as_trained_on
+from conftest import collect_tiny, save_as_trained_on
 from envs import joint_error
-from envs.collect import CollectConfig, collect
 from envs.dataset import EpisodeStore
 from envs.vector import ReacherBatch
 from evaluation.baselines import simulator_controller
@@ -26,9 +25,7 @@ WRIST = (-2.8, 2.8)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval") / "data"
-    collect(CollectConfig(episodes=10, steps=60, size=32, workers=1, out=str(out)), progress=False)
-    return out
+    return collect_tiny(tmp_path_factory.mktemp("eval") / "data", episodes=10, steps=60)
 
 
 def test_joint_errors_wrapped_and_raw():
@@ -321,7 +318,7 @@ def test_evaluation_renders_as_the_dataset_was_collected(tmp_path):
     """Data collected with --image-size (rendered at 64, stored at 32): the evaluation's frames of a stored
     state equal the stored frames, i.e. it renders at 64 and area-resizes too."""
     out = tmp_path / "small"
-    collect(CollectConfig(episodes=1, steps=4, size=64, image_size=32, workers=1, out=str(out)), progress=False)
+    collect_tiny(out, episodes=1, steps=4, size=64, image_size=32)
     store = EpisodeStore(out)
     s = store.episode(0)
     batch = batch_like(store, 1)

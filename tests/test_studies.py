@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_as_trained_on
-from envs.collect import CollectConfig, collect
+from conftest import collect_tiny, save_as_trained_on
 from studies import hold
 from test_model import tiny_config
 from worldmodel.model import WorldModel
@@ -13,9 +12,7 @@ from worldmodel.model import WorldModel
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("studies") / "data"
-    collect(CollectConfig(episodes=8, steps=40, size=32, workers=1, out=str(out)), progress=False)
-    return out
+    return collect_tiny(tmp_path_factory.mktemp("studies") / "data", episodes=8, steps=40)
 
 
 def test_a_failed_episode_is_classified_by_what_the_arm_did():
