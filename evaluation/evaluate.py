@@ -367,19 +367,21 @@ def closed_loop_check(model, store: EpisodeStore, train_ids: list[int], val_ids:
     try:
         setup = Setup(model, {}, store, val_ids, "", batch, train=train_ids)
         policy = apply_overrides(PolicyConfig(), {"iterations": iterations})
-        latched, held, _ = world_model_rates(setup, policy, protocol, episodes)
+        latched, held, *_ = world_model_rates(setup, policy, protocol, episodes)
     finally:
         batch.close()
     return {f"{protocol}_latched": latched, f"{protocol}_held": held}
 
 
 def world_model_rates(setup: Setup, policy: PolicyConfig, protocol: str, episodes: int, seed: int = 0):
-    """(latched rate, held rate, seconds per planning call) of the world-model policy on one seed of
-    ``protocol``: ``episodes`` episodes planned together."""
+    """(latched rate, held rate, seconds per planning call, planning seconds per episode) of the world-model
+    policy on one seed of ``protocol``: ``episodes`` episodes planned together (an episode's share of every
+    call, subgoal routing included)."""
     cfg = EvalConfig(episodes=episodes, seeds=1, policy=policy, baselines="")
     records = run_protocol_seed(setup, cfg, parse_protocols(protocol)[0], seed, ["world_model"], {})
+    r = records[0]
     return (float(np.mean([r["success"] for r in records])), float(np.mean([r["held"] for r in records])),
-            records[0]["plan_time_per_call_s"])
+            r["plan_time_per_call_s"], (r["plan_time_per_call_s"] * r["plan_calls"] + r["route_time_batch_s"]) / episodes)
 
 
 def closed_loop_rates(checkpoint: str, data: str = "", split: str = "test", episodes: int = 50,
@@ -389,7 +391,7 @@ def closed_loop_rates(checkpoint: str, data: str = "", split: str = "test", epis
     ``protocol`` from ``checkpoint``'s ``split`` episodes: what a study records beside its own numbers."""
     setup = load_setup(checkpoint, data, episodes, device, split)
     try:
-        latched, held, _ = world_model_rates(setup, policy or PolicyConfig(), protocol, episodes, seed)
+        latched, held, *_ = world_model_rates(setup, policy or PolicyConfig(), protocol, episodes, seed)
     finally:
         setup.batch.close()
     return latched, held

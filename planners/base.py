@@ -115,6 +115,7 @@ class Planner:
         """Plan B problems: ``z_hist (B, h, D)``, ``z_goal (B, D)``, ``a_hist (B, h-1, A)`` (None when
         h == 1), ``init (B, H, A)`` a warm start (e.g. ``shift_plan`` of the previous plan) or None (zeros),
         ``keys (B,)`` int32 noise keys (``planners.noise.problem_keys``; None: from the seed and the row).
+        A warm-started plan runs ``warm_iterations`` iterations when that is set, else ``iterations``.
 
         Each call advances the noise streams, so an MPC loop gets fresh noise at every replan;
         ``reset`` restarts them.
@@ -132,9 +133,10 @@ class Planner:
         if keys.shape != (B,):
             raise ValueError(f"keys must be {(B,)}, got {tuple(keys.shape)}")
         mean = z_hist.new_zeros(B, H, A) if init is None else init.to(z_hist).clamp(-1, 1)  # (B, H, A)
+        # A warm start already lies near a good plan: it may be refined with fewer iterations.
+        iterations = self.cfg.warm_iterations if init is not None and self.cfg.warm_iterations else self.cfg.iterations
         # One stream per iteration of this call, built on the device without a host copy.
-        streams = torch.arange(self.cfg.iterations, device=z_hist.device, dtype=torch.int32) + \
-            self._calls * STREAMS_PER_CALL
+        streams = torch.arange(iterations, device=z_hist.device, dtype=torch.int32) + self._calls * STREAMS_PER_CALL
         self._calls += 1
         result = self.optimize(z_hist, a_hist, z_goal, mean, keys, streams)
         return self.prefer_rest(z_hist, a_hist, z_goal, result) if self.cfg.rest and self.cfg.rest_margin else result
@@ -151,11 +153,11 @@ class Planner:
 
     def optimize(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, mean: Tensor, keys: Tensor,
                  streams: Tensor) -> PlanResult:
-        """The search from the initial mean ``(B, H, A)``: ``iterations`` steps of ``iteration``."""
+        """The search from the initial mean ``(B, H, A)``: one ``iteration`` per stream ``(iterations,)``."""
         ctx = self.context(z_hist, a_hist, z_goal, keys)
         state = self.initial_state(mean)
-        for i in range(self.cfg.iterations):
-            state = self._step(ctx, streams[i], *state)
+        for stream in streams:  # (iterations,): one per iteration
+            state = self._step(ctx, stream, *state)
         return self.finish(z_hist, a_hist, z_goal, *self.result(state))
 
     def initial_state(self, mean: Tensor) -> tuple[Tensor, ...]:

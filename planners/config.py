@@ -95,6 +95,8 @@ class PlannerConfig:
     horizon: int = option(5, "planned action chunks H")
     samples: int = option(100, "candidate sequences N scored per iteration and problem")
     iterations: int = option(10, "refinement iterations, one batched rollout each")
+    warm_iterations: int = option(0, "iterations of a plan that starts from the previous one (a warm start, as "
+                                     "every replan of an episode but its first does); 0: iterations")
     cost: Any = option("sum", "distance of the predicted latents to the goal's, summed over the plan (sum) or at "
                               "its last step only (final); in Python also a callable "
                               "(z_pred (B,N,H,D), z_goal (B,D)) -> (B,N)", choices=tuple(COSTS))
@@ -117,8 +119,9 @@ class PlannerConfig:
         if min(self.horizon, self.samples, self.iterations) < 1:
             raise ValueError(f"horizon, samples and iterations must be >= 1, got {self.horizon}, {self.samples}, "
                              f"{self.iterations}")
-        if self.iterations >= STREAMS_PER_CALL:
-            raise ValueError(f"iterations must be < {STREAMS_PER_CALL}, got {self.iterations}")
+        if max(self.iterations, self.warm_iterations) >= STREAMS_PER_CALL or self.warm_iterations < 0:
+            raise ValueError(f"iterations and warm_iterations must be in [1, {STREAMS_PER_CALL}) (warm_iterations 0: "
+                             f"iterations), got {self.iterations}, {self.warm_iterations}")
         if self.rest_margin < 0:
             raise ValueError(f"rest_margin must be >= 0, got {self.rest_margin}")
         if self.action_cost < 0:

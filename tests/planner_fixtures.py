@@ -6,6 +6,8 @@ problem whose goal is known to be reachable in H steps.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from einops import rearrange, repeat
 from torch import Tensor
@@ -18,7 +20,7 @@ from planners.mppi import MPPIPlanner
 
 D, A, H = 4, 4, 5  # latent dim, action chunk dim, horizon
 PLANNERS = {"cem": CEMPlanner, "mppi": MPPIPlanner}
-SHARED = ("horizon", "samples", "iterations", "cost", "rest", "seed", "compile")
+SHARED = {f.name for f in dataclasses.fields(PlannerConfig)} - set(PLANNERS)  # the settings every planner has
 
 
 def planner_config(name: str, **settings) -> PlannerConfig:

@@ -23,12 +23,16 @@ def test_plan_bench_table_has_a_row_per_setting_and_a_measured_speed_up(monkeypa
 
 
 def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
+    from evaluation.protocols import LEWM_POLICY
+
     data = collect_tiny(tmp_path / "data", episodes=6, steps=60)
     save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
-    report = quality.run(str(tmp_path / "m.pt"), "cpu", settings=((8, 1), (16, 2)), episodes=3, data=str(data))
-    rows = re.findall(r"\| (\d+) x (\d+) \| (\d+)% \| (\d+)% \| (\d+) \| ([\d.]+) \| ([\d.]+)x \|", report)
-    assert [(n, it) for n, it, *_ in rows] == [("8", "1"), ("16", "2")]
-    assert rows[0][-1] == "1.00" and "time vs 8 x 1 |" in report  # no 300 x 30 row: relative to the first
+    lewm = LEWM_POLICY | {"samples": 12, "iterations": 2, "cem.elites": 4}  # its planner, a tiny budget
+    settings = (lewm, {"samples": 8, "iterations": 1}, {"samples": 16, "iterations": 3, "warm_iterations": 1})
+    report = quality.run(str(tmp_path / "m.pt"), "cpu", settings=settings, episodes=3, data=str(data))
+    rows = re.findall(r"\| ([^|]+) \| (\d+)% \| (\d+)% \| (\d+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+) \|", report)
+    assert [r[0] for r in rows] == ["12 x 2", "8 x 1", "16 x 3 (warm 1)"]
+    assert rows[0][5] == "1.000" and float(rows[2][5]) > 0  # relative to the first row
 
 
 def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):

@@ -133,6 +133,26 @@ def test_rollout_calls_independent_of_batch_and_samples(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_warm_started_plans_run_warm_iterations(name):
+    """A cold plan runs ``iterations``; one from a warm start ``warm_iterations`` (0: ``iterations``), and the
+    warm start still helps: the refined plan is no worse than the plan it started from."""
+    model = CountingModel(LinearDynamics())
+    z, g, _ = make_problems(model.model, 3)
+    p = planner(name, model, samples=16, iterations=6, warm_iterations=2)
+    cold = p.plan(z, g)
+    assert model.calls == 6 + 1  # iterations, then the final mean
+    model.calls = 0
+    warm = p.plan(z, g, init=cold.actions)
+    assert model.calls == 2 + 1
+    assert bool((warm.cost <= cold.cost + 1e-6).all())
+    model.calls = 0
+    planner(name, model, samples=16, iterations=6).plan(z, g, init=cold.actions)
+    assert model.calls == 6 + 1
+    with pytest.raises(ValueError, match="warm_iterations"):
+        planner(name, model, warm_iterations=-1)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_custom_cost(name):
     model = LinearDynamics()
     z, g, _ = make_problems(model, 2)
