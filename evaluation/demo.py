@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from common.config import nested, option
 from common.device import THREADS_HELP
-from common.files import atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
+from common.files import atomic_write, atomic_write_json, atomic_write_text, output_lock, prepare_output_dir
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.video import check_ffmpeg, upscale, write_video
@@ -108,6 +108,12 @@ def prepare_demo_dir(cfg: DemoConfig) -> Path:
 
 
 def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
+    """``wm demo``: film episodes of the world-model policy, one demo at a time in a directory."""
+    with output_lock(prepare_output_dir(cfg.out_dir)):
+        return _make_demo(cfg, progress)
+
+
+def _make_demo(cfg: DemoConfig, progress: bool) -> dict:
     protocol = PROTOCOLS[cfg.protocol]
     out = prepare_demo_dir(cfg)  # the output and ffmpeg are checked before any work
     check_ffmpeg()

@@ -414,7 +414,7 @@ def test_a_dataset_error_is_not_blamed_on_the_models_env(data, tmp_path):
     assert "the env of the model" not in str(info.value)
 
 
-def test_demo_checks_its_output_and_ffmpeg_before_any_work(data, tmp_path, monkeypatch):
+def test_demo_checks_its_output_its_lock_and_ffmpeg_before_any_work(data, tmp_path, monkeypatch):
     import evaluation.demo as demo
     import imageio_ffmpeg
 
@@ -429,6 +429,15 @@ def test_demo_checks_its_output_and_ffmpeg_before_any_work(data, tmp_path, monke
     monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", missing)
     with pytest.raises(RuntimeError, match="writing mp4 videos needs ffmpeg"):
         demo.make_demo(demo.DemoConfig(checkpoint=str(tmp_path / "m.pt"), out=str(tmp_path / "v")), progress=False)
+    from common.files import OutputLockedError, output_lock
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "demo.json").write_text("{}")  # another demo's file, not removed while it runs
+    with output_lock(tmp_path / "d"):
+        with pytest.raises(OutputLockedError, match="is in use by another run"):
+            demo.make_demo(demo.DemoConfig(checkpoint=str(tmp_path / "m.pt"), out=str(tmp_path / "d"), overwrite=True),
+                           progress=False)
+    assert (tmp_path / "d" / "demo.json").exists()
 
 
 def test_recorded_paths_mean_the_same_from_anywhere(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ def test_probe_high_for_informative_latents_low_for_noise():
     assert good["joints_mean"] > 0.99 and bad["joints_mean"] < 0.1
 
 
-def test_wm_probe_checks_its_output_before_any_work(tmp_path, monkeypatch):
+def test_wm_probe_checks_its_output_and_its_lock_before_any_work(tmp_path, monkeypatch):
     import pytest
 
     import worldmodel.datasplit
@@ -40,6 +40,13 @@ def test_wm_probe_checks_its_output_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=r"--out .*file is a file, not a directory"):
         probe_checkpoint(str(tmp_path / "m.pt"), out=str(tmp_path / "file"))
+    from common.files import OutputLockedError, output_lock
+
+    (tmp_path / "p").mkdir()
+    with output_lock(tmp_path / "p" / "probe.json", inside=False):  # another probe writing there
+        with pytest.raises(OutputLockedError, match="is in use by another run"):
+            probe_checkpoint(str(tmp_path / "m.pt"), out=str(tmp_path / "p"))
+    assert not (tmp_path / "p" / "probe.json").exists()
 
 
 def _states(n: int, seed: int):

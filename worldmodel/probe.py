@@ -85,10 +85,18 @@ def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out:
     identifiability: the MLP adds nothing), how Gaussian the latents and the probe's residuals are, and the
     linear probe of the same architecture untrained (the floor). Writes ``probe.json`` and ``probe.md``
     (beside the checkpoint unless ``out``; finished ones are kept unless ``overwrite``)."""
-    from common.files import atomic_write_json, atomic_write_text, prepare_output_dir
-    from worldmodel.datasplit import load_with_data, probe_split
+    from common.files import output_lock, prepare_output_dir
 
     where = prepare_output_dir(out if out else Path(checkpoint).parent)  # before any work
+    with output_lock(where / "probe.json", inside=False):  # one probe at a time writes there (beside a training run)
+        return _probe_checkpoint(checkpoint, data, device, where, split, overwrite, mlp_steps)
+
+
+def _probe_checkpoint(checkpoint: str, data: str, device: str, where: Path, split: str, overwrite: bool,
+                      mlp_steps: int) -> dict:
+    from common.files import atomic_write_json, atomic_write_text
+    from worldmodel.datasplit import load_with_data, probe_split
+
     if (where / "probe.json").exists() and not overwrite:
         raise ValueError(f"{where} already holds probe.json; pass --overwrite to replace it, or --out for another "
                          f"directory")
