@@ -111,12 +111,10 @@ def plot_results(summary: dict, curves: dict, tolerance: float, path: Path, titl
     """Bars of latched (solid) and held-at-end (hatched) success per protocol and method, one colour per
     method in both panels, every bar labelled with its value (a 0% bar shows as its label and outline);
     median joint error over the episode on the right."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global figure to leak, no backend switched
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.2))
+    fig = Figure(figsize=(14, 5.2))
+    ax1, ax2 = fig.subplots(1, 2)
     rows = list(summary.values())
     protocols = list(dict.fromkeys(s["protocol"] for s in rows))
     methods = list(dict.fromkeys(s["method"] for s in rows))
@@ -156,7 +154,6 @@ def plot_results(summary: dict, curves: dict, tolerance: float, path: Path, titl
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def log_to_tensorboard(logdir: Path, summary: dict, step: int) -> None:

@@ -208,13 +208,11 @@ def report(result: dict, checkpoint: str) -> str:
 def plot(result: dict, path) -> None:
     """Latent and pixel distance against joint error (left); the last 20 steps of the episodes that do not
     hold, joint error against step (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global figure to leak, no backend switched
 
     d = result["discrimination"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(d["levels"], d["latent_median"], "o-", color="tab:blue", label="latent distance (median)")
     ax1.fill_between(d["levels"], d["latent_q25"], d["latent_q75"], color="tab:blue", alpha=0.2, label="IQR")
     ax1.axvline(0.05, color="k", linestyle="--", linewidth=1, label="success tolerance")
@@ -237,4 +235,3 @@ def plot(result: dict, path) -> None:
     ax2.set_title("the last 20 steps of the episodes that do not hold", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

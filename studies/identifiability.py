@@ -143,14 +143,12 @@ def markdown(summary: dict) -> str:
 def plot(summary: dict, path) -> None:
     """Linear against nonlinear R^2 of the joints per run (left), the latents' SIGReg statistic (middle),
     closed-loop success (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global figure to leak, no backend switched
 
     rows = summary["table"]
     x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    fig = Figure(figsize=(16, 5))
+    axes = fig.subplots(1, 3)
     panels = ((("linear R2 (joints)", "tab:blue"), ("nonlinear R2 (joints)", "tab:orange")),
               (("latent SIGReg statistic", "tab:purple"),),
               (("reach25 latched", "tab:green"), ("reach25 held", "tab:olive")))
@@ -170,4 +168,3 @@ def plot(summary: dict, path) -> None:
                  f"{summary['config']['seeds']} seed(s), test episodes", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
