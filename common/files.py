@@ -179,6 +179,23 @@ class OutputLockedError(RuntimeError):
     """An output another live process is writing."""
 
 
+_HELD_LOCKS: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _release_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors, so a lock is held by
+    its owner alone and goes with it when it is killed, not when its last worker exits."""
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_release_inherited_locks)
+
+
 @contextmanager
 def output_lock(target: str | Path, inside: bool = True):
     """Hold an advisory lock on an output while a run writes it: ``<target>/.wm.lock`` for a directory used
@@ -188,6 +205,7 @@ def output_lock(target: str | Path, inside: bool = True):
     target = Path(target)
     lock = target / LOCK_NAME if inside else target.with_name(f"{target.name}.lock")
     fd = _acquire(lock, target)
+    _HELD_LOCKS.add(fd)
     try:
         yield lock
     finally:
@@ -195,6 +213,7 @@ def output_lock(target: str | Path, inside: bool = True):
             lock.unlink()
         except OSError:
             pass
+        _HELD_LOCKS.discard(fd)
         os.close(fd)
 
 

@@ -33,6 +33,32 @@ def test_a_lock_refuses_a_second_holder_and_a_dead_owners_lock_is_taken_over(tmp
         assert beside == tmp_path / "out.h5.lock"
 
 
+def test_a_killed_owners_lock_is_free_while_its_forked_workers_live(tmp_path):
+    """A run that dies leaves its lock to the next one even if a worker it forked (a DataLoader worker) still
+    runs: the workers do not hold their parent's lock."""
+    script = f"""
+import os, sys, time
+from common.files import output_lock
+with output_lock({str(tmp_path)!r}):
+    worker = os.fork()
+    if worker == 0:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1), os.dup2(devnull, 2)  # let the parent's output end
+        time.sleep(30)
+        os._exit(0)
+    print(worker, flush=True)
+    os._exit(1)  # killed while holding it: no clean-up runs
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    worker = int(run.stdout.split()[0])
+    try:
+        assert os.path.exists(f"/proc/{worker}") or sys.platform != "linux"  # the worker outlived its parent
+        with output_lock(tmp_path):
+            pass
+    finally:
+        os.kill(worker, 9)
+
+
 def test_only_our_stale_temporaries_are_removed(tmp_path, caplog):
     pid, alive = dead_pid(), 1  # pid 1 always runs
     ours = [f"model.pt.{pid}.tmp", f"results.{pid}.tmp.png"]
