@@ -194,10 +194,13 @@ class Planner:
 
     def plan_cost(self, z_pred: Tensor, z_goal: Tensor, actions: Tensor) -> Tensor:
         """The cost of candidates: the latent cost of their predictions ``(B, N, H, D)``, plus
-        ``action_cost`` times their summed squared actions ``(B, N, H, A)``: -> ``(B, N)``."""
+        ``action_cost`` times their summed squared actions ``(B, N, H, A)``, plus ``stay_cost`` times the
+        squared latent change over the last chunk (motion still going on at the plan's end): -> ``(B, N)``."""
         cost = self.cost_fn(z_pred, z_goal)
         if self.cfg.action_cost:
             cost = cost + self.cfg.action_cost * actions.square().sum((-1, -2))
+        if self.cfg.stay_cost:
+            cost = cost + self.cfg.stay_cost * (z_pred[:, :, -1] - z_pred[:, :, -2]).square().sum(-1)
         return cost
 
     def fixed_candidates(self, mean: Tensor) -> Tensor:

@@ -102,6 +102,9 @@ class PlannerConfig:
                               "(z_pred (B,N,H,D), z_goal (B,D)) -> (B,N)", choices=tuple(COSTS))
     action_cost: float = option(0.0, "weight of the summed squared actions in the cost (0: none); near the goal it "
                                      "makes the planner prefer small moves to large ones the model rates alike")
+    stay_cost: float = option(0.0, "weight of the predicted motion over the plan's last chunk (squared latent "
+                                   "change) in the cost (0: none): prefers plans that end at rest, not passing "
+                                   "through the goal")
     rest: bool = option(True, "score the all-zero action sequence (letting the arm come to rest) among every "
                               "iteration's candidates, so a plan that holds a reached goal is found exactly")
     noise_beta: float = option(0.0, "colour of the sampling noise along the plan's env steps: power ~ 1/f^beta "
@@ -124,8 +127,10 @@ class PlannerConfig:
                              f"iterations), got {self.iterations}, {self.warm_iterations}")
         if self.rest_margin < 0:
             raise ValueError(f"rest_margin must be >= 0, got {self.rest_margin}")
-        if self.action_cost < 0:
-            raise ValueError(f"action_cost must be >= 0, got {self.action_cost}")
+        if self.action_cost < 0 or self.stay_cost < 0:
+            raise ValueError(f"action_cost and stay_cost must be >= 0, got {self.action_cost}, {self.stay_cost}")
+        if self.stay_cost and self.horizon < 2:
+            raise ValueError("stay_cost needs a horizon of at least 2 chunks")
         if not 0 <= self.noise_beta <= 4:
             raise ValueError(f"noise_beta must be in [0, 4], got {self.noise_beta}")
         if not (callable(self.cost) or self.cost in COSTS):

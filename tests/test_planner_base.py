@@ -152,6 +152,25 @@ def test_warm_started_plans_run_warm_iterations(name):
         planner(name, model, warm_iterations=-1)
 
 
+def test_action_and_stay_costs_add_their_terms():
+    """``action_cost`` adds w x the summed squared actions, ``stay_cost`` w x the squared latent change over
+    the last chunk: a plan still moving at its end costs more than one that has stopped, at equal distance."""
+    z_pred = torch.zeros(1, 2, H, 4)  # (B, N, H, D)
+    z_pred[0, 0, -2:, 0] = torch.tensor([0.0, 1.0])  # candidate 0 still moves over its last chunk
+    z_pred[0, 1, -2:, 0] = torch.tensor([1.0, 1.0])  # candidate 1 arrived a chunk earlier and stays
+    goal = torch.zeros(1, 4)
+    actions = torch.full((1, 2, H, A), 0.5)
+    base = Planner(LinearDynamics(), PlannerConfig(horizon=H, cost="final"))
+    plain = base.plan_cost(z_pred, goal, actions)
+    assert torch.equal(plain, torch.tensor([[1.0, 1.0]]))
+    stay = Planner(LinearDynamics(), PlannerConfig(horizon=H, cost="final", stay_cost=2.0)).plan_cost(z_pred, goal, actions)
+    assert torch.equal(stay, torch.tensor([[3.0, 1.0]]))
+    act = Planner(LinearDynamics(), PlannerConfig(horizon=H, cost="final", action_cost=0.1)).plan_cost(z_pred, goal, actions)
+    assert torch.allclose(act, plain + 0.1 * 0.25 * H * A)
+    with pytest.raises(ValueError, match="stay_cost"):
+        PlannerConfig(horizon=1, stay_cost=1.0)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_custom_cost(name):
     model = LinearDynamics()
