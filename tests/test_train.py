@@ -171,6 +171,18 @@ def test_divergence_before_the_first_checkpoint_names_none(data, tmp_path, monke
     assert "checkpoint.pt" not in str(info.value) and not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_a_run_that_diverges_at_its_last_step_logs_no_final_hparams(data, tmp_path, monkeypatch):
+    """TensorBoard's HParams tab lists finished runs only: a run stopped at its last step is not one."""
+    logged = []
+    monkeypatch.setattr(train_module, "_log_hparams", lambda *a: logged.append(a))
+    train(tiny(data, tmp_path / "ok", ckpt_every=4), progress=False)
+    assert len(logged) == 1  # a finished run is listed
+    _poison_loss(monkeypatch, after=7)  # the 8th and last step is non-finite
+    with pytest.raises(TrainingDiverged):
+        train(tiny(data, tmp_path / "run", ckpt_every=4), progress=False)
+    assert len(logged) == 1
+
+
 def test_no_host_sync_between_logging_steps(data, tmp_path, monkeypatch):
     """Our code reads no tensor on the host (a GPU stall) except at logging, validation and checkpoint
     steps: the non-finite check is a flag on the device."""

@@ -260,6 +260,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             rundir.save(out, model, opt, cfg, done, metrics, history, data.record, health, extras)
 
     # --- the loop --------------------------------------------------------------------------------------
+    finished = False  # every step run and the model saved
     with StopRequest() as stop:
         try:
             for step, batch in enumerate(loader, start=start):
@@ -305,10 +306,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                         log.warning(f"stopped: checkpoint at step {done} in {out}; continue with --resume")
                     raise KeyboardInterrupt
             distributed.finish(world)
+            finished = True
         finally:
             bar.close()
             if writer is not None:
-                if guard.done == cfg.steps and guard.done > start:
+                if finished and cfg.steps > start:
                     _log_hparams(writer, cfg, metrics)
                 writer.close()
     return metrics
