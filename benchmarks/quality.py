@@ -7,14 +7,12 @@ import torch
 
 from common.config import apply_overrides
 from evaluation.evaluate import load_setup, world_model_rates
-from evaluation.protocols import LEWM_POLICY
+from evaluation.protocols import LEWM_NOTE, LEWM_POLICY
 from planners.policy import PolicyConfig
 
 # Each row: policy settings by name over the default policy. The first is LeWM's planner as released (its
 # per-call time is the reference); then CEM budgets; then the default with its warm-started replans refined
 # by fewer iterations (the previous plan is the amortised proposal: an episode's first plan runs 10).
-LEWM_NOTE = ("CEM 300 x 30, the top 30 refit, the final mean played, cost on the last predicted latent, all 5 "
-             "chunks played before the next plan, one frame of context, no rest candidate or subgoals")
 QUALITY_SETTINGS = (
     LEWM_POLICY,
     {"samples": 300, "iterations": 30}, {"samples": 300, "iterations": 10}, {"samples": 100, "iterations": 30},
