@@ -22,6 +22,14 @@ def test_plan_bench_table_has_a_row_per_setting_and_a_measured_speed_up(monkeypa
     assert fair, report  # so did the fair one (problems one at a time, candidates batched)
 
 
+def test_train_bench_has_a_row_per_encoder_against_the_first():
+    from benchmarks import train as train_bench
+
+    report = train_bench.run("cpu", steps=1, encoders={"a": {"encoder.conv_channels": 2}, "b": {"encoder.conv_channels": 4}})
+    rows = re.findall(r"\| (\w) \| ([\d.]+) \| (\d+) \| ([\d.]+)x \|", report)
+    assert [r[0] for r in rows] == ["a", "b"] and rows[0][3] == "1.00" and float(rows[1][1]) > 0
+
+
 def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
     from evaluation.protocols import LEWM_POLICY
 
