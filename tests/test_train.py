@@ -171,6 +171,22 @@ def test_divergence_before_the_first_checkpoint_names_none(data, tmp_path, monke
     assert "checkpoint.pt" not in str(info.value) and not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_slow_weights_favour_slow_transitions_and_leave_the_default_loss_alone():
+    from worldmodel.objective import slow_weights, weighted_mse
+
+    z = torch.zeros(2, 3, 4)  # (B, L, D)
+    z[0, 1] = 1.0  # window 0 moves fast then stops; window 1 barely moves
+    z[0, 2] = 1.0
+    z[1, 1:] = 0.01
+    w = slow_weights(z.requires_grad_(), 0.5)  # (B, L-1)
+    assert w.shape == (2, 2) and not w.requires_grad and torch.isclose(w.mean(), torch.tensor(1.0))
+    assert w[0, 0] < w[1, 0] and w[0, 0] < w[0, 1]  # the fast transition counts least
+    assert torch.equal(slow_weights(z, 0.0), torch.ones(2, 2))
+    pred, target = torch.rand(2, 2, 4), torch.rand(2, 2, 4)
+    assert torch.equal(weighted_mse(pred, target, None), torch.nn.functional.mse_loss(pred, target))
+    assert torch.isclose(weighted_mse(pred, target, torch.ones(2, 2)), torch.nn.functional.mse_loss(pred, target))
+
+
 def test_a_run_that_diverges_at_its_last_step_logs_no_final_hparams(data, tmp_path, monkeypatch):
     """TensorBoard's HParams tab lists finished runs only: a run stopped at its last step is not one."""
     logged = []

@@ -68,15 +68,33 @@ def world_model_losses(model, batch: dict, cfg, generator: torch.Generator) -> d
     """
     z, pred, roll = model(batch["pixels"], batch["actions"], cfg.rollout_steps)  # (B, L, D), (B, L-1, D), (B, R, D)
     z = z.float()
-    pred_loss = F.mse_loss(pred.float(), z[:, 1:])
+    w = slow_weights(z, cfg.slow_weight) if cfg.slow_weight else None  # (B, L-1): one per transition
+    pred_loss = weighted_mse(pred.float(), z[:, 1:], w)
     sig = sigreg_term(z, cfg.sigreg_scope, cfg.sigreg_directions, generator, cfg.sigreg_target)
     loss = pred_loss + cfg.sigreg_weight * sig
     out = {"pred_loss": pred_loss, "sigreg": sig, "z": z.detach()}
     if roll is not None:
-        h = cfg.model.history
-        out["rollout_loss"] = F.mse_loss(roll.float(), z[:, h:h + cfg.rollout_steps])
+        h, r = cfg.model.history, cfg.rollout_steps
+        out["rollout_loss"] = weighted_mse(roll.float(), z[:, h:h + r], None if w is None else w[:, h - 1:h - 1 + r])
         loss = loss + cfg.rollout_weight * out["rollout_loss"]
     return {"loss": loss, **out}
+
+
+def slow_weights(z: torch.Tensor, power: float) -> torch.Tensor:
+    """Weights (B, L-1) of the transitions of windows of latents ``z (B, L, D)``: (latent change)^-power,
+    normalised to mean 1 over the batch, so slow motion (what holding a goal needs) counts more. Computed
+    without gradient: an importance weight of each target, not something the encoder can move."""
+    with torch.no_grad():
+        motion = (z[:, 1:] - z[:, :-1]).square().mean(-1)  # (B, L-1)
+        w = (motion + 0.01 * motion.mean()).pow(-power)
+        return w / w.mean()
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error of ``(B, T, D)`` predictions, each of the T steps weighted by ``w (B, T)`` if given."""
+    if w is None:
+        return F.mse_loss(pred, target)
+    return ((pred - target).square().mean(-1) * w).mean()
 
 
 @torch.no_grad()

@@ -85,6 +85,9 @@ class TrainConfig:
     rollout_steps: int = option(5, "also train open-loop rollouts of this many steps (<= n-pred); 0: teacher "
                                    "forcing only")
     rollout_weight: float = option(1.0, "weight of the open-loop rollout loss")
+    slow_weight: float = option(0.0, "weight each predicted step by its latent change to the power -slow-weight, "
+                                     "normalised to mean 1: more weight on slow motion, what holding a goal "
+                                     "needs (0: every step alike)")
     val_fraction: float = option(0.1, "fraction of episodes held out to choose on (validation losses, probes, the "
                                       "closed-loop check, planner settings); recorded in the checkpoint")
     test_fraction: float = option(0.1, "fraction of episodes held out to report on (wm eval, probe, demo), never "
@@ -108,7 +111,7 @@ class TrainConfig:
         check_at_least(self, 1, ("steps", "batch_size", "sigreg_directions", "n_pred", "val_horizon", "log_every",
                                  "val_every", "ckpt_every"))
         check_at_least(self, 0, ("warmup_steps", "rollout_steps", "probe_every", "eval_every", "eval_episodes",
-                                 "num_workers", "weight_decay", "sigreg_weight", "rollout_weight"))
+                                 "num_workers", "weight_decay", "sigreg_weight", "rollout_weight", "slow_weight"))
         check_at_least(self, 0, ("lr", "grad_clip"), strictly=True)
         if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ValueError(f"--val-fraction must be in (0, 1) and --test-fraction in [0, 1), together below 1; got "
