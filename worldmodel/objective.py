@@ -75,7 +75,8 @@ def world_model_losses(model, batch: dict, cfg, generator: torch.Generator) -> d
     out = {"pred_loss": pred_loss, "sigreg": sig, "z": z.detach()}
     if roll is not None:
         h, r = cfg.model.history, cfg.rollout_steps
-        out["rollout_loss"] = weighted_mse(roll.float(), z[:, h:h + r], None if w is None else w[:, h - 1:h - 1 + r])
+        w_roll = None if w is None else w[:, h - 1:h - 1 + r]  # the transitions into the rollout's targets
+        out["rollout_loss"] = weighted_mse(roll.float(), z[:, h:h + r], w_roll)
         loss = loss + cfg.rollout_weight * out["rollout_loss"]
     return {"loss": loss, **out}
 
