@@ -22,12 +22,11 @@ QUALITY_SETTINGS = (
 )
 
 
-def setting_label(overrides: dict) -> str:
+def setting_label(policy: PolicyConfig, lewm: bool) -> str:
     """How a row of the curve reads: samples x iterations (warm-started ones), LeWM's planner named."""
-    cfg = apply_overrides(PolicyConfig(), overrides)
-    p = cfg.plan
+    p = policy.plan
     label = f"{p.samples} x {p.iterations}" + (f" (warm {p.warm_iterations})" if p.warm_iterations else "")
-    return f"LeWM's planner, {label}" if overrides == LEWM_POLICY else label
+    return f"LeWM's planner, {label}" if lewm else label
 
 
 def run(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episodes: int = 50,
@@ -48,7 +47,8 @@ def run(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episod
     try:
         for overrides in settings:
             policy = apply_overrides(PolicyConfig(), overrides)
-            rows.append((setting_label(overrides), *world_model_rates(setup, policy, protocol, episodes, seed)))
+            label = setting_label(policy, overrides == LEWM_POLICY)
+            rows.append((label, *world_model_rates(setup, policy, protocol, episodes, seed)))
     finally:
         setup.batch.close()
     base = rows[0]

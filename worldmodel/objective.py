@@ -83,8 +83,9 @@ def world_model_losses(model, batch: dict, cfg, generator: torch.Generator) -> d
 
 def slow_weights(z: torch.Tensor, power: float) -> torch.Tensor:
     """Weights (B, L-1) of the transitions of windows of latents ``z (B, L, D)``: (latent change)^-power,
-    normalised to mean 1 over the batch, so slow motion (what holding a goal needs) counts more. Computed
-    without gradient: an importance weight of each target, not something the encoder can move."""
+    normalised to mean 1 over the batch, so slow motion (what holding a goal needs) counts more; 1% of the
+    batch's mean change is added first, so a frame with no change at all does not take the whole weight.
+    Computed without gradient: an importance weight of each target, not something the encoder can move."""
     with torch.no_grad():
         motion = (z[:, 1:] - z[:, :-1]).square().mean(-1)  # (B, L-1)
         w = (motion + 0.01 * motion.mean()).pow(-power)
