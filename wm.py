@@ -121,7 +121,9 @@ class BenchConfig:
     dry_run: bool = option(False, "gpu: every part with tiny settings, on any device (a check of the command)")
     device: str = option("auto", "train and plan benchmark device: auto, cpu or cuda")
     threads: int = option(0, THREADS_HELP)
-    checkpoint: str = option(DEFAULT_CHECKPOINT, "plan-quality: the trained model whose closed-loop success is measured")
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "plan-quality, subgoals: the trained model whose closed-loop success "
+                                                  "is measured (plan-quality: several, comma-separated, are pooled)")
+    protocol: str = option("reach25", "plan-quality: goal protocols, comma-separated (each reported apart)")
     data: str = option("", "plan-quality: evaluation dataset (default: the one the model was trained on)")
     episodes: int = option(50, "plan-quality: episodes per setting")
     split: str = option("val", "plan-quality: the model's episodes it runs on (val: settings are chosen there)",
@@ -254,11 +256,14 @@ def run_bench(cfg: BenchConfig) -> int:
     from benchmarks import plan as plan_bench
     from benchmarks import quality as quality_bench
     from benchmarks import train as train_bench
+    from evaluation.protocols import parse_protocols
 
     benches = {"collect": data_bench.run, "train": lambda: train_bench.run(cfg.device),
                "plan": lambda: plan_bench.run(cfg.device),
                "plan-quality": lambda: quality_bench.run(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
-                                                         data=cfg.data, split=cfg.split),
+                                                         protocols=tuple(p.name for p in parse_protocols(cfg.protocol)),
+                                                         data=cfg.data,
+                                                         split=cfg.split),
                "subgoals": lambda: quality_bench.subgoal_cost(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
                                                               data=cfg.data, split=cfg.split),
                "gpu": lambda: gpu_bench.run(cfg.device, str(Path(cfg.out) / "gpu-check"), cfg.dry_run)}

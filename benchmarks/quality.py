@@ -3,20 +3,23 @@ defaults are chosen from."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from common.config import apply_overrides
-from evaluation.evaluate import load_setup, world_model_rates
+from evaluation.evaluate import load_setup, world_model_rates, world_model_records
+from evaluation.stats import sign_test
 from evaluation.protocols import LEWM_NOTE, LEWM_POLICY
 from planners.policy import PolicyConfig
 
 # Each row: policy settings by name over the default policy. The first is LeWM's planner as released (its
-# per-call time is the reference); then CEM budgets; then the default with its warm-started replans refined
-# by fewer iterations (the previous plan is the amortised proposal: an episode's first plan runs 10).
+# per-call time is the reference); then CEM budgets, down to a third of the default's rollouts (50 x 6,
+# 40 x 8, 100 x 3); then the default with its warm-started replans refined by fewer iterations (the previous
+# plan is the amortised proposal: an episode's first plan runs 10).
 QUALITY_SETTINGS = (
     LEWM_POLICY,
-    {"samples": 300, "iterations": 30}, {"samples": 300, "iterations": 10}, {"samples": 100, "iterations": 30},
-    {"samples": 100, "iterations": 10}, {"samples": 100, "iterations": 3},
+    {"samples": 300, "iterations": 10}, {"samples": 100, "iterations": 30}, {"samples": 100, "iterations": 10},
+    {"samples": 50, "iterations": 6}, {"samples": 40, "iterations": 8}, {"samples": 100, "iterations": 3},
     {"samples": 100, "iterations": 10, "warm_iterations": 3}, {"samples": 100, "iterations": 10, "warm_iterations": 2},
     {"samples": 100, "iterations": 10, "warm_iterations": 1},
 )
@@ -30,34 +33,63 @@ def setting_label(policy: PolicyConfig, lewm: bool) -> str:
 
 
 def run(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episodes: int = 50,
-        protocol: str = "reach25", seed: int = 0, data: str = "", split: str = "val") -> str:
+        protocols: tuple[str, ...] = ("reach25",), seed: int = 0, data: str = "", split: str = "val") -> str:
     """Closed-loop success (latched and held) against planning time, for policy settings (``settings``: dicts
-    of settings by name) on a trained model: the curve the planner's defaults are chosen from. Every setting
-    runs the same episodes with the same per-episode noise keys; times are relative to the first row's per
-    planning call. ``data`` as for ``wm eval``: the dataset the model was trained on unless given; ``split``
-    the model's episodes they come from (val: the curve chooses settings, so it never runs on the test
-    episodes results are reported on)."""
-    setup = load_setup(checkpoint, data, episodes, device, split)
+    of settings by name) on trained models: the curve the planner's defaults are chosen from.
+
+    ``checkpoint`` is one model or several, comma-separated: their episodes are pooled, so a choice rests on
+    more episodes and more than one training run. Every setting runs the same episodes (``episodes`` per
+    model and protocol) with the same per-episode noise keys, so each is compared with the default policy
+    episode by episode (held better / worse, and a two-sided sign test). Times are relative to the first
+    row's per planning call. ``data`` as for ``wm eval``: the dataset each model was trained on unless
+    given; ``split`` the models' episodes they come from (val: the curve chooses settings, so it never runs
+    on the test episodes results are reported on)."""
+    checkpoints = [c.strip() for c in checkpoint.split(",") if c.strip()]
+    policies = [apply_overrides(PolicyConfig(), overrides) for overrides in settings]
+    labels = [setting_label(p, overrides == LEWM_POLICY) for p, overrides in zip(policies, settings)]
+    reference = next((i for i, p in enumerate(policies) if p == PolicyConfig()), None)  # the default policy
+    batches = [[] for _ in settings]  # per setting: the records of each (model, protocol), in one order
+    notes = []
+    for model_path in checkpoints:
+        setup = load_setup(model_path, data, episodes, device, split)
+        notes.append(setup.split_note)
+        device = str(setup.model.device)  # resolved, for the report
+        try:
+            for protocol in protocols:
+                for i, policy in enumerate(policies):
+                    batches[i].append(world_model_records(setup, policy, protocol, episodes, seed))
+        finally:
+            setup.batch.close()
     search = PolicyConfig().plan
-    lines = [f"Model `{checkpoint}`; {episodes} `{protocol}` episodes (seed {seed}) of {setup.split_note}, every "
-             f"setting on the same episodes; CEM, horizon {search.horizon}, {search.cost} cost, the default policy "
-             f"otherwise (rest candidate, subgoals) but for LeWM's planner ({LEWM_NOTE}); device "
-             f"{setup.model.device}, torch threads {torch.get_num_threads()}.", ""]
-    rows = []
-    try:
-        for overrides in settings:
-            policy = apply_overrides(PolicyConfig(), overrides)
-            label = setting_label(policy, overrides == LEWM_POLICY)
-            rows.append((label, *world_model_rates(setup, policy, protocol, episodes, seed)))
-    finally:
-        setup.batch.close()
-    base = rows[0]
-    lines += [f"| setting | latched | held at end | ms per planning call ({episodes} problems) | ms per problem "
-              f"| time per call vs the first row | planning per episode (s) |", "|---|---|---|---|---|---|---|"]
-    for label, latched, held, call, episode in rows:
-        lines.append(f"| {label} | {100 * latched:.0f}% | {100 * held:.0f}% | {1000 * call:.0f} | "
-                     f"{1000 * call / episodes:.1f} | {call / base[3]:.3f}x | {episode:.2f} |")
+    where = notes[0] if len(notes) == 1 else f"the {split} episodes of each of {len(notes)} models"
+    lines = [f"Model(s) {', '.join(f'`{c}`' for c in checkpoints)}; {episodes} episodes per model and protocol (seed "
+             f"{seed}) of {where}, every setting on the same episodes; CEM, horizon {search.horizon}, {search.cost} "
+             f"cost, the default policy otherwise (rest candidate, subgoals) but for LeWM's planner ({LEWM_NOTE}); "
+             f"device {device}, torch threads {torch.get_num_threads()}.", ""]
+    rates = " | ".join(f"{p}: latched / held" for p in protocols)
+    lines += [f"| setting | {rates} | held vs the default: better / worse (sign test p) | ms per planning call "
+              f"({episodes} problems) | ms per problem | time per call vs the first row | planning per episode (s) |",
+              "|---" * (6 + len(protocols)) + "|"]
+    call_s = [float(np.mean([b[0]["plan_time_per_call_s"] for b in batch])) for batch in batches]
+    for i, batch in enumerate(batches):
+        cells = []
+        for k, protocol in enumerate(protocols):
+            records = [r for b in batch[k::len(protocols)] for r in b]
+            cells.append(f"{_percent(records, 'success')} / {_percent(records, 'held')}")
+        vs = "-"
+        if reference is not None and i != reference:
+            mine = [r["held"] for b in batch for r in b]
+            ref = [r["held"] for b in batches[reference] for r in b]
+            better, worse = sum(a and not b for a, b in zip(mine, ref)), sum(b and not a for a, b in zip(mine, ref))
+            vs = f"{better} / {worse} ({sign_test(better, worse):.2f})"
+        per_episode = float(np.mean([b[0]["plan_time_per_episode_s"] for b in batch]))
+        lines.append(f"| {labels[i]} | {' | '.join(cells)} | {vs} | {1000 * call_s[i]:.0f} | "
+                     f"{1000 * call_s[i] / episodes:.1f} | {call_s[i] / call_s[0]:.3f}x | {per_episode:.2f} |")
     return "\n".join(lines)
+
+
+def _percent(records: list[dict], key: str) -> str:
+    return f"{100 * np.mean([r[key] for r in records]):.1f}%"
 
 
 def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, protocols=("reach25", "uniform"),

@@ -348,8 +348,9 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
                 "steps_to_success": int(per["steps_to_success"][j]), "final_error": float(per["final_error"][j]),
                 "min_error": float(per["min_error"][j]), "history_frames": int(real[j]),
                 "history_wanted": wanted,
-                # one planning call serves all episodes of the batch
-                "plan_time_per_call_s": call, "plan_time_per_episode_s": call / n, "plan_calls": len(plan_times),
+                # one planning call serves all episodes of the batch; an episode's share of all of them
+                "plan_time_per_call_s": call, "plan_time_per_episode_s": (call * len(plan_times) + route) / n,
+                "plan_calls": len(plan_times),
                 "route_time_batch_s": route,
                 "wall_time_batch_s": wall,
             })
@@ -373,16 +374,20 @@ def closed_loop_check(model, store: EpisodeStore, train_ids: list[int], val_ids:
     return {f"{protocol}_latched": latched, f"{protocol}_held": held}
 
 
-def world_model_rates(setup: Setup, policy: PolicyConfig, protocol: str, episodes: int, seed: int = 0):
-    """(latched rate, held rate, seconds per planning call, planning seconds per episode) of the world-model
-    policy on one seed of ``protocol``: ``episodes`` episodes planned together (an episode's share of every
-    call, subgoal routing included)."""
+def world_model_records(setup: Setup, policy: PolicyConfig, protocol: str, episodes: int, seed: int = 0) -> list[dict]:
+    """The evaluation records of the world-model policy on one seed of ``protocol``: ``episodes`` episodes
+    planned together (the same episodes and noise keys for every ``policy``)."""
     cfg = EvalConfig(episodes=episodes, seeds=1, policy=policy, baselines="")
-    records = run_protocol_seed(setup, cfg, parse_protocols(protocol)[0], seed, ["world_model"], {})
+    return run_protocol_seed(setup, cfg, parse_protocols(protocol)[0], seed, ["world_model"], {})
+
+
+def world_model_rates(setup: Setup, policy: PolicyConfig, protocol: str, episodes: int, seed: int = 0):
+    """(latched rate, held rate, seconds per planning call, planning seconds per episode) of
+    ``world_model_records`` (an episode's share of every call, subgoal routing included)."""
+    records = world_model_records(setup, policy, protocol, episodes, seed)
     first = records[0]  # the batch's timings, the same in every record
-    per_episode = (first["plan_time_per_call_s"] * first["plan_calls"] + first["route_time_batch_s"]) / episodes
     return (float(np.mean([r["success"] for r in records])), float(np.mean([r["held"] for r in records])),
-            first["plan_time_per_call_s"], per_episode)
+            first["plan_time_per_call_s"], first["plan_time_per_episode_s"])
 
 
 def closed_loop_rates(checkpoint: str, data: str = "", split: str = "test", episodes: int = 50,

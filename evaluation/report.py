@@ -86,12 +86,12 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
     per_model = " | per model (sd)" if pooled else ""
     header = (f"| protocol | method | latched | 95% CI{per_model} | held at end | 95% CI{per_model} | per seed (latched "
               f"/ held) | final joint error p25 / p50 / p75 / p90 (rad) | median steps to success | planning per call "
-              f"({cfg.episodes} episodes at once) | per episode |")
+              f"({cfg.episodes} episodes at once) | per episode (its share of all calls and routing) |")
     lines += [header, "|---" * header.count(" | ") + "|---|"]
     for s in summary.values():
         q = s["final_error_quantiles"]
         steps = "-" if s["median_steps_to_success"] is None else f"{s['median_steps_to_success']:.0f}"
-        plan = (f"{1000 * s['plan_time_per_call_s']:.0f} ms | {1000 * s['plan_time_per_episode_s']:.1f} ms"
+        plan = (f"{1000 * s['plan_time_per_call_s']:.0f} ms | {s['plan_time_per_episode_s']:.2f} s"
                 if s["plan_time_per_call_s"] else "- | -")
         seeds = ", ".join(f"{100 * a:.0f}/{100 * b:.0f}" for a, b in zip(s["per_seed"], s["held_per_seed"]))
         lines.append(f"| {s['protocol']} | {s['label']} | {_rates(s, 'success_rate', 'ci95', 'per_run', 'between_runs_sd')}"

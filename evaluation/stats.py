@@ -63,3 +63,12 @@ def cluster_warning(clusters) -> str | None:
         return (f"only {count} source episode(s) back this rate: its interval rests on few independent draws "
                 f"(use more held-out episodes)")
     return None
+
+
+def sign_test(better: int, worse: int) -> float:
+    """Two-sided p-value of a paired comparison of two methods on the same episodes: ``better`` episodes
+    only the candidate succeeded in, ``worse`` only the reference did (ties carry no information)."""
+    from scipy.stats import binomtest
+
+    n = better + worse
+    return float(binomtest(better, n, 0.5).pvalue) if n else 1.0

@@ -34,13 +34,23 @@ def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
     from evaluation.protocols import LEWM_POLICY
 
     data = collect_tiny(tmp_path / "data", episodes=6, steps=60)
-    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    for name in ("a", "b"):  # two models pooled
+        save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / f"{name}.pt", data)
     lewm = LEWM_POLICY | {"samples": 12, "iterations": 2, "cem.elites": 4}  # its planner, a tiny budget
-    settings = (lewm, {"samples": 8, "iterations": 1}, {"samples": 16, "iterations": 3, "warm_iterations": 1})
-    report = quality.run(str(tmp_path / "m.pt"), "cpu", settings=settings, episodes=3, data=str(data))
-    rows = re.findall(r"\| ([^|]+) \| (\d+)% \| (\d+)% \| (\d+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+) \|", report)
-    assert [r[0] for r in rows] == ["12 x 2", "8 x 1", "16 x 3 (warm 1)"]
-    assert rows[0][5] == "1.000" and float(rows[2][5]) > 0  # relative to the first row
+    settings = (lewm, {}, {"samples": 16, "iterations": 3, "warm_iterations": 1})
+    report = quality.run(f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}", "cpu", settings=settings, episodes=3,
+                         protocols=("reach25", "uniform"), data=str(data))
+    assert "| setting | reach25: latched / held | uniform: latched / held | held vs the default" in report
+    cell = r"([\d.]+)% / ([\d.]+)%"
+    rows = re.findall(rf"\| ([^|]+) \| {cell} \| {cell} \| ([^|]+) \| (\d+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+) \|",
+                      report)
+    assert [r[0] for r in rows] == ["12 x 2", "100 x 10", "16 x 3 (warm 1)"]
+    assert rows[0][8] == "1.000" and float(rows[2][8]) > 0  # relative to the first row
+    # each rate pools 2 models x 3 episodes: a multiple of 1/6
+    assert all(abs(float(x) * 6 / 100 - round(float(x) * 6 / 100)) < 0.01 for r in rows for x in r[1:5])
+    assert rows[1][5] == "-"  # the default is the reference of the paired comparison
+    better, worse, p = re.fullmatch(r"(\d+) / (\d+) \(([\d.]+)\)", rows[0][5].strip()).groups()
+    assert int(better) + int(worse) <= 12 and 0 < float(p) <= 1
 
 
 def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):

@@ -14,7 +14,7 @@ from envs.vector import ReacherBatch
 from evaluation.baselines import simulator_controller
 from evaluation.evaluate import EvalConfig, Setup, batch_like, run_episodes, world_model_controller
 from evaluation.protocols import PROTOCOLS, episode_records, sample_episodes
-from evaluation.stats import cluster_warning, design_effect, success_interval, wilson_interval
+from evaluation.stats import cluster_warning, design_effect, sign_test, success_interval, wilson_interval
 from planners.policy import PolicyConfig
 from planners.subgoals import SubgoalConfig
 from test_model import tiny_config
@@ -200,6 +200,12 @@ def test_a_higher_rate_never_gets_a_lower_bound_below_a_lower_rates():
     assert perfect[1] == 1.0 and perfect[0] > 0.97
 
 
+def test_sign_test_of_paired_episodes():
+    assert sign_test(7, 4) == pytest.approx(0.549, abs=1e-3)  # 2 * P(X <= 4), X ~ Binomial(11, 1/2)
+    assert sign_test(0, 10) == pytest.approx(2 / 1024) and sign_test(10, 0) == sign_test(0, 10)
+    assert sign_test(0, 0) == 1.0  # no episode tells them apart
+
+
 def test_few_source_episodes_are_warned_about():
     assert cluster_warning(np.repeat(np.arange(4), 10)) and "4 source" in cluster_warning(np.repeat(np.arange(4), 10))
     assert cluster_warning(np.arange(40)) is None
@@ -222,6 +228,10 @@ def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):
     assert set(report["summary"]) == {f"{p}/{m}" for p in ("reach25", "uniform", "lewm")
                                       for m in ("world_model", "random", "exploration", "simulator")}
     assert all("held" in r for r in report["episodes"])
+    mpc = [r for r in report["episodes"] if r["method"] == "world_model"]
+    for r in mpc:  # an episode's planning: its share of every call of its batch, and of the routing
+        share = (r["plan_time_per_call_s"] * r["plan_calls"] + r["route_time_batch_s"]) / 3
+        assert r["plan_calls"] >= 2 and r["plan_time_per_episode_s"] == pytest.approx(share)
     again = _wm(*args, check=False)  # a second run does not overwrite the first's results
     assert again.returncode == 2 and "already holds 72 episodes" in again.stderr and "--overwrite" in again.stderr
     assert _wm(*args[:-2], "--protocol", "reach25", "--overwrite").returncode == 0

@@ -320,6 +320,8 @@ def test_batch_for_models_trained_on_their_data():
     assert twice.render_goals(qpos).shape == (2, 32, 32, 3)
     with pytest.raises(ValueError, match="qvel holds NaN"):
         twice.reset_to(qpos, qvel=np.full((2, 2), np.nan))
+    with pytest.raises(ValueError, match="qvel reaches 1e\\+03 rad/s"):  # e.g. columns swapped with something else
+        twice.reset_to(qpos, qvel=np.array([[0.0, 0.0], [1e3, 0.0]]))
     twice.close(), once.close()
 
 
