@@ -8,8 +8,8 @@ import torch
 
 from common.config import apply_overrides
 from evaluation.evaluate import load_setup, world_model_rates, world_model_records
-from evaluation.stats import sign_test
 from evaluation.protocols import LEWM_NOTE, LEWM_POLICY
+from evaluation.stats import format_p, sign_test
 from planners.policy import PolicyConfig
 
 # Each row: policy settings by name over the default policy. The first is LeWM's planner as released (its
@@ -81,7 +81,7 @@ def run(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episod
             mine = [r["held"] for b in batch for r in b]
             ref = [r["held"] for b in batches[reference] for r in b]
             better, worse = sum(a and not b for a, b in zip(mine, ref)), sum(b and not a for a, b in zip(mine, ref))
-            vs = f"{better} / {worse} ({sign_test(better, worse):.2f})"
+            vs = f"{better} / {worse} ({format_p(sign_test(better, worse))})"
         per_episode = float(np.mean([b[0]["plan_time_per_episode_s"] for b in batch]))
         lines.append(f"| {labels[i]} | {' | '.join(cells)} | {vs} | {1000 * call_s[i]:.0f} | "
                      f"{1000 * call_s[i] / episodes:.1f} | {call_s[i] / call_s[0]:.3f}x | {per_episode:.2f} |")

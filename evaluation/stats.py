@@ -72,3 +72,8 @@ def sign_test(better: int, worse: int) -> float:
 
     n = better + worse
     return float(binomtest(better, n, 0.5).pvalue) if n else 1.0
+
+
+def format_p(p: float) -> str:
+    """A p-value as a table reads it: two decimals, three below 0.01, and ``< 0.001`` below that."""
+    return "< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"

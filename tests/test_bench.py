@@ -49,7 +49,7 @@ def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
     # each rate pools 2 models x 3 episodes: a multiple of 1/6
     assert all(abs(float(x) * 6 / 100 - round(float(x) * 6 / 100)) < 0.01 for r in rows for x in r[1:5])
     assert rows[1][5] == "-"  # the default is the reference of the paired comparison
-    better, worse, p = re.fullmatch(r"(\d+) / (\d+) \(([\d.]+)\)", rows[0][5].strip()).groups()
+    better, worse, p = re.fullmatch(r"(\d+) / (\d+) \((< )?([\d.]+)\)", rows[0][5].strip()).group(1, 2, 4)
     assert int(better) + int(worse) <= 12 and 0 < float(p) <= 1
 
 

@@ -14,7 +14,7 @@ from envs.vector import ReacherBatch
 from evaluation.baselines import simulator_controller
 from evaluation.evaluate import EvalConfig, Setup, batch_like, run_episodes, world_model_controller
 from evaluation.protocols import PROTOCOLS, episode_records, sample_episodes
-from evaluation.stats import cluster_warning, design_effect, sign_test, success_interval, wilson_interval
+from evaluation.stats import cluster_warning, design_effect, format_p, sign_test, success_interval, wilson_interval
 from planners.policy import PolicyConfig
 from planners.subgoals import SubgoalConfig
 from test_model import tiny_config
@@ -204,6 +204,7 @@ def test_sign_test_of_paired_episodes():
     assert sign_test(7, 4) == pytest.approx(0.549, abs=1e-3)  # 2 * P(X <= 4), X ~ Binomial(11, 1/2)
     assert sign_test(0, 10) == pytest.approx(2 / 1024) and sign_test(10, 0) == sign_test(0, 10)
     assert sign_test(0, 0) == 1.0  # no episode tells them apart
+    assert [format_p(p) for p in (0.549, 0.0049, 0.0002)] == ["0.55", "0.005", "< 0.001"]
 
 
 def test_few_source_episodes_are_warned_about():
