@@ -262,8 +262,7 @@ def run_bench(cfg: BenchConfig) -> int:
                "plan": lambda: plan_bench.run(cfg.device),
                "plan-quality": lambda: quality_bench.run(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
                                                          protocols=tuple(p.name for p in parse_protocols(cfg.protocol)),
-                                                         data=cfg.data,
-                                                         split=cfg.split),
+                                                         data=cfg.data, split=cfg.split),
                "subgoals": lambda: quality_bench.subgoal_cost(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
                                                               data=cfg.data, split=cfg.split),
                "gpu": lambda: gpu_bench.run(cfg.device, str(Path(cfg.out) / "gpu-check"), cfg.dry_run)}
