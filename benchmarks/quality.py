@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.config import apply_overrides
+from common.config import apply_overrides, comma_list
 from evaluation.evaluate import load_setup, world_model_rates, world_model_records
 from evaluation.protocols import LEWM_NOTE, LEWM_POLICY
 from evaluation.stats import format_p, sign_test
@@ -44,7 +44,7 @@ def run(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episod
     row's per planning call. ``data`` as for ``wm eval``: the dataset each model was trained on unless
     given; ``split`` the models' episodes they come from (val: the curve chooses settings, so it never runs
     on the test episodes results are reported on)."""
-    checkpoints = [c.strip() for c in checkpoint.split(",") if c.strip()]
+    checkpoints = comma_list(checkpoint)
     policies = [apply_overrides(PolicyConfig(), overrides) for overrides in settings]
     labels = [setting_label(p, overrides == LEWM_POLICY) for p, overrides in zip(policies, settings)]
     reference = next((i for i, p in enumerate(policies) if p == PolicyConfig()), None)  # the default policy

@@ -22,6 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 
+def comma_list(text: str) -> list[str]:
+    """The names of a comma-separated command-line value, stripped, empty ones dropped: ``"a, b,"`` -> [a, b]."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def option(default: Any, help: str, choices: tuple | None = None, cli: bool = True) -> Any:
     """A config field: its default, the help the command line shows, the allowed values if few.
 

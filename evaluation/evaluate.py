@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.config import apply_overrides, nested, option
+from common.config import apply_overrides, comma_list, nested, option
 from common.device import THREADS_HELP
 from common.files import (atomic_write, atomic_write_json, atomic_write_text, output_lock, prepare_output_dir,
                           remove_stale_temporaries)
@@ -87,7 +87,7 @@ class EvalConfig:
 
     @property
     def checkpoints(self) -> list[str]:
-        return [c.strip() for c in self.checkpoint.split(",") if c.strip()]
+        return comma_list(self.checkpoint)
 
     @property
     def out_dir(self) -> Path:
@@ -95,7 +95,7 @@ class EvalConfig:
 
 
 def parse_baselines(names: str) -> list[str]:
-    chosen = [b.strip() for b in names.split(",") if b.strip()]
+    chosen = comma_list(names)
     unknown = [b for b in chosen if b not in METHODS[1:]]
     if unknown:
         raise ValueError(f"--baselines must be among {list(METHODS[1:])}, got {unknown}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.config import comma_list
 from envs import joint_error
 
 
@@ -63,7 +64,7 @@ PROTOCOLS = {
 
 
 def parse_protocols(names: str) -> list[Protocol]:
-    chosen = [p.strip() for p in names.split(",") if p.strip()]
+    chosen = comma_list(names)
     unknown = [p for p in chosen if p not in PROTOCOLS]
     if unknown or not chosen:
         raise ValueError(f"--protocol must be a comma list of {list(PROTOCOLS)}, got {names!r}")
