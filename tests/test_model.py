@@ -29,6 +29,23 @@ def test_forward_and_rollout_shapes(kind):
     assert out.shape == (3, 5, 16)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_the_first_frame_rollout_is_the_planners_rollout_from_one_frame(kind):
+    torch.manual_seed(0)
+    model = WorldModel(tiny_config(kind)).eval()
+    with torch.no_grad():  # predictors start as "nothing moves": give them something to predict
+        for p in model.predictor.parameters():
+            p.normal_(0, 0.3)
+    frames = torch.randint(0, 256, (3, 4, 32, 32, 3), dtype=torch.uint8)
+    actions = torch.randn(3, 3, 4)
+    z, _, roll = model(frames, actions, rollout_steps=2, from_first_frame=True)
+    assert roll.shape == (6, 2, 16)
+    assert torch.allclose(roll[:3], model.rollout(z[:, :2], actions[:, :1], actions[:, 1:3]), atol=1e-5)
+    from_one = model.rollout(z[:, :1], None, actions[:, :2])  # what a planner with 1 frame of context computes
+    assert torch.allclose(roll[3:], from_one, atol=1e-5)
+    assert not torch.allclose(from_one, model.rollout(z[:, :2], actions[:, :1], actions[:, 1:3]), atol=1e-3)
+
+
 def test_wrong_image_size_is_a_clear_error():
     model = WorldModel(tiny_config())
     with pytest.raises(ValueError, match="32, 32, 3"):

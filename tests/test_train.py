@@ -68,7 +68,10 @@ def test_tensorboard_has_validation_loss_hparams_and_closed_loop(data, tmp_path)
 
 def test_rollout_loss_is_trained_and_logged(data, tmp_path):
     metrics = train(tiny(data, tmp_path / "run", steps=4, n_pred=2, rollout_steps=2), progress=False)
-    assert metrics["loss/rollout"] > 0
+    assert metrics["loss/rollout"] > 0 and "loss/first_frame_rollout" not in metrics
+    first = train(tiny(data, tmp_path / "first", steps=4, n_pred=2, rollout_steps=2, first_frame_rollout_weight=1.0),
+                  progress=False)
+    assert first["loss/first_frame_rollout"] > 0
     with pytest.raises(ValueError, match="rollout-steps"):
         tiny(data, tmp_path / "bad", steps=2, n_pred=1, rollout_steps=2)
 
@@ -313,6 +316,7 @@ def test_a_tiny_world_model_fits_a_tiny_dataset(data, tmp_path):
     fitted = train(tiny(data, tmp_path / "long", steps=150, **kw), progress=False)
     assert fitted["val"]["relative"][0] < 0.6, fitted["val"]
     assert fitted["val"]["relative"][0] < 0.01 * first["val"]["relative"][0], (first["val"], fitted["val"])
+    assert fitted["val"]["first_frame_relative"][0] < 0.6, fitted["val"]  # from one frame, too
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -24,7 +24,7 @@ from common.config import check_at_least, check_at_most, from_dict, nested, opti
 from common.device import resolve_device
 from common.files import atomic_write_bytes, atomic_write_json
 from worldmodel.encoder import EncoderConfig, build_encoder
-from worldmodel.predictor import PredictorConfig, build_predictor
+from worldmodel.predictor import PredictorConfig, build_predictor, left_pad
 
 # 2: latent size, history and image size moved from the sub-configs to the top; 3: model.pt holds the weights
 # and what planning needs beside them ({"weights": ..., "extras": {"graph": ...}}), so a model file plans alone
@@ -132,16 +132,23 @@ class WorldModel(nn.Module):
             raise ValueError(f"frames must be (..., {size}, {size}, 3) for this model, got {tuple(frames.shape)}")
         return self.encoder(rearrange(frames, "... h w c -> ... c h w"))
 
-    def forward(self, frames: Tensor, actions: Tensor, rollout_steps: int = 0):
+    def forward(self, frames: Tensor, actions: Tensor, rollout_steps: int = 0, from_first_frame: bool = False):
         """Training pass on windows: frames (B, L, H, W, 3), actions (B, L-1, A) -> latents (B, L, D),
         teacher-forced predictions (B, L-1, D) of latents 1..L-1, and (with ``rollout_steps`` R > 0)
-        open-loop predictions (B, R, D) of latents h..h+R-1 from the first h latents, as planning uses them."""
+        open-loop predictions (B, R, D) of latents h..h+R-1 from the first h latents, as planning uses them.
+        ``from_first_frame`` appends B more rows (2B, R, D): the rollout of latents 1..R from the first latent
+        alone (left-padded as at an episode's start), as a planner conditioned on one frame uses the model."""
         z = self.encode(frames)
         pred = self.predictor(z[:, :-1], actions)
         if rollout_steps == 0:
             return z, pred, None
-        h = self.history
-        return z, pred, self.predictor.rollout(z[:, :h], actions[:, :h - 1], actions[:, h - 1:h - 1 + rollout_steps])
+        h, r = self.history, rollout_steps
+        z_hist, a_hist, plan = z[:, :h], actions[:, :h - 1], actions[:, h - 1:h - 1 + r]
+        if from_first_frame:  # one rollout call for both: a padded history starts exactly as one frame does
+            first_z, first_a = left_pad(z[:, :1], actions[:, :0], h)  # (B, h, D), (B, h-1, A)
+            z_hist, a_hist = torch.cat([z_hist, first_z]), torch.cat([a_hist, first_a])
+            plan = torch.cat([plan, actions[:, :r]])  # (2B, R, A)
+        return z, pred, self.predictor.rollout(z_hist, a_hist, plan)
 
     def rollout(self, z_hist: Tensor, a_hist: Tensor | None, actions: Tensor) -> Tensor:
         """(B, h, D), (B, h-1, A) | None, (B, H, A) -> (B, H, D): see ``Predictor.rollout``."""

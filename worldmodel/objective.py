@@ -61,12 +61,15 @@ def sigreg_term(z: torch.Tensor, scope: str, directions: int, generator: torch.G
 
 def world_model_losses(model, batch: dict, cfg, generator: torch.Generator) -> dict:
     """The training objective on one batch of windows: teacher-forced prediction + SIGReg (+ an
-    open-loop rollout of ``cfg.rollout_steps`` from the first ``history`` latents, as the planner uses it).
+    open-loop rollout of ``cfg.rollout_steps`` from the first ``history`` latents, as the planner uses it;
+    and, with ``cfg.first_frame_rollout_weight``, one from the first latent alone).
 
     Teacher-forced predictions are scored at every window position; the first ones see a left-padded
     history, as the MPC policy does at the start of an episode.
     """
-    z, pred, roll = model(batch["pixels"], batch["actions"], cfg.rollout_steps)  # (B, L, D), (B, L-1, D), (B, R, D)
+    first = bool(cfg.rollout_steps and cfg.first_frame_rollout_weight)
+    # (B, L, D), (B, L-1, D), and (B, R, D) or, with the first-frame rollout, (2B, R, D)
+    z, pred, roll = model(batch["pixels"], batch["actions"], cfg.rollout_steps, first)
     z = z.float()
     w = slow_weights(z, cfg.slow_weight) if cfg.slow_weight else None  # (B, L-1): one per transition
     pred_loss = weighted_mse(pred.float(), z[:, 1:], w)
@@ -76,6 +79,11 @@ def world_model_losses(model, batch: dict, cfg, generator: torch.Generator) -> d
     if roll is not None:
         h, r = cfg.model.history, cfg.rollout_steps
         w_roll = None if w is None else w[:, h - 1:h - 1 + r]  # the transitions into the rollout's targets
+        if first:  # rows B.. roll out from the first frame alone: targets 1..R
+            roll, roll_first = roll.float().chunk(2)  # (B, R, D) each
+            w_first = None if w is None else w[:, :r]
+            out["first_frame_rollout_loss"] = weighted_mse(roll_first, z[:, 1:1 + r], w_first)
+            loss = loss + cfg.first_frame_rollout_weight * out["first_frame_rollout_loss"]
         out["rollout_loss"] = weighted_mse(roll.float(), z[:, h:h + r], w_roll)
         loss = loss + cfg.rollout_weight * out["rollout_loss"]
     return {"loss": loss, **out}
@@ -104,18 +112,26 @@ def validation_metrics(model, loader, history: int, device) -> dict:
     """On held-out windows of ``history`` + H frames, through the model's own forward pass (as training
     computes it): the teacher-forced prediction loss, and the open-loop error at every rollout step 1..H,
     absolute and relative to predicting no change (the last context latent): below 1 means the model saw
-    the motion coming."""
+    the motion coming. ``first_frame_*``: the same for the rollout from the window's first frame alone
+    (what a planner conditioned on one frame, as LeWM's, relies on)."""
     model.eval()
-    se, base, tf, n = 0.0, 0.0, 0.0, 0
+    se, base, se1, base1, tf, n = 0.0, 0.0, 0.0, 0.0, 0.0, 0
     for batch in loader:
         frames, actions = batch["pixels"].to(device), batch["actions"].to(device)
-        z, pred, roll = model(frames, actions, rollout_steps=frames.shape[1] - history)  # (B, L, D), ...
-        z, target = z.float(), z[:, history:].float()
-        se = se + ((roll.float() - target) ** 2).mean(-1).sum(0)  # (H,)
+        H = frames.shape[1] - history
+        z, pred, roll = model(frames, actions, rollout_steps=H, from_first_frame=True)  # (B, L, D), ..., (2B, H, D)
+        z = z.float()
+        roll, roll1 = roll.float().chunk(2)  # (B, H, D): from the history; from the first frame alone
+        target, target1 = z[:, history:], z[:, 1:1 + H]
+        se = se + ((roll - target) ** 2).mean(-1).sum(0)  # (H,)
         base = base + ((z[:, history - 1:history] - target) ** 2).mean(-1).sum(0)
+        se1 = se1 + ((roll1 - target1) ** 2).mean(-1).sum(0)
+        base1 = base1 + ((z[:, :1] - target1) ** 2).mean(-1).sum(0)
         tf = tf + ((pred.float() - z[:, 1:]) ** 2).mean((1, 2)).sum()
         n += len(z)
     model.train()
-    mse = (se / n).cpu()
+    mse, mse1 = (se / n).cpu(), (se1 / n).cpu()
     return {"prediction_loss": float(tf / n), "mse": mse.tolist(),
-            "relative": (mse / (base / n).cpu().clamp_min(1e-12)).tolist()}
+            "relative": (mse / (base / n).cpu().clamp_min(1e-12)).tolist(),
+            "first_frame_mse": mse1.tolist(),
+            "first_frame_relative": (mse1 / (base1 / n).cpu().clamp_min(1e-12)).tolist()}

@@ -85,6 +85,9 @@ class TrainConfig:
     rollout_steps: int = option(5, "also train open-loop rollouts of this many steps (<= n-pred); 0: teacher "
                                    "forcing only")
     rollout_weight: float = option(1.0, "weight of the open-loop rollout loss")
+    first_frame_rollout_weight: float = option(0.0, "weight of a second open-loop rollout loss, from each window's "
+                                                    "first frame alone (left-padded), the way a planner conditioned "
+                                                    "on one frame uses the model (LeWM's); 0: off")
     slow_weight: float = option(0.0, "weight each predicted step by its latent change to the power -slow-weight, "
                                      "normalised to mean 1: more weight on slow motion, what holding a goal "
                                      "needs (0: every step alike)")
@@ -111,7 +114,8 @@ class TrainConfig:
         check_at_least(self, 1, ("steps", "batch_size", "sigreg_directions", "n_pred", "val_horizon", "log_every",
                                  "val_every", "ckpt_every"))
         check_at_least(self, 0, ("warmup_steps", "rollout_steps", "probe_every", "eval_every", "eval_episodes",
-                                 "num_workers", "weight_decay", "sigreg_weight", "rollout_weight", "slow_weight"))
+                                 "num_workers", "weight_decay", "sigreg_weight", "rollout_weight",
+                                 "first_frame_rollout_weight", "slow_weight"))
         check_at_least(self, 0, ("lr", "grad_clip"), strictly=True)
         if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ValueError(f"--val-fraction must be in (0, 1) and --test-fraction in [0, 1), together below 1; got "
@@ -462,6 +466,8 @@ def _evaluate(model: WorldModel, data: TrainingData, cfg: TrainConfig, done: int
         for k, (mse, rel) in enumerate(zip(val["mse"], val["relative"]), start=1):
             writer.add_scalar(f"val/rollout_mse_step{k}", mse, done)
             writer.add_scalar(f"val/rollout_relative_step{k}", rel, done)
+        for k, rel in enumerate(val["first_frame_relative"], start=1):
+            writer.add_scalar(f"val/first_frame_rollout_relative_step{k}", rel, done)
         metrics["val"] = val
     if data.can_probe and ((cfg.probe_every and done % cfg.probe_every == 0) or last):
         probe = run_probe(model, data.store, data.train.episode_ids, data.val.episode_ids)
@@ -489,6 +495,8 @@ def _scalars(losses: dict, opt, grad_norm, frames_per_s: float) -> dict:
                "opt/grad_norm": float(grad_norm), "speed/frames_per_s": frames_per_s}
     if "rollout_loss" in losses:
         scalars["loss/rollout"] = losses["rollout_loss"].item()
+    if "first_frame_rollout_loss" in losses:
+        scalars["loss/first_frame_rollout"] = losses["first_frame_rollout_loss"].item()
     return scalars
 
 
