@@ -75,7 +75,9 @@ def test_interrupted_collection_keeps_finished_episodes_and_resumes(tmp_path):
     args = [sys.executable, "-m", "wm", "collect", "--episodes", str(n), "--steps", str(steps), "--size", "32",
             "--workers", "2", "--episodes-per-shard", "500", "--out", str(out)]
     with open(log, "w") as err:
-        proc = subprocess.Popen(args, stdout=err, stderr=err, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        # SIGINT as in a terminal, even when the tests run as a background job (which ignores it)
+        proc = subprocess.Popen(args, stdout=err, stderr=err, env=dict(os.environ, PYTHONPATH=os.getcwd()),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while tqdm_progress(log) < 5 * (steps + 1) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
@@ -206,7 +208,9 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
     args = [sys.executable, "-m", "wm", "collect", "--episodes", "400", "--steps", "20", "--size", "32",
             "--workers", "2", "--episodes-per-shard", "500", "--out", str(out)]
     with open(log, "w") as err:
-        proc = subprocess.Popen(args, stdout=err, stderr=err, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        # SIGINT as in a terminal, even when the tests run as a background job (which ignores it)
+        proc = subprocess.Popen(args, stdout=err, stderr=err, env=dict(os.environ, PYTHONPATH=os.getcwd()),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while tqdm_progress(log) < 21 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
