@@ -124,14 +124,15 @@ class BenchConfig:
     checkpoint: str = option(DEFAULT_CHECKPOINT, "plan-quality, subgoals: the trained model whose closed-loop success "
                                                   "is measured (plan-quality: several, comma-separated, are pooled)")
     protocol: str = option("reach25", "plan-quality: goal protocols, comma-separated (each reported apart)")
-    data: str = option("", "plan-quality: evaluation dataset (default: the one the model was trained on)")
-    episodes: int = option(50, "plan-quality: episodes per setting")
-    split: str = option("val", "plan-quality: the model's episodes it runs on (val: settings are chosen there)",
+    data: str = option("", "plan-quality, subgoals: evaluation dataset (default: the one the model was trained on)")
+    episodes: int = option(50, "plan-quality, subgoals: episodes per setting")
+    repeats: int = option(3, "subgoals: runs of each setting, alternating, for a ratio steadier than one run's")
+    split: str = option("val", "plan-quality, subgoals: the model's episodes they run on (val: settings are chosen there)",
                         choices=HELD_OUT)
     out: str = option("runs/bench", "directory for the Markdown report")
 
     def __post_init__(self):
-        check_at_least(self, 1, ("episodes",))
+        check_at_least(self, 1, ("episodes", "repeats"))
 
 
 @dataclass
@@ -264,7 +265,7 @@ def run_bench(cfg: BenchConfig) -> int:
                                                          protocols=tuple(p.name for p in parse_protocols(cfg.protocol)),
                                                          data=cfg.data, split=cfg.split),
                "subgoals": lambda: quality_bench.subgoal_cost(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
-                                                              data=cfg.data, split=cfg.split),
+                                                              data=cfg.data, split=cfg.split, repeats=cfg.repeats),
                "gpu": lambda: gpu_bench.run(cfg.device, str(Path(cfg.out) / "gpu-check"), cfg.dry_run)}
     chosen = ({k: v for k, v in benches.items() if k not in ("plan-quality", "subgoals", "gpu")} if cfg.what == "all"
               else {cfg.what: benches[cfg.what]})

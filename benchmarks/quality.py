@@ -93,16 +93,24 @@ def _percent(records: list[dict], key: str) -> str:
 
 
 def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, protocols=("reach25", "uniform"),
-                 seed: int = 0, data: str = "", split: str = "val") -> str:
+                 seed: int = 0, data: str = "", split: str = "val", repeats: int = 3) -> str:
     """What subgoals cost: an episode's planning time (every plan call, routing included) with and without
-    them, on the same episodes, and the time ``load_policy`` takes from the model files alone."""
+    them, on the same episodes, and the time ``load_policy`` takes from the model files alone.
+
+    Each setting runs ``repeats`` times, alternating (off, on, on, off, off, on, ...): a shared machine's
+    speed drifts by more than the few percent measured here within minutes, and a pair of runs adjacent in
+    time shares the drift. The ratio is the median over those pairs. The subgoal code's own time (routing
+    when an episode starts, cold, finding the waypoint at each planning call) is timed within the same runs."""
     import shutil
     import tempfile
     import time
     from pathlib import Path
 
+    from planners import subgoals
     from planners.policy import load_policy
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     with tempfile.TemporaryDirectory() as tmp:  # the model files alone, no dataset beside them
         shutil.copy(checkpoint, Path(tmp) / "model.pt")
         shutil.copy(Path(checkpoint).with_suffix(".json"), Path(tmp) / "model.json")
@@ -112,16 +120,31 @@ def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, prot
         load_s = time.perf_counter() - start
     setup = load_setup(checkpoint, data, episodes, device, split)
     lines = [f"`load_policy` from `model.pt` + `model.json` alone (subgoal graph included): {load_s:.2f} s.", "",
-             "| protocol | subgoals | latched | held | planning per episode (s, routing included) | with / without |",
-             "|---|---|---|---|---|---|"]
+             f"{repeats} runs of each setting, alternating (off, on, on, off, ...); times are the median (min-max) "
+             f"over runs, the ratio the median (min-max) over the {repeats} pairs of runs adjacent in time.", "",
+             "| protocol | subgoals | latched | held | planning per episode (s, routing included) | with / without | "
+             "subgoal code per episode (s: routing + waypoints) | its share of planning |",
+             "|---|---|---|---|---|---|---|---|"]
     try:
         for protocol in protocols:
-            per = {on: world_model_rates(setup, apply_overrides(PolicyConfig(), {"subgoals.enabled": on}), protocol,
-                                         episodes, seed) for on in (False, True)}
+            runs = {False: [], True: []}  # per setting: the records of each run
+            for r in range(repeats):
+                for on in ((False, True) if r % 2 == 0 else (True, False)):
+                    subgoals.forget_routes()  # every run routes its goals from scratch, as a fresh policy does
+                    policy = apply_overrides(PolicyConfig(), {"subgoals.enabled": on})
+                    runs[on].append(world_model_records(setup, policy, protocol, episodes, seed))
+            per_episode = {on: np.array([rec[0]["plan_time_per_episode_s"] for rec in runs[on]]) for on in runs}
+            ratios = per_episode[True] / per_episode[False]  # run r of each: adjacent in time
             for on in (False, True):
-                latched, held, _, t = per[on]
-                lines.append(f"| {protocol} | {'on' if on else 'off'} | {100 * latched:.0f}% | {100 * held:.0f}% | "
-                             f"{t:.3f} | {t / per[False][3]:.2f}x |")
+                records = [x for rec in runs[on] for x in rec]
+                t = per_episode[on]
+                own = np.array([(rec[0]["route_time_batch_s"] + rec[0]["waypoint_time_batch_s"]) / len(rec)
+                                for rec in runs[on]])
+                ratio = (f"{np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f})" if on else "1.00x")
+                code = f"{np.median(own):.4f} | {100 * np.median(own / t):.1f}%" if on else "- | -"
+                lines.append(f"| {protocol} | {'on' if on else 'off'} | {_percent(records, 'success')} | "
+                             f"{_percent(records, 'held')} | {np.median(t):.3f} ({t.min():.3f}-{t.max():.3f}) | "
+                             f"{ratio} | {code} |")
     finally:
         setup.batch.close()
     return "\n".join(lines)

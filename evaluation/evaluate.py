@@ -336,6 +336,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
         curves.setdefault((protocol.name, method), []).append(errors if errors.ndim == 2 else errors[..., -1])
         plan_times = policy.plan_times if policy is not None else []
         route = float(sum(policy.route_times)) if policy is not None else 0.0
+        waypoints = float(sum(policy.waypoint_times)) if policy is not None else 0.0
         wanted = policy.history - 1 if method == "world_model" else -1  # history frames asked for (--context caps)
         per = episode_records(errors, cfg.tolerance)
         call = float(np.mean(plan_times)) if plan_times else 0.0
@@ -352,6 +353,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
                 "plan_time_per_call_s": call, "plan_time_per_episode_s": (call * len(plan_times) + route) / n,
                 "plan_calls": len(plan_times),
                 "route_time_batch_s": route,
+                "waypoint_time_batch_s": waypoints,  # part of the planning calls' time
                 "wall_time_batch_s": wall,
             })
     return records

@@ -88,6 +88,8 @@ class MPCPolicy:
         self.graph = graph if cfg.subgoals.enabled else None
         self.plan_times: list[float] = []  # seconds per planning call (all B problems together)
         self.route_times: list[float] = []  # seconds to find the paths to the goals (subgoals only)
+        self.waypoint_times: list[float] = []  # seconds per planning call finding the waypoints (subgoals only;
+        # host time: on a GPU the launch, the work itself is in plan_times)
         self._z_goal = None
 
     # --- episode ------------------------------------------------------------------------------------
@@ -280,6 +282,7 @@ class MPCPolicy:
         target = self._z_goal
         if self._route is not None:  # a waypoint on the way to a far goal
             target = subgoals.targets(self.graph, self._route, z_hist[:, -1], self.cfg.subgoals)
+            self.waypoint_times.append(time.perf_counter() - start)
         self.last_target = target  # (B, D): what the last plan headed for (for videos)
         result = self.planner.plan(z_hist, target, a_hist, init, keys=self._keys)
         synchronize(self.device)

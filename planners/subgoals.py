@@ -117,6 +117,11 @@ def route(graph: LatentGraph, z_goal: Tensor, cfg: SubgoalConfig) -> Route:
     return _ROUTERS[graph].route(z_goal, cfg)
 
 
+def forget_routes() -> None:
+    """Drop every cached shortest-path solve: the next routes are solved afresh (a benchmark times them cold)."""
+    _ROUTERS.clear()
+
+
 def targets(graph: LatentGraph, route: Route, z: Tensor, cfg: SubgoalConfig) -> Tensor:
     """What each of B problems plans towards from its current latent z (B, D): the goal once it has
     come within ``reach`` chunks along the graph (or if it is not connected to it), else the waypoint

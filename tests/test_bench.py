@@ -72,5 +72,9 @@ def test_subgoal_cost_compares_the_same_episodes_with_and_without(tmp_path):
 
     data = collect_tiny(tmp_path / "data", episodes=6, steps=60)
     save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
-    report = quality.subgoal_cost(str(tmp_path / "m.pt"), "cpu", episodes=2, protocols=("reach25",), data=str(data))
-    assert "load_policy" in report and "| reach25 | off |" in report and "| reach25 | on |" in report
+    report = quality.subgoal_cost(str(tmp_path / "m.pt"), "cpu", episodes=2, protocols=("reach25",), data=str(data),
+                                  repeats=2)
+    assert "load_policy" in report and "2 runs of each setting" in report
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in report.splitlines() if line.startswith("| reach25 |")}
+    assert set(rows) == {"off", "on"} and rows["off"][6] == "-" and float(rows["on"][6]) > 0  # routing timed
+    assert re.fullmatch(r"\d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)", rows["on"][5])  # the median ratio of 2 pairs

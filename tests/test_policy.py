@@ -149,6 +149,7 @@ def test_no_host_sync_while_replanning(model):
     for _ in range(6):  # three chunks of frameskip 2: three replans
         policy.act_batch(frames)
     assert len(policy.plan_times) == 3 and policy._route is not None
+    assert len(policy.waypoint_times) == 3 and len(policy.route_times) == 1  # the subgoal code's own time, apart
     from planners import subgoals
 
     real_targets = subgoals.targets

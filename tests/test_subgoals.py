@@ -102,3 +102,20 @@ def test_goals_within_reach_are_planned_directly():
     goal = latent([0.5, 0.5])
     target = targets(graph, route(graph, goal, cfg), latent([0.3, -2.0]), cfg)  # 0.2 rad away: the goal; 2.5 rad: a waypoint
     assert torch.equal(target[0], goal[0]) and not torch.equal(target[1], goal[1])
+
+
+def test_routes_are_cached_per_goal_node_until_forgotten(monkeypatch):
+    from planners import subgoals
+
+    graph = LatentGraph.from_trajectories(trajectories(), SUBGOALS.graph)
+    solves = []
+    real = subgoals.dijkstra
+    monkeypatch.setattr(subgoals, "dijkstra", lambda *a, **k: solves.append(k["indices"]) or real(*a, **k))
+    goals = latent([-2.7, 0.0, -2.7])  # two goals on one node
+    first = route(graph, goals, SUBGOALS)
+    assert len(solves) == 2 and first.dist[0].equal(first.dist[2])
+    route(graph, goals, SUBGOALS)
+    assert len(solves) == 2  # cached
+    subgoals.forget_routes()
+    again = route(graph, goals, SUBGOALS)
+    assert len(solves) == 4 and again.dist.equal(first.dist)  # solved afresh, the same paths
