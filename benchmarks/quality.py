@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from common.config import apply_overrides, comma_list
-from evaluation.evaluate import load_setup, world_model_rates, world_model_records
+from evaluation.evaluate import load_setup, world_model_records
 from evaluation.protocols import LEWM_NOTE, LEWM_POLICY
 from evaluation.stats import format_p, sign_test
 from planners.policy import PolicyConfig

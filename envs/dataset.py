@@ -275,11 +275,17 @@ class WindowDataset(Dataset):
     """Windows ``{pixels (L,H,W,3) uint8, actions (L-1, frameskip*2), qpos/qvel/finger/target (L, 2)}``."""
 
     def __init__(self, store: EpisodeStore, spec: WindowSpec, split: str = "train", val_fraction: float = 0.1,
-                 seed: int = 0, test_fraction: float = 0.0, states: bool = True):
+                 seed: int = 0, test_fraction: float = 0.0, states: bool = True, episodes: int = 0):
+        """``episodes``: at most this many of the split's episodes, the first by index (0: all), so smaller
+        sets are nested in larger ones and the other splits stay as they are (a data-size curve)."""
         if spec.history < 1 or spec.n_pred < 1 or spec.frameskip < 1:
             raise ValueError(f"history, n_pred and frameskip must be positive, got {spec}")
+        if episodes < 0:
+            raise ValueError(f"episodes must be >= 0 (0: all), got {episodes}")
         self.store, self.spec, self.states = store, spec, states  # states: also the true states of each frame
         self.episode_ids = store.split(split, val_fraction, seed, test_fraction)
+        if episodes:
+            self.episode_ids = self.episode_ids[:episodes]
         starts = []
         for i in self.episode_ids:
             steps = store.episodes[i].steps

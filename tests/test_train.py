@@ -48,6 +48,19 @@ def test_train_writes_model_checkpoint_logs_and_split(data, tmp_path):
     assert record["path"] == str(data) and record["fingerprint"]
 
 
+def test_train_episodes_trains_on_a_nested_subset_and_keeps_the_held_out_episodes(data, tmp_path):
+    train(tiny(data, tmp_path / "all", steps=2), progress=False)
+    seen = []
+    train(tiny(data, tmp_path / "two", steps=2, train_episodes=2, eval_episodes=1), progress=False,
+          closed_loop=lambda model, store, train_ids, val_ids, episodes: seen.append(train_ids) or {})
+    full, part = (json.loads((tmp_path / d / "model.json").read_text())["data"] for d in ("all", "two"))
+    assert len(full["train"]) == 4 and part["train"] == full["train"][:2]  # the first two, by index
+    assert part["val"] == full["val"] and part["test"] == full["test"]
+    assert [len(ids) for ids in seen] == [2]  # the subgoal graph and checks see only those
+    with pytest.raises(ValueError, match="--train-episodes -1"):
+        tiny(data, tmp_path / "bad", train_episodes=-1)
+
+
 def test_tensorboard_has_validation_loss_hparams_and_closed_loop(data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

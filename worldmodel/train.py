@@ -95,6 +95,8 @@ class TrainConfig:
                                       "closed-loop check, planner settings); recorded in the checkpoint")
     test_fraction: float = option(0.1, "fraction of episodes held out to report on (wm eval, probe, demo), never "
                                        "used to choose anything; recorded in the checkpoint")
+    train_episodes: int = option(0, "train on at most this many of the training split's episodes (0: all; the "
+                                    "validation and test episodes stay the same): a curve of data size")
     model: WorldModelConfig = nested(WorldModelConfig, "the architecture", flat=True)
     graph: GraphConfig = nested(GraphConfig, "the graph of training frames saved with the model (subgoals)")
     save_graph: bool = option(True, "build that graph when training ends and save it in model.pt, so the model "
@@ -114,7 +116,7 @@ class TrainConfig:
         check_at_least(self, 1, ("steps", "batch_size", "sigreg_directions", "n_pred", "val_horizon", "log_every",
                                  "val_every", "ckpt_every"))
         check_at_least(self, 0, ("warmup_steps", "rollout_steps", "probe_every", "eval_every", "eval_episodes",
-                                 "num_workers", "weight_decay", "sigreg_weight", "rollout_weight",
+                                 "num_workers", "train_episodes", "weight_decay", "sigreg_weight", "rollout_weight",
                                  "first_frame_rollout_weight", "slow_weight"))
         check_at_least(self, 0, ("lr", "grad_clip"), strictly=True)
         if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
@@ -333,7 +335,8 @@ class TrainingData:
         self.store = EpisodeStore(cfg.data, image_size=cfg.model.image_size, env=cfg.env)
         history, fs = cfg.model.history, cfg.model.frameskip
         fractions = (cfg.val_fraction, cfg.seed, cfg.test_fraction)
-        self.train = WindowDataset(self.store, WindowSpec(history, cfg.n_pred, fs), "train", *fractions, states=False)
+        self.train = WindowDataset(self.store, WindowSpec(history, cfg.n_pred, fs), "train", *fractions, states=False,
+                                   episodes=cfg.train_episodes)
         self.val = WindowDataset(self.store, WindowSpec(history, cfg.val_horizon, fs), "val", *fractions, states=False)
         self.val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val, _spread(len(self.val), 512)),
                                                       batch_size=256)
@@ -347,7 +350,10 @@ class TrainingData:
         assumed = f"; assumed (the data does not say): {', '.join(store.assumed)}" if store.assumed else ""
         sizes = (f"{store.source_size} px stored, resized to {store.size}" if store.size != store.source_size
                  else f"{store.size} px")
-        lines = [f"data: {cfg.data} ({store.layout}, {len(store)} episodes: {len(self.train.episode_ids)} train, "
+        used = (self.train.episode_ids, self.val.episode_ids, self.record["test"])
+        unused = len(store) - sum(len(ids) for ids in used)  # --train-episodes leaves these out
+        trained = f"{len(self.train.episode_ids)} train" + (f" ({unused} left out: --train-episodes)" if unused else "")
+        lines = [f"data: {cfg.data} ({store.layout}, {len(store)} episodes: {trained}, "
                  f"{len(self.val.episode_ids)} validation, {len(self.record['test'])} test); env {rec['env']}, "
                  f"{rec['action_repeat']} control step(s) per action, {rec['render_quality']} look, target "
                  f"{'hidden' if rec['hide_target'] else 'shown'}, frames {sizes}{assumed}; missing states: "
