@@ -59,6 +59,8 @@ def test_train_episodes_trains_on_a_nested_subset_and_keeps_the_held_out_episode
     assert [len(ids) for ids in seen] == [2]  # the subgoal graph and checks see only those
     with pytest.raises(ValueError, match="--train-episodes -1"):
         tiny(data, tmp_path / "bad", train_episodes=-1)
+    with pytest.raises(ValueError, match="--train-episodes 5: .* has only 4 training episodes"):
+        train(tiny(data, tmp_path / "five", train_episodes=5), progress=False)
 
 
 def test_tensorboard_has_validation_loss_hparams_and_closed_loop(data, tmp_path):

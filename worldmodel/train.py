@@ -337,6 +337,9 @@ class TrainingData:
         fractions = (cfg.val_fraction, cfg.seed, cfg.test_fraction)
         self.train = WindowDataset(self.store, WindowSpec(history, cfg.n_pred, fs), "train", *fractions, states=False,
                                    episodes=cfg.train_episodes)
+        if len(self.train.episode_ids) < cfg.train_episodes:
+            raise ValueError(f"--train-episodes {cfg.train_episodes}: {cfg.data} has only "
+                             f"{len(self.train.episode_ids)} training episodes")
         self.val = WindowDataset(self.store, WindowSpec(history, cfg.val_horizon, fs), "val", *fractions, states=False)
         self.val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val, _spread(len(self.val), 512)),
                                                       batch_size=256)
