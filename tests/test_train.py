@@ -547,6 +547,18 @@ def test_a_resumable_run_without_its_model_json_says_resume(data, tmp_path, monk
     assert train(tiny(data, out, resume=True), progress=False)["loss/total"] > 0
 
 
+def test_resume_needs_its_data_not_its_model_json(data, tmp_path, monkeypatch):
+    """The checkpoint alone resumes (model.json damaged here), and it still refuses other data."""
+    out = tmp_path / "run"
+    _unfinished_run(data, out, monkeypatch, steps=8)
+    (out / "model.json").write_text((out / "model.json").read_text()[:50])  # cut short
+    other = write_synthetic(tmp_path / "other", n_episodes=6, steps=20, first=6)
+    with pytest.raises(ValueError, match="other is not the dataset this run started on"):
+        train(tiny(other, out, resume=True), progress=False)
+    assert train(tiny(data, out, resume=True), progress=False)["loss/total"] > 0
+    assert json.loads((out / "model.json").read_text())["step"] == 8  # written again, whole
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("config", "steps=8", r"'config' must be the run's settings \(a dict\), got a str"),
     ("step", "ten", r"'step' must be a count of steps, got 'ten'"),
@@ -605,6 +617,12 @@ def test_temporary_files_of_killed_runs_are_removed(data, tmp_path, caplog):
 def test_a_malformed_data_record_on_resume_names_the_file_and_field(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     _unfinished_run(data, out, monkeypatch, steps=8)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "data": "runs/demo/data"}, out / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: 'data' must be the record of the training data"):
+        train(tiny(data, out, resume=True), progress=False)
+    del ckpt["data"]  # a checkpoint from before it kept the record: model.json's is read, and checked
+    torch.save(ckpt, out / "checkpoint.pt")
     meta = json.loads((out / "model.json").read_text())
     (out / "model.json").write_text(json.dumps({**meta, "data": "runs/demo/data"}))
     with pytest.raises(CheckpointError, match=r"model\.json: 'data' must be the record of the training data"):

@@ -121,7 +121,8 @@ def read_checkpoint(path: Path) -> dict:
     if not _is_count(state["step"]):
         raise CheckpointError(f"{path}: 'step' must be a count of steps, got {state['step']!r}")
     for key, kind, what in (("config", dict, "the run's settings"), ("model", dict, "the model's weights"),
-                            ("optimizer", dict, "the optimizer's state"), ("history", list, "the run's history")):
+                            ("optimizer", dict, "the optimizer's state"), ("history", list, "the run's history"),
+                            ("data", dict, "the record of the training data")):
         if key in state and not isinstance(state[key], kind):
             raise CheckpointError(f"{path}: {key!r} must be {what} (a {kind.__name__}), got a "
                                   f"{type(state[key]).__name__}")
@@ -132,10 +133,9 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def check_same_data(out: Path, store, data: str) -> None:
-    """A resumed run trains on the data it started with (wherever it now lies): same fingerprint."""
-    meta = read_model_meta(out / "model.pt") if (out / "model.json").is_file() else {}  # its fields checked
-    recorded = meta.get("data") or {}
+def check_same_data(recorded: dict, store, data: str) -> None:
+    """A resumed run trains on the data it started with (wherever it now lies): the same fingerprint as the
+    ``recorded`` data record (the checkpoint's; an older checkpoint's is in model.json)."""
     if recorded.get("fingerprint") and recorded["fingerprint"] != store.fingerprint:
         raise ValueError(f"--resume: {data} is not the dataset this run started on ({recorded.get('path')}): "
                          f"its fingerprint differs")
@@ -157,7 +157,8 @@ def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, histo
     try:  # model.json last: it is what says which step the run has reached
         _keep_previous(out / "checkpoint.pt", out / PREVIOUS)
         atomic_torch_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "config": settings, "history": history, "health": health or {}}, out / "checkpoint.pt")
+                           "config": settings, "history": history, "health": health or {}, "data": data},
+                          out / "checkpoint.pt")  # all --resume needs: model.json can be damaged or gone
         model.save(out / "model.pt", extra=extra, extras=extras)
     except OSError as exc:
         raise RunWriteError(f"could not write the checkpoint of step {step} in {out} ({exc.strerror or exc}); "
@@ -179,15 +180,20 @@ def _keep_previous(path: Path, previous: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(out: Path, cfg, model: WorldModel, opt) -> tuple[int, list, dict]:
+def load(out: Path, cfg, model: WorldModel, opt, store) -> tuple[int, list, dict]:
     """Restore model and optimizer from ``out/checkpoint.pt``; returns (step, history, health), ``health``
     what the checkpoint records of the model it holds (``HEALTH_KEYS``; at least its step and learning rate).
 
     The settings must be the saved ones, except those in ``RESUME_FREE`` and the recovery settings
-    (``lr``, ``grad_clip``), whose changes are appended to the run's history.
+    (``lr``, ``grad_clip``), whose changes are appended to the run's history; the data ``store`` must be
+    the one the run started on.
     """
     path = out / "checkpoint.pt"
     state = read_checkpoint(path)
+    recorded = state.get("data")
+    if recorded is None:  # a checkpoint from before it kept the data record: model.json's, its fields checked
+        recorded = (read_model_meta(out / "model.pt").get("data") or {}) if (out / "model.json").is_file() else {}
+    check_same_data(recorded, store, cfg.data)
     filled: list = []
     saved = saved_settings(state["config"], type(cfg), str(path), filled)
     diff = _differences(saved, cfg, RESUME_FREE | set(RECOVERY))

@@ -244,9 +244,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     model = WorldModel(dataclasses.replace(cfg.model, image_size=data.store.size,
                                            env=str(data.store.attrs["env"]))).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, history, good = rundir.load(out, cfg, model, opt) if resume else (0, [], {})
-    if resume:
-        rundir.check_same_data(out, data.store, cfg.data)
+    start, history, good = rundir.load(out, cfg, model, opt, data.store) if resume else (0, [], {})
     if is_main:
         atomic_write_json(out / "train_config.json", dataclasses.asdict(cfg))
     net = _wrap(model, cfg, world, device)
