@@ -127,8 +127,8 @@ class BenchConfig:
     data: str = option("", "plan-quality, subgoals: evaluation dataset (default: the one the model was trained on)")
     episodes: int = option(50, "plan-quality, subgoals: episodes per setting")
     repeats: int = option(3, "subgoals: runs of each setting, alternating, for a ratio steadier than one run's")
-    split: str = option("val", "plan-quality, subgoals: the model's episodes they run on (val: settings are chosen there)",
-                        choices=HELD_OUT)
+    split: str = option("val", "plan-quality, subgoals: the model's episodes they run on (val: settings are "
+                               "chosen there)", choices=HELD_OUT)
     out: str = option("runs/bench", "directory for the Markdown report")
 
     def __post_init__(self):
