@@ -126,7 +126,8 @@ class BenchConfig:
     protocol: str = option("reach25", "plan-quality: goal protocols, comma-separated (each reported apart)")
     data: str = option("", "plan-quality, subgoals: evaluation dataset (default: the one the model was trained on)")
     episodes: int = option(50, "plan-quality, subgoals: episodes per setting")
-    repeats: int = option(3, "subgoals: runs of each setting, alternating, for a ratio steadier than one run's")
+    repeats: int = option(3, "subgoals, plan: runs of each setting, alternating, for a ratio steadier than one "
+                             "run's (plan: of the batched planner and the one-problem-at-a-time reference)")
     split: str = option("val", "plan-quality, subgoals: the model's episodes they run on (val: settings are "
                                "chosen there)", choices=HELD_OUT)
     out: str = option("runs/bench", "directory for the Markdown report")
@@ -260,7 +261,7 @@ def run_bench(cfg: BenchConfig) -> int:
     from evaluation.protocols import parse_protocols
 
     benches = {"collect": data_bench.run, "train": lambda: train_bench.run(cfg.device),
-               "plan": lambda: plan_bench.run(cfg.device),
+               "plan": lambda: plan_bench.run(cfg.device, repeats=cfg.repeats),
                "plan-quality": lambda: quality_bench.run(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
                                                          protocols=tuple(p.name for p in parse_protocols(cfg.protocol)),
                                                          data=cfg.data, split=cfg.split),

@@ -4,7 +4,8 @@ The model is the ``demo`` preset's architecture (weights do not change the time)
 the median of repeated plans after a warm-up. Two references from ``benchmarks.naive``, timed in the
 same run: the fair one plans the problems of a call one after another with their candidates batched;
 the naive one also scores one candidate per rollout call (where that takes seconds, not hours). A
-speed-up is only ever a ratio of two times measured here.
+speed-up is only ever a ratio of two times measured here; the fair one's, a few tens of percent that this
+shared machine's drift could decide, from runs alternated with the batched planner's (``benchmarks.timing``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import torch
 
 from benchmarks.naive import NaiveCEMPlanner, ProblemLoopCEMPlanner
+from benchmarks.timing import alternating, paired_ratio
 from common.config import apply_overrides
 from common.device import resolve_device, synchronize
 from planners.config import PlannerConfig
@@ -33,7 +35,7 @@ def demo_model(device: torch.device):
     return WorldModel(dataclasses.replace(preset_config("demo").model, image_size=64)).to(device).eval()
 
 
-def time_plan(planner, model, batch: int, repeats: int) -> float:
+def time_plan(planner, model, batch: int, repeats: int, warm_up: bool = True) -> float:
     """Median seconds of one ``plan`` call for ``batch`` problems; inputs and noise keys are built before
     the clock starts (an evaluation builds its keys once per episode, not per plan)."""
     g = torch.Generator().manual_seed(1)
@@ -42,7 +44,8 @@ def time_plan(planner, model, batch: int, repeats: int) -> float:
     a_hist = (torch.rand(batch, h - 1, model.action_dim, generator=g) * 2 - 1).to(dev)
     z_goal = torch.randn(batch, d, generator=g).to(dev)
     keys = problem_keys(0, range(batch), dev)
-    planner.plan(z_hist, z_goal, a_hist, keys=keys)  # warm up (allocations, kernels)
+    if warm_up:
+        planner.plan(z_hist, z_goal, a_hist, keys=keys)  # allocations, kernels
     times = []
     for _ in range(repeats):
         synchronize(dev)
@@ -58,7 +61,7 @@ def _config(name: str, n: int, it: int, hz: int) -> PlannerConfig:
 
 
 def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), horizons=(5, 10), batches=(1, 50),
-        naive_budget_s: float = 60.0) -> str:
+        naive_budget_s: float = 60.0, repeats: int = 3) -> str:
     dev = resolve_device(device)
     model = demo_model(dev)
     lines = [f"Model: demo preset (conv encoder, MLP predictor {model.cfg.predictor.hidden} wide x "
@@ -68,21 +71,25 @@ def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), hor
              "|---|---|---|---|---|---|---|"]
     timed = {}
     for name, n, it, hz, b in itertools.product(("cem", "mppi"), samples, iterations, horizons, batches):
-        repeats = 3 if n * it * hz * b <= 300 * 30 * 5 * 50 else 1
-        t = timed[(name, n, it, hz, b)] = time_plan(make_planner(model, _config(name, n, it, hz)), model, b, repeats)
+        plans = 3 if n * it * hz * b <= 300 * 30 * 5 * 50 else 1
+        t = timed[(name, n, it, hz, b)] = time_plan(make_planner(model, _config(name, n, it, hz)), model, b, plans)
         lines.append(f"| {name} | {n} | {it} | {hz} | {b} | {1000 * t:.1f} | {1000 * t / b:.2f} |")
 
     most = max(batches)
     lines += ["", f"What planning problems together buys: CEM for {most} problems in one call, against the fair "
                   f"reference that plans them one after another, each with its candidates batched (same algorithm, "
-                  f"same noise, the same plans):", "",
+                  f"same noise, the same plans); {repeats} plans of each, alternating, times their median, the "
+                  f"speed-up the median (min-max) over pairs of plans adjacent in time:", "",
               "| samples | iterations | horizon | one problem at a time ms | batched ms | speed-up |", "|---|---|---|---|---|---|"]
-    for n, it, hz in itertools.product(samples, iterations, horizons):
-        batched = timed.get(("cem", n, it, hz, most))
-        if batched is None or most == 1:
-            continue
-        loop = time_plan(ProblemLoopCEMPlanner(model, _config("cem", n, it, hz)), model, most, 1)
-        lines.append(f"| {n} | {it} | {hz} | {1000 * loop:.0f} | {1000 * batched:.0f} | {loop / batched:.1f}x |")
+    for n, it, hz in itertools.product(samples, iterations, horizons) if most > 1 else ():
+        cfg = _config("cem", n, it, hz)
+        batched, loop = make_planner(model, cfg), ProblemLoopCEMPlanner(model, cfg)
+        for planner in (batched, loop):
+            time_plan(planner, model, most, 1)
+        loop_s, batched_s = alternating(lambda: time_plan(loop, model, most, 1, warm_up=False),
+                                        lambda: time_plan(batched, model, most, 1, warm_up=False), repeats)
+        lines.append(f"| {n} | {it} | {hz} | {1000 * statistics.median(loop_s):.0f} | "
+                     f"{1000 * statistics.median(batched_s):.0f} | {paired_ratio(loop_s, batched_s)} |")
 
     lines += ["", "Against a straightforward loop (one candidate per rollout call, each cost read on the host), "
                   "batch 1:", "",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from benchmarks.timing import alternating, paired_ratio
 from common.config import apply_overrides, comma_list
 from evaluation.evaluate import load_setup, world_model_records
 from evaluation.protocols import LEWM_NOTE, LEWM_POLICY
@@ -97,9 +98,8 @@ def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, prot
     """What subgoals cost: an episode's planning time (every plan call, routing included) with and without
     them, on the same episodes, and the time ``load_policy`` takes from the model files alone.
 
-    Each setting runs ``repeats`` times, alternating (off, on, on, off, off, on, ...): a shared machine's
-    speed drifts by more than the few percent measured here within minutes, and a pair of runs adjacent in
-    time shares the drift. The ratio is the median over those pairs. The subgoal code's own time (routing
+    Each setting runs ``repeats`` times, alternating (``benchmarks.timing``): the ratio is the median over
+    pairs of runs adjacent in time, which share the machine's drift. The subgoal code's own time (routing
     when an episode starts, cold, finding the waypoint at each planning call) is timed within the same runs."""
     import shutil
     import tempfile
@@ -109,7 +109,7 @@ def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, prot
     from planners import subgoals
     from planners.policy import load_policy
 
-    if repeats < 1:
+    if repeats < 1:  # before any work
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     with tempfile.TemporaryDirectory() as tmp:  # the model files alone, no dataset beside them
         shutil.copy(checkpoint, Path(tmp) / "model.pt")
@@ -127,20 +127,19 @@ def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, prot
              "|---|---|---|---|---|---|---|---|"]
     try:
         for protocol in protocols:
-            runs = {False: [], True: []}  # per setting: the records of each run
-            for r in range(repeats):
-                for on in ((False, True) if r % 2 == 0 else (True, False)):
-                    subgoals.forget_routes()  # every run routes its goals from scratch, as a fresh policy does
-                    policy = apply_overrides(PolicyConfig(), {"subgoals.enabled": on})
-                    runs[on].append(world_model_records(setup, policy, protocol, episodes, seed))
+            def run_setting(on: bool, protocol=protocol) -> list[dict]:
+                subgoals.forget_routes()  # every run routes its goals from scratch, as a fresh policy does
+                policy = apply_overrides(PolicyConfig(), {"subgoals.enabled": on})
+                return world_model_records(setup, policy, protocol, episodes, seed)
+
+            runs = dict(zip((False, True), alternating(lambda: run_setting(False), lambda: run_setting(True), repeats)))
             per_episode = {on: np.array([rec[0]["plan_time_per_episode_s"] for rec in runs[on]]) for on in runs}
-            ratios = per_episode[True] / per_episode[False]  # run r of each: adjacent in time
             for on in (False, True):
                 records = [x for rec in runs[on] for x in rec]
                 t = per_episode[on]
                 own = np.array([(rec[0]["route_time_batch_s"] + rec[0]["waypoint_time_batch_s"]) / len(rec)
                                 for rec in runs[on]])
-                ratio = (f"{np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f})" if on else "1.00x")
+                ratio = paired_ratio(per_episode[True], per_episode[False]) if on else "1.00x"
                 code = f"{np.median(own):.4f} | {100 * np.median(own / t):.1f}%" if on else "- | -"
                 lines.append(f"| {protocol} | {'on' if on else 'off'} | {_percent(records, 'success')} | "
                              f"{_percent(records, 'held')} | {np.median(t):.3f} ({t.min():.3f}-{t.max():.3f}) | "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from conftest import collect_tiny, save_as_trained_on
 from benchmarks import plan as bench
 from benchmarks import quality
@@ -13,13 +15,25 @@ from worldmodel.model import WorldModel
 
 def test_plan_bench_table_has_a_row_per_setting_and_a_measured_speed_up(monkeypatch):
     monkeypatch.setattr(bench, "demo_model", lambda dev: WorldModel(tiny_config("mlp", size=32)).to(dev).eval())
-    report = bench.run("cpu", samples=(8,), iterations=(2,), horizons=(2,), batches=(1, 3), naive_budget_s=30)
+    report = bench.run("cpu", samples=(8,), iterations=(2,), horizons=(2,), batches=(1, 3), naive_budget_s=30,
+                       repeats=2)
     rows = [line for line in report.splitlines() if re.match(r"\| (cem|mppi) \| 8 \| 2 \| 2 \|", line)]
     assert len(rows) == 4  # two planners x two batch sizes
     speed_up = re.search(r"\| 8 \| 2 \| 2 \| (\d+) \| ([\d.]+) \| (\d+)x \|", report)
     assert speed_up, report  # the naive reference ran, and its ratio is printed
-    fair = re.search(r"\| 8 \| 2 \| 2 \| (\d+) \| (\d+) \| ([\d.]+)x \|", report.split("fair")[1])
-    assert fair, report  # so did the fair one (problems one at a time, candidates batched)
+    fair = re.search(r"\| 8 \| 2 \| 2 \| (\d+) \| (\d+) \| [\d.]+x \([\d.]+-[\d.]+\) \|", report.split("fair")[1])
+    assert fair, report  # so did the fair one (problems one at a time, candidates batched), 2 alternating pairs
+
+
+def test_alternating_runs_pair_each_run_with_its_neighbour_in_time():
+    from benchmarks.timing import alternating, paired_ratio
+
+    order = []
+    a, b = alternating(lambda: order.append("a") or len(order), lambda: order.append("b") or len(order), 3)
+    assert "".join(order) == "abbaab" and a == [1, 4, 5] and b == [2, 3, 6]  # run r of each adjacent in time
+    assert paired_ratio([2.0, 3.0, 8.0], [1.0, 1.0, 2.0]) == "3.00x (2.00-4.00)" and paired_ratio([3], [2]) == "1.50x"
+    with pytest.raises(ValueError, match="repeats"):
+        alternating(lambda: 0, lambda: 0, 0)
 
 
 def test_train_bench_has_a_row_per_encoder_against_the_first():
