@@ -1,7 +1,8 @@
-"""``wm bench train``: training throughput (frames/s) of each encoder with the demo preset's predictor.
+"""``wm bench train``: training throughput (frames/s) of each encoder and frame size with the demo preset's
+predictor.
 
-One step = encode a batch of windows, predict, SIGReg, backward, AdamW. The demo's encoder (the first
-row) is the baseline the others are compared with, measured in the same run.
+One step = encode a batch of windows, predict, SIGReg, backward, AdamW. The demo's encoder at 64 px (the
+first row) is the baseline the others are compared with, measured in the same run.
 """
 
 from __future__ import annotations
@@ -18,15 +19,18 @@ from worldmodel.train import preset_config
 
 ENCODERS = {"conv, 16 channels (the demo's)": {}, "conv, 8 channels": {"encoder.conv_channels": 8},
             "conv, 32 channels": {"encoder.conv_channels": 32},
+            "conv, 16 channels, 96 px frames": {"image_size": 96},
+            "conv, 16 channels, 128 px frames": {"image_size": 128},
             "vit (width 192, depth 6, patch 8)": {"encoder.kind": "vit"}}
 
 
 def steps_per_s(cfg, device: torch.device, batch_size: int, steps: int) -> float:
-    model = WorldModel(dataclasses.replace(cfg.model, image_size=64)).to(device)
+    size = cfg.model.image_size or 64  # the frames' size (64 px unless the encoder's row says otherwise)
+    model = WorldModel(dataclasses.replace(cfg.model, image_size=size)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(0)
     frames_per_window = cfg.model.history + cfg.n_pred
-    frames = torch.randint(0, 256, (batch_size, frames_per_window, 64, 64, 3), dtype=torch.uint8, generator=g)
+    frames = torch.randint(0, 256, (batch_size, frames_per_window, size, size, 3), dtype=torch.uint8, generator=g)
     actions = torch.rand(batch_size, frames_per_window - 1, cfg.model.action_dim, generator=g) * 2 - 1
     batch = {"pixels": frames.to(device), "actions": actions.to(device)}
     def step(k: int) -> None:
@@ -51,7 +55,8 @@ def run(device: str = "auto", steps: int = 10, encoders: dict | None = None) -> 
     batch_size = base.batch_size
     frames_per_step = batch_size * (base.model.history + base.n_pred)
     lines = [f"Device {dev}, torch threads {torch.get_num_threads()}; the demo preset: batch {batch_size} windows of "
-             f"{base.model.history + base.n_pred} frames (64x64), {base.rollout_steps}-step rollout loss.", "",
+             f"{base.model.history + base.n_pred} frames (64x64 unless a row says otherwise), {base.rollout_steps}-step "
+             f"rollout loss.", "",
              "| encoder | steps/s | frames/s | vs the first row |", "|---|---|---|---|"]
     first = None
     for label, overrides in (encoders or ENCODERS).items():

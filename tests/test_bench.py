@@ -36,12 +36,16 @@ def test_alternating_runs_pair_each_run_with_its_neighbour_in_time():
         alternating(lambda: 0, lambda: 0, 0)
 
 
-def test_train_bench_has_a_row_per_encoder_against_the_first():
+def test_train_bench_has_a_row_per_encoder_against_the_first(monkeypatch):
     from benchmarks import train as train_bench
 
-    report = train_bench.run("cpu", steps=1, encoders={"a": {"encoder.conv_channels": 2}, "b": {"encoder.conv_channels": 4}})
+    sizes = []  # the frame size each row's model is built for
+    monkeypatch.setattr(train_bench, "WorldModel", lambda cfg: sizes.append(cfg.image_size) or WorldModel(cfg))
+    report = train_bench.run("cpu", steps=1, encoders={"a": {"encoder.conv_channels": 2},
+                                                       "b": {"encoder.conv_channels": 4, "image_size": 32}})
     rows = re.findall(r"\| (\w) \| ([\d.]+) \| (\d+) \| ([\d.]+)x \|", report)
     assert [r[0] for r in rows] == ["a", "b"] and rows[0][3] == "1.00" and float(rows[1][1]) > 0
+    assert sizes == [64, 32]  # a row's frame size is what its model sees (the frames are made to match)
 
 
 def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
