@@ -4,8 +4,9 @@ The model is the ``demo`` preset's architecture (weights do not change the time)
 the median of repeated plans after a warm-up. Two references from ``benchmarks.naive``, timed in the
 same run: the fair one plans the problems of a call one after another with their candidates batched;
 the naive one also scores one candidate per rollout call (where that takes seconds, not hours). A
-speed-up is only ever a ratio of two times measured here; the fair one's, a few tens of percent that this
-shared machine's drift could decide, from runs alternated with the batched planner's (``benchmarks.timing``).
+speed-up is only ever a ratio of two times measured here. The fair one's comes from runs alternated with
+the batched planner's (``benchmarks.timing``): on a shared machine one setting's time moves by tens of
+percent within minutes.
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ def run(device: str = "auto", steps: int = 10, encoders: dict | None = None) -> 
     batch_size = base.batch_size
     frames_per_step = batch_size * (base.model.history + base.n_pred)
     lines = [f"Device {dev}, torch threads {torch.get_num_threads()}; the demo preset: batch {batch_size} windows of "
-             f"{base.model.history + base.n_pred} frames (64x64 unless a row says otherwise), {base.rollout_steps}-step "
-             f"rollout loss.", "",
+             f"{base.model.history + base.n_pred} frames (64x64 unless a row says otherwise), "
+             f"{base.rollout_steps}-step rollout loss.", "",
              "| encoder | steps/s | frames/s | vs the first row |", "|---|---|---|---|"]
     first = None
     for label, overrides in (encoders or ENCODERS).items():
