@@ -1,12 +1,13 @@
 """``wm bench --what plan``: time per plan of CEM and MPPI with the world model's predictor.
 
 The model is the ``demo`` preset's architecture (weights do not change the time). Each row's time is
-the median of repeated plans after a warm-up. Two references from ``benchmarks.naive``, timed in the
-same run: the fair one plans the problems of a call one after another with their candidates batched;
-the naive one also scores one candidate per rollout call (where that takes seconds, not hours). A
-speed-up is only ever a ratio of two times measured here. The fair one's comes from runs alternated with
-the batched planner's (``benchmarks.timing``): on a shared machine one setting's time moves by tens of
-percent within minutes.
+the median of repeated plans after a warm-up, the grid timed in rounds (one plan of every setting per
+round), so a slow minute of a shared machine falls on every row, not on a few. Two references from
+``benchmarks.naive``, timed in the same run: the fair one plans the problems of a call one after another
+with their candidates batched; the naive one also scores one candidate per rollout call (where that takes
+seconds, not hours). A speed-up is only ever a ratio of two times measured here. The fair one's comes
+from runs alternated with the batched planner's (``benchmarks.timing``): on a shared machine one
+setting's time moves by tens of percent within minutes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import torch
 
 from benchmarks.naive import NaiveCEMPlanner, ProblemLoopCEMPlanner
-from benchmarks.timing import alternating, paired_ratio
+from benchmarks.timing import alternating, paired_ratio, round_robin
 from common.config import apply_overrides
 from common.device import resolve_device, synchronize
 from planners.config import PlannerConfig
@@ -57,6 +58,16 @@ def time_plan(planner, model, batch: int, repeats: int, warm_up: bool = True) ->
     return statistics.median(times)
 
 
+def _timer(planner, model, batch: int):
+    """A function timing one plan of ``planner`` per call, the first call warmed up (outside the clock)."""
+    calls = []
+
+    def run() -> float:
+        calls.append(1)
+        return time_plan(planner, model, batch, 1, warm_up=len(calls) == 1)
+    return run
+
+
 def _config(name: str, n: int, it: int, hz: int) -> PlannerConfig:
     return apply_overrides(PlannerConfig(), {"planner": name, "samples": n, "iterations": it, "horizon": hz})
 
@@ -68,27 +79,30 @@ def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), hor
     lines = [f"Model: demo preset (conv encoder, MLP predictor {model.cfg.predictor.hidden} wide x "
              f"{model.cfg.predictor.depth}, latent {model.cfg.latent_dim}, history {model.history}, "
              f"action chunk {model.action_dim}); device {dev}; torch threads {torch.get_num_threads()}.", "",
-             "| planner | samples | iterations | horizon | batch | ms per plan | ms per problem |",
-             "|---|---|---|---|---|---|---|"]
-    timed = {}
-    for name, n, it, hz, b in itertools.product(("cem", "mppi"), samples, iterations, horizons, batches):
-        plans = 3 if n * it * hz * b <= 300 * 30 * 5 * 50 else 1
-        t = timed[(name, n, it, hz, b)] = time_plan(make_planner(model, _config(name, n, it, hz)), model, b, plans)
-        lines.append(f"| {name} | {n} | {it} | {hz} | {b} | {1000 * t:.1f} | {1000 * t / b:.2f} |")
+             f"Each row the median of {repeats} plans (1 for settings beyond CEM 300 x 30 x 5 for 50 problems), "
+             f"timed in rounds of one plan of every setting:", "",
+             "| planner | samples | iterations | horizon | batch | ms per plan | ms per problem | per plan vs row 1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    grid = list(itertools.product(("cem", "mppi"), samples, iterations, horizons, batches))
+    runs = {key: _timer(make_planner(model, _config(*key[:4])), model, key[-1]) for key in grid}
+    plans = {(name, n, it, hz, b): repeats if n * it * hz * b <= 300 * 30 * 5 * 50 else 1
+             for name, n, it, hz, b in grid}
+    timed = {key: statistics.median(times) for key, times in round_robin(runs, plans).items()}
+    first = timed[grid[0]]
+    for (name, n, it, hz, b), t in timed.items():
+        lines.append(f"| {name} | {n} | {it} | {hz} | {b} | {1000 * t:.1f} | {1000 * t / b:.2f} | {t / first:.2f}x |")
 
     most = max(batches)
     lines += ["", f"What planning problems together buys: CEM for {most} problems in one call, against the fair "
                   f"reference that plans them one after another, each with its candidates batched (same algorithm, "
                   f"same noise, the same plans); {repeats} plans of each, alternating, times their median, the "
                   f"speed-up the median (min-max) over pairs of plans adjacent in time:", "",
-              "| samples | iterations | horizon | one problem at a time ms | batched ms | speed-up |", "|---|---|---|---|---|---|"]
+              "| samples | iterations | horizon | one problem at a time ms | batched ms | speed-up |",
+              "|---|---|---|---|---|---|"]
     for n, it, hz in itertools.product(samples, iterations, horizons) if most > 1 else ():
         cfg = _config("cem", n, it, hz)
-        batched, loop = make_planner(model, cfg), ProblemLoopCEMPlanner(model, cfg)
-        for planner in (batched, loop):
-            time_plan(planner, model, most, 1)
-        loop_s, batched_s = alternating(lambda: time_plan(loop, model, most, 1, warm_up=False),
-                                        lambda: time_plan(batched, model, most, 1, warm_up=False), repeats)
+        loop_s, batched_s = alternating(_timer(ProblemLoopCEMPlanner(model, cfg), model, most),
+                                        _timer(make_planner(model, cfg), model, most), repeats)
         lines.append(f"| {n} | {it} | {hz} | {1000 * statistics.median(loop_s):.0f} | "
                      f"{1000 * statistics.median(batched_s):.0f} | {paired_ratio(loop_s, batched_s)} |")
 

@@ -1,9 +1,9 @@
-"""Ratios of two timings that a shared machine's drift does not decide.
+"""Timings and their ratios that a shared machine's drift does not decide.
 
 The speed of these machines drifts by 10-25% within minutes (six identical runs in one process took 0.27
-to 0.34 s), more than many of the differences measured. Runs of the two settings alternate (a, b, b, a,
-a, b, ...), so run r of each is adjacent in time to the other's run r and shares its drift; the ratio
-reported is the median over those pairs.
+to 0.34 s), more than many of the differences measured. Runs of two settings alternate (a, b, b, a, a, b, ...), so
+run r of each is adjacent in time to the other's run r and shares its drift; the ratio reported is the
+median over those pairs. A table of many settings is timed in rounds, each round one run of every setting.
 """
 
 from __future__ import annotations
@@ -15,16 +15,25 @@ import numpy as np
 T = TypeVar("T")
 
 
+def round_robin(runs: dict, repeats: dict) -> dict:
+    """``repeats[key]`` results of each ``runs[key]()``, taken in rounds: round r runs every key with more than
+    r repeats, in the given order on even rounds and reversed on odd ones. The r-th runs of all keys are
+    neighbours in time, so no one setting takes all of a slow minute."""
+    if any(n < 1 for n in repeats.values()):
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    out = {key: [] for key in runs}
+    for r in range(max(repeats.values(), default=0)):
+        keys = [k for k in runs if repeats[k] > r]
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            out[key].append(runs[key]())
+    return out
+
+
 def alternating(run_a: Callable[[], T], run_b: Callable[[], T], repeats: int) -> tuple[list[T], list[T]]:
     """``repeats`` results of each, run in the order a, b, b, a, a, b, ...; result r of a and of b are
     adjacent in time."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    a, b = [], []
-    for r in range(repeats):
-        for run, out in ((run_a, a), (run_b, b)) if r % 2 == 0 else ((run_b, b), (run_a, a)):
-            out.append(run())
-    return a, b
+    out = round_robin({"a": run_a, "b": run_b}, {"a": repeats, "b": repeats})
+    return out["a"], out["b"]
 
 
 def paired_ratio(numerator, denominator) -> str:

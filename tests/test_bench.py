@@ -19,6 +19,7 @@ def test_plan_bench_table_has_a_row_per_setting_and_a_measured_speed_up(monkeypa
                        repeats=2)
     rows = [line for line in report.splitlines() if re.match(r"\| (cem|mppi) \| 8 \| 2 \| 2 \|", line)]
     assert len(rows) == 4  # two planners x two batch sizes
+    assert rows[0].endswith("| 1.00x |") and all(re.search(r"\| [\d.]+x \|$", r) for r in rows)  # vs row 1
     speed_up = re.search(r"\| 8 \| 2 \| 2 \| (\d+) \| ([\d.]+) \| (\d+)x \|", report)
     assert speed_up, report  # the naive reference ran, and its ratio is printed
     fair = re.search(r"\| 8 \| 2 \| 2 \| (\d+) \| (\d+) \| [\d.]+x \([\d.]+-[\d.]+\) \|", report.split("fair")[1])
@@ -34,6 +35,16 @@ def test_alternating_runs_pair_each_run_with_its_neighbour_in_time():
     assert paired_ratio([2.0, 3.0, 8.0], [1.0, 1.0, 2.0]) == "3.00x (2.00-4.00)" and paired_ratio([3], [2]) == "1.50x"
     with pytest.raises(ValueError, match="repeats"):
         alternating(lambda: 0, lambda: 0, 0)
+
+
+def test_round_robin_times_every_setting_once_per_round():
+    from benchmarks.timing import round_robin
+
+    order = []
+    runs = {k: (lambda k=k: order.append(k) or len(order)) for k in "xyz"}
+    out = round_robin(runs, {"x": 3, "y": 1, "z": 2})
+    assert "".join(order) == "xyzzxx"  # rounds: x y z, then z x reversed, then x alone
+    assert out == {"x": [1, 5, 6], "y": [2], "z": [3, 4]}
 
 
 def test_train_bench_has_a_row_per_encoder_against_the_first(monkeypatch):
