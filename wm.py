@@ -387,7 +387,7 @@ COMMANDS = {
     "collect": (CollectConfig, run_collect, "collect pixel rollouts into HDF5 shards"),
     "convert": (ConvertConfig, run_convert, "rewrite a dataset as one stable-worldmodel .h5 file, or as our shards"),
     "video": (VideoConfig, run_video, "write an mp4 of dataset episodes"),
-    "train": (TrainConfig, run_train, "train the world model (presets: demo, lewm-data, full)"),
+    "train": (TrainConfig, run_train, "train the world model (presets: demo, hold, lewm-data, full)"),
     "probe": (ProbeConfig, run_probe, "linear and nonlinear probes of the latent: is the state a linear map of it?"),
     "eval": (EvalConfig, run_eval, "closed-loop success in MuJoCo beside reference methods (random, exploration, simulator)"),
     "demo": (DemoConfig, run_demo, "planning videos (mp4 + gif) and a summary sheet"),

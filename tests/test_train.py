@@ -350,6 +350,19 @@ def test_presets_and_overrides():
         preset_config("demo", {"encoder.colour": "red"})
 
 
+def test_hold_preset_trains_longer_and_says_when_its_frames_are_smaller(caplog):
+    from worldmodel.train import check_preset_frames
+
+    hold, demo = preset_config("hold", data="runs/d64"), preset_config("demo")
+    assert hold.steps == 5000 and hold.model == demo.model  # the demo's model, trained longer
+    with caplog.at_level("WARNING", logger="worldmodel.train"):
+        check_preset_frames(hold, 96)
+        check_preset_frames(demo, 64)
+        assert not caplog.records
+        check_preset_frames(hold, 64)
+    assert "96 px" in caplog.text and "runs/d64 holds 64 px" in caplog.text
+
+
 def test_two_cpu_processes_stay_in_sync(data, tmp_path):
     """torchrun with gloo: DDP keeps the ranks' weights equal (checked at every checkpoint)."""
     out = tmp_path / "ddp"
