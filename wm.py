@@ -127,7 +127,8 @@ class BenchConfig:
     data: str = option("", "plan-quality, subgoals: evaluation dataset (default: the one the model was trained on)")
     episodes: int = option(50, "plan-quality, subgoals: episodes per setting")
     repeats: int = option(3, "subgoals, plan: runs of each setting, alternating, for a ratio steadier than one "
-                             "run's (plan: of the batched planner and the one-problem-at-a-time reference)")
+                             "run's (plan: plans per row of the grid, timed in rounds, and of the batched planner "
+                             "and the one-problem-at-a-time reference)")
     split: str = option("val", "plan-quality, subgoals: the model's episodes they run on (val: settings are "
                                "chosen there)", choices=HELD_OUT)
     out: str = option("runs/bench", "directory for the Markdown report")

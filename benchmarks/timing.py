@@ -1,9 +1,10 @@
 """Timings and their ratios that a shared machine's drift does not decide.
 
 The speed of these machines drifts by 10-25% within minutes (six identical runs in one process took 0.27
-to 0.34 s), more than many of the differences measured. Runs of two settings alternate (a, b, b, a, a, b, ...), so
-run r of each is adjacent in time to the other's run r and shares its drift; the ratio reported is the
-median over those pairs. A table of many settings is timed in rounds, each round one run of every setting.
+to 0.34 s), more than many of the differences measured. Runs of two settings alternate (a, b, b, a, a,
+b, ...), so run r of each is adjacent in time to the other's run r and shares its drift; the ratio
+reported is the median over those pairs. A table of many settings is timed in rounds, each round one run
+of every setting.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ T = TypeVar("T")
 
 
 def round_robin(runs: dict, repeats: dict) -> dict:
-    """``repeats[key]`` results of each ``runs[key]()``, taken in rounds: round r runs every key with more than
-    r repeats, in the given order on even rounds and reversed on odd ones. The r-th runs of all keys are
+    """``repeats[key]`` results of each ``runs[key]()``, taken in rounds: round r runs every key with more
+    than r repeats, in the given order on even rounds and reversed on odd ones. The r-th runs of all keys are
     neighbours in time, so no one setting takes all of a slow minute."""
     if any(n < 1 for n in repeats.values()):
         raise ValueError(f"repeats must be >= 1, got {repeats}")
