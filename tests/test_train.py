@@ -350,7 +350,7 @@ def test_presets_and_overrides():
         preset_config("demo", {"encoder.colour": "red"})
 
 
-def test_hold_preset_trains_longer_and_says_when_its_frames_are_smaller(caplog):
+def test_hold_preset_trains_longer_and_says_when_its_frames_are_smaller(data, tmp_path, caplog):
     from worldmodel.train import check_preset_frames
 
     hold, demo = preset_config("hold", data="runs/d64"), preset_config("demo")
@@ -361,6 +361,10 @@ def test_hold_preset_trains_longer_and_says_when_its_frames_are_smaller(caplog):
         assert not caplog.records
         check_preset_frames(hold, 64)
     assert "96 px" in caplog.text and "runs/d64 holds 64 px" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="worldmodel.train"):  # and `wm train --preset hold` says so too
+        train(preset_config("hold", {**TINY, "steps": 2}, data=str(data), out=str(tmp_path / "hold")), progress=False)
+    assert "--preset hold was chosen on 96 px frames" in caplog.text
 
 
 def test_two_cpu_processes_stay_in_sync(data, tmp_path):
