@@ -261,6 +261,12 @@ def run_bench(cfg: BenchConfig) -> int:
     from benchmarks import train as train_bench
     from evaluation.protocols import parse_protocols
 
+    failed: list[str] = []  # the GPU check's failed parts make the exit status 1
+
+    def gpu_check() -> str:
+        report, failed[:] = gpu_bench.run(cfg.device, str(Path(cfg.out) / "gpu-check"), cfg.dry_run)
+        return report
+
     benches = {"collect": data_bench.run, "train": lambda: train_bench.run(cfg.device),
                "plan": lambda: plan_bench.run(cfg.device, repeats=cfg.repeats),
                "plan-quality": lambda: quality_bench.run(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
@@ -268,14 +274,14 @@ def run_bench(cfg: BenchConfig) -> int:
                                                          data=cfg.data, split=cfg.split),
                "subgoals": lambda: quality_bench.subgoal_cost(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
                                                               data=cfg.data, split=cfg.split, repeats=cfg.repeats),
-               "gpu": lambda: gpu_bench.run(cfg.device, str(Path(cfg.out) / "gpu-check"), cfg.dry_run)}
+               "gpu": gpu_check}
     chosen = ({k: v for k, v in benches.items() if k not in ("plan-quality", "subgoals", "gpu")} if cfg.what == "all"
               else {cfg.what: benches[cfg.what]})
     out = prepare_output_dir(cfg.out)  # before any benchmark runs
     report = "\n\n".join(f"# wm bench {name}\n\n{_machine()}\n\n{fn()}" for name, fn in chosen.items())
     print(report)
     atomic_write_text(out / f"bench_{cfg.what}.md", report + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 def _machine() -> str:

@@ -1,21 +1,26 @@
 """``wm bench --what gpu``: everything a GPU must show, in one call (about 8 minutes on an H100/H200).
 
-1. the test suite on the device (the code picks CUDA wherever it is asked for ``auto``),
-2. plan latency of CEM 300 x 30 x H5 (LeWM's setting) and of our default, batch 1 and 50: eager, compiled
-   (``torch.compile``) and compiled with CUDA graphs (``reduce-overhead``),
-3. training throughput of the demo and full presets,
-4. a short training of the full preset on freshly collected data, and its closed-loop evaluation.
+1. plan latency of CEM 300 x 30 x H5 (LeWM's setting) and of our default, batch 1 and 50, eager,
+2. training throughput of the demo and full presets,
+3. the same plan latencies compiled (``torch.compile``; CUDA graphs through ``reduce-overhead`` on CUDA),
+4. a short training of the full preset on freshly collected data, and its closed-loop evaluation,
+5. the test suite on the device (the code picks CUDA wherever it is asked for ``auto``), in the time left.
 
-It writes ``gpu_check.md`` and ``gpu_check.json``. ``dry_run`` runs every part with tiny settings on any
-device (the test suite runs it on the CPU), so the command is known to work before a GPU is at hand.
+The cheap parts come first, so a machine lent for a few minutes answers the most. Each part that fails is
+recorded with its error and the others still run; ``gpu_check.md`` and ``gpu_check.json`` are rewritten
+after every part, so a run stopped from outside keeps what it measured. A part that would start after
+``minutes`` is skipped and says so. ``dry_run`` runs every part with tiny settings on any device (the
+test suite runs it on the CPU), so the command is known to work before a GPU is at hand.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -28,24 +33,35 @@ from planners.policy import make_planner
 
 LEWM = {"samples": 300, "iterations": 30, "horizon": 5, "cem.elites": 30}
 OURS: dict = {}  # the default planner
+ROOT = Path(__file__).parents[1]
 
 
-def plan_latency(device: torch.device, dry_run: bool) -> list[dict]:
-    """Median ms per plan for each (planner, batch, mode); compiled means CUDA graphs on CUDA
-    (``planners.base.compile_iteration`` uses ``reduce-overhead`` there)."""
+def plan_latency(device: torch.device, dry_run: bool, compiled: bool) -> list[dict]:
+    """Median ms per plan for each (planner, batch); each row's wall time includes its warm-up call (the
+    compilation, when compiled). A row that fails records its error; the other rows still run. Where
+    inductor declined CUDA graphs for a compiled graph, the mode says how many times."""
+    from torch._dynamo.utils import counters
+
     from benchmarks.plan import demo_model, time_plan
 
     model = demo_model(device)
     settings = {"tiny CEM 8 x 2": {"samples": 8, "iterations": 2}} if dry_run else \
         {"CEM 300 x 30 x H5 (LeWM)": LEWM, "default (CEM 100 x 10)": OURS}
+    mode = ("CUDA graphs" if device.type == "cuda" else "compiled") if compiled else "eager"
     rows = []
     for label, over in settings.items():
         for batch in (1, 2) if dry_run else (1, 50):
-            for compiled in (False,) if dry_run else (False, True):
+            row = {"planner": label, "batch": batch, "mode": mode}
+            start, skips = time.perf_counter(), counters["inductor"]["cudagraph_skips"]
+            try:
                 planner = make_planner(model, apply_overrides(PlannerConfig(), {**over, "compile": compiled}))
-                mode = ("CUDA graphs" if device.type == "cuda" else "compiled") if compiled else "eager"
-                rows.append({"planner": label, "batch": batch, "mode": mode,
-                             "ms_per_plan": 1000 * time_plan(planner, model, batch, 1 if dry_run else 5)})
+                row["ms_per_plan"] = 1000 * time_plan(planner, model, batch, 1 if dry_run else 10)
+            except Exception as exc:  # noqa: BLE001 - recorded in the report, the other rows still run
+                row["error"] = _error(exc)
+            row["row_seconds"] = time.perf_counter() - start
+            if counters["inductor"]["cudagraph_skips"] > skips:
+                row["mode"] += f" (declined {counters['inductor']['cudagraph_skips'] - skips} times)"
+            rows.append(row)
     return rows
 
 
@@ -70,8 +86,10 @@ def short_training(out: Path, device: torch.device, dry_run: bool) -> dict:
 
     data = out / "data"
     episodes = 30 if dry_run else 2000
-    collect(CollectConfig(episodes=episodes, steps=40 if dry_run else 100, size=64, workers=1 if dry_run else 16,
-                          out=str(data)), progress=False)
+    start = time.perf_counter()
+    collect(CollectConfig(episodes=episodes, steps=40 if dry_run else 100, size=64,
+                          workers=1 if dry_run else min(16, os.cpu_count() or 1), out=str(data)), progress=False)
+    collected = time.perf_counter() - start
     steps = 4 if dry_run else 3000
     small = {"latent_dim": 16, "batch_size": 8, "encoder.conv_channels": 4, "predictor.hidden": 32,
              "eval_episodes": 0, "val_every": 2, "ckpt_every": 2, "num_workers": 0} if dry_run else {}
@@ -84,38 +102,99 @@ def short_training(out: Path, device: torch.device, dry_run: bool) -> dict:
                                  **({"policy": apply_overrides(EvalConfig().policy, {"samples": 8, "iterations": 1})}
                                     if dry_run else {})), progress=False)
     s = report["summary"]["reach25/world_model"]
-    return {"train_minutes": trained / 60, "steps": steps, "reach25_latched": s["success_rate"],
-            "reach25_held": s["held_rate"]}
+    return {"episodes": episodes, "collect_minutes": collected / 60, "train_minutes": trained / 60, "steps": steps,
+            "reach25_latched": s["success_rate"], "reach25_held": s["held_rate"]}
 
 
-def test_suite(dry_run: bool) -> dict:
-    """The test suite, run on this machine (its device); not in a dry run (the suite runs that)."""
+def test_suite(dry_run: bool, seconds: float) -> dict:
+    """The test suite on this machine (its device), spread over up to 8 processes where pytest-xdist is
+    installed, stopped after ``seconds``; not in a dry run (the suite runs that)."""
     if dry_run:
-        return {"returncode": 0, "summary": "not run in a dry run", "seconds": 0.0}
-    args = [sys.executable, "-m", "pytest", "-q", "-x"]
-    start = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parents[1],
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    return {"returncode": proc.returncode, "summary": proc.stdout.strip().splitlines()[-1] if proc.stdout else "",
-            "seconds": time.perf_counter() - start}
+        return {"returncode": 0, "summary": "not run in a dry run", "failed": []}
+    args = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider"]
+    workers = min(8, os.cpu_count() or 1)
+    if importlib.util.find_spec("xdist") and workers > 1:
+        args += ["-n", str(workers)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "COLUMNS": "400"}  # whole failure lines
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=max(seconds, 1))
+    except subprocess.TimeoutExpired:
+        return {"returncode": None, "summary": f"stopped after {seconds:.0f} s (the check's time ran out)",
+                "failed": []}
+    lines = proc.stdout.strip().splitlines()
+    return {"returncode": proc.returncode, "summary": lines[-1] if lines else proc.stderr.strip()[-500:],
+            "failed": [line for line in lines if line.startswith(("FAILED ", "ERROR "))][:30]}
 
 
-def run(device: str = "auto", out: str = "runs/gpu-check", dry_run: bool = False) -> str:
+def _error(exc: BaseException) -> str:
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" ({Path(where.filename).name}:{where.lineno})" if where else ""
+    return f"{type(exc).__name__}: {str(exc)[:400]}{at}"
+
+
+def run(device: str = "auto", out: str = "runs/gpu-check", dry_run: bool = False,
+        minutes: float = 8.0) -> tuple[str, list[str]]:
+    """Run every part, writing the report after each; returns the Markdown and the names of failed parts."""
     dev = resolve_device(device)
     where = prepare_output_dir(out)
+    deadline = time.perf_counter() + 60 * minutes
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    result = {"device": name, "torch": torch.__version__, "dry_run": dry_run,
-              "tests": test_suite(dry_run), "plan_latency": plan_latency(dev, dry_run),
-              "training": training_throughput(dev, dry_run), "short_training": short_training(where, dev, dry_run)}
-    lines = [f"# GPU check on {name} (torch {torch.__version__}){' - DRY RUN, tiny settings' if dry_run else ''}", "",
-             f"Tests: {result['tests']['summary']} (rc {result['tests']['returncode']}, "
-             f"{result['tests']['seconds']:.0f} s).", "", "| planner | batch | mode | ms per plan |", "|---|---|---|---|"]
-    lines += [f"| {r['planner']} | {r['batch']} | {r['mode']} | {r['ms_per_plan']:.2f} |" for r in result["plan_latency"]]
-    lines += ["", "| preset | steps/s | frames/s |", "|---|---|---|"]
-    lines += [f"| {r['preset']} | {r['steps_per_s']:.1f} | {r['frames_per_s']:.0f} |" for r in result["training"]]
-    t = result["short_training"]
-    lines += ["", f"Full preset, {t['steps']} steps in {t['train_minutes']:.1f} min: reach25 latched "
-                  f"{100 * t['reach25_latched']:.1f}%, held {100 * t['reach25_held']:.1f}% (test episodes)."]
-    atomic_write_json(where / "gpu_check.json", result)
-    atomic_write_text(where / "gpu_check.md", "\n".join(lines) + "\n")
+    result = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": os.cpu_count(),
+              "dry_run": dry_run, "minutes": minutes, "seconds": {}, "failed": []}
+    parts = {"plan_latency": lambda: plan_latency(dev, dry_run, compiled=False),
+             "training": lambda: training_throughput(dev, dry_run),
+             "plan_latency_compiled": lambda: {"skipped": "not in a dry run (compiling takes a minute on a CPU; "
+                                                          "the planner tests check the graph capture)"}
+             if dry_run else plan_latency(dev, dry_run, compiled=True),
+             "short_training": lambda: short_training(where, dev, dry_run),
+             "tests": lambda: test_suite(dry_run, deadline - time.perf_counter())}
+    for part, fn in parts.items():
+        start = time.perf_counter()
+        if start > deadline:
+            result[part] = {"skipped": f"not started: the check's {minutes:g} minutes had run out"}
+        else:
+            try:
+                result[part] = fn()
+            except Exception as exc:  # noqa: BLE001 - recorded, and the next part still runs
+                result[part] = {"error": _error(exc)}
+        result["seconds"][part] = time.perf_counter() - start
+        value = result[part]
+        rows = value if isinstance(value, list) else [value]
+        if any("error" in r for r in rows) or (part == "tests" and value.get("returncode") not in (0, None)):
+            result["failed"].append(part)
+        atomic_write_json(where / "gpu_check.json", result)
+        report = render(result)
+        atomic_write_text(where / "gpu_check.md", report + "\n")
+    return report, result["failed"]
+
+
+def render(result: dict) -> str:
+    """The Markdown report of what has run so far."""
+    lines = [f"# GPU check on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, "
+             f"{result['cpus']} CPU cores){' - DRY RUN, tiny settings' if result['dry_run'] else ''}", "",
+             f"Failed parts: {', '.join(result['failed'])}." if result["failed"] else "No part failed.", ""]
+    for part, seconds in result["seconds"].items():
+        value = result[part]
+        if isinstance(value, dict) and ("error" in value or "skipped" in value):
+            lines += [f"{part}: {value.get('error') or value.get('skipped')}", ""]
+        elif part.startswith("plan_latency"):
+            lines += ["| planner | batch | mode | ms per plan | row's seconds (warm-up included) |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {r['planner']} | {r['batch']} | {r['mode']} | "
+                      f"{r['ms_per_plan']:.2f} | {r['row_seconds']:.1f} |" if "ms_per_plan" in r else
+                      f"| {r['planner']} | {r['batch']} | {r['mode']} | {r['error']} | {r['row_seconds']:.1f} |"
+                      for r in value]
+            lines.append("")
+        elif part == "training":
+            lines += ["| preset | training steps/s | frames/s |", "|---|---|---|"]
+            lines += [f"| {r['preset']} | {r['steps_per_s']:.1f} | {r['frames_per_s']:.0f} |" for r in value] + [""]
+        elif part == "short_training":
+            lines += [f"Full preset on {value['episodes']} fresh episodes (collected in "
+                      f"{value['collect_minutes']:.1f} min): {value['steps']} steps in {value['train_minutes']:.1f} "
+                      f"min; reach25 latched {100 * value['reach25_latched']:.1f}%, held "
+                      f"{100 * value['reach25_held']:.1f}% (test episodes).", ""]
+        elif part == "tests":
+            lines += [f"Tests: {value['summary']} (rc {value['returncode']}, {seconds:.0f} s)."]
+            lines += [f"- {line}" for line in value["failed"]] + [""]
+    lines.append("Seconds per part: " + ", ".join(f"{p} {s:.0f}" for p, s in result["seconds"].items()) + ".")
     return "\n".join(lines)
