@@ -26,6 +26,7 @@ from torch import Tensor
 
 from planners.config import STREAMS_PER_CALL, PlannerConfig
 from planners.costs import CostFn, get_cost
+from planners.cuda_graph import CapturedSearch
 from planners.noise import problem_keys, standard_normal
 
 @dataclass
@@ -95,8 +96,12 @@ class Planner:
         self.steps_per_chunk = getattr(model, "frameskip", 1)  # a chunk holds this many env actions
         self._seed, self._calls = self.cfg.seed, 0
         self._step = self.iteration
-        if self.cfg.compile:
-            self._step = compile_iteration(self.iteration)
+        if self.cfg.compile:  # inside a captured whole plan, the iteration gets no CUDA graphs of its own
+            self._step = compile_iteration(self.iteration, cuda_graphs=not self.cfg.cuda_graph)
+        device = getattr(model, "device", None)
+        if self.cfg.cuda_graph and device is not None and torch.device(device).type != "cuda":
+            raise ValueError(f"cuda_graph captures CUDA graphs: it needs the model on CUDA, got {device}")
+        self._search = CapturedSearch(self.search) if self.cfg.cuda_graph else self.search
 
     def reset(self, seed: int | None = None) -> None:
         """Restart the noise streams (from ``seed`` if given, else from the current seed)."""
@@ -138,6 +143,11 @@ class Planner:
         # One stream per iteration of this call, built on the device without a host copy.
         streams = torch.arange(iterations, device=z_hist.device, dtype=torch.int32) + self._calls * STREAMS_PER_CALL
         self._calls += 1
+        return self._search(z_hist, a_hist, z_goal, mean, keys, streams)
+
+    def search(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, mean: Tensor, keys: Tensor,
+               streams: Tensor) -> PlanResult:
+        """The whole search of one ``plan`` call: pure tensor code (``cuda_graph`` captures it)."""
         result = self.optimize(z_hist, a_hist, z_goal, mean, keys, streams)
         return self.prefer_rest(z_hist, a_hist, z_goal, result) if self.cfg.rest and self.cfg.rest_margin else result
 
@@ -235,8 +245,9 @@ def coloured(eps: Tensor, beta: float, steps_per_chunk: int) -> Tensor:
 COMPILE_BACKEND = "inductor"  # the tests' fast check of graph capture swaps in "aot_eager"
 
 
-def compile_iteration(fn):
-    """``torch.compile`` of a planner iteration: CUDA graphs (``reduce-overhead``) when it runs on CUDA.
+def compile_iteration(fn, cuda_graphs: bool = True):
+    """``torch.compile`` of a planner iteration: CUDA graphs (``reduce-overhead``) when it runs on CUDA and
+    ``cuda_graphs`` (off where the whole plan is captured as one graph: ``planners.cuda_graph``).
 
     ``fullgraph=True``: a graph break (a host sync, data-dependent Python control flow) is an error, not
     a silent slowdown. One graph serves every iteration of every call with the same shapes; other
@@ -245,14 +256,14 @@ def compile_iteration(fn):
     compiled = {}
 
     def step(ctx: Context, stream: Tensor, *state: Tensor):
-        cuda = ctx.z_goal.is_cuda
-        mode = "reduce-overhead" if cuda else "default"
+        graphs = ctx.z_goal.is_cuda and cuda_graphs
+        mode = "reduce-overhead" if graphs else "default"
         if mode not in compiled:
             options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
             compiled[mode] = torch.compile(fn, backend=COMPILE_BACKEND, fullgraph=True, dynamic=False, **options)
         out = compiled[mode](ctx, stream, *state)
         # A CUDA graph's outputs live in its static memory, which its next replay overwrites: the
         # state fed back into it is copied out first (a few small tensors).
-        return tuple(t.clone() for t in out) if cuda else out
+        return tuple(t.clone() for t in out) if graphs else out
 
     return step
