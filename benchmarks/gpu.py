@@ -89,7 +89,8 @@ def training_throughput(device: torch.device, dry_run: bool) -> list[dict]:
 
 
 def short_training(out: Path, device: torch.device, dry_run: bool) -> dict:
-    """Collect, train the full preset (3,000 steps), evaluate reach25 on its test episodes."""
+    """Collect, train the full preset (3,000 steps), evaluate reach25 (near goals) and uniform (far goals)
+    on its test episodes."""
     from envs.collect import CollectConfig, collect
     from evaluation.evaluate import EvalConfig, evaluate
     from worldmodel.train import preset_config, train
@@ -109,11 +110,13 @@ def short_training(out: Path, device: torch.device, dry_run: bool) -> dict:
     trained = time.perf_counter() - start
     report = evaluate(EvalConfig(checkpoint=str(out / "run" / "model.pt"), episodes=2 if dry_run else 50,
                                  seeds=1 if dry_run else 3, baselines="", device=str(device), out=str(out / "eval"),
+                                 protocol="reach25,uniform",
                                  **({"policy": apply_overrides(EvalConfig().policy, {"samples": 8, "iterations": 1})}
                                     if dry_run else {})), progress=False)
-    s = report["summary"]["reach25/world_model"]
+    rates = {f"{p}_{k}": report["summary"][f"{p}/world_model"][f"{rate}_rate"]
+             for p in ("reach25", "uniform") for k, rate in (("latched", "success"), ("held", "held"))}
     return {"episodes": episodes, "collect_minutes": collected / 60, "train_minutes": trained / 60, "steps": steps,
-            "reach25_latched": s["success_rate"], "reach25_held": s["held_rate"]}
+            **rates}
 
 
 def test_suite(dry_run: bool, seconds: float) -> dict:
@@ -201,8 +204,9 @@ def render(result: dict) -> str:
         elif part == "short_training":
             lines += [f"Full preset on {value['episodes']} fresh episodes (collected in "
                       f"{value['collect_minutes']:.1f} min): {value['steps']} steps in {value['train_minutes']:.1f} "
-                      f"min; reach25 latched {100 * value['reach25_latched']:.1f}%, held "
-                      f"{100 * value['reach25_held']:.1f}% (test episodes).", ""]
+                      f"min; latched / held on its test episodes: reach25 {100 * value['reach25_latched']:.1f}% / "
+                      f"{100 * value['reach25_held']:.1f}%, uniform {100 * value['uniform_latched']:.1f}% / "
+                      f"{100 * value['uniform_held']:.1f}%.", ""]
         elif part == "tests":
             lines += [f"Tests: {value['summary']} (rc {value['returncode']}, {seconds:.0f} s)."]
             lines += [f"- {line}" for line in value["failed"]] + [""]

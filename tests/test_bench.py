@@ -93,7 +93,7 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     result = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
     assert "DRY RUN" in report and (tmp_path / "check" / "gpu_check.md").is_file() and failed == []
     assert len(result["plan_latency"]) == 2 and {r["preset"] for r in result["training"]} == {"demo", "full"}
-    assert 0 <= result["short_training"]["reach25_latched"] <= 1 and result["short_training"]["steps"] == 4
+    assert 0 <= result["short_training"]["uniform_held"] <= 1 and result["short_training"]["steps"] == 4
     assert "skipped" in result["plan_latency_graphs"]  # compiling is the planner tests' to check on a CPU
     assert list(result["seconds"]) == ["plan_latency", "training", "plan_latency_graphs", "short_training", "tests"]
 
@@ -108,11 +108,12 @@ def test_a_failing_part_of_the_gpu_check_is_reported_and_the_others_still_run(tm
         raise RuntimeError("no kernel image for this device")
 
     monkeypatch.setattr(gpu, "training_throughput", boom)
+    rates = {f"{p}_{k}": 1 for p in ("reach25", "uniform") for k in ("latched", "held")}
     monkeypatch.setattr(gpu, "short_training", lambda *args: {"episodes": 1, "collect_minutes": 0, "train_minutes": 0,
-                                                              "steps": 1, "reach25_latched": 1, "reach25_held": 1})
+                                                              "steps": 1, **rates})
     report, failed = gpu.run("cpu", str(tmp_path / "check"), dry_run=True)
     assert failed == ["training"] and "training: RuntimeError: no kernel image for this device" in report
-    assert "held 100.0%" in report  # the parts after the failed one ran
+    assert "uniform 100.0% / 100.0%" in report  # the parts after the failed one ran
     assert json.loads((tmp_path / "check" / "gpu_check.json").read_text())["failed"] == ["training"]
     assert wm.run_bench(wm.BenchConfig(what="gpu", dry_run=True, device="cpu", out=str(tmp_path / "cli"))) == 1
 
