@@ -24,7 +24,7 @@ from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, load_setup, worl
 from evaluation.html import demo_page
 from worldmodel.datasplit import HELD_OUT
 from evaluation.protocols import PROTOCOLS, sample_episodes
-from planners.policy import PolicyConfig
+from planners.policy import PolicyConfig, check_policy_device
 from worldmodel.latents import encode_episodes
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class DemoConfig:
     def __post_init__(self):
         if self.episodes < 1:
             raise ValueError(f"--episodes must be >= 1, got {self.episodes}")
+        check_policy_device(self.policy, self.device)
 
     @property
     def out_dir(self) -> Path:

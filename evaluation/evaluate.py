@@ -34,7 +34,7 @@ from evaluation.html import evaluation_page
 from evaluation.report import log_to_tensorboard, plot_results, results_markdown, summarize
 from evaluation.stats import METHOD
 from planners.noise import problem_keys
-from planners.policy import MPCPolicy, PolicyConfig
+from planners.policy import MPCPolicy, PolicyConfig, check_policy_device
 from worldmodel.datasplit import HELD_OUT, load_with_data, recorded_data, split_episodes, training_episodes
 from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint, keep_graph, saved_graph
 
@@ -80,6 +80,7 @@ class EvalConfig:
                              f"{self.seeds}, {self.tolerance}")
         parse_protocols(self.protocol)
         parse_baselines(self.baselines)
+        check_policy_device(self.policy, self.device)
         if len(self.checkpoints) > 1 and not self.out:
             raise ValueError("several --checkpoint: give --out for their pooled results")
         if not self.checkpoints:

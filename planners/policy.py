@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 
 from common.config import apply_overrides, nested, option
-from common.device import synchronize
+from common.device import resolve_device, synchronize
 from planners import subgoals
 from planners.base import Planner, shift_plan
 from planners.cem import CEMPlanner
@@ -55,6 +55,12 @@ class PolicyConfig:
                              f"{self.receding_horizon}")
         if self.context is not None and self.context < 1:
             raise ValueError(f"context must be >= 1, got {self.context}")
+
+
+def check_policy_device(policy: PolicyConfig, device: str) -> None:
+    """Refuse, before any work, settings the run's device cannot serve (a command's config calls this)."""
+    if policy.plan.cuda_graph and resolve_device(device).type != "cuda":
+        raise ValueError(f"--cuda-graph needs CUDA, but --device {device} runs on the CPU here")
 
 
 def make_planner(model, cfg: PlannerConfig | None = None) -> Planner:

@@ -81,7 +81,8 @@ def test_an_option_declared_once_reaches_the_command_line():
 
 def test_outputs_and_tools_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
     """`wm bench --what plan-quality` and `wm video` refuse an unwritable --out, and `wm video` a missing
-    ffmpeg, before they run or read anything; `--cem.init-std nan` is refused before anything too."""
+    ffmpeg, before they run or read anything; `--cem.init-std nan`, and `--cuda-graph` on a CPU, are refused
+    before anything too."""
     import imageio_ffmpeg
 
     import benchmarks.quality
@@ -102,6 +103,9 @@ def test_outputs_and_tools_are_checked_before_any_work(tmp_path, monkeypatch, ca
     assert "writing mp4 videos needs ffmpeg" in capsys.readouterr().err
     assert main(["eval", "--cem.init-std", "nan", "--data", str(tmp_path / "none")]) == 2
     assert "cem.init_std must be a finite number, got nan" in capsys.readouterr().err
+    for command in ("eval", "demo"):  # a whole-plan CUDA graph on a CPU: refused before anything is read
+        assert main([command, "--cuda-graph", "--device", "cpu", "--data", str(tmp_path / "none")]) == 2
+        assert "--cuda-graph needs CUDA, but --device cpu runs on the CPU here" in capsys.readouterr().err
 
 
 def test_the_demo_pipeline_names_a_damaged_model_json_and_keeps_the_run(tmp_path):
