@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from benchmarks.timing import absolute_shown, markdown_table
 from envs.collect import CollectConfig, collect
 from envs.dataset import CHUNK_CACHE_MB, EpisodeStore, WindowDataset, WindowSpec
 from envs.policies import make_policy
@@ -96,26 +97,32 @@ def policy_coverage(policy: str, episodes: int = 20, steps: int = 100, bins: int
 
 
 def run(sizes=(64, 224), workers=(1, 2)) -> str:
-    """Run every collection benchmark; returns a Markdown report."""
-    lines = ["## Rendering: step + render, one process (frames/s)", "",
+    """Run every collection benchmark; returns a Markdown report (rates in frames or windows per second on a
+    GPU machine only: ``benchmarks.timing.absolute_shown``)."""
+    absolute = absolute_shown()
+    lines = ["## Rendering: step + render, one process", "",
              "Like for like: dm_control's own `physics.render` against our renderer at the same look (shadows and "
-             "reflections on); then what our fast look (both off) buys.", "",
-             "| size | dm_control physics.render (baseline) | ours, standard look | ours / baseline | ours, fast look "
-             "| fast / standard |", "|---|---|---|---|---|---|"]
+             "reflections on); then what our fast look (both off) buys.", ""]
+    rows = []
     for size in sizes:
         r = bench_render(size)
         base, ours, fast = r["dm_control physics.render"], r["ours, standard quality"], r["ours, fast quality"]
-        lines.append(f"| {size} | {base:.0f} | {ours:.0f} | {ours / base:.2f}x | {fast:.0f} | {fast / ours:.1f}x |")
-    lines += ["", "## Collection: `wm collect`, whole pipeline incl. process start, gzip and writes (frames/s)", "",
-              "| size | " + " | ".join(f"{w} worker{'s' if w > 1 else ''}" for w in workers) +
-              f" | {workers[-1]} / {workers[0]} |", "|---" * (len(workers) + 2) + "|"]
+        rows.append([str(size), f"{base:.0f}", f"{ours:.0f}", f"{ours / base:.2f}x", f"{fast:.0f}",
+                     f"{fast / ours:.1f}x"])
+    lines += markdown_table([("size", False), ("dm_control physics.render, frames/s (baseline)", True),
+                             ("ours, standard look, frames/s", True), ("ours / baseline", False),
+                             ("ours, fast look, frames/s", True), ("fast / standard", False)], rows, absolute)
+    lines += ["", "## Collection: `wm collect`, whole pipeline incl. process start, gzip and writes", ""]
+    rows = []
     for size in sizes:
         rates = [bench_collect(size, w) for w in workers]
-        lines.append(f"| {size} | " + " | ".join(f"{r:.0f}" for r in rates) + f" | {rates[-1] / rates[0]:.2f}x |")
-    lines += ["", "## Loader: random windows of 4 frames, frameskip 5, batch 64 (windows/s)", "",
+        rows.append([str(size), *(f"{r:.0f}" for r in rates), f"{rates[-1] / rates[0]:.2f}x"])
+    lines += markdown_table([("size", False), *((f"{w} worker{'s' if w > 1 else ''}, frames/s", True) for w in workers),
+                             (f"{workers[-1]} / {workers[0]} workers", False)], rows, absolute)
+    lines += ["", "## Loader: random windows of 4 frames, frameskip 5, batch 64", "",
               f"From disk the data is about twice the HDF5 chunk cache of its file ({CHUNK_CACHE_MB} MB), so random "
-              f"windows keep missing it, as a large dataset does.", "",
-              "| size | data (MB of frames) | from disk (baseline) | in memory | memory / disk |", "|---|---|---|---|---|"]
+              f"windows keep missing it, as a large dataset does.", ""]
+    rows = []
     for size in sizes:
         episodes = loader_episodes(size)
         with tempfile.TemporaryDirectory() as tmp:
@@ -123,8 +130,11 @@ def run(sizes=(64, 224), workers=(1, 2)) -> str:
                                   episodes_per_shard=episodes), progress=False)
             r = bench_loader(tmp, WindowSpec(history=3, n_pred=1, frameskip=5))
         disk, mem = r["from disk (h5py, open handles)"], r["in memory"]
-        lines.append(f"| {size} | {episodes * 101 * size * size * 3 / 1e6:.0f} | {disk:.0f} | {mem:.0f} | "
-                     f"{mem / disk:.1f}x |")
+        rows.append([str(size), f"{episodes * 101 * size * size * 3 / 1e6:.0f}", f"{disk:.0f}", f"{mem:.0f}",
+                     f"{mem / disk:.1f}x"])
+    lines += markdown_table([("size", False), ("data (MB of frames)", False),
+                             ("from disk, windows/s (baseline)", True), ("in memory, windows/s", True),
+                             ("memory / disk", False)], rows, absolute)
     lines += ["", "## Exploration coverage per 100-step episode (20 episodes)", "",
               "| policy | joint-grid cells visited (of 400) | mean joint displacement over 25 steps (rad) |",
               "|---|---|---|"]

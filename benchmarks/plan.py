@@ -19,7 +19,7 @@ import time
 import torch
 
 from benchmarks.naive import NaiveCEMPlanner, ProblemLoopCEMPlanner
-from benchmarks.timing import alternating, paired_ratio, round_robin
+from benchmarks.timing import absolute_shown, alternating, markdown_table, paired_ratio, round_robin
 from common.config import apply_overrides
 from common.device import resolve_device, synchronize
 from planners.config import PlannerConfig
@@ -75,47 +75,55 @@ def _config(name: str, n: int, it: int, hz: int) -> PlannerConfig:
 def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), horizons=(5, 10), batches=(1, 50),
         naive_budget_s: float = 60.0, repeats: int = 3) -> str:
     dev = resolve_device(device)
+    absolute = absolute_shown(dev)
     model = demo_model(dev)
     lines = [f"Model: demo preset (conv encoder, MLP predictor {model.cfg.predictor.hidden} wide x "
              f"{model.cfg.predictor.depth}, latent {model.cfg.latent_dim}, history {model.history}, "
              f"action chunk {model.action_dim}); device {dev}; torch threads {torch.get_num_threads()}.", "",
              f"Each row the median of {repeats} plans (1 for settings beyond CEM 300 x 30 x 5 for 50 problems), "
-             f"timed in rounds of one plan of every setting:", "",
-             "| planner | samples | iterations | horizon | batch | ms per plan | ms per problem | per plan vs row 1 |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"timed in rounds of one plan of every setting:", ""]
     grid = list(itertools.product(("cem", "mppi"), samples, iterations, horizons, batches))
     runs = {key: _timer(make_planner(model, _config(*key[:4])), model, key[-1]) for key in grid}
     plans = {(name, n, it, hz, b): repeats if n * it * hz * b <= 300 * 30 * 5 * 50 else 1
              for name, n, it, hz, b in grid}
     timed = {key: statistics.median(times) for key, times in round_robin(runs, plans).items()}
-    first = timed[grid[0]]
-    for (name, n, it, hz, b), t in timed.items():
-        lines.append(f"| {name} | {n} | {it} | {hz} | {b} | {1000 * t:.1f} | {1000 * t / b:.2f} | {t / first:.2f}x |")
+    first, first_b = timed[grid[0]], grid[0][-1]
+    lines += markdown_table(
+        [("planner", False), ("samples", False), ("iterations", False), ("horizon", False), ("batch", False),
+         ("ms per plan", True), ("ms per problem", True), ("per plan vs row 1", False),
+         ("per problem vs row 1", False)],
+        [[name, str(n), str(it), str(hz), str(b), f"{1000 * t:.1f}", f"{1000 * t / b:.2f}", f"{t / first:.2f}x",
+          f"{t / b / (first / first_b):.3f}x"] for (name, n, it, hz, b), t in timed.items()], absolute)
 
     most = max(batches)
     lines += ["", f"What planning problems together buys: CEM for {most} problems in one call, against the fair "
                   f"reference that plans them one after another, each with its candidates batched (same algorithm, "
                   f"same noise, the same plans); {repeats} plans of each, alternating, times their median, the "
-                  f"speed-up the median (min-max) over pairs of plans adjacent in time:", "",
-              "| samples | iterations | horizon | one problem at a time ms | batched ms | speed-up |",
-              "|---|---|---|---|---|---|"]
+                  f"speed-up the median (min-max) over pairs of plans adjacent in time:", ""]
+    rows = []
     for n, it, hz in itertools.product(samples, iterations, horizons) if most > 1 else ():
         cfg = _config("cem", n, it, hz)
         loop_s, batched_s = alternating(_timer(ProblemLoopCEMPlanner(model, cfg), model, most),
                                         _timer(make_planner(model, cfg), model, most), repeats)
-        lines.append(f"| {n} | {it} | {hz} | {1000 * statistics.median(loop_s):.0f} | "
-                     f"{1000 * statistics.median(batched_s):.0f} | {paired_ratio(loop_s, batched_s)} |")
+        rows.append([str(n), str(it), str(hz), f"{1000 * statistics.median(loop_s):.0f}",
+                     f"{1000 * statistics.median(batched_s):.0f}", paired_ratio(loop_s, batched_s)])
+    lines += markdown_table([("samples", False), ("iterations", False), ("horizon", False),
+                             ("one problem at a time ms", True), ("batched ms", True), ("speed-up", False)],
+                            rows, absolute)
 
     lines += ["", "Against a straightforward loop (one candidate per rollout call, each cost read on the host), "
-                  "batch 1:", "",
-              "| samples | iterations | horizon | naive ms | batched ms | speed-up |", "|---|---|---|---|---|---|"]
+                  f"batch 1 (settings whose naive plan would take over {naive_budget_s:.0f} s are not run):", ""]
+    rows = []
     for n, it, hz in itertools.product(samples, iterations, horizons):
         batched = timed.get(("cem", n, it, hz, 1))
         # The naive time grows with n * it * hz: skip settings whose estimate exceeds the budget.
         one_iteration = time_plan(NaiveCEMPlanner(model, _config("cem", n, 1, hz)), model, 1, 1)
         if batched is None or one_iteration * it > naive_budget_s:
-            lines.append(f"| {n} | {it} | {hz} | not run (about {one_iteration * it:.0f} s) | - | - |")
+            rows.append([str(n), str(it), str(hz), "-", "-", "not run"])
             continue
         naive = time_plan(NaiveCEMPlanner(model, _config("cem", n, it, hz)), model, 1, 1)
-        lines.append(f"| {n} | {it} | {hz} | {1000 * naive:.0f} | {1000 * batched:.1f} | {naive / batched:.0f}x |")
+        rows.append([str(n), str(it), str(hz), f"{1000 * naive:.0f}", f"{1000 * batched:.1f}",
+                     f"{naive / batched:.0f}x"])
+    lines += markdown_table([("samples", False), ("iterations", False), ("horizon", False), ("naive ms", True),
+                             ("batched ms", True), ("speed-up", False)], rows, absolute)
     return "\n".join(lines)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmarks.timing import alternating, paired_ratio
+from benchmarks.timing import absolute_shown, alternating, markdown_table, paired_ratio
 from common.config import apply_overrides, comma_list
 from evaluation.evaluate import load_setup, world_model_records
 from evaluation.protocols import LEWM_NOTE, LEWM_POLICY
@@ -67,11 +67,9 @@ def run(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episod
              f"{seed}) of {where}, every setting on the same episodes; CEM, horizon {search.horizon}, {search.cost} "
              f"cost, the default policy otherwise (rest candidate, subgoals) but for LeWM's planner ({LEWM_NOTE}); "
              f"device {device}, torch threads {torch.get_num_threads()}.", ""]
-    rates = " | ".join(f"{p}: latched / held" for p in protocols)
-    lines += [f"| setting | {rates} | held vs the default: better / worse (sign test p) | ms per planning call "
-              f"({episodes} problems) | ms per problem | time per call vs the first row | planning per episode (s) |",
-              "|---" * (6 + len(protocols)) + "|"]
     call_s = [float(np.mean([b[0]["plan_time_per_call_s"] for b in batch])) for batch in batches]
+    episode_s = [float(np.mean([b[0]["plan_time_per_episode_s"] for b in batch])) for batch in batches]
+    rows = []
     for i, batch in enumerate(batches):
         cells = []
         for k, protocol in enumerate(protocols):
@@ -83,9 +81,14 @@ def run(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episod
             ref = [r["held"] for b in batches[reference] for r in b]
             better, worse = sum(a and not b for a, b in zip(mine, ref)), sum(b and not a for a, b in zip(mine, ref))
             vs = f"{better} / {worse} ({format_p(sign_test(better, worse))})"
-        per_episode = float(np.mean([b[0]["plan_time_per_episode_s"] for b in batch]))
-        lines.append(f"| {labels[i]} | {' | '.join(cells)} | {vs} | {1000 * call_s[i]:.0f} | "
-                     f"{1000 * call_s[i] / episodes:.1f} | {call_s[i] / call_s[0]:.3f}x | {per_episode:.2f} |")
+        rows.append([labels[i], *cells, vs, f"{1000 * call_s[i]:.0f}", f"{1000 * call_s[i] / episodes:.1f}",
+                     f"{call_s[i] / call_s[0]:.3f}x", f"{episode_s[i]:.2f}", f"{episode_s[i] / episode_s[0]:.2f}x"])
+    lines += markdown_table(
+        [("setting", False), *((f"{p}: latched / held", False) for p in protocols),
+         ("held vs the default: better / worse (sign test p)", False),
+         (f"ms per planning call ({episodes} problems)", True), ("ms per problem", True),
+         ("time per call vs the first row", False), ("planning per episode (s)", True),
+         ("planning per episode vs the first row", False)], rows, absolute_shown(torch.device(device)))
     return "\n".join(lines)
 
 
@@ -111,20 +114,25 @@ def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, prot
 
     if repeats < 1:  # before any work
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    def load_time(path: Path, with_graph: bool) -> float:
+        start = time.perf_counter()
+        load_policy(path, device, **({} if with_graph else {"subgoals.enabled": False}))
+        return time.perf_counter() - start
+
     with tempfile.TemporaryDirectory() as tmp:  # the model files alone, no dataset beside them
         shutil.copy(checkpoint, Path(tmp) / "model.pt")
         shutil.copy(Path(checkpoint).with_suffix(".json"), Path(tmp) / "model.json")
         load_policy(Path(tmp) / "model.pt", device)  # warm (imports, allocator)
-        start = time.perf_counter()
-        load_policy(Path(tmp) / "model.pt", device)
-        load_s = time.perf_counter() - start
+        loads = alternating(lambda: load_time(Path(tmp) / "model.pt", True),
+                            lambda: load_time(Path(tmp) / "model.pt", False), repeats)
     setup = load_setup(checkpoint, data, episodes, device, split)
-    lines = [f"`load_policy` from `model.pt` + `model.json` alone (subgoal graph included): {load_s:.2f} s.", "",
+    absolute = absolute_shown(setup.model.device)
+    seconds = f"{np.median(loads[0]):.2f} s, " if absolute else ""
+    lines = [f"`load_policy` from `model.pt` + `model.json` alone, subgoal graph included: {seconds}"
+             f"{paired_ratio(*loads)} of the time without the graph ({repeats} alternating loads of each).", "",
              f"{repeats} runs of each setting, alternating (off, on, on, off, ...); times are the median (min-max) "
-             f"over runs, the ratio the median (min-max) over the {repeats} pairs of runs adjacent in time.", "",
-             "| protocol | subgoals | latched | held | planning per episode (s, routing included) | with / without | "
-             "subgoal code per episode (s: routing + waypoints) | its share of planning |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"over runs, the ratio the median (min-max) over the {repeats} pairs of runs adjacent in time.", ""]
+    rows = []
     try:
         for protocol in protocols:
             def run_setting(on: bool, protocol=protocol) -> list[dict]:
@@ -140,10 +148,13 @@ def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, prot
                 own = np.array([(rec[0]["route_time_batch_s"] + rec[0]["waypoint_time_batch_s"]) / len(rec)
                                 for rec in runs[on]])
                 ratio = paired_ratio(per_episode[True], per_episode[False]) if on else "1.00x"
-                code = f"{np.median(own):.4f} | {100 * np.median(own / t):.1f}%" if on else "- | -"
-                lines.append(f"| {protocol} | {'on' if on else 'off'} | {_percent(records, 'success')} | "
-                             f"{_percent(records, 'held')} | {np.median(t):.3f} ({t.min():.3f}-{t.max():.3f}) | "
-                             f"{ratio} | {code} |")
+                rows.append([protocol, "on" if on else "off", _percent(records, "success"), _percent(records, "held"),
+                             f"{np.median(t):.3f} ({t.min():.3f}-{t.max():.3f})", ratio,
+                             f"{np.median(own):.4f}" if on else "-", f"{100 * np.median(own / t):.1f}%" if on else "-"])
     finally:
         setup.batch.close()
+    lines += markdown_table([("protocol", False), ("subgoals", False), ("latched", False), ("held", False),
+                             ("planning per episode (s, routing included)", True), ("with / without", False),
+                             ("subgoal code per episode (s: routing + waypoints)", True),
+                             ("its share of planning", False)], rows, absolute)
     return "\n".join(lines)

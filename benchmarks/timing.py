@@ -4,7 +4,8 @@ The speed of these machines drifts by 10-25% within minutes (six identical runs 
 to 0.34 s), more than many of the differences measured. Runs of two settings alternate (a, b, b, a, a,
 b, ...), so run r of each is adjacent in time to the other's run r and shares its drift; the ratio
 reported is the median over those pairs. A table of many settings is timed in rounds, each round one run
-of every setting.
+of every setting. For the same reason absolute times and rates are printed only on a GPU machine
+(``absolute_shown``); on a CPU the tables hold the ratios alone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 import numpy as np
+import torch
 
 T = TypeVar("T")
 
@@ -43,3 +45,17 @@ def paired_ratio(numerator, denominator) -> str:
     if len(ratios) == 1:
         return f"{ratios[0]:.2f}x"
     return f"{np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f})"
+
+
+def absolute_shown(device: torch.device | None = None) -> bool:
+    """Whether absolute times and rates are printed: on a GPU (``device``, or this machine when None), where
+    they are the numbers to report; not on a shared CPU, where they move between runs and days."""
+    return device.type == "cuda" if device is not None else torch.cuda.is_available()
+
+
+def markdown_table(columns: list[tuple[str, bool]], rows: list[list[str]], absolute: bool) -> list[str]:
+    """A Markdown table of ``columns`` (name, whether it is an absolute time or rate) and ``rows`` of cells;
+    the absolute columns are left out unless ``absolute``."""
+    keep = [i for i, (_, is_absolute) in enumerate(columns) if absolute or not is_absolute]
+    lines = ["| " + " | ".join(columns[i][0] for i in keep) + " |", "|" + "---|" * len(keep)]
+    return lines + ["| " + " | ".join(row[i] for i in keep) + " |" for row in rows]

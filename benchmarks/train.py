@@ -1,8 +1,9 @@
-"""``wm bench train``: training throughput (frames/s) of each encoder and frame size with the demo preset's
+"""``wm bench train``: training throughput of each encoder and frame size with the demo preset's
 predictor.
 
 One step = encode a batch of windows, predict, SIGReg, backward, AdamW. The demo's encoder at 64 px (the
-first row) is the baseline the others are compared with, measured in the same run.
+first row) is the baseline the others are compared with, measured in the same run (steps/s and frames/s
+are printed on a GPU only).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 
 import torch
 
+from benchmarks.timing import absolute_shown, markdown_table
 from common.device import autocast_for, resolve_device, synchronize
 from worldmodel.model import WorldModel
 from worldmodel.objective import step_generator, world_model_losses
@@ -56,11 +58,12 @@ def run(device: str = "auto", steps: int = 10, encoders: dict | None = None) -> 
     frames_per_step = batch_size * (base.model.history + base.n_pred)
     lines = [f"Device {dev}, torch threads {torch.get_num_threads()}; the demo preset: batch {batch_size} windows of "
              f"{base.model.history + base.n_pred} frames (64x64 unless a row says otherwise), "
-             f"{base.rollout_steps}-step rollout loss.", "",
-             "| encoder | steps/s | frames/s | vs the first row |", "|---|---|---|---|"]
-    first = None
+             f"{base.rollout_steps}-step rollout loss.", ""]
+    rows, first = [], None
     for label, overrides in (encoders or ENCODERS).items():
         rate = steps_per_s(preset_config("demo", overrides), dev, batch_size, steps)
         first = first or rate
-        lines.append(f"| {label} | {rate:.2f} | {rate * frames_per_step:.0f} | {rate / first:.2f}x |")
+        rows.append([label, f"{rate:.2f}", f"{rate * frames_per_step:.0f}", f"{rate / first:.2f}x"])
+    lines += markdown_table([("encoder", False), ("steps/s", True), ("frames/s", True),
+                             ("steps/s vs the first row", False)], rows, absolute_shown(dev))
     return "\n".join(lines)

@@ -19,11 +19,39 @@ def test_plan_bench_table_has_a_row_per_setting_and_a_measured_speed_up(monkeypa
                        repeats=2)
     rows = [line for line in report.splitlines() if re.match(r"\| (cem|mppi) \| 8 \| 2 \| 2 \|", line)]
     assert len(rows) == 4  # two planners x two batch sizes
-    assert rows[0].endswith("| 1.00x |") and all(re.search(r"\| [\d.]+x \|$", r) for r in rows)  # vs row 1
-    speed_up = re.search(r"\| 8 \| 2 \| 2 \| (\d+) \| ([\d.]+) \| (\d+)x \|", report)
+    assert rows[0].endswith("| 1.00x | 1.000x |") and all(re.search(r"\| [\d.]+x \| [\d.]+x \|$", r) for r in rows)
+    assert " ms" not in report  # on a CPU: ratios against the same run's baseline, no absolute times
+    speed_up = re.search(r"\| 8 \| 2 \| 2 \| (\d+)x \|", report)
     assert speed_up, report  # the naive reference ran, and its ratio is printed
-    fair = re.search(r"\| 8 \| 2 \| 2 \| (\d+) \| (\d+) \| [\d.]+x \([\d.]+-[\d.]+\) \|", report.split("fair")[1])
+    fair = re.search(r"\| 8 \| 2 \| 2 \| [\d.]+x \([\d.]+-[\d.]+\) \|", report.split("fair")[1])
     assert fair, report  # so did the fair one (problems one at a time, candidates batched), 2 alternating pairs
+
+
+def test_absolute_columns_are_printed_on_a_gpu_only():
+    from benchmarks.timing import markdown_table
+
+    columns, rows = [("setting", False), ("ms", True), ("vs row 1", False)], [["a", "2.0", "1.00x"]]
+    assert markdown_table(columns, rows, absolute=False) == ["| setting | vs row 1 |", "|---|---|", "| a | 1.00x |"]
+    assert markdown_table(columns, rows, absolute=True)[2] == "| a | 2.0 | 1.00x |"
+
+
+def test_collect_bench_tables_hold_ratios_on_a_cpu(monkeypatch):
+    """``wm bench --what collect``'s tables from stand-in measurements: the ratios of each row's numbers."""
+    from benchmarks import data as data_bench
+
+    monkeypatch.setattr(data_bench, "bench_render", lambda size: {"dm_control physics.render": 100.0,
+                                                                  "ours, standard quality": 150.0,
+                                                                  "ours, fast quality": 600.0})
+    monkeypatch.setattr(data_bench, "bench_collect", lambda size, workers: 100.0 * workers ** 0.5)
+    monkeypatch.setattr(data_bench, "loader_episodes", lambda size: 2)
+    monkeypatch.setattr(data_bench, "collect", lambda *args, **kwargs: None)
+    monkeypatch.setattr(data_bench, "bench_loader", lambda path, spec: {"from disk (h5py, open handles)": 50.0,
+                                                                        "in memory": 400.0})
+    monkeypatch.setattr(data_bench, "policy_coverage", lambda policy: {"cells_per_episode": 1.0,
+                                                                       "displacement_25_steps": 0.5})
+    report = data_bench.run(sizes=(64,), workers=(1, 2))
+    assert "| 64 | 1.50x | 4.0x |" in report and "| 64 | 1.41x |" in report and "| 64 | 2 | 8.0x |" in report
+    assert "frames/s" not in report and "windows/s" not in report  # on a CPU: no absolute rates
 
 
 def test_alternating_runs_pair_each_run_with_its_neighbour_in_time():
@@ -54,8 +82,8 @@ def test_train_bench_has_a_row_per_encoder_against_the_first(monkeypatch):
     monkeypatch.setattr(train_bench, "WorldModel", lambda cfg: sizes.append(cfg.image_size) or WorldModel(cfg))
     report = train_bench.run("cpu", steps=1, encoders={"a": {"encoder.conv_channels": 2},
                                                        "b": {"encoder.conv_channels": 4, "image_size": 32}})
-    rows = re.findall(r"\| (\w) \| ([\d.]+) \| (\d+) \| ([\d.]+)x \|", report)
-    assert [r[0] for r in rows] == ["a", "b"] and rows[0][3] == "1.00" and float(rows[1][1]) > 0
+    rows = re.findall(r"\| (\w) \| ([\d.]+)x \|", report)
+    assert [r[0] for r in rows] == ["a", "b"] and rows[0][1] == "1.00" and float(rows[1][1]) > 0
     assert sizes == [64, 32]  # a row's frame size is what its model sees (the frames are made to match)
 
 
@@ -71,10 +99,9 @@ def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
                          protocols=("reach25", "uniform"), data=str(data))
     assert "| setting | reach25: latched / held | uniform: latched / held | held vs the default" in report
     cell = r"([\d.]+)% / ([\d.]+)%"
-    rows = re.findall(rf"\| ([^|]+) \| {cell} \| {cell} \| ([^|]+) \| (\d+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+) \|",
-                      report)
+    rows = re.findall(rf"\| ([^|]+) \| {cell} \| {cell} \| ([^|]+) \| ([\d.]+)x \| ([\d.]+)x \|", report)
     assert [r[0] for r in rows] == ["12 x 2", "100 x 10", "16 x 3 (warm 1)"]
-    assert rows[0][8] == "1.000" and float(rows[2][8]) > 0  # relative to the first row
+    assert rows[0][6:] == ("1.000", "1.00") and float(rows[2][6]) > 0  # per call and per episode, vs the first row
     # each rate pools 2 models x 3 episodes: a multiple of 1/6
     assert all(abs(float(x) * 6 / 100 - round(float(x) * 6 / 100)) < 0.01 for r in rows for x in r[1:5])
     assert rows[1][5] == "-"  # the default is the reference of the paired comparison
@@ -122,14 +149,16 @@ def test_a_failing_part_of_the_gpu_check_is_reported_and_the_others_still_run(tm
     assert failed == [] and all("not started" in result[part]["skipped"] for part in result["seconds"])
 
 
-def test_subgoal_cost_compares_the_same_episodes_with_and_without(tmp_path):
+def test_subgoal_cost_compares_the_same_episodes_with_and_without(tmp_path, monkeypatch):
     from benchmarks import quality
 
     data = collect_tiny(tmp_path / "data", episodes=6, steps=60)
     save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    monkeypatch.setattr(quality, "absolute_shown", lambda device: True)  # the times too, as on a GPU
     report = quality.subgoal_cost(str(tmp_path / "m.pt"), "cpu", episodes=2, protocols=("reach25",), data=str(data),
                                   repeats=2)
-    assert "load_policy" in report and "2 runs of each setting" in report
+    assert re.search(r"graph included: [\d.]+ s, [\d.]+x \([\d.]+-[\d.]+\) of the time without", report)
+    assert "2 runs of each setting" in report
     rows = {line.split(" | ")[1]: line.split(" | ") for line in report.splitlines() if line.startswith("| reach25 |")}
     assert set(rows) == {"off", "on"} and rows["off"][6] == "-" and float(rows["on"][6]) > 0  # routing timed
     assert re.fullmatch(r"\d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)", rows["on"][5])  # the median ratio of 2 pairs
