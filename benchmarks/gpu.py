@@ -90,9 +90,11 @@ def training_throughput(device: torch.device, dry_run: bool) -> list[dict]:
 
 def short_training(out: Path, device: torch.device, dry_run: bool) -> dict:
     """Collect, train the full preset (3,000 steps), evaluate reach25 (near goals) and uniform (far goals)
-    on its test episodes."""
+    on its test episodes; and the subgoal graph the model file keeps (far goals are routed on it)."""
     from envs.collect import CollectConfig, collect
     from evaluation.evaluate import EvalConfig, evaluate
+    from worldmodel.graph import GraphConfig, saved_graph
+    from worldmodel.model import WorldModel
     from worldmodel.train import preset_config, train
 
     data = out / "data"
@@ -115,8 +117,10 @@ def short_training(out: Path, device: torch.device, dry_run: bool) -> dict:
                                     if dry_run else {})), progress=False)
     rates = {f"{p}_{k}": report["summary"][f"{p}/world_model"][f"{rate}_rate"]
              for p in ("reach25", "uniform") for k, rate in (("latched", "success"), ("held", "held"))}
+    model_file = out / "run" / "model.pt"
+    graph = saved_graph(WorldModel.load(model_file, device), GraphConfig(), str(model_file))
     return {"episodes": episodes, "collect_minutes": collected / 60, "train_minutes": trained / 60, "steps": steps,
-            **rates}
+            **rates, "graph": graph.summary() if graph is not None else None}
 
 
 def test_suite(dry_run: bool, seconds: float) -> dict:
@@ -207,6 +211,10 @@ def render(result: dict) -> str:
                       f"min; latched / held on its test episodes: reach25 {100 * value['reach25_latched']:.1f}% / "
                       f"{100 * value['reach25_held']:.1f}%, uniform {100 * value['uniform_latched']:.1f}% / "
                       f"{100 * value['uniform_held']:.1f}%.", ""]
+            graph = value.get("graph")
+            lines += [f"Its subgoal graph: {graph['nodes']} nodes, {graph['links_per_node']:.1f} links per node, "
+                      f"{graph['components']} component(s), the largest {100 * graph['largest_component']:.0f}% of "
+                      f"the nodes.", ""] if graph else ["Its model file keeps no subgoal graph.", ""]
         elif part == "tests":
             lines += [f"Tests: {value['summary']} (rc {value['returncode']}, {seconds:.0f} s)."]
             lines += [f"- {line}" for line in value["failed"]] + [""]

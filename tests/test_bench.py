@@ -121,6 +121,7 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     assert "DRY RUN" in report and (tmp_path / "check" / "gpu_check.md").is_file() and failed == []
     assert len(result["plan_latency"]) == 2 and {r["preset"] for r in result["training"]} == {"demo", "full"}
     assert 0 <= result["short_training"]["uniform_held"] <= 1 and result["short_training"]["steps"] == 4
+    assert result["short_training"]["graph"]["components"] >= 1 and "Its subgoal graph: " in report
     assert "skipped" in result["plan_latency_graphs"]  # compiling is the planner tests' to check on a CPU
     assert list(result["seconds"]) == ["plan_latency", "training", "plan_latency_graphs", "short_training", "tests"]
 

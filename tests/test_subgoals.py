@@ -69,6 +69,15 @@ def policy(model, subgoals: bool):
     return MPCPolicy(model, cfg, LatentGraph.from_trajectories(trajectories(), SUBGOALS.graph) if subgoals else None)
 
 
+def test_graph_summary_says_whether_every_node_can_be_reached():
+    one = LatentGraph.from_trajectories(trajectories(), SUBGOALS.graph).summary()
+    assert one["components"] == 1 and one["largest_component"] == 1.0 and one["links_per_node"] > 2
+    steps = torch.arange(5.0)[:, None].expand(5, 3)  # (T=5, D=3), one chunk apart
+    far_apart = [steps, steps + 100.0]
+    two = LatentGraph.from_trajectories(far_apart, SUBGOALS.graph).summary()
+    assert two == {"nodes": 10, "links_per_node": 1.6, "components": 2, "largest_component": 0.5}  # 4 links each way
+
+
 def test_greedy_planning_is_stuck_at_the_wall_and_waypoints_go_round():
     model = RingWithWall()
     start, goal = torch.tensor([2.7, -2.7, 0.5]), torch.tensor([-2.7, 2.7, 1.0])  # two far goals, one near

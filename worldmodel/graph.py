@@ -79,6 +79,18 @@ class LatentGraph:
         """Index (B,) of the node nearest each latent z (B, D)."""
         return torch.cdist(z.float(), self.nodes).argmin(1)
 
+    def summary(self) -> dict:
+        """Nodes, links per node (each direction counted) and connected components: whether a goal anywhere
+        can be routed to from anywhere (one component) or some lie on islands of their own."""
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        n = len(self.nodes)
+        links = coo_matrix((np.ones(len(self.src)), (self.src.cpu().numpy(), self.dst.cpu().numpy())), shape=(n, n))
+        count, labels = connected_components(links, directed=False)
+        return {"nodes": n, "links_per_node": len(self.src) / n, "components": int(count),
+                "largest_component": float(np.bincount(labels).max() / n)}
+
     def to(self, device) -> "LatentGraph":
         return LatentGraph(self.nodes.to(device), self.src.to(device), self.dst.to(device), self.cost.to(device),
                            self.step)
