@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.timing import markdown_table
 from common.config import apply_overrides
 from common.device import resolve_device
 from common.files import atomic_write_json, atomic_write_text, prepare_output_dir
@@ -195,16 +196,15 @@ def render(result: dict) -> str:
         if isinstance(value, dict) and ("error" in value or "skipped" in value):
             lines += [f"{part}: {value.get('error') or value.get('skipped')}", ""]
         elif part.startswith("plan_latency"):
-            lines += ["| planner | batch | mode | ms per plan | row's seconds (warm-up included) |",
-                      "|---|---|---|---|---|"]
-            lines += [f"| {r['planner']} | {r['batch']} | {r['mode']} | "
-                      f"{r['ms_per_plan']:.2f} | {r['row_seconds']:.1f} |" if "ms_per_plan" in r else
-                      f"| {r['planner']} | {r['batch']} | {r['mode']} | {r['error']} | {r['row_seconds']:.1f} |"
-                      for r in value]
-            lines.append("")
+            lines += markdown_table(
+                [("planner", False), ("batch", False), ("mode", False), ("ms per plan", True),
+                 ("row's seconds (warm-up included)", True)],
+                [[r["planner"], str(r["batch"]), r["mode"], f"{r['ms_per_plan']:.2f}" if "ms_per_plan" in r
+                  else r["error"], f"{r['row_seconds']:.1f}"] for r in value], absolute=True) + [""]
         elif part == "training":
-            lines += ["| preset | training steps/s | frames/s |", "|---|---|---|"]
-            lines += [f"| {r['preset']} | {r['steps_per_s']:.1f} | {r['frames_per_s']:.0f} |" for r in value] + [""]
+            lines += markdown_table([("preset", False), ("training steps/s", True), ("frames/s", True)],
+                                    [[r["preset"], f"{r['steps_per_s']:.1f}", f"{r['frames_per_s']:.0f}"]
+                                     for r in value], absolute=True) + [""]
         elif part == "short_training":
             lines += [f"Full preset on {value['episodes']} fresh episodes (collected in "
                       f"{value['collect_minutes']:.1f} min): {value['steps']} steps in {value['train_minutes']:.1f} "

@@ -49,6 +49,7 @@ def test_collect_bench_tables_hold_ratios_on_a_cpu(monkeypatch):
                                                                         "in memory": 400.0})
     monkeypatch.setattr(data_bench, "policy_coverage", lambda policy: {"cells_per_episode": 1.0,
                                                                        "displacement_25_steps": 0.5})
+    monkeypatch.setattr(data_bench, "absolute_shown", lambda device=None: False)  # a CPU machine, also on a GPU one
     report = data_bench.run(sizes=(64,), workers=(1, 2))
     assert "| 64 | 1.50x | 4.0x |" in report and "| 64 | 1.41x |" in report and "| 64 | 2 | 8.0x |" in report
     assert "frames/s" not in report and "windows/s" not in report  # on a CPU: no absolute rates
