@@ -123,7 +123,8 @@ class BenchConfig:
     threads: int = option(0, THREADS_HELP)
     checkpoint: str = option(DEFAULT_CHECKPOINT, "plan-quality, subgoals: the trained model whose closed-loop success "
                                                   "is measured (plan-quality: several, comma-separated, are pooled)")
-    protocol: str = option("reach25", "plan-quality: goal protocols, comma-separated (each reported apart)")
+    protocol: str = option("", "plan-quality, subgoals: goal protocols, comma-separated, each reported apart "
+                               "(default: plan-quality reach25, subgoals reach25,uniform)")
     data: str = option("", "plan-quality, subgoals: evaluation dataset (default: the one the model was trained on)")
     episodes: int = option(50, "plan-quality, subgoals: episodes per setting")
     repeats: int = option(3, "subgoals, plan: runs of each setting, alternating, for a ratio steadier than one "
@@ -267,13 +268,15 @@ def run_bench(cfg: BenchConfig) -> int:
         report, failed[:] = gpu_bench.run(cfg.device, str(Path(cfg.out) / "gpu-check"), cfg.dry_run)
         return report
 
+    # the closed-loop benchmarks' protocols; each has its own default
+    protocols = {"protocols": tuple(p.name for p in parse_protocols(cfg.protocol))} if cfg.protocol else {}
     benches = {"collect": data_bench.run, "train": lambda: train_bench.run(cfg.device),
                "plan": lambda: plan_bench.run(cfg.device, repeats=cfg.repeats),
                "plan-quality": lambda: quality_bench.run(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
-                                                         protocols=tuple(p.name for p in parse_protocols(cfg.protocol)),
-                                                         data=cfg.data, split=cfg.split),
+                                                         data=cfg.data, split=cfg.split, **protocols),
                "subgoals": lambda: quality_bench.subgoal_cost(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
-                                                              data=cfg.data, split=cfg.split, repeats=cfg.repeats),
+                                                              data=cfg.data, split=cfg.split, repeats=cfg.repeats,
+                                                              **protocols),
                "gpu": gpu_check}
     chosen = ({k: v for k, v in benches.items() if k not in ("plan-quality", "subgoals", "gpu")} if cfg.what == "all"
               else {cfg.what: benches[cfg.what]})

@@ -164,3 +164,29 @@ def test_subgoal_cost_compares_the_same_episodes_with_and_without(tmp_path, monk
     rows = {line.split(" | ")[1]: line.split(" | ") for line in report.splitlines() if line.startswith("| reach25 |")}
     assert set(rows) == {"off", "on"} and rows["off"][6] == "-" and float(rows["on"][6]) > 0  # routing timed
     assert re.fullmatch(r"\d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)", rows["on"][5])  # the median ratio of 2 pairs
+
+
+def test_bench_protocol_reaches_both_closed_loop_benchmarks(tmp_path, monkeypatch):
+    import inspect
+
+    import wm
+
+    defaults = {name: inspect.signature(fn).parameters["protocols"].default
+                for name, fn in (("plan-quality", quality.run), ("subgoals", quality.subgoal_cost))}
+    assert defaults == {"plan-quality": ("reach25",), "subgoals": ("reach25", "uniform")}
+    seen = {}
+
+    def recorder(name):
+        def bench(*args, **kwargs):
+            seen[name] = kwargs.get("protocols")
+            return "a report"
+        return bench
+
+    monkeypatch.setattr(quality, "run", recorder("plan-quality"))
+    monkeypatch.setattr(quality, "subgoal_cost", recorder("subgoals"))
+    for what in ("plan-quality", "subgoals"):
+        wm.run_bench(wm.BenchConfig(what=what, protocol="uniform", out=str(tmp_path / what)))
+    assert seen == {"plan-quality": ("uniform",), "subgoals": ("uniform",)}
+    for what in ("plan-quality", "subgoals"):  # no --protocol: each benchmark's own default
+        wm.run_bench(wm.BenchConfig(what=what, out=str(tmp_path / f"{what}-default")))
+    assert seen == {"plan-quality": None, "subgoals": None}
