@@ -114,17 +114,18 @@ def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, prot
 
     if repeats < 1:  # before any work
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+
     def load_time(path: Path, with_graph: bool) -> float:
         start = time.perf_counter()
         load_policy(path, device, **({} if with_graph else {"subgoals.enabled": False}))
         return time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as tmp:  # the model files alone, no dataset beside them
-        shutil.copy(checkpoint, Path(tmp) / "model.pt")
-        shutil.copy(Path(checkpoint).with_suffix(".json"), Path(tmp) / "model.json")
-        load_policy(Path(tmp) / "model.pt", device)  # warm (imports, allocator)
-        loads = alternating(lambda: load_time(Path(tmp) / "model.pt", True),
-                            lambda: load_time(Path(tmp) / "model.pt", False), repeats)
+        model_file = Path(tmp) / "model.pt"
+        shutil.copy(checkpoint, model_file)
+        shutil.copy(Path(checkpoint).with_suffix(".json"), model_file.with_suffix(".json"))
+        load_policy(model_file, device)  # warm (imports, allocator)
+        loads = alternating(lambda: load_time(model_file, True), lambda: load_time(model_file, False), repeats)
     setup = load_setup(checkpoint, data, episodes, device, split)
     absolute = absolute_shown(setup.model.device)
     seconds = f"{np.median(loads[0]):.2f} s, " if absolute else ""
