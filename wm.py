@@ -149,7 +149,8 @@ class PipelineConfig:
     eval_episodes: int = option(50, "evaluation episodes per seed")
     seeds: int = option(3, "evaluation seeds")
     baselines: str = option("random,exploration", "evaluation reference methods: random, exploration, simulator "
-                                                  "(CEM on the true state: about 40 s more; `wm eval` runs all three)")
+                                                  "(CEM on the true state: about 40 s more; `wm eval` runs all three), "
+                                                  "simulator-pose (the same seeing the joint angles only)")
     threads: int = option(0, THREADS_HELP)
 
     def __post_init__(self):

@@ -35,9 +35,10 @@ def exploration_controller(indices, seed: int, policy: str):
 
 
 def simulator_controller(batch, pcfg: PolicyConfig, frameskip: int, eps: dict, seed: int,
-                         samples: int | None = None, iterations: int | None = None):
-    """CEM on the true MuJoCo dynamics (it sees the true state, velocity included) with a hand-made joint
-    cost: the reference controller. It plans with the world model's planner settings (all of CEM's; with MPPI, the shared
+                         samples: int | None = None, iterations: int | None = None, sees_velocity: bool = True):
+    """CEM on the true MuJoCo dynamics (it sees the true state, velocity included unless ``sees_velocity`` is
+    False: then the joint angles only, as one frame shows them) with a hand-made joint cost: the reference
+    controller. It plans with the world model's planner settings (all of CEM's; with MPPI, the shared
     ones and CEM's defaults) and cost, on the joint angles instead of latents; ``samples``/``iterations``
     set its budget apart (its elites then a tenth of the samples). Returns (act, policy)."""
     plan = pcfg.plan if pcfg.plan.planner == "cem" else dataclasses.replace(pcfg.plan, planner="cem", cem=CEMConfig())
@@ -46,7 +47,7 @@ def simulator_controller(batch, pcfg: PolicyConfig, frameskip: int, eps: dict, s
     if samples:
         overrides["cem.elites"] = None  # a budget of its own: the elites are a tenth of it
     plan = dataclasses.replace(apply_overrides(plan, overrides), cost=JOINT_COSTS[plan.cost])
-    sim = SimulatorModel(batch.physics, frameskip, batch.action_repeat)
+    sim = SimulatorModel(batch.physics, frameskip, batch.action_repeat, sees_velocity)
     cfg = dataclasses.replace(pcfg, plan=plan, context=None, subgoals=dataclasses.replace(pcfg.subgoals, enabled=False))
     policy = MPCPolicy(sim, cfg, planner=CEMPlanner(sim, plan))
     policy.reset_latent(sim.goal_states(eps["goal_qpos"]), keys=problem_keys(seed, eps["index"]))

@@ -38,7 +38,7 @@ from planners.policy import MPCPolicy, PolicyConfig, check_policy_device
 from worldmodel.datasplit import HELD_OUT, load_with_data, recorded_data, split_episodes, training_episodes
 from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint, keep_graph, saved_graph
 
-METHODS = ("world_model", "random", "exploration", "simulator")
+METHODS = ("world_model", "random", "exploration", "simulator", "simulator-pose")
 OUTPUTS = ("results.md", "index.html", "results.png", "results.json")  # in the order written: results.json last
 DEFAULT_CHECKPOINT = "runs/demo/model.pt"
 
@@ -65,7 +65,9 @@ class EvalConfig:
     baselines: str = option("random,exploration,simulator", "comma list of reference methods (or empty): random "
                                                             "(i.i.d. uniform actions), exploration (the data's own "
                                                             "policy), simulator (CEM on the true state with a "
-                                                            "hand-made joint cost)")
+                                                            "hand-made joint cost), simulator-pose (the same "
+                                                            "seeing the joint angles only, velocities as zero: "
+                                                            "what one frame shows)")
     sim_samples: int | None = option(None, "simulator-CEM candidates per iteration (default: --samples)")
     sim_iterations: int | None = option(None, "simulator-CEM iterations per replan (default: --iterations)")
     tolerance: float = option(GOAL_TOLERANCE, "success: every joint within this many rad of the goal")
@@ -204,14 +206,19 @@ def run_episodes(batch: ReacherBatch, episodes: dict, protocol: Protocol, act, b
     return errors if protocol.control_steps else errors[..., 0]
 
 
+def protocol_policy(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: int) -> PolicyConfig:
+    """The policy as configured, with what ``protocol`` fixes: the settings every planner of it plans with."""
+    fixed = {**protocol.policy, "seed": seed}
+    if protocol.data_action_std:  # a sample of unit std in z-scored action space, as LeWM plans
+        fixed["cem.init_std"] = setup.action_std()
+    return apply_overrides(cfg.policy, fixed)
+
+
 def world_model_controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, eps: dict, goal_images: np.ndarray,
                            seed: int):
     """MPC on the world model; returns (act, policy, real history frames per episode)."""
     model, batch = setup.model, setup.batch
-    fixed = {**protocol.policy, "seed": seed}
-    if protocol.data_action_std:  # a sample of unit std in z-scored action space, as LeWM plans
-        fixed["cem.init_std"] = setup.action_std()
-    pcfg = apply_overrides(cfg.policy, fixed)
+    pcfg = protocol_policy(setup, cfg, protocol, seed)
     graph = setup.graph(pcfg.subgoals.graph) if pcfg.subgoals.enabled else None
     policy = MPCPolicy(model, pcfg, graph)
     n = len(goal_images)
@@ -328,9 +335,9 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
         elif method == "exploration":
             act = exploration_controller(eps["index"], seed, str(setup.store.attrs.get("policy", "random")))
         else:
-            pcfg = apply_overrides(cfg.policy, protocol.policy)
+            pcfg = protocol_policy(setup, cfg, protocol, seed)
             act, policy = simulator_controller(batch, pcfg, setup.model.frameskip, eps, seed, cfg.sim_samples,
-                                               cfg.sim_iterations)
+                                               cfg.sim_iterations, sees_velocity=method == "simulator")
         start = time.perf_counter()
         errors = run_episodes(batch, eps, protocol, act, bar)
         wall = time.perf_counter() - start

@@ -15,8 +15,10 @@ QUANTILES = (10, 25, 50, 75, 90)
 # What each method is, in every report.
 LABELS = {"world_model": "world model (MPC)", "random": "random actions (i.i.d. uniform)",
           "exploration": "exploration policy (the data's own)",
-          "simulator": "CEM on the true state, hand-made joint cost (reference)"}
-COLOURS = {"world_model": "tab:blue", "random": "tab:gray", "exploration": "tab:olive", "simulator": "tab:green"}
+          "simulator": "CEM on the true state, hand-made joint cost (reference)",
+          "simulator-pose": "CEM on the true pose, velocity unseen (one frame's view)"}
+COLOURS = {"world_model": "tab:blue", "random": "tab:gray", "exploration": "tab:olive", "simulator": "tab:green",
+           "simulator-pose": "tab:cyan"}
 
 
 def summarize(records: list[dict], methods, protocols) -> dict:

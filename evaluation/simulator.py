@@ -20,6 +20,7 @@ from envs import wrap_angle
 
 _STATE = mujoco.mjtState.mjSTATE_FULLPHYSICS
 QPOS = slice(1, 3)  # the two arm joints in a FULLPHYSICS state vector (after time)
+QVEL = slice(3, 5)  # their velocities
 
 
 def joint_delta(qpos: Tensor, goal: Tensor) -> Tensor:
@@ -49,20 +50,25 @@ class SimulatorModel:
 
     history = 1
 
-    def __init__(self, physics, frameskip: int, action_repeat: int = 1):
+    def __init__(self, physics, frameskip: int, action_repeat: int = 1, sees_velocity: bool = True):
         """``frameskip`` env steps per action chunk; each env step holds its action for ``action_repeat``
-        control steps (1 for our data, 2 for stable-worldmodel's)."""
+        control steps (1 for our data, 2 for stable-worldmodel's). ``sees_velocity=False``: the states it
+        observes hold the joint angles with the velocities set to zero, as one frame shows the pose and not
+        its motion: a perfect model of what a planner conditioned on one frame can know."""
         self.physics, self.frameskip, self.action_repeat = physics, frameskip, action_repeat
+        self.sees_velocity = sees_velocity
         self.model = physics.model
         self.action_dim = 2 * frameskip
         self.device = torch.device("cpu")
         self._datas = [mujoco.MjData(self.model) for _ in range(os.cpu_count() or 1)]
 
     def states(self, datas) -> Tensor:
-        """(B, S) state vectors of MuJoCo datas."""
+        """(B, S) state vectors of MuJoCo datas, as this model observes them."""
         out = np.empty((len(datas), mujoco.mj_stateSize(self.model, _STATE)))
         for row, d in zip(out, datas):
             mujoco.mj_getState(self.model, d, row, _STATE)
+        if not self.sees_velocity:
+            out[:, QVEL] = 0.0
         return torch.from_numpy(out)
 
     def goal_states(self, qpos: np.ndarray) -> Tensor:

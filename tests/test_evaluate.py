@@ -174,6 +174,32 @@ def test_simulator_baseline_reaches_most_goals_and_batching_agrees(data):
         assert np.allclose(alone[0], together[i], atol=1e-9)
 
 
+def test_simulator_references_plan_under_the_protocols_settings(data, monkeypatch):
+    """``simulator`` sees the velocities and ``simulator-pose`` does not; on ``lewm`` both plan with what
+    the protocol fixes for every planner (LeWM's CEM, its initial std of one unit of the data's actions)."""
+    import evaluation.evaluate as ev
+
+    seen = []
+    real = ev.simulator_controller
+
+    def spy(batch, pcfg, *args, **kwargs):
+        seen.append((pcfg, kwargs["sees_velocity"]))
+        return real(batch, pcfg, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "simulator_controller", spy)
+    store = EpisodeStore(data)
+    batch = ReacherBatch("reacher-easy", 2, size=32, action_repeat=2)
+    setup = Setup(WorldModel(tiny_config("mlp", size=32, frameskip=5)), {}, store, list(range(10)), "", batch)
+    cfg = EvalConfig(episodes=2, sim_samples=8, sim_iterations=1)
+    rows = ev.run_protocol_seed(setup, cfg, PROTOCOLS["lewm"], 0, ["simulator", "simulator-pose"], {})
+    batch.close()
+    assert [r["method"] for r in rows] == ["simulator"] * 2 + ["simulator-pose"] * 2
+    assert [v for _, v in seen] == [True, False]
+    for pcfg, _ in seen:
+        assert pcfg.plan.cem.init_std == pytest.approx(setup.action_std()) and pcfg.plan.cost == "final"
+        assert pcfg.receding_horizon == 5 and pcfg.plan.cem.plan_from == "mean"
+
+
 def test_intervals():
     lo, hi = wilson_interval(45, 50)
     assert 0.78 < lo < 0.9 < hi < 0.97

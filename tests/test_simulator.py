@@ -39,3 +39,21 @@ def test_wrist_error_goes_the_way_the_joint_can_move():
     pred = torch.zeros(1, 1, 1, 4, dtype=torch.float64)
     pred[0, 0, 0, 2] = 2.7
     assert math.isclose(float(joint_cost(pred, goal)[0, 0]), 5.4**2, rel_tol=1e-9)
+
+
+def test_the_pose_only_view_plans_as_if_the_arm_were_at_rest():
+    """``sees_velocity=False`` observes the joint angles with zero velocities: its rollout from a moving arm
+    is the true rollout from the same pose at rest, which the moving arm's true rollout is not."""
+    env = ReacherPixels(size=32)
+    env.reset(seed=2)
+    for _ in range(5):
+        env.step(np.ones(2))  # the arm swings
+    sim, blind = SimulatorModel(env.physics, frameskip=3), SimulatorModel(env.physics, frameskip=3, sees_velocity=False)
+    true, seen = sim.states([env.physics.data]), blind.states([env.physics.data])
+    assert torch.equal(seen[:, 1:3], true[:, 1:3]) and not torch.equal(seen, true) and not seen[:, 3:5].any()
+    assert true[:, 3:5].abs().min() > 0.1  # it was moving
+    actions = torch.zeros(1, 2, 6, dtype=torch.float64)
+    at_rest = blind.rollout(seen[:, None], None, actions)  # (1, 2, S)
+    torch.testing.assert_close(at_rest[0, :, 1:3], seen[0, 1:3].expand(2, 2), atol=1e-6, rtol=0)  # nothing moves
+    assert (sim.rollout(true[:, None], None, actions)[0, -1, 1:3] - true[0, 1:3]).abs().max() > 0.01
+    env.close()
