@@ -206,6 +206,22 @@ def test_slow_weights_favour_slow_transitions_and_leave_the_default_loss_alone()
     assert torch.isclose(weighted_mse(pred, target, torch.ones(2, 2)), torch.nn.functional.mse_loss(pred, target))
 
 
+def test_a_padded_history_is_scored_only_where_an_episode_starts_at_rest(data, tmp_path):
+    """``--padded-history rest``: the predictions from a left-padded history (the first history - 1 of a
+    window) count only in windows that start an episode, where the arm is at rest; the others count alike."""
+    from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
+    from worldmodel.objective import padded_history_weights
+
+    w = padded_history_weights(torch.tensor([True, False]), transitions=4, history=3)  # (B, T)
+    assert torch.isclose(w.mean(), torch.tensor(1.0)) and torch.equal(w[1, :2], torch.zeros(2))
+    assert torch.all(w[0] == w[0, 0]) and torch.all(w[1, 2:] == w[0, 0])
+    windows = WindowDataset(EpisodeStore(data), WindowSpec(2, 1, 2), "all", states=False)
+    first = [windows[k]["starts_episode"].item() for k in range(len(windows))]
+    assert first == [t0 == 0 for t0 in windows.index[:, 1]] and any(first) and not all(first)
+    metrics = train(tiny(data, tmp_path / "rest", steps=2, padded_history="rest"), progress=False)
+    assert metrics["loss/total"] > 0
+
+
 def test_a_run_that_diverges_at_its_last_step_logs_no_final_hparams(data, tmp_path, monkeypatch):
     """TensorBoard's HParams tab lists finished runs only: a run stopped at its last step is not one."""
     logged = []

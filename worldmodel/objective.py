@@ -72,6 +72,8 @@ def world_model_losses(model, batch: dict, cfg, generator: torch.Generator) -> d
     z, pred, roll = model(batch["pixels"], batch["actions"], cfg.rollout_steps, first)
     z = z.float()
     w = slow_weights(z, cfg.slow_weight) if cfg.slow_weight else None  # (B, L-1): one per transition
+    if cfg.padded_history == "rest":  # a padded history is scored only where the arm really was at rest
+        w = padded_history_weights(batch["starts_episode"], pred.shape[1], cfg.model.history) * (1 if w is None else w)
     pred_loss = weighted_mse(pred.float(), z[:, 1:], w)
     sig = sigreg_term(z, cfg.sigreg_scope, cfg.sigreg_directions, generator, cfg.sigreg_target)
     loss = pred_loss + cfg.sigreg_weight * sig
@@ -87,6 +89,15 @@ def world_model_losses(model, batch: dict, cfg, generator: torch.Generator) -> d
         out["rollout_loss"] = weighted_mse(roll.float(), z[:, h:h + r], w_roll)
         loss = loss + cfg.rollout_weight * out["rollout_loss"]
     return {"loss": loss, **out}
+
+
+def padded_history_weights(starts_episode: torch.Tensor, transitions: int, history: int) -> torch.Tensor:
+    """Weights (B, T) of the teacher-forced predictions of windows, ``starts_episode (B,)``: the first
+    ``history - 1`` predictions see a left-padded history, which stands for an arm at rest; they count only
+    in windows that start an episode (at rest there), normalised to mean 1 over the batch."""
+    w = torch.ones(len(starts_episode), transitions, device=starts_episode.device)
+    w[:, :history - 1] = starts_episode.float()[:, None]
+    return w / w.mean()
 
 
 def slow_weights(z: torch.Tensor, power: float) -> torch.Tensor:

@@ -89,6 +89,11 @@ class TrainConfig:
     first_frame_rollout_weight: float = option(0.0, "weight of a second open-loop rollout loss, from each window's "
                                                     "first frame alone (left-padded), the way a planner conditioned "
                                                     "on one frame uses the model (LeWM's); 0: off")
+    padded_history: str = option("unknown", "what a left-padded history (one frame repeated, zero actions) means: "
+                                            "unknown (its predictions are scored in every window, so it stands for "
+                                            "the data's mean motion) or rest (scored only in windows that start "
+                                            "an episode, where the arm is at rest, so one frame is read as an arm "
+                                            "at rest)", choices=("unknown", "rest"))
     slow_weight: float = option(0.0, "weight each predicted step by its latent change to the power -slow-weight, "
                                      "normalised to mean 1: more weight on slow motion, what holding a goal "
                                      "needs (0: every step alike)")
@@ -292,7 +297,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * lr_at(step, cfg.warmup_steps, cfg.steps)
                 # only what the step reads goes to the device
-                batch = {k: batch[k].to(device, non_blocking=True) for k in ("pixels", "actions")}
+                batch = {k: batch[k].to(device, non_blocking=True) for k in ("pixels", "actions", "starts_episode")}
                 with autocast_for(device):
                     losses = world_model_losses(net, batch, cfg, step_generator(cfg.seed, step, 0, device))
                 opt.zero_grad(set_to_none=True)
