@@ -309,7 +309,7 @@ class WindowDataset(Dataset):
         actions = ep["action"][t0:t0 + spec.span].reshape(spec.frames - 1, spec.action_dim)  # (L-1, fs*2)
         item = {"pixels": torch.from_numpy(self.store.frames(i, t)), "actions": torch.from_numpy(actions),
                 "starts_episode": torch.tensor(t0 == 0)}  # the window's first frame is its episode's first
-        if self.states:  # training reads only frames and actions
+        if self.states:  # training reads only frames, actions and where the window starts
             for key in STATE_KEYS:
                 item[key] = torch.from_numpy(ep[key][t].astype(np.float32))
         return item
