@@ -291,13 +291,14 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
 
     # --- the loop --------------------------------------------------------------------------------------
     finished = False  # every step run and the model saved
+    step_keys = ("pixels", "actions") + (("starts_episode",) if cfg.padded_history == "rest" else ())
     with StopRequest() as stop:
         try:
             for step, batch in enumerate(loader, start=start):
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * lr_at(step, cfg.warmup_steps, cfg.steps)
                 # only what the step reads goes to the device
-                batch = {k: batch[k].to(device, non_blocking=True) for k in ("pixels", "actions", "starts_episode")}
+                batch = {k: batch[k].to(device, non_blocking=True) for k in step_keys}
                 with autocast_for(device):
                     losses = world_model_losses(net, batch, cfg, step_generator(cfg.seed, step, 0, device))
                 opt.zero_grad(set_to_none=True)
