@@ -188,19 +188,27 @@ class ExportConfig:
 @dataclass
 class StudyConfig:
     """wm study: measurements that answer one question, written as JSON, Markdown and a figure. hold: why the arm
-    does not always hold its goal (a trained model's validation episodes); identifiability: when the latent is a
+    does not always hold its goal (a trained model's validation episodes); one-frame: what one frame costs LeWM's
+    planner on a trained model (its played actions replayed from rest); identifiability: when the latent is a
     linear map of the arm's state (trains short runs side by side)."""
 
-    what: str = option("hold", "which study", choices=("hold", "identifiability"))
-    checkpoint: str = option(DEFAULT_CHECKPOINT, "hold: the trained model")
-    data: str = option("", "hold: its dataset (default: the one it records)")
-    episodes: int = option(50, "hold: validation episodes per seed")
-    seeds: int = option(1, "hold: episode seeds; identifiability: training seeds of every run")
+    what: str = option("hold", "which study", choices=("hold", "one-frame", "identifiability"))
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "hold: the trained model; one-frame: it, or a comma list of "
+                                                 "several (pooled)")
+    data: str = option("", "hold, one-frame: its dataset (default: the one it records)")
+    split: str = option("val", "hold, one-frame: the model's episodes to study: val or test", choices=HELD_OUT)
+    episodes: int = option(50, "hold, one-frame: episodes per seed")
+    seeds: int = option(1, "hold, one-frame: episode seeds; identifiability: training seeds of every run")
     identifiability: IdentifiabilityConfig = nested(IdentifiabilityConfig, "the identifiability study")
-    device: str = option("auto", "hold: auto, cpu or cuda")
+    device: str = option("auto", "hold, one-frame: auto, cpu or cuda")
     threads: int = option(0, THREADS_HELP)
-    out: str = option("", "output directory (default: study-hold/ beside the checkpoint, or the identifiability "
-                          "study's own)")
+    out: str = option("", "output directory (default: study-hold/ or study-one-frame/ beside the (first) "
+                          "checkpoint, or the identifiability study's own)")
+
+    def __post_init__(self):
+        if self.what == "hold" and "," in self.checkpoint:
+            raise ValueError(f"--checkpoint: the hold study takes one model, got {self.checkpoint!r}")
+        check_at_least(self, 1, ("episodes", "seeds"))
 
 
 # --- the commands --------------------------------------------------------------------------------------------
@@ -338,14 +346,20 @@ def run_study(cfg: StudyConfig) -> int:
         print(Path(ident.out, "results.md").read_text())
         print(f"wrote {ident.out}/results.json, results.md, results.png")
         return 0
-    from studies import hold
+    from studies import hold, one_frame
 
-    out = prepare_output_dir(cfg.out or Path(cfg.checkpoint).parent / "study-hold")
-    result = hold.run_all(cfg.checkpoint, cfg.episodes, cfg.seeds, cfg.device, cfg.data)
-    text = hold.report(result, cfg.checkpoint)
+    out = prepare_output_dir(cfg.out or Path(cfg.checkpoint.split(",")[0]).parent / f"study-{cfg.what}")
+    if cfg.what == "one-frame":
+        study = one_frame
+        result = one_frame.run(cfg.checkpoint, cfg.split, cfg.episodes, cfg.seeds, cfg.device, cfg.data)
+        text = one_frame.report(result)
+    else:
+        study = hold
+        result = hold.run_all(cfg.checkpoint, cfg.episodes, cfg.seeds, cfg.device, cfg.data, split=cfg.split)
+        text = hold.report(result, cfg.checkpoint, cfg.split)
     atomic_write_json(out / "results.json", result)
     atomic_write_text(out / "results.md", text)
-    hold.plot(result, out / "results.png")
+    study.plot(result, out / "results.png")
     print(text)
     print(f"wrote {out}/results.json, results.md, results.png")
     return 0

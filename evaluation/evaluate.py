@@ -51,7 +51,9 @@ class EvalConfig:
                                                  "training seeds: pooled, with the spread between them)")
     data: str = option("", "dataset whose --split episodes give starts and goals (default: the one the model was "
                            "trained on)")
-    protocol: str = option("reach25", "comma list of reach25, reach50, uniform, lewm (the published protocol)")
+    protocol: str = option("reach25", "comma list of reach25, reach50, uniform, lewm (LeWM's published protocol), "
+                                      "lewm-mpc (its episodes and rule, our planner), lewm-history (LeWM's "
+                                      "planner given the frames before the start: a counterfactual)")
     split: str = option("test", "the model's episodes that give starts and goals: test (to report) or val (to "
                                 "choose settings on)", choices=HELD_OUT)
     lewm_rows: str = option("split", "lewm protocol's starts: from --split episodes as every protocol draws them "
@@ -240,6 +242,24 @@ def world_model_controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, ep
     return act, policy, real
 
 
+def controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, method: str, eps: dict, goal_images: np.ndarray,
+               seed: int):
+    """``method``'s actions on the episodes ``eps``: (act, its policy or None, real history frames per episode,
+    -1 where it reads none)."""
+    n = len(eps["index"])
+    if method == "world_model":
+        return world_model_controller(setup, cfg, protocol, eps, goal_images, seed)
+    if method == "random":
+        return random_controller(n, seed), None, np.full(n, -1)
+    if method == "exploration":
+        policy = str(setup.store.attrs.get("policy", "random"))
+        return exploration_controller(eps["index"], seed, policy), None, np.full(n, -1)
+    pcfg = protocol_policy(setup, cfg, protocol, seed)
+    act, policy = simulator_controller(setup.batch, pcfg, setup.model.frameskip, eps, seed, cfg.sim_samples,
+                                       cfg.sim_iterations, sees_velocity=method == "simulator")
+    return act, policy, np.full(n, -1)
+
+
 def stored_frames(store: EpisodeStore, eps: dict, offset: int) -> np.ndarray:
     """The dataset's own frames (B, H, W, 3) of each episode's row ``t0 + offset`` (the start, or its goal)."""
     return np.stack([store.frames(int(i), np.array([int(t) + offset]))[0] for i, t in zip(eps["episode"], eps["t0"])])
@@ -326,18 +346,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
     for method in methods:
         if bar is not None:
             bar.set_postfix(protocol=protocol.name, seed=seed, method=method)
-        real = np.full(n, -1)
-        policy = None
-        if method == "world_model":
-            act, policy, real = world_model_controller(setup, cfg, protocol, eps, goal_images, seed)
-        elif method == "random":
-            act = random_controller(n, seed)
-        elif method == "exploration":
-            act = exploration_controller(eps["index"], seed, str(setup.store.attrs.get("policy", "random")))
-        else:
-            pcfg = protocol_policy(setup, cfg, protocol, seed)
-            act, policy = simulator_controller(batch, pcfg, setup.model.frameskip, eps, seed, cfg.sim_samples,
-                                               cfg.sim_iterations, sees_velocity=method == "simulator")
+        act, policy, real = controller(setup, cfg, protocol, method, eps, goal_images, seed)
         start = time.perf_counter()
         errors = run_episodes(batch, eps, protocol, act, bar)
         wall = time.perf_counter() - start

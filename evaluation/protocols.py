@@ -16,6 +16,9 @@ action): a start already within tolerance of its goal is never drawn.
   last predicted latent, the final mean executed.
 - ``lewm-mpc``: the same episodes, budget and success rule, planned by the policy as configured (our
   default MPC: replanning every chunk, the true history, subgoals).
+- ``lewm-history``: a counterfactual, not their protocol: the same episodes, rule and planner as ``lewm``, but
+  the planner conditions on the frames before the start (the model's history, or ``--context``) instead of
+  the current frame alone; what the one frame costs LeWM's planner.
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ PROTOCOLS = {
                      stored_frames=True, data_action_std=True),
     # our default MPC (the policy as configured) under LeWM's episodes, budget and success rule
     "lewm-mpc": Protocol("lewm-mpc", 25, 50, wrap=False, control_steps=True, stored_frames=True, draws_as="lewm"),
+    # LeWM's planner given the true history before the start (a counterfactual: what its one frame costs)
+    "lewm-history": Protocol("lewm-history", 25, 50, wrap=False,
+                             policy={k: v for k, v in LEWM_POLICY.items() if k != "context"}, control_steps=True,
+                             stored_frames=True, data_action_std=True, draws_as="lewm"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Why the arm does not always hold its goal: three measurements, each on a model's validation episodes.
+"""Why the arm does not always hold its goal: three measurements, each on a model's validation episodes
+(or its test episodes: ``--split``).
 
 1. ``pose_discrimination``: can the model see the difference? Frames of poses a known joint error away
    from a goal pose, rendered as the evaluation renders them: the latent distance to the goal's latent
@@ -160,10 +161,10 @@ def holding_plans(setup, run: dict, tolerance: float = 0.05) -> dict:
 
 
 def run_all(checkpoint: str, episodes: int = 50, seeds: int = 1, device: str = "auto", data: str = "",
-            overrides: dict | None = None) -> dict:
-    """The three measurements on ``checkpoint``'s validation episodes (the default policy unless
+            overrides: dict | None = None, split: str = "val") -> dict:
+    """The three measurements on ``checkpoint``'s ``split`` episodes (the default policy unless
     ``overrides``, settings by name)."""
-    setup = load_setup(checkpoint, data, episodes, device, split="val")
+    setup = load_setup(checkpoint, data, episodes, device, split=split)
     try:
         policy = apply_overrides(PolicyConfig(), overrides or {})
         out = {"discrimination": pose_discrimination(setup), "settling": [], "holding": []}
@@ -176,10 +177,10 @@ def run_all(checkpoint: str, episodes: int = 50, seeds: int = 1, device: str = "
     return out
 
 
-def report(result: dict, checkpoint: str) -> str:
+def report(result: dict, checkpoint: str, split: str = "val") -> str:
     """Markdown of ``run_all``'s result."""
     d = result["discrimination"]
-    lines = [f"# Why the arm does not always hold its goal: `{checkpoint}`, validation episodes", "",
+    lines = [f"# Why the arm does not always hold its goal: `{checkpoint}`, {split} episodes", "",
              "## Can the model see the difference? Latent distance to the goal pose's latent against the joint error",
              "", "| joint error (rad) | latent distance, median (IQR) | pixel difference, mean per pixel | "
                  "ranked below twice the error |", "|---|---|---|---|"]

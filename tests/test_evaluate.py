@@ -153,6 +153,48 @@ def test_world_model_starts_with_the_history_of_the_episode(data, monkeypatch):
             torch.testing.assert_close(a_hist[b], torch.from_numpy(np.stack([c.reshape(-1) for c in chunks])))
 
 
+def test_lewm_history_gives_lewms_planner_the_frames_before_the_start(data, monkeypatch):
+    """``lewm-history`` draws ``lewm``'s episodes and plans with LeWM's planner, but its first plan sees the
+    encoded frames before the start as a training window holds them, where ``lewm`` sees the start alone."""
+    import dataclasses
+
+    import evaluation.evaluate as ev
+
+    store = EpisodeStore(data)
+    torch.manual_seed(0)
+    model = WorldModel(dataclasses.replace(tiny_config("mlp", size=32, frameskip=5), history=3)).eval()
+    batch = ReacherBatch("reacher-easy", 4, size=32)
+    setup = Setup(model, {}, store, list(range(10)), "", batch)
+    seen = {}
+    for name in ("lewm", "lewm-history"):
+        protocol = PROTOCOLS[name]
+        eps = sample_episodes(store, list(range(10)), protocol, 4, 0, WRIST, 0.05)
+        spy = SpyPlanner(5, model.action_dim)
+        real = ev.MPCPolicy
+        monkeypatch.setattr(ev, "MPCPolicy", lambda m, cfg, graph: real(m, cfg, graph, planner=spy))
+        act, policy, _ = world_model_controller(setup, EvalConfig(), protocol, eps,
+                                                np.zeros((4, 32, 32, 3), np.uint8), 0)
+        monkeypatch.setattr(ev, "MPCPolicy", real)
+        batch.reset_to(eps["qpos"], eps["qvel"], eps["target"], render=False)
+        act()
+        plan = policy.cfg.plan
+        assert (plan.samples, plan.iterations, plan.cost, policy.cfg.receding_horizon) == (300, 30, "final", 5)
+        assert not policy.cfg.subgoals.enabled
+        seen[name] = eps, spy.calls[0][0]
+    batch.close()
+    (eps, one), (same, three) = seen["lewm"], seen["lewm-history"]
+    assert np.array_equal(eps["episode"], same["episode"]) and np.array_equal(eps["t0"], same["t0"])
+    assert one.shape == (4, 1, 16) and three.shape == (4, 3, 16)
+    torch.testing.assert_close(three[:, -1], one[:, 0])  # the same stored start frame, last
+    full = np.flatnonzero(same["t0"] >= 10)  # episodes old enough for two frames before the start
+    assert len(full)
+    with torch.no_grad():
+        for b in full:
+            ep, t0 = store.episode(int(same["episode"][b])), int(same["t0"][b])
+            torch.testing.assert_close(three[b], model.encode(torch.from_numpy(ep["pixels"][[t0 - 10, t0 - 5, t0]])),
+                                       rtol=1e-4, atol=1e-5)
+
+
 def test_simulator_baseline_reaches_most_goals_and_batching_agrees(data):
     """The ceiling: CEM on the true dynamics reaches most reach25 goals; a batch of episodes gives the
     same result as each episode alone (each plans with its own noise key)."""

@@ -1,4 +1,7 @@
-"""The studies: the hold diagnosis's measurements and the identifiability study's machinery (tiny settings)."""
+"""The studies: the hold diagnosis's measurements, the one-frame study and the identifiability study's machinery
+(tiny settings)."""
+
+import json
 
 import numpy as np
 import pytest
@@ -64,3 +67,60 @@ def test_the_identifiability_study_runs_end_to_end(tmp_path, monkeypatch):
     assert [r["run"] for r in summary["table"]] == ["reference", "uniform target"]
     for name in ("results.json", "results.md", "results.png"):
         assert (tmp_path / "study" / name).is_file()
+
+
+def test_recorded_actions_replay_the_episode_and_from_rest_they_do_not(data):
+    """The one-frame study replays a method's played actions: from the true start they give the same joint
+    errors; from the same pose at rest (what one frame shows) another trajectory."""
+    from envs.dataset import EpisodeStore
+    from envs.vector import ReacherBatch
+    from evaluation.evaluate import run_episodes
+    from evaluation.protocols import PROTOCOLS, sample_episodes
+    from studies.one_frame import replay
+
+    store, proto = EpisodeStore(data), PROTOCOLS["lewm"]
+    batch = ReacherBatch("reacher-easy", 4, size=32)
+    try:
+        eps = sample_episodes(store, list(range(8)), proto, 4, 0, batch.physics.wrist_range, 0.05)
+        rng = np.random.default_rng(0)
+        trace = {}
+        played = run_episodes(batch, eps, proto, lambda: rng.uniform(-1, 1, (4, 2)), trace=trace)
+        again = run_episodes(batch, eps, proto, replay(trace["action"]))
+        rest = run_episodes(batch, dict(eps, qvel=np.zeros_like(eps["qvel"])), proto, replay(trace["action"]))
+    finally:
+        batch.close()
+    assert np.array_equal(again, played)
+    moving = np.abs(eps["qvel"]).max(1) > 0.1
+    assert moving.any() and (np.abs(rest - played)[moving, -1].max(-1) > 1e-3).all()
+
+
+def test_the_one_frame_study_splits_the_misses_and_writes_its_report(data, tmp_path):
+    """LeWM's planner on a (random) world model and on the pose-only simulator, each first plan replayed from rest:
+    the perfect model of one frame reaches every goal from rest, the shares add up, the CLI writes it."""
+    import wm
+    from studies import one_frame
+
+    torch.manual_seed(0)
+    ckpt = save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    result = one_frame.run(str(ckpt), "val", episodes=2, device="cpu", progress=False)
+    pose, world = result["summary"]["simulator-pose"], result["summary"]["world_model"]
+    history = result["summary"]["world_model_history"]  # it sees the motion: nothing to replay from rest
+    assert history["first_plan_at_rest"] is None and history["closest_at_rest"] is None
+    assert pose["first_plan_at_rest"] == 1.0 and pose["episodes"] == world["episodes"] == history["episodes"] == 2
+    for s in (pose, world):
+        assert s["first_plan"] + s["lost_to_velocity"] + s["missed_at_rest_too"] == pytest.approx(1)
+        assert s["first_plan_at_rest"] == pytest.approx(s["first_plan"] - s["reached_only_moving"] +
+                                                        s["lost_to_velocity"])
+        assert s["latched"] >= s["first_plan"]  # the first plan's steps are the episode's first
+        assert s["closest_at_rest"] == sorted(s["closest_at_rest"])
+    text = one_frame.report(result)
+    assert "| the world model |" in text and "(`lewm-history`, a counterfactual) |" in text
+    assert wm.main(["study", "--what", "one-frame", "--checkpoint", f"{ckpt},{ckpt}", "--episodes", "2",
+                    "--device", "cpu", "--out", str(tmp_path / "study")]) == 0  # two models, pooled
+    for name in ("results.json", "results.md", "results.png"):
+        assert (tmp_path / "study" / name).is_file()
+    pooled = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert pooled["summary"]["world_model"]["episodes"] == 4
+    assert pooled["summary"]["world_model"]["latched"] == pytest.approx(world["latched"])  # the same model twice
+    with pytest.raises(ValueError, match="one model"):
+        wm.StudyConfig(what="hold", checkpoint=f"{ckpt},{ckpt}")
