@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
-from common.config import apply_overrides, check_at_least, config_fields, from_dict, nested, option, unwrap_optional
+from common.config import (apply_overrides, check_at_least, comma_list, config_fields, from_dict, nested, option,
+                           unwrap_optional)
 from common.device import THREADS_HELP, set_threads
-from common.files import atomic_write_json, atomic_write_text, prepare_output_dir
+from common.files import atomic_write, atomic_write_json, atomic_write_text, output_lock, prepare_output_dir
 from envs.collect import CollectConfig, collect
 from envs.convert import ConvertConfig
 from envs.storage import DEFAULT_DATA
@@ -189,7 +190,7 @@ class ExportConfig:
 class StudyConfig:
     """wm study: measurements that answer one question, written as JSON, Markdown and a figure. hold: why the arm
     does not always hold its goal (a trained model's validation episodes); one-frame: what one frame costs LeWM's
-    planner on a trained model (its played actions replayed from rest); identifiability: when the latent is a
+    planner on a trained model (its first plan replayed from rest); identifiability: when the latent is a
     linear map of the arm's state (trains short runs side by side)."""
 
     what: str = option("hold", "which study", choices=("hold", "one-frame", "identifiability"))
@@ -338,29 +339,27 @@ def run_export(cfg: ExportConfig) -> int:
 
 
 def run_study(cfg: StudyConfig) -> int:
-    if cfg.what == "identifiability":
-        from studies.identifiability import run as identifiability
-
-        ident = dataclasses.replace(cfg.identifiability, seeds=cfg.seeds, out=cfg.out or cfg.identifiability.out)
-        identifiability(ident)
-        print(Path(ident.out, "results.md").read_text())
-        print(f"wrote {ident.out}/results.json, results.md, results.png")
-        return 0
     from studies import hold, one_frame
+    from studies.identifiability import run as identifiability
 
-    out = prepare_output_dir(cfg.out or Path(cfg.checkpoint.split(",")[0]).parent / f"study-{cfg.what}")
-    if cfg.what == "one-frame":
-        study = one_frame
-        result = one_frame.run(cfg.checkpoint, cfg.split, cfg.episodes, cfg.seeds, cfg.device, cfg.data)
-        text = one_frame.report(result)
-    else:
-        study = hold
-        result = hold.run_all(cfg.checkpoint, cfg.episodes, cfg.seeds, cfg.device, cfg.data, split=cfg.split)
-        text = hold.report(result, cfg.checkpoint, cfg.split)
-    atomic_write_json(out / "results.json", result)
-    atomic_write_text(out / "results.md", text)
-    study.plot(result, out / "results.png")
-    print(text)
+    ident = dataclasses.replace(cfg.identifiability, seeds=cfg.seeds, out=cfg.out or cfg.identifiability.out)
+    out = Path(ident.out if cfg.what == "identifiability" else
+               cfg.out or Path(comma_list(cfg.checkpoint)[0]).parent / f"study-{cfg.what}")
+    with output_lock(prepare_output_dir(out)):  # one study at a time writes there
+        if cfg.what == "identifiability":
+            identifiability(ident)
+        else:
+            study = one_frame if cfg.what == "one-frame" else hold
+            if study is one_frame:
+                result = one_frame.run(cfg.checkpoint, cfg.split, cfg.episodes, cfg.seeds, cfg.device, cfg.data)
+                text = one_frame.report(result)
+            else:
+                result = hold.run_all(cfg.checkpoint, cfg.episodes, cfg.seeds, cfg.device, cfg.data, split=cfg.split)
+                text = hold.report(result, cfg.checkpoint, cfg.split)
+            atomic_write_json(out / "results.json", result)
+            atomic_write_text(out / "results.md", text)
+            atomic_write(out / "results.png", lambda tmp: study.plot(result, tmp), keep_suffix=True)
+    print((out / "results.md").read_text())
     print(f"wrote {out}/results.json, results.md, results.png")
     return 0
 

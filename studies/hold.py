@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common.config import apply_overrides
 from envs.reacher import joint_error, wrap_angle
@@ -94,7 +95,7 @@ def classify(error: np.ndarray, qvel: np.ndarray, tolerance: float, still: float
 
 
 def settling(setup, policy: PolicyConfig, protocol: str = "reach25", episodes: int = 50, seed: int = 0,
-             tolerance: float = 0.05) -> dict:
+             tolerance: float = 0.05, bar=None) -> dict:
     """The closed loop with every step kept: rates, the classes of the episodes that do not hold, and their
     last 20 steps of joint error and speed."""
     proto = PROTOCOLS[protocol]
@@ -104,7 +105,7 @@ def settling(setup, policy: PolicyConfig, protocol: str = "reach25", episodes: i
     goals = setup.batch.render_goals(eps["goal_qpos"])
     act, mpc, _ = world_model_controller(setup, cfg, proto, eps, goals, seed)
     trace: dict = {}
-    errors = run_episodes(setup.batch, eps, proto, act, trace=trace)
+    errors = run_episodes(setup.batch, eps, proto, act, bar, trace)
     per = episode_records(errors, tolerance)
     failed = np.flatnonzero(~per["held"])
     classes = [classify(errors[b], trace["qvel"][b], tolerance) for b in failed]
@@ -161,17 +162,19 @@ def holding_plans(setup, run: dict, tolerance: float = 0.05) -> dict:
 
 
 def run_all(checkpoint: str, episodes: int = 50, seeds: int = 1, device: str = "auto", data: str = "",
-            overrides: dict | None = None, split: str = "val") -> dict:
+            overrides: dict | None = None, split: str = "val", progress: bool = True) -> dict:
     """The three measurements on ``checkpoint``'s ``split`` episodes (the default policy unless
     ``overrides``, settings by name)."""
     setup = load_setup(checkpoint, data, episodes, device, split=split)
     try:
         policy = apply_overrides(PolicyConfig(), overrides or {})
         out = {"discrimination": pose_discrimination(setup), "settling": [], "holding": []}
-        for seed in range(seeds):
-            run = settling(setup, policy, seed=seed, episodes=episodes)
-            out["holding"].append(holding_plans(setup, run))
-            out["settling"].append({k: v for k, v in run.items() if k not in ("eps", "trace", "policy", "errors")})
+        with tqdm(total=seeds * PROTOCOLS["reach25"].budget, desc="hold study: closed loop", unit="step",
+                  disable=not progress) as bar:
+            for seed in range(seeds):
+                run = settling(setup, policy, seed=seed, episodes=episodes, bar=bar)
+                out["holding"].append(holding_plans(setup, run))
+                out["settling"].append({k: v for k, v in run.items() if k not in ("eps", "trace", "policy", "errors")})
     finally:
         setup.batch.close()
     return out

@@ -124,3 +124,22 @@ def test_the_one_frame_study_splits_the_misses_and_writes_its_report(data, tmp_p
     assert pooled["summary"]["world_model"]["latched"] == pytest.approx(world["latched"])  # the same model twice
     with pytest.raises(ValueError, match="one model"):
         wm.StudyConfig(what="hold", checkpoint=f"{ckpt},{ckpt}")
+    from common.files import output_lock
+
+    with output_lock(tmp_path / "study"):  # one study at a time writes there
+        assert wm.main(["study", "--what", "one-frame", "--checkpoint", str(ckpt), "--episodes", "2", "--device",
+                        "cpu", "--out", str(tmp_path / "study")]) == 2
+    assert json.loads((tmp_path / "study" / "results.json").read_text())["summary"] == pooled["summary"]
+
+
+def test_the_hold_study_runs_from_the_command_line(data, tmp_path):
+    import wm
+
+    torch.manual_seed(0)
+    ckpt = save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    assert wm.main(["study", "--what", "hold", "--checkpoint", str(ckpt), "--episodes", "2", "--split", "test",
+                    "--device", "cpu"]) == 0
+    out = tmp_path / "study-hold"
+    result = json.loads((out / "results.json").read_text())
+    assert len(result["settling"]) == 1 and 0 <= result["settling"][0]["held"] <= 1
+    assert "test episodes" in (out / "results.md").read_text() and (out / "results.png").is_file()
