@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.config import comma_list
-from evaluation.evaluate import EvalConfig, controller, load_setup, protocol_policy, run_episodes, stored_frames
+from evaluation.evaluate import EvalConfig, controller, load_setup, run_episodes, stored_frames
 from evaluation.protocols import PROTOCOLS, episode_records, sample_episodes
 from evaluation.report import COLOURS
 
@@ -41,15 +41,10 @@ def replay(actions: np.ndarray):
     return lambda: actions[:, next(steps)]
 
 
-def first_plan_steps(setup, cfg: EvalConfig) -> int:
-    """Env steps LeWM's planner plays of its first plan before it plans again."""
-    return protocol_policy(setup, cfg, PROTOCOLS["lewm"], 0).receding_horizon * setup.model.frameskip
-
-
 def one_seed(setup, cfg: EvalConfig, seed: int, methods=tuple(METHODS), bar=None) -> list[dict]:
     """Each of ``methods`` on the ``lewm`` episodes of ``seed`` (as ``wm eval`` draws them); the first plan
     of those that see one frame replayed from the same starts at rest. One record per episode and method."""
-    first = first_plan_steps(setup, cfg)
+    first = PROTOCOLS["lewm"].policy["receding_horizon"] * setup.model.frameskip  # env steps of the first plan
     eps = sample_episodes(setup.store, setup.episodes, PROTOCOLS["lewm"], cfg.episodes, seed,
                           setup.batch.physics.wrist_range, cfg.tolerance)
     goals = stored_frames(setup.store, eps, PROTOCOLS["lewm"].goal_offset)
