@@ -347,18 +347,17 @@ def run_study(cfg: StudyConfig) -> int:
                cfg.out or Path(comma_list(cfg.checkpoint)[0]).parent / f"study-{cfg.what}")
     with output_lock(prepare_output_dir(out)):  # one study at a time writes there
         if cfg.what == "identifiability":
-            identifiability(ident)
+            identifiability(ident)  # writes its own results
         else:
-            study = one_frame if cfg.what == "one-frame" else hold
-            if study is one_frame:
+            if cfg.what == "one-frame":
                 result = one_frame.run(cfg.checkpoint, cfg.split, cfg.episodes, cfg.seeds, cfg.device, cfg.data)
-                text = one_frame.report(result)
+                text, plot = one_frame.report(result), one_frame.plot
             else:
                 result = hold.run_all(cfg.checkpoint, cfg.episodes, cfg.seeds, cfg.device, cfg.data, split=cfg.split)
-                text = hold.report(result, cfg.checkpoint, cfg.split)
+                text, plot = hold.report(result, cfg.checkpoint, cfg.split), hold.plot
             atomic_write_json(out / "results.json", result)
             atomic_write_text(out / "results.md", text)
-            atomic_write(out / "results.png", lambda tmp: study.plot(result, tmp), keep_suffix=True)
+            atomic_write(out / "results.png", lambda tmp: plot(result, tmp), keep_suffix=True)
     print((out / "results.md").read_text())
     print(f"wrote {out}/results.json, results.md, results.png")
     return 0
