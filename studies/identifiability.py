@@ -15,14 +15,13 @@ short dataset.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common.config import option
-from common.files import atomic_write_json, atomic_write_text, prepare_output_dir
+from common.files import atomic_write_json, atomic_write_text, prepare_output_dir, read_json
 
 # name -> (dataset, training settings by name); the reference run first
 RUNS = {
@@ -88,11 +87,12 @@ def _one(cfg: IdentifiabilityConfig, out: Path, label: str, data: str, settings:
     from worldmodel.train import preset_config, train
 
     run_dir = out / "runs" / f"{_slug(label)}-s{seed}"
-    done = run_dir / "study.json"
+    done, measured_with = run_dir / "study.json", _measured_with(cfg)
     if done.is_file():
-        return json.loads(done.read_text())
+        return _kept_row(done, measured_with)
+    # a run that stopped part-way continues from its checkpoint; a finished one is kept as it is
     train(preset_config("demo", {**settings, "steps": cfg.steps, "seed": seed, "eval_episodes": 0}, data=data,
-                        out=str(run_dir)), progress=progress)
+                        out=str(run_dir), resume=(run_dir / "checkpoint.pt").is_file()), progress=progress)
     checkpoint = run_dir / "model.pt"
     model, meta = WorldModel.load(checkpoint, "cpu"), read_model_meta(checkpoint)
     from envs.dataset import EpisodeStore
@@ -101,10 +101,27 @@ def _one(cfg: IdentifiabilityConfig, out: Path, label: str, data: str, settings:
     test, _ = split_episodes(store, meta, "test")
     result = identifiability(model, store, training_episodes(store, meta), test, mlp_steps=cfg.mlp_steps)
     latched, held = closed_loop_rates(str(checkpoint), data, "test", cfg.eval_episodes)
-    row = {"label": label, "seed": seed, "settings": settings, "data": data,
+    row = {"label": label, "seed": seed, "settings": settings, "data": data, "measured_with": measured_with,
            "linear": result["linear"], "nonlinear": result["nonlinear"], "gap": result["gap"],
            "gaussianity": result["gaussianity"], "reach25_latched": latched, "reach25_held": held}
     atomic_write_json(done, row)
+    return row
+
+
+def _measured_with(cfg: IdentifiabilityConfig) -> dict:
+    """The study's settings a kept run's measurements depend on."""
+    return {"steps": cfg.steps, "eval_episodes": cfg.eval_episodes, "mlp_steps": cfg.mlp_steps}
+
+
+def _kept_row(path: Path, measured_with: dict) -> dict:
+    """A run measured by an earlier (interrupted) study in the same output, if it was measured as this one
+    would measure it; otherwise an error rather than a table mixing two studies."""
+    row = read_json(path)  # {} if unreadable: then every field is missing
+    kept = row.get("measured_with", {})
+    for name, value in measured_with.items():
+        if kept.get(name) != value:
+            raise ValueError(f"{path}: field measured_with.{name} is {kept.get(name)!r}, this study asks for {value!r}; "
+                             f"choose another output directory, or delete {path.parent} to measure that run again")
     return row
 
 

@@ -55,18 +55,41 @@ def test_the_identifiability_table_reports_mean_and_spread_over_seeds():
     assert "0.800 +- 0.141" in markdown({"config": {"steps": 5, "seeds": 2, "eval_episodes": 2}, "table": table})
 
 
-def test_the_identifiability_study_runs_end_to_end(tmp_path, monkeypatch):
+def test_the_identifiability_study_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Ctrl-C in the first run's training; run again, the study continues that run from its checkpoint and
+    finishes; a kept run measured with other settings is refused, not mixed into the table."""
+    import dataclasses
+    import os
+    import signal
+
     from studies import identifiability as study
+    from worldmodel import train as train_module
 
     monkeypatch.setattr(study, "RUNS", {"reference": ("smooth", {}), "uniform target": ("smooth",
                                                                                          {"sigreg_target": "uniform"})})
     monkeypatch.setattr(study, "DATASETS", {"smooth": ("smooth", None)})
-    cfg = study.IdentifiabilityConfig(steps=2, episodes=8, eval_episodes=2, mlp_steps=5, workers=1,
+    cfg = study.IdentifiabilityConfig(steps=3, episodes=8, eval_episodes=2, mlp_steps=5, workers=1,
                                       out=str(tmp_path / "study"))
+    real, calls = train_module.world_model_losses, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # during step 1: steps 0 and 1 complete and are saved
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, "world_model_losses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        study.run(cfg, progress=False)
+    first = tmp_path / "study" / "runs" / "reference-s0"
+    assert torch.load(first / "checkpoint.pt", weights_only=True)["step"] == 2 and not (first / "study.json").exists()
+    monkeypatch.setattr(train_module, "world_model_losses", real)
     summary = study.run(cfg, progress=False)
     assert [r["run"] for r in summary["table"]] == ["reference", "uniform target"]
+    assert json.loads((first / "model.json").read_text())["step"] == 3
     for name in ("results.json", "results.md", "results.png"):
         assert (tmp_path / "study" / name).is_file()
+    with pytest.raises(ValueError, match=r"reference-s0/study.json: field measured_with.steps is 3, .* asks for 4"):
+        study.run(dataclasses.replace(cfg, steps=4), progress=False)
 
 
 def test_recorded_actions_replay_the_episode_and_from_rest_they_do_not(data):
