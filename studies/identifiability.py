@@ -110,7 +110,8 @@ def _one(cfg: IdentifiabilityConfig, out: Path, label: str, data: str, settings:
 
 def _measured_with(cfg: IdentifiabilityConfig) -> dict:
     """The study's settings a kept run's measurements depend on."""
-    return {"steps": cfg.steps, "eval_episodes": cfg.eval_episodes, "mlp_steps": cfg.mlp_steps}
+    return {"steps": cfg.steps, "episodes": cfg.episodes, "eval_episodes": cfg.eval_episodes,
+            "mlp_steps": cfg.mlp_steps}
 
 
 def _kept_row(path: Path, measured_with: dict) -> dict:
