@@ -120,8 +120,8 @@ def run(sizes=(64, 224), workers=(1, 2)) -> str:
     lines += markdown_table([("size", False), *((f"{w} worker{'s' if w > 1 else ''}, frames/s", True) for w in workers),
                              (f"{workers[-1]} / {workers[0]} workers", False)], rows, absolute)
     lines += ["", "## Loader: random windows of 4 frames, frameskip 5, batch 64", "",
-              f"From disk the data is about twice the HDF5 chunk cache of its file ({CHUNK_CACHE_MB} MB), so random "
-              f"windows keep missing it, as a large dataset does.", ""]
+              f"From disk every window's frames are read and decompressed from the file (our shards keep no chunk "
+              f"cache), as from a dataset too large for memory; about {2 * CHUNK_CACHE_MB} MB of frames.", ""]
     rows = []
     for size in sizes:
         episodes = loader_episodes(size)
@@ -145,5 +145,5 @@ def run(sizes=(64, 224), workers=(1, 2)) -> str:
 
 
 def loader_episodes(size: int, frames_per_episode: int = 101) -> int:
-    """Episodes of 100 steps whose frames fill about twice the chunk cache of one file."""
+    """Episodes of 100 steps whose frames fill about twice the chunk cache of a stable-worldmodel file."""
     return -(-2 * CHUNK_CACHE_MB * 1_000_000 // (frames_per_episode * size * size * 3))

@@ -24,7 +24,7 @@ from envs.storage import (CONSISTENT_ATTRS, RECORDING_DEFAULTS, STATE_KEYS, Data
                           _digest, _files, _plain, check_complete, inspect_shard, open_h5, recording)
 
 SPLITS = ("train", "val", "test", "all")
-CHUNK_CACHE_MB = 64  # HDF5 chunk cache of each open file
+CHUNK_CACHE_MB = 64  # HDF5 chunk cache of a stable-worldmodel file (one pixel dataset, 100-frame chunks)
 
 
 def inspect_dataset(paths, env: str | None = None) -> list[ShardInfo]:
@@ -174,18 +174,22 @@ class EpisodeStore:
             raise DatasetError(f"{self.paths}: {purpose} need {lacking}, which this dataset does not hold "
                                f"(finger is derived from qpos when qpos is there; target cannot be derived)")
 
-    def _file(self, path: Path) -> h5py.File:
+    def _file(self, path: Path, cache_mb: float) -> h5py.File:
         if os.getpid() != self._pid:  # a DataLoader worker: h5py handles do not survive a fork
             self._handles, self._datasets, self._pid = {}, {}, os.getpid()
         if path not in self._handles:
-            # A chunk cache that holds a compressed chunk of frames (their files: 100 frames of 224 px).
-            self._handles[path] = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_MB * 1024**2)
+            self._handles[path] = h5py.File(path, "r", rdcc_nbytes=int(cache_mb * 1024**2))
         return self._handles[path]
 
     def _pixels(self, ref: EpisodeRef) -> h5py.Dataset:
         """The pixel dataset holding episode ``ref``, kept open: its chunk cache then serves the next read
-        of neighbouring frames (reopening it on every read would start each with an empty cache)."""
-        f = self._file(ref.shard)  # first: a forked worker drops the parent's handles and datasets
+        of neighbouring frames (reopening it on every read would start each with an empty cache). Only a
+        stable-worldmodel file has a chunk cache (its chunks hold 100 frames): HDF5 keeps one per open
+        dataset, and our shards hold one dataset per episode in one-frame chunks, which a cache serves
+        nothing but which it would keep decompressed, every episode read, for as long as the files stay open
+        (1.4 GB more for 400 episodes of 64 px loaded into memory, and growing without bound when read lazily)."""
+        cache_mb = CHUNK_CACHE_MB if ref.row is not None else 0
+        f = self._file(ref.shard, cache_mb)  # first: a forked worker drops the parent's handles and datasets
         key = (ref.shard, None if ref.row is not None else ref.key)
         if key not in self._datasets:
             self._datasets[key] = f["pixels"] if ref.row is not None else f[ref.key]["pixels"]

@@ -47,6 +47,24 @@ def test_dataloader_workers_read_lazily(synthetic_data):
     assert batches[0]["pixels"].shape[1:] == (3, 32, 32, 3)
 
 
+def test_lazy_reads_keep_no_decompressed_frames_of_our_shards(synthetic_data, tmp_path):
+    """HDF5 keeps a chunk cache per open dataset, and a store keeps every episode's dataset open: a cache on
+    our one-frame chunks would hold each episode read, decompressed, until the store closes (a dataset too
+    large for memory would fill it anyway). Only a stable-worldmodel file, whose chunks hold many frames,
+    keeps one."""
+    from conftest import write_swm_file
+
+    store = EpisodeStore(synthetic_data, in_memory=False)
+    for i in range(len(store)):
+        store.frames(i, np.arange(0, 30, 5))
+    assert len(store._datasets) == len(store)
+    assert all(ds.id.get_access_plist().get_chunk_cache()[1] == 0 for ds in store._datasets.values())
+    theirs = EpisodeStore(write_swm_file(tmp_path / "theirs.h5"), in_memory=False, env="reacher-easy")
+    theirs.frames(0, np.arange(3))
+    (ds,) = theirs._datasets.values()
+    assert ds.id.get_access_plist().get_chunk_cache()[1] > 0
+
+
 def test_window_longer_than_episodes(synthetic_data):
     with pytest.raises(DatasetError, match="shorter than a window"):
         WindowDataset(EpisodeStore(synthetic_data), WindowSpec(history=4, n_pred=4, frameskip=5))
