@@ -182,12 +182,11 @@ class EpisodeStore:
         return self._handles[path]
 
     def _pixels(self, ref: EpisodeRef) -> h5py.Dataset:
-        """The pixel dataset holding episode ``ref``, kept open: its chunk cache then serves the next read
-        of neighbouring frames (reopening it on every read would start each with an empty cache). Only a
-        stable-worldmodel file has a chunk cache (its chunks hold 100 frames): HDF5 keeps one per open
-        dataset, and our shards hold one dataset per episode in one-frame chunks, which a cache serves
-        nothing but which it would keep decompressed, every episode read, for as long as the files stay open
-        (1.4 GB more for 400 episodes of 64 px loaded into memory, and growing without bound when read lazily)."""
+        """The pixel dataset holding episode ``ref``, kept open. A stable-worldmodel file's one dataset gets
+        a chunk cache, so that the next read of neighbouring frames finds its 100-frame chunk decompressed.
+        Our shards get none: HDF5 keeps a cache per open dataset, one per episode here, and on one-frame
+        chunks it serves nothing but keeps every episode read decompressed while the files stay open (1.4 GB
+        more for 400 episodes of 64 px loaded into memory, and growing without bound when read lazily)."""
         cache_mb = CHUNK_CACHE_MB if ref.row is not None else 0
         f = self._file(ref.shard, cache_mb)  # first: a forked worker drops the parent's handles and datasets
         key = (ref.shard, None if ref.row is not None else ref.key)

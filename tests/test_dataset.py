@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import synthetic_action, synthetic_episode, write_synthetic
+from conftest import synthetic_action, synthetic_episode, write_swm_file, write_synthetic
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
 from envs.storage import DatasetError, write_shard
 
@@ -52,8 +52,6 @@ def test_lazy_reads_keep_no_decompressed_frames_of_our_shards(synthetic_data, tm
     our one-frame chunks would hold each episode read, decompressed, until the store closes (a dataset too
     large for memory would fill it anyway). Only a stable-worldmodel file, whose chunks hold many frames,
     keeps one."""
-    from conftest import write_swm_file
-
     store = EpisodeStore(synthetic_data, in_memory=False)
     for i in range(len(store)):
         store.frames(i, np.arange(0, 30, 5))
