@@ -13,9 +13,11 @@ import numpy as np
 
 from benchmarks.timing import absolute_shown, markdown_table
 from envs.collect import CollectConfig, collect
-from envs.dataset import CHUNK_CACHE_MB, EpisodeStore, WindowDataset, WindowSpec
+from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
 from envs.policies import make_policy
 from envs.reacher import ReacherPixels
+
+LOADER_DATA_MB = 128  # frames of the loader benchmark (the size its earlier runs used, so rows compare)
 
 
 def _rate(fn, n: int) -> float:
@@ -121,7 +123,7 @@ def run(sizes=(64, 224), workers=(1, 2)) -> str:
                              (f"{workers[-1]} / {workers[0]} workers", False)], rows, absolute)
     lines += ["", "## Loader: random windows of 4 frames, frameskip 5, batch 64", "",
               f"From disk every window's frames are read and decompressed from the file (our shards keep no chunk "
-              f"cache), as from a dataset too large for memory; about {2 * CHUNK_CACHE_MB} MB of frames.", ""]
+              f"cache), as from a dataset too large for memory; about {LOADER_DATA_MB} MB of frames.", ""]
     rows = []
     for size in sizes:
         episodes = loader_episodes(size)
@@ -145,5 +147,5 @@ def run(sizes=(64, 224), workers=(1, 2)) -> str:
 
 
 def loader_episodes(size: int, frames_per_episode: int = 101) -> int:
-    """Episodes of 100 steps whose frames fill about twice the chunk cache of a stable-worldmodel file."""
-    return -(-2 * CHUNK_CACHE_MB * 1_000_000 // (frames_per_episode * size * size * 3))
+    """Episodes of 100 steps whose frames fill about ``LOADER_DATA_MB``."""
+    return -(-LOADER_DATA_MB * 1_000_000 // (frames_per_episode * size * size * 3))
