@@ -147,8 +147,9 @@ PRESETS = {
     "hold": {"steps": 5000},
     # Data of LeWorldModel's kind on a 2-core CPU (200-step episodes of i.i.d. uniform actions held for two
     # control steps: `wm collect --policy random --action-repeat 2 --steps 200`): the demo architecture,
-    # 6,000 steps (chosen over 3,000 on validation: README Notes).
-    "lewm-data": {"steps": 6000},
+    # 12,000 steps, meant for 1,200 episodes (chosen on validation over 6,000 steps and over 400 episodes:
+    # README Notes).
+    "lewm-data": {"steps": 12000},
     # One GPU: a larger batch, longer schedule; bf16 autocast is on by itself on CUDA.
     "full": {"steps": 20000, "batch_size": 256, "lr": 5e-4, "warmup_steps": 500, "latent_dim": 128,
              "encoder.conv_channels": 64, "predictor.hidden": 1024, "num_workers": 4,
