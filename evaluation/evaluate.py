@@ -10,6 +10,7 @@ velocity. Frames are rendered only when a policy looks at them (the world model'
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -72,7 +73,11 @@ class EvalConfig:
                                                             "what one frame shows)")
     sim_samples: int | None = option(None, "simulator-CEM candidates per iteration (default: --samples)")
     sim_iterations: int | None = option(None, "simulator-CEM iterations per replan (default: --iterations)")
-    tolerance: float = option(GOAL_TOLERANCE, "success: every joint within this many rad of the goal")
+    tolerance: float = option(GOAL_TOLERANCE, "success: every joint within this many rad of the goal (it also "
+                                               "decides the draw: a start already within it is never drawn)")
+    score_at: str = option("", "comma list of further tolerances (rad) at which the same episodes are scored too, "
+                               "latched and held (e.g. 0.1, LeWM's paper-era threshold); the draw stays that of "
+                               "--tolerance")
     device: str = option("auto", "auto, cpu or cuda")
     threads: int = option(0, THREADS_HELP)
     out: str = option("", "output directory (default: eval/ beside the checkpoint; needed for several)")
@@ -84,6 +89,7 @@ class EvalConfig:
                              f"{self.seeds}, {self.tolerance}")
         parse_protocols(self.protocol)
         parse_baselines(self.baselines)
+        self.other_tolerances  # a bad --score-at is refused before anything runs
         check_policy_device(self.policy, self.device)
         if len(self.checkpoints) > 1 and not self.out:
             raise ValueError("several --checkpoint: give --out for their pooled results")
@@ -93,6 +99,17 @@ class EvalConfig:
     @property
     def checkpoints(self) -> list[str]:
         return comma_list(self.checkpoint)
+
+    @property
+    def other_tolerances(self) -> list[float]:
+        """The ``--score-at`` tolerances, each > 0 and not ``--tolerance`` itself, in the order given."""
+        try:
+            found = [float(t) for t in comma_list(self.score_at)]
+        except ValueError:
+            raise ValueError(f"--score-at must be a comma list of tolerances in rad, got {self.score_at!r}") from None
+        if any(not t > 0 or not math.isfinite(t) for t in found):
+            raise ValueError(f"--score-at: every tolerance must be a number > 0, got {self.score_at!r}")
+        return [t for t in dict.fromkeys(found) if t != self.tolerance]
 
     @property
     def out_dir(self) -> Path:
@@ -315,7 +332,7 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
                 setup.batch.close()
     finally:
         bar.close()
-    summary = summarize(records, methods, protocols)
+    summary = summarize(records, methods, protocols, cfg.other_tolerances)
     split_note = notes[0] if len(notes) == 1 else f"each model's own {cfg.split} episodes"
     report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps, "split": notes,
               "interval": METHOD, "torch_threads": torch.get_num_threads(), "summary": summary, "episodes": records}
@@ -324,7 +341,8 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
     atomic_write_text(out / "index.html", evaluation_page(markdown))
     title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"
              f"{' and model' if len(cfg.checkpoints) > 1 else ''}, {cfg.split} split")
-    atomic_write(out / "results.png", lambda tmp: plot_results(summary, curves, cfg.tolerance, tmp, title),
+    atomic_write(out / "results.png", lambda tmp: plot_results(summary, curves, cfg.tolerance, tmp, title,
+                                                            cfg.other_tolerances),
                  keep_suffix=True)
     log_to_tensorboard(out / "tb", summary, steps[0] or 0)
     atomic_write_json(out / "results.json", report)  # last: the evaluation is finished

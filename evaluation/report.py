@@ -21,9 +21,10 @@ COLOURS = {"world_model": "tab:blue", "random": "tab:gray", "exploration": "tab:
            "simulator-pose": "tab:cyan"}
 
 
-def summarize(records: list[dict], methods, protocols) -> dict:
+def summarize(records: list[dict], methods, protocols, other_tolerances=()) -> dict:
     """Per protocol and method: rates pooled over every episode (of every run), intervals over source
-    episodes (of each run), per-seed and per-run rates, the spread between runs."""
+    episodes (of each run), per-seed and per-run rates, the spread between runs; and the same rates with
+    the same episodes scored at each of ``other_tolerances`` (rad), from their closest and final errors."""
     summary = {}
     for protocol in protocols:
         for method in methods:
@@ -31,33 +32,45 @@ def summarize(records: list[dict], methods, protocols) -> dict:
             if not rows:
                 continue
             clusters = [f"{r.get('run', 0)}/{r['source_episode']}" for r in rows]
-            latched = np.array([r["success"] for r in rows])
-            held = np.array([r["held"] for r in rows])
             final = np.array([r["final_error"] for r in rows])
             steps = [r["steps_to_success"] for r in rows if r["success"]]
-            per = lambda key, field: [float(np.mean([r[field] for r in rows if r[key] == k]))  # noqa: E731
-                                      for k in sorted({r[key] for r in rows})]
             s = {
                 "protocol": protocol.name, "method": method, "label": LABELS[method], "episodes": len(rows),
                 "source_episodes": len(set(clusters)), "interval": METHOD, "warning": cluster_warning(clusters),
-                "success_rate": float(latched.mean()), "ci95": success_interval(latched, clusters),
-                "held_rate": float(held.mean()), "held_ci95": success_interval(held, clusters),
-                "per_seed": per("seed", "success"), "held_per_seed": per("seed", "held"),
+                **_rates_of(rows, np.array([r["success"] for r in rows]), np.array([r["held"] for r in rows]),
+                            clusters),
                 "final_error_quantiles": {q: float(np.quantile(final, q / 100)) for q in QUANTILES},
                 "median_steps_to_success": float(np.median(steps)) if steps else None,
                 "plan_time_per_call_s": float(np.mean([r["plan_time_per_call_s"] for r in rows])),
                 "plan_time_per_episode_s": float(np.mean([r["plan_time_per_episode_s"] for r in rows])),
             }
-            runs = sorted({r.get("run", 0) for r in rows})
-            if len(runs) > 1:  # several trained models: the spread a user sees between training runs
-                s["per_run"], s["held_per_run"] = per("run", "success"), per("run", "held")
-                s["between_runs_sd"] = float(np.std(s["per_run"], ddof=1))
-                s["held_between_runs_sd"] = float(np.std(s["held_per_run"], ddof=1))
+            if other_tolerances:  # latched: closest approach after step 0 within it; held: the final error
+                closest = np.array([r["min_error"] for r in rows])
+                s["other_tolerances"] = {f"{t:g}": _rates_of(rows, closest < t, final < t, clusters)
+                                         for t in other_tolerances}
             if method == "world_model":  # episodes that began too early for the history the model wants
                 short = [r for r in rows if 0 <= r["history_frames"] < r["history_wanted"]]
                 s["padded_history"] = len(short) if any(r["history_frames"] >= 0 for r in rows) else None
             summary[f"{protocol.name}/{method}"] = s
     return summary
+
+
+def _rates_of(rows: list[dict], latched: np.ndarray, held: np.ndarray, clusters: list[str]) -> dict:
+    """Latched and held rates of ``rows`` (outcomes ``latched``, ``held``: (n,) bools) with their intervals
+    over ``clusters``, per evaluation seed, and, when several trained models ran, per model with the
+    standard deviation between them (the spread a user sees between training runs)."""
+    def per(key: str, outcome: np.ndarray) -> list[float]:
+        keys = np.array([r.get(key, 0) for r in rows])
+        return [float(outcome[keys == k].mean()) for k in sorted(set(keys.tolist()))]
+
+    out = {"success_rate": float(latched.mean()), "ci95": success_interval(latched, clusters),
+           "held_rate": float(held.mean()), "held_ci95": success_interval(held, clusters),
+           "per_seed": per("seed", latched), "held_per_seed": per("seed", held)}
+    if len({r.get("run", 0) for r in rows}) > 1:
+        out["per_run"], out["held_per_run"] = per("run", latched), per("run", held)
+        out["between_runs_sd"] = float(np.std(out["per_run"], ddof=1))
+        out["held_between_runs_sd"] = float(np.std(out["held_per_run"], ddof=1))
+    return out
 
 
 def _pct(x: float) -> str:
@@ -99,6 +112,16 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
         lines.append(f"| {s['protocol']} | {s['label']} | {_rates(s, 'success_rate', 'ci95', 'per_run', 'between_runs_sd')}"
                      f" | {_rates(s, 'held_rate', 'held_ci95', 'held_per_run', 'held_between_runs_sd')} | {seeds} | "
                      f"{q[25]:.3f} / {q[50]:.3f} / {q[75]:.3f} / {q[90]:.3f} | {steps} | {plan} |")
+    others = [(s, t, o) for s in summary.values() for t, o in s.get("other_tolerances", {}).items()]
+    if others:
+        lines += ["", f"The same episodes scored at other tolerances. They were drawn for {cfg.tolerance} rad: where "
+                      f"starts come from held-out episodes, none within {cfg.tolerance} rad of its goal is drawn, while "
+                      f"one within a larger tolerance may be.", "",
+                  f"| protocol | method | tolerance (rad) | latched | 95% CI{per_model} | held at end | 95% CI{per_model} |",
+                  "|---" * (7 + 2 * pooled) + "|"]
+        lines += [f"| {s['protocol']} | {s['label']} | {t} | {_rates(o, 'success_rate', 'ci95', 'per_run', 'between_runs_sd')}"
+                  f" | {_rates(o, 'held_rate', 'held_ci95', 'held_per_run', 'held_between_runs_sd')} |"
+                  for s, t, o in others]
     warnings = [f"{s['protocol']}, {s['label']}: {s['warning']}" for s in summary.values() if s.get("warning")]
     if warnings:
         lines += ["", "**Warning**: " + "; ".join(warnings) + "."]
@@ -110,10 +133,11 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
     return "\n".join(lines) + "\n"
 
 
-def plot_results(summary: dict, curves: dict, tolerance: float, path: Path, title: str = "") -> None:
+def plot_results(summary: dict, curves: dict, tolerance: float, path: Path, title: str = "",
+                 other_tolerances=()) -> None:
     """Bars of latched (solid) and held-at-end (hatched) success per protocol and method, one colour per
     method in both panels, every bar labelled with its value (a 0% bar shows as its label and outline);
-    median joint error over the episode on the right."""
+    median joint error over the episode on the right, with the tolerance (and any other scored at)."""
     from matplotlib.figure import Figure  # not pyplot: no global figure to leak, no backend switched
 
     fig = Figure(figsize=(14, 5.2))
@@ -148,6 +172,8 @@ def plot_results(summary: dict, curves: dict, tolerance: float, path: Path, titl
         ax2.plot(np.median(e, 0), color=COLOURS[method], linestyle=styles[protocols.index(protocol) % len(styles)],
                  label=f"{protocol}, {LABELS[method]}")
     ax2.axhline(tolerance, color="k", linestyle="--", linewidth=1, label="success tolerance")
+    for t in other_tolerances:
+        ax2.axhline(t, color="k", linestyle=":", linewidth=0.8, label=f"also scored at {t:g} rad")
     ax2.set_yscale("log")
     ax2.set_xlabel("env step")
     ax2.set_ylabel("median largest joint error (rad)")

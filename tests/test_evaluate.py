@@ -48,6 +48,35 @@ def test_success_counts_from_step_one_and_held_is_the_last_step():
     assert np.allclose(r["final_error"], [0.3, 0.2, 0.5, 0.01]) and np.allclose(r["min_error"], [0.04, 0.2, 0.5, 0.01])
 
 
+def test_the_same_episodes_scored_at_another_tolerance():
+    """Scored at the draw's own tolerance the rates are the headline's; at a larger one they follow each
+    episode's closest approach (latched) and final error (held), per seed and per trained model too."""
+    from evaluation.report import summarize
+
+    errors = np.array([[0.5, 0.2, 0.04, 0.3],   # latched at 0.05; at 0.1 latched, not held
+                       [0.5, 0.4, 0.08, 0.09],  # only at 0.1: latched and held
+                       [0.5, 0.3, 0.2, 0.2],    # never
+                       [0.5, 0.3, 0.04, 0.01]])  # latched and held at both
+    per = episode_records(errors, tolerance=0.05)
+    records = [{"protocol": "reach25", "method": "random", "seed": j % 2, "run": j // 2, "source_episode": f"e{j}",
+                "success": bool(per["success"][j]), "held": bool(per["held"][j]),
+                "steps_to_success": int(per["steps_to_success"][j]), "final_error": float(per["final_error"][j]),
+                "min_error": float(per["min_error"][j]), "plan_time_per_call_s": 0.0, "plan_time_per_episode_s": 0.0}
+               for j in range(4)]
+    s = summarize(records, ["random"], [PROTOCOLS["reach25"]], [0.05, 0.1])["reach25/random"]
+    same, wider = s["other_tolerances"]["0.05"], s["other_tolerances"]["0.1"]
+    for key in ("success_rate", "held_rate", "ci95", "held_ci95", "per_seed", "held_per_seed", "per_run",
+                "held_per_run", "between_runs_sd"):
+        assert same[key] == s[key], key
+    assert (s["success_rate"], s["held_rate"]) == (0.5, 0.25)
+    assert (wider["success_rate"], wider["held_rate"]) == (0.75, 0.5)
+    assert wider["per_seed"] == [0.5, 1.0] and wider["held_per_run"] == [0.5, 0.5]
+    assert EvalConfig(score_at="0.1, 0.05,0.1").other_tolerances == [0.1]  # --tolerance itself is the headline
+    for bad in ("0.1,x", "0", "-0.1", "nan"):
+        with pytest.raises(ValueError, match="--score-at"):
+            EvalConfig(score_at=bad)
+
+
 def test_lewm_rule_on_a_synthetic_trace():
     """Shoulder goal at -pi + 0.01; the arm reaches pi - 0.01 (0.02 rad away through the seam): a success
     under the wrapped rule, not under LeWM's raw one."""
@@ -284,9 +313,10 @@ def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):
     save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
     args = ["eval", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 3, "--seeds", 2,
             "--samples", 16, "--iterations", 2, "--sim-samples", 16, "--sim-iterations", 2,
-            "--protocol", "reach25,uniform,lewm"]
+            "--protocol", "reach25,uniform,lewm", "--score-at", "0.1"]
     out = _wm(*args).stdout
     assert "| reach25 | world model (MPC) |" in out and "| lewm | world model (MPC) |" in out
+    assert "| uniform | world model (MPC) | 0.1 |" in out  # the same episodes scored at 0.1 rad too
     for name in ("results.json", "results.md", "results.png", "index.html"):
         assert (tmp_path / "eval" / name).exists()  # beside the checkpoint by default
     assert _page_links(tmp_path / "eval" / "index.html") == {"results.png"}
@@ -303,7 +333,7 @@ def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):
         assert r["plan_calls"] >= 2 and r["plan_time_per_episode_s"] == pytest.approx(share)
     again = _wm(*args, check=False)  # a second run does not overwrite the first's results
     assert again.returncode == 2 and "already holds 72 episodes" in again.stderr and "--overwrite" in again.stderr
-    assert _wm(*args[:-2], "--protocol", "reach25", "--overwrite").returncode == 0
+    assert _wm(*args[:-4], "--protocol", "reach25", "--overwrite").returncode == 0
 
 
 def test_wm_demo_smoke_writes_videos_and_sheet(data, tmp_path):
@@ -446,7 +476,7 @@ def test_a_failed_evaluation_leaves_no_partial_output_and_is_not_finished(data, 
     save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
     cfg = _small_eval(tmp_path / "m.pt", data, tmp_path / "e")
 
-    def full_disk(summary, curves, tolerance, path, title=""):
+    def full_disk(summary, curves, tolerance, path, *rest):
         open(path, "wb").close()
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(ev, "plot_results", full_disk)
