@@ -44,6 +44,7 @@ class Protocol:
     stored_frames: bool = False  # goal image and first observation: the dataset's stored frames, not rendered
     data_action_std: bool = False  # CEM's initial std: the std of the data's actions (unit std when z-scored)
     draws_as: str = ""  # another protocol whose episodes this one draws (the same episodes, another planner)
+    planner_name: str = ""  # what reports call the world model's planner when ``policy`` fixes it (else: MPC)
 
 
 # LeWorldModel's planner as released (le-wm config/eval/reacher.yaml; stable-worldmodel solver/cem.py): CEM 300 x
@@ -60,13 +61,14 @@ PROTOCOLS = {
     "reach50": Protocol("reach50", 50, 100),
     "uniform": Protocol("uniform", None, 100),
     "lewm": Protocol("lewm", 25, 50, wrap=False, true_history=False, policy=LEWM_POLICY, control_steps=True,
-                     stored_frames=True, data_action_std=True),
+                     stored_frames=True, data_action_std=True, planner_name="LeWM's planner"),
     # our default MPC (the policy as configured) under LeWM's episodes, budget and success rule
     "lewm-mpc": Protocol("lewm-mpc", 25, 50, wrap=False, control_steps=True, stored_frames=True, draws_as="lewm"),
     # LeWM's planner given the true history before the start (a counterfactual: what its one frame costs)
     "lewm-history": Protocol("lewm-history", 25, 50, wrap=False,
                              policy={k: v for k, v in LEWM_POLICY.items() if k != "context"}, control_steps=True,
-                             stored_frames=True, data_action_std=True, draws_as="lewm"),
+                             stored_frames=True, data_action_std=True, draws_as="lewm",
+                             planner_name="LeWM's planner, the frames before the start"),
 }
 
 

@@ -21,6 +21,13 @@ COLOURS = {"world_model": "tab:blue", "random": "tab:gray", "exploration": "tab:
            "simulator-pose": "tab:cyan"}
 
 
+def method_label(method: str, protocol) -> str:
+    """What a row of a report is: the world model's row names the planner a protocol fixes (LeWM's)."""
+    if method == "world_model" and protocol.planner_name:
+        return f"world model ({protocol.planner_name})"
+    return LABELS[method]
+
+
 def summarize(records: list[dict], methods, protocols, other_tolerances=()) -> dict:
     """Per protocol and method: rates pooled over every episode (of every run), intervals over source
     episodes (of each run), per-seed and per-run rates, the spread between runs; and the same rates with
@@ -35,7 +42,7 @@ def summarize(records: list[dict], methods, protocols, other_tolerances=()) -> d
             final = np.array([r["final_error"] for r in rows])
             steps = [r["steps_to_success"] for r in rows if r["success"]]
             s = {
-                "protocol": protocol.name, "method": method, "label": LABELS[method], "episodes": len(rows),
+                "protocol": protocol.name, "method": method, "label": method_label(method, protocol), "episodes": len(rows),
                 "source_episodes": len(set(clusters)), "interval": METHOD, "warning": cluster_warning(clusters),
                 **_rates_of(rows, np.array([r["success"] for r in rows]), np.array([r["held"] for r in rows]),
                             clusters),

@@ -315,7 +315,7 @@ def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):
             "--samples", 16, "--iterations", 2, "--sim-samples", 16, "--sim-iterations", 2,
             "--protocol", "reach25,uniform,lewm", "--score-at", "0.1"]
     out = _wm(*args).stdout
-    assert "| reach25 | world model (MPC) |" in out and "| lewm | world model (MPC) |" in out
+    assert "| reach25 | world model (MPC) |" in out and "| lewm | world model (LeWM's planner) |" in out
     assert "| uniform | world model (MPC) | 0.1 |" in out  # the same episodes scored at 0.1 rad too
     for name in ("results.json", "results.md", "results.png", "index.html"):
         assert (tmp_path / "eval" / name).exists()  # beside the checkpoint by default
