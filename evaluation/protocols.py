@@ -12,8 +12,9 @@ action): a start already within tolerance of its goal is never drawn.
   ``|qpos - goal| < tolerance`` on every joint WITHOUT wrapping angles, checked after every control step
   and latched; the goal image and first observation are the dataset's stored frames; the planner
   conditioned on the current frame only, CEM 300 samples x 30 iterations with the top 30, initial std one
-  unit of the data's action std, horizon 5 chunks, the whole plan executed before replanning, cost on the
-  last predicted latent, the final mean executed.
+  unit of the data's action std, samples scored as drawn (not clamped to the action range; the env clips
+  what is played), horizon 5 chunks, the whole plan executed before replanning, cost on the last predicted
+  latent, the final mean executed.
 - ``lewm-mpc``: the same episodes, budget and success rule, planned by the policy as configured (our
   default MPC: replanning every chunk, the true history, subgoals).
 - ``lewm-history``: a counterfactual, not their protocol: the same episodes, rule and planner as ``lewm``, but
@@ -49,12 +50,14 @@ class Protocol:
 
 # LeWorldModel's planner as released (le-wm config/eval/reacher.yaml; stable-worldmodel solver/cem.py): CEM 300 x
 # 30, the top 30 refit without momentum or a floor, the current mean as a candidate, the final mean executed,
-# cost on the last predicted latent, horizon 5 chunks all played before the next plan, one frame of context.
+# cost on the last predicted latent, horizon 5 chunks all played before the next plan, one frame of context;
+# samples scored as drawn, outside the action range too (the env clips what is played).
 LEWM_POLICY = {"planner": "cem", "samples": 300, "iterations": 30, "horizon": 5, "cost": "final", "cem.elites": 30,
                "cem.min_std": 0.0, "cem.momentum": 0.0, "cem.keep_elites": False, "cem.plan_from": "mean",
-               "rest": False, "receding_horizon": 5, "context": 1, "subgoals.enabled": False}
+               "rest": False, "receding_horizon": 5, "context": 1, "subgoals.enabled": False, "clamp_samples": False}
 LEWM_NOTE = ("CEM 300 x 30, the top 30 refit, the final mean played, cost on the last predicted latent, all 5 "
-             "chunks played before the next plan, one frame of context, no rest candidate or subgoals")
+             "chunks played before the next plan, one frame of context, no rest candidate or subgoals, samples "
+             "scored unclamped")
 
 PROTOCOLS = {
     "reach25": Protocol("reach25", 25, 50),

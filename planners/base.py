@@ -219,12 +219,13 @@ class Planner:
         return mean.new_zeros(mean.shape[0], int(self.cfg.rest), *mean.shape[1:])
 
     def sample(self, ctx: Context, stream: Tensor, mean: Tensor, std: Tensor, n: int) -> Tensor:
-        """``n`` Gaussian candidates around ``mean (B, H, A)`` with ``std (B, H, A)``, clamped to [-1, 1];
-        problem b's noise comes from its own stream ``(ctx.keys[b], stream)``."""
+        """``n`` Gaussian candidates around ``mean (B, H, A)`` with ``std (B, H, A)``, clamped to [-1, 1]
+        (unless ``clamp_samples`` is off); problem b's noise comes from its own stream ``(ctx.keys[b], stream)``."""
         eps = standard_normal(ctx.keys, stream, (n, *mean.shape[1:]), mean.dtype)  # (B, n, H, A)
         if self.cfg.noise_beta:
             eps = coloured(eps, self.cfg.noise_beta, self.steps_per_chunk)
-        return (mean[:, None] + std[:, None] * eps).clamp(-1, 1)  # (B, n, H, A)
+        cand = mean[:, None] + std[:, None] * eps  # (B, n, H, A)
+        return cand.clamp(-1, 1) if self.cfg.clamp_samples else cand
 
 
 def coloured(eps: Tensor, beta: float, steps_per_chunk: int) -> Tensor:

@@ -107,6 +107,9 @@ class PlannerConfig:
                                    "through the goal")
     rest: bool = option(True, "score the all-zero action sequence (letting the arm come to rest) among every "
                               "iteration's candidates, so a plan that holds a reached goal is found exactly")
+    clamp_samples: bool = option(True, "clamp sampled actions to [-1, 1] before the model scores them (off: the "
+                                       "model scores them as sampled and the env clips what is played, as LeWM's "
+                                       "planner does)")
     noise_beta: float = option(0.0, "colour of the sampling noise along the plan's env steps: power ~ 1/f^beta "
                                     "(0: white; 2: red, temporally correlated, as iCEM)")
     rest_margin: float = option(0.0, "with rest: play the rest sequence when its predicted cost is within this "

@@ -222,7 +222,7 @@ class MPCPolicy:
             played = torch.from_numpy(np.stack(self._played[-(self.history - 1) * fs:], 1)).to(self.device)
             a_hist = rearrange(played, "b (c k) a -> b c (k a)", k=fs)  # (B, h-1, A)
         result = self._plan_from(z_hist, a_hist, self._upcoming())
-        new = rearrange(result.actions.cpu().numpy(), "b h (k a) -> b (h k) a", k=fs)
+        new = rearrange(result.actions.clamp(-1, 1).cpu().numpy(), "b h (k a) -> b (h k) a", k=fs)
         if self._step_plan is None:
             self._step_plan = (np.zeros_like(new), np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows), bool))
         queue, pointer, following = self._step_plan
@@ -268,7 +268,7 @@ class MPCPolicy:
                 self._chunks_since_plan += 1
         if self._plan is None or self._chunks_since_plan >= self.receding_horizon:
             self._replan()
-        chunk = self._plan[:, self._chunks_since_plan]  # (B, A)
+        chunk = self._plan[:, self._chunks_since_plan].clamp(-1, 1)  # (B, A): what the env plays (and history holds)
         self._chunk = rearrange(chunk, "b (k a) -> b k a", k=self.frameskip)
         self._chunk_host = self._chunk.cpu().numpy().astype(np.float32)
 

@@ -80,6 +80,19 @@ def test_actions_in_bounds(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_unclamped_samples_are_scored_as_drawn(name):
+    """``clamp_samples`` off (LeWM's planner): the model scores candidates beyond [-1, 1] too."""
+    for clamp in (True, False):
+        model = CountingModel(LinearDynamics())
+        seen = []
+        rollout = model.rollout
+        model.rollout = lambda z, a, actions: (seen.append(actions.abs().max()), rollout(z, a, actions))[1]
+        z, g, _ = make_problems(model.model, 3)
+        planner(name, model, samples=32, iterations=2, clamp_samples=clamp).plan(z, 50 * g)
+        assert (max(seen) <= 1.0) == clamp
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_seeding(name):
     z, g, _ = make_problems(LinearDynamics(), 2)
     p = planner(name, seed=3)

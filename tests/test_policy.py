@@ -53,6 +53,22 @@ def test_plays_the_planned_chunk_between_replans(model):
     assert np.allclose(actions.reshape(3, 4), policy._plan[0].numpy(), atol=1e-6)
 
 
+def test_plays_and_remembers_a_plan_beyond_the_action_range_clipped(model, monkeypatch):
+    """A plan scored unclamped (LeWM's planner) may leave [-1, 1]: the env plays it clipped, and the history
+    the next plan starts from holds what was played."""
+    from planners.base import PlanResult
+
+    policy = MPCPolicy(model, small(receding_horizon=1, clamp_samples=False))
+    frame = np.zeros((32, 32, 3), np.uint8)
+    policy.reset(frame)
+    plan = torch.linspace(-3, 3, 3 * model.action_dim).reshape(1, 3, model.action_dim)
+    monkeypatch.setattr(policy.planner, "plan", lambda *a, **k: PlanResult(plan, torch.zeros(1)))
+    played = np.stack([policy.act(frame) for _ in range(4)])  # two chunks of 2 env steps
+    assert np.abs(played).max() == 1.0
+    assert np.allclose(played[:2].reshape(-1), plan[0, 0].clamp(-1, 1).numpy())
+    assert torch.equal(policy._a_hist[0, -1], plan[0, 0].clamp(-1, 1))  # the chunk played, as history
+
+
 def test_bad_inputs_are_clear_errors(model):
     policy = MPCPolicy(model, small())
     with pytest.raises(RuntimeError, match="reset"):
