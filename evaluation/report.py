@@ -42,8 +42,9 @@ def summarize(records: list[dict], methods, protocols, other_tolerances=()) -> d
             final = np.array([r["final_error"] for r in rows])
             steps = [r["steps_to_success"] for r in rows if r["success"]]
             s = {
-                "protocol": protocol.name, "method": method, "label": method_label(method, protocol), "episodes": len(rows),
-                "source_episodes": len(set(clusters)), "interval": METHOD, "warning": cluster_warning(clusters),
+                "protocol": protocol.name, "method": method, "label": method_label(method, protocol),
+                "episodes": len(rows), "source_episodes": len(set(clusters)), "interval": METHOD,
+                "warning": cluster_warning(clusters),
                 **_rates_of(rows, np.array([r["success"] for r in rows]), np.array([r["held"] for r in rows]),
                             clusters),
                 "final_error_quantiles": {q: float(np.quantile(final, q / 100)) for q in QUANTILES},
@@ -91,6 +92,12 @@ def _rates(s: dict, key: str, ci: str, runs: str, sd: str) -> str:
     return text
 
 
+def _latched_and_held(s: dict) -> str:
+    """The table cells of a row's latched and held rates: each with its interval (and per model, pooled)."""
+    return (f"{_rates(s, 'success_rate', 'ci95', 'per_run', 'between_runs_sd')} | "
+            f"{_rates(s, 'held_rate', 'held_ci95', 'held_per_run', 'held_between_runs_sd')}")
+
+
 def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str] | None = None) -> str:
     p = cfg.policy
     checkpoints = checkpoints or [cfg.checkpoint]
@@ -116,19 +123,17 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
         plan = (f"{1000 * s['plan_time_per_call_s']:.0f} ms | {s['plan_time_per_episode_s']:.2f} s"
                 if s["plan_time_per_call_s"] else "- | -")
         seeds = ", ".join(f"{100 * a:.0f}/{100 * b:.0f}" for a, b in zip(s["per_seed"], s["held_per_seed"]))
-        lines.append(f"| {s['protocol']} | {s['label']} | {_rates(s, 'success_rate', 'ci95', 'per_run', 'between_runs_sd')}"
-                     f" | {_rates(s, 'held_rate', 'held_ci95', 'held_per_run', 'held_between_runs_sd')} | {seeds} | "
+        lines.append(f"| {s['protocol']} | {s['label']} | {_latched_and_held(s)} | {seeds} | "
                      f"{q[25]:.3f} / {q[50]:.3f} / {q[75]:.3f} / {q[90]:.3f} | {steps} | {plan} |")
     others = [(s, t, o) for s in summary.values() for t, o in s.get("other_tolerances", {}).items()]
     if others:
-        lines += ["", f"The same episodes scored at other tolerances. They were drawn for {cfg.tolerance} rad: where "
-                      f"starts come from held-out episodes, none within {cfg.tolerance} rad of its goal is drawn, while "
-                      f"one within a larger tolerance may be.", "",
-                  f"| protocol | method | tolerance (rad) | latched | 95% CI{per_model} | held at end | 95% CI{per_model} |",
-                  "|---" * (7 + 2 * pooled) + "|"]
-        lines += [f"| {s['protocol']} | {s['label']} | {t} | {_rates(o, 'success_rate', 'ci95', 'per_run', 'between_runs_sd')}"
-                  f" | {_rates(o, 'held_rate', 'held_ci95', 'held_per_run', 'held_between_runs_sd')} |"
-                  for s, t, o in others]
+        tol = cfg.tolerance
+        lines += ["", f"The same episodes scored at other tolerances. They were drawn for {tol} rad: where starts "
+                      f"come from held-out episodes, none within {tol} rad of its goal is drawn, while one within a "
+                      f"larger tolerance may be.", "",
+                  f"| protocol | method | tolerance (rad) | latched | 95% CI{per_model} | held at end | 95% "
+                  f"CI{per_model} |", "|---" * (7 + 2 * pooled) + "|"]
+        lines += [f"| {s['protocol']} | {s['label']} | {t} | {_latched_and_held(o)} |" for s, t, o in others]
     warnings = [f"{s['protocol']}, {s['label']}: {s['warning']}" for s in summary.values() if s.get("warning")]
     if warnings:
         lines += ["", "**Warning**: " + "; ".join(warnings) + "."]
