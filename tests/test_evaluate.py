@@ -247,7 +247,8 @@ def test_simulator_baseline_reaches_most_goals_and_batching_agrees(data):
 
 def test_simulator_references_plan_under_the_protocols_settings(data, monkeypatch):
     """``simulator`` sees the velocities and ``simulator-pose`` does not; on ``lewm`` both plan with what
-    the protocol fixes for every planner (LeWM's CEM, its initial std of one unit of the data's actions)."""
+    the protocol fixes for every planner (LeWM's CEM, its initial std of one unit of the data's actions, its
+    unclamped samples)."""
     import evaluation.evaluate as ev
 
     seen = []
@@ -269,6 +270,7 @@ def test_simulator_references_plan_under_the_protocols_settings(data, monkeypatc
     for pcfg, _ in seen:
         assert pcfg.plan.cem.init_std == pytest.approx(setup.action_std()) and pcfg.plan.cost == "final"
         assert pcfg.receding_horizon == 5 and pcfg.plan.cem.plan_from == "mean"
+        assert not pcfg.plan.clamp_samples  # LeWM's CEM scores its samples as drawn
 
 
 def test_intervals():
