@@ -207,3 +207,6 @@ def log_to_tensorboard(logdir: Path, summary: dict, step: int) -> None:
             writer.add_scalar(f"{tag}/latched", s["success_rate"], step)
             writer.add_scalar(f"{tag}/held", s["held_rate"], step)
             writer.add_scalar(f"{tag}/final_error_median", s["final_error_quantiles"][50], step)
+            for t, o in s.get("other_tolerances", {}).items():  # the same episodes at --score-at tolerances
+                writer.add_scalar(f"{tag}/latched_at_{t}", o["success_rate"], step)
+                writer.add_scalar(f"{tag}/held_at_{t}", o["held_rate"], step)

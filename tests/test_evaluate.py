@@ -323,7 +323,10 @@ def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):
         assert (tmp_path / "eval" / name).exists()  # beside the checkpoint by default
     assert _page_links(tmp_path / "eval" / "index.html") == {"results.png"}
     assert "<table>" in (tmp_path / "eval" / "index.html").read_text()
-    assert list((tmp_path / "eval" / "tb").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logged = EventAccumulator(str(tmp_path / "eval" / "tb"))
+    logged.Reload()
+    assert {"eval/reach25/world_model/latched", "eval/uniform/world_model/held_at_0.1"} <= set(logged.Tags()["scalars"])
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert len(report["episodes"]) == 3 * 2 * 4 * 3  # protocols x seeds x methods x episodes
     assert set(report["summary"]) == {f"{p}/{m}" for p in ("reach25", "uniform", "lewm")
