@@ -182,7 +182,7 @@ def plot_results(summary: dict, curves: dict, tolerance: float, path: Path, titl
     for (protocol, method), runs in curves.items():
         e = np.concatenate(runs)  # (episodes, T+1)
         ax2.plot(np.median(e, 0), color=COLOURS[method], linestyle=styles[protocols.index(protocol) % len(styles)],
-                 label=f"{protocol}, {LABELS[method]}")
+                 label=f"{protocol}, {summary[f'{protocol}/{method}']['label']}")
     ax2.axhline(tolerance, color="k", linestyle="--", linewidth=1, label="success tolerance")
     for t in other_tolerances:
         ax2.axhline(t, color="k", linestyle=":", linewidth=0.8, label=f"also scored at {t:g} rad")
