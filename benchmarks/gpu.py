@@ -1,6 +1,7 @@
 """``wm bench --what gpu``: everything a GPU must show, in one call (about 8 minutes on an H100/H200).
 
-1. plan latency of CEM 300 x 30 x H5 (LeWM's setting) and of our default, batch 1 and 50, eager,
+1. plan latency of CEM 300 x 30 x H5 (LeWM's setting) and of our default, batch 1 and 50, eager, in float32
+   and with the model's matrix products in bf16 (``bf16``),
 2. training throughput of the demo and full presets,
 3. the same plan latencies with CUDA graphs: one per iteration (``compile``, ``reduce-overhead``), and one
    per plan (``cuda_graph``), of eager or of compiled iterations (on a CPU: compiled only),
@@ -44,7 +45,8 @@ def graph_modes(device: torch.device) -> dict[str, dict]:
         return {"compiled": {"compile": True}}
     return {"CUDA graph per iteration (compiled)": {"compile": True},
             "one CUDA graph per plan": {"cuda_graph": True},
-            "one CUDA graph per plan, compiled iteration": {"compile": True, "cuda_graph": True}}
+            "one CUDA graph per plan, compiled iteration": {"compile": True, "cuda_graph": True},
+            "one CUDA graph per plan, bf16": {"cuda_graph": True, "bf16": True}}
 
 
 def plan_latency(device: torch.device, dry_run: bool, modes: dict[str, dict]) -> list[dict]:
@@ -159,7 +161,7 @@ def run(device: str = "auto", out: str = "runs/gpu-check", dry_run: bool = False
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     result = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": os.cpu_count(),
               "dry_run": dry_run, "minutes": minutes, "seconds": {}, "failed": []}
-    parts = {"plan_latency": lambda: plan_latency(dev, dry_run, {"eager": {}}),
+    parts = {"plan_latency": lambda: plan_latency(dev, dry_run, {"eager": {}, "eager, bf16": {"bf16": True}}),
              "training": lambda: training_throughput(dev, dry_run),
              "plan_latency_graphs": lambda: {"skipped": "not in a dry run (compiling takes a minute on a CPU; "
                                                         "the planner tests check the graph capture)"}

@@ -1,17 +1,18 @@
 """``wm bench --what plan``: time per plan of CEM and MPPI with the world model's predictor.
 
-The model is the ``demo`` preset's architecture (weights do not change the time). Each row's time is
-the median of repeated plans after a warm-up, the grid timed in rounds (one plan of every setting per
-round), so a slow minute of a shared machine falls on every row, not on a few. Two references from
-``benchmarks.naive``, timed in the same run: the fair one plans the problems of a call one after another
-with their candidates batched; the naive one also scores one candidate per rollout call (where that takes
-seconds, not hours). A speed-up is only ever a ratio of two times measured here. The fair one's comes
-from runs alternated with the batched planner's (``benchmarks.timing``): on a shared machine one
-setting's time moves by tens of percent within minutes.
+The model is the ``demo`` preset's architecture (weights do not change the time). Each row's time is the
+median of repeated plans after a warm-up, the grid timed in rounds (one plan of every setting per round), so a
+slow minute of a shared machine falls on every row, not on a few. Two references from ``benchmarks.naive``,
+timed in the same run: the fair one plans the problems of a call one after another with their candidates
+batched; the naive one also scores one candidate per rollout call (where that takes seconds, not hours). A
+third table times the model's matrix products in bf16 against float32. A speed-up is only ever a ratio of two
+times measured here. The fair one's comes from runs alternated with the batched planner's
+(``benchmarks.timing``): on a shared machine one setting's time moves by tens of percent within minutes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 import time
@@ -28,8 +29,6 @@ from planners.policy import make_planner
 
 
 def demo_model(device: torch.device):
-    import dataclasses
-
     from worldmodel.model import WorldModel
     from worldmodel.train import preset_config
 
@@ -73,7 +72,9 @@ def _config(name: str, n: int, it: int, hz: int) -> PlannerConfig:
 
 
 def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), horizons=(5, 10), batches=(1, 50),
-        naive_budget_s: float = 60.0, repeats: int = 3) -> str:
+        naive_budget_s: float = 60.0, repeats: int = 3, bf16_settings=((100, 10, 5), (300, 30, 5))) -> str:
+    """The tables of the module docstring; ``bf16_settings``: the CEM (samples, iterations, horizon) timed with
+    bf16 matrix products against float32 (our default and LeWM's setting)."""
     dev = resolve_device(device)
     absolute = absolute_shown(dev)
     model = demo_model(dev)
@@ -110,6 +111,19 @@ def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), hor
     lines += markdown_table([("samples", False), ("iterations", False), ("horizon", False),
                              ("one problem at a time ms", True), ("batched ms", True), ("speed-up", False)],
                             rows, absolute)
+
+    lines += ["", f"The model's matrix products in bf16 (`--bf16`, torch autocast; latents and costs stay float32) "
+                  f"against float32: the same CEM, problems and noise; {repeats} plans of each, alternating, the "
+                  f"speed-up the median (min-max) over adjacent pairs (above 1: bf16 is faster):", ""]
+    rows = []
+    for (n, it, hz), b in itertools.product(bf16_settings, batches):
+        cfg = _config("cem", n, it, hz)
+        f32_s, bf16_s = alternating(_timer(make_planner(model, cfg), model, b),
+                                    _timer(make_planner(model, dataclasses.replace(cfg, bf16=True)), model, b), repeats)
+        rows.append([str(n), str(it), str(hz), str(b), f"{1000 * statistics.median(f32_s):.1f}",
+                     f"{1000 * statistics.median(bf16_s):.1f}", paired_ratio(f32_s, bf16_s)])
+    lines += markdown_table([("samples", False), ("iterations", False), ("horizon", False), ("batch", False),
+                             ("float32 ms", True), ("bf16 ms", True), ("speed-up", False)], rows, absolute)
 
     lines += ["", "Against a straightforward loop (one candidate per rollout call, each cost read on the host), "
                   f"batch 1 (settings whose naive plan would take over {naive_budget_s:.0f} s are not run):", ""]

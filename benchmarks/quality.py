@@ -27,9 +27,10 @@ QUALITY_SETTINGS = (
 
 
 def setting_label(policy: PolicyConfig, lewm: bool) -> str:
-    """How a row of the curve reads: samples x iterations (warm-started ones), LeWM's planner named."""
+    """How a row of the curve reads: samples x iterations (warm-started ones, bf16), LeWM's planner named."""
     p = policy.plan
-    label = f"{p.samples} x {p.iterations}" + (f" (warm {p.warm_iterations})" if p.warm_iterations else "")
+    extras = [f"warm {p.warm_iterations}"] * bool(p.warm_iterations) + ["bf16"] * p.bf16
+    label = f"{p.samples} x {p.iterations}" + (f" ({', '.join(extras)})" if extras else "")
     return f"LeWM's planner, {label}" if lewm else label
 
 

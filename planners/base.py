@@ -147,9 +147,13 @@ class Planner:
 
     def search(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, mean: Tensor, keys: Tensor,
                streams: Tensor) -> PlanResult:
-        """The whole search of one ``plan`` call: pure tensor code (``cuda_graph`` captures it)."""
-        result = self.optimize(z_hist, a_hist, z_goal, mean, keys, streams)
-        return self.prefer_rest(z_hist, a_hist, z_goal, result) if self.cfg.rest and self.cfg.rest_margin else result
+        """The whole search of one ``plan`` call: pure tensor code (``cuda_graph`` captures it), its model
+        calls under bf16 autocast when ``bf16`` (the model keeps its latents float32 under autocast)."""
+        with torch.autocast(z_hist.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            result = self.optimize(z_hist, a_hist, z_goal, mean, keys, streams)
+            if self.cfg.rest and self.cfg.rest_margin:
+                result = self.prefer_rest(z_hist, a_hist, z_goal, result)
+        return result
 
     def prefer_rest(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, result: PlanResult) -> PlanResult:
         """The rest sequence instead of the plan found when its predicted cost is within ``rest_margin``

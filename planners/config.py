@@ -116,6 +116,9 @@ class PlannerConfig:
                                      "fraction of the best plan's (0: only when it is the best)")
     seed: int = option(0, "seed of the noise streams; same seed, same plan", cli=False)
     compile: bool = option(False, "torch.compile one planning iteration (CUDA graphs on CUDA)")
+    bf16: bool = option(False, "score candidates with the model's matrix products in bf16 (torch autocast; latents, "
+                               "residual adds and costs stay float32): faster where the hardware has bf16 units "
+                               "(GPUs, CPUs with AVX512-BF16 or AMX), slower elsewhere")
     cuda_graph: bool = option(False, "CUDA only: capture each plan call's whole search (every iteration) as one "
                                      "CUDA graph, replayed on later calls of the same shapes; with --compile the "
                                      "iteration is compiled without CUDA graphs of its own")

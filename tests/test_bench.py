@@ -16,7 +16,7 @@ from worldmodel.model import WorldModel
 def test_plan_bench_table_has_a_row_per_setting_and_a_measured_speed_up(monkeypatch):
     monkeypatch.setattr(bench, "demo_model", lambda dev: WorldModel(tiny_config("mlp", size=32)).to(dev).eval())
     report = bench.run("cpu", samples=(8,), iterations=(2,), horizons=(2,), batches=(1, 3), naive_budget_s=30,
-                       repeats=2)
+                       repeats=2, bf16_settings=((8, 2, 2),))
     rows = [line for line in report.splitlines() if re.match(r"\| (cem|mppi) \| 8 \| 2 \| 2 \|", line)]
     assert len(rows) == 4  # two planners x two batch sizes
     assert rows[0].endswith("| 1.00x | 1.000x |") and all(re.search(r"\| [\d.]+x \| [\d.]+x \|$", r) for r in rows)
@@ -25,6 +25,8 @@ def test_plan_bench_table_has_a_row_per_setting_and_a_measured_speed_up(monkeypa
     assert speed_up, report  # the naive reference ran, and its ratio is printed
     fair = re.search(r"\| 8 \| 2 \| 2 \| [\d.]+x \([\d.]+-[\d.]+\) \|", report.split("fair")[1])
     assert fair, report  # so did the fair one (problems one at a time, candidates batched), 2 alternating pairs
+    bf16 = re.findall(r"\| 8 \| 2 \| 2 \| (\d) \| [\d.]+x \([\d.]+-[\d.]+\) \|", report.split("bf16 is faster")[1])
+    assert bf16 == ["1", "3"], report  # bf16 against float32, per batch size, 2 alternating pairs each
 
 
 def test_absolute_columns_are_printed_on_a_gpu_only():
@@ -95,13 +97,13 @@ def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
     for name in ("a", "b"):  # two models pooled
         save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / f"{name}.pt", data)
     lewm = LEWM_POLICY | {"samples": 12, "iterations": 2, "cem.elites": 4}  # its planner, a tiny budget
-    settings = (lewm, {}, {"samples": 16, "iterations": 3, "warm_iterations": 1})
+    settings = (lewm, {}, {"samples": 16, "iterations": 3, "warm_iterations": 1, "bf16": True})
     report = quality.run(f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}", "cpu", settings=settings, episodes=3,
                          protocols=("reach25", "uniform"), data=str(data))
     assert "| setting | reach25: latched / held | uniform: latched / held | held vs the default" in report
     cell = r"([\d.]+)% / ([\d.]+)%"
     rows = re.findall(rf"\| ([^|]+) \| {cell} \| {cell} \| ([^|]+) \| ([\d.]+)x \| ([\d.]+)x \|", report)
-    assert [r[0] for r in rows] == ["12 x 2", "100 x 10", "16 x 3 (warm 1)"]
+    assert [r[0] for r in rows] == ["12 x 2", "100 x 10", "16 x 3 (warm 1, bf16)"]
     assert rows[0][6:] == ("1.000", "1.00") and float(rows[2][6]) > 0  # per call and per episode, vs the first row
     # each rate pools 2 models x 3 episodes: a multiple of 1/6
     assert all(abs(float(x) * 6 / 100 - round(float(x) * 6 / 100)) < 0.01 for r in rows for x in r[1:5])
@@ -120,7 +122,8 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     report, failed = gpu.run("cpu", str(tmp_path / "check"), dry_run=True)
     result = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
     assert "DRY RUN" in report and (tmp_path / "check" / "gpu_check.md").is_file() and failed == []
-    assert len(result["plan_latency"]) == 2 and {r["preset"] for r in result["training"]} == {"demo", "full"}
+    assert len(result["plan_latency"]) == 4 and {r["preset"] for r in result["training"]} == {"demo", "full"}
+    assert {r["mode"] for r in result["plan_latency"]} == {"eager", "eager, bf16"}  # float32 and bf16 scoring
     assert 0 <= result["short_training"]["uniform_held"] <= 1 and result["short_training"]["steps"] == 4
     assert result["short_training"]["graph"]["components"] >= 1 and "Its subgoal graph: " in report
     assert "skipped" in result["plan_latency_graphs"]  # compiling is the planner tests' to check on a CPU

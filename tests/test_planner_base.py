@@ -93,6 +93,26 @@ def test_unclamped_samples_are_scored_as_drawn(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_bf16_scores_with_bf16_matrix_products_and_plans_in_float32(name):
+    """``bf16``: every model call of the search (rest and final-mean checks included) runs under bf16
+    autocast; the plan and its cost come back float32; off, nothing runs in bf16."""
+    for bf16 in (False, True):
+        model = CountingModel(LinearDynamics())
+        seen = []
+        rollout = model.rollout
+
+        def spy(z, a, actions):
+            seen.append((z[:, -1] @ z.new_ones(z.shape[-1], 1)).dtype)  # what a matmul of the model gives here
+            return rollout(z, a, actions).float()  # float32 out, as our predictor's residual stream
+
+        model.rollout = spy
+        z, g, _ = make_problems(model.model, 3)
+        res = planner(name, model, samples=16, iterations=2, bf16=bf16, rest_margin=0.1).plan(z, g)
+        assert set(seen) == {torch.bfloat16 if bf16 else torch.float32} and len(seen) == 4  # 2 iterations, mean, rest
+        assert res.actions.dtype == res.cost.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_seeding(name):
     z, g, _ = make_problems(LinearDynamics(), 2)
     p = planner(name, seed=3)
