@@ -98,13 +98,15 @@ def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, s
     rows = []  # (episode, t0) of every usable start
     for i in episode_ids:
         q = store.states(i)["qpos"]  # (T+1, 2)
-        t0 = np.arange(len(q) - need)
+        usable = max(len(q) - need, 0)  # an episode no longer than the goal offset has no start
+        t0 = np.arange(usable)
         if protocol.goal_offset is not None:
-            t0 = t0[joint_error(q[:len(q) - need], q[need:], protocol.wrap) >= tolerance]
+            t0 = t0[joint_error(q[:usable], q[need:need + usable], protocol.wrap) >= tolerance]
         rows.extend((i, int(t)) for t in t0)
     if len(rows) < n:
-        raise ValueError(f"{protocol.name}: {len(rows)} usable start rows in {len(episode_ids)} held-out episodes, "
-                         f"{n} episodes asked for")
+        ahead = f" (the goal {need} steps later in the same episode)" if protocol.goal_offset is not None else ""
+        raise ValueError(f"{protocol.name}: {len(rows)} usable start rows{ahead} in {len(episode_ids)} held-out "
+                         f"episodes, {n} episodes asked for")
     picked = rng.permutation(len(rows))[:n]  # the first k episodes are the same whatever n is
     out = {k: [] for k in ("index", "episode", "t0", "qpos", "qvel", "target", "goal_qpos")}
     for j, k in enumerate(picked):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -106,6 +107,9 @@ def test_episodes_start_apart_from_their_goal_25_steps_later(data):
     assert np.all(joint_error(uniform["qpos"], uniform["goal_qpos"]) >= 0.05)
     with pytest.raises(ValueError, match="usable start rows"):
         sample_episodes(store, ids[:1], PROTOCOLS["reach25"], 1000, 0, WRIST, tolerance=0.05)
+    far = dataclasses.replace(PROTOCOLS["reach50"], goal_offset=70)  # further ahead than the 60-step episodes
+    with pytest.raises(ValueError, match=r"0 usable start rows \(the goal 70 steps later"):
+        sample_episodes(store, ids, far, 1, 0, WRIST, tolerance=0.05)
 
 
 def test_budget_is_the_number_of_steps(data):
