@@ -77,6 +77,19 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
+def kept_measurement(path: str | Path, measured_with: dict, advice: str) -> dict:
+    """What an earlier (interrupted) run left at ``path``, if it was measured as this run would measure it
+    (its ``measured_with`` holds the settings it depends on); otherwise an error naming the file and the
+    first field that differs, ending with ``advice``, rather than results mixing two runs."""
+    row = read_json(path)  # {} if unreadable: then every field is missing
+    kept = row.get("measured_with", {})
+    for name, value in measured_with.items():
+        if kept.get(name) != value:
+            raise ValueError(f"{path}: field measured_with.{name} is {kept.get(name)!r}, this run asks for "
+                             f"{value!r}; {advice}")
+    return row
+
+
 def read_json(path: str | Path) -> dict:
     """A JSON object from ``path``; {} when the file is missing, unreadable or not an object."""
     try:

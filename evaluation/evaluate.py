@@ -9,9 +9,11 @@ velocity. Frames are rendered only when a policy looks at them (the world model'
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,10 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.config import apply_overrides, comma_list, nested, option
+from common.config import apply_overrides, comma_list, config_fields, nested, option
 from common.device import THREADS_HELP
-from common.files import (atomic_write, atomic_write_json, atomic_write_text, output_lock, prepare_output_dir,
-                          remove_stale_temporaries)
+from common.files import (atomic_write, atomic_write_json, atomic_write_text, kept_measurement, output_lock,
+                          prepare_output_dir, remove_stale_temporaries)
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.storage import recording
@@ -41,6 +43,7 @@ from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint, kee
 
 METHODS = ("world_model", "random", "exploration", "simulator", "simulator-pose")
 OUTPUTS = ("results.md", "index.html", "results.png", "results.json")  # in the order written: results.json last
+UNITS = "units"  # in the output while it runs: one file per (model, protocol, seed, method) measured
 DEFAULT_CHECKPOINT = "runs/demo/model.pt"
 
 
@@ -310,8 +313,17 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
 
 
 def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) -> dict:
-    """``evaluate`` once ``out`` is checked and locked; results.json, written last, says it finished."""
+    """``evaluate`` once ``out`` is checked and locked; results.json, written last, says it finished. Each
+    (model, protocol, seed, method) measured is kept in ``out/units`` until then, so the same command after
+    an interruption measures only what is missing (and gives the results an uninterrupted run gives)."""
     remove_stale_temporaries(out, "|".join(map(re.escape, OUTPUTS)))
+    units_dir = out / UNITS
+    if cfg.overwrite:
+        shutil.rmtree(units_dir, ignore_errors=True)
+    remove_stale_temporaries(units_dir, r".*\.json")
+    if progress and any(units_dir.glob("*.json")):
+        tqdm.write(f"resuming: the {len(list(units_dir.glob('*.json')))} (model, protocol, seed, method) runs "
+                   f"already measured in {units_dir} are kept")
     total = sum(p.budget for p in protocols) * cfg.seeds * len(methods) * len(cfg.checkpoints)
     bar = tqdm(total=total, desc="eval", unit="step", disable=not progress)
     records, curves, notes, steps = [], {}, [], []
@@ -323,10 +335,11 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
             if progress:
                 tqdm.write(f"evaluating {checkpoint} on {len(setup.episodes)} episodes of "
                            f"{cfg.data or recorded_data(setup.meta)}: {setup.split_note}")
+            units = Units(units_dir, run, measured_with(cfg, setup))
             try:
                 for protocol in protocols:
                     for seed in range(cfg.seeds):
-                        rows = run_protocol_seed(setup, cfg, protocol, seed, methods, curves, bar)
+                        rows = run_protocol_seed(setup, cfg, protocol, seed, methods, curves, bar, units)
                         records += [{**r, "run": run, "checkpoint": checkpoint} for r in rows]
             finally:
                 setup.batch.close()
@@ -346,12 +359,68 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
                  keep_suffix=True)
     log_to_tensorboard(out / "tb", summary, steps[0] or 0)
     atomic_write_json(out / "results.json", report)  # last: the evaluation is finished
+    shutil.rmtree(units_dir, ignore_errors=True)  # all in results.json now
     return report
 
 
+def measured_with(cfg: EvalConfig, setup: Setup) -> dict:
+    """What a model's evaluation records of one (protocol, seed, method) depend on: the model's weights, the
+    dataset's episodes, the torch threads and every setting but where the records go, which other models,
+    protocols, seeds and methods run beside them (each seed draws its own episodes), and ``--score-at``
+    (read from the records afterwards)."""
+    beside = ("checkpoint", "out", "overwrite", "protocol", "seeds", "baselines", "score_at")
+    settings = {f.name: f.value for f in config_fields(cfg) if f.name not in beside}
+    return json.loads(json.dumps({**settings, "weights_sha256": weights_sha256(setup.model),
+                                  "data_fingerprint": setup.store.fingerprint,
+                                  "torch_threads": torch.get_num_threads()}, default=str))  # as JSON reads back
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """The SHA-256 of a model's parameters and buffers, by name (not of its file: an evaluation may save a
+    subgoal graph into it)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Units:
+    """The records and error curve of each (protocol, seed, method) of model ``run`` an evaluation has
+    measured, one JSON file each, written atomically as each is done."""
+
+    directory: Path
+    run: int
+    measured_with: dict
+
+    def path(self, protocol: str, seed: int, method: str) -> Path:
+        return self.directory / f"model{self.run}-{protocol}-seed{seed}-{method}.json"
+
+    def get(self, protocol: str, seed: int, method: str) -> tuple[list[dict], np.ndarray] | None:
+        """The records and curve kept for this unit, None when it is not measured yet; an error naming the
+        file and the field when it was measured with other settings."""
+        path = self.path(protocol, seed, method)
+        if not path.is_file():
+            return None
+        kept = kept_measurement(path, self.measured_with, "pass --overwrite to measure everything again, or give "
+                                                          "another --out")
+        try:
+            return kept["records"], np.asarray(kept["curve"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: field records or curve is missing or malformed ({exc}); delete the file to "
+                             f"measure it again") from None
+
+    def put(self, protocol: str, seed: int, method: str, records: list[dict], curve: np.ndarray) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path(protocol, seed, method), {"measured_with": self.measured_with,
+                                                              "records": records, "curve": curve.tolist()})
+
+
 def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: int, methods, curves: dict,
-                      bar=None) -> list[dict]:
-    """Every method on the episodes of one (protocol, seed); one record per episode and method."""
+                      bar=None, units: Units | None = None) -> list[dict]:
+    """Every method on the episodes of one (protocol, seed); one record per episode and method. With
+    ``units``, a method measured before is read back, and each one measured here is kept."""
     batch, n = setup.batch, cfg.episodes
     if "lewm" in (protocol.name, protocol.draws_as) and cfg.lewm_rows == "train":  # as LeWM's eval draws them
         eps = lewm_training_rows(setup.store, setup.train, n, protocol.goal_offset, 42 + seed)
@@ -362,35 +431,45 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
                    else batch.render_goals(eps["goal_qpos"]))
     records = []
     for method in methods:
+        kept = units.get(protocol.name, seed, method) if units is not None else None
+        if kept is not None:
+            records += kept[0]
+            curves.setdefault((protocol.name, method), []).append(kept[1])
+            if bar is not None:
+                bar.update(protocol.budget)
+            continue
         if bar is not None:
             bar.set_postfix(protocol=protocol.name, seed=seed, method=method)
         act, policy, real = controller(setup, cfg, protocol, method, eps, goal_images, seed)
         start = time.perf_counter()
         errors = run_episodes(batch, eps, protocol, act, bar)
         wall = time.perf_counter() - start
-        curves.setdefault((protocol.name, method), []).append(errors if errors.ndim == 2 else errors[..., -1])
+        curve = errors if errors.ndim == 2 else errors[..., -1]
+        curves.setdefault((protocol.name, method), []).append(curve)
         plan_times = policy.plan_times if policy is not None else []
         route = float(sum(policy.route_times)) if policy is not None else 0.0
         waypoints = float(sum(policy.waypoint_times)) if policy is not None else 0.0
         wanted = policy.history - 1 if method == "world_model" else -1  # history frames asked for (--context caps)
         per = episode_records(errors, cfg.tolerance)
         call = float(np.mean(plan_times)) if plan_times else 0.0
-        for j in range(n):
-            records.append({
-                "protocol": protocol.name, "seed": seed, "method": method, "index": j,
-                "source_episode": setup.store.episodes[int(eps["episode"][j])].uid, "t0": int(eps["t0"][j]),
-                "start_qpos": eps["qpos"][j].tolist(), "goal_qpos": eps["goal_qpos"][j].tolist(),
-                "success": bool(per["success"][j]), "held": bool(per["held"][j]),
-                "steps_to_success": int(per["steps_to_success"][j]), "final_error": float(per["final_error"][j]),
-                "min_error": float(per["min_error"][j]), "history_frames": int(real[j]),
-                "history_wanted": wanted,
-                # one planning call serves all episodes of the batch; an episode's share of all of them
-                "plan_time_per_call_s": call, "plan_time_per_episode_s": (call * len(plan_times) + route) / n,
-                "plan_calls": len(plan_times),
-                "route_time_batch_s": route,
-                "waypoint_time_batch_s": waypoints,  # part of the planning calls' time
-                "wall_time_batch_s": wall,
-            })
+        mine = [{
+            "protocol": protocol.name, "seed": seed, "method": method, "index": j,
+            "source_episode": setup.store.episodes[int(eps["episode"][j])].uid, "t0": int(eps["t0"][j]),
+            "start_qpos": eps["qpos"][j].tolist(), "goal_qpos": eps["goal_qpos"][j].tolist(),
+            "success": bool(per["success"][j]), "held": bool(per["held"][j]),
+            "steps_to_success": int(per["steps_to_success"][j]), "final_error": float(per["final_error"][j]),
+            "min_error": float(per["min_error"][j]), "history_frames": int(real[j]),
+            "history_wanted": wanted,
+            # one planning call serves all episodes of the batch; an episode's share of all of them
+            "plan_time_per_call_s": call, "plan_time_per_episode_s": (call * len(plan_times) + route) / n,
+            "plan_calls": len(plan_times),
+            "route_time_batch_s": route,
+            "waypoint_time_batch_s": waypoints,  # part of the planning calls' time
+            "wall_time_batch_s": wall,
+        } for j in range(n)]
+        records += mine
+        if units is not None:
+            units.put(protocol.name, seed, method, mine, curve)
     return records
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import option
-from common.files import atomic_write_json, atomic_write_text, prepare_output_dir, read_json
+from common.files import atomic_write_json, atomic_write_text, kept_measurement, prepare_output_dir
 
 # name -> (dataset, training settings by name); the reference run first
 RUNS = {
@@ -89,7 +89,8 @@ def _one(cfg: IdentifiabilityConfig, out: Path, label: str, data: str, settings:
     run_dir = out / "runs" / f"{_slug(label)}-s{seed}"
     done, measured_with = run_dir / "study.json", _measured_with(cfg)
     if done.is_file():
-        return _kept_row(done, measured_with)
+        return kept_measurement(done, measured_with, f"choose another output directory, or delete {run_dir} to "
+                                                     f"measure that run again")
     # a run that stopped part-way continues from its checkpoint; a finished one is kept as it is
     train(preset_config("demo", {**settings, "steps": cfg.steps, "seed": seed, "eval_episodes": 0}, data=data,
                         out=str(run_dir), resume=(run_dir / "checkpoint.pt").is_file()), progress=progress)
@@ -112,18 +113,6 @@ def _measured_with(cfg: IdentifiabilityConfig) -> dict:
     """The study's settings a kept run's measurements depend on."""
     return {"steps": cfg.steps, "episodes": cfg.episodes, "eval_episodes": cfg.eval_episodes,
             "mlp_steps": cfg.mlp_steps}
-
-
-def _kept_row(path: Path, measured_with: dict) -> dict:
-    """A run measured by an earlier (interrupted) study in the same output, if it was measured as this one
-    would measure it; otherwise an error rather than a table mixing two studies."""
-    row = read_json(path)  # {} if unreadable: then every field is missing
-    kept = row.get("measured_with", {})
-    for name, value in measured_with.items():
-        if kept.get(name) != value:
-            raise ValueError(f"{path}: field measured_with.{name} is {kept.get(name)!r}, this study asks for {value!r}; "
-                             f"choose another output directory, or delete {path.parent} to measure that run again")
-    return row
 
 
 def _table(results: dict) -> list[dict]:

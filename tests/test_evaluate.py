@@ -345,6 +345,53 @@ def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):
     assert _wm(*args[:-4], "--protocol", "reach25", "--overwrite").returncode == 0
 
 
+def test_an_interrupted_evaluation_resumes_where_it_stopped_with_the_same_results(data, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of ``wm eval``: the (model, protocol, seed, method) runs measured are kept, the
+    same command measures only the rest, and the results equal an uninterrupted run's (also when it adds
+    seeds and baselines); other settings over the kept runs are refused, naming the file and the field."""
+    import evaluation.evaluate as ev
+
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    cfg = lambda out, **kw: apply_overrides(EvalConfig(  # noqa: E731
+        checkpoint=str(tmp_path / "m.pt"), data=str(data), episodes=3, seeds=2, protocol="reach25,uniform",
+        baselines="random,simulator", sim_samples=8, sim_iterations=1, out=str(tmp_path / out)),
+        {"samples": 8, "iterations": 2, **kw})
+    whole = ev.evaluate(cfg("whole"), progress=False)
+    real, calls, stop_at = ev.run_episodes, [], [5]
+
+    def counted(*args, **kwargs):  # Ctrl-C as the fifth method run starts
+        calls.append(1)
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "run_episodes", counted)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(cfg("cut"), progress=False)
+    kept = sorted(p.name for p in (tmp_path / "cut" / "units").iterdir())
+    assert len(kept) == 4 and not (tmp_path / "cut" / "results.json").exists()
+    assert "model0-reach25-seed0-world_model.json" in kept
+    with pytest.raises(ValueError, match=r"model0-reach25-seed0-world_model.json: field measured_with.samples is 8, "
+                                         r"this run asks for 12; pass --overwrite"):
+        ev.evaluate(cfg("cut", samples=12), progress=False)
+    calls.clear()
+    stop_at[0] = 0
+    resumed = ev.evaluate(cfg("cut"), progress=False)
+    assert len(calls) == 2 * 2 * 3 - 4  # only what was missing ran
+    strip = lambda rows: [{k: v for k, v in r.items() if "_time_" not in k} for r in rows]  # noqa: E731  timings
+    assert strip(resumed["episodes"]) == strip(whole["episodes"])
+    assert strip(resumed["summary"].values()) == strip(whole["summary"].values())
+    assert not (tmp_path / "cut" / "units").exists()  # all in results.json once it is written
+    calls.clear()
+    stop_at[0] = 2  # a run of one seed and one baseline, stopped; then the same with more seeds and baselines
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(cfg("grown", seeds=1, baselines="random"), progress=False)
+    calls.clear()
+    stop_at[0] = 0
+    grown = ev.evaluate(cfg("grown"), progress=False)
+    assert len(calls) == 2 * 2 * 3 - 1 and strip(grown["episodes"]) == strip(whole["episodes"])
+
+
 def test_wm_demo_smoke_writes_videos_and_sheet(data, tmp_path):
     save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
     out = _wm("demo", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 2, "--samples", 8,
@@ -492,7 +539,9 @@ def test_a_failed_evaluation_leaves_no_partial_output_and_is_not_finished(data, 
     with pytest.raises(OSError, match="No space left"):
         evaluate(cfg, progress=False)
     monkeypatch.undo()
-    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["index.html", "results.md"]  # not the rest
+    # not the rest; what was measured is kept (units), so the rerun only writes the results
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["index.html", "results.md", "units"]
+    monkeypatch.setattr(ev, "run_episodes", lambda *a, **k: pytest.fail("measured again"))
     evaluate(cfg, progress=False)  # not "already holds": it never finished
     assert {"results.json", "results.md", "results.png"} <= {p.name for p in (tmp_path / "e").iterdir()}
     with pytest.raises(ValueError, match="already holds"):
