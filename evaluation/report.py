@@ -107,7 +107,7 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
              f"{cfg.episodes} episodes x {cfg.seeds} seeds per protocol{' and model' if pooled else ''} on "
              f"{split_note}. Planner {p.plan.planner} {p.plan.samples} samples x {p.plan.iterations} iterations"
              f"{f' ({p.plan.warm_iterations} when warm-started)' if p.plan.warm_iterations else ''}, horizon "
-             f"{p.plan.horizon}, cost {p.plan.cost}, replanning every {p.receding_horizon} chunk(s) (the "
+             f"{p.plan.horizon}, cost {p.plan.cost}{', bf16 matrix products' if p.plan.bf16 else ''}, replanning every {p.receding_horizon} chunk(s) (the "
              f"lewm protocol fixes its own); world-model start: {cfg.history} history. Success: every joint within "
              f"{cfg.tolerance} rad of the goal, latched = at some step >= 1, held = at the last step of the budget. "
              f"Intervals: {METHOD}." + (" Rates pool every model's episodes; per model: each trained model's rate "

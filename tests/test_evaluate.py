@@ -698,3 +698,11 @@ def test_the_pages_open_in_a_real_browser(data, tmp_path):
 
         pixels = imageio.imread(shot)
         assert pixels.std() > 5  # something was drawn: text, a table, images
+
+
+def test_the_report_says_when_the_planner_scored_in_bf16():
+    from evaluation.report import results_markdown
+
+    for bf16 in (False, True):
+        text = results_markdown({}, apply_overrides(EvalConfig(), {"bf16": bf16}), "the test episodes")
+        assert ("cost sum, bf16 matrix products, replanning" in text) == bf16
