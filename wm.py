@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ import envs  # noqa: F401  (selects the GL backend before anything imports mujoc
 from common.config import (apply_overrides, check_at_least, comma_list, config_fields, from_dict, nested, option,
                            unwrap_optional)
 from common.device import THREADS_HELP, set_threads
-from common.files import atomic_write, atomic_write_json, atomic_write_text, output_lock, prepare_output_dir
+from common.files import (atomic_write, atomic_write_json, atomic_write_text, output_lock, prepare_output_dir,
+                          remove_stale_temporaries)
 from envs.collect import CollectConfig, collect
 from envs.convert import ConvertConfig
 from envs.storage import DEFAULT_DATA
@@ -349,15 +351,20 @@ def run_study(cfg: StudyConfig) -> int:
         if cfg.what == "identifiability":
             identifiability(ident)  # writes its own results
         else:
+            units = out / "units"  # the parts measured, kept until the results are written: a rerun resumes
+            remove_stale_temporaries(units, r".*\.json")
             if cfg.what == "one-frame":
-                result = one_frame.run(cfg.checkpoint, cfg.split, cfg.episodes, cfg.seeds, cfg.device, cfg.data)
+                result = one_frame.run(cfg.checkpoint, cfg.split, cfg.episodes, cfg.seeds, cfg.device, cfg.data,
+                                       units=units)
                 text, plot = one_frame.report(result), one_frame.plot
             else:
-                result = hold.run_all(cfg.checkpoint, cfg.episodes, cfg.seeds, cfg.device, cfg.data, split=cfg.split)
+                result = hold.run_all(cfg.checkpoint, cfg.episodes, cfg.seeds, cfg.device, cfg.data, split=cfg.split,
+                                      units=units)
                 text, plot = hold.report(result, cfg.checkpoint, cfg.split), hold.plot
             atomic_write_json(out / "results.json", result)
             atomic_write_text(out / "results.md", text)
             atomic_write(out / "results.png", lambda tmp: plot(result, tmp), keep_suffix=True)
+            shutil.rmtree(units, ignore_errors=True)
     print((out / "results.md").read_text())
     print(f"wrote {out}/results.json, results.md, results.png")
     return 0

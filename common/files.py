@@ -90,6 +90,37 @@ def kept_measurement(path: str | Path, measured_with: dict, advice: str) -> dict
     return row
 
 
+class KeptRuns:
+    """The parts of a long job that are done, one JSON file each in ``directory`` (named ``prefix + name``),
+    written atomically as each finishes, so the same command after an interruption runs only the parts still
+    missing. A part kept from a run with other settings (``measured_with``: what its result depends on, as
+    JSON gives it back) is an error naming the file and the field, ending with ``advice``. With no
+    ``directory`` nothing is kept."""
+
+    def __init__(self, directory: str | Path | None, measured_with: dict, advice: str, prefix: str = ""):
+        self.directory = Path(directory) if directory is not None else None
+        self.advice, self.prefix = advice, prefix
+        self.measured_with = json.loads(json.dumps(measured_with, default=str))
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{self.prefix}{name}.json"
+
+    def get(self, name: str) -> dict | None:
+        """The part's result as it was put, None when it is not done yet."""
+        if self.directory is None or not self.path(name).is_file():
+            return None
+        kept = kept_measurement(self.path(name), self.measured_with, self.advice)
+        if not isinstance(kept.get("result"), dict):
+            raise ValueError(f"{self.path(name)}: field result is missing or not an object; delete the file to "
+                             f"run that part again")
+        return kept["result"]
+
+    def put(self, name: str, result: dict) -> None:
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path(name), {"measured_with": self.measured_with, "result": result})
+
+
 def read_json(path: str | Path) -> dict:
     """A JSON object from ``path``; {} when the file is missing, unreadable or not an object."""
     try:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from common.config import apply_overrides, comma_list, config_fields, nested, option
 from common.device import THREADS_HELP
-from common.files import (atomic_write, atomic_write_json, atomic_write_text, kept_measurement, output_lock,
+from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, output_lock,
                           prepare_output_dir, remove_stale_temporaries)
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
@@ -44,6 +44,7 @@ from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint, kee
 METHODS = ("world_model", "random", "exploration", "simulator", "simulator-pose")
 OUTPUTS = ("results.md", "index.html", "results.png", "results.json")  # in the order written: results.json last
 UNITS = "units"  # in the output while it runs: one file per (model, protocol, seed, method) measured
+KEPT_ADVICE = "pass --overwrite to measure everything again, or give another --out"
 DEFAULT_CHECKPOINT = "runs/demo/model.pt"
 
 
@@ -335,7 +336,7 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
             if progress:
                 tqdm.write(f"evaluating {checkpoint} on {len(setup.episodes)} episodes of "
                            f"{cfg.data or recorded_data(setup.meta)}: {setup.split_note}")
-            units = Units(units_dir, run, measured_with(cfg, setup))
+            units = KeptRuns(units_dir, measured_with(cfg, setup), KEPT_ADVICE, prefix=f"model{run}-")
             try:
                 for protocol in protocols:
                     for seed in range(cfg.seeds):
@@ -370,9 +371,8 @@ def measured_with(cfg: EvalConfig, setup: Setup) -> dict:
     (read from the records afterwards)."""
     beside = ("checkpoint", "out", "overwrite", "protocol", "seeds", "baselines", "score_at")
     settings = {f.name: f.value for f in config_fields(cfg) if f.name not in beside}
-    return json.loads(json.dumps({**settings, "weights_sha256": weights_sha256(setup.model),
-                                  "data_fingerprint": setup.store.fingerprint,
-                                  "torch_threads": torch.get_num_threads()}, default=str))  # as JSON reads back
+    return {**settings, "weights_sha256": weights_sha256(setup.model), "data_fingerprint": setup.store.fingerprint,
+            "torch_threads": torch.get_num_threads()}
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -385,40 +385,8 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class Units:
-    """The records and error curve of each (protocol, seed, method) of model ``run`` an evaluation has
-    measured, one JSON file each, written atomically as each is done."""
-
-    directory: Path
-    run: int
-    measured_with: dict
-
-    def path(self, protocol: str, seed: int, method: str) -> Path:
-        return self.directory / f"model{self.run}-{protocol}-seed{seed}-{method}.json"
-
-    def get(self, protocol: str, seed: int, method: str) -> tuple[list[dict], np.ndarray] | None:
-        """The records and curve kept for this unit, None when it is not measured yet; an error naming the
-        file and the field when it was measured with other settings."""
-        path = self.path(protocol, seed, method)
-        if not path.is_file():
-            return None
-        kept = kept_measurement(path, self.measured_with, "pass --overwrite to measure everything again, or give "
-                                                          "another --out")
-        try:
-            return kept["records"], np.asarray(kept["curve"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: field records or curve is missing or malformed ({exc}); delete the file to "
-                             f"measure it again") from None
-
-    def put(self, protocol: str, seed: int, method: str, records: list[dict], curve: np.ndarray) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path(protocol, seed, method), {"measured_with": self.measured_with,
-                                                              "records": records, "curve": curve.tolist()})
-
-
 def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: int, methods, curves: dict,
-                      bar=None, units: Units | None = None) -> list[dict]:
+                      bar=None, units: KeptRuns | None = None) -> list[dict]:
     """Every method on the episodes of one (protocol, seed); one record per episode and method. With
     ``units``, a method measured before is read back, and each one measured here is kept."""
     batch, n = setup.batch, cfg.episodes
@@ -431,10 +399,11 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
                    else batch.render_goals(eps["goal_qpos"]))
     records = []
     for method in methods:
-        kept = units.get(protocol.name, seed, method) if units is not None else None
+        unit = f"{protocol.name}-seed{seed}-{method}"
+        kept = units.get(unit) if units is not None else None
         if kept is not None:
-            records += kept[0]
-            curves.setdefault((protocol.name, method), []).append(kept[1])
+            records += kept["records"]
+            curves.setdefault((protocol.name, method), []).append(np.asarray(kept["curve"], dtype=np.float64))
             if bar is not None:
                 bar.update(protocol.budget)
             continue
@@ -469,7 +438,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
         } for j in range(n)]
         records += mine
         if units is not None:
-            units.put(protocol.name, seed, method, mine, curve)
+            units.put(unit, {"records": mine, "curve": curve.tolist()})
     return records
 
 

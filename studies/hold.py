@@ -15,16 +15,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from common.config import apply_overrides
+from common.files import KeptRuns
 from envs.reacher import joint_error, wrap_angle
-from evaluation.evaluate import EvalConfig, load_setup, run_episodes, world_model_controller
+from evaluation.evaluate import EvalConfig, load_setup, measured_with, run_episodes, world_model_controller
 from evaluation.protocols import PROTOCOLS, episode_records, sample_episodes
 from evaluation.simulator import SimulatorModel
 from planners.policy import PolicyConfig
+from studies import STUDY_ADVICE
 
 LEVELS = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2)  # rad of joint error
 
@@ -162,19 +166,34 @@ def holding_plans(setup, run: dict, tolerance: float = 0.05) -> dict:
 
 
 def run_all(checkpoint: str, episodes: int = 50, seeds: int = 1, device: str = "auto", data: str = "",
-            overrides: dict | None = None, split: str = "val", progress: bool = True) -> dict:
+            overrides: dict | None = None, split: str = "val", progress: bool = True,
+            units: str | Path | None = None) -> dict:
     """The three measurements on ``checkpoint``'s ``split`` episodes (the default policy unless
-    ``overrides``, settings by name)."""
+    ``overrides``, settings by name). With ``units`` (a directory), the pose discrimination and each seed
+    are kept there as they are done, and a rerun after an interruption measures only the rest."""
     setup = load_setup(checkpoint, data, episodes, device, split=split)
     try:
         policy = apply_overrides(PolicyConfig(), overrides or {})
-        out = {"discrimination": pose_discrimination(setup), "settling": [], "holding": []}
+        cfg = EvalConfig(episodes=episodes, split=split, data=data, device=device, policy=policy)
+        kept = KeptRuns(units, measured_with(cfg, setup), STUDY_ADVICE)
+        discrimination = kept.get("discrimination")
+        if discrimination is None:
+            discrimination = pose_discrimination(setup)
+            kept.put("discrimination", discrimination)
+        out = {"discrimination": discrimination, "settling": [], "holding": []}
         with tqdm(total=seeds * PROTOCOLS["reach25"].budget, desc="hold study: closed loop", unit="step",
                   disable=not progress) as bar:
             for seed in range(seeds):
-                run = settling(setup, policy, seed=seed, episodes=episodes, bar=bar)
-                out["holding"].append(holding_plans(setup, run))
-                out["settling"].append({k: v for k, v in run.items() if k not in ("eps", "trace", "policy", "errors")})
+                done = kept.get(f"seed{seed}")
+                if done is None:
+                    run = settling(setup, policy, seed=seed, episodes=episodes, bar=bar)
+                    done = {"holding": holding_plans(setup, run),
+                            "settling": {k: v for k, v in run.items() if k not in ("eps", "trace", "policy", "errors")}}
+                    kept.put(f"seed{seed}", done)
+                else:
+                    bar.update(PROTOCOLS["reach25"].budget)
+                out["holding"].append(done["holding"])
+                out["settling"].append(done["settling"])
     finally:
         setup.batch.close()
     return out

@@ -14,14 +14,17 @@ the perfect model of one frame, the reference for both. The same model given the
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from common.config import comma_list
-from evaluation.evaluate import EvalConfig, controller, load_setup, run_episodes, stored_frames
+from common.files import KeptRuns
+from evaluation.evaluate import EvalConfig, controller, load_setup, measured_with, run_episodes, stored_frames
 from evaluation.protocols import PROTOCOLS, episode_records, sample_episodes
 from evaluation.report import COLOURS
+from studies import STUDY_ADVICE
 
 # the study's rows: (the evaluation's method, the protocol it plans under); the history row is the counterfactual
 # that separates how the model reads one frame from how precisely it rolls a plan out
@@ -96,18 +99,27 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def run(checkpoints: str, split: str = "val", episodes: int = 50, seeds: int = 1, device: str = "auto",
-        data: str = "", tolerance: float = 0.05, progress: bool = True) -> dict:
+        data: str = "", tolerance: float = 0.05, progress: bool = True, units: str | Path | None = None) -> dict:
     """The study on every model of the comma list ``checkpoints`` (each on its own ``split`` episodes),
-    pooled."""
-    cfg = EvalConfig(episodes=episodes, seeds=seeds, baselines="", tolerance=tolerance)
+    pooled. With ``units`` (a directory), each (model, seed) is kept there as it is done, and a rerun after
+    an interruption measures only the rest."""
+    cfg = EvalConfig(episodes=episodes, seeds=seeds, baselines="", tolerance=tolerance, split=split, data=data,
+                     device=device)
     models, rows = comma_list(checkpoints), []
-    with tqdm(total=len(models) * seeds * len(METHODS) * PROTOCOLS["lewm"].budget, desc="one-frame study", unit="step",
-              disable=not progress) as bar:
+    steps = len(METHODS) * PROTOCOLS["lewm"].budget  # of one seed
+    with tqdm(total=len(models) * seeds * steps, desc="one-frame study", unit="step", disable=not progress) as bar:
         for run_index, checkpoint in enumerate(models):
             setup = load_setup(checkpoint, data, episodes, device, split=split)
+            kept = KeptRuns(units, measured_with(cfg, setup), STUDY_ADVICE, prefix=f"model{run_index}-")
             try:
                 for seed in range(seeds):
-                    rows += [{**r, "run": run_index} for r in one_seed(setup, cfg, seed, bar=bar)]
+                    done = kept.get(f"seed{seed}")
+                    if done is None:
+                        done = {"rows": one_seed(setup, cfg, seed, bar=bar)}
+                        kept.put(f"seed{seed}", done)
+                    else:
+                        bar.update(steps)
+                    rows += [{**r, "run": run_index} for r in done["rows"]]
             finally:
                 setup.batch.close()
     return {"checkpoints": models, "split": split, "episodes": episodes, "seeds": seeds,

@@ -166,3 +166,34 @@ def test_the_hold_study_runs_from_the_command_line(data, tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert len(result["settling"]) == 1 and 0 <= result["settling"][0]["held"] <= 1
     assert "test episodes" in (out / "results.md").read_text() and (out / "results.png").is_file()
+    assert not (out / "units").exists()  # the parts kept for a resume go once the results are written
+
+
+@pytest.mark.parametrize("study", ["one-frame", "hold"])
+def test_an_interrupted_study_resumes_with_the_results_of_an_uninterrupted_one(data, tmp_path, monkeypatch, study):
+    """Ctrl-C in a study's second seed: the parts done are kept in ``units``, the rerun measures only the
+    rest and gives what an uninterrupted run gives; kept parts measured otherwise are refused by name."""
+    from studies import hold, one_frame
+
+    ckpt = save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    module, part, entry = (one_frame, "one_seed", one_frame.run) if study == "one-frame" else \
+        (hold, "settling", hold.run_all)
+    run = lambda **kw: entry(str(ckpt), seeds=2, device="cpu", progress=False, **kw)  # noqa: E731  (val episodes)
+    as_json = lambda x: json.loads(json.dumps(x))  # noqa: E731
+    whole = as_json(run(episodes=2))
+    real, calls, stop_at = getattr(module, part), [], [2]
+
+    def counted(*args, **kwargs):  # Ctrl-C as the second seed starts
+        calls.append(1)
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, part, counted)
+    with pytest.raises(KeyboardInterrupt):
+        run(episodes=2, units=tmp_path / "units")
+    with pytest.raises(ValueError, match=r"(seed0|discrimination).json: field measured_with.episodes is 2, this run asks for 3"):
+        run(episodes=3, units=tmp_path / "units")
+    calls.clear()
+    stop_at[0] = 0
+    assert as_json(run(episodes=2, units=tmp_path / "units")) == whole and len(calls) == 1  # only seed 1 ran
