@@ -7,7 +7,9 @@ closed-loop check during training) uses validation; what is reported (``wm eval`
 ``wm demo``) uses test. No command ever scores a model on its training episodes.
 
 On any other dataset every episode the model did not train on is held out; they are divided into a
-validation and a test half by their uids, so choices made there never see the reported episodes either.
+validation and a test half by their uids, so choices made there never see the reported episodes either, and
+an episode the model recorded as validation or test keeps that role (an extended collection, a copy with
+episodes added or removed), so an episode chosen on is never reported on.
 A checkpoint from before validation was recorded has its held-out episodes as test, and none to choose on.
 """
 
@@ -69,9 +71,12 @@ def split_episodes(store, meta: dict, split: str) -> tuple[list[int], str]:
         name = {"val": "validation", "test": "test"}[split]
         return ids, f"the {len(ids)} {name} episodes of the dataset the model was trained on"
     trained = set(record["train"])
-    ids = [i for i, e in enumerate(store.episodes) if e.uid not in trained and _half(e.uid) == split]
+    recorded = {uid: name for name in HELD_OUT for uid in record.get(name, [])}  # roles the model recorded
+    ids = [i for i, e in enumerate(store.episodes)
+           if e.uid not in trained and recorded.get(e.uid, _half(e.uid)) == split]
     note = (f"not the dataset the model was trained on ({record['path']}): {len(ids)} of its {len(store)} episodes, "
-            f"the {split} half (by uid) of those the model never trained on")
+            f"the {split} half of those the model never trained on (its recorded {split} episodes, the others "
+            f"by uid)")
     return ids, note
 
 
