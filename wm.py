@@ -114,6 +114,10 @@ class VideoConfig:
     episodes: int = option(4, "episodes to show, one after another")
     fps: int = option(25, "frames per second")
 
+    def __post_init__(self):
+        if self.out and Path(self.out).suffix.lower() != ".mp4":
+            raise ValueError(f"--out must name an .mp4 file, got {self.out!r}")
+
 
 @dataclass
 class BenchConfig:

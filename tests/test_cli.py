@@ -95,6 +95,8 @@ def test_outputs_and_tools_are_checked_before_any_work(tmp_path, monkeypatch, ca
     assert "is a file, not a directory" in capsys.readouterr().err
     assert main(["video", "--data", str(tmp_path), "--out", str(tmp_path / "file" / "v.mp4")]) == 2
     assert "file" in capsys.readouterr().err
+    assert main(["video", "--data", str(tmp_path), "--out", str(tmp_path / "v")]) == 2  # imageio has no writer
+    assert "--out must name an .mp4 file, got" in capsys.readouterr().err
 
     def missing():
         raise RuntimeError("No ffmpeg exe could be found")
