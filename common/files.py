@@ -81,7 +81,9 @@ def kept_measurement(path: str | Path, measured_with: dict, advice: str) -> dict
     """What an earlier (interrupted) run left at ``path``, if it was measured as this run would measure it
     (its ``measured_with`` holds the settings it depends on); otherwise an error naming the file and the
     first field that differs, ending with ``advice``, rather than results mixing two runs."""
-    row = read_json(path)  # {} if unreadable: then every field is missing
+    row = read_json(path)  # {} if unreadable
+    if not row:
+        raise ValueError(f"{path}: not a JSON object (damaged or truncated); {advice}")
     kept = row.get("measured_with", {})
     for name, value in measured_with.items():
         if kept.get(name) != value:

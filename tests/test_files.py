@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from common.files import LatchedErrorFile, OutputLockedError, output_lock, remove_stale_temporaries
+from common.files import KeptRuns, LatchedErrorFile, OutputLockedError, output_lock, remove_stale_temporaries
 
 
 def dead_pid() -> int:
@@ -87,3 +87,25 @@ def test_a_latched_file_keeps_the_first_error_and_drops_later_writes(tmp_path):
     assert f.write(b"abc") == 3 and f.write(b"de") == 2 and raw.calls == 1
     with pytest.raises(OSError, match="File too large"):
         f.raise_error()
+
+
+def test_kept_runs_give_back_what_was_put_and_refuse_what_was_measured_otherwise(tmp_path):
+    """The parts a long job keeps for a resume: read back as put; measured with other settings, damaged,
+    or without a result, an error naming the file (and the field); with no directory nothing is kept."""
+    kept = KeptRuns(tmp_path / "units", {"samples": 100, "policy": (1, 2)}, "try again", prefix="model0-")
+    assert kept.get("a") is None
+    kept.put("a", {"rows": [1.5, None, "x"]})
+    assert (tmp_path / "units" / "model0-a.json").is_file() and kept.get("a") == {"rows": [1.5, None, "x"]}
+    other = KeptRuns(tmp_path / "units", {"samples": 300, "policy": (1, 2)}, "try again", prefix="model0-")
+    with pytest.raises(ValueError, match=r"model0-a.json: field measured_with.samples is 100, this run asks for 300; "
+                                         r"try again"):
+        other.get("a")
+    (tmp_path / "units" / "model0-a.json").write_text('{"measured_with": {"sam')
+    with pytest.raises(ValueError, match=r"model0-a.json: not a JSON object \(damaged or truncated\); try again"):
+        kept.get("a")
+    (tmp_path / "units" / "model0-a.json").write_text('{"measured_with": {"samples": 100, "policy": [1, 2]}}')
+    with pytest.raises(ValueError, match="model0-a.json: field result is missing"):
+        kept.get("a")
+    nowhere = KeptRuns(None, {}, "")
+    nowhere.put("a", {"rows": []})
+    assert nowhere.get("a") is None
