@@ -148,8 +148,11 @@ class Planner:
     def search(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, mean: Tensor, keys: Tensor,
                streams: Tensor) -> PlanResult:
         """The whole search of one ``plan`` call: pure tensor code (``cuda_graph`` captures it), its model
-        calls under bf16 autocast when ``bf16`` (the model keeps its latents float32 under autocast)."""
-        with torch.autocast(z_hist.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+        calls under bf16 autocast when ``bf16`` (the model keeps its latents float32 under autocast). A
+        captured search runs without autocast's cache of cast weights, as CUDA graphs require: the cache is
+        freed when the context exits, and a replay would read the freed copies."""
+        with torch.autocast(z_hist.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16,
+                            cache_enabled=not self.cfg.cuda_graph):
             result = self.optimize(z_hist, a_hist, z_goal, mean, keys, streams)
             if self.cfg.rest and self.cfg.rest_margin:
                 result = self.prefer_rest(z_hist, a_hist, z_goal, result)

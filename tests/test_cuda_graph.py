@@ -53,6 +53,21 @@ def test_a_captured_plan_equals_the_plain_one_call_after_call(name, monkeypatch)
     assert capture.captures == 3  # another batch size is captured once more
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_captured_bf16_plan_runs_without_the_autocast_cache(name, monkeypatch):
+    """Autocast's cache of cast weights is freed when its context exits, so a CUDA graph must not capture
+    reads of it: a captured bf16 search scores with the cache off, an eager one with it on."""
+    monkeypatch.setattr(planners.cuda_graph, "capture_cuda_graph", RerunCapture())
+    for captured in (False, True):
+        model, seen = LinearDynamics(), set()
+        z, g, _ = make_problems(model, 2)
+        rollout = model.rollout
+        model.rollout = lambda z, a, actions: (seen.add((torch.is_autocast_enabled("cpu"),
+                                                         torch.is_autocast_cache_enabled())), rollout(z, a, actions))[1]
+        planner(name, model, bf16=True, cuda_graph=captured).plan(z, g)
+        assert seen == {(True, not captured)}
+
+
 def test_callers_get_copies_of_the_graphs_outputs():
     search = CapturedSearch(lambda x: planners.base.PlanResult(x * 2, x.sum(-1)), capture=RerunCapture())
     first = search(torch.ones(2, 1))
