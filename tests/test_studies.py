@@ -192,7 +192,8 @@ def test_an_interrupted_study_resumes_with_the_results_of_an_uninterrupted_one(d
     monkeypatch.setattr(module, part, counted)
     with pytest.raises(KeyboardInterrupt):
         run(episodes=2, units=tmp_path / "units")
-    with pytest.raises(ValueError, match=r"(seed0|discrimination).json: field measured_with.episodes is 2, this run asks for 3"):
+    with pytest.raises(ValueError, match=r"(seed0|discrimination).json: field measured_with.episodes is 2, this run "
+                                         r"asks for 3"):
         run(episodes=3, units=tmp_path / "units")
     calls.clear()
     stop_at[0] = 0
