@@ -12,6 +12,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from common.process import pid_alive
 
@@ -121,6 +122,17 @@ class KeptRuns:
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.path(name), {"measured_with": self.measured_with, "result": result})
+
+    def run(self, name: str, measure: Callable[[], dict], on_kept: Callable[[], object] | None = None) -> dict:
+        """The part's result: kept from an earlier run (then ``on_kept``, e.g. to advance a progress bar),
+        or ``measure()`` now, kept as it returns."""
+        result = self.get(name)
+        if result is None:
+            result = measure()
+            self.put(name, result)
+        elif on_kept is not None:
+            on_kept()
+        return result
 
 
 def read_json(path: str | Path) -> dict:

@@ -389,7 +389,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
                       bar=None, units: KeptRuns | None = None) -> list[dict]:
     """Every method on the episodes of one (protocol, seed); one record per episode and method. With
     ``units``, a method measured before is read back, and each one measured here is kept."""
-    batch, n = setup.batch, cfg.episodes
+    batch, n = setup.batch, cfg.episodes  # the environments, one per episode
     if "lewm" in (protocol.name, protocol.draws_as) and cfg.lewm_rows == "train":  # as LeWM's eval draws them
         eps = lewm_training_rows(setup.store, setup.train, n, protocol.goal_offset, 42 + seed)
     else:
@@ -397,49 +397,50 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
                               cfg.tolerance)
     goal_images = (stored_frames(setup.store, eps, protocol.goal_offset) if protocol.stored_frames
                    else batch.render_goals(eps["goal_qpos"]))
+    units = units if units is not None else KeptRuns(None, {}, "")
     records = []
     for method in methods:
-        unit = f"{protocol.name}-seed{seed}-{method}"
-        kept = units.get(unit) if units is not None else None
-        if kept is not None:
-            records += kept["records"]
-            curves.setdefault((protocol.name, method), []).append(np.asarray(kept["curve"], dtype=np.float64))
-            if bar is not None:
-                bar.update(protocol.budget)
-            continue
-        if bar is not None:
-            bar.set_postfix(protocol=protocol.name, seed=seed, method=method)
-        act, policy, real = controller(setup, cfg, protocol, method, eps, goal_images, seed)
-        start = time.perf_counter()
-        errors = run_episodes(batch, eps, protocol, act, bar)
-        wall = time.perf_counter() - start
-        curve = errors if errors.ndim == 2 else errors[..., -1]
-        curves.setdefault((protocol.name, method), []).append(curve)
-        plan_times = policy.plan_times if policy is not None else []
-        route = float(sum(policy.route_times)) if policy is not None else 0.0
-        waypoints = float(sum(policy.waypoint_times)) if policy is not None else 0.0
-        wanted = policy.history - 1 if method == "world_model" else -1  # history frames asked for (--context caps)
-        per = episode_records(errors, cfg.tolerance)
-        call = float(np.mean(plan_times)) if plan_times else 0.0
-        mine = [{
-            "protocol": protocol.name, "seed": seed, "method": method, "index": j,
-            "source_episode": setup.store.episodes[int(eps["episode"][j])].uid, "t0": int(eps["t0"][j]),
-            "start_qpos": eps["qpos"][j].tolist(), "goal_qpos": eps["goal_qpos"][j].tolist(),
-            "success": bool(per["success"][j]), "held": bool(per["held"][j]),
-            "steps_to_success": int(per["steps_to_success"][j]), "final_error": float(per["final_error"][j]),
-            "min_error": float(per["min_error"][j]), "history_frames": int(real[j]),
-            "history_wanted": wanted,
-            # one planning call serves all episodes of the batch; an episode's share of all of them
-            "plan_time_per_call_s": call, "plan_time_per_episode_s": (call * len(plan_times) + route) / n,
-            "plan_calls": len(plan_times),
-            "route_time_batch_s": route,
-            "waypoint_time_batch_s": waypoints,  # part of the planning calls' time
-            "wall_time_batch_s": wall,
-        } for j in range(n)]
-        records += mine
-        if units is not None:
-            units.put(unit, {"records": mine, "curve": curve.tolist()})
+        kept_bar = (lambda: bar.update(protocol.budget)) if bar is not None else None
+        unit = units.run(f"{protocol.name}-seed{seed}-{method}",
+                         lambda: measure_method(setup, cfg, protocol, seed, method, eps, goal_images, bar), kept_bar)
+        records += unit["records"]
+        curves.setdefault((protocol.name, method), []).append(np.asarray(unit["curve"], dtype=np.float64))
     return records
+
+
+def measure_method(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: int, method: str, eps: dict,
+                   goal_images: np.ndarray, bar=None) -> dict:
+    """One method on the episodes ``eps`` of a (protocol, seed): {"records": one per episode, "curve": the
+    joint error of each episode at every step (n, budget + 1)}, as JSON keeps them."""
+    n = len(eps["index"])
+    if bar is not None:
+        bar.set_postfix(protocol=protocol.name, seed=seed, method=method)
+    act, policy, real = controller(setup, cfg, protocol, method, eps, goal_images, seed)
+    start = time.perf_counter()
+    errors = run_episodes(setup.batch, eps, protocol, act, bar)
+    wall = time.perf_counter() - start
+    plan_times = policy.plan_times if policy is not None else []
+    route = float(sum(policy.route_times)) if policy is not None else 0.0
+    waypoints = float(sum(policy.waypoint_times)) if policy is not None else 0.0
+    wanted = policy.history - 1 if method == "world_model" else -1  # history frames asked for (--context caps)
+    per = episode_records(errors, cfg.tolerance)
+    call = float(np.mean(plan_times)) if plan_times else 0.0
+    records = [{
+        "protocol": protocol.name, "seed": seed, "method": method, "index": j,
+        "source_episode": setup.store.episodes[int(eps["episode"][j])].uid, "t0": int(eps["t0"][j]),
+        "start_qpos": eps["qpos"][j].tolist(), "goal_qpos": eps["goal_qpos"][j].tolist(),
+        "success": bool(per["success"][j]), "held": bool(per["held"][j]),
+        "steps_to_success": int(per["steps_to_success"][j]), "final_error": float(per["final_error"][j]),
+        "min_error": float(per["min_error"][j]), "history_frames": int(real[j]),
+        "history_wanted": wanted,
+        # one planning call serves all episodes of the batch; an episode's share of all of them
+        "plan_time_per_call_s": call, "plan_time_per_episode_s": (call * len(plan_times) + route) / n,
+        "plan_calls": len(plan_times),
+        "route_time_batch_s": route,
+        "waypoint_time_batch_s": waypoints,  # part of the planning calls' time
+        "wall_time_batch_s": wall,
+    } for j in range(n)]
+    return {"records": records, "curve": (errors if errors.ndim == 2 else errors[..., -1]).tolist()}
 
 
 def closed_loop_check(model, store: EpisodeStore, train_ids: list[int], val_ids: list[int], episodes: int,

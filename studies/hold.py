@@ -176,22 +176,16 @@ def run_all(checkpoint: str, episodes: int = 50, seeds: int = 1, device: str = "
         policy = apply_overrides(PolicyConfig(), overrides or {})
         cfg = EvalConfig(episodes=episodes, split=split, data=data, device=device, policy=policy)
         kept = KeptRuns(units, measured_with(cfg, setup), STUDY_ADVICE)
-        discrimination = kept.get("discrimination")
-        if discrimination is None:
-            discrimination = pose_discrimination(setup)
-            kept.put("discrimination", discrimination)
-        out = {"discrimination": discrimination, "settling": [], "holding": []}
+        out = {"discrimination": kept.run("discrimination", lambda: pose_discrimination(setup)),
+               "settling": [], "holding": []}
         with tqdm(total=seeds * PROTOCOLS["reach25"].budget, desc="hold study: closed loop", unit="step",
                   disable=not progress) as bar:
             for seed in range(seeds):
-                done = kept.get(f"seed{seed}")
-                if done is None:
+                def measure(seed=seed) -> dict:
                     run = settling(setup, policy, seed=seed, episodes=episodes, bar=bar)
-                    done = {"holding": holding_plans(setup, run),
+                    return {"holding": holding_plans(setup, run),
                             "settling": {k: v for k, v in run.items() if k not in ("eps", "trace", "policy", "errors")}}
-                    kept.put(f"seed{seed}", done)
-                else:
-                    bar.update(PROTOCOLS["reach25"].budget)
+                done = kept.run(f"seed{seed}", measure, lambda: bar.update(PROTOCOLS["reach25"].budget))
                 out["holding"].append(done["holding"])
                 out["settling"].append(done["settling"])
     finally:

@@ -113,12 +113,8 @@ def run(checkpoints: str, split: str = "val", episodes: int = 50, seeds: int = 1
             kept = KeptRuns(units, measured_with(cfg, setup), STUDY_ADVICE, prefix=f"model{run_index}-")
             try:
                 for seed in range(seeds):
-                    done = kept.get(f"seed{seed}")
-                    if done is None:
-                        done = {"rows": one_seed(setup, cfg, seed, bar=bar)}
-                        kept.put(f"seed{seed}", done)
-                    else:
-                        bar.update(steps)
+                    done = kept.run(f"seed{seed}", lambda: {"rows": one_seed(setup, cfg, seed, bar=bar)},
+                                    lambda: bar.update(steps))
                     rows += [{**r, "run": run_index} for r in done["rows"]]
             finally:
                 setup.batch.close()

@@ -106,6 +106,10 @@ def test_kept_runs_give_back_what_was_put_and_refuse_what_was_measured_otherwise
     (tmp_path / "units" / "model0-a.json").write_text('{"measured_with": {"samples": 100, "policy": [1, 2]}}')
     with pytest.raises(ValueError, match="model0-a.json: field result is missing"):
         kept.get("a")
+    kept_calls = []
+    assert kept.run("b", lambda: {"x": 1}, lambda: kept_calls.append(1)) == {"x": 1} and kept_calls == []
+    assert kept.run("b", lambda: pytest.fail("measured again"), lambda: kept_calls.append(1)) == {"x": 1}
+    assert kept_calls == [1]  # a kept part is read back, and its skip is announced
     nowhere = KeptRuns(None, {}, "")
     nowhere.put("a", {"rows": []})
     assert nowhere.get("a") is None
