@@ -165,6 +165,13 @@ def holding_plans(setup, run: dict, tolerance: float = 0.05) -> dict:
             "model_ranks_a_holder_first": float(np.mean(picks_right)) if rows else None}
 
 
+def one_seed(setup, policy: PolicyConfig, seed: int, episodes: int, bar=None) -> dict:
+    """Whether the controller settles and the planner finds the holding plan, on one seed's episodes."""
+    run = settling(setup, policy, seed=seed, episodes=episodes, bar=bar)
+    return {"holding": holding_plans(setup, run),
+            "settling": {k: v for k, v in run.items() if k not in ("eps", "trace", "policy", "errors")}}
+
+
 def run_all(checkpoint: str, episodes: int = 50, seeds: int = 1, device: str = "auto", data: str = "",
             overrides: dict | None = None, split: str = "val", progress: bool = True,
             units: str | Path | None = None) -> dict:
@@ -181,11 +188,8 @@ def run_all(checkpoint: str, episodes: int = 50, seeds: int = 1, device: str = "
         with tqdm(total=seeds * PROTOCOLS["reach25"].budget, desc="hold study: closed loop", unit="step",
                   disable=not progress) as bar:
             for seed in range(seeds):
-                def measure(seed=seed) -> dict:
-                    run = settling(setup, policy, seed=seed, episodes=episodes, bar=bar)
-                    return {"holding": holding_plans(setup, run),
-                            "settling": {k: v for k, v in run.items() if k not in ("eps", "trace", "policy", "errors")}}
-                done = kept.run(f"seed{seed}", measure, lambda: bar.update(PROTOCOLS["reach25"].budget))
+                done = kept.run(f"seed{seed}", lambda: one_seed(setup, policy, seed, episodes, bar),
+                                lambda: bar.update(PROTOCOLS["reach25"].budget))
                 out["holding"].append(done["holding"])
                 out["settling"].append(done["settling"])
     finally:

@@ -177,7 +177,7 @@ def test_an_interrupted_study_resumes_with_the_results_of_an_uninterrupted_one(d
 
     ckpt = save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
     module, part, entry = (one_frame, "one_seed", one_frame.run) if study == "one-frame" else \
-        (hold, "settling", hold.run_all)
+        (hold, "one_seed", hold.run_all)
     run = lambda **kw: entry(str(ckpt), seeds=2, device="cpu", progress=False, **kw)  # noqa: E731  (val episodes)
     as_json = lambda x: json.loads(json.dumps(x))  # noqa: E731
     whole = as_json(run(episodes=2))
