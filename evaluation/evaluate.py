@@ -308,9 +308,15 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     own split); results pooled over checkpoints with the spread between them."""
     protocols = parse_protocols(cfg.protocol)
     methods = ["world_model", *parse_baselines(cfg.baselines)]
+    created = not cfg.out_dir.exists()
     out = check_output(cfg)
-    with output_lock(out):  # one evaluation at a time in a directory
-        return _evaluate(cfg, out, protocols, methods, progress)
+    try:
+        with output_lock(out):  # one evaluation at a time in a directory
+            return _evaluate(cfg, out, protocols, methods, progress)
+    except BaseException:
+        if created and not any(out.iterdir()):  # failed before writing anything: leave no empty directory
+            out.rmdir()
+        raise
 
 
 def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) -> dict:

@@ -570,6 +570,7 @@ def test_too_many_episodes_are_refused_before_the_environments_exist(data, tmp_p
     cfg.episodes = 100_000_000
     with pytest.raises(ValueError, match=r"--episodes 100000000: the model's \d+ test episodes .* have \d+ start rows"):
         evaluate(cfg, progress=False)
+    assert not (tmp_path / "e").exists()  # the output directory it made is not left behind, empty
 
 
 def test_a_dataset_error_is_not_blamed_on_the_models_env(data, tmp_path):
