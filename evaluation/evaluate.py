@@ -328,9 +328,10 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
     if cfg.overwrite:
         shutil.rmtree(units_dir, ignore_errors=True)
     remove_stale_temporaries(units_dir, r".*\.json")
-    if progress and any(units_dir.glob("*.json")):
-        tqdm.write(f"resuming: the {len(list(units_dir.glob('*.json')))} (model, protocol, seed, method) runs "
-                   f"already measured in {units_dir} are kept")
+    kept = len(list(units_dir.glob("*.json")))  # 0 when the directory is not there
+    if progress and kept:
+        tqdm.write(f"resuming: the {kept} (model, protocol, seed, method) runs already measured in {units_dir} "
+                   f"are kept")
     total = sum(p.budget for p in protocols) * cfg.seeds * len(methods) * len(cfg.checkpoints)
     bar = tqdm(total=total, desc="eval", unit="step", disable=not progress)
     records, curves, notes, steps = [], {}, [], []
