@@ -21,7 +21,7 @@ import envs  # noqa: F401  (selects the GL backend before anything imports mujoc
 from common.config import (apply_overrides, check_at_least, comma_list, config_fields, from_dict, nested, option,
                            unwrap_optional)
 from common.device import THREADS_HELP, set_threads
-from common.files import (atomic_write, atomic_write_json, atomic_write_text, output_lock, prepare_output_dir,
+from common.files import (atomic_write, atomic_write_json, atomic_write_text, output_dir, output_lock,
                           remove_stale_temporaries)
 from envs.collect import CollectConfig, collect
 from envs.convert import ConvertConfig
@@ -296,10 +296,10 @@ def run_bench(cfg: BenchConfig) -> int:
                "gpu": gpu_check}
     chosen = ({k: v for k, v in benches.items() if k not in ("plan-quality", "subgoals", "gpu")} if cfg.what == "all"
               else {cfg.what: benches[cfg.what]})
-    out = prepare_output_dir(cfg.out)  # before any benchmark runs
-    report = "\n\n".join(f"# wm bench {name}\n\n{_machine()}\n\n{fn()}" for name, fn in chosen.items())
-    print(report)
-    atomic_write_text(out / f"bench_{cfg.what}.md", report + "\n")
+    with output_dir(cfg.out) as out:  # checked before any benchmark runs
+        report = "\n\n".join(f"# wm bench {name}\n\n{_machine()}\n\n{fn()}" for name, fn in chosen.items())
+        print(report)
+        atomic_write_text(out / f"bench_{cfg.what}.md", report + "\n")
     return 1 if failed else 0
 
 
@@ -351,7 +351,7 @@ def run_study(cfg: StudyConfig) -> int:
     ident = dataclasses.replace(cfg.identifiability, seeds=cfg.seeds, out=cfg.out or cfg.identifiability.out)
     out = Path(ident.out if cfg.what == "identifiability" else
                cfg.out or Path(comma_list(cfg.checkpoint)[0]).parent / f"study-{cfg.what}")
-    with output_lock(prepare_output_dir(out)):  # one study at a time writes there
+    with output_dir(out) as out, output_lock(out):  # one study at a time writes there
         if cfg.what == "identifiability":
             identifiability(ident)  # writes its own results
         else:

@@ -222,6 +222,20 @@ def prepare_output_dir(out: str | Path, option: str = "--out") -> Path:
     return out
 
 
+@contextmanager
+def output_dir(out: str | Path, option: str = "--out"):
+    """``prepare_output_dir`` around a run: a directory it had to create is removed again when the run fails
+    before writing anything there, so a refused or broken run leaves no empty directory behind."""
+    created = not Path(out).exists()
+    out = prepare_output_dir(out, option)
+    try:
+        yield out
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
 def prepare_output_file(path: str | Path, option: str = "--out") -> Path:
     """An output file's directory created and proven writable before any work starts (``prepare_output_dir``
     of its parent); a directory in the file's place is refused."""

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from common.config import nested, option
 from common.device import THREADS_HELP
-from common.files import atomic_write, atomic_write_json, atomic_write_text, output_lock, prepare_output_dir
+from common.files import atomic_write, atomic_write_json, atomic_write_text, output_dir, output_lock
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.video import check_ffmpeg, upscale, write_video
@@ -39,7 +39,12 @@ class DemoConfig:
                            "bank (default: the one the model was trained on)")
     split: str = option("test", "the model's episodes that give starts and goals: test or val", choices=HELD_OUT)
     episodes: int = option(4, "episodes (one video each)")
-    protocol: str = option("reach25", "which goals", choices=tuple(PROTOCOLS))
+    protocol: str = option("reach25", "which goals (and budget and success rule, with --goal-pose)",
+                           choices=tuple(PROTOCOLS))
+    goal_pose: str = option("", "goal poses of your own instead of the protocol's, one video each: 'shoulder,wrist' "
+                                "in rad, several separated by ';' (--episodes is then their number)")
+    start_pose: str = option("", "with --goal-pose: the start pose 'shoulder,wrist' in rad, at rest, for every video "
+                                 "or one per goal separated by ';' (default: the protocol's held-out start rows)")
     policy: PolicyConfig = nested(PolicyConfig, "the MPC policy", flat=True)
     seed: int = option(0, "episode and planner seed")
     tolerance: float = option(GOAL_TOLERANCE, "success: every joint within this many rad")
@@ -54,10 +59,55 @@ class DemoConfig:
         if self.episodes < 1:
             raise ValueError(f"--episodes must be >= 1, got {self.episodes}")
         check_policy_device(self.policy, self.device)
+        goals, starts = parse_poses(self.goal_pose, "--goal-pose"), parse_poses(self.start_pose, "--start-pose")
+        if self.goal_pose and not len(goals):
+            raise ValueError(f"--goal-pose: no pose in {self.goal_pose!r}; give 'shoulder,wrist' in rad")
+        if self.start_pose and not self.goal_pose:
+            raise ValueError("--start-pose is for your own goals: give --goal-pose too")
+        if self.start_pose and not len(starts):
+            raise ValueError(f"--start-pose: no pose in {self.start_pose!r}; give 'shoulder,wrist' in rad")
+        if len(starts) not in (0, 1, len(goals)):
+            raise ValueError(f"--start-pose: {len(starts)} poses for {len(goals)} goals; give one, or one per goal")
+        if self.goal_pose and PROTOCOLS[self.protocol].stored_frames:
+            rendered = ", ".join(name for name, p in PROTOCOLS.items() if not p.stored_frames)
+            raise ValueError(f"--goal-pose: the {self.protocol} protocol's goals are the dataset's stored frames; "
+                             f"choose a protocol whose goals are rendered ({rendered})")
+        if self.goal_pose:
+            self.episodes = len(goals)
 
     @property
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path(self.checkpoint).parent / "videos"
+
+
+def parse_poses(text: str, name: str) -> np.ndarray:
+    """Poses (K, 2) in rad from 'shoulder,wrist;shoulder,wrist' (K = 0 for ''); a clear error naming ``name``."""
+    poses = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        try:
+            pose = [float(v) for v in part.split(",")]
+        except ValueError:
+            pose = []
+        if len(pose) != 2 or not np.isfinite(pose).all():
+            raise ValueError(f"{name}: {part!r} is not a pose 'shoulder,wrist' of two finite angles in rad")
+        poses.append(pose)
+    return np.asarray(poses, np.float64).reshape(-1, 2)
+
+
+def own_goals(cfg: DemoConfig, eps: dict, wrist_range: tuple[float, float]) -> dict:
+    """The protocol's episodes ``eps`` with the goals of --goal-pose, and with --start-pose the starts too
+    (at rest, no frames before them: the history is padded as at an episode's first step)."""
+    goals, starts = parse_poses(cfg.goal_pose, "--goal-pose"), parse_poses(cfg.start_pose, "--start-pose")
+    low, high = wrist_range
+    for name, poses in (("--goal-pose", goals), ("--start-pose", starts)):
+        if ((poses[:, 1] < low) | (poses[:, 1] > high)).any():
+            raise ValueError(f"{name}: a wrist angle beyond the joint limit [{low:.3f}, {high:.3f}] rad")
+    eps = dict(eps, goal_qpos=goals)
+    if len(starts):
+        n = len(goals)
+        eps.update(qpos=np.broadcast_to(starts, (n, 2)).copy(), qvel=np.zeros((n, 2)), t0=np.zeros(n, int),
+                   target=np.full((n, 2), np.nan))
+    return eps
 
 
 def frame_bank(model, store: EpisodeStore, episode_ids: list[int], most: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -92,31 +142,29 @@ def compose(label: str, obs, goal, expected, waypoint, step: int, error: float, 
     return np.concatenate(out, 1)
 
 
-DEMO_FILES = re.compile(r"episode_\d+\.(mp4|gif)|summary\.png|demo\.json|demo\.md|index\.html")
+DEMO_FILES = re.compile(r"(episode|goal)_\d+\.(mp4|gif)|summary\.png|demo\.json|demo\.md|index\.html")
 
 
-def prepare_demo_dir(cfg: DemoConfig) -> Path:
+def prepare_demo_dir(cfg: DemoConfig, out: Path) -> None:
     """The output directory, checked before any work: a demo already there is refused unless --overwrite,
     which removes all of its files (no stale video of another run is left beside the new ones)."""
-    out = prepare_output_dir(cfg.out_dir)
     earlier = [p for p in out.iterdir() if DEMO_FILES.fullmatch(p.name)]
     if earlier and not cfg.overwrite:
         raise ValueError(f"{out} already holds a demo ({len(earlier)} files); pass --overwrite to replace it, or "
                          f"--out for another directory")
     for path in earlier:
         path.unlink()
-    return out
 
 
 def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     """``wm demo``: film episodes of the world-model policy, one demo at a time in a directory."""
-    with output_lock(prepare_output_dir(cfg.out_dir)):
-        return _make_demo(cfg, progress)
+    with output_dir(cfg.out_dir) as out, output_lock(out):
+        return _make_demo(cfg, out, progress)
 
 
-def _make_demo(cfg: DemoConfig, progress: bool) -> dict:
+def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     protocol = PROTOCOLS[cfg.protocol]
-    out = prepare_demo_dir(cfg)  # the output and ffmpeg are checked before any work
+    prepare_demo_dir(cfg, out)  # the output and ffmpeg are checked before any work
     check_ffmpeg()
     setup = load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
     model, store, batch = setup.model, setup.store, setup.batch
@@ -124,11 +172,13 @@ def _make_demo(cfg: DemoConfig, progress: bool) -> dict:
     filmed = set(setup.episodes)
     bank_ids = setup.train or [i for i in range(len(store)) if i not in filmed]
     try:
+        eps = sample_episodes(store, setup.episodes, protocol, cfg.episodes, cfg.seed, batch.physics.wrist_range,
+                              cfg.tolerance)
+        if cfg.goal_pose:
+            eps = own_goals(cfg, eps, batch.physics.wrist_range)
         if progress:
             log.info(f"retrieval bank: encoding up to {cfg.bank_frames} frames of {len(bank_ids)} training episodes")
         bank_z, bank_frames = frame_bank(model, store, bank_ids, cfg.bank_frames)
-        eps = sample_episodes(store, setup.episodes, protocol, cfg.episodes, cfg.seed, batch.physics.wrist_range,
-                              cfg.tolerance)
         goals = batch.render_goals(eps["goal_qpos"])
         eval_cfg = EvalConfig(checkpoint=cfg.checkpoint, policy=cfg.policy, episodes=cfg.episodes)
         _, policy, _ = world_model_controller(setup, eval_cfg, protocol, eps, goals, cfg.seed)
@@ -137,6 +187,7 @@ def _make_demo(cfg: DemoConfig, progress: bool) -> dict:
         reached = np.zeros(cfg.episodes, bool)
         videos = [[] for _ in range(cfg.episodes)]
         nearest = lambda z: torch.cdist(z.float(), bank_z).argmin(1).cpu().numpy()  # noqa: E731
+        labels = [f"goal {int(j)}" if cfg.goal_pose else f"{protocol.name} ep {int(j)}" for j in eps["index"]]
         for step in tqdm(range(protocol.budget + 1), desc="demo", unit="step", disable=not progress):
             error = joint_error(batch.qpos(), eps["goal_qpos"], protocol.wrap)
             within = (error < cfg.tolerance) & (step > 0)
@@ -148,21 +199,23 @@ def _make_demo(cfg: DemoConfig, progress: bool) -> dict:
             to_goal = None if heading is None else policy._route.near.cpu().numpy()
             for i in range(cfg.episodes):
                 wp = None if waypoint is None else (goals[i] if to_goal[i] else bank_frames[waypoint[i]])
-                videos[i].append(compose(f"{protocol.name} ep {int(eps['index'][i])}", frames[i], goals[i],
+                videos[i].append(compose(labels[i], frames[i], goals[i],
                                          bank_frames[expected[i]], wp, step, error[i], within[i], reached[i]))
             if actions is not None:
                 frames = batch.step(actions)
         final = error
     finally:
         batch.close()
-    names = [f"episode_{int(j):02d}" for j in eps["index"]]  # episode j is the same whatever --episodes is
+    # episode j is the same whatever --episodes is; goal j is the j-th of --goal-pose
+    names = [f"{'goal' if cfg.goal_pose else 'episode'}_{int(j):02d}" for j in eps["index"]]
     written = [write_video(out / f"{name}.mp4", np.stack(v), gif=cfg.gif) for name, v in zip(names, videos)]
     sheet = summary_sheet(first, frames, goals, reached, final, cfg.tolerance)
     atomic_write(out / "summary.png", lambda tmp: Image.fromarray(sheet).save(tmp), keep_suffix=True)
     result = {"checkpoint": cfg.checkpoint, "protocol": protocol.name, "split": cfg.split, "seed": cfg.seed,
               "videos": [str(paths[0]) for paths in written], "gifs": [str(p) for paths in written for p in paths[1:]],
               "summary_sheet": str(out / "summary.png"), "success": reached.tolist(),
-              "held": (final < cfg.tolerance).tolist(), "final_error": final.tolist()}
+              "held": (final < cfg.tolerance).tolist(), "final_error": final.tolist(),
+              "start_qpos": eps["qpos"].tolist(), "goal_qpos": eps["goal_qpos"].tolist()}
     markdown = demo_markdown(cfg, protocol, result, names)
     atomic_write_text(out / "demo.md", markdown)
     atomic_write_text(out / "index.html", demo_page(
@@ -175,15 +228,23 @@ def _make_demo(cfg: DemoConfig, progress: bool) -> dict:
 
 def demo_markdown(cfg: DemoConfig, protocol, result: dict, names: list[str]) -> str:
     """What was filmed, for the page and for a reader of the folder."""
+    pose = lambda q: f"({q[0]:.2f}, {q[1]:.2f})"  # noqa: E731
+    if cfg.goal_pose:
+        starts = "at rest in the poses of --start-pose" if cfg.start_pose else \
+            f"from rows of the model's {cfg.split} episodes (seed {cfg.seed})"
+        what = f"{len(names)} goal poses of your own (--goal-pose), starting {starts}, under `{protocol.name}`'s"
+    else:
+        what = f"{len(names)} `{protocol.name}` episodes of the model's {cfg.split} split (seed {cfg.seed}),"
     lines = [f"# Planning videos of `{cfg.checkpoint}`", "",
-             f"{len(names)} `{protocol.name}` episodes of the model's {cfg.split} split (seed {cfg.seed}), budget "
-             f"{protocol.budget} steps. Each video: the camera, the goal image, the training frame nearest to what "
-             f"the model expects at the end of its plan"
+             f"{what} budget {protocol.budget} steps and rule. Each video: the camera, the goal image, the training "
+             f"frame nearest to what the model expects at the end of its plan"
              + (", and the training frame it is heading for (a waypoint while the goal is far)"
                 if cfg.policy.subgoals.enabled else "") + ".", "",
-             "| episode | reached | held at the end | final joint error (rad) |", "|---|---|---|---|"]
-    lines += [f"| {n} | {'yes' if r else 'no'} | {'yes' if h else 'no'} | {e:.3f} |"
-              for n, r, h, e in zip(names, result["success"], result["held"], result["final_error"])]
+             "| episode | start pose (rad) | goal pose (rad) | reached | held at the end | final joint error (rad) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {pose(s)} | {pose(g)} | {'yes' if r else 'no'} | {'yes' if h else 'no'} | {e:.3f} |"
+              for n, s, g, r, h, e in zip(names, result["start_qpos"], result["goal_qpos"], result["success"],
+                                          result["held"], result["final_error"])]
     return "\n".join(lines) + "\n"
 
 

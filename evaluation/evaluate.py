@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from common.config import apply_overrides, comma_list, config_fields, nested, option
 from common.device import THREADS_HELP
-from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, output_lock,
-                          prepare_output_dir, remove_stale_temporaries)
+from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, output_dir, output_lock,
+                          remove_stale_temporaries)
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.storage import recording
@@ -299,7 +299,6 @@ def check_output(cfg: EvalConfig) -> Path:
             what = "results"
         raise ValueError(f"{out} already holds {what}; pass --overwrite to replace them, or --out for another "
                          f"directory")
-    prepare_output_dir(out)
     return out
 
 
@@ -308,15 +307,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     own split); results pooled over checkpoints with the spread between them."""
     protocols = parse_protocols(cfg.protocol)
     methods = ["world_model", *parse_baselines(cfg.baselines)]
-    created = not cfg.out_dir.exists()
-    out = check_output(cfg)
-    try:
-        with output_lock(out):  # one evaluation at a time in a directory
-            return _evaluate(cfg, out, protocols, methods, progress)
-    except BaseException:
-        if created and not any(out.iterdir()):  # failed before writing anything: leave no empty directory
-            out.rmdir()
-        raise
+    with output_dir(check_output(cfg)) as out, output_lock(out):  # one evaluation at a time in a directory
+        return _evaluate(cfg, out, protocols, methods, progress)
 
 
 def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) -> dict:

@@ -414,6 +414,38 @@ def test_wm_demo_smoke_writes_videos_and_sheet(data, tmp_path):
     assert np.array_equal(again[0], frames[0])  # episode 0 is episode 0, however many are filmed
 
 
+def test_wm_demo_films_goal_poses_of_ones_own(data, tmp_path):
+    """--goal-pose films one video per pose given, from --start-pose at rest (or the protocol's starts), under
+    the protocol's budget; bad poses are refused before any work, naming the option."""
+    from evaluation.demo import DemoConfig, make_demo
+
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    cfg = lambda **k: DemoConfig(**{"checkpoint": str(tmp_path / "m.pt"), "data": str(data), "gif": False,  # noqa: E731
+                                    "bank_frames": 50, "out": str(tmp_path / "v"), **k})
+    small = {"policy": apply_overrides(PolicyConfig(), {"samples": 8, "iterations": 1})}
+    done = make_demo(cfg(goal_pose="1.0,-1.2; -2.5,0.8", start_pose="0.3,0.1", **small), progress=False)
+    assert done["goal_qpos"] == [[1.0, -1.2], [-2.5, 0.8]] and done["start_qpos"] == [[0.3, 0.1], [0.3, 0.1]]
+    assert sorted(p.name for p in (tmp_path / "v").glob("*.mp4")) == ["goal_00.mp4", "goal_01.mp4"]
+    import imageio.v2 as imageio
+    first = imageio.mimread(tmp_path / "v" / "goal_00.mp4")
+    assert len(first) == PROTOCOLS["reach25"].budget + 1
+    md = (tmp_path / "v" / "demo.md").read_text()
+    assert "| goal_01 | (0.30, 0.10) | (-2.50, 0.80) |" in md
+    drawn = make_demo(cfg(goal_pose="1.0,-1.2", overwrite=True, **small), progress=False)  # the protocol's start
+    assert drawn["start_qpos"] != [[0.3, 0.1]] and drawn["goal_qpos"] == [[1.0, -1.2]]
+    for bad, match in (({"goal_pose": "1.0"}, "--goal-pose: '1.0' is not a pose"),
+                       ({"goal_pose": "1,nan"}, "--goal-pose: '1,nan' is not a pose"),
+                       ({"goal_pose": ";"}, "--goal-pose: no pose"),
+                       ({"start_pose": "0,0"}, "--start-pose is for your own goals"),
+                       ({"goal_pose": "0,0;1,1;2,2", "start_pose": "0,0;1,1"}, "2 poses for 3 goals"),
+                       ({"goal_pose": "0,0", "protocol": "lewm"}, "stored frames")):
+        with pytest.raises(ValueError, match=match):
+            DemoConfig(**{"checkpoint": str(tmp_path / "m.pt"), **bad})
+    with pytest.raises(ValueError, match=r"--goal-pose: a wrist angle beyond the joint limit"):
+        make_demo(cfg(goal_pose="0,3.0", out=str(tmp_path / "refused")), progress=False)
+    assert not (tmp_path / "refused").exists()  # refused before it wrote anything: no empty directory
+
+
 def _page_links(page) -> set:
     """The files a page shows (img and video sources); each must exist beside it."""
     from html.parser import HTMLParser

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from common.files import KeptRuns, LatchedErrorFile, OutputLockedError, output_lock, remove_stale_temporaries
+from common.files import (KeptRuns, LatchedErrorFile, OutputLockedError, output_dir, output_lock,
+                          remove_stale_temporaries)
 
 
 def dead_pid() -> int:
@@ -31,6 +32,28 @@ def test_a_lock_refuses_a_second_holder_and_a_dead_owners_lock_is_taken_over(tmp
     assert f"taking over the lock left by process {pid} (no longer running)" in caplog.text
     with output_lock(tmp_path / "out.h5", inside=False) as beside:  # an output renamed into place at the end
         assert beside == tmp_path / "out.h5.lock"
+
+
+def test_a_failed_run_leaves_no_empty_output_directory_it_made(tmp_path):
+    """A run refused or broken before it wrote anything removes the directory it created, never one that was
+    there before or one it wrote into."""
+    with pytest.raises(ValueError):
+        with output_dir(tmp_path / "new" / "out"):
+            raise ValueError("bad input")
+    assert not (tmp_path / "new" / "out").exists()
+    (tmp_path / "there").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with output_dir(tmp_path / "there"):
+            raise KeyboardInterrupt
+    assert (tmp_path / "there").is_dir()
+    with pytest.raises(ValueError):
+        with output_dir(tmp_path / "wrote") as out:
+            (out / "part.json").write_text("{}")
+            raise ValueError("broke after writing")
+    assert (tmp_path / "wrote" / "part.json").exists()
+    with output_dir(tmp_path / "ok") as out:
+        pass
+    assert out.is_dir()  # a run that finishes keeps its directory, empty or not
 
 
 def test_a_killed_owners_lock_is_free_while_its_forked_workers_live(tmp_path):

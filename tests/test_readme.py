@@ -1,0 +1,53 @@
+"""The README stays true to the code: every `wm` command in its code blocks is accepted by the command line as
+written, and every test it cites as evidence exists."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import wm
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def block_commands(text: str) -> list[str]:
+    """The `wm ...` command lines of the fenced code blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("wm "):
+                commands.append(line)
+    return commands
+
+
+def test_the_readme_commands_are_accepted_as_written(monkeypatch, capsys):
+    commands = block_commands(README)
+    assert len(commands) >= 15  # the README's walk-through, not an empty match
+    parsed = []
+    for name, (cls, _, help_text) in list(wm.COMMANDS.items()):
+        monkeypatch.setitem(wm.COMMANDS, name, (cls, lambda cfg: parsed.append(cfg) or 0, help_text))
+    monkeypatch.setattr(wm, "set_threads", lambda n: None)  # nothing runs: only the parse and the configs' checks
+    for command in commands:
+        rc = wm.main(shlex.split(command)[1:])
+        assert rc == 0, f"README: `{command}` is refused: {capsys.readouterr().err.strip()[-300:]}"
+    assert len(parsed) == len(commands)
+
+
+def test_a_misspelt_option_would_be_caught(monkeypatch, capsys):
+    """The check above can fail: a README line with an option the command does not have is refused."""
+    (command,) = block_commands("```bash\nwm eval --protocl reach25\n```")
+    with pytest.raises(SystemExit):
+        wm.main(shlex.split(command)[1:])
+    assert "unrecognized arguments: --protocl" in capsys.readouterr().err
+
+
+def test_the_tests_the_readme_cites_exist():
+    cited = set(re.findall(r"`(test_\w+)`", README)) | set(re.findall(r"test_\w+\.py::(test_\w+)", README))
+    assert len(cited) >= 20
+    defined = {m for path in (ROOT / "tests").glob("test_*.py")
+               for m in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
+    assert sorted(cited - defined) == []
