@@ -67,6 +67,8 @@ def convert_dataset(src, dst: str | Path, fmt: str = "swm", image_size: int | No
         raise ValueError(f"format must be 'swm' or 'shards', got {fmt!r}")
     dst = Path(dst)
     if fmt == "swm":
+        if dst.suffix != ".h5":  # stable-worldmodel finds a dataset as <name>.h5
+            raise ValueError(f"--out {dst}: a stable-worldmodel file is named <name>.h5; give a path ending in .h5")
         prepare_output_file(dst)
     else:
         prepare_output_dir(dst.parent)

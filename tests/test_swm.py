@@ -197,6 +197,9 @@ def test_convert_both_ways(tmp_path):
     assert np.array_equal(EpisodeStore(plain).episode(2)["pixels"], original.episode(2)["pixels"])
     with pytest.raises(ValueError, match="format must be"):
         convert_dataset(src, tmp_path / "x", fmt="zarr")
+    with pytest.raises(ValueError, match=r"--out .*plain: a stable-worldmodel file is named <name>\.h5"):
+        convert_dataset(src, tmp_path / "plain", fmt="swm")  # their loader would not find it
+    assert not (tmp_path / "plain").exists()
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
