@@ -74,8 +74,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def callable_name(value) -> str:
+    """How JSON records a callable setting (a cost function given from Python): its module and qualified name;
+    anything else JSON cannot hold stays a TypeError."""
+    if not callable(value):
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+    return f"{getattr(value, '__module__', None)}.{getattr(value, '__qualname__', type(value).__name__)}"
+
+
+def _identity(value) -> str:
+    """A setting's value as a kept part's record compares it: a module-level function by its name (found
+    again by a rerun), a lambda or local function by ``str`` (its address: a rerun measures it again)."""
+    name = callable_name(value) if callable(value) else str(value)
+    return name if callable(value) and "<" not in name else str(value)
+
+
 def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1))
+    atomic_write_text(path, json.dumps(obj, indent=1, default=callable_name))
 
 
 def kept_measurement(path: str | Path, measured_with: dict, advice: str) -> dict:
@@ -103,7 +118,7 @@ class KeptRuns:
     def __init__(self, directory: str | Path | None, measured_with: dict, advice: str, prefix: str = ""):
         self.directory = Path(directory) if directory is not None else None
         self.advice, self.prefix = advice, prefix
-        self.measured_with = json.loads(json.dumps(measured_with, default=str))
+        self.measured_with = json.loads(json.dumps(measured_with, default=_identity))
 
     def path(self, name: str) -> Path:
         return self.directory / f"{self.prefix}{name}.json"

@@ -392,6 +392,46 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped_with_the_same_result
     assert len(calls) == 2 * 2 * 3 - 1 and strip(grown["episodes"]) == strip(whole["episodes"])
 
 
+def squared_final_distance(z_pred, z_goal):
+    """A cost of one's own, as Python may give the planner: (B, N, H, D), (B, D) -> (B, N)."""
+    return ((z_pred[:, :, -1] - z_goal[:, None]) ** 2).sum(-1)
+
+
+def test_an_evaluation_with_a_cost_function_of_ones_own_finishes_and_resumes(data, tmp_path, monkeypatch):
+    """A callable cost is recorded by its module and name in results.json. An interrupted run resumes its kept
+    runs when the cost is a module-level function; a lambda has no name to be found again by, so a rerun in
+    another process (here: another lambda alike) is refused over the kept runs, naming the field: nothing is
+    mixed."""
+    import evaluation.evaluate as ev
+
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    cfg = lambda out, cost: apply_overrides(EvalConfig(  # noqa: E731
+        checkpoint=str(tmp_path / "m.pt"), data=str(data), episodes=2, seeds=2, protocol="reach25", baselines="",
+        out=str(tmp_path / out)), {"samples": 8, "iterations": 1, "cost": cost})
+    real, calls = ev.run_episodes, []
+
+    def stop_second(*args, **kwargs):  # Ctrl-C as the second seed starts
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    for out, cost in (("named", squared_final_distance), ("lambda", lambda z, g: z.sum((-1, -2)))):
+        monkeypatch.setattr(ev, "run_episodes", stop_second)
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            ev.evaluate(cfg(out, cost), progress=False)
+    monkeypatch.setattr(ev, "run_episodes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls.clear()
+    ev.evaluate(cfg("named", squared_final_distance), progress=False)
+    assert len(calls) == 1  # only the second seed
+    recorded = json.loads((tmp_path / "named" / "results.json").read_text())["config"]["policy"]["plan"]["cost"]
+    assert recorded == "test_evaluate.squared_final_distance"
+    with pytest.raises(ValueError, match=r"seed0-world_model.json: field measured_with.cost is '<function .*<lambda> "
+                                         r"at 0x.*pass --overwrite"):
+        ev.evaluate(cfg("lambda", lambda z, g: z.sum((-1, -2))), progress=False)
+
+
 def test_wm_demo_smoke_writes_videos_and_sheet(data, tmp_path):
     save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
     out = _wm("demo", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 2, "--samples", 8,
