@@ -23,6 +23,7 @@ from common.config import (apply_overrides, check_at_least, comma_list, config_f
 from common.device import THREADS_HELP, set_threads
 from common.files import (atomic_write, atomic_write_json, atomic_write_text, output_dir, output_lock,
                           remove_stale_temporaries)
+from common.provenance import provenance, provenance_line, set_command
 from envs.collect import CollectConfig, collect
 from envs.convert import ConvertConfig
 from envs.storage import DEFAULT_DATA
@@ -297,20 +298,11 @@ def run_bench(cfg: BenchConfig) -> int:
     chosen = ({k: v for k, v in benches.items() if k not in ("plan-quality", "subgoals", "gpu")} if cfg.what == "all"
               else {cfg.what: benches[cfg.what]})
     with output_dir(cfg.out) as out:  # checked before any benchmark runs
-        report = "\n\n".join(f"# wm bench {name}\n\n{_machine()}\n\n{fn()}" for name, fn in chosen.items())
+        report = "\n\n".join(f"# wm bench {name}\n\n{provenance_line(provenance())}\n\n{fn()}"
+                               for name, fn in chosen.items())
         print(report)
         atomic_write_text(out / f"bench_{cfg.what}.md", report + "\n")
     return 1 if failed else 0
-
-
-def _machine() -> str:
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"Machine: {os.cpu_count()} CPU cores ({cpu}), {gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads."
 
 
 def run_eval(cfg: EvalConfig) -> int:
@@ -365,8 +357,9 @@ def run_study(cfg: StudyConfig) -> int:
                 result = hold.run_all(cfg.checkpoint, cfg.episodes, cfg.seeds, cfg.device, cfg.data, split=cfg.split,
                                       units=units)
                 text, plot = hold.report(result, cfg.checkpoint, cfg.split), hold.plot
-            atomic_write_json(out / "results.json", result)
-            atomic_write_text(out / "results.md", text)
+            made = provenance()
+            atomic_write_json(out / "results.json", {**result, "provenance": made})
+            atomic_write_text(out / "results.md", text + "\n" + provenance_line(made) + "\n")
             atomic_write(out / "results.png", lambda tmp: plot(result, tmp), keep_suffix=True)
             shutil.rmtree(units, ignore_errors=True)
     print((out / "results.md").read_text())
@@ -457,6 +450,7 @@ def _configure_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    set_command(["wm", *argv])  # recorded with every result
     _configure_logging()
     parser = argparse.ArgumentParser(prog="wm", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)

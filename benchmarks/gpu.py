@@ -31,6 +31,7 @@ from benchmarks.timing import markdown_table
 from common.config import apply_overrides
 from common.device import resolve_device
 from common.files import atomic_write_json, atomic_write_text, prepare_output_dir
+from common.provenance import provenance
 from planners.config import PlannerConfig
 from planners.policy import make_planner
 
@@ -160,7 +161,7 @@ def run(device: str = "auto", out: str = "runs/gpu-check", dry_run: bool = False
     deadline = time.perf_counter() + 60 * minutes
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     result = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": os.cpu_count(),
-              "dry_run": dry_run, "minutes": minutes, "seconds": {}, "failed": []}
+              "dry_run": dry_run, "minutes": minutes, "seconds": {}, "failed": [], "provenance": provenance()}
     parts = {"plan_latency": lambda: plan_latency(dev, dry_run, {"eager": {}, "eager, bf16": {"bf16": True}}),
              "training": lambda: training_throughput(dev, dry_run),
              "plan_latency_graphs": lambda: {"skipped": "not in a dry run (compiling takes a minute on a CPU; "

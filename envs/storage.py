@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from common.files import atomic_write_bytes, atomic_write_json
+from common.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -363,8 +364,10 @@ def find_shards(path: str | Path) -> list[Path]:
 
 
 def write_manifest(directory: str | Path, episodes: int) -> None:
-    """Record in a dataset directory how many episodes it should hold, so a short one says so when opened."""
-    atomic_write_json(Path(directory) / MANIFEST, {"episodes": int(episodes), "format_version": FORMAT_VERSION})
+    """Record in a dataset directory how many episodes it should hold, so a short one says so when opened, and
+    what wrote it (``provenance``)."""
+    atomic_write_json(Path(directory) / MANIFEST, {"episodes": int(episodes), "format_version": FORMAT_VERSION,
+                                                   "provenance": provenance()})
 
 
 def expected_episodes(directory: Path) -> int | None:

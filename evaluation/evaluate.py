@@ -26,6 +26,7 @@ from common.config import apply_overrides, comma_list, config_fields, nested, op
 from common.device import THREADS_HELP
 from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, output_dir, output_lock,
                           remove_stale_temporaries)
+from common.provenance import code_version, provenance, provenance_line
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.storage import recording
@@ -347,9 +348,11 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
         bar.close()
     summary = summarize(records, methods, protocols, cfg.other_tolerances)
     split_note = notes[0] if len(notes) == 1 else f"each model's own {cfg.split} episodes"
+    made = provenance()
     report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps, "split": notes,
-              "interval": METHOD, "torch_threads": torch.get_num_threads(), "summary": summary, "episodes": records}
-    markdown = results_markdown(summary, cfg, split_note, cfg.checkpoints)
+              "interval": METHOD, "torch_threads": torch.get_num_threads(), "provenance": made, "summary": summary,
+              "episodes": records}
+    markdown = results_markdown(summary, cfg, split_note, cfg.checkpoints) + "\n" + provenance_line(made) + "\n"
     atomic_write_text(out / "results.md", markdown)
     atomic_write_text(out / "index.html", evaluation_page(markdown))
     title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"
@@ -365,13 +368,13 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
 
 def measured_with(cfg: EvalConfig, setup: Setup) -> dict:
     """What a model's evaluation records of one (protocol, seed, method) depend on: the model's weights, the
-    dataset's episodes, the torch threads and every setting but where the records go, which other models,
-    protocols, seeds and methods run beside them (each seed draws its own episodes), and ``--score-at``
-    (read from the records afterwards)."""
+    dataset's episodes, the torch threads, the code's commit and every setting but where the records go, which
+    other models, protocols, seeds and methods run beside them (each seed draws its own episodes), and
+    ``--score-at`` (read from the records afterwards)."""
     beside = ("checkpoint", "out", "overwrite", "protocol", "seeds", "baselines", "score_at")
     settings = {f.name: f.value for f in config_fields(cfg) if f.name not in beside}
     return {**settings, "weights_sha256": weights_sha256(setup.model), "data_fingerprint": setup.store.fingerprint,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "code": code_version()}
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 
 from common.config import option
 from common.files import atomic_write_json, atomic_write_text, kept_measurement, prepare_output_dir
+from common.provenance import provenance, provenance_line
 
 # name -> (dataset, training settings by name); the reference run first
 RUNS = {
@@ -67,9 +68,9 @@ def run(cfg: IdentifiabilityConfig, progress: bool = True) -> dict:
     for label, (dataset, settings) in RUNS.items():
         for seed in range(cfg.seeds):
             results.setdefault(label, []).append(_one(cfg, out, label, data[dataset], settings, seed, progress))
-    summary = {"config": cfg.__dict__, "runs": results, "table": _table(results)}
+    summary = {"config": cfg.__dict__, "runs": results, "table": _table(results), "provenance": provenance()}
     atomic_write_json(out / "results.json", summary)
-    atomic_write_text(out / "results.md", markdown(summary))
+    atomic_write_text(out / "results.md", markdown(summary) + "\n" + provenance_line(summary["provenance"]) + "\n")
     plot(summary, out / "results.png")
     return summary
 

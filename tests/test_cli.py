@@ -22,6 +22,9 @@ def test_commands_chain_with_their_defaults(tmp_path):
     meta = json.loads((tmp_path / "runs" / "demo" / "model.json").read_text())
     assert meta["step"] == 4 and meta["data"]["path"] == "runs/demo/data"
     assert "reach25_latched" in meta["metrics"]["closed_loop"]
+    assert meta["provenance"]["command"].startswith("wm train --steps 4 ")  # what made the model, and where
+    manifest = json.loads((tmp_path / "runs" / "demo" / "data" / "dataset.json").read_text())
+    assert manifest["provenance"]["command"] == "wm collect --episodes 10 --steps 40 --size 32 --workers 1"
     again = run_wm("train", "--steps", 4, *TINY_MODEL, cwd=tmp_path)
     assert "already holds this finished run" in again.stderr
     eval_args = ["eval", "--episodes", 2, "--seeds", 1, "--samples", 8, "--iterations", 1, "--sim-samples", 8,
@@ -29,6 +32,7 @@ def test_commands_chain_with_their_defaults(tmp_path):
     out = run_wm(*eval_args, cwd=tmp_path).stdout
     assert "test episodes of the dataset the model was trained on" in out
     results = json.loads((tmp_path / "runs" / "demo" / "eval" / "results.json").read_text())
+    assert results["provenance"]["command"] == "wm " + " ".join(map(str, eval_args))
     scored = {r["source_episode"] for r in results["episodes"]}  # never a training (or validation) episode
     assert scored and scored <= set(meta["data"]["test"]) and not scored & set(meta["data"]["train"] + meta["data"]["val"])
     refused = run_wm(*eval_args, check=False, cwd=tmp_path)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from common.config import config_fields, from_dict
 from common.files import read_json, temporary_path
+from common.provenance import provenance
 from worldmodel.model import CheckpointError, WorldModel, atomic_torch_save, load_weights_file, read_model_meta
 
 # Settings that may differ on --resume without changing what the run computes (a moved run or dataset
@@ -151,7 +152,7 @@ def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, histo
     """The user-facing model (model.pt + model.json) and the training state (checkpoint.pt, with the model's
     ``health`` as the guard measured it); the checkpoint replaced is kept as checkpoint.prev.pt."""
     settings = dataclasses.asdict(cfg)
-    extra = {"step": step, "train_config": settings, "history": history, "data": data,
+    extra = {"step": step, "train_config": settings, "history": history, "data": data, "provenance": provenance(),
              "metrics": {k: v for k, v in metrics.items()
                          if k in ("probe", "val", "loss/prediction", "ddp_max_param_diff", "closed_loop")}}
     try:  # model.json last: it is what says which step the run has reached
