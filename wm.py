@@ -23,6 +23,7 @@ from common.config import (apply_overrides, check_at_least, comma_list, config_f
 from common.device import THREADS_HELP, set_threads
 from common.files import (atomic_write, atomic_write_json, atomic_write_text, output_dir, output_lock,
                           remove_stale_temporaries)
+from common.process import sigterm_as_interrupt
 from common.provenance import provenance, provenance_line, set_command
 from envs.collect import CollectConfig, collect
 from envs.convert import ConvertConfig
@@ -469,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(defaults if args.command == command else default_config(args.command, argv), args)
         if hasattr(cfg, "threads"):
             set_threads(cfg.threads)
-        return run(cfg)
+        with sigterm_as_interrupt():  # `timeout`, `docker stop`, Slurm: the command cleans up as after Ctrl-C
+            return run(cfg)
     except KeyboardInterrupt:
         return 130
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:

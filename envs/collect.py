@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from common.config import option
 from common.files import OutputDirError, output_lock, prepare_output_dir, remove_stale_temporaries
-from common.process import ignore_stop_signals
+from common.process import ignore_stop_signals, restore_handlers, sigterm_interrupts
 from envs.policies import POLICIES, make_policy
 from envs.reacher import ENV_NAMES, make_env
 from envs.storage import (DEFAULT_DATA, RECORDING_DEFAULTS, DatasetError, episode_index, find_shards, inspect_shard,
@@ -201,10 +200,6 @@ def _make_collection_env(cfg: CollectConfig):
                     max_steps=cfg.steps + 1, action_repeat=cfg.action_repeat)
 
 
-def _sigterm_to_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def _episodes_in_process(cfg: CollectConfig, indices: list[int]):
     env = _make_collection_env(cfg)
     try:
@@ -273,8 +268,7 @@ def _collect(cfg: CollectConfig, out: Path, progress: bool) -> dict:
     bar = tqdm(total=len(missing) * (cfg.steps + 1), unit="frame", desc=f"collect {out.name}",
                disable=not progress, smoothing=0.1)
     start = time.perf_counter()
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    old_handlers = _install_signal_handlers() if on_main_thread else None
+    old_handlers = sigterm_interrupts(ignore_file_size_signal=True)
     workers = min(cfg.workers, len(missing))
     results = (_episodes_in_process(cfg, missing) if workers == 1 else _episodes_in_workers(cfg, missing, workers))
     try:
@@ -301,23 +295,10 @@ def _collect(cfg: CollectConfig, out: Path, progress: bool) -> dict:
                         len(done) + summary["saved"], cfg.episodes, out)
         raise
     finally:
-        if on_main_thread:
-            _restore_signal_handlers(old_handlers)
+        restore_handlers(old_handlers)
     bar.close()
     elapsed = time.perf_counter() - start
     summary["frames_per_s"] = summary["collected"] * (cfg.steps + 1) / elapsed
     return summary
 
 
-def _install_signal_handlers() -> dict:
-    """SIGTERM stops like Ctrl-C; SIGXFSZ is ignored so that a file size limit (``ulimit -f``) fails the
-    write with EFBIG, which we report, instead of killing the process mid-write."""
-    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, _sigterm_to_interrupt)}
-    if hasattr(signal, "SIGXFSZ"):
-        old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    return old
-
-
-def _restore_signal_handlers(old: dict) -> None:
-    for signum, handler in old.items():
-        signal.signal(signum, handler)

@@ -392,6 +392,37 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped_with_the_same_result
     assert len(calls) == 2 * 2 * 3 - 1 and strip(grown["episodes"]) == strip(whole["episodes"])
 
 
+def test_sigterm_stops_an_evaluation_like_ctrl_c(data, tmp_path, monkeypatch):
+    """SIGTERM (``timeout``, ``docker stop``, Slurm) to ``wm eval``: exit status 130, the runs it finished
+    kept for the rerun, its lock released; a demo stopped so before writing anything leaves no directory."""
+    import os
+    import signal
+
+    import evaluation.evaluate as ev
+    from wm import main
+
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    real, calls = ev.run_episodes, []
+
+    def terminated_at_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "run_episodes", terminated_at_second)
+    base = ["--checkpoint", str(tmp_path / "m.pt"), "--data", str(data), "--samples", "8", "--iterations", "1"]
+    assert main(["eval", *base, "--episodes", "2", "--seeds", "2", "--protocol", "reach25", "--baselines", "",
+                 "--out", str(tmp_path / "e")]) == 130
+    assert [p.name for p in (tmp_path / "e" / "units").iterdir()] == ["model0-reach25-seed0-world_model.json"]
+    assert not (tmp_path / "e" / ".wm.lock").exists() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    import evaluation.demo as demo
+
+    monkeypatch.setattr(demo, "check_ffmpeg", lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(["demo", *base, "--episodes", "1", "--out", str(tmp_path / "d")]) == 130
+    assert not (tmp_path / "d").exists()
+
+
 def squared_final_distance(z_pred, z_goal):
     """A cost of one's own, as Python may give the planner: (B, N, H, D), (B, D) -> (B, N)."""
     return ((z_pred[:, :, -1] - z_goal[:, None]) ** 2).sum(-1)
