@@ -117,6 +117,7 @@ class VideoConfig:
     fps: int = option(25, "frames per second")
 
     def __post_init__(self):
+        check_at_least(self, 1, ("episodes", "fps"))
         if self.out and Path(self.out).suffix.lower() != ".mp4":
             raise ValueError(f"--out must name an .mp4 file, got {self.out!r}")
 
@@ -256,8 +257,6 @@ def run_convert(cfg: ConvertConfig) -> int:
 
 
 def run_video(cfg: VideoConfig) -> int:
-    import numpy as np
-
     from common.files import prepare_output_file
     from envs.dataset import EpisodeStore
     from envs.video import check_ffmpeg, write_video
@@ -266,9 +265,15 @@ def run_video(cfg: VideoConfig) -> int:
     prepare_output_file(out)  # the output and ffmpeg are checked before the data is read
     check_ffmpeg()
     store = EpisodeStore(cfg.data, in_memory=False)
-    frames = np.concatenate([store.episode(i)["pixels"] for i in range(min(cfg.episodes, len(store)))])
-    for path in write_video(out, frames, fps=cfg.fps):
-        print(f"wrote {path}")
+    shown = min(cfg.episodes, len(store))
+    if shown < cfg.episodes:
+        logging.getLogger("wm").warning(f"{cfg.data} holds {len(store)} episodes; showing all of them")
+    try:
+        frames = (store.episode(i)["pixels"] for i in range(shown))  # one episode in memory at a time
+        for path in write_video(out, frames, fps=cfg.fps):
+            print(f"wrote {path} ({shown} episodes)")
+    finally:
+        store.close()
     return 0
 
 

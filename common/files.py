@@ -239,15 +239,19 @@ def prepare_output_dir(out: str | Path, option: str = "--out") -> Path:
 
 @contextmanager
 def output_dir(out: str | Path, option: str = "--out"):
-    """``prepare_output_dir`` around a run: a directory it had to create is removed again when the run fails
-    before writing anything there, so a refused or broken run leaves no empty directory behind."""
-    created = not Path(out).exists()
+    """``prepare_output_dir`` around a run: the directories it had to create (``out`` and missing parents)
+    are removed again when the run fails before writing anything there, so a refused or broken run leaves no
+    empty directory behind."""
+    out = Path(out)
+    created = [d for d in (out, *out.parents) if not d.exists()]  # innermost first
     out = prepare_output_dir(out, option)
     try:
         yield out
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        for directory in created:
+            if not directory.is_dir() or any(directory.iterdir()):
+                break
+            directory.rmdir()
         raise
 
 

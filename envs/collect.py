@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.config import option
-from common.files import OutputDirError, output_lock, prepare_output_dir, remove_stale_temporaries
+from common.files import OutputDirError, output_dir, output_lock, remove_stale_temporaries
 from common.process import ignore_stop_signals, restore_handlers, sigterm_interrupts
 from envs.policies import POLICIES, make_policy
 from envs.reacher import ENV_NAMES, make_env
@@ -229,12 +230,13 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
 
     ``collected`` counts the episodes simulated by this call, ``saved`` those written to shards."""
     out = Path(cfg.out)
-    try:
-        prepare_output_dir(out)
-    except OutputDirError as exc:
-        raise CollectionError(f"cannot write to the output directory {out}: {exc.reason}; choose another --out "
-                              f"or fix its permissions") from None
-    with output_lock(out):
+    with ExitStack() as held:  # a collection that fails before writing anything leaves no empty directory
+        try:
+            held.enter_context(output_dir(out))
+        except OutputDirError as exc:
+            raise CollectionError(f"cannot write to the output directory {out}: {exc.reason}; choose another "
+                                  f"--out or fix its permissions") from None
+        held.enter_context(output_lock(out))
         return _collect(cfg, out, progress)
 
 

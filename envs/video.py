@@ -27,17 +27,33 @@ def check_ffmpeg() -> str:
                            f"provides it") from None
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int = 25, gif: bool = False) -> list[Path]:
-    """Write (T, H, W, 3) uint8 frames as an mp4 (and a gif beside it), each atomically; returns the paths."""
+def write_video(path: str | Path, frames, fps: int = 25, gif: bool = False) -> list[Path]:
+    """Write uint8 frames (T, H, W, 3), or an iterable of such chunks (streamed: a long video need not fit in
+    memory), as an mp4 and, with ``gif``, a gif of every second frame beside it, each atomically; returns the
+    paths."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames = upscale(np.asarray(frames, dtype=np.uint8))
-    atomic_write(path, lambda tmp: imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1, codec="libx264",
-                                                    quality=8), keep_suffix=True)
-    written = [path]
-    if gif:
-        gif_path = path.with_suffix(".gif")
-        atomic_write(gif_path, lambda tmp: imageio.mimwrite(tmp, frames[::2], duration=2000 / fps, loop=0),
-                     keep_suffix=True)
-        written.append(gif_path)
+    chunks = [frames] if isinstance(frames, np.ndarray) else frames
+    written = [path, path.with_suffix(".gif")] if gif else [path]
+
+    def write(mp4: Path, gif_tmp: Path | None) -> None:
+        writers = [imageio.get_writer(mp4, fps=fps, macro_block_size=1, codec="libx264", quality=8)]
+        if gif_tmp is not None:
+            writers.append(imageio.get_writer(gif_tmp, duration=2000 / fps, loop=0))
+        count = 0
+        try:
+            for chunk in chunks:
+                for frame in upscale(np.asarray(chunk, dtype=np.uint8)):
+                    writers[0].append_data(frame)
+                    if gif_tmp is not None and count % 2 == 0:
+                        writers[1].append_data(frame)
+                    count += 1
+        finally:
+            for writer in writers:
+                writer.close()
+        if not count:
+            raise ValueError(f"{path}: no frames to write")
+
+    atomic_write(path, lambda tmp: atomic_write(written[1], lambda gif_tmp: write(tmp, gif_tmp), keep_suffix=True)
+                 if gif else write(tmp, None), keep_suffix=True)
     return written

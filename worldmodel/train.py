@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from common.config import apply_overrides, check_at_least, check_choices, config_fields, nested, option
 from common.device import THREADS_HELP, autocast_for
-from common.files import atomic_write_json, output_lock, prepare_output_dir, remove_stale_temporaries
+from common.files import atomic_write_json, output_dir, output_lock, remove_stale_temporaries
 from common.process import ignore_stop_signals
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
 from envs.storage import DEFAULT_DATA, recording
@@ -240,7 +240,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         with ExitStack() as held:
             state = None
             if is_main:
-                prepare_output_dir(out)
+                held.enter_context(output_dir(out))  # removed again if the run fails before writing anything
                 held.enter_context(output_lock(out))  # one run at a time in a directory
                 remove_stale_temporaries(out, rundir.RUN_TEMPORARIES)
                 state = rundir.status(out, cfg)  # may clear the directory (--overwrite): one rank decides

@@ -1,0 +1,36 @@
+"""Videos people watch: `write_video` (arrays or streamed chunks, mp4 and gif) and `wm video` over a dataset."""
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+from conftest import write_synthetic
+from envs.dataset import EpisodeStore
+from envs.video import write_video
+from wm import main
+
+
+def test_a_streamed_video_is_the_video_of_the_whole_array(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
+    whole = write_video(tmp_path / "whole.mp4", frames, gif=True)
+    parts = write_video(tmp_path / "parts.mp4", (frames[i:i + 4] for i in range(0, 9, 4)), gif=True)
+    assert [p.name for p in parts] == ["parts.mp4", "parts.gif"]
+    for a, b in zip(whole, parts):
+        assert np.array_equal(np.stack(imageio.mimread(a)), np.stack(imageio.mimread(b)))
+    assert len(imageio.mimread(parts[0])) == 9 and len(imageio.mimread(parts[1])) == 5  # the gif: every 2nd
+    with pytest.raises(ValueError, match="no frames to write"):
+        write_video(tmp_path / "none.mp4", iter([]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts.gif", "parts.mp4", "whole.gif", "whole.mp4"]
+
+
+def test_wm_video_shows_the_episodes_asked_for(tmp_path, capsys, caplog):
+    data = write_synthetic(tmp_path / "d", n_episodes=3, steps=10)
+    assert main(["video", "--data", str(data), "--episodes", "2", "--out", str(tmp_path / "two.mp4")]) == 0
+    assert "two.mp4 (2 episodes)" in capsys.readouterr().out
+    assert len(imageio.mimread(tmp_path / "two.mp4")) == 2 * 11
+    assert main(["video", "--data", str(data), "--episodes", "9", "--out", str(tmp_path / "all.mp4")]) == 0
+    assert "holds 3 episodes; showing all of them" in caplog.text
+    assert len(imageio.mimread(tmp_path / "all.mp4")) == sum(EpisodeStore(data).episodes[i].steps + 1 for i in range(3))
+    for option in ("--episodes", "--fps"):
+        assert main(["video", "--data", str(data), option, "0", "--out", str(tmp_path / "x.mp4")]) == 2
+        assert f"{option} 0 (must be >= 1)" in capsys.readouterr().err
