@@ -47,6 +47,9 @@ def test_wm_probe_checks_its_output_and_its_lock_before_any_work(tmp_path, monke
         with pytest.raises(OutputLockedError, match="is in use by another run"):
             probe_checkpoint(str(tmp_path / "m.pt"), out=str(tmp_path / "p"))
     assert not (tmp_path / "p" / "probe.json").exists()
+    with pytest.raises(ValueError, match="--mlp-steps must be >= 1, got 0"):  # an unfit MLP is no probe
+        probe_checkpoint(str(tmp_path / "m.pt"), out=str(tmp_path / "q"), mlp_steps=0)
+    assert not (tmp_path / "q").exists()
 
 
 def _states(n: int, seed: int):

@@ -85,11 +85,13 @@ def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out:
     identifiability: the MLP adds nothing), how Gaussian the latents and the probe's residuals are, and the
     linear probe of the same architecture untrained (the floor). Writes ``probe.json`` and ``probe.md``
     (beside the checkpoint unless ``out``; finished ones are kept unless ``overwrite``)."""
-    from common.files import output_lock, prepare_output_dir
+    from common.files import output_dir, output_lock
 
-    where = prepare_output_dir(out if out else Path(checkpoint).parent)  # before any work
-    with output_lock(where / "probe.json", inside=False):  # one probe at a time writes there (beside a training run)
-        return _probe_checkpoint(checkpoint, data, device, where, split, overwrite, mlp_steps)
+    if mlp_steps < 1:  # an MLP never fit would report its random start as the nonlinear probe
+        raise ValueError(f"--mlp-steps must be >= 1, got {mlp_steps}")
+    with output_dir(out if out else Path(checkpoint).parent) as where:  # checked before any work
+        with output_lock(where / "probe.json", inside=False):  # one probe at a time there (beside a training run)
+            return _probe_checkpoint(checkpoint, data, device, where, split, overwrite, mlp_steps)
 
 
 def _probe_checkpoint(checkpoint: str, data: str, device: str, where: Path, split: str, overwrite: bool,
