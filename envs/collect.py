@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common.config import option
+from common.config import check_at_least, check_at_most, option
 from common.files import OutputDirError, output_dir, output_lock, remove_stale_temporaries
 from common.process import ignore_stop_signals, restore_handlers, sigterm_interrupts
 from envs.policies import POLICIES, make_policy
-from envs.reacher import ENV_NAMES, make_env
+from envs.reacher import ENV_NAMES, MAX_ACTION_REPEAT, MAX_SIZE, MIN_SIZE, make_env
 from envs.storage import (DEFAULT_DATA, RECORDING_DEFAULTS, DatasetError, episode_index, find_shards, inspect_shard,
                           write_manifest, write_shard)
 
@@ -80,6 +80,11 @@ class CollectConfig:
                 raise ValueError(f"--{name.replace('_', '-')} ({name}) must be a positive integer, got {value!r}")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
             raise ValueError(f"--image-size (image_size) must be an integer >= 8, got {self.image_size!r}")
+        check_at_least(self, MIN_SIZE, ("size",))
+        check_at_most(self, MAX_SIZE, ("size",))
+        check_at_least(self, 1, ("action_repeat",))
+        check_at_most(self, MAX_ACTION_REPEAT, ("action_repeat",))
+        check_at_least(self, 0, ("seed",))
 
 
 def rollout_episode(env, policy: str, steps: int, seed: int, index: int) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ from envs.physics import make_physics
 from envs.render import PixelRenderer
 
 MIN_SIZE, MAX_SIZE = 32, 256
+MAX_ACTION_REPEAT = 100
 # MuJoCo joint limits are soft: pushed at full torque the wrist goes up to ~0.16 rad past its range
 # (measured over 40 x 300 steps of bang-bang actions), so poses seen in rollouts may lie that far out
 # and must stay usable as starts and goals. Beyond this slack a pose is refused.
@@ -82,8 +83,8 @@ class ReacherPixels(gym.Env):
             raise ValueError(f"size must be an integer in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
         if camera != "fixed":
             raise ValueError(f"camera must be 'fixed' (top-down), got {camera!r}")
-        if not (isinstance(action_repeat, (int, np.integer)) and 1 <= action_repeat <= 100):
-            raise ValueError(f"action_repeat must be an integer in [1, 100], got {action_repeat!r}")
+        if not (isinstance(action_repeat, (int, np.integer)) and 1 <= action_repeat <= MAX_ACTION_REPEAT):
+            raise ValueError(f"action_repeat must be an integer in [1, {MAX_ACTION_REPEAT}], got {action_repeat!r}")
         self.action_repeat = int(action_repeat)  # control steps each action is held for (stable-worldmodel: 2)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common.config import nested, option
+from common.config import check_at_least, nested, option
 from common.device import THREADS_HELP
 from common.files import atomic_write, atomic_write_json, atomic_write_text, output_dir, output_lock
 from common.provenance import provenance, provenance_line
@@ -57,8 +57,9 @@ class DemoConfig:
     overwrite: bool = option(False, "replace a demo already in --out (its videos, sheet and page are removed first)")
 
     def __post_init__(self):
-        if self.episodes < 1:
-            raise ValueError(f"--episodes must be >= 1, got {self.episodes}")
+        check_at_least(self, 1, ("episodes", "bank_frames"))
+        check_at_least(self, 0, ("seed",))
+        check_at_least(self, 0, ("tolerance",), strictly=True)
         check_policy_device(self.policy, self.device)
         goals, starts = parse_poses(self.goal_pose, "--goal-pose"), parse_poses(self.start_pose, "--start-pose")
         if self.goal_pose and not len(goals):

@@ -134,8 +134,8 @@ class PlannerConfig:
         if max(self.iterations, self.warm_iterations) >= STREAMS_PER_CALL or self.warm_iterations < 0:
             raise ValueError(f"iterations and warm_iterations must be in [1, {STREAMS_PER_CALL}) (warm_iterations 0: "
                              f"iterations), got {self.iterations}, {self.warm_iterations}")
-        if self.rest_margin < 0:
-            raise ValueError(f"rest_margin must be >= 0, got {self.rest_margin}")
+        if self.rest_margin < 0 or self.seed < 0:
+            raise ValueError(f"rest_margin and seed must be >= 0, got {self.rest_margin}, {self.seed}")
         if self.action_cost < 0 or self.stay_cost < 0:
             raise ValueError(f"action_cost and stay_cost must be >= 0, got {self.action_cost}, {self.stay_cost}")
         if self.stay_cost and self.horizon < 2:

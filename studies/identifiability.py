@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import option
+from common.config import check_at_least, option
 from common.files import atomic_write_json, atomic_write_text, kept_measurement, prepare_output_dir
 from common.provenance import provenance, provenance_line
 
@@ -51,6 +51,10 @@ class IdentifiabilityConfig:
     workers: int = option(2, "collection worker processes")
     out: str = option("runs/study-identifiability", "where datasets, runs and the results go (resumes there)",
                       cli=False)
+
+    def __post_init__(self):
+        check_at_least(self, 1, ("steps", "seeds", "episodes", "eval_episodes", "mlp_steps", "workers"),
+                       "identifiability.")
 
 
 def run(cfg: IdentifiabilityConfig, progress: bool = True) -> dict:

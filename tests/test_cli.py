@@ -126,3 +126,22 @@ def test_the_demo_pipeline_names_a_damaged_model_json_and_keeps_the_run(tmp_path
     with pytest.raises(ValueError, match="model.json: not a readable model description"):
         _finished(tmp_path, 3500)
     assert (tmp_path / "model.json").read_text() == '{"step": 35'
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["collect", "--size", "-1"], "--size -1 (must be >= 32)"),
+    (["collect", "--size", "300"], "--size 300 (must be <= 256)"),
+    (["collect", "--action-repeat", "0"], "--action-repeat 0 (must be >= 1)"),
+    (["collect", "--seed", "-1"], "--seed -1 (must be >= 0)"),
+    (["train", "--seed", "-1"], "--seed -1 (must be >= 0)"),
+    (["demo", "--tolerance", "0"], "--tolerance 0.0 (must be > 0)"),
+    (["demo", "--bank-frames", "0"], "--bank-frames 0 (must be >= 1)"),
+    (["study", "--what", "identifiability", "--identifiability.steps", "-1"],
+     "--identifiability.steps -1 (must be >= 1)"),
+    (["eval", "--samples", "0"], "horizon, samples and iterations must be >= 1"),
+])
+def test_settings_that_make_no_sense_are_refused_before_any_work(argv, said, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert said in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was created

@@ -121,7 +121,7 @@ class TrainConfig:
     def __post_init__(self):
         check_at_least(self, 1, ("steps", "batch_size", "sigreg_directions", "n_pred", "val_horizon", "log_every",
                                  "val_every", "ckpt_every"))
-        check_at_least(self, 0, ("warmup_steps", "rollout_steps", "probe_every", "eval_every", "eval_episodes",
+        check_at_least(self, 0, ("seed", "warmup_steps", "rollout_steps", "probe_every", "eval_every", "eval_episodes",
                                  "num_workers", "train_episodes", "weight_decay", "sigreg_weight", "rollout_weight",
                                  "first_frame_rollout_weight", "slow_weight"))
         check_at_least(self, 0, ("lr", "grad_clip"), strictly=True)
