@@ -167,7 +167,12 @@ class MPCPolicy:
 
     def act(self, obs_image: np.ndarray) -> np.ndarray:
         """One env action (2,) for one environment (after ``reset`` with one goal)."""
-        return self.act_batch(np.asarray(obs_image)[None])[0]
+        image = np.asarray(obs_image)
+        if image.ndim != 3:
+            size = self.model.cfg.image_size
+            raise ValueError(f"act takes one observation ({size}, {size}, 3), got {image.shape}; act_batch takes a "
+                             f"batch")
+        return self.act_batch(image[None])[0]
 
     def act_batch(self, obs_images: np.ndarray) -> np.ndarray:
         """Env actions (B, 2) for B environments. Frames are checked at every step but copied to the
@@ -296,14 +301,13 @@ class MPCPolicy:
         return result
 
     def _check_frames(self, images, what: str) -> np.ndarray:
-        x, size = np.asarray(images), self.model.cfg.image_size
-        if x.ndim == 3:
-            x = x[None]
+        given, size = np.asarray(images), self.model.cfg.image_size
+        x = given[None] if given.ndim == 3 else given
         if x.dtype != np.uint8:
             raise ValueError(f"{what} must be uint8 RGB, got dtype {x.dtype}")
         if x.ndim != 4 or x.shape[1:] != (size, size, 3) or len(x) == 0:
             raise ValueError(f"{what} must be ({size}, {size}, 3) for this model (or a non-empty batch of them), "
-                             f"got {x.shape}")
+                             f"got {given.shape}")
         return x
 
     def _to_device(self, x: np.ndarray) -> torch.Tensor:

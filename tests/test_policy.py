@@ -80,6 +80,10 @@ def test_bad_inputs_are_clear_errors(model):
     policy.reset(np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="32, 32, 3"):
         policy.act(np.zeros((48, 48, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"act takes one observation \(32, 32, 3\), got \(32, 32\)"):
+        policy.act(np.zeros((32, 32), np.uint8))  # a grey frame: named as given
+    with pytest.raises(ValueError, match=r"got \(2, 32, 32\)$"):
+        policy.act_batch(np.zeros((2, 32, 32), np.uint8))
     with pytest.raises(ValueError, match="receding_horizon"):
         MPCPolicy(model, small(receding_horizon=4))
     with pytest.raises(ValueError, match="unknown settings"):
