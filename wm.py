@@ -325,8 +325,9 @@ def run_demo(cfg: DemoConfig) -> int:
     from evaluation.demo import make_demo
 
     result = make_demo(cfg)
-    gifs = f" (and {len(result['gifs'])} gifs)" if result["gifs"] else ""
-    print(f"wrote {len(result['videos'])} videos{gifs} and {result['summary_sheet']} in {cfg.out_dir}; "
+    count = lambda n, what: f"{n} {what}{'s' if n != 1 else ''}"  # noqa: E731
+    gifs = f" (and {count(len(result['gifs']), 'gif')})" if result["gifs"] else ""
+    print(f"wrote {count(len(result['videos']), 'video')}{gifs} and {result['summary_sheet']} in {cfg.out_dir}; "
           f"reached: {result['success']}, held at the end: {result['held']}")
     return 0
 

@@ -24,7 +24,7 @@ from envs.video import check_ffmpeg, upscale, write_video
 from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, load_setup, world_model_controller
 from evaluation.html import demo_page
 from worldmodel.datasplit import HELD_OUT
-from evaluation.protocols import PROTOCOLS, sample_episodes
+from evaluation.protocols import PROTOCOL_NAMES, PROTOCOLS, protocol_named, sample_episodes
 from planners.policy import PolicyConfig, check_policy_device
 from worldmodel.latents import encode_episodes
 
@@ -40,8 +40,8 @@ class DemoConfig:
                            "bank (default: the one the model was trained on)")
     split: str = option("test", "the model's episodes that give starts and goals: test or val", choices=HELD_OUT)
     episodes: int = option(4, "episodes (one video each)")
-    protocol: str = option("reach25", "which goals (and budget and success rule, with --goal-pose)",
-                           choices=tuple(PROTOCOLS))
+    protocol: str = option("reach25", f"which goals (and budget and success rule, with --goal-pose): "
+                                      f"{PROTOCOL_NAMES}")
     goal_pose: str = option("", "goal poses of your own instead of the protocol's, one video each: 'shoulder,wrist' "
                                 "in rad, several separated by ';' (--episodes is then their number)")
     start_pose: str = option("", "with --goal-pose: the start pose 'shoulder,wrist' in rad, at rest, for every video "
@@ -57,6 +57,7 @@ class DemoConfig:
     overwrite: bool = option(False, "replace a demo already in --out (its videos, sheet and page are removed first)")
 
     def __post_init__(self):
+        protocol_named(self.protocol)
         check_at_least(self, 1, ("episodes", "bank_frames"))
         check_at_least(self, 0, ("seed",))
         check_at_least(self, 0, ("tolerance",), strictly=True)
@@ -70,8 +71,8 @@ class DemoConfig:
             raise ValueError(f"--start-pose: no pose in {self.start_pose!r}; give 'shoulder,wrist' in rad")
         if len(starts) not in (0, 1, len(goals)):
             raise ValueError(f"--start-pose: {len(starts)} poses for {len(goals)} goals; give one, or one per goal")
-        if self.goal_pose and PROTOCOLS[self.protocol].stored_frames:
-            rendered = ", ".join(name for name, p in PROTOCOLS.items() if not p.stored_frames)
+        if self.goal_pose and protocol_named(self.protocol).stored_frames:
+            rendered = ", ".join([name for name, p in PROTOCOLS.items() if not p.stored_frames] + ["reachK"])
             raise ValueError(f"--goal-pose: the {self.protocol} protocol's goals are the dataset's stored frames; "
                              f"choose a protocol whose goals are rendered ({rendered})")
         if self.goal_pose:
@@ -165,7 +166,7 @@ def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
 
 def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
-    protocol = PROTOCOLS[cfg.protocol]
+    protocol = protocol_named(cfg.protocol)
     prepare_demo_dir(cfg, out)  # the output and ffmpeg are checked before any work
     check_ffmpeg()
     setup = load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)

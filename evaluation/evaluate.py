@@ -59,7 +59,8 @@ class EvalConfig:
                            "trained on)")
     protocol: str = option("reach25", "comma list of reach25, reach50, uniform, lewm (LeWM's published protocol), "
                                       "lewm-mpc (its episodes and rule, our planner), lewm-history (LeWM's "
-                                      "planner given the frames before the start: a counterfactual)")
+                                      "planner given the frames before the start: a counterfactual), or reachK "
+                                      "(the goal K env steps ahead, budget 2K)")
     split: str = option("test", "the model's episodes that give starts and goals: test (to report) or val (to "
                                 "choose settings on)", choices=HELD_OUT)
     lewm_rows: str = option("split", "lewm protocol's starts: from --split episodes as every protocol draws them "

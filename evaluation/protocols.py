@@ -7,6 +7,7 @@ action): a start already within tolerance of its goal is never drawn.
 - ``reach25``: goal = the pose 25 env steps later in the same episode, budget 50.
 - ``reach50``: goal 50 steps later, budget 100.
 - ``uniform``: goal pose uniform over the joint range (shoulder unlimited, wrist within its limit), budget 100.
+- ``reachK`` for any other K (``reach10``, ``reach100``): goal K env steps later, budget 2K, as the two above.
 - ``lewm``: the published LeWorldModel Reacher protocol as its code runs it: goal 25 env steps later (an env
   step of the dataset's action repeat: 2 control steps on their data), budget 50, success
   ``|qpos - goal| < tolerance`` on every joint WITHOUT wrapping angles, checked after every control step
@@ -25,6 +26,7 @@ action): a start already within tolerance of its goal is never drawn.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,12 +77,32 @@ PROTOCOLS = {
 }
 
 
+MAX_REACH = 500  # env steps ahead of a reachK goal (its budget is 2K)
+PROTOCOL_NAMES = f"{', '.join(PROTOCOLS)} or reachK (the goal K env steps ahead, budget 2K; 1 <= K <= {MAX_REACH})"
+
+
+def protocol_named(name: str) -> Protocol:
+    """A protocol by its name: one of ``PROTOCOLS``, or ``reachK`` for any K (built as reach25 and reach50 are)."""
+    if name in PROTOCOLS:
+        return PROTOCOLS[name]
+    ahead = re.fullmatch(r"reach([1-9][0-9]*)", name)
+    if ahead and int(ahead.group(1)) <= MAX_REACH:
+        return Protocol(name, int(ahead.group(1)), 2 * int(ahead.group(1)))
+    raise ValueError(f"--protocol: {name!r} is not {PROTOCOL_NAMES}")
+
+
 def parse_protocols(names: str) -> list[Protocol]:
     chosen = comma_list(names)
-    unknown = [p for p in chosen if p not in PROTOCOLS]
-    if unknown or not chosen:
-        raise ValueError(f"--protocol must be a comma list of {list(PROTOCOLS)}, got {names!r}")
-    return [PROTOCOLS[p] for p in chosen]
+    if not chosen:
+        raise ValueError(f"--protocol must be a comma list of {PROTOCOL_NAMES}, got {names!r}")
+    return [protocol_named(p) for p in chosen]
+
+
+def draw_stream(protocol: Protocol) -> int:
+    """Which random stream a protocol's episodes are drawn from (beside the seed): its place among
+    ``PROTOCOLS`` (or the place of the protocol whose episodes it shares), 1000 + K for another reachK."""
+    name = protocol.draws_as or protocol.name
+    return list(PROTOCOLS).index(name) if name in PROTOCOLS else 1000 + protocol.goal_offset
 
 
 def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, seed: int,
@@ -93,7 +115,7 @@ def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, s
     inside the episode). A start within ``tolerance`` of its goal is never drawn (it would be a free
     success); for uniform goals, such a goal is redrawn.
     """
-    rng = np.random.default_rng([seed, list(PROTOCOLS).index(protocol.draws_as or protocol.name)])
+    rng = np.random.default_rng([seed, draw_stream(protocol)])
     need = protocol.goal_offset or 0
     rows = []  # (episode, t0) of every usable start
     for i in episode_ids:

@@ -112,6 +112,25 @@ def test_episodes_start_apart_from_their_goal_25_steps_later(data):
         sample_episodes(store, ids, far, 1, 0, WRIST, tolerance=0.05)
 
 
+def test_a_reach_protocol_of_any_distance(data):
+    """reachK: the goal K env steps later in the same episode, budget 2K, drawn from its own stream; the named
+    protocols are unchanged (reach25 is reach25, drawn as before)."""
+    from evaluation.protocols import draw_stream, parse_protocols, protocol_named
+
+    store = EpisodeStore(data)
+    ids = store.split("val", 0.3, 0)
+    (ten,) = parse_protocols("reach10")
+    assert (ten.goal_offset, ten.budget, ten.wrap) == (10, 20, True)
+    eps = sample_episodes(store, ids, ten, 10, 0, WRIST, tolerance=0.05)
+    for i, t0, goal in zip(eps["episode"], eps["t0"], eps["goal_qpos"]):
+        assert np.array_equal(store.states(i)["qpos"][t0 + 10], goal)
+    assert protocol_named("reach25") is PROTOCOLS["reach25"] and draw_stream(PROTOCOLS["reach25"]) == 0
+    assert draw_stream(ten) != draw_stream(protocol_named("reach11"))
+    for bad in ("reach0", "reach07", "reach501", "reachx", "reach 10"):
+        with pytest.raises(ValueError, match=r"is not reach25, reach50, uniform, .* or reachK"):
+            parse_protocols(bad)
+
+
 def test_budget_is_the_number_of_steps(data):
     store = EpisodeStore(data)
     protocol = PROTOCOLS["reach25"]
