@@ -28,6 +28,7 @@ from common.provenance import provenance, provenance_line, set_command
 from envs.collect import CollectConfig, collect
 from envs.convert import ConvertConfig
 from envs.storage import DEFAULT_DATA
+from evaluation.compare import CompareConfig
 from evaluation.demo import DemoConfig
 from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, parse_baselines
 from studies.identifiability import IdentifiabilityConfig
@@ -321,6 +322,13 @@ def run_eval(cfg: EvalConfig) -> int:
     return 0
 
 
+def run_compare(cfg: CompareConfig) -> int:
+    from evaluation.compare import compare, markdown
+
+    print(markdown(compare(cfg.base, cfg.new), cfg.alpha))
+    return 0
+
+
 def run_demo(cfg: DemoConfig) -> int:
     from evaluation.demo import make_demo
 
@@ -428,6 +436,8 @@ COMMANDS = {
     "bench": (BenchConfig, run_bench, "measure collection, training and planning speed, and planning quality"),
     "export": (ExportConfig, run_export, "save what planning needs (the subgoal graph) in an older model file"),
     "study": (StudyConfig, run_study, "studies: why the goal is not always held; when the latent is linear"),
+    "compare": (CompareConfig, run_compare, "two evaluations of the same episodes, episode by episode: is a setting "
+                                            "better?"),
     "demo-pipeline": (PipelineConfig, run_pipeline, "the embedded default that `make demo` runs"),
 }
 

@@ -1,0 +1,162 @@
+"""``wm compare``: two evaluations of the same episodes, episode by episode.
+
+Choosing a setting means running ``wm eval`` with and without it on the same validation episodes (same
+models, data, protocols, seeds and tolerance: the episodes are then the same) and asking whether it reaches
+or holds the goal in clearly more episodes than it loses. Paired counts and a two-sided sign test say that
+far more sharply than two rates side by side; this is the rule every default of the project was chosen by.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import option
+from common.files import read_json
+from evaluation.report import LABELS
+from evaluation.stats import format_p, sign_test
+
+METRICS = {"success": "latched", "held": "held at the end"}
+SAME_EPISODE = ("source_episode", "t0", "goal_qpos")  # what makes two records the same episode
+NOT_SETTINGS = {"out", "overwrite", "device", "threads"}  # where and how fast, not what was measured
+
+
+@dataclass
+class CompareConfig:
+    """wm compare: two evaluations of the same episodes, episode by episode (paired counts and sign tests)."""
+
+    base: str = option("", "the evaluation compared against: an output directory of wm eval or its results.json")
+    new: str = option("", "the evaluation with the setting under test, on the same episodes")
+    alpha: float = option(0.05, "the p-value below which a difference is called clear")
+
+    def __post_init__(self):
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"--alpha must be in (0, 1), got {self.alpha}")
+
+
+def load_results(path: str, option_name: str) -> dict:
+    """A finished evaluation's results.json (given or in the directory given); a clear error naming it."""
+    if not path:
+        raise ValueError(f"give {option_name}: a `wm eval` output directory or its results.json")
+    where = Path(path)
+    if not where.exists():
+        raise ValueError(f"{option_name} {where}: no such directory or file")
+    file = where / "results.json" if where.is_dir() else where
+    results = read_json(file)
+    if not isinstance(results.get("episodes"), list) or not results["episodes"]:
+        raise ValueError(f"{option_name} {file}: not the results.json of a finished `wm eval` (no field episodes)")
+    return results
+
+
+def _key(record: dict) -> tuple:
+    return record["run"], record["protocol"], record["seed"], record["index"], record["method"]
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{name}."))
+        elif name not in NOT_SETTINGS:
+            out[f"{prefix}{name}"] = value
+    return out
+
+
+def setting_changes(base: dict, new: dict) -> dict:
+    """{setting: (base's value, new's value)} for every setting the two evaluations differ in."""
+    a, b = _flat(base.get("config", {})), _flat(new.get("config", {}))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def paired(base_records: list[dict], new_records: list[dict]) -> dict:
+    """{(protocol, method): [(base record, new record)]} of the episodes both evaluations ran; a ValueError
+    when one of them is not the same episode (another start or goal)."""
+    base = {_key(r): r for r in base_records}
+    pairs: dict = {}
+    for record in new_records:
+        other = base.get(_key(record))
+        if other is None:
+            continue
+        for field in SAME_EPISODE:
+            if other.get(field) != record.get(field):
+                run, protocol, seed, index, _ = _key(record)
+                raise ValueError(f"not the same episodes: {protocol} seed {seed} episode {index} (model {run}) has "
+                                 f"{field} {other.get(field)!r} in --base and {record.get(field)!r} in --new; "
+                                 f"compare evaluations of the same models, data, split, protocols and tolerance")
+        pairs.setdefault((record["protocol"], record["method"]), []).append((other, record))
+    if not pairs:
+        raise ValueError("the two evaluations share no episode (another protocol, method or seed in each)")
+    return pairs
+
+
+def _counts(pairs: list[tuple[dict, dict]], metric: str) -> dict:
+    better = sum(bool(n[metric]) and not bool(b[metric]) for b, n in pairs)
+    worse = sum(bool(b[metric]) and not bool(n[metric]) for b, n in pairs)
+    rate = lambda side: 100 * sum(bool(p[side][metric]) for p in pairs) / len(pairs)  # noqa: E731
+    return {"base": rate(0), "new": rate(1), "better": better, "worse": worse, "p": sign_test(better, worse)}
+
+
+def _time_ratio(pairs: list[tuple[dict, dict]]) -> float | None:
+    """New's mean planning time per call over base's (world-model rows; None where not timed)."""
+    times = [(b.get("plan_time_per_call_s"), n.get("plan_time_per_call_s")) for b, n in pairs]
+    times = [(b, n) for b, n in times if b and n and math.isfinite(b) and math.isfinite(n)]
+    return sum(n for _, n in times) / sum(b for b, _ in times) if times else None
+
+
+def compare(base_path: str, new_path: str) -> dict:
+    """Paired counts per (protocol, method) and over all protocols per method, with the settings that differ."""
+    base, new = load_results(base_path, "--base"), load_results(new_path, "--new")
+    pairs = paired(base["episodes"], new["episodes"])
+    rows = []
+    for (protocol, method), these in sorted(pairs.items()):
+        rows.append({"protocol": protocol, "method": method, "episodes": len(these), "time_ratio": _time_ratio(these),
+                     **{m: _counts(these, m) for m in METRICS}})
+    for method in sorted({m for _, m in pairs}):
+        protocols = [p for p, m in pairs if m == method]
+        if len(protocols) > 1:
+            these = [pair for p in protocols for pair in pairs[(p, method)]]
+            rows.append({"protocol": "all", "method": method, "episodes": len(these),
+                         "time_ratio": _time_ratio(these), **{m: _counts(these, m) for m in METRICS}})
+    unmatched = len(base["episodes"]) + len(new["episodes"]) - 2 * sum(len(v) for v in pairs.values())
+    return {"base": base_path, "new": new_path, "changes": setting_changes(base, new), "rows": rows,
+            "unmatched_records": unmatched}
+
+
+def markdown(result: dict, alpha: float) -> str:
+    """The comparison as a table, with what changed and what the counts say."""
+    changes = result["changes"]
+    lines = [f"# `{result['new']}` against `{result['base']}`", "",
+             "Settings that differ: " + ("; ".join(f"`{k}` {a!r} -> {b!r}" for k, (a, b) in changes.items())
+                                         if changes else "none") + ".", "",
+             "| protocol | method | episodes | latched: base -> new | better / worse | p | held at the end: base -> "
+             "new | better / worse | p | time per call, new / base |", "|---|---|---|---|---|---|---|---|---|---|"]
+    pooled = {r["method"] for r in result["rows"] if r["protocol"] == "all"}
+    for row in result["rows"]:
+        cells = []
+        for metric in METRICS:
+            c = row[metric]
+            cells += [f"{c['base']:.1f}% -> {c['new']:.1f}%", f"{c['better']} / {c['worse']}", format_p(c["p"])]
+        ratio = f"{row['time_ratio']:.2f}x" if row["time_ratio"] else "-"
+        method = LABELS.get(row["method"], row["method"])
+        lines.append(f"| {row['protocol']} | {method} | {row['episodes']} | {' | '.join(cells)} | {ratio} |")
+    # what the counts say: over all protocols where there are several, else per protocol
+    verdicts = [_verdict(row, metric, name, alpha) for row in result["rows"]
+                if row["protocol"] == "all" or row["method"] not in pooled for metric, name in METRICS.items()]
+    lines += ["", "Better / worse: episodes only the new evaluation (only the base) succeeded in; p: two-sided sign "
+              f"test over them (ties carry no information). Clear at p < {alpha:g}.", ""]
+    lines += [f"- {v}" for v in verdicts]
+    if result["unmatched_records"]:
+        lines += ["", f"{result['unmatched_records']} records of one evaluation have no counterpart in the other "
+                      f"(protocols, methods or seeds only one ran) and are left out."]
+    return "\n".join(lines) + "\n"
+
+
+def _verdict(row: dict, metric: str, name: str, alpha: float) -> str:
+    c = row[metric]
+    where = "all protocols" if row["protocol"] == "all" else row["protocol"]
+    if c["p"] < alpha:
+        way = "more" if c["better"] > c["worse"] else "less"
+        return (f"{where}, {LABELS.get(row['method'], row['method'])}: new is {name} clearly {way} often "
+                f"({c['better']} better / {c['worse']} worse, p {format_p(c['p'])})")
+    return f"{where}, {LABELS.get(row['method'], row['method'])}: {name}, no clear difference (p {format_p(c['p'])})"
