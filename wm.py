@@ -467,7 +467,14 @@ def _configure_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    set_command(["wm", *argv])  # recorded with every result
+    set_command(["wm", *argv])  # recorded with every result of this command
+    try:
+        return _main(argv)
+    finally:
+        set_command([])  # what runs next in this process (from Python) is not this command
+
+
+def _main(argv: list[str]) -> int:
     _configure_logging()
     parser = argparse.ArgumentParser(prog="wm", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)

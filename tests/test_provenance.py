@@ -40,3 +40,13 @@ def test_a_record_names_the_command_packages_and_machine(monkeypatch):
     line = prov.provenance_line(record)
     assert line.startswith("Made by `wm eval --out 'my runs/x'` at ") and "mujoco 3.17.0" in line
     prov.set_command([])
+
+
+def test_the_command_line_is_recorded_while_it_runs_only(monkeypatch):
+    from wm import main
+
+    seen = []
+    monkeypatch.setattr("evaluation.compare.compare", lambda base, new: seen.append(prov.provenance()["command"]) or
+                        {"base": base, "new": new, "changes": {}, "rows": [], "unmatched_records": 0})
+    assert main(["compare", "--base", "a", "--new", "b"]) == 0
+    assert seen == ["wm compare --base a --new b"] and prov.provenance()["command"] is None  # Python again after it
