@@ -228,3 +228,14 @@ def test_crafted_model_json_names_the_file_and_field(tmp_path, change, message):
     (tmp_path / "m.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=rf"m\.json: .*{message}"):
         WorldModel.load(path)
+
+
+def test_a_training_checkpoint_given_as_the_model_says_which_file_is_the_model(tmp_path):
+    WorldModel(tiny_config()).save(tmp_path / "model.pt")
+    torch.save({"step": 1}, tmp_path / "checkpoint.pt")  # a run directory's training state
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt is a training run's checkpoint \(what --resume reads\); "
+                                              r"the model to evaluate, plan with or film is .*model.pt"):
+        WorldModel.load(tmp_path / "checkpoint.pt")
+    (tmp_path / "model.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"its config checkpoint.json is missing beside it"):
+        WorldModel.load(tmp_path / "checkpoint.pt")

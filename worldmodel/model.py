@@ -223,6 +223,9 @@ def read_model_meta(path: str | Path) -> dict:
     path = Path(path)
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
+        if path.name in ("checkpoint.pt", "checkpoint.prev.pt") and (path.parent / "model.pt").is_file():
+            raise CheckpointError(f"{path} is a training run's checkpoint (what --resume reads); the model to "
+                                  f"evaluate, plan with or film is {path.parent / 'model.pt'}")
         raise CheckpointError(f"{path}: its config {meta_path.name} is missing beside it")
     try:
         meta = json.loads(meta_path.read_text())
