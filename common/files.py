@@ -85,8 +85,9 @@ def callable_name(value) -> str:
 def _identity(value) -> str:
     """A setting's value as a kept part's record compares it: a module-level function by its name (found
     again by a rerun), a lambda or local function by ``str`` (its address: a rerun measures it again)."""
-    name = callable_name(value) if callable(value) else str(value)
-    return name if callable(value) and "<" not in name else str(value)
+    if callable(value) and "<" not in callable_name(value):  # "<lambda>", "<locals>": no name finds it again
+        return callable_name(value)
+    return str(value)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -37,20 +38,18 @@ def write_video(path: str | Path, frames, fps: int = 25, gif: bool = False) -> l
     written = [path, path.with_suffix(".gif")] if gif else [path]
 
     def write(mp4: Path, gif_tmp: Path | None) -> None:
-        writers = [imageio.get_writer(mp4, fps=fps, macro_block_size=1, codec="libx264", quality=8)]
-        if gif_tmp is not None:
-            writers.append(imageio.get_writer(gif_tmp, duration=2000 / fps, loop=0))
         count = 0
-        try:
+        with ExitStack() as writers:
+            video = writers.enter_context(imageio.get_writer(mp4, fps=fps, macro_block_size=1, codec="libx264",
+                                                             quality=8))
+            animation = None if gif_tmp is None else writers.enter_context(
+                imageio.get_writer(gif_tmp, duration=2000 / fps, loop=0))
             for chunk in chunks:
                 for frame in upscale(np.asarray(chunk, dtype=np.uint8)):
-                    writers[0].append_data(frame)
-                    if gif_tmp is not None and count % 2 == 0:
-                        writers[1].append_data(frame)
+                    video.append_data(frame)
+                    if animation is not None and count % 2 == 0:
+                        animation.append_data(frame)
                     count += 1
-        finally:
-            for writer in writers:
-                writer.close()
         if not count:
             raise ValueError(f"{path}: no frames to write")
 
