@@ -26,14 +26,17 @@ def set_command(argv: list[str]) -> None:
 @lru_cache(maxsize=None)
 def code_version(root: Path = ROOT) -> dict:
     """The git commit of the checkout ``root`` and whether it had uncommitted changes to tracked files (read
-    once per process); the package version where the code is not a git checkout (an installed copy) or git
-    is missing."""
+    once per process); the package version where the code is not the top of a git checkout (an installed
+    copy, perhaps inside another project's repository) or git is missing."""
     try:
         run = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,  # noqa: E731
                                            timeout=10, check=True).stdout.strip()
-        return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+        if Path(run("rev-parse", "--show-toplevel")).resolve() == Path(root).resolve():  # not a repository above us
+            return {"commit": run("rev-parse", "HEAD"),
+                    "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "package": _version("pixel-worldmodel")}
+        pass
+    return {"commit": None, "package": _version("pixel-worldmodel")}
 
 
 def _version(name: str) -> str | None:

@@ -26,6 +26,8 @@ def test_the_code_version_is_the_commit_and_says_when_tracked_files_changed(tmp_
     outside = tmp_path.parent / f"{tmp_path.name}-plain"
     outside.mkdir()
     assert prov.code_version.__wrapped__(outside)["commit"] is None  # an installed copy: the package version
+    (tmp_path / "site-packages").mkdir()  # installed inside another project's repository: not its commit
+    assert prov.code_version.__wrapped__(tmp_path / "site-packages")["commit"] is None
 
 
 def test_a_record_names_the_command_packages_and_machine(monkeypatch):
