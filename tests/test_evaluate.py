@@ -552,8 +552,9 @@ def _page_links(page) -> set:
     return found
 
 
-def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path):
-    """A model of one env on another env's data, and an output that is a file: refused before any work."""
+def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path, monkeypatch):
+    """A model of one env on another env's data, an output that is a file, and a missing model among several:
+    refused before any work."""
     from conftest import write_synthetic
     from evaluation.evaluate import evaluate
 
@@ -567,6 +568,14 @@ def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path):
                  progress=False)
     with pytest.raises(ValueError, match="--episodes"):
         EvalConfig(episodes=0)
+    import evaluation.evaluate as ev
+
+    # a list of models with one missing: refused before the first is evaluated, and nothing is created
+    monkeypatch.setattr(ev, "load_setup", lambda *a, **k: pytest.fail("evaluated before checking every model"))
+    with pytest.raises(ValueError, match=r"gone.pt: no such checkpoint"):
+        evaluate(EvalConfig(checkpoint=f"{tmp_path / 'm.pt'},{tmp_path / 'gone.pt'}", out=str(tmp_path / "e2")),
+                 progress=False)
+    assert not (tmp_path / "e2").exists()
 
 
 def test_subgoal_graph_holds_training_frames_only(data):

@@ -168,10 +168,7 @@ class WorldModel(nn.Module):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "WorldModel":
         """Load a checkpoint written by ``save``; a clear ``CheckpointError`` if it does not fit."""
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such checkpoint")
-        meta = read_model_meta(path)
-        cfg = WorldModelConfig.from_dict(meta["config"], str(path.with_suffix(".json")))
+        meta, cfg = check_model_file(path)
         state, extras = _weights_and_extras(load_weights_file(path, "a weights file"), meta, path)
         try:
             with torch.device("meta"):  # the config's size and shapes, checked before anything is allocated
@@ -215,6 +212,16 @@ def save_extras(path: str | Path, extras: dict) -> None:
 def _on_meta() -> bool:
     """Whether modules are being built on the meta device (shapes only, no memory)."""
     return torch.empty(0).device.type == "meta"
+
+
+def check_model_file(path: str | Path) -> tuple[dict, "WorldModelConfig"]:
+    """A model file's description and config, read and checked without its weights (cheap: a command given
+    several models checks them all before any work); a ``CheckpointError`` naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    meta = read_model_meta(path)
+    return meta, WorldModelConfig.from_dict(meta["config"], str(path.with_suffix(".json")))
 
 
 def read_model_meta(path: str | Path) -> dict:
