@@ -323,9 +323,13 @@ def run_eval(cfg: EvalConfig) -> int:
 
 
 def run_compare(cfg: CompareConfig) -> int:
-    from evaluation.compare import compare, markdown
+    from evaluation.compare import compare, markdown, write_comparison
 
-    print(markdown(compare(cfg.base, cfg.new), cfg.alpha))
+    result = compare(cfg.base, cfg.new)
+    print(markdown(result, cfg.alpha))
+    if cfg.out:
+        write_comparison(result, cfg.alpha, cfg.out)
+        print(f"wrote {cfg.out}/compare.md and compare.json")
     return 0
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import option
-from common.files import read_json
+from common.files import atomic_write_json, atomic_write_text, output_dir, read_json
+from common.provenance import provenance, provenance_line
 from evaluation.report import LABELS
 from evaluation.stats import format_p, sign_test
 
@@ -29,6 +30,7 @@ class CompareConfig:
     base: str = option("", "the evaluation compared against: an output directory of wm eval or its results.json")
     new: str = option("", "the evaluation with the setting under test, on the same episodes")
     alpha: float = option(0.05, "the p-value below which a difference is called clear")
+    out: str = option("", "also write compare.md and compare.json (with the provenance) in this directory")
 
     def __post_init__(self):
         if not 0 < self.alpha < 1:
@@ -160,3 +162,11 @@ def _verdict(row: dict, metric: str, name: str, alpha: float) -> str:
         return (f"{where}, {LABELS.get(row['method'], row['method'])}: new is {name} clearly {way} often "
                 f"({c['better']} better / {c['worse']} worse, p {format_p(c['p'])})")
     return f"{where}, {LABELS.get(row['method'], row['method'])}: {name}, no clear difference (p {format_p(c['p'])})"
+
+
+def write_comparison(result: dict, alpha: float, out: str) -> None:
+    """compare.md and compare.json in ``out``, each atomically, with what made them."""
+    made = provenance()
+    with output_dir(out) as where:
+        atomic_write_text(where / "compare.md", markdown(result, alpha) + "\n" + provenance_line(made) + "\n")
+        atomic_write_json(where / "compare.json", {**result, "alpha": alpha, "provenance": made})

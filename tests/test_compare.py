@@ -52,5 +52,8 @@ def test_other_episodes_or_no_evaluation_are_clear_errors(tmp_path, capsys):
         compare(str(base), str(tmp_path / "running"))
     assert main(["compare", "--base", str(base)]) == 2
     assert "give --new: a `wm eval` output directory" in capsys.readouterr().err
-    assert main(["compare", "--base", str(base), "--new", str(base)]) == 0
+    assert main(["compare", "--base", str(base), "--new", str(base), "--out", str(tmp_path / "c")]) == 0
     assert "Settings that differ: none." in capsys.readouterr().out
+    kept = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert kept["alpha"] == 0.05 and kept["provenance"]["command"].startswith("wm compare --base")
+    assert "Made by `wm compare" in (tmp_path / "c" / "compare.md").read_text()
