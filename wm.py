@@ -272,7 +272,7 @@ def run_video(cfg: VideoConfig) -> int:
     try:
         frames = (store.episode(i)["pixels"] for i in range(shown))  # one episode in memory at a time
         for path in write_video(out, frames, fps=cfg.fps):
-            print(f"wrote {path} ({shown} episodes)")
+            print(f"wrote {path} ({shown} episode{'s' if shown != 1 else ''})")
     finally:
         store.close()
     return 0
