@@ -24,7 +24,7 @@ from common.device import THREADS_HELP, set_threads
 from common.files import (atomic_write, atomic_write_json, atomic_write_text, output_dir, output_lock,
                           remove_stale_temporaries)
 from common.process import sigterm_as_interrupt
-from common.provenance import provenance, provenance_line, set_command
+from common.provenance import provenance, provenance_line, set_command, signed
 from envs.collect import CollectConfig, collect
 from envs.convert import ConvertConfig
 from envs.storage import DEFAULT_DATA
@@ -378,7 +378,7 @@ def run_study(cfg: StudyConfig) -> int:
                 text, plot = hold.report(result, cfg.checkpoint, cfg.split), hold.plot
             made = provenance()
             atomic_write_json(out / "results.json", {**result, "provenance": made})
-            atomic_write_text(out / "results.md", text + "\n" + provenance_line(made) + "\n")
+            atomic_write_text(out / "results.md", signed(text, made))
             atomic_write(out / "results.png", lambda tmp: plot(result, tmp), keep_suffix=True)
             shutil.rmtree(units, ignore_errors=True)
     print((out / "results.md").read_text())

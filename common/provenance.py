@@ -81,3 +81,8 @@ def provenance_line(record: dict) -> str:
          f"{machine['torch_threads']} torch threads"
     command = f"`{record['command']}`" if record["command"] else "Python"
     return f"Made by {command} at {where}; {packages}; {on}; {record['time_utc']}."
+
+
+def signed(markdown: str, record: dict) -> str:
+    """A Markdown report ending with the line of its provenance ``record``."""
+    return f"{markdown.rstrip()}\n\n{provenance_line(record)}\n"

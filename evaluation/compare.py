@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common.config import option
 from common.files import atomic_write_json, atomic_write_text, output_dir, read_json
-from common.provenance import provenance, provenance_line
+from common.provenance import provenance, signed
 from evaluation.report import LABELS
 from evaluation.stats import format_p, sign_test
 
@@ -168,5 +168,5 @@ def write_comparison(result: dict, alpha: float, out: str) -> None:
     """compare.md and compare.json in ``out``, each atomically, with what made them."""
     made = provenance()
     with output_dir(out) as where:
-        atomic_write_text(where / "compare.md", markdown(result, alpha) + "\n" + provenance_line(made) + "\n")
+        atomic_write_text(where / "compare.md", signed(markdown(result, alpha), made))
         atomic_write_json(where / "compare.json", {**result, "alpha": alpha, "provenance": made})

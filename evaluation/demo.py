@@ -17,7 +17,7 @@ from tqdm import tqdm
 from common.config import check_at_least, nested, option
 from common.device import THREADS_HELP
 from common.files import atomic_write, atomic_write_json, atomic_write_text, output_dir, output_lock
-from common.provenance import provenance, provenance_line
+from common.provenance import provenance, signed
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.video import check_ffmpeg, upscale, write_video
@@ -219,7 +219,7 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
               "summary_sheet": str(out / "summary.png"), "success": reached.tolist(),
               "held": (final < cfg.tolerance).tolist(), "final_error": final.tolist(),
               "start_qpos": eps["qpos"].tolist(), "goal_qpos": eps["goal_qpos"].tolist(), "provenance": provenance()}
-    markdown = demo_markdown(cfg, protocol, result, names) + "\n" + provenance_line(result["provenance"]) + "\n"
+    markdown = signed(demo_markdown(cfg, protocol, result, names), result["provenance"])
     atomic_write_text(out / "demo.md", markdown)
     atomic_write_text(out / "index.html", demo_page(
         f"planning videos: {cfg.checkpoint}", markdown,

@@ -26,7 +26,7 @@ from common.config import apply_overrides, comma_list, config_fields, nested, op
 from common.device import THREADS_HELP
 from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, output_dir, output_lock,
                           remove_stale_temporaries)
-from common.provenance import code_version, provenance, provenance_line
+from common.provenance import code_version, provenance, signed
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.storage import recording
@@ -356,7 +356,7 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
     report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps, "split": notes,
               "interval": METHOD, "torch_threads": torch.get_num_threads(), "provenance": made, "summary": summary,
               "episodes": records}
-    markdown = results_markdown(summary, cfg, split_note, cfg.checkpoints) + "\n" + provenance_line(made) + "\n"
+    markdown = signed(results_markdown(summary, cfg, split_note, cfg.checkpoints), made)
     atomic_write_text(out / "results.md", markdown)
     atomic_write_text(out / "index.html", evaluation_page(markdown))
     title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"

@@ -22,7 +22,7 @@ import numpy as np
 
 from common.config import check_at_least, option
 from common.files import atomic_write_json, atomic_write_text, kept_measurement, prepare_output_dir
-from common.provenance import provenance, provenance_line
+from common.provenance import provenance, signed
 
 # name -> (dataset, training settings by name); the reference run first
 RUNS = {
@@ -74,7 +74,7 @@ def run(cfg: IdentifiabilityConfig, progress: bool = True) -> dict:
             results.setdefault(label, []).append(_one(cfg, out, label, data[dataset], settings, seed, progress))
     summary = {"config": cfg.__dict__, "runs": results, "table": _table(results), "provenance": provenance()}
     atomic_write_json(out / "results.json", summary)
-    atomic_write_text(out / "results.md", markdown(summary) + "\n" + provenance_line(summary["provenance"]) + "\n")
+    atomic_write_text(out / "results.md", signed(markdown(summary), summary["provenance"]))
     plot(summary, out / "results.png")
     return summary
 

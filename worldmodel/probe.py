@@ -97,7 +97,7 @@ def probe_checkpoint(checkpoint: str, data: str = "", device: str = "auto", out:
 def _probe_checkpoint(checkpoint: str, data: str, device: str, where: Path, split: str, overwrite: bool,
                       mlp_steps: int) -> dict:
     from common.files import atomic_write_json, atomic_write_text
-    from common.provenance import provenance, provenance_line
+    from common.provenance import provenance, signed
     from worldmodel.datasplit import load_with_data, probe_split
 
     if (where / "probe.json").exists() and not overwrite:
@@ -113,8 +113,7 @@ def _probe_checkpoint(checkpoint: str, data: str, device: str, where: Path, spli
     untrained = type(trained)(trained.cfg).to(trained.device)  # same architecture, random weights: the floor
     result["untrained_linear"] = run_probe(untrained, store, fit, test)
     made = provenance()
-    markdown = probe_markdown(result, checkpoint, meta.get("step"), data, len(fit), len(test), note)
-    markdown += "\n" + provenance_line(made) + "\n"
+    markdown = signed(probe_markdown(result, checkpoint, meta.get("step"), data, len(fit), len(test), note), made)
     atomic_write_text(where / "probe.md", markdown)
     atomic_write_json(where / "probe.json", {"checkpoint": str(checkpoint), "step": meta.get("step"), "data": str(data),
                                              "fit_episodes": len(fit), "scored_episodes": len(test), "split": note,
