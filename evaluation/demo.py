@@ -46,6 +46,8 @@ class DemoConfig:
                                 "in rad, several separated by ';' (--episodes is then their number)")
     start_pose: str = option("", "with --goal-pose: the start pose 'shoulder,wrist' in rad, at rest, for every video "
                                  "or one per goal separated by ';' (default: the protocol's held-out start rows)")
+    goal_sequence: bool = option(False, "with --goal-pose: one video (sequence.mp4) visiting the poses in turn from "
+                                        "one start, each for the protocol's budget; each goal reported")
     policy: PolicyConfig = nested(PolicyConfig, "the MPC policy", flat=True)
     seed: int = option(0, "episode and planner seed")
     tolerance: float = option(GOAL_TOLERANCE, "success: every joint within this many rad")
@@ -69,6 +71,10 @@ class DemoConfig:
             raise ValueError("--start-pose is for your own goals: give --goal-pose too")
         if self.start_pose and not len(starts):
             raise ValueError(f"--start-pose: no pose in {self.start_pose!r}; give 'shoulder,wrist' in rad")
+        if self.goal_sequence and not self.goal_pose:
+            raise ValueError("--goal-sequence visits the poses of --goal-pose: give --goal-pose too")
+        if self.goal_sequence and len(starts) > 1:
+            raise ValueError(f"--start-pose: a sequence has one start, got {len(starts)} poses")
         if len(starts) not in (0, 1, len(goals)):
             raise ValueError(f"--start-pose: {len(starts)} poses for {len(goals)} goals; give one, or one per goal")
         if self.goal_pose and protocol_named(self.protocol).stored_frames:
@@ -76,7 +82,7 @@ class DemoConfig:
             raise ValueError(f"--goal-pose: the {self.protocol} protocol's goals are the dataset's stored frames; "
                              f"choose a protocol whose goals are rendered ({rendered})")
         if self.goal_pose:
-            self.episodes = len(goals)
+            self.episodes = 1 if self.goal_sequence else len(goals)  # the environments filmed
 
     @property
     def out_dir(self) -> Path:
@@ -105,9 +111,9 @@ def own_goals(cfg: DemoConfig, eps: dict, wrist_range: tuple[float, float]) -> d
     for name, poses in (("--goal-pose", goals), ("--start-pose", starts)):
         if ((poses[:, 1] < low) | (poses[:, 1] > high)).any():
             raise ValueError(f"{name}: a wrist angle beyond the joint limit [{low:.3f}, {high:.3f}] rad")
-    eps = dict(eps, goal_qpos=goals)
+    eps = dict(eps, goal_qpos=goals)  # (K, 2): one per environment, or in turn for the one of a sequence
     if len(starts):
-        n = len(goals)
+        n = len(eps["index"])
         eps.update(qpos=np.broadcast_to(starts, (n, 2)).copy(), qvel=np.zeros((n, 2)), t0=np.zeros(n, int),
                    target=np.full((n, 2), np.nan))
     return eps
@@ -182,49 +188,69 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
         if progress:
             log.info(f"retrieval bank: encoding up to {cfg.bank_frames} frames of {len(bank_ids)} training episodes")
         bank_z, bank_frames = frame_bank(model, store, bank_ids, cfg.bank_frames)
-        goals = batch.render_goals(eps["goal_qpos"])
-        eval_cfg = EvalConfig(checkpoint=cfg.checkpoint, policy=cfg.policy, episodes=cfg.episodes)
-        _, policy, _ = world_model_controller(setup, eval_cfg, protocol, eps, goals, cfg.seed)
+        n, budget = len(eps["index"]), protocol.budget  # environments filmed, steps per goal
+        segments = eps["goal_qpos"].reshape(-1, n, 2)  # (S, n, 2): the goals each environment heads for in turn
+        rendered = batch.render_goals(segments.reshape(-1, 2))
+        goals = rendered.reshape(*segments.shape[:2], *rendered.shape[1:])  # (S, n, H, W, 3)
+        eval_cfg = EvalConfig(checkpoint=cfg.checkpoint, policy=cfg.policy, episodes=n)
+        _, policy, _ = world_model_controller(setup, eval_cfg, protocol, {**eps, "goal_qpos": segments[0]}, goals[0],
+                                              cfg.seed)
         frames = batch.reset_to(eps["qpos"], eps["qvel"], eps["target"])
-        first = frames.copy()
-        reached = np.zeros(cfg.episodes, bool)
-        videos = [[] for _ in range(cfg.episodes)]
+        firsts, lasts, starts = [frames.copy()], [], [batch.qpos()]  # per goal: where each began and ended
+        reached, final = np.zeros(segments.shape[:2], bool), np.zeros(segments.shape[:2])
+        videos = [[] for _ in range(n)]
         nearest = lambda z: torch.cdist(z.float(), bank_z).argmin(1).cpu().numpy()  # noqa: E731
-        labels = [f"goal {int(j)}" if cfg.goal_pose else f"{protocol.name} ep {int(j)}" for j in eps["index"]]
-        for step in tqdm(range(protocol.budget + 1), desc="demo", unit="step", disable=not progress):
-            error = joint_error(batch.qpos(), eps["goal_qpos"], protocol.wrap)
-            within = (error < cfg.tolerance) & (step > 0)
-            reached |= within
-            actions = policy.act_batch(frames) if step < protocol.budget else None  # the frames filmed
+        label = lambda i, seg: (f"goal {seg}" if cfg.goal_sequence else f"goal {int(eps['index'][i])}"  # noqa: E731
+                                if cfg.goal_pose else f"{protocol.name} ep {int(eps['index'][i])}")
+        steps = len(segments) * budget
+        for step in tqdm(range(steps + 1), desc="demo", unit="step", disable=not progress):
+            seg, into = divmod(step, budget)
+            if step and not into:  # the end of goal seg - 1; then, in a sequence, on to the next goal
+                final[seg - 1] = joint_error(batch.qpos(), segments[seg - 1], protocol.wrap)
+                reached[seg - 1] |= final[seg - 1] < cfg.tolerance
+                lasts.append(frames.copy())
+                if seg == len(segments):
+                    seg, into = seg - 1, budget  # the last frame: still the last goal's
+                else:
+                    policy.retarget(goals[seg])
+                    firsts.append(frames.copy())
+                    starts.append(batch.qpos())
+            error = joint_error(batch.qpos(), segments[seg], protocol.wrap)
+            within = (error < cfg.tolerance) & (into > 0)  # success counts from a goal's first step on
+            reached[seg] |= within
+            actions = policy.act_batch(frames) if step < steps else None  # the frames filmed
             expected = nearest(policy.last_prediction)
             heading = policy.last_target if policy.graph is not None else None
             waypoint = None if heading is None else nearest(heading)
             to_goal = None if heading is None else policy._route.near.cpu().numpy()
-            for i in range(cfg.episodes):
-                wp = None if waypoint is None else (goals[i] if to_goal[i] else bank_frames[waypoint[i]])
-                videos[i].append(compose(labels[i], frames[i], goals[i],
-                                         bank_frames[expected[i]], wp, step, error[i], within[i], reached[i]))
+            for i in range(n):
+                wp = None if waypoint is None else (goals[seg, i] if to_goal[i] else bank_frames[waypoint[i]])
+                videos[i].append(compose(label(i, seg), frames[i], goals[seg, i], bank_frames[expected[i]], wp, step,
+                                         error[i], within[i], reached[seg, i]))
             if actions is not None:
                 frames = batch.step(actions)
-        final = error
     finally:
         batch.close()
     # episode j is the same whatever --episodes is; goal j is the j-th of --goal-pose
-    names = [f"{'goal' if cfg.goal_pose else 'episode'}_{int(j):02d}" for j in eps["index"]]
-    written = [write_video(out / f"{name}.mp4", np.stack(v), gif=cfg.gif) for name, v in zip(names, videos)]
-    sheet = summary_sheet(first, frames, goals, reached, final, cfg.tolerance)
+    names = [f"{'goal' if cfg.goal_pose else 'episode'}_{int(j):02d}" for j in
+             (range(len(segments)) if cfg.goal_sequence else eps["index"])]
+    films = ["sequence"] if cfg.goal_sequence else names
+    written = [write_video(out / f"{name}.mp4", np.stack(v), gif=cfg.gif) for name, v in zip(films, videos)]
+    flat = lambda x: np.asarray(x).reshape(-1, *np.shape(x)[2:])  # noqa: E731  (goal, environment) -> rows
+    sheet = summary_sheet(flat(firsts), flat(lasts), flat(goals), flat(reached), flat(final), cfg.tolerance)
     atomic_write(out / "summary.png", lambda tmp: Image.fromarray(sheet).save(tmp), keep_suffix=True)
     result = {"checkpoint": cfg.checkpoint, "protocol": protocol.name, "split": cfg.split, "seed": cfg.seed,
               "videos": [str(paths[0]) for paths in written], "gifs": [str(p) for paths in written for p in paths[1:]],
-              "summary_sheet": str(out / "summary.png"), "success": reached.tolist(),
-              "held": (final < cfg.tolerance).tolist(), "final_error": final.tolist(),
-              "start_qpos": eps["qpos"].tolist(), "goal_qpos": eps["goal_qpos"].tolist(), "provenance": provenance()}
+              "summary_sheet": str(out / "summary.png"), "success": flat(reached).tolist(),
+              "held": (flat(final) < cfg.tolerance).tolist(), "final_error": flat(final).tolist(),
+              "start_qpos": flat(starts).tolist(), "goal_qpos": flat(segments).tolist(), "provenance": provenance()}
     markdown = signed(demo_markdown(cfg, protocol, result, names), result["provenance"])
     atomic_write_text(out / "demo.md", markdown)
-    atomic_write_text(out / "index.html", demo_page(
-        f"planning videos: {cfg.checkpoint}", markdown,
-        [(f"{n}.mp4", f"{n}: {'held' if h else ('reached, drifted' if r else 'missed')}, final error {e:.3f} rad")
-         for n, r, h, e in zip(names, result["success"], result["held"], result["final_error"])]))
+    outcomes = [f"{n}: {'held' if h else ('reached, drifted' if r else 'missed')}, final error {e:.3f} rad"
+                for n, r, h, e in zip(names, result["success"], result["held"], result["final_error"])]
+    captions = ([("sequence.mp4", f"{len(names)} goals in turn: " + "; ".join(outcomes))] if cfg.goal_sequence
+                else [(f"{n}.mp4", o) for n, o in zip(names, outcomes)])
+    atomic_write_text(out / "index.html", demo_page(f"planning videos: {cfg.checkpoint}", markdown, captions))
     atomic_write_json(out / "demo.json", result)
     return result
 
@@ -232,7 +258,12 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
 def demo_markdown(cfg: DemoConfig, protocol, result: dict, names: list[str]) -> str:
     """What was filmed, for the page and for a reader of the folder."""
     pose = lambda q: f"({q[0]:.2f}, {q[1]:.2f})"  # noqa: E731
-    if cfg.goal_pose:
+    if cfg.goal_sequence:
+        start = "at rest in the pose of --start-pose" if cfg.start_pose else \
+            f"from a row of the model's {cfg.split} episodes (seed {cfg.seed})"
+        what = (f"{len(names)} goal poses of your own (--goal-pose) visited in turn in one video (sequence.mp4), "
+                f"starting {start}; each goal has `{protocol.name}`'s")
+    elif cfg.goal_pose:
         starts = "at rest in the poses of --start-pose" if cfg.start_pose else \
             f"from rows of the model's {cfg.split} episodes (seed {cfg.seed})"
         what = f"{len(names)} goal poses of your own (--goal-pose), starting {starts}, under `{protocol.name}`'s"

@@ -110,17 +110,12 @@ class MPCPolicy:
     def reset_latent(self, z_goal: torch.Tensor, keys=None) -> None:
         """Start B episodes towards goal latents ``z_goal`` (B, D)."""
         B = z_goal.shape[0]
-        self._z_goal = z_goal
         self.planner.reset()
         self._keys = (self.planner.default_keys(B, z_goal.device) if keys is None
                       else torch.as_tensor(keys, dtype=torch.int32).to(z_goal.device))
         if self._keys.shape != (B,):
             raise ValueError(f"keys must be ({B},) for {B} goals, got {tuple(self._keys.shape)}")
-        self._route = None
-        if self.graph is not None:
-            start = time.perf_counter()
-            self._route = subgoals.route(self.graph, z_goal, self.cfg.subgoals)
-            self.route_times.append(time.perf_counter() - start)
+        self._head_for(z_goal)
         self._z_hist: torch.Tensor | None = None  # (B, h, D)
         self._a_hist: torch.Tensor | None = None  # (B, h-1, A)
         self._plan: torch.Tensor | None = None  # (B, H, A)
@@ -134,6 +129,25 @@ class MPCPolicy:
         self._played: list[np.ndarray] = []  # step replanning: actions (B, 2) played at the recent env steps
         self._step_plan = None  # (host (B, H*fs, 2), pointer (B,), rows (B,) bool) of plans made between boundaries
         self._steps_since_plan = 0  # step replanning: env steps played since the boundary plan
+
+    def retarget(self, goal_image: np.ndarray) -> None:
+        """Head for new goals (one per episode, as ``reset`` took them) without starting the episodes again:
+        what the policy has seen (its history), the chunk in play and the plan it warm-starts from are kept,
+        so the arm goes on from where it is to the next goal of a sequence."""
+        if self._z_goal is None:
+            raise RuntimeError("call reset(goal_image) before retarget")
+        z_goal = self._encode(self._frames(goal_image, "goal image"))
+        if z_goal.shape != self._z_goal.shape:
+            raise ValueError(f"{len(z_goal)} goals for {len(self._z_goal)} episodes")
+        self._head_for(z_goal)
+
+    def _head_for(self, z_goal: torch.Tensor) -> None:
+        """The goal latents (B, D) the next plans head for, and the route of waypoints to them (subgoals)."""
+        self._z_goal, self._route = z_goal, None
+        if self.graph is not None:
+            start = time.perf_counter()
+            self._route = subgoals.route(self.graph, z_goal, self.cfg.subgoals)
+            self.route_times.append(time.perf_counter() - start)
 
     def set_history(self, frames: np.ndarray, chunks: np.ndarray) -> None:
         """Start from the history the episode would have had, instead of as if the arm had been at rest.

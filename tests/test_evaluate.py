@@ -523,12 +523,22 @@ def test_wm_demo_films_goal_poses_of_ones_own(data, tmp_path):
     assert "| goal_01 | (0.30, 0.10) | (-2.50, 0.80) |" in md
     drawn = make_demo(cfg(goal_pose="1.0,-1.2", overwrite=True, **small), progress=False)  # the protocol's start
     assert drawn["start_qpos"] != [[0.3, 0.1]] and drawn["goal_qpos"] == [[1.0, -1.2]]
+    seq = make_demo(cfg(goal_pose="1.0,-1.2; -2.5,0.8", start_pose="0.3,0.1", goal_sequence=True, overwrite=True,
+                        **small), progress=False)  # one video, the goals in turn from one start
+    assert sorted(p.name for p in (tmp_path / "v").glob("*.mp4")) == ["sequence.mp4"]
+    assert len(imageio.mimread(tmp_path / "v" / "sequence.mp4")) == 2 * PROTOCOLS["reach25"].budget + 1
+    assert seq["goal_qpos"] == [[1.0, -1.2], [-2.5, 0.8]] and len(seq["success"]) == len(seq["held"]) == 2
+    assert seq["start_qpos"][0] == [0.3, 0.1]  # goal 1 starts where goal 0 ended:
+    assert joint_error(seq["start_qpos"][1], seq["goal_qpos"][0]) == pytest.approx(seq["final_error"][0])
+    assert _page_links(tmp_path / "v" / "index.html") == {"sequence.mp4", "summary.png"}
     for bad, match in (({"goal_pose": "1.0"}, "--goal-pose: '1.0' is not a pose"),
                        ({"goal_pose": "1,nan"}, "--goal-pose: '1,nan' is not a pose"),
                        ({"goal_pose": ";"}, "--goal-pose: no pose"),
                        ({"start_pose": "0,0"}, "--start-pose is for your own goals"),
                        ({"goal_pose": "0,0;1,1;2,2", "start_pose": "0,0;1,1"}, "2 poses for 3 goals"),
-                       ({"goal_pose": "0,0", "protocol": "lewm"}, "stored frames")):
+                       ({"goal_pose": "0,0", "protocol": "lewm"}, "stored frames"),
+                       ({"goal_sequence": True}, "--goal-sequence visits the poses of --goal-pose"),
+                       ({"goal_pose": "0,0;1,1", "start_pose": "0,0;1,1", "goal_sequence": True}, "one start")):
         with pytest.raises(ValueError, match=match):
             DemoConfig(**{"checkpoint": str(tmp_path / "m.pt"), **bad})
     with pytest.raises(ValueError, match=r"--goal-pose: a wrist angle beyond the joint limit"):

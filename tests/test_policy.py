@@ -35,6 +35,32 @@ def test_policy_runs_an_episode_end_to_end(model):
     assert policy.last_prediction.shape == (1, 16)
 
 
+def test_retarget_heads_for_a_new_goal_without_starting_again(model):
+    """A goal sequence: the policy keeps its history and the chunk in play, and plans for the new goal from
+    the next chunk boundary on."""
+    env = ReacherPixels(size=32)
+    obs, _ = env.reset(seed=0)
+    policy = MPCPolicy(model, small())
+    with pytest.raises(RuntimeError, match="reset"):
+        policy.retarget(env.render_goal([0.5, -0.5]))
+    first, second = env.render_goal([0.5, -0.5]), env.render_goal([-1.0, 1.0])
+    policy.reset(first)
+    for _ in range(5):  # two chunks and one step into the third (frameskip 2)
+        obs, *_ = env.step(policy.act(obs))
+    history, playing = policy._z_hist, policy._chunk_host.copy()
+    policy.retarget(second)
+    assert policy._t == 5 and policy._z_hist is history and len(policy.plan_times) == 3  # nothing restarted
+    obs, *_ = env.step(action := policy.act(obs))
+    assert np.array_equal(action, playing[0, 1])  # the chunk in play is played to its end
+    policy.act(obs)  # a boundary: the next plan heads for the new goal
+    with torch.no_grad():
+        assert torch.allclose(policy.last_target, model.encode(torch.from_numpy(second)[None]), atol=1e-6)
+    assert len(policy.plan_times) == 4
+    with pytest.raises(ValueError, match="2 goals for 1 episodes"):
+        policy.retarget(np.stack([first, second]))
+    env.close()
+
+
 @pytest.mark.parametrize("receding, plans", [(1, 6), (2, 3), (3, 2)])
 def test_replans_every_receding_horizon_chunks(model, receding, plans):
     policy = MPCPolicy(model, small(receding_horizon=receding))
