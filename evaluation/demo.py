@@ -200,8 +200,10 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
         reached, final = np.zeros(segments.shape[:2], bool), np.zeros(segments.shape[:2])
         videos = [[] for _ in range(n)]
         nearest = lambda z: torch.cdist(z.float(), bank_z).argmin(1).cpu().numpy()  # noqa: E731
-        label = lambda i, seg: (f"goal {seg}" if cfg.goal_sequence else f"goal {int(eps['index'][i])}"  # noqa: E731
-                                if cfg.goal_pose else f"{protocol.name} ep {int(eps['index'][i])}")
+        def label(i: int, seg: int) -> str:  # what a frame of environment i, heading for goal seg, is
+            if cfg.goal_sequence:
+                return f"goal {seg}"
+            return f"goal {int(eps['index'][i])}" if cfg.goal_pose else f"{protocol.name} ep {int(eps['index'][i])}"
         steps = len(segments) * budget
         for step in tqdm(range(steps + 1), desc="demo", unit="step", disable=not progress):
             seg, into = divmod(step, budget)
