@@ -5,6 +5,7 @@ for the end of its current plan (a retrieval, not a decoder: the model has no pi
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,7 +260,7 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
 
 def demo_markdown(cfg: DemoConfig, protocol, result: dict, names: list[str]) -> str:
     """What was filmed, for the page and for a reader of the folder."""
-    pose = lambda q: f"({q[0]:.2f}, {q[1]:.2f})"  # noqa: E731
+    pose = lambda q: f"({math.remainder(q[0], math.tau):.2f}, {q[1]:.2f})"  # noqa: E731  (shoulder wrapped)
     if cfg.goal_sequence:
         start = "at rest in the pose of --start-pose" if cfg.start_pose else \
             f"from a row of the model's {cfg.split} episodes (seed {cfg.seed})"

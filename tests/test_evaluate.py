@@ -531,6 +531,11 @@ def test_wm_demo_films_goal_poses_of_ones_own(data, tmp_path):
     assert seq["start_qpos"][0] == [0.3, 0.1]  # goal 1 starts where goal 0 ended:
     assert joint_error(seq["start_qpos"][1], seq["goal_qpos"][0]) == pytest.approx(seq["final_error"][0])
     assert _page_links(tmp_path / "v" / "index.html") == {"sequence.mp4", "summary.png"}
+    from evaluation.demo import demo_markdown  # a shoulder that went round is shown wrapped, as errors count it
+
+    went_round = dict(seq, start_qpos=[[0.3, 0.1], [3.79, 0.8]])
+    assert "| goal_01 | (-2.49, 0.80) |" in demo_markdown(cfg(goal_pose="0,0"), PROTOCOLS["reach25"], went_round,
+                                                          ["goal_00", "goal_01"])
     for bad, match in (({"goal_pose": "1.0"}, "--goal-pose: '1.0' is not a pose"),
                        ({"goal_pose": "1,nan"}, "--goal-pose: '1,nan' is not a pose"),
                        ({"goal_pose": ";"}, "--goal-pose: no pose"),
