@@ -10,7 +10,7 @@ from benchmarks.timing import absolute_shown, alternating, markdown_table, paire
 from common.config import apply_overrides, comma_list
 from evaluation.evaluate import load_setup, world_model_records
 from evaluation.protocols import LEWM_NOTE, LEWM_POLICY
-from evaluation.stats import format_p, sign_test
+from evaluation.stats import format_p, paired_counts, sign_test
 from planners.policy import PolicyConfig
 
 # Each row: policy settings by name over the default policy. The first is LeWM's planner as released (its
@@ -80,7 +80,7 @@ def run(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episod
         if reference is not None and i != reference:
             mine = [r["held"] for b in batch for r in b]
             ref = [r["held"] for b in batches[reference] for r in b]
-            better, worse = sum(a and not b for a, b in zip(mine, ref)), sum(b and not a for a, b in zip(mine, ref))
+            better, worse = paired_counts(mine, ref)
             vs = f"{better} / {worse} ({format_p(sign_test(better, worse))})"
         rows.append([labels[i], *cells, vs, f"{1000 * call_s[i]:.0f}", f"{1000 * call_s[i] / episodes:.1f}",
                      f"{call_s[i] / call_s[0]:.3f}x", f"{episode_s[i]:.2f}", f"{episode_s[i] / episode_s[0]:.2f}x"])

@@ -16,7 +16,7 @@ from common.config import option
 from common.files import atomic_write_json, atomic_write_text, output_dir, read_json
 from common.provenance import provenance, signed
 from evaluation.report import LABELS
-from evaluation.stats import format_p, sign_test
+from evaluation.stats import format_p, paired_counts, sign_test
 
 METRICS = {"success": "latched", "held": "held at the end"}
 SAME_EPISODE = ("source_episode", "t0", "goal_qpos")  # what makes two records the same episode
@@ -93,8 +93,7 @@ def paired(base_records: list[dict], new_records: list[dict]) -> dict:
 
 
 def _counts(pairs: list[tuple[dict, dict]], metric: str) -> dict:
-    better = sum(bool(n[metric]) and not bool(b[metric]) for b, n in pairs)
-    worse = sum(bool(b[metric]) and not bool(n[metric]) for b, n in pairs)
+    better, worse = paired_counts([n[metric] for _, n in pairs], [b[metric] for b, _ in pairs])
     rate = lambda side: 100 * sum(bool(p[side][metric]) for p in pairs) / len(pairs)  # noqa: E731
     return {"base": rate(0), "new": rate(1), "better": better, "worse": worse, "p": sign_test(better, worse)}
 

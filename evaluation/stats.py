@@ -65,6 +65,13 @@ def cluster_warning(clusters) -> str | None:
     return None
 
 
+def paired_counts(new, base) -> tuple[int, int]:
+    """(better, worse): episodes only ``new`` succeeded in and episodes only ``base`` did, of two success
+    sequences over the same episodes."""
+    pairs = [(bool(n), bool(b)) for n, b in zip(new, base, strict=True)]
+    return sum(n and not b for n, b in pairs), sum(b and not n for n, b in pairs)
+
+
 def sign_test(better: int, worse: int) -> float:
     """Two-sided p-value of a paired comparison of two methods on the same episodes: ``better`` episodes
     only the candidate succeeded in, ``worse`` only the reference did (ties carry no information)."""
