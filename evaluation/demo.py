@@ -139,9 +139,9 @@ def caption(panel: np.ndarray, text: str, colour=(255, 255, 255)) -> np.ndarray:
 def compose(label: str, obs, goal, expected, waypoint, step: int, error: float, within: bool,
             reached: bool) -> np.ndarray:
     """One video frame: [camera | goal | model's expectation | current waypoint], each captioned. The
-    protocol, episode, step and joint error are on every frame, so drifting away after arrival shows (green
-    while within tolerance); the waypoint panel shows the training frame the planner is heading for while
-    the goal is far (``waypoint`` None: planning to the goal itself)."""
+    protocol, episode, step (counted from the goal in play) and joint error are on every frame, so drifting
+    away after arrival shows (green while within tolerance); the waypoint panel shows the training frame the
+    planner is heading for while the goal is far (``waypoint`` None: planning to the goal itself)."""
     panels = [obs, goal, expected] + ([waypoint] if waypoint is not None else [])
     obs, goal, expected, *rest = (upscale(x[None], 160)[0] for x in panels)
     text = f"{label} step {step} err {error:.3f} rad" + (" reached" if reached else "")
@@ -152,7 +152,7 @@ def compose(label: str, obs, goal, expected, waypoint, step: int, error: float, 
     return np.concatenate(out, 1)
 
 
-DEMO_FILES = re.compile(r"(episode|goal)_\d+\.(mp4|gif)|summary\.png|demo\.json|demo\.md|index\.html")
+DEMO_FILES = re.compile(r"((episode|goal)_\d+|sequence)\.(mp4|gif)|summary\.png|demo\.json|demo\.md|index\.html")
 
 
 def prepare_demo_dir(cfg: DemoConfig, out: Path) -> None:
@@ -228,7 +228,7 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
             to_goal = None if heading is None else policy._route.near.cpu().numpy()
             for i in range(n):
                 wp = None if waypoint is None else (goals[seg, i] if to_goal[i] else bank_frames[waypoint[i]])
-                videos[i].append(compose(label(i, seg), frames[i], goals[seg, i], bank_frames[expected[i]], wp, step,
+                videos[i].append(compose(label(i, seg), frames[i], goals[seg, i], bank_frames[expected[i]], wp, into,
                                          error[i], within[i], reached[seg, i]))
             if actions is not None:
                 frames = batch.step(actions)

@@ -531,6 +531,8 @@ def test_wm_demo_films_goal_poses_of_ones_own(data, tmp_path):
     assert seq["start_qpos"][0] == [0.3, 0.1]  # goal 1 starts where goal 0 ended:
     assert joint_error(seq["start_qpos"][1], seq["goal_qpos"][0]) == pytest.approx(seq["final_error"][0])
     assert _page_links(tmp_path / "v" / "index.html") == {"sequence.mp4", "summary.png"}
+    make_demo(cfg(goal_pose="1.0,-1.2", overwrite=True, **small), progress=False)  # no stale sequence left beside
+    assert sorted(p.name for p in (tmp_path / "v").glob("*.mp4")) == ["goal_00.mp4"]
     from evaluation.demo import demo_markdown  # a shoulder that went round is shown wrapped, as errors count it
 
     went_round = dict(seq, start_qpos=[[0.3, 0.1], [3.79, 0.8]])
