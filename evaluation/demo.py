@@ -9,6 +9,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -152,6 +153,20 @@ def compose(label: str, obs, goal, expected, waypoint, step: int, error: float, 
     return np.concatenate(out, 1)
 
 
+class FilmedFrame(NamedTuple):
+    """What one video frame shows, kept at the camera's size until the video is written: composed frames
+    are about 28x larger, and a demo of 50 far goals would hold gigabytes of them."""
+
+    goal: int  # which of the environment's goals is in play
+    step: int  # counted from that goal's first step
+    obs: np.ndarray  # (H, W, 3) uint8: the camera
+    expected: int  # the bank frame nearest to what the model expects
+    waypoint: int | None  # the bank frame heading for; -1: the goal itself; None: no subgoals
+    error: float
+    within: bool
+    reached: bool
+
+
 DEMO_FILES = re.compile(r"((episode|goal)_\d+|sequence)\.(mp4|gif)|summary\.png|demo\.json|demo\.md|index\.html")
 
 
@@ -199,7 +214,7 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
         frames = batch.reset_to(eps["qpos"], eps["qvel"], eps["target"])
         firsts, lasts, starts = [frames.copy()], [], [batch.qpos()]  # per goal: where each began and ended
         reached, final = np.zeros(segments.shape[:2], bool), np.zeros(segments.shape[:2])
-        videos = [[] for _ in range(n)]
+        shots = [[] for _ in range(n)]  # per environment, a FilmedFrame per step
         nearest = lambda z: torch.cdist(z.float(), bank_z).argmin(1).cpu().numpy()  # noqa: E731
         def label(i: int, seg: int) -> str:  # what a frame of environment i, heading for goal seg, is
             if cfg.goal_sequence:
@@ -227,9 +242,9 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
             waypoint = None if heading is None else nearest(heading)
             to_goal = None if heading is None else policy._route.near.cpu().numpy()
             for i in range(n):
-                wp = None if waypoint is None else (goals[seg, i] if to_goal[i] else bank_frames[waypoint[i]])
-                videos[i].append(compose(label(i, seg), frames[i], goals[seg, i], bank_frames[expected[i]], wp, into,
-                                         error[i], within[i], reached[seg, i]))
+                wp = None if waypoint is None else (-1 if to_goal[i] else int(waypoint[i]))
+                shots[i].append(FilmedFrame(seg, into, frames[i].copy(), int(expected[i]), wp, float(error[i]),
+                                            bool(within[i]), bool(reached[seg, i])))
             if actions is not None:
                 frames = batch.step(actions)
     finally:
@@ -238,7 +253,14 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     names = [f"{'goal' if cfg.goal_pose else 'episode'}_{int(j):02d}" for j in
              (range(len(segments)) if cfg.goal_sequence else eps["index"])]
     films = ["sequence"] if cfg.goal_sequence else names
-    written = [write_video(out / f"{name}.mp4", np.stack(v), gif=cfg.gif) for name, v in zip(films, videos)]
+
+    def film(i: int):  # environment i's video, composed a frame at a time as it is written
+        for f in shots[i]:
+            wp = None if f.waypoint is None else (goals[f.goal, i] if f.waypoint < 0 else bank_frames[f.waypoint])
+            yield compose(label(i, f.goal), f.obs, goals[f.goal, i], bank_frames[f.expected], wp, f.step, f.error,
+                          f.within, f.reached)[None]
+
+    written = [write_video(out / f"{name}.mp4", film(i), gif=cfg.gif) for i, name in enumerate(films)]
     flat = lambda x: np.asarray(x).reshape(-1, *np.shape(x)[2:])  # noqa: E731  (goal, environment) -> rows
     sheet = summary_sheet(flat(firsts), flat(lasts), flat(goals), flat(reached), flat(final), cfg.tolerance)
     atomic_write(out / "summary.png", lambda tmp: Image.fromarray(sheet).save(tmp), keep_suffix=True)
