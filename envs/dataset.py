@@ -19,12 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from common.device import available_memory
 from envs import swm
 from envs.storage import (CONSISTENT_ATTRS, RECORDING_DEFAULTS, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo,
                           _digest, _files, _plain, check_complete, inspect_shard, open_h5, recording)
 
 SPLITS = ("train", "val", "test", "all")
 CHUNK_CACHE_MB = 64  # HDF5 chunk cache of a stable-worldmodel file (one pixel dataset, 100-frame chunks)
+FRAME_CACHE_GB = 8.0  # frames are kept in memory up to this size and half the memory available, else read lazily
+
+
+def memory_for_frames(max_gb: float | None = None) -> float:
+    """Bytes of frames a store may keep in memory: ``max_gb``, or by default FRAME_CACHE_GB but at most half
+    the memory available now (the training that follows needs the rest; a small machine would swap)."""
+    if max_gb is not None:
+        return max_gb * 1e9
+    free = available_memory()
+    return FRAME_CACHE_GB * 1e9 if free is None else min(FRAME_CACHE_GB * 1e9, free / 2)
 
 
 def inspect_dataset(paths, env: str | None = None) -> list[ShardInfo]:
@@ -91,7 +102,7 @@ class EpisodeStore:
     a split drawn from a seed does not depend on the order the paths were given in. ``image_size``
     resizes frames of another size on load (area interpolation): ``size`` is then the size after
     resizing and ``source_size`` the stored one. ``in_memory`` loads all (resized) frames at once when
-    they fit in ``max_memory_gb`` (64x64 frames take 12 KB each); otherwise files stay open, one handle
+    they fit in ``max_memory_gb`` (default: ``memory_for_frames``; 64x64 frames take 12 KB each); otherwise files stay open, one handle
     per process, and every read is resized on the fly. Actions and true states are always in memory.
 
     ``missing_states`` names the states the data lacks (NaN in ``states(i)``): ``target`` when a file has
@@ -100,7 +111,7 @@ class EpisodeStore:
     ``fingerprint`` tells whether the data is exactly the same (``dataset_fingerprint``).
     """
 
-    def __init__(self, paths, in_memory: bool | None = None, max_memory_gb: float = 8.0,
+    def __init__(self, paths, in_memory: bool | None = None, max_memory_gb: float | None = None,
                  image_size: int | None = None, env: str | None = None):
         shards = inspect_dataset(paths, env=env)
         self.paths = paths
@@ -125,7 +136,7 @@ class EpisodeStore:
         self._fingerprint: str | None = None
         frames = sum(e.steps + 1 for e in self.episodes)
         if in_memory is None:
-            in_memory = frames * self.size * self.size * 3 <= max_memory_gb * 1e9
+            in_memory = frames * self.size * self.size * 3 <= memory_for_frames(max_memory_gb)
         self.in_memory = in_memory
         self._handles: dict[Path, h5py.File] = {}
         self._datasets: dict[tuple, h5py.Dataset] = {}  # open pixel datasets, by (file, episode key)

@@ -47,6 +47,20 @@ def test_dataloader_workers_read_lazily(synthetic_data):
     assert batches[0]["pixels"].shape[1:] == (3, 32, 32, 3)
 
 
+def test_frames_are_cached_only_within_half_the_memory_available(synthetic_data, monkeypatch):
+    """On a machine short of memory the frames stay on disk (a cache of 8 GB there would swap)."""
+    import envs.dataset as dataset
+    from common.device import available_memory
+
+    assert available_memory() > 0  # Linux says how much
+    monkeypatch.setattr(dataset, "available_memory", lambda: 1000)
+    assert not EpisodeStore(synthetic_data).in_memory
+    assert EpisodeStore(synthetic_data, max_memory_gb=1).in_memory  # an explicit budget is taken as given
+    for unknown_or_plenty in (None, 10**12):
+        monkeypatch.setattr(dataset, "available_memory", lambda: unknown_or_plenty)
+        assert EpisodeStore(synthetic_data).in_memory
+
+
 def test_lazy_reads_keep_no_decompressed_frames_of_our_shards(synthetic_data, tmp_path):
     """HDF5 keeps a chunk cache per open dataset, and a store keeps every episode's dataset open: a cache on
     our one-frame chunks would hold each episode read, decompressed, until the store closes (a dataset too
