@@ -45,9 +45,12 @@ def load_results(path: str, option_name: str) -> dict:
     if not where.exists():
         raise ValueError(f"{option_name} {where}: no such directory or file")
     file = where / "results.json" if where.is_dir() else where
+    if not file.exists():
+        raise ValueError(f"{option_name} {file}: missing; `wm eval` writes it last, when the evaluation finishes")
     results = read_json(file)
     if not isinstance(results.get("episodes"), list) or not results["episodes"]:
-        raise ValueError(f"{option_name} {file}: not the results.json of a finished `wm eval` (no field episodes)")
+        why = "no field episodes" if results else "not a readable JSON object"
+        raise ValueError(f"{option_name} {file}: not the results.json of a finished `wm eval` ({why})")
     return results
 
 

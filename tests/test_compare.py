@@ -48,7 +48,13 @@ def test_other_episodes_or_no_evaluation_are_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"--new .*nowhere: no such directory or file"):
         compare(str(base), str(tmp_path / "nowhere"))
     (tmp_path / "running").mkdir()  # an evaluation not finished: no results.json yet
-    with pytest.raises(ValueError, match=r"--new .*running/results.json: not the results.json of a finished"):
+    with pytest.raises(ValueError, match=r"--new .*running/results.json: missing; `wm eval` writes it last"):
+        compare(str(base), str(tmp_path / "running"))
+    (tmp_path / "running" / "results.json").write_text('{"episodes": [')  # damaged
+    with pytest.raises(ValueError, match=r"results.json: not the results.json of a finished .*not a readable JSON"):
+        compare(str(base), str(tmp_path / "running"))
+    (tmp_path / "running" / "results.json").write_text('{"protocols": {}}')
+    with pytest.raises(ValueError, match=r"results.json: not the results.json of a finished .*no field episodes"):
         compare(str(base), str(tmp_path / "running"))
     assert main(["compare", "--base", str(base)]) == 2
     assert "give --new: a `wm eval` output directory" in capsys.readouterr().err
