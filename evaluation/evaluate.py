@@ -39,7 +39,8 @@ from evaluation.report import log_to_tensorboard, plot_results, results_markdown
 from evaluation.stats import METHOD
 from planners.noise import problem_keys
 from planners.policy import MPCPolicy, PolicyConfig, check_policy_device
-from worldmodel.datasplit import HELD_OUT, load_with_data, recorded_data, split_episodes, training_episodes
+from worldmodel.datasplit import (HELD_OUT, load_with_data, recorded_data, resolve_data, split_episodes,
+                                  training_episodes)
 from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint, keep_graph, saved_graph
 from worldmodel.model import check_model_file
 
@@ -310,8 +311,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     own split); results pooled over checkpoints with the spread between them."""
     protocols = parse_protocols(cfg.protocol)
     methods = ["world_model", *parse_baselines(cfg.baselines)]
-    for checkpoint in cfg.checkpoints:  # every model readable before the first is evaluated
-        check_model_file(checkpoint)
+    metas = [check_model_file(c)[0] for c in cfg.checkpoints]  # every model readable before the first is evaluated
+    if not cfg.data:  # and the dataset each recorded found
+        for meta, checkpoint in zip(metas, cfg.checkpoints):
+            resolve_data(meta, checkpoint)
     with output_dir(check_output(cfg)) as out, output_lock(out):  # one evaluation at a time in a directory
         return _evaluate(cfg, out, protocols, methods, progress)
 

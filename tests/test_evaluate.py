@@ -592,6 +592,10 @@ def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"gone.pt: no such checkpoint"):
         evaluate(EvalConfig(checkpoint=f"{tmp_path / 'm.pt'},{tmp_path / 'gone.pt'}", out=str(tmp_path / "e2")),
                  progress=False)
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "t.pt", data)
+    with pytest.raises(ValueError, match=r"m.pt does not record its dataset; pass --data"):  # nor the data
+        evaluate(EvalConfig(checkpoint=f"{tmp_path / 't.pt'},{tmp_path / 'm.pt'}", out=str(tmp_path / "e2")),
+                 progress=False)
     assert not (tmp_path / "e2").exists()
 
 
