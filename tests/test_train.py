@@ -63,6 +63,18 @@ def test_train_episodes_trains_on_a_nested_subset_and_keeps_the_held_out_episode
         train(tiny(data, tmp_path / "five", train_episodes=5), progress=False)
 
 
+def test_too_few_episodes_to_hold_one_out_is_refused_before_any_step(tmp_path):
+    """Two episodes leave none to validate on beside one to report on: said before training, nothing written
+    (the validation at the end divided by zero, after the training)."""
+    two = write_synthetic(tmp_path / "two", n_episodes=2, steps=20)
+    with pytest.raises(ValueError, match=r"holds 2 episode\(s\): training needs at least 3 \(one to train on, one "
+                                         r"held out to validate on, one to report on"):
+        train(tiny(two, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+    train(tiny(two, tmp_path / "run", test_fraction=0.0, steps=2), progress=False)  # two serve without a test split
+    assert (tmp_path / "run" / "model.pt").exists()
+
+
 def test_tensorboard_has_validation_loss_hparams_and_closed_loop(data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

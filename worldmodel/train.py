@@ -363,6 +363,11 @@ class TrainingData:
             raise ValueError(f"--train-episodes {cfg.train_episodes}: {cfg.data} has only "
                              f"{len(self.train.episode_ids)} training episodes")
         self.val = WindowDataset(self.store, WindowSpec(history, cfg.val_horizon, fs), "val", *fractions, states=False)
+        if not self.val.episode_ids:  # too few episodes to hold one out: nothing to choose on, or to validate
+            least, roles = (3, ", one to report on") if cfg.test_fraction > 0 else (2, "")
+            raise ValueError(f"{cfg.data} holds {len(self.store)} episode(s): training needs at least {least} (one to "
+                             f"train on, one held out to validate on{roles}; --val-fraction {cfg.val_fraction}, "
+                             f"--test-fraction {cfg.test_fraction})")
         self.val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val, _spread(len(self.val), 512)),
                                                       batch_size=256)
         ids = {"train": self.train.episode_ids, "val": self.val.episode_ids, "test": self.store.split("test", *fractions)}
