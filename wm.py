@@ -21,8 +21,8 @@ import envs  # noqa: F401  (selects the GL backend before anything imports mujoc
 from common.config import (apply_overrides, check_at_least, comma_list, config_fields, from_dict, nested, option,
                            unwrap_optional)
 from common.device import THREADS_HELP, set_threads
-from common.files import (atomic_write, atomic_write_json, atomic_write_text, output_dir, output_lock,
-                          remove_stale_temporaries)
+from common.files import (atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured, output_dir,
+                          output_lock, remove_stale_temporaries)
 from common.process import sigterm_as_interrupt
 from common.provenance import provenance, provenance_line, set_command, signed
 from envs.collect import CollectConfig, collect
@@ -377,9 +377,10 @@ def run_study(cfg: StudyConfig) -> int:
                                       units=units)
                 text, plot = hold.report(result, cfg.checkpoint, cfg.split), hold.plot
             made = provenance()
-            atomic_write_json(out / "results.json", {**result, "provenance": made})
-            atomic_write_text(out / "results.md", signed(text, made))
-            atomic_write(out / "results.png", lambda tmp: plot(result, tmp), keep_suffix=True)
+            with keeping_what_was_measured(units):
+                atomic_write(out / "results.png", lambda tmp: plot(result, tmp), keep_suffix=True)
+                atomic_write_text(out / "results.md", signed(text, made))
+                atomic_write_json(out / "results.json", {**result, "provenance": made})  # last: it says finished
             shutil.rmtree(units, ignore_errors=True)
     print((out / "results.md").read_text())
     print(f"wrote {out}/results.json, results.md, results.png")

@@ -34,12 +34,19 @@ def temporary_path(path: Path, keep_suffix: bool = False) -> Path:
 def atomic_write(path: str | Path, write, keep_suffix: bool = False) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then a rename over it: a reader sees the old
     file or the new one, never half of one. On any failure (a full disk, Ctrl-C) the temporary file is
-    removed and the old file is kept."""
+    removed and the old file is kept. An ``OSError`` names ``path`` (a full disk says which output it hit),
+    unless it names another file already (a nested write's)."""
     path = Path(path)
     tmp = temporary_path(path, keep_suffix)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename not in (None, str(tmp), tmp):
+            raise
+        if exc.errno is None:  # a library's own error: no errno to keep
+            raise OSError(f"could not write {path}: {exc}") from exc
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -68,6 +75,20 @@ def naming_write_errors(path: str | Path):
         yield
     except OSError as exc:
         raise OSError(exc.errno, f"could not write {path} ({exc.strerror or exc}); nothing was left behind") from None
+
+
+@contextmanager
+def keeping_what_was_measured(units: str | Path):
+    """Around the last writes of a run that resumes from the parts kept in ``units``: an ``OSError`` there (a
+    full disk after an hour of measuring) says that those parts are kept and that the same command finishes
+    without measuring again."""
+    try:
+        yield
+    except OSError as exc:
+        what = f"could not write {exc.filename} ({exc.strerror})" if exc.filename else str(exc)
+        message = (f"{what}; what was measured is kept in {units}: the same command, once there is room, writes "
+                   f"the results without measuring again")
+        raise (OSError(message) if exc.errno is None else OSError(exc.errno, message)) from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

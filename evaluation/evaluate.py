@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from common.config import apply_overrides, comma_list, config_fields, nested, option
 from common.device import THREADS_HELP
-from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, output_dir, output_lock,
-                          remove_stale_temporaries)
+from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured,
+                          output_dir, output_lock, remove_stale_temporaries)
 from common.provenance import code_version, provenance, signed
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
@@ -360,15 +360,16 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
               "interval": METHOD, "torch_threads": torch.get_num_threads(), "provenance": made, "summary": summary,
               "episodes": records}
     markdown = signed(results_markdown(summary, cfg, split_note, cfg.checkpoints), made)
-    atomic_write_text(out / "results.md", markdown)
-    atomic_write_text(out / "index.html", evaluation_page(markdown))
     title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"
              f"{' and model' if len(cfg.checkpoints) > 1 else ''}, {cfg.split} split")
-    atomic_write(out / "results.png", lambda tmp: plot_results(summary, curves, cfg.tolerance, tmp, title,
-                                                            cfg.other_tolerances),
-                 keep_suffix=True)
-    log_to_tensorboard(out / "tb", summary, steps[0] or 0)
-    atomic_write_json(out / "results.json", report)  # last: the evaluation is finished
+    with keeping_what_was_measured(units_dir):
+        atomic_write_text(out / "results.md", markdown)
+        atomic_write_text(out / "index.html", evaluation_page(markdown))
+        atomic_write(out / "results.png", lambda tmp: plot_results(summary, curves, cfg.tolerance, tmp, title,
+                                                                cfg.other_tolerances),
+                     keep_suffix=True)
+        log_to_tensorboard(out / "tb", summary, steps[0] or 0)
+        atomic_write_json(out / "results.json", report)  # last: the evaluation is finished
     shutil.rmtree(units_dir, ignore_errors=True)  # all in results.json now
     return report
 

@@ -676,8 +676,8 @@ def _small_eval(checkpoint, data, out, **kw):
 
 
 def test_a_failed_evaluation_leaves_no_partial_output_and_is_not_finished(data, tmp_path, monkeypatch):
-    """A full disk while plotting: no 0-byte results.png, no results.json (written last), so the rerun is not
-    refused as finished."""
+    """A full disk while plotting: the error names the file and says what is kept; no 0-byte results.png, no
+    results.json (written last), so the rerun is not refused as finished."""
     import evaluation.evaluate as ev
     from evaluation.evaluate import evaluate
 
@@ -688,7 +688,8 @@ def test_a_failed_evaluation_leaves_no_partial_output_and_is_not_finished(data, 
         open(path, "wb").close()
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(ev, "plot_results", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"could not write .*results.png \(No space left on device\); what was "
+                                      r"measured is kept in .*units: the same command"):
         evaluate(cfg, progress=False)
     monkeypatch.undo()
     # not the rest; what was measured is kept (units), so the rerun only writes the results

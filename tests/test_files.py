@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from common.files import (KeptRuns, LatchedErrorFile, OutputLockedError, output_dir, output_lock,
+from common.files import (KeptRuns, LatchedErrorFile, OutputLockedError, atomic_write, output_dir, output_lock,
                           remove_stale_temporaries)
 
 
@@ -110,6 +110,27 @@ def test_a_latched_file_keeps_the_first_error_and_drops_later_writes(tmp_path):
     assert f.write(b"abc") == 3 and f.write(b"de") == 2 and raw.calls == 1
     with pytest.raises(OSError, match="File too large"):
         f.raise_error()
+
+
+def test_a_failed_atomic_write_names_the_file_it_was_writing(tmp_path):
+    """A full disk says which output it hit (not a bare "[Errno 28] No space left on device"), leaves no
+    temporary file and keeps the old file; a nested write's error keeps the inner file's name."""
+    (tmp_path / "results.png").write_text("old")
+
+    def full(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"No space left on device: '.*results.png'") as caught:
+        atomic_write(tmp_path / "results.png", full, keep_suffix=True)
+    assert caught.value.errno == errno.ENOSPC and caught.value.strerror == "No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.png"]
+    assert (tmp_path / "results.png").read_text() == "old"
+    with pytest.raises(OSError, match=r"No space left on device: '.*inner.gif'"):
+        atomic_write(tmp_path / "outer.mp4", lambda tmp: atomic_write(tmp_path / "inner.gif", full))
+    with pytest.raises(OSError, match=r"could not write .*plain.txt: the encoder stopped"):
+        atomic_write(tmp_path / "plain.txt", lambda tmp: (_ for _ in ()).throw(OSError("the encoder stopped")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.png"]
 
 
 def test_kept_runs_give_back_what_was_put_and_refuse_what_was_measured_otherwise(tmp_path):
