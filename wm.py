@@ -284,6 +284,7 @@ def run_bench(cfg: BenchConfig) -> int:
     from benchmarks import plan as plan_bench
     from benchmarks import quality as quality_bench
     from benchmarks import train as train_bench
+    from benchmarks.timing import busy_machine_note
     from evaluation.protocols import parse_protocols
 
     failed: list[str] = []  # the GPU check's failed parts make the exit status 1
@@ -304,8 +305,12 @@ def run_bench(cfg: BenchConfig) -> int:
                "gpu": gpu_check}
     chosen = ({k: v for k, v in benches.items() if k not in ("plan-quality", "subgoals", "gpu")} if cfg.what == "all"
               else {cfg.what: benches[cfg.what]})
-    with output_dir(cfg.out) as out:  # checked before any benchmark runs
-        report = "\n\n".join(f"# wm bench {name}\n\n{provenance_line(provenance())}\n\n{fn()}"
+    with output_dir(cfg.out) as out, output_lock(out):  # checked, and one benchmark at a time there, before any runs
+        busy = busy_machine_note()  # before the first: later, the load is this command's own
+        if busy:
+            logging.getLogger("wm").warning(busy)
+        warning = [busy] if busy else []
+        report = "\n\n".join("\n\n".join([f"# wm bench {name}", provenance_line(provenance()), *warning, fn()])
                                for name, fn in chosen.items())
         print(report)
         atomic_write_text(out / f"bench_{cfg.what}.md", report + "\n")

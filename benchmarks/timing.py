@@ -10,10 +10,13 @@ of every setting. For the same reason absolute times and rates are printed only 
 
 from __future__ import annotations
 
+import os
 from typing import Callable, TypeVar
 
 import numpy as np
 import torch
+
+from common.device import available_cores
 
 T = TypeVar("T")
 
@@ -45,6 +48,21 @@ def paired_ratio(numerator, denominator) -> str:
     if len(ratios) == 1:
         return f"{ratios[0]:.2f}x"
     return f"{np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f})"
+
+
+def busy_machine_note(per_core: float = 0.5) -> str:
+    """A warning for a report whose timing begins while other work runs (the 1-minute load average at least
+    ``per_core`` per core this process may use): alternating runs share a steady load, not one that comes
+    and goes, so the ratios may be off too. Empty on a quiet machine, or where the load is unknown."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return ""
+    cores = available_cores()
+    if load < per_core * cores:
+        return ""
+    return (f"**Warning**: the load average was {load:.1f} on {cores} core(s) when this benchmark began: other work "
+            f"was running, and its timings, ratios included, may be off. Run it again on a quiet machine.")
 
 
 def absolute_shown(device: torch.device | None = None) -> bool:

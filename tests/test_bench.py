@@ -193,3 +193,28 @@ def test_bench_protocol_reaches_both_closed_loop_benchmarks(tmp_path, monkeypatc
     for what in ("plan-quality", "subgoals"):  # no --protocol: each benchmark's own default
         wm.run_bench(wm.BenchConfig(what=what, out=str(tmp_path / f"{what}-default")))
     assert seen == {"plan-quality": None, "subgoals": None}
+
+
+def test_a_busy_machine_is_said_in_the_report_and_one_benchmark_runs_at_a_time(tmp_path, monkeypatch):
+    """Timing that begins while other work runs says so in the report; a second benchmark into the same
+    directory is refused rather than timing the first."""
+    import os
+
+    import wm
+    from benchmarks import timing
+    from common.files import OutputLockedError, output_lock
+
+    monkeypatch.setattr(quality, "run", lambda *a, **k: "a report")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert timing.busy_machine_note() == ""
+    wm.run_bench(wm.BenchConfig(what="plan-quality", out=str(tmp_path / "quiet")))
+    assert "Warning" not in (tmp_path / "quiet" / "bench_plan-quality.md").read_text()
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(timing, "available_cores", lambda: 2)
+    assert timing.busy_machine_note().startswith("**Warning**: the load average was 9.0 on 2 core(s)")
+    wm.run_bench(wm.BenchConfig(what="plan-quality", out=str(tmp_path / "busy")))
+    assert "the load average was 9.0 on 2 core(s) when this benchmark began" in (
+        tmp_path / "busy" / "bench_plan-quality.md").read_text()
+    with output_lock(tmp_path / "busy"):
+        with pytest.raises(OutputLockedError):
+            wm.run_bench(wm.BenchConfig(what="plan-quality", out=str(tmp_path / "busy")))
