@@ -39,8 +39,8 @@ from evaluation.report import log_to_tensorboard, plot_results, results_markdown
 from evaluation.stats import METHOD
 from planners.noise import problem_keys
 from planners.policy import MPCPolicy, PolicyConfig, check_policy_device
-from worldmodel.datasplit import (HELD_OUT, load_with_data, recorded_data, resolve_data, split_episodes,
-                                  training_episodes)
+from worldmodel.datasplit import (HELD_OUT, load_with_data, recorded_data, recording_differences, resolve_data,
+                                  split_episodes, training_episodes)
 from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint, keep_graph, saved_graph
 from worldmodel.model import check_model_file
 
@@ -146,6 +146,7 @@ class Setup:
     batch: ReacherBatch
     checkpoint: str = ""
     train: list[int] = field(default_factory=list)
+    recorded_otherwise: str = ""  # how the episodes were recorded otherwise than the model's training data
     _graphs: dict = field(default_factory=dict)
 
     def action_std(self) -> float:
@@ -192,7 +193,8 @@ def load_setup(checkpoint: str, data: str, episodes: int, device: str = "auto", 
         train = training_episodes(store, meta)
     except ValueError:
         train = []  # none here: the graph comes from the recorded dataset, if asked for
-    return Setup(model, meta, store, ids, note, batch_like(store, episodes), str(checkpoint), train)
+    return Setup(model, meta, store, ids, note, batch_like(store, episodes), str(checkpoint), train,
+                 recording_differences(meta, store))
 
 
 def batch_like(store: EpisodeStore, n: int) -> ReacherBatch:
@@ -334,11 +336,14 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
                    f"are kept")
     total = sum(p.budget for p in protocols) * cfg.seeds * len(methods) * len(cfg.checkpoints)
     bar = tqdm(total=total, desc="eval", unit="step", disable=not progress)
-    records, curves, notes, steps = [], {}, [], []
+    records, curves, notes, steps, otherwise = [], {}, [], [], []
     try:
         for run, checkpoint in enumerate(cfg.checkpoints):
             setup = load_setup(checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
             notes.append(setup.split_note)
+            if setup.recorded_otherwise:
+                otherwise.append(f"**Warning**: the episodes of {checkpoint} were recorded otherwise than its "
+                                 f"training data: {setup.recorded_otherwise}.")
             steps.append(setup.meta.get("step"))
             if progress:
                 tqdm.write(f"evaluating {checkpoint} on {len(setup.episodes)} episodes of "
@@ -359,7 +364,7 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
     report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps, "split": notes,
               "interval": METHOD, "torch_threads": torch.get_num_threads(), "provenance": made, "summary": summary,
               "episodes": records}
-    markdown = signed(results_markdown(summary, cfg, split_note, cfg.checkpoints), made)
+    markdown = signed("\n".join([results_markdown(summary, cfg, split_note, cfg.checkpoints), *otherwise]), made)
     title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"
              f"{' and model' if len(cfg.checkpoints) > 1 else ''}, {cfg.split} split")
     with keeping_what_was_measured(units_dir):

@@ -675,6 +675,24 @@ def _small_eval(checkpoint, data, out, **kw):
                       policy=apply_overrides(PolicyConfig(), {"samples": 8, "iterations": 1}), **kw)
 
 
+def test_episodes_recorded_otherwise_than_the_training_data_are_said(data, tmp_path, caplog):
+    """Evaluating on data of another look (or action repeat) than the model trained on is allowed (a test of
+    robustness), never silent: a warning names each difference, and the report carries it."""
+    import logging
+
+    from evaluation.evaluate import evaluate
+
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    assert json.loads((tmp_path / "m.json").read_text())["data"]["recording"]["render_quality"] == "fast"
+    other = collect_tiny(tmp_path / "standard", episodes=8, steps=60, render_quality="standard")
+    with caplog.at_level(logging.WARNING):
+        evaluate(_small_eval(tmp_path / "m.pt", other, tmp_path / "e"), progress=False)
+    said = "render_quality 'standard' (the model's training data: 'fast')"
+    assert said in caplog.text and said in (tmp_path / "e" / "results.md").read_text()
+    evaluate(_small_eval(tmp_path / "m.pt", data, tmp_path / "same"), progress=False)
+    assert "recorded otherwise" not in (tmp_path / "same" / "results.md").read_text()
+
+
 def test_a_failed_evaluation_leaves_no_partial_output_and_is_not_finished(data, tmp_path, monkeypatch):
     """A full disk while plotting: the error names the file and says what is kept; no 0-byte results.png, no
     results.json (written last), so the rerun is not refused as finished."""

@@ -16,8 +16,13 @@ A checkpoint from before validation was recorded has its held-out episodes as te
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
+
+from envs.storage import recording
+
+log = logging.getLogger(__name__)
 
 HELD_OUT = ("val", "test")
 
@@ -30,8 +35,23 @@ def split_record(store, data: str, ids: dict[str, list[int]], model_dir: str | P
     paths = {"path": str(data), "absolute": str(where)}
     if model_dir is not None:
         paths["relative_to_model"] = os.path.relpath(where, Path(model_dir).resolve())
-    return {**paths, "fingerprint": store.fingerprint, "episodes": len(store),
+    return {**paths, "fingerprint": store.fingerprint, "episodes": len(store), "recording": recording(store.attrs),
             **{name: [store.episodes[i].uid for i in episode_ids] for name, episode_ids in ids.items()}}
+
+
+# How a frame looks and how an action moves the arm, beside the env (which must match): the model learned these
+LOOK_AND_DYNAMICS = ("render_size", "render_quality", "hide_target", "action_repeat")
+
+
+def recording_differences(meta: dict, store) -> str:
+    """How ``store``'s episodes were recorded otherwise than the model's training episodes (its data record):
+    "" when alike, or when the model does not say (trained by a version that did not record it)."""
+    trained = (meta.get("data") or {}).get("recording")
+    if not isinstance(trained, dict):
+        return ""
+    here = recording(store.attrs)
+    return "; ".join(f"{key} {here[key]!r} (the model's training data: {trained[key]!r})"
+                     for key in LOOK_AND_DYNAMICS if key in trained and here[key] != trained[key])
 
 
 def _legacy_held_out(store, meta: dict) -> tuple[list[int], str]:
@@ -166,4 +186,8 @@ def open_data(model, meta: dict, checkpoint, data: str = "", need: str = "pass -
         store = EpisodeStore(data, image_size=model.cfg.image_size, env=model.cfg.env)
     except EnvMismatchError as exc:  # only then is the model's env the point (other errors name their file)
         raise EnvMismatchError(f"{exc} (the env of the model {checkpoint})") from None
+    differences = recording_differences(meta, store)
+    if differences:  # allowed (a test of robustness, say), never silent
+        log.warning(f"{data} was recorded otherwise than the frames {checkpoint} trained on: {differences}; what "
+                    f"is measured on it includes that change")
     return store, str(data)
