@@ -378,21 +378,27 @@ def test_presets_and_overrides():
         preset_config("demo", {"encoder.colour": "red"})
 
 
-def test_hold_preset_trains_longer_and_says_when_its_frames_are_smaller(data, tmp_path, caplog):
-    from worldmodel.train import check_preset_frames
+def test_a_preset_says_when_the_data_is_not_of_the_kind_it_was_chosen_on(data, tmp_path, caplog):
+    from worldmodel.train import check_preset_data
 
     hold, demo = preset_config("hold", data="runs/d64"), preset_config("demo")
     assert hold.steps == 5000 and hold.model == demo.model  # the demo's model, trained longer
+    lewm = preset_config("lewm-data", data="runs/mixed")
     with caplog.at_level("WARNING", logger="worldmodel.train"):
-        check_preset_frames(hold, 96)
-        check_preset_frames(demo, 64)
+        check_preset_data(hold, 96, {"policy": "mixed"})
+        check_preset_data(demo, 64, {"action_repeat": 1})
+        check_preset_data(lewm, 64, {"action_repeat": 2, "policy": "random"})
+        check_preset_data(lewm, 64, {"action_repeat": 2})  # a file that does not say its policy
         assert not caplog.records
-        check_preset_frames(hold, 64)
-    assert "96 px" in caplog.text and "runs/d64 holds 64 px" in caplog.text
+        check_preset_data(hold, 64, {})
+        check_preset_data(lewm, 64, {"action_repeat": 1, "policy": "mixed"})
+    assert "--preset hold was chosen on other data than runs/d64: size 64 (chosen on 96)" in caplog.text
+    assert ("--preset lewm-data was chosen on other data than runs/mixed: action_repeat 1 (chosen on 2), policy "
+            "'mixed' (chosen on 'random'); `wm collect --policy random --action-repeat 2 --steps 200`") in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="worldmodel.train"):  # and `wm train --preset hold` says so too
         train(preset_config("hold", {**TINY, "steps": 2}, data=str(data), out=str(tmp_path / "hold")), progress=False)
-    assert "--preset hold was chosen on 96 px frames" in caplog.text
+    assert "--preset hold was chosen on other data than" in caplog.text and "size 32 (chosen on 96)" in caplog.text
 
 
 def test_two_cpu_processes_stay_in_sync(data, tmp_path):

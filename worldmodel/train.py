@@ -157,15 +157,24 @@ PRESETS = {
 }
 
 
-PRESET_FRAMES = {"hold": 96}  # the frame size a preset was chosen on, where it was chosen on one
+# The data a preset was chosen on, where it was chosen on data of one kind: (what the dataset records, the
+# collection that gives such data)
+PRESET_DATA = {"hold": ({"size": 96}, "wm collect --size 96"),
+               "lewm-data": ({"action_repeat": 2, "policy": "random"},
+                             "wm collect --policy random --action-repeat 2 --steps 200")}
 
 
-def check_preset_frames(cfg: TrainConfig, size: int) -> None:
-    """A preset chosen on larger frames than the data has is trained anyway, with a warning that says so."""
-    wanted = PRESET_FRAMES.get(cfg.preset)
-    if wanted and size < wanted:
-        log.warning(f"--preset {cfg.preset} was chosen on {wanted} px frames; {cfg.data} holds {size} px frames "
-                    f"(collect with `wm collect --size {wanted}` for the results it was chosen for)")
+def check_preset_data(cfg: TrainConfig, size: int, attrs: dict) -> None:
+    """A preset chosen on data of one kind trains on any, with a warning naming what differs (``size``: the
+    frames as trained on; ``attrs``: the dataset's attributes, defaults filled; a policy it does not record is
+    no difference)."""
+    wanted, collect = PRESET_DATA.get(cfg.preset, ({}, ""))
+    here = {**recording(attrs), "policy": attrs.get("policy"), "size": size}
+    differs = [f"{key} {here[key]!r} (chosen on {value!r})" for key, value in wanted.items()
+               if here.get(key) is not None and here[key] != value]
+    if differs:
+        log.warning(f"--preset {cfg.preset} was chosen on other data than {cfg.data}: {', '.join(differs)}; "
+                    f"`{collect}` collects data of its kind, for the results it was chosen for")
 
 
 def preset_config(name: str, overrides: dict | None = None, **kwargs) -> TrainConfig:
@@ -262,7 +271,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     data = TrainingData(cfg)
     if is_main:
         log.info(data.summary(cfg, device))
-        check_preset_frames(cfg, data.store.size)
+        check_preset_data(cfg, data.store.size, data.store.attrs)
     torch.manual_seed(cfg.seed)
     model = WorldModel(dataclasses.replace(cfg.model, image_size=data.store.size,
                                            env=str(data.store.attrs["env"]))).to(device)
