@@ -88,6 +88,17 @@ def recording(attrs: dict) -> dict:
     return {k: out.get(k) for k in CONSISTENT_ATTRS}
 
 
+def collect_command(rec: dict) -> str:
+    """The ``wm collect`` command line that records data as ``rec`` (a ``recording``) says its data was."""
+    parts = ["wm collect", f"--env {rec['env']}", f"--size {rec.get('render_size') or rec['size']}"]
+    if rec.get("render_size") not in (None, rec["size"]):
+        parts.append(f"--image-size {rec['size']}")
+    parts += [f"--render-quality {rec['render_quality']}", f"--action-repeat {rec['action_repeat']}"]
+    if not rec["hide_target"]:
+        parts.append("--no-hide-target")
+    return " ".join(parts)
+
+
 def check_attrs(attrs: dict, path) -> None:
     """The file attributes that decide what a frame looks like and how an action moves the arm, of the
     right type and range: a ``DatasetError`` naming the file and the attribute otherwise (not a crash when

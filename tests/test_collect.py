@@ -284,3 +284,23 @@ def test_actions_held_for_several_control_steps_are_recorded_and_replayed(tmp_pa
         batch.close(), once.close()
     with pytest.raises(DatasetError, match="action_repeat"):  # resuming with another repeat is refused
         collect(replace(TINY, out=str(out), episodes=2, steps=6, action_repeat=1), progress=False)
+
+
+@pytest.mark.parametrize("rec", [
+    {"env": "reacher-easy", "size": 64, "render_size": 64, "hide_target": True, "render_quality": "fast",
+     "action_repeat": 1},
+    {"env": "reacher-easy", "size": 64, "render_size": 224, "hide_target": True, "render_quality": "standard",
+     "action_repeat": 2},  # LeWM's kind, stored at our size
+    {"env": "reacher-hard", "size": 96, "render_size": 96, "hide_target": False, "render_quality": "fast",
+     "action_repeat": 1}])
+def test_the_collection_a_model_names_records_data_of_its_kind(rec, monkeypatch):
+    """A model whose dataset is gone names the `wm collect` command that records data as its was; that
+    command, parsed as typed, records exactly that."""
+    import wm
+    from envs.collect import _shard_attrs
+    from envs.storage import collect_command, recording
+
+    parsed = []
+    monkeypatch.setitem(wm.COMMANDS, "collect", (wm.COMMANDS["collect"][0], parsed.append, ""))
+    wm.main(collect_command(rec).split()[1:])
+    assert {k: v for k, v in recording(_shard_attrs(parsed[0])).items() if k in rec} == rec

@@ -798,7 +798,8 @@ def test_recorded_paths_mean_the_same_from_anywhere(tmp_path, monkeypatch):
     import shutil
 
     shutil.rmtree(tmp_path / "moved" / "data")
-    with pytest.raises(ValueError, match=r"not where it was recorded \(tried .*moved/run/\.\./data.*\); pass --data"):
+    with pytest.raises(ValueError, match=r"not where it was recorded \(tried .*moved/run/\.\./data.*\); pass --data "
+                                         r"\(`wm collect --env reacher-easy --size 32 .*` records data of its kind\)"):
         load_with_data(tmp_path / "moved" / "run" / "model.pt", device="cpu")
 
 

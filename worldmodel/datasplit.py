@@ -20,7 +20,7 @@ import logging
 import os
 from pathlib import Path
 
-from envs.storage import recording
+from envs.storage import collect_command, recording
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,10 @@ def resolve_data(meta: dict, checkpoint, need: str = "pass --data") -> str:
     for path in candidates:
         if path.exists():
             return str(path)
+    rec = (meta.get("data") or {}).get("recording")
+    kind = f" (`{collect_command(rec)}` records data of its kind)" if isinstance(rec, dict) else ""
     raise ValueError(f"{checkpoint}: its dataset is not where it was recorded (tried "
-                     f"{', '.join(str(p) for p in candidates)}); {need}")
+                     f"{', '.join(str(p) for p in candidates)}); {need}{kind}")
 
 
 def load_with_data(checkpoint, data: str = "", device: str = "auto"):
