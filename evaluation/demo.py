@@ -202,7 +202,8 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
         if cfg.goal_pose:
             eps = own_goals(cfg, eps, batch.physics.wrist_range)
         if progress:
-            log.info(f"retrieval bank: encoding up to {cfg.bank_frames} frames of {len(bank_ids)} training episodes")
+            kind = "training episodes" if setup.train else "episodes not filmed (the model trained on none here)"
+            log.info(f"retrieval bank: encoding up to {cfg.bank_frames} frames of {len(bank_ids)} {kind}")
         bank_z, bank_frames = frame_bank(model, store, bank_ids, cfg.bank_frames)
         n, budget = len(eps["index"]), protocol.budget  # environments filmed, steps per goal
         segments = eps["goal_qpos"].reshape(-1, n, 2)  # (S, n, 2): the goals each environment heads for in turn
