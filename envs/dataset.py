@@ -102,8 +102,9 @@ class EpisodeStore:
     a split drawn from a seed does not depend on the order the paths were given in. ``image_size``
     resizes frames of another size on load (area interpolation): ``size`` is then the size after
     resizing and ``source_size`` the stored one. ``in_memory`` loads all (resized) frames at once when
-    they fit in ``max_memory_gb`` (default: ``memory_for_frames``; 64x64 frames take 12 KB each); otherwise files stay open, one handle
-    per process, and every read is resized on the fly. Actions and true states are always in memory.
+    they fit in ``max_memory_gb`` (default: ``memory_for_frames``; 64x64 frames take 12 KB each);
+    otherwise files stay open, one handle per process, and every read is resized on the fly. Actions and
+    true states are always in memory.
 
     ``missing_states`` names the states the data lacks (NaN in ``states(i)``): ``target`` when a file has
     no target column; ``qpos``/``qvel`` (and then ``finger``) in a stable-worldmodel file without them.

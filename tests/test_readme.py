@@ -84,7 +84,8 @@ def test_the_readme_closed_loop_runs_as_written(tmp_path, capsys):
     from test_model import tiny_config
     from worldmodel.model import WorldModel
 
-    block = next(b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "gym.make(" in b and "load_policy(" in b)
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    block = next(b for b in blocks if "gym.make(" in b and "load_policy(" in b)
     WorldModel(tiny_config("mlp", size=64)).save(tmp_path / "m.pt")
     swaps = {'load_policy("runs/demo/model.pt")': f'load_policy({str(tmp_path / "m.pt")!r}, samples=4, iterations=1, '
                                                    f'**{{"subgoals.enabled": False}})',
