@@ -505,7 +505,8 @@ def _main(argv: list[str]) -> int:
             set_threads(cfg.threads)
         with sigterm_as_interrupt():  # `timeout`, `docker stop`, Slurm: the command cleans up as after Ctrl-C
             return run(cfg)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # what a command keeps (finished runs, episodes, a checkpoint) it says itself
+        print(f"wm {command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"wm {command}: error: {exc}", file=sys.stderr)

@@ -356,6 +356,12 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
                         records += [{**r, "run": run, "checkpoint": checkpoint} for r in rows]
             finally:
                 setup.batch.close()
+    except KeyboardInterrupt:
+        kept = len(list(units_dir.glob("*.json")))
+        if kept:
+            tqdm.write(f"stopped: the {kept} (model, protocol, seed, method) runs measured are kept in {units_dir}; "
+                       f"the same command measures only the rest")
+        raise
     finally:
         bar.close()
     summary = summarize(records, methods, protocols, cfg.other_tolerances)

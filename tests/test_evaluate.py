@@ -411,7 +411,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped_with_the_same_result
     assert len(calls) == 2 * 2 * 3 - 1 and strip(grown["episodes"]) == strip(whole["episodes"])
 
 
-def test_sigterm_stops_an_evaluation_like_ctrl_c(data, tmp_path, monkeypatch):
+def test_sigterm_stops_an_evaluation_like_ctrl_c(data, tmp_path, monkeypatch, capsys):
     """SIGTERM (``timeout``, ``docker stop``, Slurm) to ``wm eval``: exit status 130, the runs it finished
     kept for the rerun, its lock released; a demo stopped so before writing anything leaves no directory."""
     import os
@@ -433,6 +433,9 @@ def test_sigterm_stops_an_evaluation_like_ctrl_c(data, tmp_path, monkeypatch):
     base = ["--checkpoint", str(tmp_path / "m.pt"), "--data", str(data), "--samples", "8", "--iterations", "1"]
     assert main(["eval", *base, "--episodes", "2", "--seeds", "2", "--protocol", "reach25", "--baselines", "",
                  "--out", str(tmp_path / "e")]) == 130
+    said = capsys.readouterr()  # said, not only an exit status
+    assert "stopped: the 1 (model, protocol, seed, method) runs measured are kept" in said.out + said.err
+    assert said.err.endswith("wm eval: interrupted\n")
     assert [p.name for p in (tmp_path / "e" / "units").iterdir()] == ["model0-reach25-seed0-world_model.json"]
     assert not (tmp_path / "e" / ".wm.lock").exists() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     import evaluation.demo as demo
