@@ -22,7 +22,7 @@ from common.config import (apply_overrides, check_at_least, comma_list, config_f
                            unwrap_optional)
 from common.device import THREADS_HELP, set_threads
 from common.files import (atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured, output_dir,
-                          output_lock, remove_stale_temporaries)
+                          output_lock, remove_stale_temporaries, saying_what_is_kept)
 from common.process import sigterm_as_interrupt
 from common.provenance import provenance, provenance_line, set_command, signed
 from envs.collect import CollectConfig, collect
@@ -373,14 +373,15 @@ def run_study(cfg: StudyConfig) -> int:
         else:
             units = out / "units"  # the parts measured, kept until the results are written: a rerun resumes
             remove_stale_temporaries(units, r".*\.json")
-            if cfg.what == "one-frame":
-                result = one_frame.run(cfg.checkpoint, cfg.split, cfg.episodes, cfg.seeds, cfg.device, cfg.data,
-                                       units=units)
-                text, plot = one_frame.report(result), one_frame.plot
-            else:
-                result = hold.run_all(cfg.checkpoint, cfg.episodes, cfg.seeds, cfg.device, cfg.data, split=cfg.split,
-                                      units=units)
-                text, plot = hold.report(result, cfg.checkpoint, cfg.split), hold.plot
+            with saying_what_is_kept(units):
+                if cfg.what == "one-frame":
+                    result = one_frame.run(cfg.checkpoint, cfg.split, cfg.episodes, cfg.seeds, cfg.device, cfg.data,
+                                           units=units)
+                    text, plot = one_frame.report(result), one_frame.plot
+                else:
+                    result = hold.run_all(cfg.checkpoint, cfg.episodes, cfg.seeds, cfg.device, cfg.data,
+                                          split=cfg.split, units=units)
+                    text, plot = hold.report(result, cfg.checkpoint, cfg.split), hold.plot
             made = provenance()
             with keeping_what_was_measured(units):
                 atomic_write(out / "results.png", lambda tmp: plot(result, tmp), keep_suffix=True)

@@ -78,6 +78,19 @@ def naming_write_errors(path: str | Path):
 
 
 @contextmanager
+def saying_what_is_kept(units: str | Path):
+    """Around the measuring of a run that resumes from the parts kept in ``units``: an interruption (Ctrl-C,
+    SIGTERM) says how many parts are kept and that the same command measures only the rest."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = len(list(Path(units).glob("*.json")))
+        if kept:
+            log.warning(f"stopped: {kept} finished part(s) kept in {units}; the same command measures only the rest")
+        raise
+
+
+@contextmanager
 def keeping_what_was_measured(units: str | Path):
     """Around the last writes of a run that resumes from the parts kept in ``units``: an ``OSError`` there (a
     full disk after an hour of measuring) says that those parts are kept and that the same command finishes

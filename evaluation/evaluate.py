@@ -25,7 +25,7 @@ from tqdm import tqdm
 from common.config import apply_overrides, comma_list, config_fields, nested, option
 from common.device import THREADS_HELP
 from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured,
-                          output_dir, output_lock, remove_stale_temporaries)
+                          output_dir, output_lock, remove_stale_temporaries, saying_what_is_kept)
 from common.provenance import code_version, provenance, signed
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
@@ -335,9 +335,8 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
         tqdm.write(f"resuming: the {kept} (model, protocol, seed, method) runs already measured in {units_dir} "
                    f"are kept")
     total = sum(p.budget for p in protocols) * cfg.seeds * len(methods) * len(cfg.checkpoints)
-    bar = tqdm(total=total, desc="eval", unit="step", disable=not progress)
     records, curves, notes, steps, otherwise = [], {}, [], [], []
-    try:
+    with saying_what_is_kept(units_dir), tqdm(total=total, desc="eval", unit="step", disable=not progress) as bar:
         for run, checkpoint in enumerate(cfg.checkpoints):
             setup = load_setup(checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
             notes.append(setup.split_note)
@@ -356,14 +355,6 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
                         records += [{**r, "run": run, "checkpoint": checkpoint} for r in rows]
             finally:
                 setup.batch.close()
-    except KeyboardInterrupt:
-        kept = len(list(units_dir.glob("*.json")))
-        if kept:
-            tqdm.write(f"stopped: the {kept} (model, protocol, seed, method) runs measured are kept in {units_dir}; "
-                       f"the same command measures only the rest")
-        raise
-    finally:
-        bar.close()
     summary = summarize(records, methods, protocols, cfg.other_tolerances)
     split_note = notes[0] if len(notes) == 1 else f"each model's own {cfg.split} episodes"
     made = provenance()

@@ -434,7 +434,7 @@ def test_sigterm_stops_an_evaluation_like_ctrl_c(data, tmp_path, monkeypatch, ca
     assert main(["eval", *base, "--episodes", "2", "--seeds", "2", "--protocol", "reach25", "--baselines", "",
                  "--out", str(tmp_path / "e")]) == 130
     said = capsys.readouterr()  # said, not only an exit status
-    assert "stopped: the 1 (model, protocol, seed, method) runs measured are kept" in said.out + said.err
+    assert "stopped: 1 finished part(s) kept in " in said.err and "the same command measures only the rest" in said.err
     assert said.err.endswith("wm eval: interrupted\n")
     assert [p.name for p in (tmp_path / "e" / "units").iterdir()] == ["model0-reach25-seed0-world_model.json"]
     assert not (tmp_path / "e" / ".wm.lock").exists() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
