@@ -41,6 +41,7 @@ def test_commands_chain_with_their_defaults(tmp_path):
     assert "| linear (ridge) |" in probe and "| nonlinear (MLP) |" in probe
     report = json.loads((tmp_path / "runs" / "demo" / "probe.json").read_text())
     assert report["scored_episodes"] == 1 and {"linear", "nonlinear", "gap", "gaussianity"} <= set(report)
+    assert "**Warning**: scored on only 1 episode(s): an R^2 divides by the variance" in probe  # low R^2 explained
     assert run_wm("probe", cwd=tmp_path, check=False).returncode == 2  # kept unless --overwrite
 
 

@@ -75,3 +75,9 @@ def test_a_linear_latent_scores_one_both_ways_and_a_nonlinear_one_only_nonlinear
     curved = linear_and_nonlinear(angles(q_tr), y_tr, angles(q_te), y_te, PROBE_TARGETS, **kw)
     lin, non = (sum(curved[k].values()) / 6 for k in ("linear", "nonlinear"))
     assert non > 0.9 and non - lin > 0.3, (lin, non)
+
+
+def test_few_scored_episodes_are_warned_of():
+    from worldmodel.probe import FEW_SCORED, few_scored_warning
+
+    assert few_scored_warning(1).startswith("scored on only 1 episode(s)") and few_scored_warning(FEW_SCORED) == ""

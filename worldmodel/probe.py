@@ -108,6 +108,8 @@ def _probe_checkpoint(checkpoint: str, data: str, device: str, where: Path, spli
     fit, test, note = probe_split(store, meta, split)
     log.info(f"probing {checkpoint} (step {meta.get('step')}) on {data}: fit on {len(fit)} episodes, scored on "
              f"{len(test)}: {note}")
+    if warning := few_scored_warning(len(test)):
+        log.warning(warning)
     result = identifiability(trained, store, fit, test, mlp_steps=mlp_steps)
     torch.manual_seed(0)
     untrained = type(trained)(trained.cfg).to(trained.device)  # same architecture, random weights: the floor
@@ -121,6 +123,17 @@ def _probe_checkpoint(checkpoint: str, data: str, device: str, where: Path, spli
     return {**result, "markdown": markdown, "json": str(where / "probe.json"), "md": str(where / "probe.md")}
 
 
+FEW_SCORED = 10  # fewer held-out episodes than this and an R^2 says more about them than about the latent
+
+
+def few_scored_warning(scored: int) -> str:
+    """A sentence when too few episodes are scored for an R^2 to mean much, else ""."""
+    if scored >= FEW_SCORED:
+        return ""
+    return (f"scored on only {scored} episode(s): an R^2 divides by the variance of the state within them, which few "
+            f"episodes understate (one arm's sweep), so the scores are low and unsteady; use more held-out episodes")
+
+
 def probe_markdown(result: dict, checkpoint, step, data, fit: int, test: int, note: str) -> str:
     names = [*STATE_VARIABLES, "joints_mean"]
     floor = result["untrained_linear"]
@@ -130,13 +143,13 @@ def probe_markdown(result: dict, checkpoint, step, data, fit: int, test: int, no
     md = ["| probe | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     md += [f"| {label} | " + " | ".join("-" if r.get(n) is None else f"{r[n]:.3f}" for n in names) + " |"
            for label, r in rows.items()]
-    g = result["gaussianity"]
+    g, warning = result["gaussianity"], few_scored_warning(test)
     return (f"R^2 of probes from the latent of `{checkpoint}` (step {step}) to the arm's state, on `{data}`: fit on "
             f"{fit} episodes, scored on {test} ({note}). Velocities are probed from two consecutive latents.\n\n"
             + "\n".join(md) + f"\n\nHow Gaussian: the SIGReg statistic of the standardised test latents is "
             f"{g['latent_sigreg']:.2f} (about 1 for a Gaussian); the Epps-Pulley statistics of the linear probe's "
             f"standardised residuals: {', '.join(f'{v:.1f}' for v in g['residual_epps_pulley'])} (per variable, "
-            f"same order).\n")
+            f"same order).\n" + (f"\n**Warning**: {warning}.\n" if warning else ""))
 
 
 # --- what kind of map: linear against nonlinear probes, per state variable, and how Gaussian ---------------
