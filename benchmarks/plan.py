@@ -68,7 +68,9 @@ def _timer(planner, model, batch: int):
 
 
 def _config(name: str, n: int, it: int, hz: int) -> PlannerConfig:
-    return apply_overrides(PlannerConfig(), {"planner": name, "samples": n, "iterations": it, "horizon": hz})
+    """A search of n samples x it iterations x hz chunks alone: no gradient steps after it."""
+    return apply_overrides(PlannerConfig(), {"planner": name, "samples": n, "iterations": it, "horizon": hz,
+                                             "grad_steps": 0})
 
 
 def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), horizons=(5, 10), batches=(1, 50),

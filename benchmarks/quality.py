@@ -14,15 +14,14 @@ from evaluation.stats import format_p, paired_counts, sign_test
 from planners.policy import PolicyConfig
 
 # Each row: policy settings by name over the default policy. The first is LeWM's planner as released (its
-# per-call time is the reference); then CEM budgets, down to a third of the default's rollouts (50 x 6,
-# 40 x 8, 100 x 3); then the default with its warm-started replans refined by fewer iterations (the previous
-# plan is the amortised proposal: an episode's first plan runs 10).
+# per-call time is the reference); then the default (a small CEM refined by gradient steps); the same CEM
+# without them; the full CEM the default replaced, without and with gradient steps; and budgets of a third
+# of that CEM's rollouts without gradient steps.
 QUALITY_SETTINGS = (
-    LEWM_POLICY,
-    {"samples": 300, "iterations": 10}, {"samples": 100, "iterations": 30}, {"samples": 100, "iterations": 10},
-    {"samples": 50, "iterations": 6}, {"samples": 40, "iterations": 8}, {"samples": 100, "iterations": 3},
-    {"samples": 100, "iterations": 10, "warm_iterations": 3}, {"samples": 100, "iterations": 10, "warm_iterations": 2},
-    {"samples": 100, "iterations": 10, "warm_iterations": 1},
+    LEWM_POLICY, {},
+    {"grad_steps": 0},
+    {"samples": 100, "iterations": 10, "grad_steps": 0}, {"samples": 100, "iterations": 10},
+    {"samples": 50, "iterations": 6, "grad_steps": 0}, {"samples": 100, "iterations": 3, "grad_steps": 0},
 )
 
 
@@ -30,7 +29,7 @@ def setting_label(policy: PolicyConfig, lewm: bool) -> str:
     """How a row of the curve reads: samples x iterations (warm-started ones, bf16), LeWM's planner named."""
     p = policy.plan
     extras = [f"warm {p.warm_iterations}"] * bool(p.warm_iterations) + ["bf16"] * p.bf16
-    label = f"{p.samples} x {p.iterations}" + (f" ({', '.join(extras)})" if extras else "")
+    label = p.budget() + (f" ({', '.join(extras)})" if extras else "")
     return f"LeWM's planner, {label}" if lewm else label
 
 

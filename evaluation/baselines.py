@@ -34,17 +34,26 @@ def exploration_controller(indices, seed: int, policy: str):
     return lambda: np.stack([act() for act in acts]).astype(np.float32)
 
 
+# The least CEM budget (samples, iterations) of the simulator reference: the search the world model's
+# planner did before gradient steps let it sample less, so the reference is not starved by that change.
+SIMULATOR_BUDGET = (100, 10)
+
+
 def simulator_controller(batch, pcfg: PolicyConfig, frameskip: int, eps: dict, seed: int,
                          samples: int | None = None, iterations: int | None = None, sees_velocity: bool = True):
     """CEM on the true MuJoCo dynamics (it sees the true state, velocity included unless ``sees_velocity`` is
     False: then the joint angles only, as one frame shows them) with a hand-made joint cost: the reference
     controller. It plans with the world model's planner settings (all of CEM's; with MPPI, the shared
-    ones and CEM's defaults) and cost, on the joint angles instead of latents; ``samples``/``iterations``
-    set its budget apart (its elites then a tenth of the samples). Returns (act, policy)."""
+    ones and CEM's defaults) and cost, on the joint angles instead of latents, without gradient steps (the
+    simulator is not differentiable) and so with a budget of at least ``SIMULATOR_BUDGET``;
+    ``samples``/``iterations`` set its budget apart (its elites then a tenth of the samples). Returns
+    (act, policy)."""
     plan = pcfg.plan if pcfg.plan.planner == "cem" else dataclasses.replace(pcfg.plan, planner="cem", cem=CEMConfig())
-    overrides = {"samples": samples or plan.samples, "iterations": iterations or plan.iterations, "seed": seed,
-                 "compile": False}
-    if samples:
+    least_samples, least_iterations = SIMULATOR_BUDGET
+    overrides = {"samples": samples or max(plan.samples, least_samples),
+                 "iterations": iterations or max(plan.iterations, least_iterations), "seed": seed,
+                 "compile": False, "grad_steps": 0}
+    if overrides["samples"] != plan.samples:
         overrides["cem.elites"] = None  # a budget of its own: the elites are a tenth of it
     plan = dataclasses.replace(apply_overrides(plan, overrides), cost=JOINT_COSTS[plan.cost])
     sim = SimulatorModel(batch.physics, frameskip, batch.action_repeat, sees_velocity)

@@ -28,6 +28,7 @@ from planners.config import STREAMS_PER_CALL, PlannerConfig
 from planners.costs import CostFn, get_cost
 from planners.cuda_graph import CapturedSearch
 from planners.noise import problem_keys, standard_normal
+from planners.refine import descend, keep_lower
 
 @dataclass
 class PlanResult:
@@ -69,9 +70,7 @@ def take(cand: Tensor, idx: Tensor) -> Tensor:
 def keep_best(best_a: Tensor, best_c: Tensor, cand: Tensor, cost: Tensor) -> tuple[Tensor, Tensor]:
     """Running best over iterations, branch-free (no host sync): best (B, H, A), (B,); cand (B, N, H, A)."""
     c, i = cost.min(dim=1)  # (B,), (B,)
-    better = c < best_c  # (B,)
-    a = take(cand, i[:, None])[:, 0]  # (B, H, A)
-    return torch.where(better[:, None, None], a, best_a), torch.where(better, c, best_c)
+    return keep_lower(best_a, best_c, take(cand, i[:, None])[:, 0], c)
 
 
 class Planner:
@@ -154,9 +153,18 @@ class Planner:
         with torch.autocast(z_hist.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16,
                             cache_enabled=not self.cfg.cuda_graph):
             result = self.optimize(z_hist, a_hist, z_goal, mean, keys, streams)
+            if self.cfg.grad_steps:
+                result = self.refine(z_hist, a_hist, z_goal, result)
             if self.cfg.rest and self.cfg.rest_margin:
                 result = self.prefer_rest(z_hist, a_hist, z_goal, result)
         return result
+
+    def refine(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, result: PlanResult) -> PlanResult:
+        """The search's plan refined by ``grad_steps`` gradient steps on its actions (``planners.refine``):
+        a rollout and its backward pass of B rows per step."""
+        def cost_of(actions: Tensor) -> Tensor:  # (B, H, A) -> (B,)
+            return self.plan_cost(self.model.rollout(z_hist, a_hist, actions)[:, None], z_goal, actions[:, None])[:, 0]
+        return PlanResult(*descend(cost_of, result.actions, result.cost, self.cfg.grad_steps, self.cfg.grad_lr))
 
     def prefer_rest(self, z_hist: Tensor, a_hist: Tensor | None, z_goal: Tensor, result: PlanResult) -> PlanResult:
         """The rest sequence instead of the plan found when its predicted cost is within ``rest_margin``

@@ -93,10 +93,14 @@ class PlannerConfig:
 
     planner: str = option("cem", "the search: cem or mppi", choices=PLANNER_KINDS)
     horizon: int = option(5, "planned action chunks H")
-    samples: int = option(100, "candidate sequences N scored per iteration and problem")
-    iterations: int = option(10, "refinement iterations, one batched rollout each")
+    samples: int = option(20, "candidate sequences N scored per iteration and problem")
+    iterations: int = option(4, "refinement iterations, one batched rollout each")
     warm_iterations: int = option(0, "iterations of a plan that starts from the previous one (a warm start, as "
                                      "every replan of an episode but its first does); 0: iterations")
+    grad_steps: int = option(8, "gradient steps on the best plan's actions after the search (Adam through the "
+                                "predictor; 0: none): the fine corrections that hold a goal, which samples find "
+                                "only by chance")
+    grad_lr: float = option(0.05, "step size of those gradient steps, in action units")
     cost: Any = option("sum", "distance of the predicted latents to the goal's, summed over the plan (sum) or at "
                               "its last step only (final); in Python also a callable "
                               "(z_pred (B,N,H,D), z_goal (B,D)) -> (B,N)", choices=tuple(COSTS))
@@ -125,6 +129,11 @@ class PlannerConfig:
     cem: CEMConfig = nested(CEMConfig, "CEM only")
     mppi: MPPIConfig = nested(MPPIConfig, "MPPI only")
 
+    def budget(self) -> str:
+        """The search's size as reports name it: ``100 x 10`` (samples x iterations), ``20 x 4 + 8 gradient
+        steps``."""
+        return f"{self.samples} x {self.iterations}" + (f" + {self.grad_steps} gradient steps" if self.grad_steps else "")
+
     def __post_init__(self):
         if self.planner not in PLANNER_KINDS:
             raise ValueError(f"planner must be one of {list(PLANNER_KINDS)}, got {self.planner!r}")
@@ -134,6 +143,8 @@ class PlannerConfig:
         if max(self.iterations, self.warm_iterations) >= STREAMS_PER_CALL or self.warm_iterations < 0:
             raise ValueError(f"iterations and warm_iterations must be in [1, {STREAMS_PER_CALL}) (warm_iterations 0: "
                              f"iterations), got {self.iterations}, {self.warm_iterations}")
+        if self.grad_steps < 0 or not self.grad_lr > 0:
+            raise ValueError(f"need grad_steps >= 0 and grad_lr > 0, got {self.grad_steps}, {self.grad_lr}")
         if self.rest_margin < 0 or self.seed < 0:
             raise ValueError(f"rest_margin and seed must be >= 0, got {self.rest_margin}, {self.seed}")
         if self.action_cost < 0 or self.stay_cost < 0:

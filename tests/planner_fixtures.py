@@ -25,7 +25,9 @@ SHARED = {f.name for f in dataclasses.fields(PlannerConfig)} - set(PLANNERS)  # 
 
 def planner_config(name: str, **settings) -> PlannerConfig:
     """A ``PlannerConfig`` of planner ``name`` from flat keywords: the shared settings by their names, the
-    planner's own (``elites``, ``temperature``) under its prefix (``cem.elites``)."""
+    planner's own (``elites``, ``temperature``) under its prefix (``cem.elites``); no gradient steps unless
+    ``grad_steps`` is given."""
+    settings = {"grad_steps": 0} | settings  # the search alone unless a test asks for gradient steps
     named = {(k if k in SHARED else f"{name}.{k}"): v for k, v in settings.items()}
     return apply_overrides(PlannerConfig(planner=name), named)
 

@@ -103,7 +103,7 @@ def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
     assert "| setting | reach25: latched / held | uniform: latched / held | held vs the default" in report
     cell = r"([\d.]+)% / ([\d.]+)%"
     rows = re.findall(rf"\| ([^|]+) \| {cell} \| {cell} \| ([^|]+) \| ([\d.]+)x \| ([\d.]+)x \|", report)
-    assert [r[0] for r in rows] == ["12 x 2", "100 x 10", "16 x 3 (warm 1, bf16)"]
+    assert [r[0] for r in rows] == ["12 x 2", "20 x 4 + 8 gradient steps", "16 x 3 + 8 gradient steps (warm 1, bf16)"]
     assert rows[0][6:] == ("1.000", "1.00") and float(rows[2][6]) > 0  # per call and per episode, vs the first row
     # each rate pools 2 models x 3 episodes: a multiple of 1/6
     assert all(abs(float(x) * 6 / 100 - round(float(x) * 6 / 100)) < 0.01 for r in rows for x in r[1:5])

@@ -12,9 +12,9 @@ from conftest import collect_tiny, save_as_trained_on
 from envs import joint_error
 from envs.dataset import EpisodeStore
 from envs.vector import ReacherBatch
-from evaluation.baselines import simulator_controller
+from evaluation.baselines import SIMULATOR_BUDGET, simulator_controller
 from evaluation.evaluate import EvalConfig, Setup, batch_like, run_episodes, world_model_controller
-from evaluation.protocols import PROTOCOLS, episode_records, sample_episodes
+from evaluation.protocols import LEWM_POLICY, PROTOCOLS, episode_records, sample_episodes
 from evaluation.stats import cluster_warning, design_effect, format_p, sign_test, success_interval, wilson_interval
 from planners.policy import PolicyConfig
 from planners.subgoals import SubgoalConfig
@@ -266,6 +266,24 @@ def test_simulator_baseline_reaches_most_goals_and_batching_agrees(data):
         alone = run_episodes(single, one, protocol, act)
         single.close()
         assert np.allclose(alone[0], together[i], atol=1e-9)
+
+
+def test_the_simulator_reference_plans_without_gradient_steps_and_at_least_the_full_budget():
+    """The simulator is not differentiable: its CEM takes no gradient steps, and where the world model's
+    planner samples less because of them, the reference keeps the budget of at least 100 x 10."""
+    batch = ReacherBatch("reacher-easy", 1, size=32)
+    eps = {"goal_qpos": np.zeros((1, 2)), "index": np.array([0])}
+    try:
+        _, policy = simulator_controller(batch, PolicyConfig(), 5, eps, seed=0)
+        assert (policy.planner.cfg.samples, policy.planner.cfg.iterations) == SIMULATOR_BUDGET
+        assert policy.planner.cfg.grad_steps == 0
+        lewm = apply_overrides(PolicyConfig(), LEWM_POLICY)
+        _, policy = simulator_controller(batch, lewm, 5, eps, seed=0)
+        assert (policy.planner.cfg.samples, policy.planner.cfg.iterations, policy.planner.cfg.cem.elites) == (300, 30, 30)
+        _, policy = simulator_controller(batch, PolicyConfig(), 5, eps, seed=0, samples=8, iterations=1)
+        assert (policy.planner.cfg.samples, policy.planner.cfg.iterations) == (8, 1)
+    finally:
+        batch.close()
 
 
 def test_simulator_references_plan_under_the_protocols_settings(data, monkeypatch):

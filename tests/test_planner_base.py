@@ -226,7 +226,7 @@ def test_config_rejects_nonsense(name):
 def test_no_host_sync_while_planning(name, monkeypatch):
     """No tensor value reaches Python during planning (it would stall a GPU and break graph capture)."""
     z, g, a = make_problems(LinearDynamics(), 2, h=2)
-    p = planner(name, iterations=2)
+    p = planner(name, iterations=2, grad_steps=2)  # the gradient steps too
 
     def sync(*args):
         raise AssertionError("host synchronisation inside plan()")
