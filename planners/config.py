@@ -132,7 +132,8 @@ class PlannerConfig:
     def budget(self) -> str:
         """The search's size as reports name it: ``100 x 10`` (samples x iterations), ``20 x 4 + 8 gradient
         steps``."""
-        return f"{self.samples} x {self.iterations}" + (f" + {self.grad_steps} gradient steps" if self.grad_steps else "")
+        steps = f" + {self.grad_steps} gradient steps" if self.grad_steps else ""
+        return f"{self.samples} x {self.iterations}{steps}"
 
     def __post_init__(self):
         if self.planner not in PLANNER_KINDS:

@@ -279,7 +279,8 @@ def test_the_simulator_reference_plans_without_gradient_steps_and_at_least_the_f
         assert policy.planner.cfg.grad_steps == 0
         lewm = apply_overrides(PolicyConfig(), LEWM_POLICY)
         _, policy = simulator_controller(batch, lewm, 5, eps, seed=0)
-        assert (policy.planner.cfg.samples, policy.planner.cfg.iterations, policy.planner.cfg.cem.elites) == (300, 30, 30)
+        cfg = policy.planner.cfg
+        assert (cfg.samples, cfg.iterations, cfg.cem.elites, cfg.grad_steps) == (300, 30, 30, 0)
         _, policy = simulator_controller(batch, PolicyConfig(), 5, eps, seed=0, samples=8, iterations=1)
         assert (policy.planner.cfg.samples, policy.planner.cfg.iterations) == (8, 1)
     finally:
