@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.plan import LEWM_SEARCH
 from benchmarks.timing import markdown_table
 from common.config import apply_overrides
 from common.device import resolve_device
@@ -35,7 +36,6 @@ from common.provenance import provenance
 from planners.config import PlannerConfig
 from planners.policy import make_planner
 
-LEWM = {"samples": 300, "iterations": 30, "horizon": 5, "cem.elites": 30, "grad_steps": 0}
 OURS: dict = {}  # the default planner
 ROOT = Path(__file__).parents[1]
 
@@ -60,7 +60,7 @@ def plan_latency(device: torch.device, dry_run: bool, modes: dict[str, dict]) ->
 
     model = demo_model(device)
     settings = {"tiny CEM 8 x 2": {"samples": 8, "iterations": 2}} if dry_run else \
-        {"CEM 300 x 30 x H5 (LeWM)": LEWM, f"default (CEM {PlannerConfig().budget()})": OURS}
+        {"CEM 300 x 30 x H5 (LeWM)": LEWM_SEARCH, f"default (CEM {PlannerConfig().budget()})": OURS}
     rows = []
     for label, over in settings.items():
         for batch in (1, 2) if dry_run else (1, 50):

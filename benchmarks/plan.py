@@ -73,6 +73,26 @@ def _config(name: str, n: int, it: int, hz: int) -> PlannerConfig:
                                              "grad_steps": 0})
 
 
+LEWM_SEARCH = {"samples": 300, "iterations": 30, "horizon": 5, "cem.elites": 30, "grad_steps": 0}  # LeWM's CEM
+
+
+def default_against_lewm(model, batches, repeats: int, absolute: bool) -> list[str]:
+    """The default planner (its search and gradient steps) against CEM at LeWM's setting: alternating plans,
+    the ratio the median (min-max) over adjacent pairs, per batch size."""
+    ours, lewm = PlannerConfig(), apply_overrides(PlannerConfig(), LEWM_SEARCH)
+    rows = []
+    for b in batches:
+        lewm_s, ours_s = alternating(_timer(make_planner(model, lewm), model, b),
+                                     _timer(make_planner(model, ours), model, b), repeats)
+        rows.append([str(b), f"{1000 * statistics.median(lewm_s):.1f}", f"{1000 * statistics.median(ours_s):.1f}",
+                     paired_ratio(ours_s, lewm_s)])
+    head = [f"The default planner (CEM {ours.budget()}, horizon {ours.horizon}) against CEM 300 x 30 x 5, top 30 "
+            f"(LeWM's setting): {repeats} plans of each, alternating, the time per plan the median (min-max) of the "
+            f"ratios over pairs of plans adjacent in time:", ""]
+    return head + markdown_table([("batch", False), ("LeWM's setting ms", True), ("default ms", True),
+                                  ("default vs LeWM's setting", False)], rows, absolute)
+
+
 def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), horizons=(5, 10), batches=(1, 50),
         naive_budget_s: float = 60.0, repeats: int = 3, bf16_settings=((100, 10, 5), (300, 30, 5))) -> str:
     """The tables of the module docstring; ``bf16_settings``: the CEM (samples, iterations, horizon) timed with
@@ -97,6 +117,8 @@ def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), hor
          ("per problem vs row 1", False)],
         [[name, str(n), str(it), str(hz), str(b), f"{1000 * t:.1f}", f"{1000 * t / b:.2f}", f"{t / first:.2f}x",
           f"{t / b / (first / first_b):.3f}x"] for (name, n, it, hz, b), t in timed.items()], absolute)
+
+    lines += ["", *default_against_lewm(model, batches, repeats, absolute)]
 
     most = max(batches)
     lines += ["", f"What planning problems together buys: CEM for {most} problems in one call, against the fair "

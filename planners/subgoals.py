@@ -98,6 +98,11 @@ class Router:
             self._ahead[key] = node
         return self._ahead[key]
 
+    def forget(self) -> None:
+        """Drop the cached solves (the sparse matrix stays: it is the graph's)."""
+        self._trees.clear()
+        self._ahead.clear()
+
     def route(self, z_goal: Tensor, cfg: SubgoalConfig) -> Route:
         """The routes of B goal latents (B, D) to their nearest nodes (host work, once per episode)."""
         goals = self.graph.nearest(z_goal).tolist()  # (B,)
@@ -118,8 +123,10 @@ def route(graph: LatentGraph, z_goal: Tensor, cfg: SubgoalConfig) -> Route:
 
 
 def forget_routes() -> None:
-    """Drop every cached shortest-path solve: the next routes are solved afresh (a benchmark times them cold)."""
-    _ROUTERS.clear()
+    """Drop every cached shortest-path solve: the next routes are solved afresh (a benchmark times them cold).
+    Each graph's sparse matrix stays, as it does over an evaluation's episodes."""
+    for router in _ROUTERS.values():
+        router.forget()
 
 
 def targets(graph: LatentGraph, route: Route, z: Tensor, cfg: SubgoalConfig) -> Tensor:

@@ -23,6 +23,8 @@ def test_plan_bench_table_has_a_row_per_setting_and_a_measured_speed_up(monkeypa
     assert " ms" not in report  # on a CPU: ratios against the same run's baseline, no absolute times
     speed_up = re.search(r"\| 8 \| 2 \| 2 \| (\d+)x \|", report)
     assert speed_up, report  # the naive reference ran, and its ratio is printed
+    against = report.split("(LeWM's setting)")[1].split("What planning")[0]
+    assert re.findall(r"\| (\d) \| [\d.]+x \([\d.]+-[\d.]+\) \|", against) == ["1", "3"]  # the default vs LeWM's
     fair = re.search(r"\| 8 \| 2 \| 2 \| [\d.]+x \([\d.]+-[\d.]+\) \|", report.split("fair")[1])
     assert fair, report  # so did the fair one (problems one at a time, candidates batched), 2 alternating pairs
     bf16 = re.findall(r"\| 8 \| 2 \| 2 \| (\d) \| [\d.]+x \([\d.]+-[\d.]+\) \|", report.split("bf16 is faster")[1])
