@@ -45,9 +45,10 @@ def alternating(run_a: Callable[[], T], run_b: Callable[[], T], repeats: int) ->
 def paired_ratio(numerator, denominator) -> str:
     """The median (min-max) of the ratios of paired times: ``1.23x (1.10-1.31)``; one pair: ``1.23x``."""
     ratios = np.asarray(numerator, dtype=float) / np.asarray(denominator, dtype=float)
+    digits = 2 if ratios.min() >= 0.1 else 3  # 0.012x, not 0.01x
     if len(ratios) == 1:
-        return f"{ratios[0]:.2f}x"
-    return f"{np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f})"
+        return f"{ratios[0]:.{digits}f}x"
+    return f"{np.median(ratios):.{digits}f}x ({ratios.min():.{digits}f}-{ratios.max():.{digits}f})"
 
 
 def busy_machine_note(per_core: float = 0.5) -> str:
