@@ -66,7 +66,7 @@ def test_alternating_runs_pair_each_run_with_its_neighbour_in_time():
     a, b = alternating(lambda: order.append("a") or len(order), lambda: order.append("b") or len(order), 3)
     assert "".join(order) == "abbaab" and a == [1, 4, 5] and b == [2, 3, 6]  # run r of each adjacent in time
     assert paired_ratio([2.0, 3.0, 8.0], [1.0, 1.0, 2.0]) == "3.00x (2.00-4.00)" and paired_ratio([3], [2]) == "1.50x"
-    assert paired_ratio([1.0, 1.5], [80.0, 100.0]) == "0.014x (0.012-0.015)"  # small ratios keep a digit
+    assert paired_ratio([1.2, 1.4, 1.5], [100.0, 100.0, 100.0]) == "0.014x (0.012-0.015)"  # small ratios keep a digit
     with pytest.raises(ValueError, match="repeats"):
         alternating(lambda: 0, lambda: 0, 0)
 
