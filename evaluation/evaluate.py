@@ -458,10 +458,9 @@ def measure_method(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: int,
 def closed_loop_check(model, store: EpisodeStore, train_ids: list[int], val_ids: list[int], episodes: int,
                       protocol: str = "reach25", iterations: int | None = None) -> dict:
     """A small closed-loop evaluation during training on validation episodes (world model only, one seed,
-    the default planner, CEM with ``iterations`` if given, subgoals over the training episodes):
-    {"<protocol>_latched": rate,
-    "<protocol>_held": rate}, logged to TensorBoard by ``wm train``. The model is left in eval mode (the
-    caller puts it back in training)."""
+    the default planner, its CEM with ``iterations`` if given, subgoals over the training episodes):
+    {"<protocol>_latched": rate, "<protocol>_held": rate}, logged to TensorBoard by ``wm train``. The model
+    is left in eval mode (the caller puts it back in training)."""
     model.eval()
     batch = batch_like(store, episodes)
     try:

@@ -103,11 +103,13 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
     checkpoints = checkpoints or [cfg.checkpoint]
     pooled = len(checkpoints) > 1
     models = ", ".join(f"`{c}`" for c in checkpoints)
+    refined = f", then {p.plan.grad_steps} gradient steps (step {p.plan.grad_lr})" if p.plan.grad_steps else ""
     lines = [f"# Evaluation of {models}", "",
              f"{cfg.episodes} episodes x {cfg.seeds} seeds per protocol{' and model' if pooled else ''} on "
              f"{split_note}. Planner {p.plan.planner} {p.plan.samples} samples x {p.plan.iterations} iterations"
              f"{f' ({p.plan.warm_iterations} when warm-started)' if p.plan.warm_iterations else ''}, horizon "
-             f"{p.plan.horizon}, cost {p.plan.cost}{', bf16 matrix products' if p.plan.bf16 else ''}, replanning "
+             f"{p.plan.horizon}, cost {p.plan.cost}{', bf16 matrix products' if p.plan.bf16 else ''}"
+             f"{refined}, replanning "
              f"every {p.receding_horizon} chunk(s) (the "
              f"lewm protocol fixes its own); world-model start: {cfg.history} history. Success: every joint within "
              f"{cfg.tolerance} rad of the goal, latched = at some step >= 1, held = at the last step of the budget. "

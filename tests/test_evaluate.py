@@ -365,6 +365,8 @@ def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):
         assert (tmp_path / "eval" / name).exists()  # beside the checkpoint by default
     assert _page_links(tmp_path / "eval" / "index.html") == {"results.png"}
     assert "<table>" in (tmp_path / "eval" / "index.html").read_text()
+    assert "16 samples x 2 iterations, horizon 5, cost sum, then 8 gradient steps (step 0.05)" in \
+        (tmp_path / "eval" / "results.md").read_text()  # the planner as it ran, its gradient steps too
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     logged = EventAccumulator(str(tmp_path / "eval" / "tb"))
     logged.Reload()
