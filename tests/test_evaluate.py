@@ -902,4 +902,4 @@ def test_the_report_says_when_the_planner_scored_in_bf16():
 
     for bf16 in (False, True):
         text = results_markdown({}, apply_overrides(EvalConfig(), {"bf16": bf16}), "the test episodes")
-        assert ("cost sum, bf16 matrix products, replanning" in text) == bf16
+        assert ("cost sum, bf16 matrix products, then 8 gradient steps" in text) == bf16
