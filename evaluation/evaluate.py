@@ -31,7 +31,7 @@ from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.storage import recording
 from envs.vector import ReacherBatch
-from evaluation.baselines import exploration_controller, random_controller, simulator_controller
+from evaluation.baselines import SIMULATOR_BUDGET, exploration_controller, random_controller, simulator_controller
 from evaluation.protocols import (Protocol, episode_records, history_before, lewm_training_rows, parse_protocols,
                                   sample_episodes)
 from evaluation.html import evaluation_page
@@ -79,8 +79,10 @@ class EvalConfig:
                                                             "hand-made joint cost), simulator-pose (the same "
                                                             "seeing the joint angles only, velocities as zero: "
                                                             "what one frame shows)")
-    sim_samples: int | None = option(None, "simulator-CEM candidates per iteration (default: --samples)")
-    sim_iterations: int | None = option(None, "simulator-CEM iterations per replan (default: --iterations)")
+    sim_samples: int | None = option(None, f"simulator-CEM candidates per iteration (default: --samples, at "
+                                           f"least {SIMULATOR_BUDGET[0]}: the simulator takes no gradient steps)")
+    sim_iterations: int | None = option(None, f"simulator-CEM iterations per replan (default: --iterations, "
+                                              f"at least {SIMULATOR_BUDGET[1]})")
     tolerance: float = option(GOAL_TOLERANCE, "success: every joint within this many rad of the goal (it also "
                                                "decides the draw: a start already within it is never drawn)")
     score_at: str = option("", "comma list of further tolerances (rad) at which the same episodes are scored too, "
