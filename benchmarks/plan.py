@@ -27,6 +27,8 @@ from planners.config import PlannerConfig
 from planners.noise import problem_keys
 from planners.policy import make_planner
 
+LEWM_SEARCH = {"samples": 300, "iterations": 30, "horizon": 5, "cem.elites": 30, "grad_steps": 0}  # LeWM's CEM
+
 
 def demo_model(device: torch.device):
     from worldmodel.model import WorldModel
@@ -71,9 +73,6 @@ def _config(name: str, n: int, it: int, hz: int) -> PlannerConfig:
     """A search of n samples x it iterations x hz chunks alone: no gradient steps after it."""
     return apply_overrides(PlannerConfig(), {"planner": name, "samples": n, "iterations": it, "horizon": hz,
                                              "grad_steps": 0})
-
-
-LEWM_SEARCH = {"samples": 300, "iterations": 30, "horizon": 5, "cem.elites": 30, "grad_steps": 0}  # LeWM's CEM
 
 
 def default_against_lewm(model, batches, repeats: int, absolute: bool) -> list[str]:
