@@ -241,7 +241,7 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
             expected = nearest(policy.last_prediction)
             heading = policy.last_target if policy.graph is not None else None
             waypoint = None if heading is None else nearest(heading)
-            to_goal = None if heading is None else policy._route.near.cpu().numpy()
+            to_goal = None if heading is None else policy._route.to_goal.cpu().numpy()
             for i in range(n):
                 wp = None if waypoint is None else (-1 if to_goal[i] else int(waypoint[i]))
                 shots[i].append(FilmedFrame(seg, into, frames[i].copy(), int(expected[i]), wp, float(error[i]),

@@ -93,7 +93,7 @@ class MPCPolicy:
         self.history = model.history if cfg.context is None else min(cfg.context, model.history)
         self.graph = graph if cfg.subgoals.enabled else None
         self.plan_times: list[float] = []  # seconds per planning call (all B problems together)
-        self.route_times: list[float] = []  # seconds to find the paths to the goals (subgoals only)
+        self.route_times: list[float] = []  # seconds solving the paths to the goals (subgoals only)
         self.waypoint_times: list[float] = []  # seconds per planning call finding the waypoints (subgoals only;
         # host time: on a GPU the launch, the work itself is in plan_times)
         self._z_goal = None
@@ -115,7 +115,6 @@ class MPCPolicy:
                       else torch.as_tensor(keys, dtype=torch.int32).to(z_goal.device))
         if self._keys.shape != (B,):
             raise ValueError(f"keys must be ({B},) for {B} goals, got {tuple(self._keys.shape)}")
-        self._head_for(z_goal)
         self._z_hist: torch.Tensor | None = None  # (B, h, D)
         self._a_hist: torch.Tensor | None = None  # (B, h-1, A)
         self._plan: torch.Tensor | None = None  # (B, H, A)
@@ -129,6 +128,7 @@ class MPCPolicy:
         self._played: list[np.ndarray] = []  # step replanning: actions (B, 2) played at the recent env steps
         self._step_plan = None  # (host (B, H*fs, 2), pointer (B,), rows (B,) bool) of plans made between boundaries
         self._steps_since_plan = 0  # step replanning: env steps played since the boundary plan
+        self._head_for(z_goal)
 
     def retarget(self, goal_image: np.ndarray) -> None:
         """Head for new goals (one per episode, as ``reset`` took them) without starting the episodes again:
@@ -142,12 +142,19 @@ class MPCPolicy:
         self._head_for(z_goal)
 
     def _head_for(self, z_goal: torch.Tensor) -> None:
-        """The goal latents (B, D) the next plans head for, and the route of waypoints to them (subgoals)."""
+        """The goal latents (B, D) the next plans head for, and the route of waypoints to them (subgoals:
+        solved from where the arms are, now if the episode is under way, else at the first chunk boundary)."""
         self._z_goal, self._route = z_goal, None
         if self.graph is not None:
-            start = time.perf_counter()
-            self._route = subgoals.route(self.graph, z_goal, self.cfg.subgoals)
-            self.route_times.append(time.perf_counter() - start)
+            self._routing(lambda: subgoals.route(self.graph, z_goal, self.cfg.subgoals))
+            if self._z_hist is not None:
+                self._routing(lambda: subgoals.solve(self.graph, self._route, self._z_hist[:, -1]))
+
+    def _routing(self, work) -> None:
+        """Timed host work on the subgoal route (``route_times``); ``work()`` may return a new route."""
+        start = time.perf_counter()
+        self._route = work() or self._route
+        self.route_times.append(time.perf_counter() - start)
 
     def set_history(self, frames: np.ndarray, chunks: np.ndarray) -> None:
         """Start from the history the episode would have had, instead of as if the arm had been at rest.
@@ -285,11 +292,15 @@ class MPCPolicy:
             self._a_hist = a[:, a.shape[1] - (self._z_hist.shape[1] - 1):]
             if self._plan is not None:
                 self._chunks_since_plan += 1
+        if self._route is not None and not self._route.is_solved:  # an episode's first boundary: the arms' starts
+            self._routing(lambda: subgoals.solve(self.graph, self._route, z))
         if self._plan is None or self._chunks_since_plan >= self.receding_horizon:
             self._replan()
         chunk = self._plan[:, self._chunks_since_plan].clamp(-1, 1)  # (B, A): what the env plays (and history holds)
         self._chunk = rearrange(chunk, "b (k a) -> b k a", k=self.frameskip)
         self._chunk_host = self._chunk.cpu().numpy().astype(np.float32)
+        if self._route is not None:  # the device is idle: solve further where an arm neared the edge of the solve
+            self._routing(lambda: subgoals.cover(self.graph, self._route))
 
     def _replan(self) -> None:
         init = None

@@ -3,11 +3,13 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from planners.config import PlannerConfig
 from planners.policy import MPCPolicy, PolicyConfig
-from planners.subgoals import SubgoalConfig, route, targets
+from planners.subgoals import (SOLVE_MARGIN, Router, SubgoalConfig, cover, forget_routes, route, solve,
+                               targets, waypoints)
 from worldmodel.graph import GraphConfig, LatentGraph
 
 LIMIT = math.pi - 0.35  # a joint that stops short of +-pi, like the reacher's wrist (+-160 degrees)
@@ -92,9 +94,10 @@ def test_paths_follow_the_trajectories_and_never_cross_the_wall():
     cfg = SUBGOALS
     graph = LatentGraph.from_trajectories(trajectories(), cfg.graph)
     paths = route(graph, latent([-2.7, 0.0]), cfg)  # (B=2, N)
-    assert paths.dist.shape == (2, len(graph.nodes)) and torch.isfinite(paths.dist).all()
-    angles = torch.atan2(graph.nodes[:, 1], graph.nodes[:, 0])
+    solve(graph, paths, latent([2.7, 2.7]))  # both arms start by the wall
     near_wall = graph.nearest(latent([2.7]))
+    assert paths.dist.shape == (2, len(graph.nodes)) and torch.isfinite(paths.dist[:, near_wall]).all()
+    angles = torch.atan2(graph.nodes[:, 1], graph.nodes[:, 0])
     # from just inside +LIMIT to -2.7 takes about 5.4 rad / SPEED chunks along the graph, not 0.9 / SPEED
     assert paths.dist[0, near_wall] > 4.0 / SPEED
     # the waypoints ahead of +2.7 on the way to -2.7 and to 0 turn away from the wall (smaller angles)
@@ -108,9 +111,74 @@ def test_paths_follow_the_trajectories_and_never_cross_the_wall():
 def test_goals_within_reach_are_planned_directly():
     cfg = SUBGOALS
     graph = LatentGraph.from_trajectories(trajectories(), cfg.graph)
-    goal = latent([0.5, 0.5])
-    target = targets(graph, route(graph, goal, cfg), latent([0.3, -2.0]), cfg)  # 0.2 rad away: the goal; 2.5 rad: a waypoint
+    goal, start = latent([0.5, 0.5]), latent([0.3, -2.0])  # 0.2 rad away: the goal; 2.5 rad: a waypoint
+    paths = route(graph, goal, cfg)
+    with pytest.raises(RuntimeError, match="solve the route"):
+        targets(graph, paths, start, cfg)
+    solve(graph, paths, start)
+    target = targets(graph, paths, start, cfg)
     assert torch.equal(target[0], goal[0]) and not torch.equal(target[1], goal[1])
+    assert paths.to_goal.tolist() == [True, False]
+
+
+def walk(graph: LatentGraph, goal: int, start: int, lookahead: float) -> int:
+    """The waypoint by definition: hop along the shortest path from ``start`` until ``lookahead`` chunks are
+    covered or the goal is reached (the paths of a whole solve, hop by hop)."""
+    dist, nxt = Router(graph).tree(goal)
+    node = start
+    while dist[start] - dist[node] < lookahead - 1e-4 and nxt[node] != node:
+        node = nxt[node]
+    return int(node)
+
+
+def test_a_solve_stops_near_the_start_and_agrees_with_the_whole_one():
+    """A near goal is solved only a margin beyond the start; on every node solved, distances and waypoints
+    (found by jumps on the device) are those of the whole solve, walked hop by hop."""
+    graph = LatentGraph.from_trajectories(trajectories(), SUBGOALS.graph)
+    goals, starts = latent([0.0, 0.0, 2.0]), latent([0.3, -2.4, -2.0])  # near, far, far
+    paths = route(graph, goals, SUBGOALS)
+    solve(graph, paths, starts)
+    whole = Router(graph)
+    n = len(graph.nodes)
+    for b in range(3):
+        dist = whole.tree(int(paths.goal_node[b]))[0]
+        solved = torch.isfinite(paths.dist[b]).numpy()
+        assert np.allclose(paths.dist[b].numpy()[solved], dist[solved])
+        start = int(graph.nearest(starts[b:b + 1]))
+        assert dist[start] + SOLVE_MARGIN <= paths.solved[b] and np.all(dist[~solved] > paths.solved[b])
+    assert 0 < torch.isfinite(paths.dist[0]).sum() < n and paths.solved[0] < np.inf  # the near goal's stopped early
+    for b in range(3):
+        for node in np.flatnonzero(torch.isfinite(paths.dist[b]).numpy())[::7]:
+            at = torch.full((3,), int(node))
+            ahead = int(waypoints(paths, at, SUBGOALS.lookahead)[b])
+            assert ahead == walk(graph, int(paths.goal_node[b]), int(node), SUBGOALS.lookahead)
+
+
+def test_an_arm_straying_beyond_the_solve_heads_for_its_goal_once_and_the_solve_grows():
+    graph = LatentGraph.from_trajectories(trajectories(), SUBGOALS.graph)
+    goal, start = latent([0.0]), latent([0.3])
+    paths = route(graph, goal, SUBGOALS)
+    solve(graph, paths, start)
+    limit = paths.solved[0]
+    assert np.isfinite(limit)
+    far_away = latent([-2.7])  # an arm that leapt far beyond what was solved
+    assert not torch.isfinite(paths.dist[0, graph.nearest(far_away)])
+    target = targets(graph, paths, far_away, SUBGOALS)
+    assert torch.equal(target, goal) and paths.to_goal.all() and not paths.near.any()  # the goal, not latched
+    cover(graph, paths)
+    assert paths.strays == 1 and paths.solved[0] == np.inf  # solved whole: its distance there is unknown
+    target = targets(graph, paths, far_away, SUBGOALS)
+    assert not torch.equal(target, goal) and not paths.to_goal.any()  # a waypoint again
+    forget_routes()  # the whole solve is cached: start over
+    paths = route(graph, goal, SUBGOALS)
+    solve(graph, paths, start)
+    beyond = graph.nearest(latent([1.7]))
+    assert not torch.isfinite(paths.dist[0, beyond])
+    targets(graph, paths, latent([1.3]), SUBGOALS)  # an arm that moved away, to within the margin of the edge
+    far = float(paths.far[0])
+    assert np.isfinite(far) and far + SOLVE_MARGIN > paths.solved[0]
+    cover(graph, paths)
+    assert paths.solved[0] >= far + SOLVE_MARGIN and paths.strays == 0 and torch.isfinite(paths.dist[0, beyond])
 
 
 def test_routes_are_cached_per_goal_node_until_forgotten(monkeypatch):
@@ -120,11 +188,15 @@ def test_routes_are_cached_per_goal_node_until_forgotten(monkeypatch):
     solves = []
     real = subgoals.dijkstra
     monkeypatch.setattr(subgoals, "dijkstra", lambda *a, **k: solves.append(k["indices"]) or real(*a, **k))
-    goals = latent([-2.7, 0.0, -2.7])  # two goals on one node
+    goals, starts = latent([-2.7, 0.0, -2.7]), latent([-2.6, 0.1, -2.5])  # two goals on one node
     first = route(graph, goals, SUBGOALS)
+    assert not solves and not first.is_solved  # nothing is solved before the starts are known
+    solve(graph, first, starts)
     assert len(solves) == 2 and first.dist[0].equal(first.dist[2])
-    route(graph, goals, SUBGOALS)
+    again = route(graph, goals, SUBGOALS)
+    solve(graph, again, starts)
     assert len(solves) == 2  # cached
     subgoals.forget_routes()
-    again = route(graph, goals, SUBGOALS)
-    assert len(solves) == 4 and again.dist.equal(first.dist)  # solved afresh, the same paths
+    fresh = route(graph, goals, SUBGOALS)
+    solve(graph, fresh, starts)
+    assert len(solves) == 4 and fresh.dist.equal(first.dist)  # solved afresh, the same paths
