@@ -23,12 +23,14 @@ from common.provenance import provenance, signed
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.video import check_ffmpeg, upscale, write_video
-from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, load_setup, world_model_controller
+from evaluation.evaluate import (DEFAULT_CHECKPOINT, EvalConfig, Setup, batch_recorded, load_setup,
+                                 world_model_controller)
 from evaluation.html import demo_page
-from worldmodel.datasplit import HELD_OUT
 from evaluation.protocols import PROTOCOL_NAMES, PROTOCOLS, protocol_named, sample_episodes
 from planners.policy import PolicyConfig, check_policy_device
+from worldmodel.datasplit import HELD_OUT, resolve_data
 from worldmodel.latents import encode_episodes
+from worldmodel.model import WorldModel, read_model_meta
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ class DemoConfig:
 
     checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run")
     data: str = option("", "dataset: its --split episodes give starts and goals, its training frames the retrieval "
-                           "bank (default: the one the model was trained on)")
+                           "bank (default: the one the model was trained on; with --goal-pose and --start-pose, "
+                           "the model file alone serves when that is not at hand)")
     split: str = option("test", "the model's episodes that give starts and goals: test or val", choices=HELD_OUT)
     episodes: int = option(4, "episodes (one video each)")
     protocol: str = option("reach25", f"which goals (and budget and success rule, with --goal-pose): "
@@ -121,6 +124,14 @@ def own_goals(cfg: DemoConfig, eps: dict, wrist_range: tuple[float, float]) -> d
     return eps
 
 
+def posed_episodes(n: int) -> dict:
+    """``n`` episodes of no dataset, for ``own_goals`` to fill with poses of your own: at rest, at their first
+    step (no frames before it), the target hidden."""
+    zeros = np.zeros((n, 2))
+    return {"index": np.arange(n), "episode": np.full(n, -1), "t0": np.zeros(n, int), "qpos": zeros, "qvel": zeros,
+            "target": np.full((n, 2), np.nan), "goal_qpos": zeros}
+
+
 def frame_bank(model, store: EpisodeStore, episode_ids: list[int], most: int) -> tuple[torch.Tensor, np.ndarray]:
     """Latents (N, D) and frames (N, H, W, 3) of up to ``most`` frames of ``episode_ids``, spread over them."""
     per = max(1, most // max(1, len(episode_ids)))
@@ -142,15 +153,14 @@ def compose(label: str, obs, goal, expected, waypoint, step: int, error: float, 
     """One video frame: [camera | goal | model's expectation | current waypoint], each captioned. The
     protocol, episode, step (counted from the goal in play) and joint error are on every frame, so drifting
     away after arrival shows (green while within tolerance); the waypoint panel shows the training frame the
-    planner is heading for while the goal is far (``waypoint`` None: planning to the goal itself)."""
-    panels = [obs, goal, expected] + ([waypoint] if waypoint is not None else [])
-    obs, goal, expected, *rest = (upscale(x[None], 160)[0] for x in panels)
+    planner is heading for while the goal is far. ``expected`` or ``waypoint`` None: no such panel (no
+    training frames, or no subgoals)."""
     text = f"{label} step {step} err {error:.3f} rad" + (" reached" if reached else "")
     colour = (120, 255, 120) if within else ((255, 200, 120) if reached else (255, 255, 255))
-    out = [caption(obs, text, colour), caption(goal, "goal"), caption(expected, "model expects (nearest frame)")]
-    if rest:
-        out.append(caption(rest[0], "heading for (waypoint)"))
-    return np.concatenate(out, 1)
+    panels = [(obs, text, colour), (goal, "goal", None), (expected, "model expects (nearest frame)", None),
+              (waypoint, "heading for (waypoint)", None)]
+    return np.concatenate([caption(upscale(x[None], 160)[0], words, *([c] if c else []))
+                           for x, words, c in panels if x is not None], 1)
 
 
 class FilmedFrame(NamedTuple):
@@ -160,7 +170,7 @@ class FilmedFrame(NamedTuple):
     goal: int  # which of the environment's goals is in play
     step: int  # counted from that goal's first step
     obs: np.ndarray  # (H, W, 3) uint8: the camera
-    expected: int  # the bank frame nearest to what the model expects
+    expected: int  # the bank frame nearest to what the model expects; -1: no bank (no dataset)
     waypoint: int | None  # the bank frame heading for; -1: the goal itself; None: no subgoals
     error: float
     within: bool
@@ -187,24 +197,52 @@ def make_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         return _make_demo(cfg, out, progress)
 
 
+def demo_setup(cfg: DemoConfig) -> Setup:
+    """What a demo films with: the model's dataset (its held-out starts and goals, its training frames for the
+    retrieval panels), or, for goals and starts all of your own (--goal-pose, --start-pose) when no --data is
+    given and the dataset the model records is not at hand, the model file alone: its environments rebuilt
+    from the recording the model keeps of its data, and no retrieval panels (no frames to retrieve)."""
+    if cfg.data or not cfg.start_pose:
+        return load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
+    meta = read_model_meta(cfg.checkpoint)
+    try:
+        resolve_data(meta, cfg.checkpoint)
+        return load_setup(cfg.checkpoint, "", cfg.episodes, cfg.device, cfg.split)
+    except ValueError as exc:
+        missing = str(exc)
+    rec = (meta.get("data") or {}).get("recording")
+    if not isinstance(rec, dict):
+        raise ValueError(f"{missing}; and {cfg.checkpoint} does not record how its data was rendered (a model of an "
+                         f"earlier version), so its environments cannot be rebuilt without it")
+    model = WorldModel.load(cfg.checkpoint, cfg.device)
+    log.warning(f"{missing}; filming from the model file alone: its environments as its data was recorded, "
+                f"without the panels of training frames (what the model expects, the waypoint)")
+    batch = batch_recorded(rec, model.cfg.image_size, cfg.episodes)
+    return Setup(model, meta, None, [], "no dataset", batch, str(cfg.checkpoint))
+
+
 def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     protocol = protocol_named(cfg.protocol)
     prepare_demo_dir(cfg, out)  # the output and ffmpeg are checked before any work
     check_ffmpeg()
-    setup = load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
+    setup = demo_setup(cfg)
     model, store, batch = setup.model, setup.store, setup.batch
-    # what the model expects is shown as a frame it was trained on, never one of the filmed episodes
-    filmed = set(setup.episodes)
-    bank_ids = setup.train or [i for i in range(len(store)) if i not in filmed]
     try:
-        eps = sample_episodes(store, setup.episodes, protocol, cfg.episodes, cfg.seed, batch.physics.wrist_range,
-                              cfg.tolerance)
-        if cfg.goal_pose:
-            eps = own_goals(cfg, eps, batch.physics.wrist_range)
-        if progress:
-            kind = "training episodes" if setup.train else "episodes not filmed (the model trained on none here)"
-            log.info(f"retrieval bank: encoding up to {cfg.bank_frames} frames of {len(bank_ids)} {kind}")
-        bank_z, bank_frames = frame_bank(model, store, bank_ids, cfg.bank_frames)
+        if store is None:  # poses all of your own, from the model file alone
+            eps = own_goals(cfg, posed_episodes(cfg.episodes), batch.physics.wrist_range)
+            bank_z = bank_frames = None
+        else:
+            eps = sample_episodes(store, setup.episodes, protocol, cfg.episodes, cfg.seed, batch.physics.wrist_range,
+                                  cfg.tolerance)
+            if cfg.goal_pose:
+                eps = own_goals(cfg, eps, batch.physics.wrist_range)
+            # what the model expects is shown as a frame it was trained on, never one of the filmed episodes
+            filmed = set(setup.episodes)
+            bank_ids = setup.train or [i for i in range(len(store)) if i not in filmed]
+            if progress:
+                kind = "training episodes" if setup.train else "episodes not filmed (the model trained on none here)"
+                log.info(f"retrieval bank: encoding up to {cfg.bank_frames} frames of {len(bank_ids)} {kind}")
+            bank_z, bank_frames = frame_bank(model, store, bank_ids, cfg.bank_frames)
         n, budget = len(eps["index"]), protocol.budget  # environments filmed, steps per goal
         segments = eps["goal_qpos"].reshape(-1, n, 2)  # (S, n, 2): the goals each environment heads for in turn
         rendered = batch.render_goals(segments.reshape(-1, 2))
@@ -217,6 +255,7 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
         reached, final = np.zeros(segments.shape[:2], bool), np.zeros(segments.shape[:2])
         shots = [[] for _ in range(n)]  # per environment, a FilmedFrame per step
         nearest = lambda z: torch.cdist(z.float(), bank_z).argmin(1).cpu().numpy()  # noqa: E731
+        banked = bank_z is not None  # the retrieval panels: training frames to show
         def label(i: int, seg: int) -> str:  # what a frame of environment i, heading for goal seg, is
             if cfg.goal_sequence:
                 return f"goal {seg}"
@@ -238,8 +277,8 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
             within = (error < cfg.tolerance) & (into > 0)  # success counts from a goal's first step on
             reached[seg] |= within
             actions = policy.act_batch(frames) if step < steps else None  # the frames filmed
-            expected = nearest(policy.last_prediction)
-            heading = policy.last_target if policy.graph is not None else None
+            expected = nearest(policy.last_prediction) if banked else np.full(n, -1)
+            heading = policy.last_target if policy.graph is not None and banked else None
             waypoint = None if heading is None else nearest(heading)
             to_goal = None if heading is None else policy._route.to_goal.cpu().numpy()
             for i in range(n):
@@ -258,8 +297,9 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     def film(i: int):  # environment i's video, composed a frame at a time as it is written
         for f in shots[i]:
             wp = None if f.waypoint is None else (goals[f.goal, i] if f.waypoint < 0 else bank_frames[f.waypoint])
-            yield compose(label(i, f.goal), f.obs, goals[f.goal, i], bank_frames[f.expected], wp, f.step, f.error,
-                          f.within, f.reached)[None]
+            expected = bank_frames[f.expected] if f.expected >= 0 else None
+            yield compose(label(i, f.goal), f.obs, goals[f.goal, i], expected, wp, f.step, f.error, f.within,
+                          f.reached)[None]
 
     written = [write_video(out / f"{name}.mp4", film(i), gif=cfg.gif) for i, name in enumerate(films)]
     flat = lambda x: np.asarray(x).reshape(-1, *np.shape(x)[2:])  # noqa: E731  (goal, environment) -> rows
@@ -270,7 +310,7 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
               "summary_sheet": str(out / "summary.png"), "success": flat(reached).tolist(),
               "held": (flat(final) < cfg.tolerance).tolist(), "final_error": flat(final).tolist(),
               "start_qpos": flat(starts).tolist(), "goal_qpos": flat(segments).tolist(), "provenance": provenance()}
-    markdown = signed(demo_markdown(cfg, protocol, result, names), result["provenance"])
+    markdown = signed(demo_markdown(cfg, protocol, result, names, banked), result["provenance"])
     atomic_write_text(out / "demo.md", markdown)
     outcomes = [f"{n}: {'held' if h else ('reached, drifted' if r else 'missed')}, final error {e:.3f} rad"
                 for n, r, h, e in zip(names, result["success"], result["held"], result["final_error"])]
@@ -281,8 +321,9 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     return result
 
 
-def demo_markdown(cfg: DemoConfig, protocol, result: dict, names: list[str]) -> str:
-    """What was filmed, for the page and for a reader of the folder."""
+def demo_markdown(cfg: DemoConfig, protocol, result: dict, names: list[str], banked: bool = True) -> str:
+    """What was filmed, for the page and for a reader of the folder (``banked``: with the panels of training
+    frames; without a dataset there are none)."""
     pose = lambda q: f"({math.remainder(q[0], math.tau):.2f}, {q[1]:.2f})"  # noqa: E731  (shoulder wrapped)
     if cfg.goal_sequence:
         start = "at rest in the pose of --start-pose" if cfg.start_pose else \
@@ -296,10 +337,12 @@ def demo_markdown(cfg: DemoConfig, protocol, result: dict, names: list[str]) -> 
     else:
         what = f"{len(names)} `{protocol.name}` episodes of the model's {cfg.split} split (seed {cfg.seed}),"
     lines = [f"# Planning videos of `{cfg.checkpoint}`", "",
-             f"{what} budget {protocol.budget} steps and rule. Each video: the camera, the goal image, the training "
-             f"frame nearest to what the model expects at the end of its plan"
-             + (", and the training frame it is heading for (a waypoint while the goal is far)"
-                if cfg.policy.subgoals.enabled else "") + ".", "",
+             f"{what} budget {protocol.budget} steps and rule. Each video: the camera, the goal image"
+             + ((", the training frame nearest to what the model expects at the end of its plan"
+                 + (", and the training frame it is heading for (a waypoint while the goal is far)"
+                    if cfg.policy.subgoals.enabled else "")) if banked else
+                " (filmed from the model file alone: no training frames to show what the model expects)") + ".",
+             "",
              "| episode | start pose (rad) | goal pose (rad) | reached | held at the end | final joint error (rad) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {pose(s)} | {pose(g)} | {'yes' if r else 'no'} | {'yes' if h else 'no'} | {e:.3f} |"

@@ -202,9 +202,14 @@ def load_setup(checkpoint: str, data: str, episodes: int, device: str = "auto", 
 def batch_like(store: EpisodeStore, n: int) -> ReacherBatch:
     """``n`` environments that render and step as the dataset's were recorded (its size, look, target
     visibility and action repeat), frames resized as the store resizes them for the model."""
-    rec = recording(store.attrs)
-    render = int(rec["render_size"] or store.source_size)  # `wm collect --image-size` renders larger
-    return ReacherBatch(str(rec["env"]), n, size=render, image_size=store.size if store.size != render else None,
+    return batch_recorded(recording(store.attrs), store.size, n, store.source_size)
+
+
+def batch_recorded(rec: dict, image_size: int, n: int, stored_size: int | None = None) -> ReacherBatch:
+    """``n`` environments as the recording ``rec`` (``envs.storage.recording``) says its frames were made,
+    resized to the model's ``image_size``: what a dataset, or a model that keeps its data's recording, rebuilds."""
+    render = int(rec["render_size"] or rec.get("size") or stored_size)  # `wm collect --image-size` renders larger
+    return ReacherBatch(str(rec["env"]), n, size=render, image_size=image_size if image_size != render else None,
                         action_repeat=int(rec["action_repeat"]), hide_target=bool(rec["hide_target"]),
                         render_quality=str(rec["render_quality"]))
 

@@ -158,10 +158,12 @@ def history_before(store, episodes: dict, history: int, frameskip: int, first_ob
     for b, (i, t0) in enumerate(zip(episodes["episode"], episodes["t0"])):
         m = min(k, int(t0) // frameskip)
         starts = [int(t0) - j * frameskip for j in range(m, 0, -1)]  # oldest first
-        action = store.states(int(i))["action"]
-        f = store.frames(int(i), np.array(starts, dtype=np.int64)) if m else first_obs[b][None][:0]
-        c = np.stack([action[s:s + frameskip].reshape(-1) for s in starts]) if m else \
-            np.zeros((0, 2 * frameskip), np.float32)
+        if m:  # an episode's first step needs no dataset: its history is all padding
+            action = store.states(int(i))["action"]
+            f = store.frames(int(i), np.array(starts, dtype=np.int64))
+            c = np.stack([action[s:s + frameskip].reshape(-1) for s in starts])
+        else:
+            f, c = first_obs[b][None][:0], np.zeros((0, 2 * frameskip), np.float32)
         f, c = pad_history(f, c.astype(np.float32), k, first_obs[b])
         frames.append(f)
         chunks.append(c)

@@ -577,6 +577,45 @@ def test_wm_demo_films_goal_poses_of_ones_own(data, tmp_path):
     assert not (tmp_path / "refused").exists()  # refused before it wrote anything: no empty directory
 
 
+def test_wm_demo_films_poses_of_ones_own_from_the_model_file_alone(data, tmp_path):
+    """A model handed on without its dataset still films goals and starts of your own: its environments are
+    rebuilt from the recording the model keeps, its subgoal graph is in the model file, and the panels of
+    training frames are left out (none to show). Without --start-pose, or from a model that does not record how
+    its data was rendered, the missing dataset is a clear error."""
+    import shutil
+
+    import imageio.v2 as imageio
+
+    from evaluation.demo import DemoConfig, make_demo
+    from worldmodel.graph import GraphConfig, graph_for_checkpoint
+
+    moved = tmp_path / "data"
+    shutil.copytree(data, moved)
+    model = WorldModel(tiny_config("mlp", size=32, frameskip=5))
+    save_as_trained_on(model, tmp_path / "m.pt", moved)
+    graph_for_checkpoint(model, tmp_path / "m.pt", GraphConfig(), str(moved))  # kept in the model file
+    small = {"policy": apply_overrides(PolicyConfig(), {"samples": 8, "iterations": 1}), "gif": False}
+    with_data = make_demo(DemoConfig(checkpoint=str(tmp_path / "m.pt"), goal_pose="1.0,-1.2", start_pose="0.3,0.1",
+                                     out=str(tmp_path / "with"), bank_frames=50, **small), progress=False)
+    shutil.rmtree(moved)
+    cfg = lambda **k: DemoConfig(**{"checkpoint": str(tmp_path / "m.pt"), "goal_pose": "1.0,-1.2",  # noqa: E731
+                                    "out": str(tmp_path / "alone"), **small, **k})
+    alone = make_demo(cfg(start_pose="0.3,0.1"), progress=False)
+    assert alone["start_qpos"] == [[0.3, 0.1]] and alone["goal_qpos"] == [[1.0, -1.2]]
+    assert alone["final_error"] == with_data["final_error"]  # the same environment, model, graph and plans
+    frames = [imageio.mimread(tmp_path / d / "goal_00.mp4") for d in ("with", "alone")]
+    assert len(frames[1]) == PROTOCOLS["reach25"].budget + 1
+    assert frames[1][0].shape[1] < frames[0][0].shape[1]  # no panel of training frames
+    assert "filmed from the model file alone" in (tmp_path / "alone" / "demo.md").read_text()
+    with pytest.raises(ValueError, match="its dataset is not where it was recorded"):
+        make_demo(cfg(out=str(tmp_path / "drawn")), progress=False)  # the protocol's starts need the dataset
+    meta = json.loads((tmp_path / "m.json").read_text())
+    del meta["data"]["recording"]
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not record how its data was rendered"):
+        make_demo(cfg(start_pose="0,0", out=str(tmp_path / "old")), progress=False)
+
+
 def _page_links(page) -> set:
     """The files a page shows (img and video sources); each must exist beside it."""
     from html.parser import HTMLParser
@@ -636,7 +675,7 @@ def test_subgoal_graph_holds_training_frames_only(data):
     assert len(graph.nodes) == sum(store.episodes[i].steps // 5 + 1 for i in train)
     with torch.no_grad():
         first = model.encode(torch.from_numpy(store.frames(train[0], np.array([0, 5]))))
-    torch.testing.assert_close(graph.nodes[:2], first)
+    torch.testing.assert_close(graph.nodes[:2], first, atol=1e-4, rtol=1e-3)  # batches of 2 and of many frames
     assert setup.graph(GraphConfig()) is graph  # built once
 
 
@@ -652,7 +691,9 @@ def test_graph_of_a_model_in_training_uses_and_keeps_its_running_statistics(data
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         want = model.eval().encode(torch.from_numpy(store.frames(1, np.array([0]))))
-    torch.testing.assert_close(graph.nodes[:1], want)
+    # eval-mode statistics, not the batch's (those differ by far more); a batch of one frame and a batch of many
+    # take different convolution paths, up to about 1e-5 apart
+    torch.testing.assert_close(graph.nodes[:1], want, atol=1e-4, rtol=1e-3)
 
 
 def test_evaluation_renders_as_the_dataset_was_collected(tmp_path):
