@@ -207,9 +207,10 @@ def demo_setup(cfg: DemoConfig) -> Setup:
     meta = read_model_meta(cfg.checkpoint)
     try:
         resolve_data(meta, cfg.checkpoint)
-        return load_setup(cfg.checkpoint, "", cfg.episodes, cfg.device, cfg.split)
     except ValueError as exc:
         missing = str(exc)
+    else:
+        return load_setup(cfg.checkpoint, "", cfg.episodes, cfg.device, cfg.split)
     rec = (meta.get("data") or {}).get("recording")
     if not isinstance(rec, dict):
         raise ValueError(f"{missing}; and {cfg.checkpoint} does not record how its data was rendered (a model of an "
