@@ -146,15 +146,16 @@ class MPCPolicy:
         solved from where the arms are, now if the episode is under way, else at the first chunk boundary)."""
         self._z_goal, self._route = z_goal, None
         if self.graph is not None:
-            self._routing(lambda: subgoals.route(self.graph, z_goal, self.cfg.subgoals))
+            self._route = self._routing(lambda: subgoals.route(self.graph, z_goal, self.cfg.subgoals))
             if self._z_hist is not None:
                 self._routing(lambda: subgoals.solve(self.graph, self._route, self._z_hist[:, -1]))
 
-    def _routing(self, work) -> None:
-        """Timed host work on the subgoal route (``route_times``); ``work()`` may return a new route."""
+    def _routing(self, work):
+        """``work()``, host work on the subgoal route, timed into ``route_times``."""
         start = time.perf_counter()
-        self._route = work() or self._route
+        out = work()
         self.route_times.append(time.perf_counter() - start)
+        return out
 
     def set_history(self, frames: np.ndarray, chunks: np.ndarray) -> None:
         """Start from the history the episode would have had, instead of as if the arm had been at rest.
