@@ -202,7 +202,7 @@ def demo_setup(cfg: DemoConfig) -> Setup:
     retrieval panels), or, for goals and starts all of your own (--goal-pose, --start-pose) when no --data is
     given and the dataset the model records is not at hand, the model file alone: its environments rebuilt
     from the recording the model keeps of its data, and no retrieval panels (no frames to retrieve)."""
-    if cfg.data or not cfg.start_pose:
+    if cfg.data:
         return load_setup(cfg.checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
     meta = read_model_meta(cfg.checkpoint)
     try:
@@ -211,6 +211,9 @@ def demo_setup(cfg: DemoConfig) -> Setup:
         missing = str(exc)
     else:
         return load_setup(cfg.checkpoint, "", cfg.episodes, cfg.device, cfg.split)
+    if not cfg.start_pose:  # the starts are the dataset's rows
+        raise ValueError(missing + ("; or give --start-pose too, to film your goal poses from the model file alone"
+                                    if cfg.goal_pose else ""))
     rec = (meta.get("data") or {}).get("recording")
     if not isinstance(rec, dict):
         raise ValueError(f"{missing}; and {cfg.checkpoint} does not record how its data was rendered (a model of an "
