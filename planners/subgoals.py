@@ -122,24 +122,22 @@ class Router:
         """Solve the paths of problems ``rows`` as far as ``limits`` chunks from their goals (host work), and
         put them on the device: distances, and jumps of 2^k hops."""
         device, n, B = self.graph.nodes.device, len(self.graph.nodes), len(route.goal_node)
-        if route.dist is None:
-            component = torch.as_tensor(self.component, device=device)
-            route.linked = component[None] == component[torch.as_tensor(route.goal_node, device=device)][:, None]
+        rows = np.asarray(rows)
+        if route.dist is None and not np.array_equal(rows, np.arange(B)):
+            raise ValueError("a route's first solve covers every problem")
         if not len(rows):
             return
-        rows = np.asarray(rows)
         trees = [self.tree(int(route.goal_node[b]), float(limit)) for b, limit in zip(rows, limits)]
         dist = torch.as_tensor(np.stack([d for d, _ in trees]), dtype=torch.float32, device=device)  # (R, N)
         jump = torch.empty((route.depth, len(rows), n), dtype=torch.long, device=device)  # (K, R, N)
         jump[0] = torch.as_tensor(np.stack([nxt for _, nxt in trees]), device=device)  # one hop
         for k in range(1, route.depth):
             torch.gather(jump[k - 1], 1, jump[k - 1], out=jump[k])  # 2^k hops: 2^(k-1), twice
-        if route.dist is None and np.array_equal(rows, np.arange(B)):  # the first solve, of every problem
+        if route.dist is None:  # the first solve
+            component = torch.as_tensor(self.component, device=device)
+            route.linked = component[None] == component[torch.as_tensor(route.goal_node, device=device)][:, None]
             route.dist, route.jump = dist, jump
         else:
-            if route.dist is None:  # unsolved problems: no known paths, every node its own next hop
-                route.dist = torch.full((B, n), float("inf"), device=device)
-                route.jump = torch.arange(n, device=device).expand(route.depth, B, n).clone()
             at = torch.as_tensor(rows, device=device)
             route.dist.index_copy_(0, at, dist)
             route.jump.index_copy_(1, at, jump)
@@ -167,13 +165,13 @@ def solve(graph: LatentGraph, route: Route, z: Tensor) -> None:
     again to its distance plus twice the margin, or whole if the first solve did not reach it."""
     router = _router(graph)
     start = graph.nearest(z).cpu().numpy()  # (B,)
-    rows = np.arange(len(start))
-    router.solve(route, rows, np.full(len(start), 4 * SOLVE_MARGIN))
-    dist = route.dist.gather(1, torch.as_tensor(start, device=route.dist.device)[:, None])[:, 0].cpu().numpy()
-    short = ~(dist + SOLVE_MARGIN <= route.solved)  # inf too: beyond the first solve, or no path at all
-    linked = router.component[start] == router.component[route.goal_node]
-    again = short & linked
-    router.solve(route, rows[again], np.where(np.isfinite(dist[again]), dist[again] + 2 * SOLVE_MARGIN, np.inf))
+    probe = 4 * SOLVE_MARGIN
+    limits = np.full(len(start), probe)
+    for b, (goal, node) in enumerate(zip(route.goal_node.tolist(), start.tolist())):
+        dist = router.tree(goal, probe)[0][node]  # inf: beyond the probe, or no path at all
+        if not dist + SOLVE_MARGIN <= probe and router.component[node] == router.component[goal]:
+            limits[b] = dist + 2 * SOLVE_MARGIN if np.isfinite(dist) else np.inf
+    router.solve(route, np.arange(len(start)), limits)  # the device tables, once
 
 
 def cover(graph: LatentGraph, route: Route) -> None:
