@@ -441,6 +441,7 @@ def measure_method(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: int,
     plan_times = policy.plan_times if policy is not None else []
     route = float(sum(policy.route_times)) if policy is not None else 0.0
     waypoints = float(sum(policy.waypoint_times)) if policy is not None else 0.0
+    strays = policy.route_strays if policy is not None else 0
     wanted = policy.history - 1 if method == "world_model" else -1  # history frames asked for (--context caps)
     per = episode_records(errors, cfg.tolerance)
     call = float(np.mean(plan_times)) if plan_times else 0.0
@@ -457,6 +458,7 @@ def measure_method(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: int,
         "plan_calls": len(plan_times),
         "route_time_batch_s": route,
         "waypoint_time_batch_s": waypoints,  # part of the planning calls' time
+        "route_strays_batch": strays,  # plans in which some arm was beyond the solved paths (subgoals only)
         "wall_time_batch_s": wall,
     } for j in range(n)]
     return {"records": records, "curve": (errors if errors.ndim == 2 else errors[..., -1]).tolist()}

@@ -96,7 +96,7 @@ class MPCPolicy:
         self.route_times: list[float] = []  # seconds solving the paths to the goals (subgoals only)
         self.waypoint_times: list[float] = []  # seconds per planning call finding the waypoints (subgoals only;
         # host time: on a GPU the launch, the work itself is in plan_times)
-        self._z_goal = None
+        self._z_goal, self._route, self._earlier_strays = None, None, 0
 
     # --- episode ------------------------------------------------------------------------------------
     def reset(self, goal_image: np.ndarray, keys=None) -> None:
@@ -144,11 +144,18 @@ class MPCPolicy:
     def _head_for(self, z_goal: torch.Tensor) -> None:
         """The goal latents (B, D) the next plans head for, and the route of waypoints to them (subgoals:
         solved from where the arms are, now if the episode is under way, else at the first chunk boundary)."""
+        self._earlier_strays = self.route_strays
         self._z_goal, self._route = z_goal, None
         if self.graph is not None:
             self._route = self._routing(lambda: subgoals.route(self.graph, z_goal, self.cfg.subgoals))
             if self._z_hist is not None:
                 self._routing(lambda: subgoals.solve(self.graph, self._route, self._z_hist[:, -1]))
+
+    @property
+    def route_strays(self) -> int:
+        """Plans in which some arm was beyond the paths solved for it (it headed for its goal that once), over
+        every route since the policy was made (subgoals only): none is the rule."""
+        return self._earlier_strays + (self._route.strays if self._route is not None else 0)
 
     def _routing(self, work):
         """``work()``, host work on the subgoal route, timed into ``route_times``."""

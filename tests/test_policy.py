@@ -237,6 +237,23 @@ def _graph(dim: int = 16):
                                          GraphConfig(radius=5.0))
 
 
+def test_plans_beyond_the_solved_paths_are_counted_over_every_route(model):
+    """``route_strays`` (what evaluation records and the subgoal benchmark reports) sums the routes' counts
+    over the policy's life: a retarget's new route does not drop what the old one met."""
+    policy = MPCPolicy(model, apply_overrides(small(), {"subgoals.enabled": True, "subgoals.reach": 0.5}), _graph())
+    frames = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    policy.reset(frames)
+    for _ in range(4):
+        policy.act_batch(frames)
+    assert policy.route_strays == 0  # the arms never left what was solved for them
+    first = policy._route
+    first.strays = 2  # as ``subgoals.cover`` counts plans that met an arm beyond the solve
+    policy.retarget(frames)
+    assert policy._route is not first and policy._route.strays == 0 and policy.route_strays == 2
+    policy._route.strays = 1
+    assert policy.route_strays == 3
+
+
 def test_step_replanning_replans_between_boundaries_and_changes_nothing_far_from_the_goal(model, monkeypatch):
     """``step_replan always`` plans at every step once the history spans it; ``near`` with no problem near
     its goal plays exactly what chunk-boundary replanning plays."""
