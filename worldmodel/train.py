@@ -57,9 +57,10 @@ class TrainConfig:
     env: str | None = option(None, "the environment of a dataset that does not record it (a stable-worldmodel file; "
                                    "default: reacher-easy); a dataset that records another is refused")
     out: str = option(DEFAULT_RUN, "run directory: model.pt, checkpoint.pt, tb/")
-    preset: str = option("demo", "demo (2-core CPU), hold (demo on 96 px frames, 5,000 steps: holds the goal more), "
-                                 "lewm-data (data of LeWorldModel's kind, 2-core CPU) or full (one GPU); the options "
-                                 "you type override it", choices=("demo", "hold", "lewm-data", "full"))
+    preset: str = option("demo", "demo (2-core CPU), hold (demo on 96 px frames, 5,000 steps: holds the goal "
+                                 "more, planned with --samples 100 --iterations 10 --grad-steps 0), lewm-data (data "
+                                 "of LeWorldModel's kind, 2-core CPU) or full (one GPU); the options you type "
+                                 "override it", choices=("demo", "hold", "lewm-data", "full"))
     resume: bool = option(False, "continue the run in --out from its checkpoint")
     overwrite: bool = option(False, "start again in --out although it holds a run (its model and checkpoint go)")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
@@ -141,9 +142,10 @@ PRESETS = {
     # frames, windows of 3 + 5 frames with a 5-step open-loop rollout loss, 3,500 steps (README: results
     # and the validation curves behind each choice).
     "demo": {},
-    # The demo's model trained longer, meant for frames collected at 96 px (`wm collect --size 96`): it holds
-    # the goal at the end 96-98% of the time with the default planner, at 2.7-3.0x the demo's training
-    # (chosen on validation against 96 px at 3,500 steps and the demo: README Notes).
+    # The demo's model trained longer, meant for frames collected at 96 px (`wm collect --size 96`): planned
+    # with CEM 100 x 10 (`--samples 100 --iterations 10 --grad-steps 0`; the default planner held less on
+    # validation) it holds the goal at the end 96-98% of the time, at 2.7-3.0x the demo's training (chosen on
+    # validation against 96 px at 3,500 steps and the demo: README Notes and Results).
     "hold": {"steps": 5000},
     # Data of LeWorldModel's kind on a 2-core CPU (200-step episodes of i.i.d. uniform actions held for two
     # control steps: `wm collect --policy random --action-repeat 2 --steps 200`): the demo architecture,
