@@ -170,7 +170,7 @@ def test_subgoal_cost_compares_the_same_episodes_with_and_without(tmp_path, monk
     rows = {line.split(" | ")[1]: line.split(" | ") for line in report.splitlines() if line.startswith("| reach25 |")}
     assert set(rows) == {"off", "on"} and rows["off"][6] == "-" and float(rows["on"][6]) > 0  # routing timed
     assert re.fullmatch(r"\d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)", rows["on"][5])  # the median ratio of 2 pairs
-    assert rows["off"][8] == "- |" and rows["on"][8] == "0 |"  # no arm strayed beyond what was solved for it
+    assert rows["off"][8] == "- |" and re.fullmatch(r"\d+ \|", rows["on"][8])  # plans that met a stray arm
 
 
 def test_bench_protocol_reaches_both_closed_loop_benchmarks(tmp_path, monkeypatch):
