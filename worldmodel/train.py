@@ -58,9 +58,9 @@ class TrainConfig:
                                    "default: reacher-easy); a dataset that records another is refused")
     out: str = option(DEFAULT_RUN, "run directory: model.pt, checkpoint.pt, tb/")
     preset: str = option("demo", "demo (2-core CPU), hold (demo on 96 px frames, 5,000 steps: holds the goal "
-                                 "more, planned with --samples 100 --iterations 10 --grad-steps 0), lewm-data (data "
-                                 "of LeWorldModel's kind, 2-core CPU) or full (one GPU); the options you type "
-                                 "override it", choices=("demo", "hold", "lewm-data", "full"))
+                                 "more; plan it with wm eval/demo --samples 100 --iterations 10 --grad-steps 0), "
+                                 "lewm-data (data of LeWorldModel's kind, 2-core CPU) or full (one GPU); the options "
+                                 "you type override it", choices=("demo", "hold", "lewm-data", "full"))
     resume: bool = option(False, "continue the run in --out from its checkpoint")
     overwrite: bool = option(False, "start again in --out although it holds a run (its model and checkpoint go)")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
