@@ -31,6 +31,7 @@ from envs.storage import DEFAULT_DATA
 from evaluation.compare import CompareConfig
 from evaluation.demo import DemoConfig
 from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, parse_baselines
+from planners.policy import PolicyConfig, policy_config, recorded_planner
 from studies.identifiability import IdentifiabilityConfig
 from worldmodel.datasplit import HELD_OUT
 from worldmodel.graph import GraphConfig
@@ -105,6 +106,35 @@ def _train_defaults(argv: list[str]) -> TrainConfig:
                 raise ValueError(f"{saved}: not valid JSON ({exc})") from None
             return from_dict(TrainConfig, settings, str(saved))  # settings it lacks: today's defaults
     return preset_config(_typed(argv, "--preset") or "demo")
+
+
+def _was_typed(argv: list[str], flag: str) -> bool:
+    """Whether ``flag`` (or a switch's ``--no-`` form) is on a command line."""
+    return any(a in (flag, "--no-" + flag[2:]) or a.startswith(flag + "=") for a in argv)
+
+
+def _recorded_policy(argv: list[str]) -> PolicyConfig:
+    """What ``wm eval`` and ``wm demo`` plan with unless told otherwise: the planner settings the typed
+    ``--checkpoint``'s model files record (a preset's validated choice; none: the default planner). Several
+    models must agree on every such setting not typed. A model file not there is left for the command to
+    report."""
+    paths = [p for p in comma_list(_typed(argv, "--checkpoint") or DEFAULT_CHECKPOINT) if Path(p).is_file()]
+    recorded = {p: recorded_planner(p) for p in paths}
+    flat = {p: {f.name: f for f in config_fields(policy_config(p))} for p in paths}
+    differing = sorted({name for p in paths for name in recorded[p]
+                        if len({flat[q][name].value for q in paths}) > 1 and not _was_typed(argv, flat[p][name].flag)})
+    if differing:
+        said = "; ".join(f"{p}: " + " ".join(f"{flat[p][n].flag} {flat[p][n].value}" for n in differing) for p in paths)
+        raise ValueError(f"--checkpoint: the models plan with different settings ({said}); type "
+                         f"{', '.join(flat[paths[0]][n].flag for n in differing)} to plan them alike")
+    settings = recorded[paths[0]] if paths else {}
+    untyped = [flat[paths[0]][n] for n in settings if not _was_typed(argv, flat[paths[0]][n].flag)]
+    if untyped:
+        logging.getLogger("wm").info(
+            f"{', '.join(paths)}: planned with {' '.join(f'{f.flag} {f.value}' for f in untyped)}, as "
+            f"{'its model file records' if len(paths) == 1 else 'their model files record'} (a training "
+            f"preset's choice; the options you type override it)")
+    return policy_config(paths[0]) if paths else PolicyConfig()
 
 
 # --- small commands' configs ---------------------------------------------------------------------------------
@@ -454,9 +484,12 @@ COMMANDS = {
 
 
 def default_config(command: str, argv: list[str]):
-    """The config whose values are the command's defaults (for ``train``: the typed preset's)."""
+    """The config whose values are the command's defaults (for ``train``: the typed preset's; for ``eval`` and
+    ``demo``: the planner the typed checkpoint records)."""
     cls = COMMANDS[command][0]
-    return _train_defaults(argv) if cls is TrainConfig else cls()
+    if cls is TrainConfig:
+        return _train_defaults(argv)
+    return cls(policy=_recorded_policy(argv)) if cls in (EvalConfig, DemoConfig) else cls()
 
 
 def _main_process() -> bool:

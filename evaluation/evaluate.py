@@ -38,7 +38,7 @@ from evaluation.html import evaluation_page
 from evaluation.report import log_to_tensorboard, plot_results, results_markdown, summarize
 from evaluation.stats import METHOD
 from planners.noise import problem_keys
-from planners.policy import MPCPolicy, PolicyConfig, check_policy_device
+from planners.policy import MPCPolicy, PolicyConfig, check_policy_device, policy_config
 from worldmodel.datasplit import (HELD_OUT, load_with_data, recorded_data, recording_differences, resolve_data,
                                   split_episodes, training_episodes)
 from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint, keep_graph, saved_graph
@@ -465,17 +465,16 @@ def measure_method(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: int,
 
 
 def closed_loop_check(model, store: EpisodeStore, train_ids: list[int], val_ids: list[int], episodes: int,
-                      protocol: str = "reach25", iterations: int | None = None) -> dict:
+                      planner: dict | None = None, protocol: str = "reach25") -> dict:
     """A small closed-loop evaluation during training on validation episodes (world model only, one seed,
-    the default planner, its CEM with ``iterations`` if given, subgoals over the training episodes):
+    the default planner with ``planner``'s settings (by name) on top, subgoals over the training episodes):
     {"<protocol>_latched": rate, "<protocol>_held": rate}, logged to TensorBoard by ``wm train``. The model
     is left in eval mode (the caller puts it back in training)."""
     model.eval()
     batch = batch_like(store, episodes)
     try:
         setup = Setup(model, {}, store, val_ids, "", batch, train=train_ids)
-        policy = apply_overrides(PolicyConfig(), {} if iterations is None else {"iterations": iterations})
-        latched, held, *_ = world_model_rates(setup, policy, protocol, episodes)
+        latched, held, *_ = world_model_rates(setup, apply_overrides(PolicyConfig(), planner or {}), protocol, episodes)
     finally:
         batch.close()
     return {f"{protocol}_latched": latched, f"{protocol}_held": held}
@@ -500,11 +499,12 @@ def world_model_rates(setup: Setup, policy: PolicyConfig, protocol: str, episode
 def closed_loop_rates(checkpoint: str, data: str = "", split: str = "test", episodes: int = 50,
                       protocol: str = "reach25", seed: int = 0, policy: PolicyConfig | None = None,
                       device: str = "auto") -> tuple[float, float]:
-    """(latched rate, held rate) of the world-model policy (the default unless ``policy``) on one seed of
-    ``protocol`` from ``checkpoint``'s ``split`` episodes: what a study records beside its own numbers."""
+    """(latched rate, held rate) of the world-model policy (as the model file records, unless ``policy``) on
+    one seed of ``protocol`` from ``checkpoint``'s ``split`` episodes: what a study records beside its own
+    numbers."""
     setup = load_setup(checkpoint, data, episodes, device, split)
     try:
-        latched, held, *_ = world_model_rates(setup, policy or PolicyConfig(), protocol, episodes, seed)
+        latched, held, *_ = world_model_rates(setup, policy or policy_config(checkpoint), protocol, episodes, seed)
     finally:
         setup.batch.close()
     return latched, held

@@ -7,7 +7,7 @@ from planners.config import CEMConfig, MPPIConfig, PlannerConfig
 from planners.costs import COSTS, final_cost, get_cost, sum_cost
 from planners.mppi import MPPIPlanner
 from planners.noise import problem_keys
-from planners.policy import MPCPolicy, PolicyConfig, load_policy, make_planner
+from planners.policy import MPCPolicy, PolicyConfig, load_policy, make_planner, policy_config, recorded_planner
 from planners.subgoals import SubgoalConfig
 
 __all__ = [
@@ -26,7 +26,9 @@ __all__ = [
     "get_cost",
     "load_policy",
     "make_planner",
+    "policy_config",
     "problem_keys",
+    "recorded_planner",
     "shift_plan",
     "sum_cost",
 ]

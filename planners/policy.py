@@ -371,18 +371,40 @@ def pad_history(frames: np.ndarray, chunks: np.ndarray, k: int, first_obs: np.nd
             np.concatenate([np.zeros((k - m, chunks.shape[1]), np.float32), chunks]))
 
 
+def recorded_planner(checkpoint_path: str | Path) -> dict:
+    """The planner settings a model file records, by name (model.json's ``planner``: those of its training
+    preset where validation chose other than the default, e.g. the hold preset's CEM 100 x 10), checked;
+    {} for a model that records none. A ``CheckpointError`` naming the file and the setting otherwise."""
+    from worldmodel.model import CheckpointError, read_model_meta
+
+    path = Path(checkpoint_path)
+    settings = read_model_meta(path).get("planner", {})
+    try:
+        apply_overrides(PolicyConfig(), settings)
+    except ValueError as exc:
+        raise CheckpointError(f"{path.with_suffix('.json')}: 'planner': {exc}") from None
+    return settings
+
+
+def policy_config(checkpoint_path: str | Path, overrides: dict | None = None) -> PolicyConfig:
+    """How ``checkpoint_path``'s model is planned: the planner settings its model file records, with
+    ``overrides`` (settings by name) on top."""
+    return apply_overrides(PolicyConfig(), {**recorded_planner(checkpoint_path), **(overrides or {})})
+
+
 def load_policy(checkpoint_path: str | Path, device: str = "auto", data: str = "", **overrides) -> MPCPolicy:
     """An MPC policy from a trained checkpoint, for users and outside harnesses.
 
-    ``overrides`` set the policy's settings by the names the command line uses: ``samples=300``,
-    ``planner="mppi"``, ``receding_horizon=2``, and the dotted ones as ``**{"cem.elites": 30,
-    "subgoals.enabled": False}``. Subgoals (on by default) plan far goals via waypoints of a graph of the
-    model's training frames, read from its recorded dataset (or ``data``).
+    The policy plans as the model file records (``recorded_planner``: the default planner unless its
+    training preset chose another), with ``overrides`` on top: the policy's settings by the names the
+    command line uses, ``samples=300``, ``planner="mppi"``, ``receding_horizon=2``, and the dotted ones as
+    ``**{"cem.elites": 30, "subgoals.enabled": False}``. Subgoals (on by default) plan far goals via
+    waypoints of a graph of the model's training frames, read from its recorded dataset (or ``data``).
     """
     from worldmodel.graph import graph_for_checkpoint
     from worldmodel.model import WorldModel
 
-    cfg = apply_overrides(PolicyConfig(), overrides)
+    cfg = policy_config(checkpoint_path, overrides)
     model = WorldModel.load(checkpoint_path, device)
     graph = graph_for_checkpoint(model, checkpoint_path, cfg.subgoals.graph, data) if cfg.subgoals.enabled else None
     return MPCPolicy(model, cfg, graph)

@@ -21,13 +21,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.config import apply_overrides
 from common.files import KeptRuns
 from envs.reacher import joint_error, wrap_angle
 from evaluation.evaluate import EvalConfig, load_setup, measured_with, run_episodes, world_model_controller
 from evaluation.protocols import PROTOCOLS, episode_records, sample_episodes
 from evaluation.simulator import SimulatorModel
-from planners.policy import PolicyConfig
+from planners.policy import PolicyConfig, policy_config
 from studies import STUDY_ADVICE
 
 LEVELS = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2)  # rad of joint error
@@ -175,12 +174,12 @@ def one_seed(setup, policy: PolicyConfig, seed: int, episodes: int, bar=None) ->
 def run_all(checkpoint: str, episodes: int = 50, seeds: int = 1, device: str = "auto", data: str = "",
             overrides: dict | None = None, split: str = "val", progress: bool = True,
             units: str | Path | None = None) -> dict:
-    """The three measurements on ``checkpoint``'s ``split`` episodes (the default policy unless
-    ``overrides``, settings by name). With ``units`` (a directory), the pose discrimination and each seed
+    """The three measurements on ``checkpoint``'s ``split`` episodes (the policy its model file records, with
+    ``overrides`` on top, settings by name). With ``units`` (a directory), the pose discrimination and each seed
     are kept there as they are done, and a rerun after an interruption measures only the rest."""
     setup = load_setup(checkpoint, data, episodes, device, split=split)
     try:
-        policy = apply_overrides(PolicyConfig(), overrides or {})
+        policy = policy_config(checkpoint, overrides)
         cfg = EvalConfig(episodes=episodes, split=split, data=data, device=device, policy=policy)
         kept = KeptRuns(units, measured_with(cfg, setup), STUDY_ADVICE)
         out = {"discrimination": kept.run("discrimination", lambda: pose_discrimination(setup)),

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import run_wm
-from wm import add_config_arguments, config_from_args, main
+from wm import add_config_arguments, config_from_args, default_config, main
 from worldmodel.train import preset_config
 
 TINY_MODEL = ["--latent-dim", 16, "--history", 2, "--encoder.conv-channels", 8, "--encoder.proj-hidden", 32,
@@ -127,6 +127,51 @@ def test_the_demo_pipeline_names_a_damaged_model_json_and_keeps_the_run(tmp_path
     with pytest.raises(ValueError, match="model.json: not a readable model description"):
         _finished(tmp_path, 3500)
     assert (tmp_path / "model.json").read_text() == '{"step": 35'
+
+
+def _parsed(argv: list[str]):
+    """The config ``wm`` builds from ``argv`` (the command first), as ``main`` does."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cfg = default_config(argv[0], argv)
+    add_config_arguments(parser, cfg)
+    return config_from_args(cfg, parser.parse_args(argv[1:]))
+
+
+def test_eval_and_demo_plan_a_model_as_its_file_records_unless_typed(tmp_path, caplog, capsys):
+    """A model whose preset chose another planner on validation (model.json's ``planner``) is planned so by
+    wm eval and wm demo, said on stderr and shown by --help; the options typed override it; models that
+    disagree must be told how to plan alike; a bad record is refused naming the file."""
+    from test_model import tiny_config
+    from worldmodel.model import WorldModel
+
+    hold, plain, bad = (str(tmp_path / f"{name}.pt") for name in ("hold", "plain", "bad"))
+    model = WorldModel(tiny_config("mlp", size=32, frameskip=2))
+    model.save(hold, extra={"planner": {"samples": 100, "iterations": 10, "grad_steps": 0}})
+    model.save(plain)
+    model.save(bad, extra={"planner": {"samples": 0}})
+    plan = lambda cfg: (cfg.policy.plan.samples, cfg.policy.plan.iterations, cfg.policy.plan.grad_steps)  # noqa: E731
+    default = plan(_parsed(["eval", "--checkpoint", plain]))
+    assert default != (100, 10, 0) and plan(_parsed(["eval"])) == default  # no model file: the default planner
+    with caplog.at_level("INFO", logger="wm"):
+        assert plan(_parsed(["eval", "--checkpoint", hold])) == (100, 10, 0)
+    said = "hold.pt: planned with --samples 100 --iterations 10 --grad-steps 0, as its model file records"
+    assert said in caplog.text
+    assert plan(_parsed(["demo", "--checkpoint", hold, "--samples=20"])) == (20, 10, 0)
+    assert plan(_parsed(["eval", "--checkpoint", f"{hold},{hold}", "--out", "o"])) == (100, 10, 0)
+    with pytest.raises(ValueError, match=r"the models plan with different settings \(.*hold.pt: --grad-steps 0 "
+                                         r"--iterations 10; .*plain.pt: --grad-steps \d+ --iterations \d+\); type "
+                                         r"--grad-steps, --iterations to plan them alike"):
+        _parsed(["eval", "--checkpoint", f"{hold},{plain}", "--out", "o", "--samples", "50"])
+    mixed = _parsed(["eval", "--checkpoint", f"{hold},{plain}", "--out", "o", "--samples", "50", "--iterations", "4",
+                     "--grad-steps", "8"])
+    assert plan(mixed) == (50, 4, 8)
+    assert main(["eval", "--checkpoint", bad]) == 2
+    assert "bad.json: 'planner': " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", hold, "--help"])
+    assert "(default: 100)" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("argv, said", [

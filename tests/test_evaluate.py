@@ -729,7 +729,7 @@ def test_choosing_never_touches_the_test_episodes(data, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "sample_episodes", lambda st, ids, *a, **k: seen.append(set(ids)) or real(st, ids, *a, **k))
     quality.run(str(tmp_path / "m.pt"), "cpu", settings=({"samples": 8, "iterations": 1},), episodes=2, data=str(data))
     train = sorted(store.index_of_uids(meta["data"]["train"]))
-    ev.closed_loop_check(model, store, train, sorted(val), episodes=2, iterations=1)
+    ev.closed_loop_check(model, store, train, sorted(val), episodes=2, planner={"iterations": 1})
     assert len(seen) == 2 and all(ids == val for ids in seen) and not any(ids & test for ids in seen)
     quality.run(str(tmp_path / "m.pt"), "cpu", settings=({"samples": 8, "iterations": 1},), episodes=2, data=str(data), split="test")
     assert seen[-1] == test  # the spy sees a split when one is used

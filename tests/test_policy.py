@@ -4,7 +4,7 @@ import torch
 
 from envs import ReacherPixels
 from common.config import apply_overrides
-from planners.policy import MPCPolicy, PolicyConfig, load_policy
+from planners.policy import MPCPolicy, PolicyConfig, load_policy, policy_config, recorded_planner
 from test_model import tiny_config
 from worldmodel.model import CheckpointError, WorldModel
 
@@ -130,6 +130,24 @@ def test_load_policy(model, tmp_path):
     assert policy.act(np.zeros((32, 32, 3), np.uint8)).shape == (2,)
     with pytest.raises(CheckpointError):
         load_policy(tmp_path / "missing.pt")
+
+
+def test_a_model_is_planned_as_its_file_records_unless_told_otherwise(model, tmp_path):
+    """model.json's ``planner`` (a preset's validated settings) is what load_policy plans with; the settings
+    given override it; a bad record is an error naming the file and the setting."""
+    model.save(tmp_path / "m.pt", extra={"planner": {"samples": 12, "iterations": 3, "grad_steps": 0}})
+    plain = {"subgoals.enabled": False}
+    policy = load_policy(tmp_path / "m.pt", device="cpu", **plain)
+    assert (policy.planner.cfg.samples, policy.planner.cfg.iterations, policy.planner.cfg.grad_steps) == (12, 3, 0)
+    policy = load_policy(tmp_path / "m.pt", device="cpu", samples=8, **plain)
+    assert (policy.planner.cfg.samples, policy.planner.cfg.iterations) == (8, 3)
+    assert recorded_planner(tmp_path / "m.pt") == {"samples": 12, "iterations": 3, "grad_steps": 0}
+    model.save(tmp_path / "plain.pt")
+    assert recorded_planner(tmp_path / "plain.pt") == {} and policy_config(tmp_path / "plain.pt") == PolicyConfig()
+    for bad, says in (({"samples": "many"}, "samples"), ({"cem.warmth": 1}, "cem.warmth"), ([100], "'planner'")):
+        model.save(tmp_path / "bad.pt", extra={"planner": bad})
+        with pytest.raises(CheckpointError, match=rf"bad.json: .*{says}"):
+            load_policy(tmp_path / "bad.pt", device="cpu", **plain)
 
 
 def test_frames_go_to_the_device_only_at_chunk_boundaries(model, monkeypatch):

@@ -155,11 +155,22 @@ def test_the_one_frame_study_splits_the_misses_and_writes_its_report(data, tmp_p
     assert json.loads((tmp_path / "study" / "results.json").read_text())["summary"] == pooled["summary"]
 
 
-def test_the_hold_study_runs_from_the_command_line(data, tmp_path):
+def test_the_hold_study_runs_from_the_command_line(data, tmp_path, monkeypatch):
+    """It studies the model planned as its file records (here a small CEM without gradient steps)."""
     import wm
+    from studies import hold
 
     torch.manual_seed(0)
     ckpt = save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    ckpt.with_suffix(".json").write_text(json.dumps({**meta, "planner": {"samples": 6, "grad_steps": 0}}))
+    planned, real = [], hold.one_seed
+
+    def spied(setup, policy, *args, **kwargs):
+        planned.append(policy)
+        return real(setup, policy, *args, **kwargs)
+
+    monkeypatch.setattr(hold, "one_seed", spied)
     assert wm.main(["study", "--what", "hold", "--checkpoint", str(ckpt), "--episodes", "2", "--split", "test",
                     "--device", "cpu"]) == 0
     out = tmp_path / "study-hold"
@@ -167,6 +178,7 @@ def test_the_hold_study_runs_from_the_command_line(data, tmp_path):
     assert len(result["settling"]) == 1 and 0 <= result["settling"][0]["held"] <= 1
     assert "test episodes" in (out / "results.md").read_text() and (out / "results.png").is_file()
     assert not (out / "units").exists()  # the parts kept for a resume go once the results are written
+    assert [(p.plan.samples, p.plan.grad_steps) for p in planned] == [(6, 0)]
 
 
 @pytest.mark.parametrize("study", ["one-frame", "hold"])

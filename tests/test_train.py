@@ -16,7 +16,7 @@ from worldmodel import distributed
 from worldmodel.model import CheckpointError, WorldModel
 from worldmodel.objective import lr_at
 from worldmodel.rundir import RunWriteError
-from worldmodel.train import TrainingDiverged, preset_config, train
+from worldmodel.train import PRESET_PLANNER, TrainingDiverged, preset_config, train
 
 TINY = {"latent_dim": 16, "encoder.proj_hidden": 32, "encoder.conv_channels": 8,
         "predictor.hidden": 32, "predictor.depth": 2, "history": 2, "frameskip": 2,
@@ -42,6 +42,7 @@ def test_train_writes_model_checkpoint_logs_and_split(data, tmp_path):
     assert len(metrics["val"]["mse"]) == 2 and "joints_mean" in metrics["probe"]
     assert metrics["val"]["prediction_loss"] > 0
     WorldModel.load(tmp_path / "run" / "model.pt")
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["planner"] == {}  # the demo's: the default
     record = json.loads((tmp_path / "run" / "model.json").read_text())["data"]
     fit, val, test = set(record["train"]), set(record["val"]), set(record["test"])
     assert len(fit) + len(val) + len(test) == 6 and len(fit | val | test) == 6 and val and test
@@ -52,7 +53,7 @@ def test_train_episodes_trains_on_a_nested_subset_and_keeps_the_held_out_episode
     train(tiny(data, tmp_path / "all", steps=2), progress=False)
     seen = []
     train(tiny(data, tmp_path / "two", steps=2, train_episodes=2, eval_episodes=1), progress=False,
-          closed_loop=lambda model, store, train_ids, val_ids, episodes: seen.append(train_ids) or {})
+          closed_loop=lambda model, store, train_ids, val_ids, episodes, planner: seen.append(train_ids) or {})
     full, part = (json.loads((tmp_path / d / "model.json").read_text())["data"] for d in ("all", "two"))
     assert len(full["train"]) == 4 and part["train"] == full["train"][:2]  # the first two, by index
     assert part["val"] == full["val"] and part["test"] == full["test"]
@@ -76,16 +77,19 @@ def test_too_few_episodes_to_hold_one_out_is_refused_before_any_step(tmp_path):
 
 
 def test_tensorboard_has_validation_loss_hparams_and_closed_loop(data, tmp_path):
+    """The closed-loop check plans as the model will be: with the planner its preset records in model.json."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     calls = []
 
-    def closed_loop(model, store, train_ids, val_ids, episodes):
-        calls.append((len(val_ids), episodes))
+    def closed_loop(model, store, train_ids, val_ids, episodes, planner):
+        calls.append((len(val_ids), episodes, planner))
         return {"reach25_latched": 0.5, "reach25_held": 0.25}
 
-    metrics = train(tiny(data, tmp_path / "run", eval_episodes=3), progress=False, closed_loop=closed_loop)
-    assert calls == [(1, 3)] and metrics["closed_loop"]["reach25_held"] == 0.25
+    metrics = train(tiny(data, tmp_path / "run", eval_episodes=3, preset="hold"), progress=False,
+                    closed_loop=closed_loop)
+    assert calls == [(1, 3, PRESET_PLANNER["hold"])] and metrics["closed_loop"]["reach25_held"] == 0.25
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["planner"] == PRESET_PLANNER["hold"]
     events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
     tags = events.Tags()["scalars"]
     assert {"val/prediction_loss", "loss/total", "closed_loop/reach25_latched"} <= set(tags)

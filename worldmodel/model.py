@@ -253,7 +253,8 @@ def read_model_meta(path: str | Path) -> dict:
 META_FIELDS = {"step": (int, "a count of steps"), "train_config": (dict, "the run's settings"),
                "history": (list, "the run's history"), "metrics": (dict, "the run's metrics"),
                "data": (dict, "the record of the training data"),
-               "provenance": (dict, "what made the model: command, commit, packages, machine")}
+               "provenance": (dict, "what made the model: command, commit, packages, machine"),
+               "planner": (dict, "the planner settings it is planned with, by name")}
 DATA_FIELDS = {"path": (str, "the dataset's path"), "fingerprint": ((str, type(None)), "the dataset's fingerprint"),
                "episodes": (int, "a count of episodes"), "train": (list, "episode uids"),
                "val": (list, "episode uids"), "test": (list, "episode uids")}

@@ -148,11 +148,13 @@ def finished_metrics(out: Path) -> dict:
 
 
 def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, history: list, data: dict,
-         health: dict | None = None, extras: dict | None = None) -> None:
-    """The user-facing model (model.pt + model.json) and the training state (checkpoint.pt, with the model's
-    ``health`` as the guard measured it); the checkpoint replaced is kept as checkpoint.prev.pt."""
+         health: dict | None = None, extras: dict | None = None, planner: dict | None = None) -> None:
+    """The user-facing model (model.pt + model.json, which records ``planner``: the settings it is planned
+    with, by name) and the training state (checkpoint.pt, with the model's ``health`` as the guard measured
+    it); the checkpoint replaced is kept as checkpoint.prev.pt."""
     settings = dataclasses.asdict(cfg)
-    extra = {"step": step, "train_config": settings, "history": history, "data": data, "provenance": provenance(),
+    extra = {"step": step, "train_config": settings, "planner": planner or {}, "history": history, "data": data,
+             "provenance": provenance(),
              "metrics": {k: v for k, v in metrics.items()
                          if k in ("probe", "val", "loss/prediction", "ddp_max_param_diff", "closed_loop")}}
     try:  # model.json last: it is what says which step the run has reached

@@ -58,7 +58,8 @@ class TrainConfig:
                                    "default: reacher-easy); a dataset that records another is refused")
     out: str = option(DEFAULT_RUN, "run directory: model.pt, checkpoint.pt, tb/")
     preset: str = option("demo", "demo (2-core CPU), hold (demo on 96 px frames, 5,000 steps: holds the goal "
-                                 "more; plan it with wm eval/demo --samples 100 --iterations 10 --grad-steps 0), "
+                                 "more; its model records CEM 100 x 10 as its planner, which wm eval and wm demo "
+                                 "plan it with unless told otherwise), "
                                  "lewm-data (data of LeWorldModel's kind, 2-core CPU) or full (one GPU); the options "
                                  "you type override it", choices=("demo", "hold", "lewm-data", "full"))
     resume: bool = option(False, "continue the run in --out from its checkpoint")
@@ -143,9 +144,9 @@ PRESETS = {
     # and the validation curves behind each choice).
     "demo": {},
     # The demo's model trained longer, meant for frames collected at 96 px (`wm collect --size 96`): planned
-    # with CEM 100 x 10 (`--samples 100 --iterations 10 --grad-steps 0`; the default planner held less on
-    # validation) it holds the goal at the end 96-98% of the time, at 2.7-3.0x the demo's training (chosen on
-    # validation against 96 px at 3,500 steps and the demo: README Notes and Results).
+    # with CEM 100 x 10 (PRESET_PLANNER; the default planner held less on validation) it holds the goal at
+    # the end 96-98% of the time, at 2.7-3.0x the demo's training (chosen on validation against 96 px at 3,500
+    # steps and the demo: README Notes and Results).
     "hold": {"steps": 5000},
     # Data of LeWorldModel's kind on a 2-core CPU (200-step episodes of i.i.d. uniform actions held for two
     # control steps: `wm collect --policy random --action-repeat 2 --steps 200`): the demo architecture,
@@ -157,6 +158,17 @@ PRESETS = {
              "encoder.conv_channels": 64, "predictor.hidden": 1024, "num_workers": 4,
              "val_every": 1000, "probe_every": 2000, "ckpt_every": 2000},
 }
+
+
+# The planner a preset's models are planned with where validation chose another than the default (settings by
+# name, recorded in model.json: `wm eval`, `wm demo`, `wm study hold` and `load_policy` plan the model so unless
+# told otherwise). The hold preset's: the default planner held the goal less on validation (README Notes).
+PRESET_PLANNER = {"hold": {"samples": 100, "iterations": 10, "grad_steps": 0}}
+
+
+def planner_settings(cfg: TrainConfig) -> dict:
+    """The planner settings a run's model records: its preset's (``PRESET_PLANNER``), else none."""
+    return dict(PRESET_PLANNER.get(cfg.preset, {}))
 
 
 # The data a preset was chosen on, where it was chosen on data of one kind: (what the dataset records, the
@@ -240,9 +252,10 @@ def train(cfg: TrainConfig, progress: bool = True,
           closed_loop: Callable[..., dict] | None = None) -> dict:
     """Train (or resume) a world model; returns the final metrics. Writes under ``cfg.out``.
 
-    ``closed_loop(model, store, train_ids, val_ids, episodes) -> {name: value}`` (given by the command line,
-    which sees the planners) runs a small closed-loop evaluation every ``eval_every`` steps and at the
-    end; its values are logged to TensorBoard under ``closed_loop/`` and kept in model.json.
+    ``closed_loop(model, store, train_ids, val_ids, episodes, planner) -> {name: value}`` (given by the
+    command line, which sees the planners) runs a small closed-loop evaluation every ``eval_every`` steps
+    and at the end, planned as the model will be (``planner``: the settings it records); its values are
+    logged to TensorBoard under ``closed_loop/`` and kept in model.json.
     """
     rank, world, device = distributed.setup(cfg.device)
     is_main = rank == 0
@@ -299,7 +312,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
         if is_main:  # the finished model carries what planning needs: the graph of its training frames
             extras = ({"graph": LatentGraph.build(model, data.store, data.train.episode_ids, cfg.graph).state(cfg.graph)}
                       if done == cfg.steps and cfg.save_graph else {})
-            rundir.save(out, model, opt, cfg, done, metrics, history, data.record, health, extras)
+            rundir.save(out, model, opt, cfg, done, metrics, history, data.record, health, extras,
+                        planner_settings(cfg))
 
     # --- the loop --------------------------------------------------------------------------------------
     finished = False  # every step run and the model saved
@@ -522,7 +536,8 @@ def _evaluate(model: WorldModel, data: TrainingData, cfg: TrainConfig, done: int
         _log(writer, {f"probe/r2_{k}": v for k, v in probe.items()}, done)
         metrics["probe"] = probe
     if closed_loop is not None and cfg.eval_episodes and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
-        result = closed_loop(model, data.store, data.train.episode_ids, data.val.episode_ids, cfg.eval_episodes)
+        result = closed_loop(model, data.store, data.train.episode_ids, data.val.episode_ids, cfg.eval_episodes,
+                             planner_settings(cfg))
         model.train()
         _log(writer, {f"closed_loop/{k}": v for k, v in result.items()}, done)
         metrics["closed_loop"] = result
