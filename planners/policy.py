@@ -373,12 +373,16 @@ def pad_history(frames: np.ndarray, chunks: np.ndarray, k: int, first_obs: np.nd
 
 def recorded_planner(checkpoint_path: str | Path) -> dict:
     """The planner settings a model file records, by name (model.json's ``planner``: those of its training
-    preset where validation chose other than the default, e.g. the hold preset's CEM 100 x 10), checked;
-    {} for a model that records none. A ``CheckpointError`` naming the file and the setting otherwise."""
+    preset where validation chose other than the default, e.g. the hold preset's CEM 100 x 10; a file written
+    before models recorded it: its recorded preset's), checked; {} for the default planner. A
+    ``CheckpointError`` naming the file and the setting otherwise."""
     from worldmodel.model import CheckpointError, read_model_meta
+    from worldmodel.train import PRESET_PLANNER
 
     path = Path(checkpoint_path)
-    settings = read_model_meta(path).get("planner", {})
+    meta = read_model_meta(path)
+    preset = meta.get("train_config", {}).get("preset")
+    settings = meta.get("planner", PRESET_PLANNER.get(preset, {}) if isinstance(preset, str) else {})
     try:
         apply_overrides(PolicyConfig(), settings)
     except ValueError as exc:

@@ -7,6 +7,7 @@ from common.config import apply_overrides
 from planners.policy import MPCPolicy, PolicyConfig, load_policy, policy_config, recorded_planner
 from test_model import tiny_config
 from worldmodel.model import CheckpointError, WorldModel
+from worldmodel.train import PRESET_PLANNER
 
 
 @pytest.fixture
@@ -144,6 +145,10 @@ def test_a_model_is_planned_as_its_file_records_unless_told_otherwise(model, tmp
     assert recorded_planner(tmp_path / "m.pt") == {"samples": 12, "iterations": 3, "grad_steps": 0}
     model.save(tmp_path / "plain.pt")
     assert recorded_planner(tmp_path / "plain.pt") == {} and policy_config(tmp_path / "plain.pt") == PolicyConfig()
+    model.save(tmp_path / "older.pt", extra={"train_config": {"preset": "hold"}})  # written before the record
+    assert recorded_planner(tmp_path / "older.pt") == PRESET_PLANNER["hold"]
+    model.save(tmp_path / "told.pt", extra={"train_config": {"preset": "hold"}, "planner": {}})  # the record rules
+    assert recorded_planner(tmp_path / "told.pt") == {}
     for bad, says in (({"samples": "many"}, "samples"), ({"cem.warmth": 1}, "cem.warmth"), ([100], "'planner'")):
         model.save(tmp_path / "bad.pt", extra={"planner": bad})
         with pytest.raises(CheckpointError, match=rf"bad.json: .*{says}"):
