@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
-from common.config import (apply_overrides, check_at_least, comma_list, config_fields, from_dict, nested, option,
-                           unwrap_optional)
+from common.config import (apply_overrides, as_options, check_at_least, comma_list, config_fields, from_dict, nested,
+                           option, option_flag, unwrap_optional)
 from common.device import THREADS_HELP, set_threads
 from common.files import (atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured, output_dir,
                           output_lock, remove_stale_temporaries, saying_what_is_kept)
@@ -119,22 +119,24 @@ def _recorded_policy(argv: list[str]) -> PolicyConfig:
     models must agree on every such setting not typed. A model file not there is left for the command to
     report."""
     paths = [p for p in comma_list(_typed(argv, "--checkpoint") or DEFAULT_CHECKPOINT) if Path(p).is_file()]
+    if not paths:
+        return PolicyConfig()
     recorded = {p: recorded_planner(p) for p in paths}
-    flat = {p: {f.name: f for f in config_fields(policy_config(p))} for p in paths}
-    differing = sorted({name for p in paths for name in recorded[p]
-                        if len({flat[q][name].value for q in paths}) > 1 and not _was_typed(argv, flat[p][name].flag)})
+    values = {p: {f.name: f.value for f in config_fields(policy_config(p))} for p in paths}
+    untyped = lambda names: [n for n in names if not _was_typed(argv, option_flag(n))]  # noqa: E731
+    differing = sorted(n for n in untyped({n for p in paths for n in recorded[p]})
+                       if len({repr(values[p][n]) for p in paths}) > 1)
     if differing:
-        said = "; ".join(f"{p}: " + " ".join(f"{flat[p][n].flag} {flat[p][n].value}" for n in differing) for p in paths)
+        said = "; ".join(f"{p}: {as_options({n: values[p][n] for n in differing})}" for p in paths)
         raise ValueError(f"--checkpoint: the models plan with different settings ({said}); type "
-                         f"{', '.join(flat[paths[0]][n].flag for n in differing)} to plan them alike")
-    settings = recorded[paths[0]] if paths else {}
-    untyped = [flat[paths[0]][n] for n in settings if not _was_typed(argv, flat[paths[0]][n].flag)]
-    if untyped:
+                         f"{', '.join(map(option_flag, differing))} to plan them alike")
+    shown = {n: values[paths[0]][n] for n in untyped(recorded[paths[0]])}
+    if shown:
         logging.getLogger("wm").info(
-            f"{', '.join(paths)}: planned with {' '.join(f'{f.flag} {f.value}' for f in untyped)}, as "
-            f"{'its model file records' if len(paths) == 1 else 'their model files record'} (a training "
-            f"preset's choice; the options you type override it)")
-    return policy_config(paths[0]) if paths else PolicyConfig()
+            f"{', '.join(paths)}: planned with {as_options(shown)}, as "
+            f"{'its model file records' if len(paths) == 1 else 'their model files record'} (a training preset's "
+            f"choice; the options you type override it)")
+    return policy_config(paths[0])
 
 
 # --- small commands' configs ---------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ import numpy as np
 import torch
 
 from benchmarks.timing import absolute_shown, alternating, markdown_table, paired_ratio
-from common.config import apply_overrides, comma_list
+from common.config import apply_overrides, as_options, comma_list
 from evaluation.evaluate import load_setup, world_model_records
 from evaluation.protocols import LEWM_NOTE, LEWM_POLICY
 from evaluation.stats import format_p, paired_counts, sign_test
-from planners.policy import PolicyConfig
+from planners.policy import PolicyConfig, policy_config, recorded_planner
 
 # Each row: policy settings by name over the default policy. The first is LeWM's planner as released (its
 # per-call time is the reference); then the default (a small CEM refined by gradient steps); the same CEM
@@ -99,7 +99,8 @@ def _percent(records: list[dict], key: str) -> str:
 def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, protocols=("reach25", "uniform"),
                  seed: int = 0, data: str = "", split: str = "val", repeats: int = 3) -> str:
     """What subgoals cost: an episode's planning time (every plan call, routing included) with and without
-    them, on the same episodes, and the time ``load_policy`` takes from the model files alone.
+    them, on the same episodes, planned as the model file records, and the time ``load_policy`` takes from
+    the model files alone.
 
     Each setting runs ``repeats`` times, alternating (``benchmarks.timing``): the ratio is the median over
     pairs of runs adjacent in time, which share the machine's drift. The subgoal code's own time (routing
@@ -133,13 +134,15 @@ def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, prot
     lines = [f"`load_policy` from `model.pt` + `model.json` alone, subgoal graph included: {seconds}"
              f"{paired_ratio(*loads)} of the time without the graph ({repeats} alternating loads of each).", "",
              f"{repeats} runs of each setting, alternating (off, on, on, off, ...); times are the median (min-max) "
-             f"over runs, the ratio the median (min-max) over the {repeats} pairs of runs adjacent in time.", ""]
+             f"over runs, the ratio the median (min-max) over the {repeats} pairs of runs adjacent in time. "
+             f"Planned as the model file records: {as_options(recorded_planner(checkpoint)) or 'the default planner'}"
+             f".", ""]
     rows = []
     try:
         for protocol in protocols:
             def run_setting(on: bool, protocol=protocol) -> list[dict]:
                 subgoals.forget_routes()  # every run routes its goals from scratch, as a fresh policy does
-                policy = apply_overrides(PolicyConfig(), {"subgoals.enabled": on})
+                policy = policy_config(checkpoint, {"subgoals.enabled": on})
                 return world_model_records(setup, policy, protocol, episodes, seed)
 
             runs = dict(zip((False, True), alternating(lambda: run_setting(False), lambda: run_setting(True), repeats)))

@@ -56,7 +56,24 @@ class ConfigField:
     @property
     def flag(self) -> str:
         """The command-line option: ``--cem.init-std``."""
-        return "--" + self.name.replace("_", "-")
+        return option_flag(self.name)
+
+
+def option_flag(name: str) -> str:
+    """A setting's command-line option: ``cem.init_std`` -> ``--cem.init-std``."""
+    return "--" + name.replace("_", "-")
+
+
+def as_options(settings: dict[str, Any]) -> str:
+    """Settings by name as the command line types them: ``{"samples": 100, "subgoals.enabled": False}`` ->
+    ``--samples 100 --no-subgoals.enabled``."""
+    def typed(name: str, value) -> str:
+        flag = option_flag(name)
+        if isinstance(value, bool):
+            return flag if value else "--no-" + flag[2:]
+        return f"{flag} {value}"
+
+    return " ".join(typed(name, value) for name, value in settings.items())
 
 
 def is_config(x) -> bool:

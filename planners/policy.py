@@ -387,7 +387,7 @@ def recorded_planner(checkpoint_path: str | Path) -> dict:
         apply_overrides(PolicyConfig(), settings)
     except ValueError as exc:
         raise CheckpointError(f"{path.with_suffix('.json')}: 'planner': {exc}") from None
-    return settings
+    return {name.replace("-", "_"): value for name, value in settings.items()}  # one spelling of each name
 
 
 def policy_config(checkpoint_path: str | Path, overrides: dict | None = None) -> PolicyConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -162,9 +163,15 @@ def test_subgoal_cost_compares_the_same_episodes_with_and_without(tmp_path, monk
 
     data = collect_tiny(tmp_path / "data", episodes=6, steps=60)
     save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    meta = json.loads((tmp_path / "m.json").read_text())  # planned as its file records: a small CEM
+    (tmp_path / "m.json").write_text(json.dumps({**meta, "planner": {"samples": 6, "grad_steps": 0}}))
     monkeypatch.setattr(quality, "absolute_shown", lambda device: True)  # the times too, as on a GPU
+    planned, real = [], quality.world_model_records
+    monkeypatch.setattr(quality, "world_model_records",
+                        lambda setup, policy, *a: planned.append(policy.plan.samples) or real(setup, policy, *a))
     report = quality.subgoal_cost(str(tmp_path / "m.pt"), "cpu", episodes=2, protocols=("reach25",), data=str(data),
                                   repeats=2)
+    assert planned == [6] * 4 and "Planned as the model file records: --samples 6 --grad-steps 0." in report
     assert re.search(r"graph included: [\d.]+ s, [\d.]+x \([\d.]+-[\d.]+\) of the time without", report)
     assert "2 runs of each setting" in report
     rows = {line.split(" | ")[1]: line.split(" | ") for line in report.splitlines() if line.startswith("| reach25 |")}

@@ -149,6 +149,8 @@ def test_a_model_is_planned_as_its_file_records_unless_told_otherwise(model, tmp
     assert recorded_planner(tmp_path / "older.pt") == PRESET_PLANNER["hold"]
     model.save(tmp_path / "told.pt", extra={"train_config": {"preset": "hold"}, "planner": {}})  # the record rules
     assert recorded_planner(tmp_path / "told.pt") == {}
+    model.save(tmp_path / "dashes.pt", extra={"planner": {"grad-steps": 0}})  # as typed: one name still
+    assert recorded_planner(tmp_path / "dashes.pt") == {"grad_steps": 0}
     for bad, says in (({"samples": "many"}, "samples"), ({"cem.warmth": 1}, "cem.warmth"), ([100], "'planner'")):
         model.save(tmp_path / "bad.pt", extra={"planner": bad})
         with pytest.raises(CheckpointError, match=rf"bad.json: .*{says}"):
