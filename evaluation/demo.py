@@ -64,6 +64,8 @@ class DemoConfig:
     overwrite: bool = option(False, "replace a demo already in --out (its videos, sheet and page are removed first)")
 
     def __post_init__(self):
+        if "," in self.checkpoint:
+            raise ValueError(f"--checkpoint: wm demo films one model, got {self.checkpoint!r}")
         protocol_named(self.protocol)
         check_at_least(self, 1, ("episodes", "bank_frames"))
         check_at_least(self, 0, ("seed",))

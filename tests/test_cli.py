@@ -182,6 +182,7 @@ def test_eval_and_demo_plan_a_model_as_its_file_records_unless_typed(tmp_path, c
     (["train", "--seed", "-1"], "--seed -1 (must be >= 0)"),
     (["demo", "--tolerance", "0"], "--tolerance 0.0 (must be > 0)"),
     (["demo", "--bank-frames", "0"], "--bank-frames 0 (must be >= 1)"),
+    (["demo", "--checkpoint", "a.pt,b.pt"], "--checkpoint: wm demo films one model, got 'a.pt,b.pt'"),
     (["study", "--what", "identifiability", "--identifiability.steps", "-1"],
      "--identifiability.steps -1 (must be >= 1)"),
     (["eval", "--samples", "0"], "horizon, samples and iterations must be >= 1"),
