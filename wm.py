@@ -217,6 +217,14 @@ class ProbeConfig:
 
 
 @dataclass
+class InfoConfig:
+    """wm info: what a model file is (architecture, training run and data, planner, subgoal graph, what training
+    measured, what made it), read from model.json and model.pt."""
+
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run")
+
+
+@dataclass
 class ExportConfig:
     """wm export: make a model file plan alone: build the subgoal graph of its training frames (from its recorded
     dataset, or --data) and save it in model.pt. Models trained by this version already hold it."""
@@ -381,6 +389,13 @@ def run_demo(cfg: DemoConfig) -> int:
     return 0
 
 
+def run_info(cfg: InfoConfig) -> int:
+    from evaluation.card import model_card
+
+    print(model_card(cfg.checkpoint), end="")
+    return 0
+
+
 def run_export(cfg: ExportConfig) -> int:
     from worldmodel.graph import graph_for_checkpoint
     from worldmodel.model import WorldModel
@@ -477,6 +492,7 @@ COMMANDS = {
     "eval": (EvalConfig, run_eval, "closed-loop success in MuJoCo beside reference methods (random, exploration, simulator)"),
     "demo": (DemoConfig, run_demo, "planning videos (mp4 + gif) and a summary sheet"),
     "bench": (BenchConfig, run_bench, "measure collection, training and planning speed, and planning quality"),
+    "info": (InfoConfig, run_info, "what a model file is: architecture, training, data, planner, maker"),
     "export": (ExportConfig, run_export, "save what planning needs (the subgoal graph) in an older model file"),
     "study": (StudyConfig, run_study, "studies: why the goal is not always held; when the latent is linear"),
     "compare": (CompareConfig, run_compare, "two evaluations of the same episodes, episode by episode: is a setting "

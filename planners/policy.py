@@ -376,13 +376,10 @@ def recorded_planner(checkpoint_path: str | Path) -> dict:
     preset where validation chose other than the default, e.g. the hold preset's CEM 100 x 10; a file written
     before models recorded it: its recorded preset's), checked; {} for the default planner. A
     ``CheckpointError`` naming the file and the setting otherwise."""
-    from worldmodel.model import CheckpointError, read_model_meta
-    from worldmodel.train import PRESET_PLANNER
+    from worldmodel.model import CheckpointError, planner_record, read_model_meta
 
     path = Path(checkpoint_path)
-    meta = read_model_meta(path)
-    preset = meta.get("train_config", {}).get("preset")
-    settings = meta.get("planner", PRESET_PLANNER.get(preset, {}) if isinstance(preset, str) else {})
+    settings = planner_record(read_model_meta(path))
     try:
         apply_overrides(PolicyConfig(), settings)
     except ValueError as exc:

@@ -25,6 +25,9 @@ def test_commands_chain_with_their_defaults(tmp_path):
     assert meta["provenance"]["command"].startswith("wm train --steps 4 ")  # what made the model, and where
     manifest = json.loads((tmp_path / "runs" / "demo" / "data" / "dataset.json").read_text())
     assert manifest["provenance"]["command"] == "wm collect --episodes 10 --steps 40 --size 32 --workers 1"
+    card = run_wm("info", cwd=tmp_path).stdout  # what the model file is, for whoever receives it
+    assert "- **Training**: 4 steps (`--preset demo`, seed 0)." in card and "runs/demo/data`: 10 episodes" in card
+    assert "- **Subgoal graph**: saved in the model file" in card and "`reach25` latched" in card
     again = run_wm("train", "--steps", 4, *TINY_MODEL, cwd=tmp_path)
     assert "already holds this finished run" in again.stderr
     eval_args = ["eval", "--episodes", 2, "--seeds", 1, "--samples", 8, "--iterations", 1, "--sim-samples", 8,

@@ -6,8 +6,7 @@ from envs import ReacherPixels
 from common.config import apply_overrides
 from planners.policy import MPCPolicy, PolicyConfig, load_policy, policy_config, recorded_planner
 from test_model import tiny_config
-from worldmodel.model import CheckpointError, WorldModel
-from worldmodel.train import PRESET_PLANNER
+from worldmodel.model import PRESET_PLANNER, CheckpointError, WorldModel
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import torch
 from conftest import write_synthetic
 import worldmodel.train as train_module
 from worldmodel import distributed
-from worldmodel.model import CheckpointError, WorldModel
+from worldmodel.model import PRESET_PLANNER, CheckpointError, WorldModel
 from worldmodel.objective import lr_at
 from worldmodel.rundir import RunWriteError
-from worldmodel.train import PRESET_PLANNER, TrainingDiverged, preset_config, train
+from worldmodel.train import TrainingDiverged, preset_config, train
 
 TINY = {"latent_dim": 16, "encoder.proj_hidden": 32, "encoder.conv_channels": 8,
         "predictor.hidden": 32, "predictor.depth": 2, "history": 2, "frameskip": 2,

@@ -255,6 +255,20 @@ META_FIELDS = {"step": (int, "a count of steps"), "train_config": (dict, "the ru
                "data": (dict, "the record of the training data"),
                "provenance": (dict, "what made the model: command, commit, packages, machine"),
                "planner": (dict, "the planner settings it is planned with, by name")}
+# The planner settings (by name) of the models a training preset makes, where validation chose another than
+# the default planner; model.json records them as ``planner``, and `wm eval`, `wm demo`, `wm study hold` and
+# `load_policy` plan the model so unless told otherwise. The hold preset's: the default planner held the goal
+# less on validation (README Notes).
+PRESET_PLANNER = {"hold": {"samples": 100, "iterations": 10, "grad_steps": 0}}
+
+
+def planner_record(meta: dict) -> dict:
+    """The planner settings a model.json records (``planner``, by name, unchecked); for a file written before
+    models recorded them, its training preset's (none: the default planner)."""
+    preset = meta.get("train_config", {}).get("preset")
+    return meta.get("planner", PRESET_PLANNER.get(preset, {}) if isinstance(preset, str) else {})
+
+
 DATA_FIELDS = {"path": (str, "the dataset's path"), "fingerprint": ((str, type(None)), "the dataset's fingerprint"),
                "episodes": (int, "a count of episodes"), "train": (list, "episode uids"),
                "val": (list, "episode uids"), "test": (list, "episode uids")}

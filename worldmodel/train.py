@@ -38,7 +38,7 @@ from envs.storage import DEFAULT_DATA, recording
 from worldmodel import distributed, rundir
 from worldmodel.datasplit import split_record
 from worldmodel.graph import GraphConfig, LatentGraph
-from worldmodel.model import WorldModel, WorldModelConfig
+from worldmodel.model import PRESET_PLANNER, WorldModel, WorldModelConfig
 from worldmodel.objective import (SIGREG_SCOPES, batch_indices, effective_rank, lr_at, step_generator,
                                   validation_metrics, world_model_losses)
 from worldmodel.probe import PROBE_STATES, run_probe
@@ -144,8 +144,8 @@ PRESETS = {
     # and the validation curves behind each choice).
     "demo": {},
     # The demo's model trained longer, meant for frames collected at 96 px (`wm collect --size 96`): planned
-    # with CEM 100 x 10 (PRESET_PLANNER; the default planner held less on validation) it holds the goal at
-    # the end 96-98% of the time, at 2.7-3.0x the demo's training (chosen on validation against 96 px at 3,500
+    # with CEM 100 x 10 (PRESET_PLANNER; the default planner held less on validation) it holds the goal at the
+    # end 96-98% of the time, at 2.7-3.0x the demo's training (chosen on validation against 96 px at 3,500
     # steps and the demo: README Notes and Results).
     "hold": {"steps": 5000},
     # Data of LeWorldModel's kind on a 2-core CPU (200-step episodes of i.i.d. uniform actions held for two
@@ -160,14 +160,8 @@ PRESETS = {
 }
 
 
-# The planner a preset's models are planned with where validation chose another than the default (settings by
-# name, recorded in model.json: `wm eval`, `wm demo`, `wm study hold` and `load_policy` plan the model so unless
-# told otherwise). The hold preset's: the default planner held the goal less on validation (README Notes).
-PRESET_PLANNER = {"hold": {"samples": 100, "iterations": 10, "grad_steps": 0}}
-
-
 def planner_settings(cfg: TrainConfig) -> dict:
-    """The planner settings a run's model records: its preset's (``PRESET_PLANNER``), else none."""
+    """The planner settings a run's model records (model.json's ``planner``): its preset's, else none."""
     return dict(PRESET_PLANNER.get(cfg.preset, {}))
 
 

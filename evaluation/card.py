@@ -1,0 +1,75 @@
+"""What a model file is, for whoever receives one: ``wm info``.
+
+A few Markdown lines read from ``model.json`` and ``model.pt`` (never unpickled): the architecture, the
+training run and its data, how it is planned, whether it plans alone, what training measured at the end,
+and what made it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from common.config import as_options
+from common.provenance import provenance_line
+from envs.storage import collect_command
+from planners.policy import recorded_planner
+from worldmodel.datasplit import resolve_data
+from worldmodel.model import WorldModel, read_model_meta
+
+
+def model_card(checkpoint: str | Path) -> str:
+    """The card of ``checkpoint`` (a ``model.pt``); a ``CheckpointError`` naming the file if it does not load."""
+    model = WorldModel.load(checkpoint, "cpu")  # checks the file and its weights against the config, as planning would
+    meta = read_model_meta(checkpoint)
+    cfg, train = model.cfg, meta.get("train_config", {})
+    enc, pred = cfg.encoder, cfg.predictor
+    backbone = (f"conv encoder ({'-'.join(str(enc.conv_channels * 2**i) for i in range(enc.conv_stages))} channels)"
+                if enc.kind == "conv" else f"ViT encoder (width {enc.vit_width}, depth {enc.vit_depth}, patch "
+                                           f"{enc.patch_size})")
+    parameters = sum(p.numel() for p in model.parameters())
+    lines = [f"# `{checkpoint}`", "",
+             f"- **Model**: a world model of `{cfg.env}` from {cfg.image_size} px frames: {backbone} to a "
+             f"{cfg.latent_dim}-d latent, {pred.kind} predictor ({pred.hidden} x {pred.depth}), history "
+             f"{cfg.history}, frameskip {cfg.frameskip}; {parameters / 1e6:.2f} M parameters."]
+    if "step" in meta:
+        how = f" (`--preset {train['preset']}`, seed {train.get('seed')})" if "preset" in train else ""
+        lines.append(f"- **Training**: {meta['step']:,} steps{how}.")
+    data = meta.get("data")
+    if data:
+        try:
+            where = f"found at `{os.path.normpath(resolve_data(meta, checkpoint))}`"
+        except ValueError as exc:
+            where = str(exc).split(": ", 1)[-1]  # where it was looked for, and how to collect data of its kind
+        splits = ", ".join(f"{len(data.get(s, []))} {s}" for s in ("train", "val", "test"))
+        recording = data.get("recording")
+        kind = f"; its frames as `{collect_command(recording)}` records them" if isinstance(recording, dict) else ""
+        lines.append(f"- **Data**: `{data.get('path')}`, {where}: {data.get('episodes')} episodes ({splits}){kind}.")
+    planner = recorded_planner(checkpoint)
+    lines.append("- **Planned with**: " + (f"`{as_options(planner)}` over the default planner, as the model file "
+                                           f"records (its training preset's choice)" if planner else
+                                           "the default planner") + "; the options typed to `wm eval` or `wm demo` "
+                                                                    "override it.")
+    graph = getattr(model, "extras", {}).get("graph")
+    lines.append(f"- **Subgoal graph**: saved in the model file ({len(graph['nodes']):,} training frames, "
+                 f"{len(graph['src']):,} links): `model.pt` and `model.json` plan alone." if graph else
+                 "- **Subgoal graph**: not saved; it is built from the training data when the model is first planned "
+                 "with (`wm export` saves it).")
+    lines += _measured(meta.get("metrics", {}))
+    if isinstance(meta.get("provenance"), dict):
+        lines += ["", provenance_line(meta["provenance"])]
+    return "\n".join(lines) + "\n"
+
+
+def _measured(metrics: dict) -> list[str]:
+    """What training measured at its end, on validation episodes."""
+    said = []
+    if "val" in metrics:
+        said.append(f"prediction loss {metrics['val']['prediction_loss']:.4f}")
+    if "joints_mean" in metrics.get("probe", {}):
+        said.append(f"linear probe R^2 of the joint angles {metrics['probe']['joints_mean']:.3f}")
+    loop = metrics.get("closed_loop", {})
+    if "reach25_latched" in loop:
+        said.append(f"`reach25` latched {100 * loop['reach25_latched']:.0f}% / held {100 * loop['reach25_held']:.0f}% "
+                    f"(a small closed-loop check)")
+    return [f"- **At the end of training**, on validation episodes: {'; '.join(said)}."] if said else []
