@@ -14,7 +14,7 @@ from common.config import as_options
 from common.provenance import provenance_line
 from envs.storage import collect_command
 from planners.policy import recorded_planner
-from worldmodel.datasplit import resolve_data
+from worldmodel.datasplit import data_candidates
 from worldmodel.model import WorldModel, read_model_meta
 
 
@@ -33,14 +33,16 @@ def model_card(checkpoint: str | Path) -> str:
              f"{cfg.latent_dim}-d latent, {pred.kind} predictor ({pred.hidden} x {pred.depth}), history "
              f"{cfg.history}, frameskip {cfg.frameskip}; {parameters / 1e6:.2f} M parameters."]
     if "step" in meta:
-        how = f" (`--preset {train['preset']}`, seed {train.get('seed')})" if "preset" in train else ""
+        how = [f"`--preset {train['preset']}`"] * ("preset" in train) + [f"seed {train['seed']}"] * ("seed" in train)
+        how = f" ({', '.join(how)})" if how else ""
         lines.append(f"- **Training**: {meta['step']:,} steps{how}.")
     data = meta.get("data")
     if data:
-        try:
-            where = f"found at `{os.path.normpath(resolve_data(meta, checkpoint))}`"
-        except ValueError as exc:
-            where = str(exc).split(": ", 1)[-1]  # where it was looked for, and how to collect data of its kind
+        tried = data_candidates(meta, checkpoint)
+        found = next((path for path in tried if path.exists()), None)
+        where = (f"found at `{os.path.normpath(found)}`" if found else
+                 f"not found (looked at {', '.join(f'`{path}`' for path in tried)}; the commands that read it take "
+                 f"`--data`)")
         splits = ", ".join(f"{len(data.get(s, []))} {s}" for s in ("train", "val", "test"))
         recording = data.get("recording")
         kind = f"; its frames as `{collect_command(recording)}` records them" if isinstance(recording, dict) else ""

@@ -46,9 +46,9 @@ def test_a_trained_models_card_names_its_data_planner_and_maker(tmp_path, capsys
     assert ("prediction loss 0.0123; linear probe R^2 of the joint angles 0.987; `reach25` latched 100% / held 85%"
             in card)
     assert "Made by `wm train --preset hold` at commit `0123456789ab`" in card
-    shutil.rmtree(data)  # the data gone: said, with the collection that records data of its kind
+    shutil.rmtree(data)  # the data gone: said, with where it was looked for and the collection of its kind
     card = model_card(path)
-    assert "its dataset is not where it was recorded" in card and "`wm collect --env reacher-easy" in card
+    assert f"`{data}`, not found (looked at `{data}`" in card and "`wm collect --env reacher-easy" in card
 
 
 def test_a_missing_or_damaged_model_file_is_named(tmp_path, capsys):
