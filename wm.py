@@ -31,7 +31,7 @@ from envs.storage import DEFAULT_DATA
 from evaluation.compare import CompareConfig
 from evaluation.demo import DemoConfig
 from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, parse_baselines
-from planners.policy import PolicyConfig, policy_config, recorded_planner
+from planners.policy import PolicyConfig, recorded_planner
 from studies.identifiability import IdentifiabilityConfig
 from worldmodel.datasplit import HELD_OUT
 from worldmodel.graph import GraphConfig
@@ -122,7 +122,7 @@ def _recorded_policy(argv: list[str]) -> PolicyConfig:
     if not paths:
         return PolicyConfig()
     recorded = {p: recorded_planner(p) for p in paths}
-    values = {p: {f.name: f.value for f in config_fields(policy_config(p))} for p in paths}
+    values = {p: {f.name: f.value for f in config_fields(apply_overrides(PolicyConfig(), recorded[p]))} for p in paths}
     untyped = lambda names: [n for n in names if not _was_typed(argv, option_flag(n))]  # noqa: E731
     differing = sorted(n for n in untyped({n for p in paths for n in recorded[p]})
                        if len({repr(values[p][n]) for p in paths}) > 1)
@@ -136,7 +136,7 @@ def _recorded_policy(argv: list[str]) -> PolicyConfig:
             f"{', '.join(paths)}: planned with {as_options(shown)}, as "
             f"{'its model file records' if len(paths) == 1 else 'their model files record'} (a training preset's "
             f"choice; the options you type override it)")
-    return policy_config(paths[0])
+    return apply_overrides(PolicyConfig(), recorded[paths[0]])
 
 
 # --- small commands' configs ---------------------------------------------------------------------------------

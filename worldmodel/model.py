@@ -255,6 +255,11 @@ META_FIELDS = {"step": (int, "a count of steps"), "train_config": (dict, "the ru
                "data": (dict, "the record of the training data"),
                "provenance": (dict, "what made the model: command, commit, packages, machine"),
                "planner": (dict, "the planner settings it is planned with, by name")}
+DATA_FIELDS = {"path": (str, "the dataset's path"), "fingerprint": ((str, type(None)), "the dataset's fingerprint"),
+               "episodes": (int, "a count of episodes"), "train": (list, "episode uids"),
+               "val": (list, "episode uids"), "test": (list, "episode uids")}
+
+
 # The planner settings (by name) of the models a training preset makes, where validation chose another than
 # the default planner; model.json records them as ``planner``, and `wm eval`, `wm demo`, `wm study hold` and
 # `load_policy` plan the model so unless told otherwise. The hold preset's: the default planner held the goal
@@ -267,11 +272,6 @@ def planner_record(meta: dict) -> dict:
     models recorded them, its training preset's (none: the default planner)."""
     preset = meta.get("train_config", {}).get("preset")
     return meta.get("planner", PRESET_PLANNER.get(preset, {}) if isinstance(preset, str) else {})
-
-
-DATA_FIELDS = {"path": (str, "the dataset's path"), "fingerprint": ((str, type(None)), "the dataset's fingerprint"),
-               "episodes": (int, "a count of episodes"), "train": (list, "episode uids"),
-               "val": (list, "episode uids"), "test": (list, "episode uids")}
 
 
 def _check_meta(meta: dict, where: Path) -> None:
