@@ -11,7 +11,7 @@ from common.config import apply_overrides, as_options, comma_list
 from evaluation.evaluate import load_setup, world_model_records
 from evaluation.protocols import LEWM_NOTE, LEWM_POLICY
 from evaluation.stats import format_p, paired_counts, sign_test
-from planners.policy import PolicyConfig, policy_config, recorded_planner
+from planners.policy import PolicyConfig, recorded_planner
 
 # Each row: policy settings by name over the default policy. The first is LeWM's planner as released (its
 # per-call time is the reference); then the default (a small CEM refined by gradient steps); the same CEM
@@ -129,20 +129,20 @@ def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, prot
         load_policy(model_file, device)  # warm (imports, allocator)
         loads = alternating(lambda: load_time(model_file, True), lambda: load_time(model_file, False), repeats)
     setup = load_setup(checkpoint, data, episodes, device, split)
+    recorded = recorded_planner(checkpoint)  # read once: every run plans so
     absolute = absolute_shown(setup.model.device)
     seconds = f"{np.median(loads[0]):.2f} s, " if absolute else ""
     lines = [f"`load_policy` from `model.pt` + `model.json` alone, subgoal graph included: {seconds}"
              f"{paired_ratio(*loads)} of the time without the graph ({repeats} alternating loads of each).", "",
              f"{repeats} runs of each setting, alternating (off, on, on, off, ...); times are the median (min-max) "
              f"over runs, the ratio the median (min-max) over the {repeats} pairs of runs adjacent in time. "
-             f"Planned as the model file records: {as_options(recorded_planner(checkpoint)) or 'the default planner'}"
-             f".", ""]
+             f"Planned as the model file records: {as_options(recorded) or 'the default planner'}.", ""]
     rows = []
     try:
         for protocol in protocols:
             def run_setting(on: bool, protocol=protocol) -> list[dict]:
                 subgoals.forget_routes()  # every run routes its goals from scratch, as a fresh policy does
-                policy = policy_config(checkpoint, {"subgoals.enabled": on})
+                policy = apply_overrides(PolicyConfig(), {**recorded, "subgoals.enabled": on})
                 return world_model_records(setup, policy, protocol, episodes, seed)
 
             runs = dict(zip((False, True), alternating(lambda: run_setting(False), lambda: run_setting(True), repeats)))

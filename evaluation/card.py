@@ -52,7 +52,7 @@ def model_card(checkpoint: str | Path) -> str:
                                            f"records (its training preset's choice)" if planner else
                                            "the default planner") + "; the options typed to `wm eval` or `wm demo` "
                                                                     "override it.")
-    graph = getattr(model, "extras", {}).get("graph")
+    graph = model.extras.get("graph")
     lines.append(f"- **Subgoal graph**: saved in the model file ({len(graph['nodes']):,} training frames, "
                  f"{len(graph['src']):,} links): `model.pt` and `model.json` plan alone." if graph else
                  "- **Subgoal graph**: not saved; it is built from the training data when the model is first planned "
