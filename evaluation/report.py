@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from envs import joint_error
 from evaluation.stats import METHOD, cluster_warning, success_interval
 
 QUANTILES = (10, 25, 50, 75, 90)
@@ -54,7 +55,9 @@ def summarize(records: list[dict], methods, protocols, other_tolerances=()) -> d
             }
             if other_tolerances:  # latched: closest approach after step 0 within it; held: the final error
                 closest = np.array([r["min_error"] for r in rows])
-                s["other_tolerances"] = {f"{t:g}": _rates_of(rows, closest < t, final < t, clusters)
+                start = joint_error([r["start_qpos"] for r in rows], [r["goal_qpos"] for r in rows], protocol.wrap)
+                s["other_tolerances"] = {f"{t:g}": {**_rates_of(rows, closest < t, final < t, clusters),
+                                                    "started_within": int((start < t).sum())}
                                          for t in other_tolerances}
             if method == "world_model":  # episodes that began too early for the history the model wants
                 short = [r for r in rows if 0 <= r["history_frames"] < r["history_wanted"]]
@@ -98,6 +101,11 @@ def _latched_and_held(s: dict) -> str:
             f"{_rates(s, 'held_rate', 'held_ci95', 'held_per_run', 'held_between_runs_sd')}")
 
 
+def _started_within(rates: dict, row: dict) -> str:
+    """How many of a row's episodes began already within a tolerance."""
+    return f"{rates['started_within']} of {row['episodes']}"
+
+
 def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str] | None = None) -> str:
     p = cfg.policy
     checkpoints = checkpoints or [cfg.checkpoint]
@@ -133,10 +141,11 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
         tol = cfg.tolerance
         lines += ["", f"The same episodes scored at other tolerances. They were drawn for {tol} rad: where starts "
                       f"come from held-out episodes, none within {tol} rad of its goal is drawn, while one within a "
-                      f"larger tolerance may be.", "",
+                      f"larger tolerance may be (counted in the last column).", "",
                   f"| protocol | method | tolerance (rad) | latched | 95% CI{per_model} | held at end | 95% "
-                  f"CI{per_model} |", "|---" * (7 + 2 * pooled) + "|"]
-        lines += [f"| {s['protocol']} | {s['label']} | {t} | {_latched_and_held(o)} |" for s, t, o in others]
+                  f"CI{per_model} | started within it |", "|---" * (8 + 2 * pooled) + "|"]
+        lines += [f"| {s['protocol']} | {s['label']} | {t} | {_latched_and_held(o)} | {_started_within(o, s)} |"
+                  for s, t, o in others]
     warnings = [f"{s['protocol']}, {s['label']}: {s['warning']}" for s in summary.values() if s.get("warning")]
     if warnings:
         lines += ["", "**Warning**: " + "; ".join(warnings) + "."]

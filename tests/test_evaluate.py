@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -55,15 +56,16 @@ def test_the_same_episodes_scored_at_another_tolerance():
     from evaluation.report import summarize
 
     errors = np.array([[0.5, 0.2, 0.04, 0.3],   # latched at 0.05; at 0.1 latched, not held
-                       [0.5, 0.4, 0.08, 0.09],  # only at 0.1: latched and held
+                       [0.08, 0.4, 0.08, 0.09],  # only at 0.1: latched and held; began within 0.1
                        [0.5, 0.3, 0.2, 0.2],    # never
                        [0.5, 0.3, 0.04, 0.01]])  # latched and held at both
     per = episode_records(errors, tolerance=0.05)
     records = [{"protocol": "reach25", "method": "random", "seed": j % 2, "run": j // 2, "source_episode": f"e{j}",
                 "success": bool(per["success"][j]), "held": bool(per["held"][j]),
                 "steps_to_success": int(per["steps_to_success"][j]), "final_error": float(per["final_error"][j]),
-                "min_error": float(per["min_error"][j]), "plan_time_per_call_s": 0.0, "plan_time_per_episode_s": 0.0}
-               for j in range(4)]
+                "min_error": float(per["min_error"][j]), "plan_time_per_call_s": 0.0, "plan_time_per_episode_s": 0.0,
+                "start_qpos": [1.0, 2.0], "goal_qpos": [1.0, 2.0 + (0.08 if j == 1 else 0.5) * (-1) ** j]}
+               for j in range(4)]  # the second episode began within 0.1 of its goal
     s = summarize(records, ["random"], [PROTOCOLS["reach25"]], [0.05, 0.1])["reach25/random"]
     same, wider = s["other_tolerances"]["0.05"], s["other_tolerances"]["0.1"]
     for key in ("success_rate", "held_rate", "ci95", "held_ci95", "per_seed", "held_per_seed", "per_run",
@@ -72,6 +74,7 @@ def test_the_same_episodes_scored_at_another_tolerance():
     assert (s["success_rate"], s["held_rate"]) == (0.5, 0.25)
     assert (wider["success_rate"], wider["held_rate"]) == (0.75, 0.5)
     assert wider["per_seed"] == [0.5, 1.0] and wider["held_per_run"] == [0.5, 0.5]
+    assert (same["started_within"], wider["started_within"]) == (0, 1)  # a start the larger tolerance holds
     assert EvalConfig(score_at="0.1, 0.05,0.1").other_tolerances == [0.1]  # --tolerance itself is the headline
     for bad in ("0.1,x", "0", "-0.1", "nan"):
         with pytest.raises(ValueError, match="--score-at"):
@@ -361,6 +364,7 @@ def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):
     out = _wm(*args).stdout
     assert "| reach25 | world model (MPC) |" in out and "| lewm | world model (LeWM's planner) |" in out
     assert "| uniform | world model (MPC) | 0.1 |" in out  # the same episodes scored at 0.1 rad too
+    assert re.search(r"\| uniform \| world model \(MPC\) \| 0\.1 \|.* \| \d of 6 \|\n", out)  # starts within it
     for name in ("results.json", "results.md", "results.png", "index.html"):
         assert (tmp_path / "eval" / name).exists()  # beside the checkpoint by default
     assert _page_links(tmp_path / "eval" / "index.html") == {"results.png"}
