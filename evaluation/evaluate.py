@@ -362,7 +362,7 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
                         records += [{**r, "run": run, "checkpoint": checkpoint} for r in rows]
             finally:
                 setup.batch.close()
-    summary = summarize(records, methods, protocols, cfg.other_tolerances)
+    summary = summarize(records, methods, protocols, cfg.tolerance, cfg.other_tolerances)
     split_note = notes[0] if len(notes) == 1 else f"each model's own {cfg.split} episodes"
     made = provenance()
     report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps, "split": notes,

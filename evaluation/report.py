@@ -29,10 +29,11 @@ def method_label(method: str, protocol) -> str:
     return LABELS[method]
 
 
-def summarize(records: list[dict], methods, protocols, other_tolerances=()) -> dict:
+def summarize(records: list[dict], methods, protocols, tolerance: float, other_tolerances=()) -> dict:
     """Per protocol and method: rates pooled over every episode (of every run), intervals over source
-    episodes (of each run), per-seed and per-run rates, the spread between runs; and the same rates with
-    the same episodes scored at each of ``other_tolerances`` (rad), from their closest and final errors."""
+    episodes (of each run), per-seed and per-run rates, the spread between runs, how many episodes began
+    within ``tolerance`` of their goals; and the same rates with the same episodes scored at each of
+    ``other_tolerances`` (rad), from their closest and final errors."""
     summary = {}
     for protocol in protocols:
         for method in methods:
@@ -42,12 +43,14 @@ def summarize(records: list[dict], methods, protocols, other_tolerances=()) -> d
             clusters = [f"{r.get('run', 0)}/{r['source_episode']}" for r in rows]
             final = np.array([r["final_error"] for r in rows])
             steps = [r["steps_to_success"] for r in rows if r["success"]]
+            start = joint_error([r["start_qpos"] for r in rows], [r["goal_qpos"] for r in rows], protocol.wrap)
             s = {
                 "protocol": protocol.name, "method": method, "label": method_label(method, protocol),
                 "episodes": len(rows), "source_episodes": len(set(clusters)), "interval": METHOD,
                 "warning": cluster_warning(clusters),
                 **_rates_of(rows, np.array([r["success"] for r in rows]), np.array([r["held"] for r in rows]),
                             clusters),
+                "started_within": int((start < tolerance).sum()),  # only where the draw keeps such starts
                 "final_error_quantiles": {q: float(np.quantile(final, q / 100)) for q in QUANTILES},
                 "median_steps_to_success": float(np.median(steps)) if steps else None,
                 "plan_time_per_call_s": float(np.mean([r["plan_time_per_call_s"] for r in rows])),
@@ -55,7 +58,6 @@ def summarize(records: list[dict], methods, protocols, other_tolerances=()) -> d
             }
             if other_tolerances:  # latched: closest approach after step 0 within it; held: the final error
                 closest = np.array([r["min_error"] for r in rows])
-                start = joint_error([r["start_qpos"] for r in rows], [r["goal_qpos"] for r in rows], protocol.wrap)
                 s["other_tolerances"] = {f"{t:g}": {**_rates_of(rows, closest < t, final < t, clusters),
                                                     "started_within": int((start < t).sum())}
                                          for t in other_tolerances}
@@ -149,6 +151,12 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
     warnings = [f"{s['protocol']}, {s['label']}: {s['warning']}" for s in summary.values() if s.get("warning")]
     if warnings:
         lines += ["", "**Warning**: " + "; ".join(warnings) + "."]
+    began = [f"{s['protocol']}, {s['label']}: {_started_within(s, s)}" for s in summary.values()
+             if s.get("started_within")]
+    if began:
+        lines += ["", f"Episodes that began already within {cfg.tolerance} rad of their goals (drawn from rows "
+                      f"of the training episodes, as LeWM's evaluation draws them, where no start is excluded): "
+                      + "; ".join(began) + "."]
     padded = [f"{s['protocol']}: {s['padded_history']} of {s['episodes']}" for s in summary.values()
               if s.get("padded_history")]
     if padded:

@@ -66,7 +66,7 @@ def test_the_same_episodes_scored_at_another_tolerance():
                 "min_error": float(per["min_error"][j]), "plan_time_per_call_s": 0.0, "plan_time_per_episode_s": 0.0,
                 "start_qpos": [1.0, 2.0], "goal_qpos": [1.0, 2.0 + (0.08 if j == 1 else 0.5) * (-1) ** j]}
                for j in range(4)]  # the second episode began within 0.1 of its goal
-    s = summarize(records, ["random"], [PROTOCOLS["reach25"]], [0.05, 0.1])["reach25/random"]
+    s = summarize(records, ["random"], [PROTOCOLS["reach25"]], 0.05, [0.05, 0.1])["reach25/random"]
     same, wider = s["other_tolerances"]["0.05"], s["other_tolerances"]["0.1"]
     for key in ("success_rate", "held_rate", "ci95", "held_ci95", "per_seed", "held_per_seed", "per_run",
                 "held_per_run", "between_runs_sd"):
@@ -75,6 +75,14 @@ def test_the_same_episodes_scored_at_another_tolerance():
     assert (wider["success_rate"], wider["held_rate"]) == (0.75, 0.5)
     assert wider["per_seed"] == [0.5, 1.0] and wider["held_per_run"] == [0.5, 0.5]
     assert (same["started_within"], wider["started_within"]) == (0, 1)  # a start the larger tolerance holds
+    assert s["started_within"] == 0
+    from evaluation.report import results_markdown
+
+    at = summarize(records, ["random"], [PROTOCOLS["reach25"]], 0.1)  # a draw that kept a start within it
+    text = results_markdown(at, EvalConfig(tolerance=0.1), "the test episodes")
+    assert at["reach25/random"]["started_within"] == 1 and "began already within 0.1 rad of their goals" in text
+    assert "(i.i.d. uniform): 1 of 4." in text
+    assert "began already" not in results_markdown({"reach25/random": s}, EvalConfig(), "the test episodes")
     assert EvalConfig(score_at="0.1, 0.05,0.1").other_tolerances == [0.1]  # --tolerance itself is the headline
     for bad in ("0.1,x", "0", "-0.1", "nan"):
         with pytest.raises(ValueError, match="--score-at"):
