@@ -64,6 +64,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cfg) -> None:
             continue
         # each default once (a help text that explains its default keeps its words); choices show in the metavar
         help_text = f.help if "default" in f.help else f"{f.help} (default: {f.value})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: a literal percent is doubled
         if f.type is bool:
             parser.add_argument(f.flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
@@ -541,16 +542,18 @@ def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="wm", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     command = next((a for a in argv if not a.startswith("-")), None)
-    defaults = None
+    defaults, parsers = None, {}
     try:
         for name, (cls, _, help_text) in COMMANDS.items():
-            p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or "").strip().replace("``", ""),
-                               allow_abbrev=False)
+            p = parsers[name] = sub.add_parser(name, help=help_text.replace("%", "%%"), allow_abbrev=False,
+                                               description=(cls.__doc__ or "").strip().replace("``", ""))
             # Only the chosen command's options are built (a bad --preset is reported below).
             if name == command:
                 defaults = default_config(name, argv)
                 add_config_arguments(p, defaults)
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's own parser: its usage, not wm's
+            parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
         run = COMMANDS[args.command][1]
         cfg = config_from_args(defaults if args.command == command else default_config(args.command, argv), args)
         if hasattr(cfg, "threads"):

@@ -61,6 +61,20 @@ def test_help_shows_the_presets_values_and_choices(capsys):
         assert option in text
 
 
+def test_every_command_has_help_and_a_misspelt_option_shows_the_commands_usage(capsys):
+    from wm import COMMANDS
+
+    for name in COMMANDS:  # a help text with a bare % once broke argparse's formatting of one command
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"])
+        assert info.value.code == 0, name
+        assert f"usage: wm {name}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--polcy", "x"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "wm eval: error: unrecognized arguments: --polcy x" in err and "--samples" in err
+
+
 def test_a_bad_choice_is_refused_before_any_data_is_loaded(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--encoder.kind", "resnet", "--data", str(tmp_path / "none")])
