@@ -30,8 +30,7 @@ def write_shards(store: EpisodeStore, out_dir: str | Path, episodes_per_shard: i
     if lacking:
         raise DatasetError(f"cannot write shards: the source has no {lacking} (our shards need qpos and qvel)")
     skip = {"layout", "frame_shape", "versions", "format_version", "channels_first", "assumed"}
-    attrs = {k: v for k, v in store.attrs.items() if k not in skip and v is not None}
-    attrs["size"] = store.size
+    attrs = {k: v for k, v in store.copy_attrs().items() if k not in skip}
     keep = ("pixels", "action", *(k for k in STATE_KEYS if k not in store.missing_states))
     tmp, names = temporary_path(out), []
     try:

@@ -160,6 +160,15 @@ class EpisodeStore:
     def __len__(self) -> int:
         return len(self.episodes)
 
+    def copy_attrs(self) -> dict:
+        """The attributes a copy of these frames at ``size`` records (``wm convert``): the source's, ``size``
+        the copy's, and ``render_size`` still the size they were rendered at (a resize renders nothing)."""
+        attrs = {k: v for k, v in self.attrs.items() if v is not None}
+        rendered = attrs.get("render_size") or self.source_size
+        if rendered is not None and rendered != self.size:
+            attrs["render_size"] = rendered
+        return {**attrs, "size": self.size}
+
     @property
     def fingerprint(self) -> str:
         """What tells exactly this dataset from any other: ``dataset_fingerprint`` of its files (names,

@@ -323,7 +323,7 @@ def _compression(name: str | None) -> dict:
 
 def _file_attrs(store) -> dict:
     """Our attributes travel in the file, so reading it back needs no defaults; None values are dropped."""
-    skip = {"layout", "frame_shape", "versions", "size", "channels_first", "assumed"}
-    attrs = {k: v for k, v in store.attrs.items() if k not in skip and v is not None}
+    skip = {"layout", "frame_shape", "versions", "channels_first", "assumed"}
+    attrs = {k: v for k, v in store.copy_attrs().items() if k not in skip}
     attrs.setdefault("action_repeat", 1)  # our own collections: one control step per action
-    return {**attrs, "size": store.size, "versions": package_versions()}
+    return {**attrs, "versions": package_versions()}

@@ -186,7 +186,9 @@ def test_convert_both_ways(tmp_path):
     ours = EpisodeStore(shards)
     assert ours.size == 32 and ours.attrs["env"] == "reacher-hard" and len(ours) == 3
     assert ours.attrs["action_repeat"] == 2 and ours.missing_states == ("target",)
+    assert ours.attrs["render_size"] == 64  # resized, not rendered again: evaluations render at 64 and resize
     again = EpisodeStore(convert_dataset(shards, tmp_path / "again.h5", fmt="swm"))
+    assert (again.size, again.attrs["render_size"]) == (32, 64)
     original = EpisodeStore(src, image_size=32)
     for i in range(3):
         for key in ("pixels", "action", "qpos", "qvel", "finger"):
