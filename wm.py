@@ -472,14 +472,17 @@ def run_pipeline(cfg: PipelineConfig) -> int:
 
 
 def _finished(out: Path, steps: int) -> bool:
-    """Whether the run in ``out`` reached ``steps``. A damaged model.json is an error naming it (every later
-    stage would need it), and nothing in the run is touched."""
+    """Whether the run in ``out`` reached ``steps``. A damaged model.json is written again by training from
+    the run's checkpoint; without one it is an error naming it (every later stage would need it), and
+    nothing in the run is touched."""
     meta = out / "model.json"
     if not meta.exists():
         return False
     try:
         return json.loads(meta.read_text()).get("step") == steps
     except (ValueError, AttributeError) as e:
+        if (out / "checkpoint.pt").is_file():
+            return False
         raise ValueError(f"{meta}: not a readable model description ({e}); the run in {out} is kept as it is: "
                          f"move it away, or pass another --out, to start again") from e
 

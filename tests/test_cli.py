@@ -133,8 +133,9 @@ def test_outputs_and_tools_are_checked_before_any_work(tmp_path, monkeypatch, ca
 
 
 def test_the_demo_pipeline_names_a_damaged_model_json_and_keeps_the_run(tmp_path):
-    """A truncated model.json (a full disk, a kill mid-write by another tool) stops `make demo` with an error
-    naming the file, not a JSON traceback, and leaves the run's files as they were."""
+    """A truncated model.json (a full disk, a kill mid-write by another tool) in a run without a checkpoint
+    stops `make demo` with an error naming the file, not a JSON traceback, and leaves the run's files as they
+    were; with a checkpoint, training writes it again."""
     from wm import _finished
 
     assert not _finished(tmp_path, 3500)
@@ -144,6 +145,8 @@ def test_the_demo_pipeline_names_a_damaged_model_json_and_keeps_the_run(tmp_path
     with pytest.raises(ValueError, match="model.json: not a readable model description"):
         _finished(tmp_path, 3500)
     assert (tmp_path / "model.json").read_text() == '{"step": 35'
+    (tmp_path / "checkpoint.pt").write_bytes(b"")  # a run with a checkpoint: training writes model.json again
+    assert not _finished(tmp_path, 3500)
 
 
 def _parsed(argv: list[str]):

@@ -614,6 +614,29 @@ def test_resume_needs_its_data_not_its_model_json(data, tmp_path, monkeypatch):
     assert json.loads((out / "model.json").read_text())["step"] == 8  # written again, whole
 
 
+def test_a_finished_run_whose_model_files_were_lost_writes_them_again(data, tmp_path):
+    """A finished run's model.json cut short, or model.pt gone: the same command (or --resume) writes them
+    again from the checkpoint, the same weights and end-of-training measurements; without a checkpoint the
+    error names what is missing."""
+    out = tmp_path / "run"
+    train(tiny(data, out), progress=False)
+    weights, meta = WorldModel.load(out / "model.pt").state_dict(), json.loads((out / "model.json").read_text())
+    for damage, resume in ((lambda: (out / "model.json").write_text('{"step": 1'), False),
+                           (lambda: (out / "model.pt").unlink(), True)):
+        damage()
+        result = train(tiny(data, out, resume=resume), progress=False)
+        assert "already_done" not in result and result["probe"] == meta["metrics"]["probe"]
+        again = json.loads((out / "model.json").read_text())
+        assert again["step"] == meta["step"] and again["metrics"]["val"] == meta["metrics"]["val"]
+        rebuilt = WorldModel.load(out / "model.pt").state_dict()
+        assert all(torch.equal(rebuilt[k], v) for k, v in weights.items())
+    assert train(tiny(data, out), progress=False)["already_done"]  # whole again: nothing to do
+    (out / "model.pt").unlink()
+    (out / "checkpoint.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"model\.pt is missing and the finished run .* has no checkpoint"):
+        train(tiny(data, out), progress=False)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("config", "steps=8", r"'config' must be the run's settings \(a dict\), got a str"),
     ("step", "ten", r"'step' must be a count of steps, got 'ten'"),

@@ -64,8 +64,9 @@ def _differences(saved: dict, cfg, ignore) -> dict:
 
 
 def status(out: Path, cfg) -> str:
-    """What to do with ``out``: ``fresh`` (start), ``resume`` (continue) or ``done`` (nothing: it holds a
-    finished run of these settings). A run in the way is an error that says what to type."""
+    """What to do with ``out``: ``fresh`` (start), ``resume`` (continue), ``done`` (nothing: it holds a
+    finished run of these settings) or ``rebuild`` (a finished run whose model.pt or model.json is missing or
+    damaged: written again from its checkpoint). A run in the way is an error that says what to type."""
     ckpt = out / "checkpoint.pt"
     if cfg.overwrite:
         for name in RUN_FILES:
@@ -74,6 +75,11 @@ def status(out: Path, cfg) -> str:
         return "fresh"
     step, saved = recorded_run(out, type(cfg))
     finished = step is not None and step == saved.get("steps") and not _differences(saved, cfg, RESUME_FREE | set(RECOVERY))
+    if finished and not model_intact(out, step):
+        if not ckpt.is_file():
+            raise CheckpointError(f"{out / 'model.pt'} is missing and the finished run in {out} has no checkpoint to "
+                                  f"write it again from; --overwrite trains it again")
+        return "rebuild"
     if cfg.resume:
         if not ckpt.is_file():
             raise ValueError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
@@ -140,6 +146,12 @@ def check_same_data(recorded: dict, store, data: str) -> None:
     if recorded.get("fingerprint") and recorded["fingerprint"] != store.fingerprint:
         raise ValueError(f"--resume: {data} is not the dataset this run started on ({recorded.get('path')}): "
                          f"its fingerprint differs")
+
+
+def model_intact(out: Path, step: int) -> bool:
+    """Whether a run's user-facing model is whole at ``step``: model.json readable and at that step, model.pt
+    beside it."""
+    return read_json(out / "model.json").get("step") == step and (out / "model.pt").is_file()
 
 
 def finished_metrics(out: Path) -> dict:

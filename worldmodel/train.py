@@ -268,7 +268,10 @@ def train(cfg: TrainConfig, progress: bool = True,
                     log.warning(f"{out} already holds this finished run (step {cfg.steps}); pass --overwrite to train "
                           f"it again, or choose another --out")
                 return {**rundir.finished_metrics(out), "already_done": True}
-            return _train(cfg, rank, world, device, state == "resume", progress, closed_loop)
+            if state == "rebuild" and is_main:
+                log.warning(f"{out} holds a finished run whose model.pt or model.json is missing or damaged: writing "
+                            f"them again from checkpoint.pt (the end-of-training measurements run again)")
+            return _train(cfg, rank, world, device, state in ("resume", "rebuild"), progress, closed_loop)
     finally:
         distributed.teardown(world)
 
@@ -308,6 +311,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                       if done == cfg.steps and cfg.save_graph else {})
             rundir.save(out, model, opt, cfg, done, metrics, history, data.record, health, extras,
                         planner_settings(cfg))
+
+    if start == cfg.steps:  # a finished run whose model files were lost: written again from its checkpoint
+        if is_main:
+            metrics.update(_evaluate(model, data, cfg, start, writer, closed_loop, device))
+        save(start)
 
     # --- the loop --------------------------------------------------------------------------------------
     finished = False  # every step run and the model saved
