@@ -409,7 +409,7 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
     """Every method on the episodes of one (protocol, seed); one record per episode and method. With
     ``units``, a method measured before is read back, and each one measured here is kept."""
     batch, n = setup.batch, cfg.episodes  # the environments, one per episode
-    if "lewm" in (protocol.name, protocol.draws_as) and cfg.lewm_rows == "train":  # as LeWM's eval draws them
+    if protocol.from_training_rows(cfg.lewm_rows):  # as LeWM's eval draws them
         eps = lewm_training_rows(setup.store, setup.train, n, protocol.goal_offset, 42 + seed)
     else:
         eps = sample_episodes(setup.store, setup.episodes, protocol, n, seed, batch.physics.wrist_range,

@@ -49,6 +49,11 @@ class Protocol:
     draws_as: str = ""  # another protocol whose episodes this one draws (the same episodes, another planner)
     planner_name: str = ""  # what reports call the world model's planner when ``policy`` fixes it (else: MPC)
 
+    def from_training_rows(self, lewm_rows: str) -> bool:
+        """Whether its starts are drawn as LeWM's evaluation draws them (``--lewm-rows train``): from rows of
+        the model's training episodes, not from held-out ones."""
+        return lewm_rows == "train" and "lewm" in (self.name, self.draws_as)
+
 
 # LeWorldModel's planner as released (le-wm config/eval/reacher.yaml; stable-worldmodel solver/cem.py): CEM 300 x
 # 30, the top 30 refit without momentum or a floor, the current mean as a candidate, the final mean executed,

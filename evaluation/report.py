@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from envs import joint_error
+from evaluation.protocols import protocol_named
 from evaluation.stats import METHOD, cluster_warning, success_interval
 
 QUANTILES = (10, 25, 50, 75, 90)
@@ -125,6 +126,11 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
              f"{cfg.tolerance} rad of the goal, latched = at some step >= 1, held = at the last step of the budget. "
              f"Intervals: {METHOD}." + (" Rates pool every model's episodes; per model: each trained model's rate "
                                         "and the standard deviation between them." if pooled else ""), ""]
+    drawn = sorted({s["protocol"] for s in summary.values()
+                    if protocol_named(s["protocol"]).from_training_rows(cfg.lewm_rows)})
+    if drawn:
+        lines[-1:-1] = [f"The starts of {', '.join(drawn)} come instead from rows of the model's **training** "
+                        f"episodes, as LeWM's evaluation draws them (`--lewm-rows train`)."]
     per_model = " | per model (sd)" if pooled else ""
     header = (f"| protocol | method | latched | 95% CI{per_model} | held at end | 95% CI{per_model} | per seed (latched "
               f"/ held) | final joint error p25 / p50 / p75 / p90 (rad) | median steps to success | planning per call "

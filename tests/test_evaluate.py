@@ -83,6 +83,10 @@ def test_the_same_episodes_scored_at_another_tolerance():
     assert at["reach25/random"]["started_within"] == 1 and "began already within 0.1 rad of their goals" in text
     assert "(i.i.d. uniform): 1 of 4." in text
     assert "began already" not in results_markdown({"reach25/random": s}, EvalConfig(), "the test episodes")
+    lewm = summarize([{**r, "protocol": "lewm"} for r in records], ["random"], [PROTOCOLS["lewm"]], 0.05)
+    theirs = "The starts of lewm come instead from rows of the model's **training** episodes"
+    assert theirs in results_markdown(lewm, EvalConfig(lewm_rows="train"), "the test episodes")  # their draw
+    assert "**training**" not in results_markdown(lewm, EvalConfig(), "the test episodes")
     assert EvalConfig(score_at="0.1, 0.05,0.1").other_tolerances == [0.1]  # --tolerance itself is the headline
     for bad in ("0.1,x", "0", "-0.1", "nan"):
         with pytest.raises(ValueError, match="--score-at"):
