@@ -215,7 +215,8 @@ def demo_setup(cfg: DemoConfig) -> Setup:
         return load_setup(cfg.checkpoint, "", cfg.episodes, cfg.device, cfg.split)
     if not cfg.start_pose:  # the starts are the dataset's rows
         raise ValueError(missing + ("; or give --start-pose too, to film your goal poses from the model file alone"
-                                    if cfg.goal_pose else ""))
+                                    if cfg.goal_pose else "; or give --goal-pose and --start-pose, to film poses of "
+                                                          "your choosing from the model file alone"))
     rec = (meta.get("data") or {}).get("recording")
     if not isinstance(rec, dict):
         raise ValueError(f"{missing}; and {cfg.checkpoint} does not record how its data was rendered (a model of an "

@@ -626,6 +626,8 @@ def test_wm_demo_films_poses_of_ones_own_from_the_model_file_alone(data, tmp_pat
     assert "filmed from the model file alone" in (tmp_path / "alone" / "demo.md").read_text()
     with pytest.raises(ValueError, match="its dataset is not where it was recorded.*give --start-pose too"):
         make_demo(cfg(out=str(tmp_path / "drawn")), progress=False)  # the protocol's starts need the dataset
+    with pytest.raises(ValueError, match="not where it was recorded.*give --goal-pose and --start-pose, to film"):
+        make_demo(cfg(goal_pose="", out=str(tmp_path / "drawn")), progress=False)
     meta = json.loads((tmp_path / "m.json").read_text())
     del meta["data"]["recording"]
     (tmp_path / "m.json").write_text(json.dumps(meta))

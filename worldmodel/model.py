@@ -230,6 +230,8 @@ def read_model_meta(path: str | Path) -> dict:
     path = Path(path)
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such checkpoint")
         if path.name in ("checkpoint.pt", "checkpoint.prev.pt") and (path.parent / "model.pt").is_file():
             raise CheckpointError(f"{path} is a training run's checkpoint (what --resume reads); the model to "
                                   f"evaluate, plan with or film is {path.parent / 'model.pt'}")
@@ -242,7 +244,8 @@ def read_model_meta(path: str | Path) -> dict:
         raise CheckpointError(f"{meta_path}: not a model config (a JSON object with a 'config' object)")
     version = meta.get("format_version")
     if version not in (1, 2, FORMAT_VERSION):
-        raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads 1 to {FORMAT_VERSION}")
+        raise CheckpointError(f"{meta_path}: 'format_version' is {version!r}; this code reads 1 to {FORMAT_VERSION} "
+                              f"(a model written by a newer version of it?)")
     _check_meta(meta, meta_path)
     if version == 1:  # every reader sees the current format
         meta = {**meta, "config": _upgrade_v1(meta["config"]), "format_version": 2}
