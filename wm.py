@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,6 +257,7 @@ class StudyConfig:
     threads: int = option(0, THREADS_HELP)
     out: str = option("", "output directory (default: study-hold/ or study-one-frame/ beside the (first) "
                           "checkpoint, or the identifiability study's own)")
+    overwrite: bool = option(False, "replace a finished study's results in --out")
 
     def __post_init__(self):
         if self.what == "hold" and "," in self.checkpoint:
@@ -303,19 +305,20 @@ def run_video(cfg: VideoConfig) -> int:
     from envs.dataset import EpisodeStore
     from envs.video import check_ffmpeg, write_video
 
-    out = cfg.out or str((Path(cfg.data) if Path(cfg.data).is_dir() else Path(cfg.data).parent) / "episodes.mp4")
-    prepare_output_file(out)  # the output and ffmpeg are checked before the data is read
-    check_ffmpeg()
-    store = EpisodeStore(cfg.data, in_memory=False)
-    shown = min(cfg.episodes, len(store))
-    if shown < cfg.episodes:
-        logging.getLogger("wm").warning(f"{cfg.data} holds {len(store)} episodes; showing all of them")
-    try:
-        frames = (store.episode(i)["pixels"] for i in range(shown))  # one episode in memory at a time
-        for path in write_video(out, frames, fps=cfg.fps):
-            print(f"wrote {path} ({shown} episode{'s' if shown != 1 else ''})")
-    finally:
-        store.close()
+    out = Path(cfg.out or (Path(cfg.data) if Path(cfg.data).is_dir() else Path(cfg.data).parent) / "episodes.mp4")
+    with output_dir(out.parent):  # folders made for the video go again if it fails (no data, say)
+        prepare_output_file(out)  # the output and ffmpeg are checked before the data is read
+        check_ffmpeg()
+        store = EpisodeStore(cfg.data, in_memory=False)
+        shown = min(cfg.episodes, len(store))
+        if shown < cfg.episodes:
+            logging.getLogger("wm").warning(f"{cfg.data} holds {len(store)} episodes; showing all of them")
+        try:
+            frames = (store.episode(i)["pixels"] for i in range(shown))  # one episode in memory at a time
+            for path in write_video(out, frames, fps=cfg.fps):
+                print(f"wrote {path} ({shown} episode{'s' if shown != 1 else ''})")
+        finally:
+            store.close()
     return 0
 
 
@@ -371,11 +374,12 @@ def run_eval(cfg: EvalConfig) -> int:
 def run_compare(cfg: CompareConfig) -> int:
     from evaluation.compare import compare, markdown, write_comparison
 
-    result = compare(cfg.base, cfg.new)
-    print(markdown(result, cfg.alpha))
-    if cfg.out:
-        write_comparison(result, cfg.alpha, cfg.out)
-        print(f"wrote {cfg.out}/compare.md and compare.json")
+    with output_dir(cfg.out) if cfg.out else nullcontext():  # a bad --out is refused before any work
+        result = compare(cfg.base, cfg.new)
+        print(markdown(result, cfg.alpha))
+        if cfg.out:
+            write_comparison(result, cfg.alpha, cfg.out)
+            print(f"wrote {cfg.out}/compare.md and compare.json")
     return 0
 
 
@@ -415,6 +419,9 @@ def run_study(cfg: StudyConfig) -> int:
     ident = dataclasses.replace(cfg.identifiability, seeds=cfg.seeds, out=cfg.out or cfg.identifiability.out)
     out = Path(ident.out if cfg.what == "identifiability" else
                cfg.out or Path(comma_list(cfg.checkpoint)[0]).parent / f"study-{cfg.what}")
+    if (out / "results.json").exists() and not cfg.overwrite:  # written last: what says the study finished
+        raise ValueError(f"{out} already holds a finished study (results.json); pass --overwrite to replace it, "
+                         f"or --out for another directory")
     with output_dir(out) as out, output_lock(out):  # one study at a time writes there
         if cfg.what == "identifiability":
             identifiability(ident)  # writes its own results

@@ -307,7 +307,8 @@ def check_output(cfg: EvalConfig) -> Path:
     if all((out / name).exists() for name in OUTPUTS) and not cfg.overwrite:
         try:
             done = json.loads(results.read_text())
-            what = f"{len(done['episodes'])} episodes of {done['config']['protocol']}"
+            what = (f"the results of {done['config']['protocol']} ({len(done['episodes'])} episode records: one per "
+                    f"episode, seed, method and model)")
         except (ValueError, KeyError, TypeError):
             what = "results"
         raise ValueError(f"{out} already holds {what}; pass --overwrite to replace them, or --out for another "

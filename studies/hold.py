@@ -222,6 +222,8 @@ def report(result: dict, checkpoint: str, split: str = "val") -> str:
         if h["episodes"]:
             lines.append(f"| {seed} | {len(h['episodes'])} | {100 * h['a_candidate_holds']:.0f}% | "
                          f"{100 * h['model_ranks_a_holder_first']:.0f}% |")
+        else:  # every episode held its goal: nothing to look at
+            lines.append(f"| {seed} | 0 | - | - |")
     return "\n".join(lines) + "\n"
 
 

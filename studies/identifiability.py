@@ -15,6 +15,7 @@ short dataset.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import numpy as np
 from common.config import check_at_least, option
 from common.files import atomic_write_json, atomic_write_text, kept_measurement, prepare_output_dir
 from common.provenance import provenance, signed
+
+log = logging.getLogger(__name__)
 
 # name -> (dataset, training settings by name); the reference run first
 RUNS = {
@@ -63,6 +66,10 @@ def run(cfg: IdentifiabilityConfig, progress: bool = True) -> dict:
     from envs.collect import CollectConfig, collect
 
     out = prepare_output_dir(cfg.out)
+    short = [n for _, n in DATASETS.values() if n]  # the datasets of a fixed size
+    if short and min(short) >= cfg.episodes:
+        log.warning(f"--identifiability.episodes {cfg.episodes}: the short dataset ({min(short)} episodes) is not "
+                    f"shorter than the others, so its row says nothing of data size")
     data = {}
     for name, (policy, episodes) in DATASETS.items():
         data[name] = str(out / f"data-{name}")

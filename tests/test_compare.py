@@ -63,3 +63,9 @@ def test_other_episodes_or_no_evaluation_are_clear_errors(tmp_path, capsys):
     kept = json.loads((tmp_path / "c" / "compare.json").read_text())
     assert kept["alpha"] == 0.05 and kept["provenance"]["command"].startswith("wm compare --base")
     assert "Made by `wm compare" in (tmp_path / "c" / "compare.md").read_text()
+    (tmp_path / "notes.md").write_text("mine")  # --out a file: refused before the comparison is printed
+    assert main(["compare", "--base", str(base), "--new", str(base), "--out", str(tmp_path / "notes.md")]) == 2
+    out, err = capsys.readouterr()
+    assert "notes.md" in err and "Settings that differ" not in out and (tmp_path / "notes.md").read_text() == "mine"
+    assert main(["compare", "--base", str(base), "--new", str(tmp_path / "none"), "--out", str(tmp_path / "d")]) == 2
+    assert not (tmp_path / "d").exists()  # a refused comparison leaves no empty directory

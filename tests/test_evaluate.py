@@ -398,7 +398,7 @@ def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):
         assert r["plan_calls"] >= 2 and r["plan_time_per_episode_s"] == pytest.approx(share)
         assert 0 <= r["route_strays_batch"] <= r["plan_calls"]  # plans that met a stray arm (untrained: some)
     again = _wm(*args, check=False)  # a second run does not overwrite the first's results
-    assert again.returncode == 2 and "already holds 72 episodes" in again.stderr and "--overwrite" in again.stderr
+    assert again.returncode == 2 and "already holds the results of reach25,uniform,lewm (72 episode records" in again.stderr and "--overwrite" in again.stderr
     assert _wm(*args[:-4], "--protocol", "reach25", "--overwrite").returncode == 0
 
 

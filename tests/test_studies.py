@@ -92,6 +92,20 @@ def test_the_identifiability_study_resumes_where_it_stopped(tmp_path, monkeypatc
         study.run(dataclasses.replace(cfg, steps=4), progress=False)
 
 
+def test_a_short_dataset_no_shorter_than_the_others_is_warned_about(tmp_path, monkeypatch, caplog):
+    import envs.collect
+    from studies import identifiability as study
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # the warning comes before any collection
+    monkeypatch.setattr(envs.collect, "collect", stop)
+    for episodes, warned in ((100, True), (101, False)):
+        caplog.clear()
+        with pytest.raises(KeyboardInterrupt):
+            study.run(study.IdentifiabilityConfig(episodes=episodes, out=str(tmp_path / "s")), progress=False)
+        assert ("the short dataset (100 episodes) is not shorter than the others" in caplog.text) == warned
+
+
 def test_recorded_actions_replay_the_episode_and_from_rest_they_do_not(data):
     """The one-frame study replays a method's played actions: from the true start they give the same joint
     errors; from the same pose at rest (what one frame shows) another trajectory."""
@@ -117,7 +131,7 @@ def test_recorded_actions_replay_the_episode_and_from_rest_they_do_not(data):
     assert moving.any() and (np.abs(rest - played)[moving, -1].max(-1) > 1e-3).all()
 
 
-def test_the_one_frame_study_splits_the_misses_and_writes_its_report(data, tmp_path):
+def test_the_one_frame_study_splits_the_misses_and_writes_its_report(data, tmp_path, capsys):
     """LeWM's planner on a (random) world model and on the pose-only simulator, each first plan replayed from rest:
     the perfect model of one frame reaches every goal from rest, the shares add up, the CLI writes it."""
     import wm
@@ -149,10 +163,15 @@ def test_the_one_frame_study_splits_the_misses_and_writes_its_report(data, tmp_p
         wm.StudyConfig(what="hold", checkpoint=f"{ckpt},{ckpt}")
     from common.files import output_lock
 
+    again = ["study", "--what", "one-frame", "--checkpoint", str(ckpt), "--episodes", "2", "--device", "cpu",
+             "--out", str(tmp_path / "study")]
+    assert wm.main(again) == 2  # a finished study is kept, not replaced by one with other settings
+    assert "already holds a finished study (results.json); pass --overwrite" in capsys.readouterr().err
     with output_lock(tmp_path / "study"):  # one study at a time writes there
-        assert wm.main(["study", "--what", "one-frame", "--checkpoint", str(ckpt), "--episodes", "2", "--device",
-                        "cpu", "--out", str(tmp_path / "study")]) == 2
+        assert wm.main([*again, "--overwrite"]) == 2
     assert json.loads((tmp_path / "study" / "results.json").read_text())["summary"] == pooled["summary"]
+    assert wm.main([*again, "--overwrite"]) == 0
+    assert json.loads((tmp_path / "study" / "results.json").read_text())["summary"]["world_model"]["episodes"] == 2
 
 
 def test_the_hold_study_runs_from_the_command_line(data, tmp_path, monkeypatch):
@@ -179,6 +198,8 @@ def test_the_hold_study_runs_from_the_command_line(data, tmp_path, monkeypatch):
     assert "test episodes" in (out / "results.md").read_text() and (out / "results.png").is_file()
     assert not (out / "units").exists()  # the parts kept for a resume go once the results are written
     assert [(p.plan.samples, p.plan.grad_steps) for p in planned] == [(6, 0)]
+    held = {**result, "holding": [{"episodes": [], "a_candidate_holds": None, "model_ranks_a_holder_first": None}]}
+    assert "| 0 | 0 | - | - |" in hold.report(held, str(ckpt))  # no failed episode: a row that says so
 
 
 @pytest.mark.parametrize("study", ["one-frame", "hold"])

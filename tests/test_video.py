@@ -34,3 +34,5 @@ def test_wm_video_shows_the_episodes_asked_for(tmp_path, capsys, caplog):
     for option in ("--episodes", "--fps"):
         assert main(["video", "--data", str(data), option, "0", "--out", str(tmp_path / "x.mp4")]) == 2
         assert f"{option} 0 (must be >= 1)" in capsys.readouterr().err
+    assert main(["video", "--data", str(tmp_path / "none" / "sub" / "data")]) == 2  # no data: no folders left
+    assert not (tmp_path / "none").exists()
