@@ -174,9 +174,11 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
 def plot_results(summary: dict, curves: dict, tolerance: float, path: Path, title: str = "",
                  other_tolerances=()) -> None:
     """Bars of latched (solid) and held-at-end (hatched) success per protocol and method, one colour per
-    method in both panels, every bar labelled with its value (a 0% bar shows as its label and outline);
-    median joint error over the episode on the right, with the tolerance (and any other scored at)."""
+    method in both panels, every bar labelled with its value above its interval (a 0% bar shows as its label
+    and outline), the methods named below the bars; median joint error over the episode on the right, with
+    the tolerance (and any other scored at)."""
     from matplotlib.figure import Figure  # not pyplot: no global figure to leak, no backend switched
+    from matplotlib.patches import Patch
 
     fig = Figure(figsize=(14, 5.2))
     ax1, ax2 = fig.subplots(1, 2)
@@ -196,13 +198,16 @@ def plot_results(summary: dict, curves: dict, tolerance: float, path: Path, titl
                 errs.append([100 * (s[key] - s[ci][0]), 100 * (s[ci][1] - s[key])])
             ax1.bar(xs, rates, width=width, yerr=np.array(errs).T if errs else None, capsize=2,
                     color=COLOURS[method], alpha=0.9 if hatch is None else 0.45, hatch=hatch, edgecolor="black",
-                    linewidth=0.6, label=f"{LABELS[method]}, {'latched' if hatch is None else 'held at end'}")
-            for x, r in zip(xs, rates):
-                ax1.annotate(f"{r:.0f}", (x, r), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=6)
+                    linewidth=0.6)
+            for x, r, (_, up) in zip(xs, rates, errs):  # above the interval, where no error bar hides it
+                ax1.annotate(f"{r:.0f}", (x, r + up), xytext=(0, 2), textcoords="offset points", ha="center",
+                             fontsize=6)
     ax1.set_xticks(range(len(protocols)), protocols)
     ax1.set_ylabel("success (%) with 95% interval")
-    ax1.set_ylim(0, 109)
-    ax1.legend(fontsize=6, loc="lower left")
+    ax1.set_ylim(0, 112)
+    methods_seen = [Patch(facecolor=COLOURS[m], edgecolor="black", linewidth=0.6, label=LABELS[m]) for m in methods]
+    ax1.legend(handles=methods_seen, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.07),
+               ncol=min(2, len(methods)))  # below the bars: it hides none; the title says solid and hatched
     ax1.set_title("success: latched (solid) and held at the end (hatched)", fontsize=9)
     styles = ["-", "--", ":", "-."]
     for (protocol, method), runs in curves.items():
