@@ -32,7 +32,7 @@ from benchmarks.timing import markdown_table
 from common.config import apply_overrides
 from common.device import resolve_device
 from common.files import atomic_write_json, atomic_write_text, prepare_output_dir
-from common.provenance import provenance
+from common.provenance import provenance, signed
 from planners.config import PlannerConfig
 from planners.policy import make_planner
 
@@ -222,4 +222,4 @@ def render(result: dict) -> str:
             lines += [f"Tests: {value['summary']} (rc {value['returncode']}, {seconds:.0f} s)."]
             lines += [f"- {line}" for line in value["failed"]] + [""]
     lines.append("Seconds per part: " + ", ".join(f"{p} {s:.0f}" for p, s in result["seconds"].items()) + ".")
-    return "\n".join(lines)
+    return signed("\n".join(lines), result["provenance"]).rstrip("\n")

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from benchmarks.timing import absolute_shown, alternating, markdown_table, paired_ratio
-from common.config import apply_overrides, as_options, comma_list
+from common.config import apply_overrides, as_options, model_paths
 from evaluation.evaluate import load_setup, world_model_records
 from evaluation.protocols import LEWM_NOTE, LEWM_POLICY
 from evaluation.stats import format_p, paired_counts, sign_test
@@ -45,7 +45,7 @@ def run(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episod
     row's per planning call. ``data`` as for ``wm eval``: the dataset each model was trained on unless
     given; ``split`` the models' episodes they come from (val: the curve chooses settings, so it never runs
     on the test episodes results are reported on)."""
-    checkpoints = comma_list(checkpoint)
+    checkpoints = model_paths(checkpoint)
     policies = [apply_overrides(PolicyConfig(), overrides) for overrides in settings]
     labels = [setting_label(p, overrides == LEWM_POLICY) for p, overrides in zip(policies, settings)]
     reference = next((i for i, p in enumerate(policies) if p == PolicyConfig()), None)  # the default policy

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,18 @@ from typing import Any, Iterator
 def comma_list(text: str) -> list[str]:
     """The names of a comma-separated command-line value, stripped, empty ones dropped: ``"a, b,"`` -> [a, b]."""
     return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def model_paths(text: str, option_name: str = "--checkpoint") -> list[str]:
+    """The model files of a comma list, each named once: a model pooled with itself would count its episodes
+    twice and narrow every interval."""
+    paths, seen = comma_list(text), {}
+    for path in paths:
+        first = seen.setdefault(os.path.realpath(path), path)
+        if first is not path:
+            raise ValueError(f"{option_name} names one model twice ({first}, {path}): pooled with itself, its "
+                             f"episodes would count twice")
+    return paths
 
 
 def option(default: Any, help: str, choices: tuple | None = None, cli: bool = True) -> Any:

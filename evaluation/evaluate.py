@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.config import apply_overrides, comma_list, config_fields, nested, option
+from common.config import apply_overrides, comma_list, config_fields, model_paths, nested, option
 from common.device import THREADS_HELP
 from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured,
                           output_dir, output_lock, remove_stale_temporaries, saying_what_is_kept)
@@ -108,7 +108,7 @@ class EvalConfig:
 
     @property
     def checkpoints(self) -> list[str]:
-        return comma_list(self.checkpoint)
+        return model_paths(self.checkpoint)
 
     @property
     def other_tolerances(self) -> list[float]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common.config import comma_list
+from common.config import model_paths
 from common.files import KeptRuns
 from evaluation.evaluate import EvalConfig, controller, load_setup, measured_with, run_episodes, stored_frames
 from evaluation.protocols import PROTOCOLS, episode_records, sample_episodes
@@ -105,7 +105,7 @@ def run(checkpoints: str, split: str = "val", episodes: int = 50, seeds: int = 1
     an interruption measures only the rest."""
     cfg = EvalConfig(episodes=episodes, seeds=seeds, baselines="", tolerance=tolerance, split=split, data=data,
                      device=device)
-    models, rows = comma_list(checkpoints), []
+    models, rows = model_paths(checkpoints), []
     steps = len(METHODS) * PROTOCOLS["lewm"].budget  # of one seed
     with tqdm(total=len(models) * seeds * steps, desc="one-frame study", unit="step", disable=not progress) as bar:
         for run_index, checkpoint in enumerate(models):

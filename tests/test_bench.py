@@ -126,6 +126,7 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     report, failed = gpu.run("cpu", str(tmp_path / "check"), dry_run=True)
     result = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
     assert "DRY RUN" in report and (tmp_path / "check" / "gpu_check.md").is_file() and failed == []
+    assert (tmp_path / "check" / "gpu_check.md").read_text().rstrip().splitlines()[-1].startswith("Made by")
     assert len(result["plan_latency"]) == 4 and {r["preset"] for r in result["training"]} == {"demo", "full"}
     assert {r["mode"] for r in result["plan_latency"]} == {"eager", "eager, bf16"}  # float32 and bf16 scoring
     assert 0 <= result["short_training"]["uniform_held"] <= 1 and result["short_training"]["steps"] == 4

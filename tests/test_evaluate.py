@@ -679,6 +679,9 @@ def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path, monkeypatch):
         evaluate(EvalConfig(checkpoint=f"{tmp_path / 't.pt'},{tmp_path / 'm.pt'}", out=str(tmp_path / "e2")),
                  progress=False)
     assert not (tmp_path / "e2").exists()
+    twice = f"{tmp_path / 't.pt'},{tmp_path / 'm.pt'},{tmp_path}/../{tmp_path.name}/t.pt"  # one model, two spellings
+    with pytest.raises(ValueError, match=r"--checkpoint names one model twice .*t\.pt.*: pooled with itself"):
+        EvalConfig(checkpoint=twice, out=str(tmp_path / "e3"))
 
 
 def test_subgoal_graph_holds_training_frames_only(data):
