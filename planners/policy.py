@@ -35,8 +35,8 @@ class PolicyConfig:
 
     plan: PlannerConfig = nested(PlannerConfig, "the planner", flat=True)
     receding_horizon: int = option(1, "chunks executed between replans (the plan's first chunks)")
-    context: int | None = option(None, "latest frames the planner conditions on (default: the model's history; "
-                                       "1: the current frame only, as LeWM plans)")
+    context: int | None = option(None, "latest frames the planner conditions on, at most the model's history "
+                                       "(default: all of it; 1: the current frame only, as LeWM plans)")
     step_replan: str = option("never", "also replan between chunk boundaries, at every env step: never, near (a "
                                        "problem, once it has come within subgoals.reach of its goal) or always; "
                                        "frames are then rendered and encoded at every step",
@@ -90,7 +90,10 @@ class MPCPolicy:
             model.eval()
         self.model, self.cfg, self.planner, self.receding_horizon = model, cfg, planner, cfg.receding_horizon
         self.frameskip, self.device = model.frameskip, model.device
-        self.history = model.history if cfg.context is None else min(cfg.context, model.history)
+        if cfg.context is not None and cfg.context > model.history:
+            raise ValueError(f"--context {cfg.context}: the model conditions on at most {model.history} frames (its "
+                             f"history)")
+        self.history = model.history if cfg.context is None else cfg.context
         self.graph = graph if cfg.subgoals.enabled else None
         self.plan_times: list[float] = []  # seconds per planning call (all B problems together)
         self.route_times: list[float] = []  # seconds solving the paths to the goals (subgoals only)
@@ -201,7 +204,7 @@ class MPCPolicy:
             size = self.model.cfg.image_size
             raise ValueError(f"act takes one observation ({size}, {size}, 3), got {image.shape}; act_batch takes a "
                              f"batch")
-        return self.act_batch(image[None])[0]
+        return self.act_batch(image)[0]  # a batch of one, its error naming the shape given
 
     def act_batch(self, obs_images: np.ndarray) -> np.ndarray:
         """Env actions (B, 2) for B environments. Frames are checked at every step but copied to the

@@ -104,7 +104,7 @@ def test_bad_inputs_are_clear_errors(model):
     with pytest.raises(ValueError, match="uint8"):
         policy.reset(np.zeros((32, 32, 3), np.float32))
     policy.reset(np.zeros((32, 32, 3), np.uint8))
-    with pytest.raises(ValueError, match="32, 32, 3"):
+    with pytest.raises(ValueError, match=r"must be \(32, 32, 3\) .*got \(48, 48, 3\)$"):
         policy.act(np.zeros((48, 48, 3), np.uint8))
     with pytest.raises(ValueError, match=r"act takes one observation \(32, 32, 3\), got \(32, 32\)"):
         policy.act(np.zeros((32, 32), np.uint8))  # a grey frame: named as given
@@ -112,6 +112,9 @@ def test_bad_inputs_are_clear_errors(model):
         policy.act_batch(np.zeros((2, 32, 32), np.uint8))
     with pytest.raises(ValueError, match="receding_horizon"):
         MPCPolicy(model, small(receding_horizon=4))
+    with pytest.raises(ValueError, match=rf"--context {model.history + 1}: the model conditions on at most "
+                                         rf"{model.history} frames"):
+        MPCPolicy(model, small(context=model.history + 1))  # more frames than it has seen: refused, not cut
     with pytest.raises(ValueError, match="unknown settings"):
         small(**{"cem.temperature": 1.0})
     with pytest.raises(ValueError, match="planner must be one of"):
