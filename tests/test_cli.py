@@ -166,9 +166,10 @@ def test_eval_and_demo_plan_a_model_as_its_file_records_unless_typed(tmp_path, c
     from test_model import tiny_config
     from worldmodel.model import WorldModel
 
-    hold, plain, bad = (str(tmp_path / f"{name}.pt") for name in ("hold", "plain", "bad"))
+    hold, hold2, plain, bad = (str(tmp_path / f"{name}.pt") for name in ("hold", "hold2", "plain", "bad"))
     model = WorldModel(tiny_config("mlp", size=32, frameskip=2))
-    model.save(hold, extra={"planner": {"samples": 100, "iterations": 10, "grad_steps": 0}})
+    for path in (hold, hold2):  # two models recording the same planner
+        model.save(path, extra={"planner": {"samples": 100, "iterations": 10, "grad_steps": 0}})
     model.save(plain)
     model.save(bad, extra={"planner": {"samples": 0}})
     plan = lambda cfg: (cfg.policy.plan.samples, cfg.policy.plan.iterations, cfg.policy.plan.grad_steps)  # noqa: E731
@@ -179,7 +180,7 @@ def test_eval_and_demo_plan_a_model_as_its_file_records_unless_typed(tmp_path, c
     said = "hold.pt: planned with --samples 100 --iterations 10 --grad-steps 0, as its model file records"
     assert said in caplog.text
     assert plan(_parsed(["demo", "--checkpoint", hold, "--samples=20"])) == (20, 10, 0)
-    assert plan(_parsed(["eval", "--checkpoint", f"{hold},{hold}", "--out", "o"])) == (100, 10, 0)
+    assert plan(_parsed(["eval", "--checkpoint", f"{hold},{hold2}", "--out", "o"])) == (100, 10, 0)
     with pytest.raises(ValueError, match=r"the models plan with different settings \(.*hold.pt: --grad-steps 0 "
                                          r"--iterations 10; .*plain.pt: --grad-steps \d+ --iterations \d+\); type "
                                          r"--grad-steps, --iterations to plan them alike"):

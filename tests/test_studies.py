@@ -2,6 +2,7 @@
 (tiny settings)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -152,8 +153,10 @@ def test_the_one_frame_study_splits_the_misses_and_writes_its_report(data, tmp_p
         assert s["closest_at_rest"] == sorted(s["closest_at_rest"])
     text = one_frame.report(result)
     assert "| the world model |" in text and "(`lewm-history`, a counterfactual) |" in text
-    assert wm.main(["study", "--what", "one-frame", "--checkpoint", f"{ckpt},{ckpt}", "--episodes", "2",
-                    "--device", "cpu", "--out", str(tmp_path / "study")]) == 0  # two models, pooled
+    for suffix in (".pt", ".json"):  # the same model in a second file
+        shutil.copyfile(ckpt.with_suffix(suffix), (tmp_path / "copy").with_suffix(suffix))
+    assert wm.main(["study", "--what", "one-frame", "--checkpoint", f"{ckpt},{tmp_path / 'copy.pt'}", "--episodes",
+                    "2", "--device", "cpu", "--out", str(tmp_path / "study")]) == 0  # two models, pooled
     for name in ("results.json", "results.md", "results.png"):
         assert (tmp_path / "study" / name).is_file()
     pooled = json.loads((tmp_path / "study" / "results.json").read_text())
