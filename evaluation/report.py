@@ -104,9 +104,9 @@ def _latched_and_held(s: dict) -> str:
             f"{_rates(s, 'held_rate', 'held_ci95', 'held_per_run', 'held_between_runs_sd')}")
 
 
-def _started_within(rates: dict, row: dict) -> str:
-    """How many of a row's episodes began already within a tolerance."""
-    return f"{rates['started_within']} of {row['episodes']}"
+def _started_within(rates: dict, episodes: int) -> str:
+    """How many of a row's ``episodes`` began already within a tolerance."""
+    return f"{rates['started_within']} of {episodes}"
 
 
 def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str] | None = None) -> str:
@@ -152,12 +152,12 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
                       f"larger tolerance may be (counted in the last column).", "",
                   f"| protocol | method | tolerance (rad) | latched | 95% CI{per_model} | held at end | 95% "
                   f"CI{per_model} | started within it |", "|---" * (8 + 2 * pooled) + "|"]
-        lines += [f"| {s['protocol']} | {s['label']} | {t} | {_latched_and_held(o)} | {_started_within(o, s)} |"
+        lines += [f"| {s['protocol']} | {s['label']} | {t} | {_latched_and_held(o)} | {_started_within(o, s['episodes'])} |"
                   for s, t, o in others]
     warnings = [f"{s['protocol']}, {s['label']}: {s['warning']}" for s in summary.values() if s.get("warning")]
     if warnings:
         lines += ["", "**Warning**: " + "; ".join(warnings) + "."]
-    began = [f"{s['protocol']}, {s['label']}: {_started_within(s, s)}" for s in summary.values()
+    began = [f"{s['protocol']}, {s['label']}: {_started_within(s, s['episodes'])}" for s in summary.values()
              if s.get("started_within")]
     if began:
         lines += ["", f"Episodes that began already within {cfg.tolerance} rad of their goals (drawn from rows "
