@@ -64,5 +64,16 @@ class PixelRenderer:
     def close(self) -> None:
         renderer, self._renderer = getattr(self, "_renderer", None), None
         if renderer is not None:
+            # mujoco's close frees its render context in whichever GL context is current: made current first,
+            # it is its own, not another live renderer's (whose frames it would spoil)
+            gl = getattr(renderer, "_gl_context", None)
+            if gl is not None:
+                gl.make_current()
             renderer.close()
         _live.discard(self)
+
+    def __del__(self) -> None:  # a renderer dropped without close(): freed in its own context too
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter teardown GL may already be gone
+            pass

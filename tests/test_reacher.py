@@ -140,6 +140,25 @@ def test_renders_when_mujoco_was_imported_first():
     assert out.returncode == 0 and "(32, 32, 3)" in out.stdout, out.stderr
 
 
+def test_closing_or_dropping_one_env_leaves_anothers_frames_as_they_were():
+    """MuJoCo frees a renderer's GL objects in whichever GL context is current: closing (or garbage-collecting)
+    one env while another's was current used to spoil every later frame of the other."""
+    import gc
+
+    survivor = ReacherPixels(size=32)
+    survivor.reset(seed=0)
+    for drop in ("close", "collect"):
+        other = ReacherPixels(size=32)
+        other.reset(seed=1)
+        before = survivor.render_goal([0.5, -1.2])  # the survivor's context is current now
+        if drop == "close":
+            other.close()
+        del other
+        gc.collect()
+        assert np.array_equal(survivor.render_goal([0.5, -1.2]), before), drop
+    survivor.close()
+
+
 def test_closed_env_is_a_clear_error():
     e = ReacherPixels(size=32)
     e.reset(seed=0)
