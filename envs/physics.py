@@ -25,6 +25,7 @@ class ReacherPhysics:
     finger_geom: str
     target_geom: str
     n_substeps: int
+    max_speed: float  # rad/s: no state of the arm moves faster (a start beyond it is refused as not a state)
 
     def _finish_init(self) -> None:
         self._finger_id = self.model.geom(self.finger_geom).id
@@ -110,6 +111,9 @@ class DmControlReacher(ReacherPhysics):
     """dm_control's ``reacher`` (easy: target radius 0.05, hard: 0.015)."""
 
     finger_geom, target_geom = "finger", "target"
+    # rad/s: no state of this arm moves faster (its motors, against its damping, stay under about 10; the
+    # recorded data peaks near 7): a start beyond it is data in other units, or qpos and qvel swapped
+    max_speed = 50.0
 
     def __init__(self, task: str = "easy"):
         from dm_control import suite
@@ -135,6 +139,7 @@ class GymnasiumReacher(ReacherPhysics):
     """gymnasium's ``Reacher-v5``, stepped as it steps itself (frame_skip 2), seen from straight above."""
 
     finger_geom, target_geom = "fingertip", "target"
+    max_speed = 500.0  # rad/s: the lighter arm's collected data reaches about 140 (mixed exploration)
 
     def __init__(self, task: str = "easy"):
         import gymnasium

@@ -16,10 +16,6 @@ import numpy as np
 
 from envs.reacher import make_env
 
-# rad/s: a start speed beyond this is no Reacher state (its motors, against its damping, stay under about
-# 10 rad/s; the recorded data peaks near 7); MuJoCo would go unstable and reset it silently.
-MAX_JOINT_SPEED = 50.0
-
 
 class ReacherBatch:
     def __init__(self, env: str, n: int, size: int = 64, hide_target: bool = True, render_quality: str = "fast",
@@ -42,13 +38,15 @@ class ReacherBatch:
         (None with ``render=False``: rendering is most of the cost, and a baseline never looks).
 
         A NaN ``target[i]`` (a dataset without target positions) keeps the model's target; NaN in
-        ``qpos``/``qvel`` (a dataset without them) is an error, and so is a speed beyond ``MAX_JOINT_SPEED``."""
+        ``qpos``/``qvel`` (a dataset without them) is an error, and so is a speed beyond the arm's (its physics'
+        ``max_speed``)."""
         for name, value in (("qpos", qpos), ("qvel", qvel)):
             if value is not None and not np.all(np.isfinite(value)):
                 raise ValueError(f"reset_to: {name} holds NaN or inf values (does the dataset lack {name}?)")
-        if qvel is not None and np.abs(qvel).max(initial=0.0) > MAX_JOINT_SPEED:
-            raise ValueError(f"reset_to: qvel reaches {np.abs(qvel).max():.3g} rad/s, beyond {MAX_JOINT_SPEED:g} "
-                             f"rad/s: not a Reacher state (are qpos and qvel swapped, or in other units?)")
+        fastest = self.physics.max_speed
+        if qvel is not None and np.abs(qvel).max(initial=0.0) > fastest:
+            raise ValueError(f"reset_to: qvel reaches {np.abs(qvel).max():.3g} rad/s, beyond {fastest:g} rad/s: not "
+                             f"a state of this arm (are qpos and qvel swapped, or in other units?)")
         for i, d in enumerate(self.datas):
             mujoco.mj_resetData(self.physics.model, d)
             self._targets[i] = _finite_or_none(None if target is None else target[i])

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from envs import ReacherPixels
 from envs.vector import ReacherBatch
@@ -24,3 +25,14 @@ def test_batch_matches_single_environments():
     assert np.array_equal(goals[1], env.render_goal(qpos[1]))
     env.close()
     batch.close()
+
+
+def test_the_fastest_start_allowed_is_the_arms():
+    """gymnasium's lighter arm moves near 140 rad/s in collected data; dm_control's stays under 10."""
+    qpos = np.zeros((1, 2))
+    gym_batch = ReacherBatch("gym-reacher", 1, size=32)
+    gym_batch.reset_to(qpos, np.array([[138.0, -20.0]]), render=False)  # a start its data holds
+    for batch, speed in ((gym_batch, 600.0), (ReacherBatch("reacher-easy", 1, size=32), 60.0)):
+        with pytest.raises(ValueError, match=rf"qvel reaches {speed:g} rad/s, beyond {batch.physics.max_speed:g}"):
+            batch.reset_to(qpos, np.array([[speed, 0.0]]), render=False)
+        batch.close()
