@@ -86,6 +86,11 @@ class ReacherPixels(gym.Env):
         if not (isinstance(action_repeat, (int, np.integer)) and 1 <= action_repeat <= MAX_ACTION_REPEAT):
             raise ValueError(f"action_repeat must be an integer in [1, {MAX_ACTION_REPEAT}], got {action_repeat!r}")
         self.action_repeat = int(action_repeat)  # control steps each action is held for (stable-worldmodel: 2)
+        if not (isinstance(max_steps, (int, np.integer)) and max_steps >= 1):
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        if not (isinstance(goal_tolerance, (int, float, np.floating)) and math.isfinite(goal_tolerance)
+                and goal_tolerance > 0):
+            raise ValueError(f"goal_tolerance must be a finite number of rad > 0, got {goal_tolerance!r}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.task, self.size, self.backend, self.hide_target = task, int(size), backend, hide_target

@@ -22,6 +22,8 @@ class ReacherBatch:
                  action_repeat: int = 1, image_size: int | None = None):
         if not (isinstance(action_repeat, (int, np.integer)) and action_repeat >= 1):
             raise ValueError(f"action_repeat must be a positive integer, got {action_repeat!r}")
+        if not (isinstance(n, (int, np.integer)) and n >= 1):
+            raise ValueError(f"a batch holds n >= 1 states, got {n!r}")
         self.env = make_env(env, size=size, hide_target=hide_target, render_quality=render_quality)
         self.action_repeat, self.image_size = int(action_repeat), image_size
         self.physics = self.env.physics
@@ -41,6 +43,9 @@ class ReacherBatch:
         ``qpos``/``qvel`` (a dataset without them) is an error, and so is a speed beyond the arm's (its physics'
         ``max_speed``)."""
         for name, value in (("qpos", qpos), ("qvel", qvel)):
+            if value is not None and np.shape(value) != (len(self), 2):
+                raise ValueError(f"reset_to: {name} must be ({len(self)}, 2), one row per state, got "
+                                 f"{np.shape(value)}")
             if value is not None and not np.all(np.isfinite(value)):
                 raise ValueError(f"reset_to: {name} holds NaN or inf values (does the dataset lack {name}?)")
         fastest = self.physics.max_speed

@@ -46,6 +46,14 @@ def test_bad_size(size):
         ReacherPixels(size=size)
 
 
+@pytest.mark.parametrize("setting, value", [("max_steps", 0), ("max_steps", -1), ("max_steps", 2.5),
+                                            ("goal_tolerance", -1.0), ("goal_tolerance", float("nan")),
+                                            ("goal_tolerance", 0)])
+def test_bad_episode_settings_are_refused(setting, value):
+    with pytest.raises(ValueError, match=setting):
+        ReacherPixels(size=32, **{setting: value})
+
+
 def _trajectory(env, seed, n=15):
     obs, info = env.reset(seed=seed)
     rng = np.random.default_rng(0)

@@ -36,3 +36,13 @@ def test_the_fastest_start_allowed_is_the_arms():
         with pytest.raises(ValueError, match=rf"qvel reaches {speed:g} rad/s, beyond {batch.physics.max_speed:g}"):
             batch.reset_to(qpos, np.array([[speed, 0.0]]), render=False)
         batch.close()
+
+
+def test_bad_batches_are_clear_errors():
+    with pytest.raises(ValueError, match="n >= 1 states, got 0"):
+        ReacherBatch("reacher-easy", 0, size=32)
+    batch = ReacherBatch("reacher-easy", 2, size=32)
+    for qpos, qvel in ((np.zeros((3, 2)), None), (np.zeros((2, 2)), np.zeros(2))):
+        with pytest.raises(ValueError, match=r"must be \(2, 2\), one row per state"):
+            batch.reset_to(qpos, qvel, render=False)
+    batch.close()
