@@ -47,7 +47,9 @@ def joint_error(qpos, goal, wrap: bool = True) -> np.ndarray:
     diff = np.asarray(qpos, dtype=np.float64) - np.asarray(goal, dtype=np.float64)
     if diff.shape[-1:] != (2,):
         raise ValueError(f"joint_error takes (..., 2) joint angles, got shapes {np.shape(qpos)} and {np.shape(goal)}")
-    return np.abs(wrap_angle(diff) if wrap else diff).max(-1)
+    if wrap:  # only differences beyond the seam are wrapped: the modulo would round the others (0.05 -> 0.04999...)
+        diff = np.where(np.abs(diff) < math.pi, diff, wrap_angle(diff))
+    return np.abs(diff).max(-1)
 
 
 class ReacherPixels(gym.Env):
