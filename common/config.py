@@ -33,10 +33,11 @@ def model_paths(text: str, option_name: str = "--checkpoint") -> list[str]:
     twice and narrow every interval."""
     paths, seen = comma_list(text), {}
     for path in paths:
-        first = seen.setdefault(os.path.realpath(path), path)
-        if first is not path:
-            raise ValueError(f"{option_name} names one model twice ({first}, {path}): pooled with itself, its "
+        where = os.path.realpath(path)
+        if where in seen:
+            raise ValueError(f"{option_name} names one model twice ({seen[where]}, {path}): pooled with itself, its "
                              f"episodes would count twice")
+        seen[where] = path
     return paths
 
 

@@ -682,6 +682,8 @@ def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path, monkeypatch):
     twice = f"{tmp_path / 't.pt'},{tmp_path / 'm.pt'},{tmp_path}/../{tmp_path.name}/t.pt"  # one model, two spellings
     with pytest.raises(ValueError, match=r"--checkpoint names one model twice .*t\.pt.*: pooled with itself"):
         EvalConfig(checkpoint=twice, out=str(tmp_path / "e3"))
+    with pytest.raises(ValueError, match="names one model twice"):  # the same short name, spelt alike
+        EvalConfig(checkpoint="a,a", out=str(tmp_path / "e3"))
 
 
 def test_subgoal_graph_holds_training_frames_only(data):
