@@ -193,11 +193,7 @@ class ReacherPixels(gym.Env):
     def _pose(self, qpos, name: str) -> np.ndarray:
         """A finite (shoulder, wrist) pose whose wrist the arm can reach; a clear ValueError otherwise."""
         qpos = _pair(qpos, name)
-        low, high = self.physics.wrist_range
-        if not low - WRIST_SLACK <= qpos[1] <= high + WRIST_SLACK:
-            raise ValueError(f"{name}: wrist angle {qpos[1]:.4f} rad is beyond the joint limit "
-                             f"[{low:.4f}, {high:.4f}] rad (+-{np.degrees(high):.0f} deg, "
-                             f"give or take {WRIST_SLACK} rad of soft-limit slack)")
+        check_wrist(qpos[None], self.physics.wrist_range, name)
         return qpos
 
     def _check_open(self) -> None:
@@ -207,6 +203,18 @@ class ReacherPixels(gym.Env):
     def _observe(self) -> np.ndarray:
         self._frame = self.renderer.render(self.physics.data)
         return self._frame.copy()
+
+
+def check_wrist(qpos: np.ndarray, wrist_range: tuple[float, float], name: str) -> None:
+    """Poses (B, 2) whose wrists the arm can reach (its range give or take ``WRIST_SLACK``); a clear
+    ValueError naming the first that it cannot."""
+    low, high = wrist_range
+    beyond = np.flatnonzero((qpos[:, 1] < low - WRIST_SLACK) | (qpos[:, 1] > high + WRIST_SLACK))
+    if beyond.size:
+        which = f"{name}[{beyond[0]}]" if len(qpos) > 1 else name
+        raise ValueError(f"{which}: wrist angle {qpos[beyond[0], 1]:.4f} rad is beyond the joint limit "
+                         f"[{low:.4f}, {high:.4f}] rad (+-{np.degrees(high):.0f} deg, "
+                         f"give or take {WRIST_SLACK} rad of soft-limit slack)")
 
 
 def _pair(x, name: str) -> np.ndarray:

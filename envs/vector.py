@@ -14,7 +14,7 @@ from __future__ import annotations
 import mujoco
 import numpy as np
 
-from envs.reacher import make_env
+from envs.reacher import check_wrist, make_env
 
 
 class ReacherBatch:
@@ -40,14 +40,15 @@ class ReacherBatch:
         (None with ``render=False``: rendering is most of the cost, and a baseline never looks).
 
         A NaN ``target[i]`` (a dataset without target positions) keeps the model's target; NaN in
-        ``qpos``/``qvel`` (a dataset without them) is an error, and so is a speed beyond the arm's (its physics'
-        ``max_speed``)."""
+        ``qpos``/``qvel`` (a dataset without them) is an error, and so are a wrist beyond its joint limit (as
+        ``ReacherPixels`` refuses it) and a speed beyond the arm's (its physics' ``max_speed``)."""
         for name, value in (("qpos", qpos), ("qvel", qvel)):
             if value is not None and np.shape(value) != (len(self), 2):
                 raise ValueError(f"reset_to: {name} must be ({len(self)}, 2), one row per state, got "
                                  f"{np.shape(value)}")
             if value is not None and not np.all(np.isfinite(value)):
                 raise ValueError(f"reset_to: {name} holds NaN or inf values (does the dataset lack {name}?)")
+        check_wrist(np.asarray(qpos, np.float64), self.physics.wrist_range, "reset_to: qpos")
         fastest = self.physics.max_speed
         if qvel is not None and np.abs(qvel).max(initial=0.0) > fastest:
             raise ValueError(f"reset_to: qvel reaches {np.abs(qvel).max():.3g} rad/s, beyond {fastest:g} rad/s: not "

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+import envs.reacher
 from envs import ReacherPixels
 from envs.vector import ReacherBatch
 
@@ -45,4 +46,10 @@ def test_bad_batches_are_clear_errors():
     for qpos, qvel in ((np.zeros((3, 2)), None), (np.zeros((2, 2)), np.zeros(2))):
         with pytest.raises(ValueError, match=r"must be \(2, 2\), one row per state"):
             batch.reset_to(qpos, qvel, render=False)
+    # a wrist beyond its joint limit (and its soft slack) is refused as ReacherPixels refuses it, naming the row
+    low, high = batch.physics.wrist_range
+    beyond = high + envs.reacher.WRIST_SLACK + 0.01
+    with pytest.raises(ValueError, match=r"qpos\[1\]: wrist angle .* beyond the joint limit"):
+        batch.reset_to(np.array([[0.0, high + 0.15], [0.0, -beyond]]), render=False)
+    batch.reset_to(np.array([[0.0, high + 0.15], [0.0, low - 0.15]]), render=False)  # within the soft limit
     batch.close()
