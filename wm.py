@@ -402,10 +402,12 @@ def run_info(cfg: InfoConfig) -> int:
 
 
 def run_export(cfg: ExportConfig) -> int:
-    from worldmodel.graph import graph_for_checkpoint
+    from worldmodel.graph import graph_for_checkpoint, saved_graph
     from worldmodel.model import WorldModel
 
     model = WorldModel.load(cfg.checkpoint, cfg.device)
+    if cfg.data and saved_graph(model, cfg.graph) is not None:
+        print(f"--data {cfg.data} not read: {cfg.checkpoint} already holds a graph built with these settings")
     graph = graph_for_checkpoint(model, cfg.checkpoint, cfg.graph, cfg.data)
     print(f"{cfg.checkpoint} holds its subgoal graph ({len(graph.nodes)} training frames, {len(graph.src)} links): "
           f"model.pt and model.json plan alone")

@@ -195,6 +195,35 @@ def test_eval_and_demo_plan_a_model_as_its_file_records_unless_typed(tmp_path, c
     assert "(default: 100)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(synthetic_data, tmp_path, capsys):
+    """wm export builds the subgoal graph from the recorded (or given) dataset and keeps it in model.pt; the
+    model then plans without its data; --data given to a model that already holds the graph is said unread;
+    without the graph and without its data, the error says how to give it."""
+    import shutil
+
+    from conftest import save_as_trained_on
+    from test_model import tiny_config
+    from worldmodel.graph import GraphConfig, saved_graph
+    from worldmodel.model import WorldModel
+
+    moved = tmp_path / "moved"
+    shutil.copytree(synthetic_data, moved)
+    model = WorldModel(tiny_config("mlp", size=32, frameskip=2))
+    path = str(save_as_trained_on(model, tmp_path / "m.pt", moved))
+    shutil.rmtree(moved)  # the dataset is not where the model records it
+    assert main(["export", "--checkpoint", path, "--device", "cpu"]) == 2
+    assert "subgoals need its training frames, or a model file that holds its graph (wm export)" in \
+        capsys.readouterr().err
+    assert main(["export", "--checkpoint", path, "--data", str(synthetic_data), "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    assert "holds its subgoal graph" in said and "not read" not in said
+    assert saved_graph(WorldModel.load(path, "cpu"), GraphConfig()) is not None
+    assert main(["export", "--checkpoint", path, "--data", str(synthetic_data), "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    assert f"--data {synthetic_data} not read: {path} already holds a graph built with these settings" in said
+    assert main(["export", "--checkpoint", path, "--device", "cpu"]) == 0  # no data needed now
+
+
 @pytest.mark.parametrize("argv, said", [
     (["collect", "--size", "-1"], "--size -1 (must be >= 32)"),
     (["collect", "--size", "300"], "--size 300 (must be <= 256)"),
