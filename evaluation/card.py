@@ -13,8 +13,9 @@ from pathlib import Path
 from common.config import as_options
 from common.provenance import provenance_line
 from envs.storage import collect_command
-from planners.policy import recorded_planner
+from planners.policy import policy_config, recorded_planner
 from worldmodel.datasplit import data_candidates
+from worldmodel.graph import saved_graph
 from worldmodel.model import WorldModel, read_model_meta
 
 
@@ -49,18 +50,31 @@ def model_card(checkpoint: str | Path) -> str:
         lines.append(f"- **Data**: `{data.get('path')}`, {where}: {data.get('episodes')} episodes ({splits}){kind}.")
     planner = recorded_planner(checkpoint)
     lines.append("- **Planned with**: " + (f"`{as_options(planner)}` over the default planner, as the model file "
-                                           f"records (its training preset's choice)" if planner else
+                                           f"records (its training's choice)" if planner else
                                            "the default planner") + "; the options typed to `wm eval` or `wm demo` "
                                                                     "override it.")
     graph = model.extras.get("graph")
-    lines.append(f"- **Subgoal graph**: saved in the model file ({len(graph['nodes']):,} training frames, "
-                 f"{len(graph['src']):,} links): `model.pt` and `model.json` plan alone." if graph else
-                 "- **Subgoal graph**: not saved; it is built from the training data when the model is first planned "
-                 "with (`wm export` saves it).")
+    if graph and saved_graph(model, policy_config(checkpoint).subgoals.graph) is None:
+        lines.append(f"- **Subgoal graph**: saved in the model file, but built with other settings "
+                     f"({_graph_config(graph)}) than it is planned with: "
+                     f"planning with subgoals builds it again from the training data (`wm export` with those "
+                     f"settings makes the file plan with it).")
+    else:
+        lines.append(f"- **Subgoal graph**: saved in the model file ({len(graph['nodes']):,} training frames, "
+                     f"{len(graph['src']):,} links): `model.pt` and `model.json` plan alone." if graph else
+                     "- **Subgoal graph**: not saved; it is built from the training data when the model is first "
+                     "planned with (`wm export` saves it).")
     lines += _measured(meta.get("metrics", {}))
     if isinstance(meta.get("provenance"), dict):
         lines += ["", provenance_line(meta["provenance"])]
     return "\n".join(lines) + "\n"
+
+
+def _graph_config(graph: dict) -> str:
+    """How a saved graph was built, as the planner's options spell it."""
+    config = graph.get("config")
+    return ", ".join(f"`--subgoals.{k.replace('_', '-')} {v}`" for k, v in config.items()) if isinstance(
+        config, dict) else "unrecorded"
 
 
 def _measured(metrics: dict) -> list[str]:

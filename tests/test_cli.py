@@ -6,7 +6,8 @@ import pytest
 
 from conftest import run_wm
 from wm import add_config_arguments, config_from_args, default_config, main
-from worldmodel.train import preset_config
+from worldmodel.model import PRESET_PLANNER
+from worldmodel.train import planner_settings, preset_config
 
 TINY_MODEL = ["--latent-dim", 16, "--history", 2, "--encoder.conv-channels", 8, "--encoder.proj-hidden", 32,
               "--predictor.hidden", 32, "--predictor.depth", 2, "--batch-size", 8, "--n-pred", 2, "--rollout-steps", 2,
@@ -195,14 +196,17 @@ def test_eval_and_demo_plan_a_model_as_its_file_records_unless_typed(tmp_path, c
     assert "(default: 100)" in " ".join(capsys.readouterr().out.split())
 
 
-def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(synthetic_data, tmp_path, capsys):
+def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(synthetic_data, tmp_path, capsys,
+                                                                               monkeypatch):
     """wm export builds the subgoal graph from the recorded (or given) dataset and keeps it in model.pt; the
-    model then plans without its data; --data given to a model that already holds the graph is said unread;
-    without the graph and without its data, the error says how to give it."""
+    model then plans without its data, also with a graph of other settings; --data given to a model that
+    already holds the graph is said unread; without the graph and without its data, the error says how to
+    give it."""
     import shutil
 
     from conftest import save_as_trained_on
     from test_model import tiny_config
+    from planners.policy import load_policy
     from worldmodel.graph import GraphConfig, saved_graph
     from worldmodel.model import WorldModel
 
@@ -222,6 +226,33 @@ def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(s
     said = capsys.readouterr().out
     assert f"--data {synthetic_data} not read: {path} already holds a graph built with these settings" in said
     assert main(["export", "--checkpoint", path, "--device", "cpu"]) == 0  # no data needed now
+
+    # A graph of other settings made the model's own: model.json records them, so it still plans alone, and
+    # `wm info` says so; planning once with yet other settings builds a graph but leaves the file's alone.
+    assert main(["export", "--checkpoint", path, "--data", str(synthetic_data), "--graph.neighbours", "4"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "m.json").read_text())["planner"] == {"subgoals.neighbours": 4}
+    assert load_policy(path, device="cpu").graph is not None  # from the file alone: its dataset is gone
+    assert main(["info", "--checkpoint", path]) == 0 and "plan alone" in capsys.readouterr().out
+    load_policy(path, device="cpu", data=str(synthetic_data), **{"subgoals.radius": 0.9})
+    assert saved_graph(WorldModel.load(path, "cpu"), GraphConfig(neighbours=4)) is not None
+    assert json.loads((tmp_path / "m.json").read_text())["planner"] == {"subgoals.neighbours": 4}
+    meta = json.loads((tmp_path / "m.json").read_text())
+    (tmp_path / "m.json").write_text(json.dumps({**meta, "planner": {}}))  # a record that does not say so
+    assert main(["info", "--checkpoint", path]) == 0
+    assert "built with other settings (`--subgoals.neighbours 4`, " in capsys.readouterr().out
+    # a graph that cannot be saved (a read-only or full disk) is a failure, not "holds its subgoal graph"
+    import worldmodel.model
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(worldmodel.model, "save_extras", full_disk)
+    assert main(["export", "--checkpoint", path, "--data", str(synthetic_data), "--graph.neighbours", "5"]) == 2
+    said = capsys.readouterr()
+    assert "the subgoal graph was built but could not be saved" in said.err and "holds its" not in said.out
+    # training with other graph settings records them with the graph it saves
+    assert planner_settings(preset_config("hold", {"graph.radius": 0.8})) == {
+        **PRESET_PLANNER["hold"], "subgoals.radius": 0.8}
 
 
 @pytest.mark.parametrize("argv, said", [

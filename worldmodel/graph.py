@@ -136,6 +136,13 @@ def _neighbours(nodes: Tensor, episode: Tensor, k: int, radius: float, block: in
     return torch.cat(srcs), torch.cat(dsts), torch.cat(ds)
 
 
+def graph_settings(cfg: GraphConfig) -> dict:
+    """The planner settings, by name, that plan with a graph built with ``cfg``: those other than the defaults.
+    A model whose file holds such a graph records them (model.json's ``planner``), so it plans with it."""
+    default = dataclasses.asdict(GraphConfig())
+    return {f"subgoals.{k}": v for k, v in dataclasses.asdict(cfg).items() if v != default[k]}
+
+
 def saved_graph(model, cfg: GraphConfig, where: str = "") -> LatentGraph | None:
     """The graph a loaded model's file holds, if it was built with the settings ``cfg``; else None."""
     state = getattr(model, "extras", {}).get("graph")
@@ -144,10 +151,10 @@ def saved_graph(model, cfg: GraphConfig, where: str = "") -> LatentGraph | None:
     return LatentGraph.from_state(state, model.cfg.latent_dim, where).to(model.device)
 
 
-def graph_for_checkpoint(model, checkpoint, cfg: GraphConfig, data: str = "", keep: bool = True) -> LatentGraph:
+def graph_for_checkpoint(model, checkpoint, cfg: GraphConfig, data: str = "", replace: bool = False) -> LatentGraph:
     """The subgoal graph of a trained model: the one its file holds when built with ``cfg``; else built
-    from its own training episodes (of the dataset its checkpoint records, or ``data``) and, with ``keep``,
-    saved into its file so the next load needs no data (with a message)."""
+    from its own training episodes (of the dataset its checkpoint records, or ``data``) and saved into its
+    file, so the next load needs no data (with a message), when it holds none or with ``replace``."""
     from worldmodel.datasplit import open_data, training_episodes
     from worldmodel.model import read_model_meta
 
@@ -158,19 +165,27 @@ def graph_for_checkpoint(model, checkpoint, cfg: GraphConfig, data: str = "", ke
     store, _ = open_data(model, meta, checkpoint, data, "subgoals need its training frames, or a model file that "
                                                        "holds its graph (wm export)")
     graph = LatentGraph.build(model, store, training_episodes(store, meta), cfg)
-    if keep:
-        keep_graph(checkpoint, model, graph, cfg)
+    keep_graph(checkpoint, model, graph, cfg, replace)
     return graph
 
 
-def keep_graph(checkpoint, model, graph: LatentGraph, cfg: GraphConfig) -> None:
-    """Save a graph built for a model into its file, so the next load finds it (a message says so)."""
-    from worldmodel.model import save_extras
+def keep_graph(checkpoint, model, graph: LatentGraph, cfg: GraphConfig, replace: bool = False) -> bool:
+    """Save a graph built for a model into its file, so the next load finds it (a message says so), when the
+    file holds none or with ``replace`` (a graph built with other settings for one evaluation leaves the
+    model's own alone); model.json then records the settings that plan with it. Whether it was saved."""
+    from worldmodel.model import planner_record, read_model_meta, save_extras
 
+    if "graph" in getattr(model, "extras", {}) and not replace:
+        return False
     try:
-        save_extras(checkpoint, {"graph": graph.state(cfg)})
+        meta = read_model_meta(checkpoint)
+        names = set(graph_settings(GraphConfig(neighbours=1, radius=1.0, max_nodes=2)))  # every graph setting
+        planner = {k: v for k, v in planner_record(meta).items() if k.replace("-", "_") not in names}
+        save_extras(checkpoint, {"graph": graph.state(cfg)}, planner={**planner, **graph_settings(cfg)})
         model.extras = {**getattr(model, "extras", {}), "graph": graph.state(cfg)}
         log.info("%s: built its subgoal graph from the training frames and saved it in the model file", checkpoint)
+        return True
     except OSError as exc:
         log.warning("%s: built its subgoal graph but could not save it in the model file (%s); it will be built "
                     "again next time", checkpoint, exc.strerror or exc)
+        return False

@@ -199,14 +199,16 @@ def _weights_and_extras(state: dict, meta: dict, path: Path) -> tuple[dict, dict
     return state["weights"], state.get("extras", {})
 
 
-def save_extras(path: str | Path, extras: dict) -> None:
+def save_extras(path: str | Path, extras: dict, planner: dict | None = None) -> None:
     """Add ``extras`` to a saved model file (rewritten atomically, in the current format): what an older
-    model lacks, such as its subgoal graph, saved once."""
+    model lacks, such as its subgoal graph, saved once; ``planner``, when given, replaces the planner
+    settings model.json records."""
     path = Path(path)
     meta = read_model_meta(path)
     state, old = _weights_and_extras(load_weights_file(path, "a weights file"), meta, path)
     atomic_torch_save({"weights": state, "extras": {**old, **extras}}, path)
-    atomic_write_json(path.with_suffix(".json"), {**meta, "format_version": FORMAT_VERSION})
+    meta = {**meta, "format_version": FORMAT_VERSION, **({"planner": planner} if planner is not None else {})}
+    atomic_write_json(path.with_suffix(".json"), meta)
 
 
 def _on_meta() -> bool:

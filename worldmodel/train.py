@@ -37,7 +37,7 @@ from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
 from envs.storage import DEFAULT_DATA, recording
 from worldmodel import distributed, rundir
 from worldmodel.datasplit import split_record
-from worldmodel.graph import GraphConfig, LatentGraph
+from worldmodel.graph import GraphConfig, LatentGraph, graph_settings
 from worldmodel.model import PRESET_PLANNER, WorldModel, WorldModelConfig
 from worldmodel.objective import (SIGREG_SCOPES, batch_indices, effective_rank, lr_at, step_generator,
                                   validation_metrics, world_model_losses)
@@ -161,8 +161,9 @@ PRESETS = {
 
 
 def planner_settings(cfg: TrainConfig) -> dict:
-    """The planner settings a run's model records (model.json's ``planner``): its preset's, else none."""
-    return dict(PRESET_PLANNER.get(cfg.preset, {}))
+    """The planner settings a run's model records (model.json's ``planner``): its preset's, and the subgoal
+    graph's where ``--graph.*`` differs from the default (so it plans with the graph its file holds)."""
+    return {**PRESET_PLANNER.get(cfg.preset, {}), **graph_settings(cfg.graph)}
 
 
 # The data a preset was chosen on, where it was chosen on data of one kind: (what the dataset records, the
