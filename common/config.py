@@ -178,7 +178,9 @@ def apply_overrides(cfg, overrides: dict[str, Any]):
     """``cfg`` with every ``{name: value}`` applied at once (so checks that relate two settings see both
     new values). Names are the settings' names (``samples``, ``cem.elites``; dashes work too); an unknown
     name or a value of the wrong type is a ``ValueError``. Configs are rebuilt, their checks run again."""
-    fields = {f.name: f for f in config_fields(cfg)}
+    # a setting of the command line wins a name it shares with one the program fills in (``env``: the
+    # data's, typed; the model's, filled from the data)
+    fields = {f.name: f for f in sorted(config_fields(cfg), key=lambda f: f.cli)}
     by_path = {}
     unknown = []
     for name, value in overrides.items():

@@ -330,7 +330,7 @@ def test_batch_for_models_trained_on_their_data():
     twice.close(), once.close()
 
 
-def test_a_recorded_env_wins_and_conflicts_are_errors(tmp_path):
+def test_a_recorded_env_wins_and_conflicts_are_errors(tmp_path, capsys):
     """A file that records its env is that env's data: --env fills it only where the file says nothing."""
     from worldmodel.datasplit import open_data
     from test_model import tiny_config
@@ -349,6 +349,13 @@ def test_a_recorded_env_wins_and_conflicts_are_errors(tmp_path):
         open_data(easy_model, {}, "m.pt", str(hard))  # what `wm eval` opens its data with
     silent = write_swm_file(tmp_path / "silent.h5", n_episodes=2, rows=5)
     assert EpisodeStore(silent, env="reacher-hard").attrs["env"] == "reacher-hard"
+    # `wm train --env` is the data's setting, not the model's (filled from the data) that shares its name
+    from wm import main
+    from worldmodel.train import preset_config
+
+    assert main(["train", "--data", str(hard), "--env", "reacher-easy", "--out", str(tmp_path / "run")]) == 2
+    assert "holds 'reacher-hard' episodes, but env='reacher-easy' was asked" in capsys.readouterr().err
+    assert preset_config("demo", {"env": "reacher-hard"}).env == "reacher-hard"
 
 
 def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, monkeypatch, caplog):
