@@ -18,10 +18,11 @@ from planners.noise import problem_keys
 from planners.policy import MPCPolicy, PolicyConfig
 
 
-def random_controller(n: int, seed: int):
-    """I.i.d. uniform actions for n environments."""
-    rng = np.random.default_rng([seed, 7])
-    return lambda: rng.uniform(-1, 1, (n, 2)).astype(np.float32)
+def random_controller(indices, seed: int):
+    """I.i.d. uniform actions, episode j of the batch drawing from (seed, 7, index j): its own actions whatever
+    the batch holds (as the exploration baseline's)."""
+    rngs = [np.random.default_rng([seed, 7, int(j)]) for j in indices]
+    return lambda: np.stack([rng.uniform(-1, 1, 2) for rng in rngs]).astype(np.float32)
 
 
 def exploration_controller(indices, seed: int, policy: str):

@@ -284,7 +284,7 @@ def controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, method: str, e
     if method == "world_model":
         return world_model_controller(setup, cfg, protocol, eps, goal_images, seed)
     if method == "random":
-        return random_controller(n, seed), None, np.full(n, -1)
+        return random_controller(eps["index"], seed), None, np.full(n, -1)
     if method == "exploration":
         policy = str(setup.store.attrs.get("policy", "random"))
         return exploration_controller(eps["index"], seed, policy), None, np.full(n, -1)

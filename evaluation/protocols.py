@@ -119,7 +119,9 @@ def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, s
 
     Starts are distinct rows drawn uniformly over every usable row (an episode's row with the goal
     inside the episode). A start within ``tolerance`` of its goal is never drawn (it would be a free
-    success); for uniform goals, such a goal is redrawn.
+    success); for uniform goals, such a goal is redrawn. A uniform goal comes from its start row's own
+    stream (the seed, the episode's uid and the row), so models, splits and datasets whose starts are other
+    rows get other goals: the draw's position alone would give every split of as many rows the same goals.
     """
     rng = np.random.default_rng([seed, draw_stream(protocol)])
     need = protocol.goal_offset or 0
@@ -141,8 +143,10 @@ def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, s
         i, t0 = rows[k]
         s = store.states(i)
         goal = s["qpos"][t0 + need] if protocol.goal_offset is not None else None
+        if goal is None:
+            goal_rng = np.random.default_rng([seed, draw_stream(protocol), int(store.episodes[i].uid, 16), t0])
         while goal is None or joint_error(s["qpos"][t0], goal, protocol.wrap) < tolerance:
-            goal = np.array([rng.uniform(-math.pi, math.pi), rng.uniform(*wrist_range)])
+            goal = np.array([goal_rng.uniform(-math.pi, math.pi), goal_rng.uniform(*wrist_range)])
         for key, v in (("index", j), ("episode", i), ("t0", t0), ("qpos", s["qpos"][t0]), ("qvel", s["qvel"][t0]),
                        ("target", s["target"][t0]), ("goal_qpos", goal)):
             out[key].append(v)

@@ -120,6 +120,17 @@ def test_episodes_start_apart_from_their_goal_25_steps_later(data):
     uniform = sample_episodes(store, ids, PROTOCOLS["uniform"], 50, 0, WRIST, tolerance=0.05)
     assert np.all(np.abs(uniform["goal_qpos"][:, 1]) <= 2.8) and uniform["goal_qpos"][:, 0].std() > 1
     assert np.all(joint_error(uniform["qpos"], uniform["goal_qpos"]) >= 0.05)
+    # Splits of as many rows (two models' test episodes, validation and test) draw the same start positions;
+    # their uniform goals are their start rows' own, not the positions': other rows, other goals.
+    other = [i for i in range(len(store)) if i not in ids][:len(ids)]
+    assert [store.episodes[i].steps for i in other] == [store.episodes[i].steps for i in ids]
+    elsewhere = sample_episodes(store, other, PROTOCOLS["uniform"], 50, 0, WRIST, tolerance=0.05)
+    assert np.array_equal(elsewhere["t0"], uniform["t0"])  # the same positions...
+    assert not np.isclose(elsewhere["goal_qpos"], uniform["goal_qpos"]).all(1).any()  # ...and no goal in common
+    overlap = sample_episodes(store, ids[:1] + other, PROTOCOLS["uniform"], 50, 0, WRIST, tolerance=0.05)
+    for row in zip(overlap["episode"], overlap["t0"], *overlap["goal_qpos"].T):  # a row shared: its goal too
+        match = (uniform["episode"] == row[0]) & (uniform["t0"] == row[1])
+        assert not match.any() or np.allclose(uniform["goal_qpos"][match][0], row[2:])
     with pytest.raises(ValueError, match="usable start rows"):
         sample_episodes(store, ids[:1], PROTOCOLS["reach25"], 1000, 0, WRIST, tolerance=0.05)
     far = dataclasses.replace(PROTOCOLS["reach50"], goal_offset=70)  # further ahead than the 60-step episodes
@@ -968,3 +979,16 @@ def test_the_report_says_when_the_planner_scored_in_bf16():
     for bf16 in (False, True):
         text = results_markdown({}, apply_overrides(EvalConfig(), {"bf16": bf16}), "the test episodes")
         assert ("cost sum, bf16 matrix products, then 8 gradient steps" in text) == bf16
+
+
+def test_the_random_and_exploration_baselines_play_each_episode_its_own_actions():
+    """Episode j's baseline actions are the same whatever else its batch holds (any --episodes), so two
+    evaluations of different sizes compare episode by episode, not noise."""
+    from evaluation.baselines import exploration_controller, random_controller
+
+    for make in (lambda idx: random_controller(idx, 3), lambda idx: exploration_controller(idx, 3, "mixed")):
+        alone, batched = make([2]), make([0, 1, 2])
+        for _ in range(5):
+            a, b = alone(), batched()
+            assert a.shape == (1, 2) and b.shape == (3, 2) and np.array_equal(a[0], b[2])
+            assert not np.array_equal(b[0], b[1])
