@@ -89,6 +89,24 @@ def test_mismatched_checkpoints_fail_clearly(tmp_path):
             read(tmp_path / "nothing.pt")
 
 
+def test_a_model_json_beside_another_models_weights_is_refused(tmp_path):
+    """model.json records the SHA-256 of its weights: a json of another model of the same config (another seed,
+    or trained longer) beside these weights would describe another training, data split and planner."""
+    torch.manual_seed(0)
+    WorldModel(tiny_config()).save(tmp_path / "a.pt", extra={"step": 150})
+    torch.manual_seed(1)
+    WorldModel(tiny_config()).save(tmp_path / "b.pt", extra={"step": 30})
+    assert WorldModel.load(tmp_path / "a.pt") is not None  # its own json
+    (tmp_path / "a.json").write_bytes((tmp_path / "b.json").read_bytes())
+    with pytest.raises(CheckpointError, match=r"a\.json describes other weights than .*a\.pt \(its 'weights_sha256' "
+                                              r"differs\): the model\.json of another model"):
+        WorldModel.load(tmp_path / "a.pt")
+    meta = json.loads((tmp_path / "a.json").read_text())
+    del meta["weights_sha256"]  # a file written before models recorded it: loads, unchecked
+    (tmp_path / "a.json").write_text(json.dumps(meta))
+    WorldModel.load(tmp_path / "a.pt")
+
+
 def test_format_1_checkpoints_still_load(tmp_path):
     """Format 1 kept the latent size, image size and history inside the sub-configs."""
     model = WorldModel(tiny_config()).eval()

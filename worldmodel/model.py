@@ -1,12 +1,14 @@
 """``WorldModel``: the encoder and the predictor as one object, saved and loaded safely.
 
 A checkpoint is two files side by side: ``NAME.pt`` (a plain state dict, loaded with
-``weights_only=True``, never unpickled) and ``NAME.json`` (the config and a format version).
+``weights_only=True``, never unpickled) and ``NAME.json`` (the config, a format version and the SHA-256 of
+the weights: a json beside another model's weights is refused).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import pickle
@@ -159,8 +161,10 @@ class WorldModel(nn.Module):
         """Write ``path`` (the weights and ``extras``: tensors planning needs, such as the subgoal graph) and
         then ``path.json`` (config and what training recorded, ``extra``), each atomically."""
         path = Path(path)
-        meta = {"format_version": FORMAT_VERSION, "config": self.cfg.to_dict(), **(extra or {})}
-        atomic_torch_save({"weights": self.state_dict(), "extras": extras or {}}, path)
+        state = self.state_dict()
+        meta = {"format_version": FORMAT_VERSION, "config": self.cfg.to_dict(), **(extra or {}),
+                "weights_sha256": weights_digest(state)}
+        atomic_torch_save({"weights": state, "extras": extras or {}}, path)
         atomic_write_json(path.with_suffix(".json"), meta)
         return path
 
@@ -170,6 +174,10 @@ class WorldModel(nn.Module):
         path = Path(path)
         meta, cfg = check_model_file(path)
         state, extras = _weights_and_extras(load_weights_file(path, "a weights file"), meta, path)
+        if "weights_sha256" in meta and meta["weights_sha256"] != weights_digest(state):
+            raise CheckpointError(f"{path.with_suffix('.json')} describes other weights than {path} (its "
+                                  f"'weights_sha256' differs): the model.json of another model? Copy a model's "
+                                  f"two files together")
         try:
             with torch.device("meta"):  # the config's size and shapes, checked before anything is allocated
                 skeleton = cls(cfg)
@@ -188,6 +196,17 @@ class WorldModel(nn.Module):
         model.load_state_dict(state)
         model.extras = extras  # what planning needs beside the weights (e.g. "graph"), on the CPU
         return model.to(resolve_device(device)).eval()
+
+
+def weights_digest(state: dict) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes: what ties a model.json to its model.pt."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if isinstance(t, torch.Tensor):
+            h.update(f"{name} {t.dtype} {tuple(t.shape)};".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _weights_and_extras(state: dict, meta: dict, path: Path) -> tuple[dict, dict]:
@@ -259,7 +278,8 @@ META_FIELDS = {"step": (int, "a count of steps"), "train_config": (dict, "the ru
                "history": (list, "the run's history"), "metrics": (dict, "the run's metrics"),
                "data": (dict, "the record of the training data"),
                "provenance": (dict, "what made the model: command, commit, packages, machine"),
-               "planner": (dict, "the planner settings it is planned with, by name")}
+               "planner": (dict, "the planner settings it is planned with, by name"),
+               "weights_sha256": (str, "the SHA-256 of the weights of its model.pt")}
 DATA_FIELDS = {"path": (str, "the dataset's path"), "fingerprint": ((str, type(None)), "the dataset's fingerprint"),
                "episodes": (int, "a count of episodes"), "train": (list, "episode uids"),
                "val": (list, "episode uids"), "test": (list, "episode uids")}
