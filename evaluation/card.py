@@ -14,7 +14,7 @@ from common.config import as_options
 from common.provenance import provenance_line
 from envs.storage import collect_command
 from planners.policy import policy_config, recorded_planner
-from worldmodel.datasplit import data_candidates
+from worldmodel.datasplit import locate_data
 from worldmodel.graph import saved_graph
 from worldmodel.model import WorldModel, read_model_meta
 
@@ -39,11 +39,12 @@ def model_card(checkpoint: str | Path) -> str:
         lines.append(f"- **Training**: {meta['step']:,} steps{how}.")
     data = meta.get("data")
     if data:
-        tried = data_candidates(meta, checkpoint)
-        found = next((path for path in tried if path.exists()), None)
+        found, tried = locate_data(meta, checkpoint)
+        other = [f"`{path}`" for path in tried if path.exists()]
+        also = f"; {', '.join(other)} holds another dataset" if other else ""
         where = (f"found at `{os.path.normpath(found)}`" if found else
-                 f"not found (looked at {', '.join(f'`{path}`' for path in tried)}; the commands that read it take "
-                 f"`--data`)")
+                 f"not found (looked at {', '.join(f'`{path}`' for path in tried)}{also}; the commands that read "
+                 f"it take `--data`)")
         splits = ", ".join(f"{len(data.get(s, []))} {s}" for s in ("train", "val", "test"))
         recording = data.get("recording")
         kind = f"; its frames as `{collect_command(recording)}` records them" if isinstance(recording, dict) else ""

@@ -49,6 +49,12 @@ def test_a_trained_models_card_names_its_data_planner_and_maker(tmp_path, capsys
     shutil.rmtree(data)  # the data gone: said, with where it was looked for and the collection of its kind
     card = model_card(path)
     assert f"`{data}`, not found (looked at `{data}`" in card and "`wm collect --env reacher-easy" in card
+    # another dataset where it was (the default directory collected again): not the model's, said and refused
+    collect_tiny(data, episodes=3, steps=30)
+    assert f"`{data}` holds another dataset" in model_card(path)
+    assert main(["eval", "--checkpoint", str(path), "--out", str(tmp_path / "eval")]) == 2
+    said = capsys.readouterr().err
+    assert "its dataset is not where it was recorded" in said and "holds another dataset (not its recorded" in said
 
 
 def test_a_missing_or_damaged_model_file_is_named(tmp_path, capsys):

@@ -152,18 +152,38 @@ def data_candidates(meta: dict, checkpoint) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def resolve_data(meta: dict, checkpoint, need: str = "pass --data") -> str:
-    """The recorded dataset of a checkpoint that exists; a ValueError listing the paths tried otherwise."""
+def locate_data(meta: dict, checkpoint) -> tuple[Path | None, list[Path]]:
+    """(the recorded dataset of a checkpoint, the paths tried): the first candidate that holds the dataset
+    training recorded (by fingerprint; a model recording none: the first that exists), or None. A path that
+    holds another dataset (the default ``runs/demo/data`` collected again, say) is not it."""
+    from envs.dataset import EpisodeStore
+
     candidates = data_candidates(meta, checkpoint)
+    fingerprint = (meta.get("data") or {}).get("fingerprint")
+    for path in candidates:
+        if path.exists() and not fingerprint:
+            return path, candidates
+        try:
+            if path.exists() and EpisodeStore(path, in_memory=False).fingerprint == fingerprint:
+                return path, candidates
+        except (OSError, ValueError):  # unreadable here: not the dataset training read
+            continue
+    return None, candidates
+
+
+def resolve_data(meta: dict, checkpoint, need: str = "pass --data") -> str:
+    """The recorded dataset of a checkpoint; a ValueError listing the paths tried otherwise."""
+    path, candidates = locate_data(meta, checkpoint)
     if not candidates:
         raise ValueError(f"{checkpoint} does not record its dataset; {need}")
-    for path in candidates:
-        if path.exists():
-            return str(path)
+    if path is not None:
+        return str(path)
     rec = (meta.get("data") or {}).get("recording")
     kind = f" (`{collect_command(rec)}` records data of its kind)" if isinstance(rec, dict) else ""
+    other = [str(p) for p in candidates if p.exists()]
+    also = f"; {', '.join(other)} holds another dataset (not its recorded fingerprint)" if other else ""
     raise ValueError(f"{checkpoint}: its dataset is not where it was recorded (tried "
-                     f"{', '.join(str(p) for p in candidates)}); {need}{kind}")
+                     f"{', '.join(str(p) for p in candidates)}{also}); {need}{kind}")
 
 
 def load_with_data(checkpoint, data: str = "", device: str = "auto"):
