@@ -58,16 +58,29 @@ def check_new_directory(out: str | Path) -> Path:
     return out
 
 
+def check_not_the_source(src: Path, dst: Path) -> None:
+    """A conversion never writes over its source, nor a file into a source directory of shards (which would
+    then mix two layouts and no longer open)."""
+    src, out = src.resolve(), dst.resolve()
+    if out == src or (src.is_dir() and out.parent == src and out.suffix == ".h5"):
+        raise ValueError(f"--out {dst} would {'replace' if out == src else 'be written into'} the dataset it "
+                         f"converts ({src}); choose an --out outside it")
+
+
 def convert_dataset(src, dst: str | Path, fmt: str = "swm", image_size: int | None = None, env: str | None = None,
-                    compression: str | None = "blosc") -> Path:
+                    compression: str | None = "blosc", overwrite: bool = False) -> Path:
     """Any dataset we read -> ``fmt`` ``swm`` (one .h5 file) or ``shards`` (a directory). The destination
-    is locked while it is written (``<dst>.lock``); what killed conversions left beside it is removed."""
+    is locked while it is written (``<dst>.lock``); what killed conversions left beside it is removed. An
+    existing .h5 destination is replaced only with ``overwrite``; the source never."""
     if fmt not in ("swm", "shards"):
         raise ValueError(f"format must be 'swm' or 'shards', got {fmt!r}")
     dst = Path(dst)
+    check_not_the_source(Path(src), dst)
     if fmt == "swm":
         if dst.suffix != ".h5":  # stable-worldmodel finds a dataset as <name>.h5
             raise ValueError(f"--out {dst}: a stable-worldmodel file is named <name>.h5; give a path ending in .h5")
+        if dst.exists() and not overwrite:
+            raise ValueError(f"--out {dst} already exists; pass --overwrite to replace it, or choose another --out")
         prepare_output_file(dst)
     else:
         prepare_output_dir(dst.parent)
@@ -97,9 +110,10 @@ class ConvertConfig:
                                    "reacher-easy); a source that records another is refused")
     compression: str = option("blosc", "swm pixels: blosc (as their recorder), gzip or none",
                               choices=("blosc", "gzip", "none"))
+    overwrite: bool = option(False, "replace an existing .h5 --out (a shards --out must be new)")
 
 
 def convert(cfg: ConvertConfig) -> Path:
     """Run ``wm convert``; returns the destination."""
     compression = None if cfg.compression == "none" else cfg.compression
-    return convert_dataset(cfg.data, cfg.out, cfg.format, cfg.image_size, cfg.env, compression)
+    return convert_dataset(cfg.data, cfg.out, cfg.format, cfg.image_size, cfg.env, compression, cfg.overwrite)

@@ -40,8 +40,8 @@ import numpy as np
 
 from common.files import LatchedErrorFile, atomic_write, naming_write_errors
 from envs.reacher import ENV_NAMES
-from envs.storage import (STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _plain, check_arrays, check_attrs,
-                          check_env, check_filters, complete_states, episode_key, episode_uid, open_h5,
+from envs.storage import (RECORDING_DEFAULTS, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _plain, check_arrays,
+                          check_attrs, check_env, check_filters, complete_states, episode_key, episode_uid, open_h5,
                           package_versions)
 
 INDEX_KEYS = ("ep_len", "ep_offset")
@@ -214,7 +214,8 @@ def _attrs(file_attrs: dict, frame_shape, env: str | None, path: Path) -> dict:
     another is an error, as for shards."""
     attrs = {**SWM_DEFAULTS, **file_attrs}
     recorded = isinstance(file_attrs.get("env"), str) and file_attrs["env"] in ENV_NAMES
-    attrs["assumed"] = sorted(k for k in SWM_DEFAULTS if k not in file_attrs and not (k == "env" and env))
+    said = {k for k in file_attrs if k != "env" or recorded}  # another tool's env name says nothing we can use
+    attrs["assumed"] = sorted(k for k in SWM_DEFAULTS if k not in said and not (k == "env" and env))
     if "env" in file_attrs and not recorded:  # e.g. a gym id: kept for reference, not used
         attrs["source_env"], attrs["env"] = attrs["env"], SWM_DEFAULTS["env"]
     if env is not None:
@@ -325,5 +326,6 @@ def _file_attrs(store) -> dict:
     """Our attributes travel in the file, so reading it back needs no defaults; None values are dropped."""
     skip = {"layout", "frame_shape", "versions", "channels_first", "assumed"}
     attrs = {k: v for k, v in store.copy_attrs().items() if k not in skip}
-    attrs.setdefault("action_repeat", 1)  # our own collections: one control step per action
+    for key, value in RECORDING_DEFAULTS.items():  # what our shards assume when they do not say (one control
+        attrs.setdefault(key, value)               # step per action, the fast look), said in the file
     return {**attrs, "versions": package_versions()}

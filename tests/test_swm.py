@@ -202,6 +202,29 @@ def test_convert_both_ways(tmp_path):
     with pytest.raises(ValueError, match=r"--out .*plain: a stable-worldmodel file is named <name>\.h5"):
         convert_dataset(src, tmp_path / "plain", fmt="swm")  # their loader would not find it
     assert not (tmp_path / "plain").exists()
+    # never over its source, nor into a source directory (which would no longer open); an existing file is
+    # replaced only with --overwrite
+    before = (tmp_path / "theirs.h5").read_bytes()
+    for out, says in ((src, "would replace the dataset it converts"),
+                      (shards / "theirs.h5", "would be written into the dataset it converts")):
+        with pytest.raises(ValueError, match=says):
+            convert_dataset(src if out == src else shards, out, fmt="swm", overwrite=True)
+    assert (tmp_path / "theirs.h5").read_bytes() == before and len(EpisodeStore(shards)) == 3
+    with pytest.raises(ValueError, match=r"plain\.h5 already exists; pass --overwrite"):
+        convert_dataset(src, tmp_path / "plain.h5", fmt="swm")
+    convert_dataset(src, tmp_path / "plain.h5", fmt="swm", overwrite=True)
+
+
+def test_a_round_trip_keeps_what_our_shards_assume(tmp_path):
+    """Shards that do not say their look or action repeat are ours' defaults (fast, 1): converted to their
+    format and back they still say so, and a file naming its env as another tool does says env is assumed."""
+    shards = write_synthetic(tmp_path / "ours", n_episodes=3, steps=5)
+    assert {"render_quality", "action_repeat"} <= set(EpisodeStore(shards).assumed)
+    back = convert_dataset(convert_dataset(shards, tmp_path / "theirs.h5"), tmp_path / "back", fmt="shards")
+    store = EpisodeStore(back)
+    assert (store.attrs["render_quality"], store.attrs["action_repeat"]) == ("fast", 1) and not store.assumed
+    named = write_swm_file(tmp_path / "named.h5", n_episodes=2, rows=5, attrs={"env": "dm_control/reacher-hard-v0"})
+    assert "env" in EpisodeStore(named).assumed
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
