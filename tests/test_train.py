@@ -97,6 +97,20 @@ def test_tensorboard_has_validation_loss_hparams_and_closed_loop(data, tmp_path)
     assert json.loads((tmp_path / "run" / "model.json").read_text())["metrics"]["closed_loop"]["reach25_latched"] == 0.5
 
 
+def test_data_without_starting_states_trains_without_a_closed_loop_check(tmp_path, caplog):
+    """Rollouts without joint velocities (or angles) train, and say up front that no closed-loop check can run
+    at the end (it needs the states its episodes start from) rather than failing after the last step."""
+    from conftest import write_swm_file
+
+    calls = []
+    no_qvel = write_swm_file(tmp_path / "no_qvel.h5", n_episodes=6, rows=30, drop=("qvel",))
+    with caplog.at_level("INFO", logger="worldmodel.train"):
+        train(tiny(no_qvel, tmp_path / "run", eval_episodes=2), progress=False,
+              closed_loop=lambda *args: calls.append(args) or {})
+    assert not calls and (tmp_path / "run" / "model.pt").exists()
+    assert "no closed-loop check when training ends: the data lacks" in caplog.text
+
+
 def test_rollout_loss_is_trained_and_logged(data, tmp_path):
     metrics = train(tiny(data, tmp_path / "run", steps=4, n_pred=2, rollout_steps=2), progress=False)
     assert metrics["loss/rollout"] > 0 and "loss/first_frame_rollout" not in metrics

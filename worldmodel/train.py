@@ -401,6 +401,7 @@ class TrainingData:
         ids = {"train": self.train.episode_ids, "val": self.val.episode_ids, "test": self.store.split("test", *fractions)}
         self.record = split_record(self.store, cfg.data, ids, model_dir=cfg.out)
         self.can_probe = not set(PROBE_STATES) & set(self.store.missing_states)
+        self.can_evaluate = not {"qpos", "qvel"} & set(self.store.missing_states)  # starts of closed-loop episodes
 
     def summary(self, cfg: TrainConfig, device: torch.device) -> str:
         """One paragraph: what was read, what was assumed, and what runs when training ends."""
@@ -417,9 +418,12 @@ class TrainingData:
                  f"{'hidden' if rec['hide_target'] else 'shown'}, frames {sizes}{assumed}; missing states: "
                  f"{', '.join(store.missing_states) or 'none'}",
                  f"device {device}, {torch.get_num_threads()} torch thread(s)"]
-        if cfg.eval_episodes:
+        if cfg.eval_episodes and self.can_evaluate:
             lines.append(f"when training ends: the probes and a closed-loop check of {cfg.eval_episodes} validation "
                          f"episodes (about a minute on a CPU; --eval-episodes 0 turns it off)")
+        elif cfg.eval_episodes:
+            lines.append("no closed-loop check when training ends: the data lacks the joint angles or velocities "
+                         "its episodes start from (qpos, qvel)")
         return "\n".join(lines)
 
     def loader(self, cfg: TrainConfig, start: int, rank: int, device: torch.device):
@@ -538,7 +542,8 @@ def _evaluate(model: WorldModel, data: TrainingData, cfg: TrainConfig, done: int
         probe = run_probe(model, data.store, data.train.episode_ids, data.val.episode_ids)
         _log(writer, {f"probe/r2_{k}": v for k, v in probe.items()}, done)
         metrics["probe"] = probe
-    if closed_loop is not None and cfg.eval_episodes and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
+    if (closed_loop is not None and cfg.eval_episodes and data.can_evaluate
+            and ((cfg.eval_every and done % cfg.eval_every == 0) or last)):
         result = closed_loop(model, data.store, data.train.episode_ids, data.val.episode_ids, cfg.eval_episodes,
                              planner_settings(cfg))
         model.train()
