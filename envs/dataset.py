@@ -154,7 +154,7 @@ class EpisodeStore:
             return int(image_size)
         if self.source_size is None:
             raise DatasetError(f"{shard.path}: frames are {self.attrs.get('frame_shape')} (not square); "
-                               f"give image_size to resize them to a square")
+                               f"give --image-size (image_size= in Python) to resize them to a square")
         return int(self.source_size)
 
     def __len__(self) -> int:

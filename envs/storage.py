@@ -88,8 +88,11 @@ def recording(attrs: dict) -> dict:
     return {k: out.get(k) for k in CONSISTENT_ATTRS}
 
 
-def collect_command(rec: dict) -> str:
-    """The ``wm collect`` command line that records data as ``rec`` (a ``recording``) says its data was."""
+def collect_command(rec: dict) -> str | None:
+    """The ``wm collect`` command line that records data as ``rec`` (a ``recording``) says its data was; None
+    for frames that were not square (our renderer makes square frames: no collection records such data)."""
+    if not (rec.get("render_size") or rec.get("size")):
+        return None
     parts = ["wm collect", f"--env {rec['env']}", f"--size {rec.get('render_size') or rec['size']}"]
     if rec.get("render_size") not in (None, rec["size"]):
         parts.append(f"--image-size {rec['size']}")

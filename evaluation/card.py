@@ -47,7 +47,8 @@ def model_card(checkpoint: str | Path) -> str:
                  f"it take `--data`)")
         splits = ", ".join(f"{len(data.get(s, []))} {s}" for s in ("train", "val", "test"))
         recording = data.get("recording")
-        kind = f"; its frames as `{collect_command(recording)}` records them" if isinstance(recording, dict) else ""
+        command = collect_command(recording) if isinstance(recording, dict) else None
+        kind = f"; its frames as `{command}` records them" if command else ""
         lines.append(f"- **Data**: `{data.get('path')}`, {where}: {data.get('episodes')} episodes ({splits}){kind}.")
     planner = recorded_planner(checkpoint)
     lines.append("- **Planned with**: " + (f"`{as_options(planner)}` over the default planner, as the model file "

@@ -179,7 +179,8 @@ def resolve_data(meta: dict, checkpoint, need: str = "pass --data") -> str:
     if path is not None:
         return str(path)
     rec = (meta.get("data") or {}).get("recording")
-    kind = f" (`{collect_command(rec)}` records data of its kind)" if isinstance(rec, dict) else ""
+    command = collect_command(rec) if isinstance(rec, dict) else None
+    kind = f" (`{command}` records data of its kind)" if command else ""
     other = [str(p) for p in candidates if p.exists()]
     also = f"; {', '.join(other)} holds another dataset (not its recorded fingerprint)" if other else ""
     raise ValueError(f"{checkpoint}: its dataset is not where it was recorded (tried "

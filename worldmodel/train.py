@@ -407,8 +407,9 @@ class TrainingData:
         """One paragraph: what was read, what was assumed, and what runs when training ends."""
         rec, store = recording(self.store.attrs), self.store
         assumed = f"; assumed (the data does not say): {', '.join(store.assumed)}" if store.assumed else ""
-        sizes = (f"{store.source_size} px stored, resized to {store.size}" if store.size != store.source_size
-                 else f"{store.size} px")
+        stored = (f"{store.source_size} px" if store.source_size else
+                  "x".join(map(str, store.attrs.get("frame_shape") or ("?", "?"))) + " px (not square: stretched)")
+        sizes = f"{stored} stored, resized to {store.size}" if store.size != store.source_size else f"{store.size} px"
         used = (self.train.episode_ids, self.val.episode_ids, self.record["test"])
         unused = len(store) - sum(len(ids) for ids in used)  # --train-episodes leaves these out
         trained = f"{len(self.train.episode_ids)} train" + (f" ({unused} left out: --train-episodes)" if unused else "")
