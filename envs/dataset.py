@@ -310,16 +310,16 @@ class WindowDataset(Dataset):
         self.episode_ids = store.split(split, val_fraction, seed, test_fraction)
         if episodes:
             self.episode_ids = self.episode_ids[:episodes]
+        short = [store.episodes[i] for i in self.episode_ids if store.episodes[i].steps < spec.span]
+        if short:  # every one named at once (the first five), not one per run
+            named = "; ".join(f"{ref.shard}: episode {ref.key} has {ref.steps} steps" for ref in short[:5])
+            more = f"; and {len(short) - 5} more" if len(short) > 5 else ""
+            raise DatasetError(f"{len(short)} {split} episode(s) shorter than a window of {spec.frames} frames every "
+                               f"{spec.frameskip} steps ({spec.span} steps): {named}{more}; lower history, n_pred "
+                               f"or frameskip, or leave them out")
         starts = []
         for i in self.episode_ids:
-            steps = store.episodes[i].steps
-            if steps < spec.span:
-                ref = store.episodes[i]
-                raise DatasetError(
-                    f"{ref.shard}: episode {ref.key} has {steps} steps, shorter than a window of {spec.frames} "
-                    f"frames every {spec.frameskip} steps ({spec.span} steps); lower history, n_pred or frameskip"
-                )
-            starts.extend((i, t0) for t0 in range(steps - spec.span + 1))
+            starts.extend((i, t0) for t0 in range(store.episodes[i].steps - spec.span + 1))
         self.index = np.array(starts, dtype=np.int64).reshape(-1, 2)  # (num_windows, 2): episode, first step
         self._offsets = np.arange(spec.frames) * spec.frameskip
 
