@@ -107,7 +107,7 @@ def check_attrs(attrs: dict, path) -> None:
     right type and range: a ``DatasetError`` naming the file and the attribute otherwise (not a crash when
     an evaluation rebuilds its environments from them)."""
     def bad(key: str, want: str):
-        return DatasetError(f"{path}: file attribute {key!r} must be {want}, got {attrs[key]!r}")
+        return DatasetError(f"{path}: file attribute {key!r} must be {want}, got {attrs.get(key)!r}")
 
     if not isinstance(attrs.get("env"), str):
         raise bad("env", "the environment's name, a string")

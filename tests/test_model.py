@@ -234,6 +234,17 @@ def test_absurd_sizes_are_refused_before_anything_is_allocated(tmp_path):
     ({"data": {"path": "d", "fingerprint": "f", "train": [1, 2]}}, r"'data\.train' must list episode uids"),
     ({"data": {"path": 3, "fingerprint": "f", "train": []}}, r"'data\.path' must be the dataset's path"),
     ({"data": {"path": "d"}}, r"'data' must record 'fingerprint' and 'train'"),
+    ({"data": {"fingerprint": "f", "train": [], "relative_to_model": 5}}, r"'data\.relative_to_model' must be"),
+    ({"data": {"fingerprint": "f", "train": [], "absolute": 7}}, r"'data\.absolute' must be the dataset's absolute"),
+    ({"data": {"fingerprint": "f", "train": [], "recording": {"env": "reacher-easy", "size": "big"}}},
+     r"'data\.recording': file attribute 'size' must be an integer"),
+    ({"data": {"fingerprint": "f", "train": [], "recording": {"env": "reacher-easy", "size": 64,
+                                                               "hide_target": "no"}}},
+     r"'data\.recording': file attribute 'hide_target' must be true or false"),
+    ({"data": {"fingerprint": "f", "train": [], "recording": {"size": 64}}}, r"file attribute 'env' must be"),
+    ({"provenance": {"code": None}}, r"'provenance\.code' must be the code's version"),
+    ({"metrics": {"probe": 3}}, r"'metrics\.probe' must be the measurements of that name"),
+    ({"train_config": {"seed": [1]}}, r"'train_config\.seed' must be a seed"),
 ])
 def test_crafted_model_json_names_the_file_and_field(tmp_path, change, message):
     path = WorldModel(tiny_config()).save(tmp_path / "m.pt")
@@ -258,3 +269,12 @@ def test_a_training_checkpoint_given_as_the_model_says_which_file_is_the_model(t
     (tmp_path / "model.pt").unlink()
     with pytest.raises(CheckpointError, match=r"its config checkpoint.json is missing beside it"):
         WorldModel.load(tmp_path / "checkpoint.pt")
+
+
+def test_a_recording_that_leaves_out_defaults_reads_with_them(tmp_path):
+    """A model.json's data recording without the look, target or action repeat (an older file, or one made by
+    hand) is read with our shards' defaults, as its data would be, not a KeyError where it is used."""
+    path = WorldModel(tiny_config()).save(tmp_path / "m.pt", extra={"data": {
+        "fingerprint": "f", "train": [], "recording": {"env": "reacher-easy", "size": 64}}})
+    rec = read_model_meta(path)["data"]["recording"]
+    assert (rec["render_quality"], rec["hide_target"], rec["action_repeat"], rec["render_size"]) == ("fast", True, 1, 64)

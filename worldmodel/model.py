@@ -25,6 +25,7 @@ from torch import Tensor
 from common.config import check_at_least, check_at_most, from_dict, nested, option
 from common.device import resolve_device
 from common.files import atomic_write_bytes, atomic_write_json
+from envs.storage import DatasetError, check_attrs, recording
 from worldmodel.encoder import EncoderConfig, build_encoder
 from worldmodel.predictor import PredictorConfig, build_predictor, left_pad
 
@@ -270,6 +271,8 @@ def read_model_meta(path: str | Path) -> dict:
     _check_meta(meta, meta_path)
     if version == 1:  # every reader sees the current format
         meta = {**meta, "config": _upgrade_v1(meta["config"]), "format_version": 2}
+    if isinstance((meta.get("data") or {}).get("recording"), dict):  # what a file may leave out, filled
+        meta = {**meta, "data": {**meta["data"], "recording": recording(meta["data"]["recording"])}}
     return meta
 
 
@@ -282,7 +285,15 @@ META_FIELDS = {"step": (int, "a count of steps"), "train_config": (dict, "the ru
                "weights_sha256": (str, "the SHA-256 of the weights of its model.pt")}
 DATA_FIELDS = {"path": (str, "the dataset's path"), "fingerprint": ((str, type(None)), "the dataset's fingerprint"),
                "episodes": (int, "a count of episodes"), "train": (list, "episode uids"),
-               "val": (list, "episode uids"), "test": (list, "episode uids")}
+               "val": (list, "episode uids"), "test": (list, "episode uids"),
+               "relative_to_model": (str, "the dataset's path relative to the model"),
+               "absolute": (str, "the dataset's absolute path"),
+               "recording": (dict, "how its frames were recorded (env, size, look, target, action repeat)")}
+METRICS_FIELDS = {name: (dict, "the measurements of that name") for name in ("val", "probe", "closed_loop")}
+TRAIN_FIELDS = {"preset": (str, "a preset's name"), "seed": (int, "a seed")}
+PROVENANCE_FIELDS = {"command": ((str, type(None)), "the command line"), "code": (dict, "the code's version"),
+                     "packages": (dict, "package versions"), "machine": (dict, "the machine"),
+                     "time_utc": (str, "a time")}
 
 
 # The planner settings (by name) of the models a training preset makes, where validation chose another than
@@ -313,6 +324,15 @@ def _check_meta(meta: dict, where: Path) -> None:
         for split in ("train", "val", "test"):
             if not all(isinstance(u, str) for u in data.get(split, [])):
                 raise CheckpointError(f"{where}: 'data.{split}' must list episode uids (strings)")
+        if "recording" in data:
+            try:
+                check_attrs(data["recording"], f"{where}: 'data.recording'")
+            except DatasetError as exc:
+                raise CheckpointError(str(exc)) from None
+    for key, fields in (("metrics", METRICS_FIELDS), ("train_config", TRAIN_FIELDS),
+                        ("provenance", PROVENANCE_FIELDS)):
+        if isinstance(meta.get(key), dict):
+            _check_fields(meta[key], fields, where, f"{key}.")
 
 
 def _check_fields(record: dict, fields: dict, where: Path, prefix: str) -> None:
