@@ -57,9 +57,9 @@ def our_options() -> set[str]:
 
 
 # Options in the README that are not ours: torchrun's, TensorBoard's, and tyro's spelling of ours (quoted to say
-# why we did not adopt it); and a family of ours (`--identifiability.*`).
+# why we did not adopt it); and families of ours (`--identifiability.*`, `--graph.*`, `--subgoals.*`).
 OTHER_TOOLS = {"--nproc", "--standalone", "--logdir", "--policy.plan.samples", "--policy.subgoals.no-enabled",
-               "--identifiability"}
+               "--identifiability", "--graph", "--subgoals"}
 
 
 def test_every_option_the_readme_names_exists():
