@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
-from common.config import (apply_overrides, as_options, check_at_least, comma_list, config_fields, from_dict, nested,
-                           option, option_flag, unwrap_optional)
+from common.config import (apply_overrides, as_options, check_at_least, config_fields, from_dict, nested, option,
+                           option_flag, path_list, unwrap_optional)
 from common.device import THREADS_HELP, set_threads
 from common.files import (atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured, output_dir,
                           output_lock, remove_stale_temporaries, saying_what_is_kept)
@@ -120,7 +120,7 @@ def _recorded_policy(argv: list[str]) -> PolicyConfig:
     ``--checkpoint``'s model files record (a preset's validated choice; none: the default planner). Several
     models must agree on every such setting not typed. A model file not there is left for the command to
     report."""
-    paths = [p for p in comma_list(_typed(argv, "--checkpoint") or DEFAULT_CHECKPOINT) if Path(p).is_file()]
+    paths = [p for p in path_list(_typed(argv, "--checkpoint") or DEFAULT_CHECKPOINT) if Path(p).is_file()]
     if not paths:
         return PolicyConfig()
     recorded = {p: recorded_planner(p) for p in paths}
@@ -422,7 +422,7 @@ def run_study(cfg: StudyConfig) -> int:
 
     ident = dataclasses.replace(cfg.identifiability, seeds=cfg.seeds, out=cfg.out or cfg.identifiability.out)
     out = Path(ident.out if cfg.what == "identifiability" else
-               cfg.out or Path(comma_list(cfg.checkpoint)[0]).parent / f"study-{cfg.what}")
+               cfg.out or Path(path_list(cfg.checkpoint)[0]).parent / f"study-{cfg.what}")
     if (out / "results.json").exists() and not cfg.overwrite:  # written last: what says the study finished
         raise ValueError(f"{out} already holds a finished study (results.json); pass --overwrite to replace it, "
                          f"or --out for another directory")

@@ -28,10 +28,15 @@ def comma_list(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def path_list(text: str) -> list[str]:
+    """The paths of a comma list; a path that exists is one path, commas in its name and all."""
+    return [text] if os.path.exists(text) else comma_list(text)
+
+
 def model_paths(text: str, option_name: str = "--checkpoint") -> list[str]:
     """The model files of a comma list, each named once: a model pooled with itself would count its episodes
     twice and narrow every interval."""
-    paths, seen = comma_list(text), {}
+    paths, seen = path_list(text), {}
     for path in paths:
         where = os.path.realpath(path)
         if where in seen:

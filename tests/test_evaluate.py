@@ -695,6 +695,14 @@ def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path, monkeypatch):
         EvalConfig(checkpoint=twice, out=str(tmp_path / "e3"))
     with pytest.raises(ValueError, match="names one model twice"):  # the same short name, spelt alike
         EvalConfig(checkpoint="a,a", out=str(tmp_path / "e3"))
+    # a model whose path holds a comma is one model (a list is split only where no such file exists)
+    from evaluation.demo import DemoConfig
+
+    (tmp_path / "run,v2").mkdir()
+    comma = save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "run,v2" / "m.pt",
+                               data)
+    assert EvalConfig(checkpoint=str(comma), out=str(tmp_path / "e4")).checkpoints == [str(comma)]
+    assert DemoConfig(checkpoint=str(comma)).checkpoint == str(comma)
 
 
 def test_subgoal_graph_holds_training_frames_only(data):
