@@ -222,8 +222,9 @@ def demo_setup(cfg: DemoConfig) -> Setup:
         raise ValueError(f"{missing}; and {cfg.checkpoint} does not record how its data was rendered (a model of an "
                          f"earlier version), so its environments cannot be rebuilt without it")
     model = WorldModel.load(cfg.checkpoint, cfg.device)
-    log.warning(f"{missing}; filming from the model file alone: its environments as its data was recorded, "
-                f"without the panels of training frames (what the model expects, the waypoint)")
+    log.warning(f"{cfg.checkpoint}: its dataset is not at hand (no --data, and none where it was recorded); "
+                f"filming from the model file alone: its environments as its data was recorded, without the panels "
+                f"of training frames (what the model expects, the waypoint)")
     batch = batch_recorded(rec, model.cfg.image_size, cfg.episodes)
     return Setup(model, meta, None, [], "no dataset", batch, str(cfg.checkpoint))
 

@@ -87,6 +87,16 @@ def test_mismatched_checkpoints_fail_clearly(tmp_path):
     for read in (WorldModel.load, read_model_meta):  # neither the weights nor their description: no model at all
         with pytest.raises(CheckpointError, match=r"nothing\.pt: no such checkpoint"):
             read(tmp_path / "nothing.pt")
+    # a run directory or the model's json given instead of its model.pt: said, with the file to give
+    run = tmp_path / "run"
+    run.mkdir()
+    WorldModel(tiny_config()).save(run / "model.pt")
+    for read in (WorldModel.load, read_model_meta):
+        with pytest.raises(CheckpointError, match=rf"run is a directory, not a model file .*; give .*run/model\.pt"):
+            read(run)
+        with pytest.raises(CheckpointError, match=r"model\.json is a model's description; give the weights file "
+                                                  r"beside it, .*model\.pt"):
+            read(run / "model.json")
 
 
 def test_a_model_json_beside_another_models_weights_is_refused(tmp_path):

@@ -241,7 +241,7 @@ def check_model_file(path: str | Path) -> tuple[dict, "WorldModelConfig"]:
     several models checks them all before any work); a ``CheckpointError`` naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
+        raise CheckpointError(_not_a_model_file(path))
     meta = read_model_meta(path)
     return meta, WorldModelConfig.from_dict(meta["config"], str(path.with_suffix(".json")))
 
@@ -251,6 +251,8 @@ def read_model_meta(path: str | Path) -> dict:
     of the right type (a ``CheckpointError`` naming the file and the field otherwise)."""
     path = Path(path)
     meta_path = path.with_suffix(".json")
+    if path.is_dir() or path.suffix == ".json":
+        raise CheckpointError(_not_a_model_file(path))
     if not meta_path.is_file():
         if not path.exists():
             raise CheckpointError(f"{path}: no such checkpoint")
@@ -274,6 +276,16 @@ def read_model_meta(path: str | Path) -> dict:
     if isinstance((meta.get("data") or {}).get("recording"), dict):  # what a file may leave out, filled
         meta = {**meta, "data": {**meta["data"], "recording": recording(meta["data"]["recording"])}}
     return meta
+
+
+def _not_a_model_file(path: Path) -> str:
+    """Why ``path`` is not a model file, and which file to give instead."""
+    if path.is_dir():
+        inside = f"; give {path / 'model.pt'}" if (path / "model.pt").is_file() else ""
+        return f"{path} is a directory, not a model file (a model.pt){inside}"
+    if path.suffix == ".json":
+        return f"{path} is a model's description; give the weights file beside it, {path.with_suffix('.pt')}"
+    return f"{path}: no such checkpoint"
 
 
 # What training records in model.json: field -> (its type, what it is). ``data`` lists episode uids.
