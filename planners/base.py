@@ -27,7 +27,7 @@ from torch import Tensor
 from planners.config import STREAMS_PER_CALL, PlannerConfig
 from planners.costs import CostFn, get_cost
 from planners.cuda_graph import CapturedSearch
-from planners.noise import problem_keys, standard_normal
+from planners.noise import as_keys, problem_keys, standard_normal
 from planners.refine import descend, keep_lower
 
 @dataclass
@@ -118,14 +118,23 @@ class Planner:
     ) -> PlanResult:
         """Plan B problems: ``z_hist (B, h, D)``, ``z_goal (B, D)``, ``a_hist (B, h-1, A)`` (None when
         h == 1), ``init (B, H, A)`` a warm start (e.g. ``shift_plan`` of the previous plan) or None (zeros),
-        ``keys (B,)`` int32 noise keys (``planners.noise.problem_keys``; None: from the seed and the row).
+        ``keys (B,)`` int32 noise keys (``planners.noise.problem_keys``; a list of integers too; None: from
+        the seed and the row). Shapes and the latent size are checked, not values (that would wait for the
+        device): NaN latents give NaN costs.
         A warm-started plan runs ``warm_iterations`` iterations when that is set, else ``iterations``.
 
         Each call advances the noise streams, so an MPC loop gets fresh noise at every replan;
         ``reset`` restarts them.
         """
+        if z_hist.ndim != 3 or not z_hist.is_floating_point():
+            raise ValueError(f"z_hist must be latents (B, h, D) of floats, got {z_hist.dtype} {tuple(z_hist.shape)}")
         B, h, D = z_hist.shape
         H, A = self.cfg.horizon, self.action_dim
+        latent = getattr(getattr(self.model, "cfg", None), "latent_dim", D)
+        if D != latent:
+            raise ValueError(f"z_hist holds {D}-d latents; this model's are {latent}-d")
+        z_hist, z_goal = z_hist.float(), z_goal.float()  # the model's dtype (float64 latents, say, are cast)
+        a_hist, init = (None if x is None else x.float() for x in (a_hist, init))
         if z_goal.shape != (B, D):
             raise ValueError(f"z_goal must be {(B, D)}, got {tuple(z_goal.shape)}")
         if (a_hist is None) != (h == 1) or (a_hist is not None and a_hist.shape != (B, h - 1, A)):
@@ -133,9 +142,7 @@ class Planner:
             raise ValueError(f"a_hist must be {want} for a history of {h}, got {got}")
         if init is not None and init.shape != (B, H, A):
             raise ValueError(f"init must be {(B, H, A)}, got {tuple(init.shape)}")
-        keys = self.default_keys(B, z_hist.device) if keys is None else keys.to(z_hist.device, torch.int32)
-        if keys.shape != (B,):
-            raise ValueError(f"keys must be {(B,)}, got {tuple(keys.shape)}")
+        keys = self.default_keys(B, z_hist.device) if keys is None else as_keys(keys, B, z_hist.device)
         mean = z_hist.new_zeros(B, H, A) if init is None else init.to(z_hist).clamp(-1, 1)  # (B, H, A)
         # A warm start already lies near a good plan: it may be refined with fewer iterations.
         iterations = self.cfg.warm_iterations if init is not None and self.cfg.warm_iterations else self.cfg.iterations

@@ -51,6 +51,20 @@ def problem_keys(seed: int, ids, device=None) -> Tensor:
     return torch.tensor(keys, dtype=torch.int32, device=device)
 
 
+def as_keys(keys, batch: int, device) -> Tensor:
+    """Noise keys (B,) int32 on ``device`` from a tensor, an array or a list of integers. An array or list
+    must hold integers that fit in int32 (a tensor is taken as it is: reading its values would wait for the
+    device). A ``ValueError`` names what is wrong."""
+    if not isinstance(keys, Tensor):
+        host = np.asarray(keys)
+        if host.size and (host.dtype.kind not in "iu" or host.min() < -2**31 or host.max() >= 2**31):
+            raise ValueError(f"keys must be integers in [-2^31, 2^31) (int32 noise keys), got {host.tolist()[:5]}")
+        keys = torch.as_tensor(host.astype(np.int32))
+    if keys.shape != (batch,):
+        raise ValueError(f"keys must be ({batch},), one per problem, got {tuple(keys.shape)}")
+    return keys.to(device, torch.int32)
+
+
 def stream_key(keys: Tensor, stream: Tensor | int) -> Tensor:
     """Per-problem base (B,) int32 of one stream (e.g. one iteration of one plan call)."""
     if isinstance(stream, Tensor):

@@ -22,6 +22,7 @@ from planners.base import Planner, shift_plan
 from planners.cem import CEMPlanner
 from planners.config import PlannerConfig
 from planners.mppi import MPPIPlanner
+from planners.noise import as_keys
 from planners.subgoals import SubgoalConfig
 from worldmodel.graph import LatentGraph
 
@@ -114,10 +115,7 @@ class MPCPolicy:
         """Start B episodes towards goal latents ``z_goal`` (B, D)."""
         B = z_goal.shape[0]
         self.planner.reset()
-        self._keys = (self.planner.default_keys(B, z_goal.device) if keys is None
-                      else torch.as_tensor(keys, dtype=torch.int32).to(z_goal.device))
-        if self._keys.shape != (B,):
-            raise ValueError(f"keys must be ({B},) for {B} goals, got {tuple(self._keys.shape)}")
+        self._keys = self.planner.default_keys(B, z_goal.device) if keys is None else as_keys(keys, B, z_goal.device)
         self._z_hist: torch.Tensor | None = None  # (B, h, D)
         self._a_hist: torch.Tensor | None = None  # (B, h-1, A)
         self._plan: torch.Tensor | None = None  # (B, H, A)
@@ -179,6 +177,8 @@ class MPCPolicy:
         """
         if self._z_goal is None or self._t != 0:
             raise RuntimeError("call set_history after reset and before the first act")
+        if np.size(frames) == 0 and np.size(chunks) == 0:
+            return  # nothing seen before the first observation (k = 0): as if at rest, as reset leaves it
         frames = self._frames(np.asarray(frames).reshape(-1, *np.shape(frames)[-3:]), "history frame")
         B, A = self._z_goal.shape[0], self.model.action_dim
         chunks = np.asarray(chunks, np.float32)
@@ -189,8 +189,6 @@ class MPCPolicy:
             raise ValueError(f"history: frames (B={B}, k, H, W, 3) and chunks (B, k, {A}) must agree, got "
                              f"{len(frames)} frames and chunks {tuple(chunks.shape)}")
         k = chunks.shape[1]
-        if k == 0:
-            return
         keep = min(k, self.history - 1)
         z = rearrange(self._encode(frames), "(b k) d -> b k d", b=B)[:, k - keep:]  # (B, keep, D)
         self._z_hist = z

@@ -254,6 +254,15 @@ def test_settings_by_name_and_history_edges_are_clear_errors(model, tmp_path):
         policy.set_history(np.zeros((1, 1, 32, 32, 3), np.uint8), chunks)
     with pytest.raises(ValueError, match="finite and in"):
         policy.set_history(np.zeros((1, 1, 32, 32, 3), np.uint8), np.full((1, 1, model.action_dim), 3.0, np.float32))
+    policy.set_history(np.zeros((1, 0, 32, 32, 3), np.uint8), np.zeros((1, 0, model.action_dim)))  # none: at rest
+    # keys given as a list are checked (integers that fit int32), for the policy and the planner alike
+    for bad in ([-1, 2**40], [0.5]):
+        with pytest.raises(ValueError, match=r"keys must be integers in \[-2\^31, 2\^31\)"):
+            policy.reset(np.zeros((2, 32, 32, 3), np.uint8), keys=bad)
+    z = torch.zeros(2, 1, model.cfg.latent_dim, dtype=torch.float64)  # float64 latents: cast, planned
+    assert policy.planner.plan(z, z[:, 0], keys=[3, 4]).actions.shape[0] == 2
+    with pytest.raises(ValueError, match=rf"z_hist holds 7-d latents; this model's are {model.cfg.latent_dim}-d"):
+        policy.planner.plan(torch.zeros(2, 1, 7), torch.zeros(2, 7))
 
 
 def _graph(dim: int = 16):
