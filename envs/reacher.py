@@ -39,16 +39,18 @@ def wrap_angle(x):
 
 
 def joint_error(qpos, goal, wrap: bool = True) -> np.ndarray:
-    """The protocol's pose error: the largest joint-angle error, (..., 2), (..., 2) -> (...), radians; angles
-    wrapped to [-pi, pi) unless ``wrap`` is off (LeWM's rule, under which a shoulder at pi - 0.01 is
-    2 pi - 0.02 away from one at -pi + 0.01).
+    """The protocol's pose error: the largest joint-angle error, (..., 2), (..., 2) -> (...), radians; the
+    shoulder's wrapped to [-pi, pi) unless ``wrap`` is off (LeWM's rule, under which a shoulder at pi - 0.01
+    is 2 pi - 0.02 away from one at -pi + 0.01). The wrist's never is: its joint limit stops it short of the
+    seam, so the way between two wrist angles is their plain difference (up to about 5.6 rad).
 
     Success is ``joint_error(qpos, goal) < 0.05`` (every joint within 0.05 rad of the goal pose)."""
     diff = np.asarray(qpos, dtype=np.float64) - np.asarray(goal, dtype=np.float64)
     if diff.shape[-1:] != (2,):
         raise ValueError(f"joint_error takes (..., 2) joint angles, got shapes {np.shape(qpos)} and {np.shape(goal)}")
     if wrap:  # only differences beyond the seam are wrapped: the modulo would round the others (0.05 -> 0.04999...)
-        diff = np.where(np.abs(diff) < math.pi, diff, wrap_angle(diff))
+        shoulder = diff[..., 0]
+        diff = np.stack([np.where(np.abs(shoulder) < math.pi, shoulder, wrap_angle(shoulder)), diff[..., 1]], -1)
     return np.abs(diff).max(-1)
 
 

@@ -209,6 +209,8 @@ def test_wrap_angle_and_joint_error():
     assert np.allclose(envs.joint_error(q, goal), [2 * np.pi - 6.2, 0.5])  # across the seam: small
     assert envs.joint_error(q, goal).shape == (2,) and envs.joint_error(q[0], goal[0]).shape == ()
     assert envs.joint_error([0.0, 0.0], [0.05, 0.0]) == 0.05  # exactly: a goal 0.05 rad away is not "< 0.05"
+    # the wrist stops at its joint limit: from 2.7 to -2.7 it turns 5.4 rad back, never 0.88 through the limit
+    assert np.isclose(envs.joint_error([0.0, 2.7], [0.0, -2.7]), 5.4)
     with pytest.raises(ValueError, match=r"\(\.\.\., 2\)"):
         envs.joint_error(np.zeros(3), np.zeros(3))
 
