@@ -214,7 +214,8 @@ def load(out: Path, cfg, model: WorldModel, opt, store) -> tuple[int, list, dict
     diff = _differences(saved, cfg, RESUME_FREE | set(RECOVERY))
     if diff:
         raise ValueError(f"--resume: settings differ from the checkpoint's (saved, now): {diff}; only "
-                         f"{', '.join('--' + k.replace('_', '-') for k in RECOVERY)} may change on resume")
+                         f"{', '.join('--' + k.replace('_', '-') for k in RECOVERY)} may change on resume (of the "
+                         f"settings that decide what the run computes)")
     step = state["step"]
     if step > saved["steps"]:
         raise CheckpointError(f"{path}: 'step' is {step}, beyond the run's {saved['steps']} steps")
