@@ -12,6 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from common.config import option
 from common.files import (naming_write_errors, output_lock, prepare_output_dir, prepare_output_file,
                           remove_stale_temporaries, temporary_path)
@@ -31,14 +33,13 @@ def write_shards(store: EpisodeStore, out_dir: str | Path, episodes_per_shard: i
         raise DatasetError(f"cannot write shards: the source has no {lacking} (our shards need qpos and qvel)")
     skip = {"layout", "frame_shape", "versions", "format_version", "channels_first", "assumed"}
     attrs = {k: v for k, v in store.copy_attrs().items() if k not in skip}
-    keep = ("pixels", "action", *(k for k in STATE_KEYS if k not in store.missing_states))
     tmp, names = temporary_path(out), []
     try:
         with naming_write_errors(out):
             tmp.mkdir(parents=True)
             for first in range(0, len(store), episodes_per_shard):
                 ids = range(first, min(first + episodes_per_shard, len(store)))
-                episodes = {i: {k: v for k, v in store.episode(i).items() if k in keep} for i in ids}
+                episodes = {i: _known(store.episode(i)) for i in ids}
                 names.append(write_shard(tmp / f"shard_{ids[0]:06d}_{ids[-1]:06d}.h5", episodes, attrs).name)
             write_manifest(tmp, len(store))
             os.replace(tmp, out)  # onto a missing or empty directory
@@ -46,6 +47,13 @@ def write_shards(store: EpisodeStore, out_dir: str | Path, episodes_per_shard: i
         if tmp.exists():
             shutil.rmtree(tmp)
     return [out / name for name in names]
+
+
+def _known(episode: dict) -> dict:
+    """An episode's frames, actions and the states it has (a state an episode lacks reads as NaN: left out,
+    per episode, so a dataset whose shards differ keeps every state it holds)."""
+    return {k: v for k, v in episode.items()
+            if k in ("pixels", "action") or (k in STATE_KEYS and np.isfinite(v).all())}
 
 
 def check_new_directory(out: str | Path) -> Path:

@@ -94,6 +94,15 @@ def resize_frames(frames: np.ndarray, size: int, batch: int = 64) -> np.ndarray:
     return out
 
 
+def shared_attrs(shards) -> dict:
+    """The file attributes every shard agrees on: one that differs between them (the policy or seed of
+    collections put together) says nothing about the dataset as a whole, so no converted copy claims it."""
+    def same(value, other) -> bool:
+        return json.dumps(value, sort_keys=True, default=str) == json.dumps(other, sort_keys=True, default=str)
+    first = shards[0].attrs
+    return {k: v for k, v in first.items() if all(k in s.attrs and same(s.attrs[k], v) for s in shards[1:])}
+
+
 class EpisodeStore:
     """Every episode of one or many datasets, checked once, read without reopening files per item.
 
@@ -116,7 +125,7 @@ class EpisodeStore:
                  image_size: int | None = None, env: str | None = None):
         shards = inspect_dataset(paths, env=env)
         self.paths = paths
-        self.attrs = dict(shards[0].attrs)
+        self.attrs = shared_attrs(shards)
         self.layout = shards[0].layout
         # what the files do not say and is assumed (a stable-worldmodel file says which; our shards' defaults)
         self.assumed = self.attrs.pop("assumed", None) or sorted(k for k in RECORDING_DEFAULTS if k not in self.attrs)

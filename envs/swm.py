@@ -32,6 +32,7 @@ action for two control steps (``DMControlWrapper.action_repeat = 2``), ours for 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -51,6 +52,7 @@ COLUMNS = {"pixels": ("pixels",), "action": ("action",), "qpos": ("qpos",), "qve
 SWM_DEFAULTS = {"env": "reacher-easy", "hide_target": True, "render_quality": "standard", "action_repeat": 2}
 LAYOUT = "stable-worldmodel"
 COMPRESSIONS = ("blosc", "gzip", None)
+log = logging.getLogger(__name__)
 
 
 def is_swm_file(path: str | Path) -> bool:
@@ -284,6 +286,11 @@ def _write_columns(f: h5py.File, store, compression: str | None, check=lambda: N
             "action": _column(f, "action", (n, 2), np.float32)}
     names = {"qpos": "qpos", "qvel": "qvel", "finger": "finger_pos", "target": "target_pos"}
     states = [k for k in names if k not in store.missing_states]
+    for k in sorted(set(names) - set(states)):  # one column for every row: a state only some episodes hold
+        held = sum(bool(np.isfinite(store.states(e)[k]).all()) for e in range(len(store)))
+        if held:
+            log.warning(f"{names[k]} left out: {held} of {len(store)} episodes hold it, and a stable-worldmodel "
+                        f"column holds every row")
     cols.update({k: _column(f, names[k], (n, 2), np.float64) for k in states})
     step_idx, ep_idx = _column(f, "step_idx", (n,), np.int64), _column(f, "ep_idx", (n,), np.int32)
     for e, (start, rows) in enumerate(zip(offsets.tolist(), lengths.tolist())):

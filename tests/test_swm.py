@@ -224,6 +224,36 @@ def test_convert_both_ways(tmp_path):
     convert_dataset(src, tmp_path / "plain.h5", fmt="swm", overwrite=True)
 
 
+def test_a_state_some_shards_hold_is_kept_where_they_hold_it(tmp_path, caplog):
+    """Shards of one dataset that differ in the states they hold (one with target positions, one without):
+    converted to shards, every episode keeps the states it had; their format has one column for all rows,
+    so a state only some episodes hold is left out of it, and that is said."""
+    from conftest import synthetic_episode
+    from envs.storage import write_shard
+
+    (tmp_path / "mixed").mkdir()
+    with_target = {0: synthetic_episode(5)}
+    without = {1: {k: v for k, v in synthetic_episode(5, offset=1000).items() if k != "target"}}
+    write_shard(tmp_path / "mixed" / "a.h5", with_target, {"env": "reacher-easy", "size": 32})
+    write_shard(tmp_path / "mixed" / "b.h5", without, {"env": "reacher-easy", "size": 32})
+    back = EpisodeStore(convert_dataset(tmp_path / "mixed", tmp_path / "ours", fmt="shards"))
+    assert np.array_equal(back.states(0)["target"], with_target[0]["target"])
+    assert np.isnan(back.states(1)["target"]).all()
+    with caplog.at_level("WARNING"):
+        theirs = EpisodeStore(convert_dataset(tmp_path / "mixed", tmp_path / "theirs.h5"))
+    assert "target" in theirs.missing_states and "target_pos left out: 1 of 2 episodes hold it" in caplog.text
+    # shards of two collections (other policies and seeds): no copy claims either's for the whole
+    (tmp_path / "two").mkdir()
+    write_shard(tmp_path / "two" / "a.h5", with_target, {"env": "reacher-easy", "size": 32, "policy": "random",
+                                                         "seed": 1})
+    write_shard(tmp_path / "two" / "b.h5", without, {"env": "reacher-easy", "size": 32, "policy": "smooth",
+                                                     "seed": 2})
+    store = EpisodeStore(tmp_path / "two")
+    assert "policy" not in store.attrs and "seed" not in store.attrs and store.attrs["env"] == "reacher-easy"
+    with h5py.File(convert_dataset(tmp_path / "two", tmp_path / "two.h5")) as f:
+        assert "policy" not in f.attrs and "seed" not in f.attrs
+
+
 def test_a_round_trip_keeps_what_our_shards_assume(tmp_path):
     """Shards that do not say their look or action repeat are ours' defaults (fast, 1): converted to their
     format and back they still say so, and a file naming its env as another tool does says env is assumed."""
