@@ -30,7 +30,8 @@ def write_shards(store: EpisodeStore, out_dir: str | Path, episodes_per_shard: i
     out = check_new_directory(out_dir)
     lacking = [k for k in ("qpos", "qvel") if k in store.missing_states]
     if lacking:
-        raise DatasetError(f"cannot write shards: the source has no {lacking} (our shards need qpos and qvel)")
+        raise DatasetError(f"{store.paths}: cannot be written as shards: it has no {lacking} (our shards need qpos "
+                           f"and qvel)")
     skip = {"layout", "frame_shape", "versions", "format_version", "channels_first", "assumed"}
     attrs = {k: v for k, v in store.copy_attrs().items() if k not in skip}
     tmp, names = temporary_path(out), []

@@ -373,7 +373,11 @@ def find_shards(path: str | Path) -> list[Path]:
     except OSError as exc:
         raise DatasetError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if not shards:
-        raise DatasetError(f"{path}: holds no .h5 shards")
+        others = sorted(p.name for p in path.glob("*.hdf5")) or sorted(
+            str(p.relative_to(path)) for p in path.glob("*/*.h5"))
+        hint = (f" (it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}: shards are the .h5 files "
+                f"directly in it; give one such file, or a directory of them, as --data)" if others else "")
+        raise DatasetError(f"{path}: holds no .h5 shards{hint}")
     return shards
 
 

@@ -93,6 +93,11 @@ def test_missing_dataset_and_empty_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no .h5 shards"):
         EpisodeStore(tmp_path / "empty")
+    (tmp_path / "empty" / "nested").mkdir()  # shards one level down, or named .hdf5: said where they are
+    (tmp_path / "empty" / "nested" / "a.h5").touch()
+    with pytest.raises(DatasetError, match=r"holds no .h5 shards \(it holds nested/a\.h5: shards are the .h5 files "
+                                           r"directly in it"):
+        EpisodeStore(tmp_path / "empty")
 
 
 def test_truncated_shard_names_the_file(synthetic_data):
