@@ -179,7 +179,7 @@ def keep_graph(checkpoint, model, graph: LatentGraph, cfg: GraphConfig, replace:
         return False
     try:
         meta = read_model_meta(checkpoint)
-        names = set(graph_settings(GraphConfig(neighbours=1, radius=1.0, max_nodes=2)))  # every graph setting
+        names = {f"subgoals.{f.name}" for f in dataclasses.fields(GraphConfig)}  # the record's graph settings go
         planner = {k: v for k, v in planner_record(meta).items() if k.replace("-", "_") not in names}
         save_extras(checkpoint, {"graph": graph.state(cfg)}, planner={**planner, **graph_settings(cfg)})
         model.extras = {**getattr(model, "extras", {}), "graph": graph.state(cfg)}
