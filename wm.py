@@ -441,8 +441,8 @@ def run_study(cfg: StudyConfig) -> int:
                     result = hold.run_all(cfg.checkpoint, cfg.episodes, cfg.seeds, cfg.device, cfg.data,
                                           split=cfg.split, units=units)
                     text, plot = hold.report(result, cfg.checkpoint, cfg.split), hold.plot
-            made = provenance()
             with keeping_what_was_measured(units):
+                made = provenance()
                 atomic_write(out / "results.png", lambda tmp: plot(result, tmp), keep_suffix=True)
                 atomic_write_text(out / "results.md", signed(text, made))
                 atomic_write_json(out / "results.json", {**result, "provenance": made})  # last: it says finished

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -101,6 +102,8 @@ def short_training(out: Path, device: torch.device, dry_run: bool) -> dict:
     from worldmodel.model import WorldModel
     from worldmodel.train import preset_config, train
 
+    for scratch in ("data", "run", "eval"):  # a check measures afresh: what an earlier check left is its own
+        shutil.rmtree(out / scratch, ignore_errors=True)
     data = out / "data"
     episodes = 30 if dry_run else 2000
     start = time.perf_counter()

@@ -93,10 +93,11 @@ def saying_what_is_kept(units: str | Path):
 @contextmanager
 def keeping_what_was_measured(units: str | Path):
     """Around the last writes of a run that resumes from the parts kept in ``units``: an ``OSError`` there (a
-    full disk after an hour of measuring) says that those parts are kept and that the same command finishes
-    without measuring again."""
+    full disk after an hour of measuring), or an interruption (as ``saying_what_is_kept``), says that those
+    parts are kept and that the same command finishes without measuring again."""
     try:
-        yield
+        with saying_what_is_kept(units):
+            yield
     except OSError as exc:
         what = f"could not write {exc.filename} ({exc.strerror})" if exc.filename else str(exc)
         message = (f"{what}; what was measured is kept in {units}: the same command, once there is room, writes "

@@ -183,12 +183,16 @@ DEMO_FILES = re.compile(r"((episode|goal)_\d+|sequence)\.(mp4|gif)|summary\.png|
 
 
 def prepare_demo_dir(cfg: DemoConfig, out: Path) -> None:
-    """The output directory, checked before any work: a demo already there is refused unless --overwrite,
-    which removes all of its files (no stale video of another run is left beside the new ones)."""
+    """The output directory, checked before any work: a finished demo already there (its demo.json, written
+    last) is refused unless --overwrite, which removes all of its files (no stale video of another run is
+    left beside the new ones); the videos of an interrupted demo are removed with a message."""
     earlier = [p for p in out.iterdir() if DEMO_FILES.fullmatch(p.name)]
-    if earlier and not cfg.overwrite:
+    finished = (out / "demo.json").exists()
+    if finished and not cfg.overwrite:
         raise ValueError(f"{out} already holds a demo ({len(earlier)} files); pass --overwrite to replace it, or "
                          f"--out for another directory")
+    if earlier and not finished:
+        log.warning(f"{out}: removing {len(earlier)} file(s) of a demo that did not finish (no demo.json)")
     for path in earlier:
         path.unlink()
 

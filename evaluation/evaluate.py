@@ -368,16 +368,16 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
                         records += [{**r, "run": run, "checkpoint": checkpoint} for r in rows]
             finally:
                 setup.batch.close()
-    summary = summarize(records, methods, protocols, cfg.tolerance, cfg.other_tolerances)
-    split_note = notes[0] if len(notes) == 1 else f"each model's own {cfg.split} episodes"
-    made = provenance()
-    report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps, "split": notes,
-              "interval": METHOD, "torch_threads": torch.get_num_threads(), "provenance": made, "summary": summary,
-              "episodes": records}
-    markdown = signed("\n".join([results_markdown(summary, cfg, split_note, cfg.checkpoints), *otherwise]), made)
-    title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"
-             f"{' and model' if len(cfg.checkpoints) > 1 else ''}, {cfg.split} split")
-    with keeping_what_was_measured(units_dir):
+    with keeping_what_was_measured(units_dir):  # an interruption from here on keeps what was measured
+        summary = summarize(records, methods, protocols, cfg.tolerance, cfg.other_tolerances)
+        split_note = notes[0] if len(notes) == 1 else f"each model's own {cfg.split} episodes"
+        made = provenance()
+        report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps, "split": notes,
+                  "interval": METHOD, "torch_threads": torch.get_num_threads(), "provenance": made, "summary": summary,
+                  "episodes": records}
+        markdown = signed("\n".join([results_markdown(summary, cfg, split_note, cfg.checkpoints), *otherwise]), made)
+        title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"
+                 f"{' and model' if len(cfg.checkpoints) > 1 else ''}, {cfg.split} split")
         atomic_write_text(out / "results.md", markdown)
         atomic_write_text(out / "index.html", evaluation_page(markdown))
         atomic_write(out / "results.png", lambda tmp: plot_results(summary, curves, cfg.tolerance, tmp, title,

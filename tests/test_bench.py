@@ -129,6 +129,10 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     assert (tmp_path / "check" / "gpu_check.md").read_text().rstrip().splitlines()[-1].startswith("Made by")
     assert len(result["plan_latency"]) == 4 and {r["preset"] for r in result["training"]} == {"demo", "full"}
     assert {r["mode"] for r in result["plan_latency"]} == {"eager", "eager, bf16"}  # float32 and bf16 scoring
+    import torch
+
+    again = gpu.short_training(tmp_path / "check", torch.device("cpu"), dry_run=True)  # a second check measures
+    assert again["steps"] == 4 and again["train_minutes"] > 0  # afresh, not refused by the first one's outputs
     assert 0 <= result["short_training"]["uniform_held"] <= 1 and result["short_training"]["steps"] == 4
     assert result["short_training"]["graph"]["components"] >= 1 and "Its subgoal graph: " in report
     assert "skipped" in result["plan_latency_graphs"]  # compiling is the planner tests' to check on a CPU

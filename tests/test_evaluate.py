@@ -554,6 +554,12 @@ def test_wm_demo_smoke_writes_videos_and_sheet(data, tmp_path):
     assert names == ["demo.json", "demo.md", "episode_00.mp4", "index.html", "summary.png"]
     again = imageio.mimread(tmp_path / "videos" / "episode_00.mp4")
     assert np.array_equal(again[0], frames[0])  # episode 0 is episode 0, however many are filmed
+    # a demo that did not finish (interrupted before its demo.json, written last) does not block the command
+    (tmp_path / "videos" / "demo.json").unlink()
+    (tmp_path / "videos" / "episode_07.mp4").write_bytes(b"partial")
+    rerun = _wm("demo", "--checkpoint", tmp_path / "m.pt", "--data", data, "--episodes", 1, "--samples", 8,
+                "--iterations", 1, "--bank-frames", 50, "--no-gif")
+    assert "of a demo that did not finish" in rerun.stderr and not (tmp_path / "videos" / "episode_07.mp4").exists()
 
 
 def test_wm_demo_films_goal_poses_of_ones_own(data, tmp_path):

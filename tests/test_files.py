@@ -160,3 +160,16 @@ def test_kept_runs_give_back_what_was_put_and_refuse_what_was_measured_otherwise
     nowhere = KeptRuns(None, {}, "")
     nowhere.put("a", {"rows": []})
     assert nowhere.get("a") is None
+
+
+def test_an_interruption_while_results_are_written_says_what_is_kept(tmp_path, caplog):
+    """Ctrl-C or SIGTERM during the last writes of an evaluation or a study (not only while it measures) says
+    that the finished parts are kept for the same command."""
+    from common.files import keeping_what_was_measured
+
+    (tmp_path / "units").mkdir()
+    (tmp_path / "units" / "seed0.json").write_text("{}")
+    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
+        with keeping_what_was_measured(tmp_path / "units"):
+            raise KeyboardInterrupt
+    assert "1 finished part(s) kept in" in caplog.text
