@@ -134,8 +134,9 @@ def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, prot
     seconds = f"{np.median(loads[0]):.2f} s, " if absolute else ""
     lines = [f"`load_policy` from `model.pt` + `model.json` alone, subgoal graph included: {seconds}"
              f"{paired_ratio(*loads)} of the time without the graph ({repeats} alternating loads of each).", "",
-             f"{repeats} runs of each setting, alternating (off, on, on, off, ...); times are the median (min-max) "
-             f"over runs, the ratio the median (min-max) over the {repeats} pairs of runs adjacent in time. "
+             f"{repeats} runs of each setting, alternating (off, on, on, off, ...); "
+             f"{'times are the median (min-max) over runs, ' if absolute else ''}the ratio the median (min-max) over "
+             f"the {repeats} pairs of runs adjacent in time (one pair: its ratio alone). "
              f"Planned as the model file records: {as_options(recorded) or 'the default planner'}.", ""]
     rows = []
     try:

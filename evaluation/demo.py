@@ -99,7 +99,12 @@ class DemoConfig:
 def parse_poses(text: str, name: str) -> np.ndarray:
     """Poses (K, 2) in rad from 'shoulder,wrist;shoulder,wrist' (K = 0 for ''); a clear error naming ``name``."""
     poses = []
-    for part in filter(None, (p.strip() for p in text.split(";"))):
+    parts = [p.strip() for p in text.split(";")]
+    while parts and not parts[-1]:
+        parts.pop()  # trailing ';' end the list
+    for part in parts:
+        if not part:
+            raise ValueError(f"{name}: an empty pose in {text!r}; give 'shoulder,wrist' poses separated by ';'")
         try:
             pose = [float(v) for v in part.split(",")]
         except ValueError:

@@ -599,6 +599,7 @@ def test_wm_demo_films_goal_poses_of_ones_own(data, tmp_path):
     for bad, match in (({"goal_pose": "1.0"}, "--goal-pose: '1.0' is not a pose"),
                        ({"goal_pose": "1,nan"}, "--goal-pose: '1,nan' is not a pose"),
                        ({"goal_pose": ";"}, "--goal-pose: no pose"),
+                       ({"goal_pose": "0,0;;1,1"}, "--goal-pose: an empty pose in '0,0;;1,1'"),
                        ({"start_pose": "0,0"}, "--start-pose is for your own goals"),
                        ({"goal_pose": "0,0;1,1;2,2", "start_pose": "0,0;1,1"}, "2 poses for 3 goals"),
                        ({"goal_pose": "0,0", "protocol": "lewm"}, "stored frames"),
