@@ -127,10 +127,14 @@ def test_episodes_start_apart_from_their_goal_25_steps_later(data):
     elsewhere = sample_episodes(store, other, PROTOCOLS["uniform"], 50, 0, WRIST, tolerance=0.05)
     assert np.array_equal(elsewhere["t0"], uniform["t0"])  # the same positions...
     assert not np.isclose(elsewhere["goal_qpos"], uniform["goal_qpos"]).all(1).any()  # ...and no goal in common
-    overlap = sample_episodes(store, ids[:1] + other, PROTOCOLS["uniform"], 50, 0, WRIST, tolerance=0.05)
-    for row in zip(overlap["episode"], overlap["t0"], *overlap["goal_qpos"].T):  # a row shared: its goal too
-        match = (uniform["episode"] == row[0]) & (uniform["t0"] == row[1])
-        assert not match.any() or np.allclose(uniform["goal_qpos"][match][0], row[2:])
+    # a start row drawn in two evaluations (every row of one episode, drawn alone and beside another) has the
+    # same goal in both
+    rows = store.episodes[ids[0]].steps + 1
+    alone = sample_episodes(store, ids[:1], PROTOCOLS["uniform"], rows, 0, WRIST, tolerance=0.05)
+    beside = sample_episodes(store, ids[:1] + other[:1], PROTOCOLS["uniform"], 2 * rows, 0, WRIST, tolerance=0.05)
+    goal_of = {(int(i), int(t)): g for i, t, g in zip(beside["episode"], beside["t0"], beside["goal_qpos"])}
+    assert len(alone["t0"]) == rows and all(np.array_equal(goal_of[(int(i), int(t))], g)
+                                            for i, t, g in zip(alone["episode"], alone["t0"], alone["goal_qpos"]))
     with pytest.raises(ValueError, match="usable start rows"):
         sample_episodes(store, ids[:1], PROTOCOLS["reach25"], 1000, 0, WRIST, tolerance=0.05)
     far = dataclasses.replace(PROTOCOLS["reach50"], goal_offset=70)  # further ahead than the 60-step episodes
