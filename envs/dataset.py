@@ -126,6 +126,7 @@ class EpisodeStore:
         shards = inspect_dataset(paths, env=env)
         self.paths = paths
         self.attrs = shared_attrs(shards)
+        self._policies = {s.path: s.attrs.get("policy") for s in shards}  # each file's exploration policy
         self.layout = shards[0].layout
         # what the files do not say and is assumed (a stable-worldmodel file says which; our shards' defaults)
         self.assumed = self.attrs.pop("assumed", None) or sorted(k for k in RECORDING_DEFAULTS if k not in self.attrs)
@@ -188,6 +189,12 @@ class EpisodeStore:
             content = hashlib.sha256(" ".join(sorted(e.uid for e in self.episodes)).encode()).hexdigest()
             self._fingerprint = hashlib.sha256(f"{files} {content}".encode()).hexdigest()[:16]
         return self._fingerprint
+
+    def policy(self, i: int) -> str | None:
+        """The exploration policy that collected episode ``i`` (its file's ``policy`` attribute; None where the
+        file does not record one): files of different collections each keep their own."""
+        policy = self._policies[self.episodes[i].shard]
+        return None if policy is None else str(policy)
 
     def index_of_uids(self, uids) -> list[int]:
         """Episode indices of ``uids``; a DatasetError names the ones this dataset does not hold."""

@@ -25,13 +25,24 @@ def random_controller(indices, seed: int):
     return lambda: np.stack([rng.uniform(-1, 1, 2) for rng in rngs]).astype(np.float32)
 
 
-def exploration_controller(indices, seed: int, policy: str):
-    """The dataset's own exploration policy (``envs.policies``; ``mixed`` draws its kind per episode) from
-    the same starts, with fresh noise per episode: episode j of the batch draws from (seed, 11, index j)."""
-    if policy not in POLICIES:
-        raise ValueError(f"the exploration baseline replays the dataset's policy, and {policy!r} is not one of ours "
-                         f"{list(POLICIES)}; leave it out of --baselines")
-    acts = [make_policy(policy, np.random.default_rng([seed, 11, int(j)]))[0] for j in indices]
+def exploration_policies(store, episodes) -> list[str]:
+    """The exploration policy that collected each of ``episodes`` (dataset indices), what the exploration
+    baseline replays from their starts; a ValueError names the files that record none of ours."""
+    policies = [store.policy(int(i)) for i in episodes]
+    bad = sorted({f"{store.episodes[int(i)].shard} ({p!r})" for i, p in zip(episodes, policies) if p not in POLICIES})
+    if bad:
+        raise ValueError(f"the exploration baseline replays the policy that collected the data, and "
+                         f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} records none of ours {list(POLICIES)} "
+                         f"(its 'policy' attribute); leave exploration out of --baselines (e.g. --baselines "
+                         f"random,simulator)")
+    return policies
+
+
+def exploration_controller(indices, seed: int, policies: list[str]):
+    """The policy that collected each start's episode (``envs.policies``; ``mixed`` draws its kind per
+    episode) from the same starts, with fresh noise per episode: episode j of the batch draws from (seed, 11,
+    index j)."""
+    acts = [make_policy(policy, np.random.default_rng([seed, 11, int(j)]))[0] for j, policy in zip(indices, policies)]
     return lambda: np.stack([act() for act in acts]).astype(np.float32)
 
 

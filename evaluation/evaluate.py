@@ -31,7 +31,8 @@ from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.storage import recording
 from envs.vector import ReacherBatch
-from evaluation.baselines import SIMULATOR_BUDGET, exploration_controller, random_controller, simulator_controller
+from evaluation.baselines import (SIMULATOR_BUDGET, exploration_controller, exploration_policies, random_controller,
+                                  simulator_controller)
 from evaluation.protocols import (Protocol, episode_records, history_before, lewm_training_rows, parse_protocols,
                                   sample_episodes)
 from evaluation.html import evaluation_page
@@ -291,8 +292,8 @@ def controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, method: str, e
     if method == "random":
         return random_controller(eps["index"], seed), None, np.full(n, -1)
     if method == "exploration":
-        policy = str(setup.store.attrs.get("policy", "random"))
-        return exploration_controller(eps["index"], seed, policy), None, np.full(n, -1)
+        policies = exploration_policies(setup.store, eps["episode"])
+        return exploration_controller(eps["index"], seed, policies), None, np.full(n, -1)
     pcfg = protocol_policy(setup, cfg, protocol, seed)
     act, policy = simulator_controller(setup.batch, pcfg, setup.model.frameskip, eps, seed, cfg.sim_samples,
                                        cfg.sim_iterations, sees_velocity=method == "simulator")
@@ -353,6 +354,8 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
         for run, checkpoint in enumerate(cfg.checkpoints):
             setup = load_setup(checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
             notes.append(setup.split_note)
+            if "exploration" in methods:  # data no policy of ours collected is refused before anything is measured
+                exploration_policies(setup.store, setup.episodes)
             if setup.recorded_otherwise:
                 otherwise.append(f"**Warning**: the episodes of {checkpoint} were recorded otherwise than its "
                                  f"training data: {setup.recorded_otherwise}.")

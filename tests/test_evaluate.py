@@ -790,8 +790,8 @@ def test_choosing_never_touches_the_test_episodes(data, tmp_path, monkeypatch):
 
 
 def _small_eval(checkpoint, data, out, **kw):
-    return EvalConfig(checkpoint=str(checkpoint), data=str(data), out=str(out), episodes=2, seeds=1, baselines="",
-                      policy=apply_overrides(PolicyConfig(), {"samples": 8, "iterations": 1}), **kw)
+    return EvalConfig(checkpoint=str(checkpoint), data=str(data), out=str(out), episodes=2, seeds=1,
+                      policy=apply_overrides(PolicyConfig(), {"samples": 8, "iterations": 1}), **{"baselines": "", **kw})
 
 
 def test_episodes_recorded_otherwise_than_the_training_data_are_said(data, tmp_path, caplog):
@@ -1005,9 +1005,48 @@ def test_the_random_and_exploration_baselines_play_each_episode_its_own_actions(
     evaluations of different sizes compare episode by episode, not noise."""
     from evaluation.baselines import exploration_controller, random_controller
 
-    for make in (lambda idx: random_controller(idx, 3), lambda idx: exploration_controller(idx, 3, "mixed")):
+    for make in (lambda idx: random_controller(idx, 3), lambda idx: exploration_controller(idx, 3, ["mixed"] * len(idx))):
         alone, batched = make([2]), make([0, 1, 2])
         for _ in range(5):
             a, b = alone(), batched()
             assert a.shape == (1, 2) and b.shape == (3, 2) and np.array_equal(a[0], b[2])
             assert not np.array_equal(b[0], b[1])
+
+
+def test_the_exploration_baseline_replays_each_files_own_policy_and_refuses_data_without_one(tmp_path):
+    """Collections put together keep each file's policy (the dataset as a whole records none), and the
+    exploration baseline replays it per episode; a file that records no policy of ours is refused, named,
+    before anything is measured, instead of being replayed as random actions."""
+    import shutil
+
+    import h5py
+
+    from envs.dataset import EpisodeStore
+    from evaluation.baselines import exploration_controller, exploration_policies
+    from evaluation.evaluate import evaluate
+
+    both = tmp_path / "both"
+    both.mkdir()
+    for policy, seed in (("smooth", 1), ("random", 2)):
+        src = collect_tiny(tmp_path / policy, episodes=3, steps=40, policy=policy, seed=seed)
+        for f in sorted(src.glob("*.h5")):
+            shutil.copy(f, both / f"{policy}_{f.name}")
+    store = EpisodeStore(both)
+    assert "policy" not in store.attrs
+    policies = exploration_policies(store, range(len(store)))
+    assert sorted(set(policies)) == ["random", "smooth"]
+    assert [store.policy(i) for i in range(len(store))] == [str(store.episodes[i].shard.name).split("_")[0]
+                                                            for i in range(len(store))]
+    act = exploration_controller([0, 1], 0, ["smooth", "random"])
+    smooth_alone, random_alone = exploration_controller([0], 0, ["smooth"]), exploration_controller([1], 0, ["random"])
+    for _ in range(3):
+        a = act()
+        assert np.array_equal(a[0], smooth_alone()[0]) and np.array_equal(a[1], random_alone()[0])
+
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", both)
+    unrecorded = next(both.glob("random_*.h5"))
+    with h5py.File(unrecorded, "a") as f:
+        del f.attrs["policy"]
+    with pytest.raises(ValueError, match=f"{unrecorded.name}.*records none of ours.*--baselines"):
+        evaluate(_small_eval(tmp_path / "m.pt", both, tmp_path / "e", baselines="exploration"), progress=False)
+    assert not list((tmp_path / "e").rglob("*.json"))  # refused before the world model's first run was measured
