@@ -94,6 +94,20 @@ def resize_frames(frames: np.ndarray, size: int, batch: int = 64) -> np.ndarray:
     return out
 
 
+def episodes_fingerprint(episodes) -> str:
+    """``EpisodeStore.fingerprint`` of a dataset's episodes (``EpisodeRef``): its files' ``dataset_fingerprint``
+    combined with the episodes' uids."""
+    files = dataset_fingerprint(sorted({e.shard for e in episodes}))
+    content = hashlib.sha256(" ".join(sorted(e.uid for e in episodes)).encode()).hexdigest()
+    return hashlib.sha256(f"{files} {content}".encode()).hexdigest()[:16]
+
+
+def fingerprint_at(paths) -> str:
+    """The fingerprint of the dataset at ``paths`` without opening it for its frames: whatever their size or
+    shape (it does not depend on them), and whatever env a file that names none is read as."""
+    return episodes_fingerprint([e for s in inspect_dataset(paths) for e in s.episodes])
+
+
 def shared_attrs(shards) -> dict:
     """The file attributes every shard agrees on: one that differs between them (the policy or seed of
     collections put together) says nothing about the dataset as a whole, so no converted copy claims it."""
@@ -185,9 +199,7 @@ class EpisodeStore:
         sizes, attributes) combined with its episodes' uids (their content: files of the same names and
         sizes holding other episodes differ)."""
         if self._fingerprint is None:
-            files = dataset_fingerprint(sorted({e.shard for e in self.episodes}))
-            content = hashlib.sha256(" ".join(sorted(e.uid for e in self.episodes)).encode()).hexdigest()
-            self._fingerprint = hashlib.sha256(f"{files} {content}".encode()).hexdigest()[:16]
+            self._fingerprint = episodes_fingerprint(self.episodes)
         return self._fingerprint
 
     def policy(self, i: int) -> str | None:

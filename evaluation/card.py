@@ -39,9 +39,8 @@ def model_card(checkpoint: str | Path) -> str:
         lines.append(f"- **Training**: {meta['step']:,} steps{how}.")
     data = meta.get("data")
     if data:
-        found, tried = locate_data(meta, checkpoint)
-        other = [f"`{path}`" for path in tried if path.exists()]
-        also = f"; {', '.join(other)} holds another dataset" if other else ""
+        found, tried, not_it = locate_data(meta, checkpoint)
+        also = "".join(f"; `{path}` {why}" for path, why in not_it.items())
         where = (f"found at `{os.path.normpath(found)}`" if found else
                  f"not found (looked at {', '.join(f'`{path}`' for path in tried)}{also}; the commands that read "
                  f"it take `--data`)")

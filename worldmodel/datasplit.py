@@ -152,28 +152,31 @@ def data_candidates(meta: dict, checkpoint) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def locate_data(meta: dict, checkpoint) -> tuple[Path | None, list[Path]]:
-    """(the recorded dataset of a checkpoint, the paths tried): the first candidate that holds the dataset
-    training recorded (by fingerprint; a model recording none: the first that exists), or None. A path that
-    holds another dataset (the default ``runs/demo/data`` collected again, say) is not it."""
-    from envs.dataset import EpisodeStore
+def locate_data(meta: dict, checkpoint) -> tuple[Path | None, list[Path], dict]:
+    """(the recorded dataset of a checkpoint, the paths tried, why each existing path tried is not it): the
+    first candidate that holds the dataset training recorded (by fingerprint; a model recording none: the
+    first that exists), or None. A path that holds another dataset (the default ``runs/demo/data`` collected
+    again, say) is not it, nor one that cannot be read (the reason is kept)."""
+    from envs.dataset import fingerprint_at
 
     candidates = data_candidates(meta, checkpoint)
     fingerprint = (meta.get("data") or {}).get("fingerprint")
-    for path in candidates:
-        if path.exists() and not fingerprint:
-            return path, candidates
+    not_it = {}
+    for path in (p for p in candidates if p.exists()):
+        if not fingerprint:
+            return path, candidates, not_it
         try:
-            if path.exists() and EpisodeStore(path, in_memory=False).fingerprint == fingerprint:
-                return path, candidates
-        except (OSError, ValueError):  # unreadable here: not the dataset training read
-            continue
-    return None, candidates
+            if fingerprint_at(path) == fingerprint:
+                return path, candidates, not_it
+            not_it[path] = "holds another dataset (not its recorded fingerprint)"
+        except (OSError, ValueError) as exc:  # unreadable here: not the dataset training read
+            not_it[path] = f"cannot be read ({exc})"
+    return None, candidates, not_it
 
 
 def resolve_data(meta: dict, checkpoint, need: str = "pass --data") -> str:
     """The recorded dataset of a checkpoint; a ValueError listing the paths tried otherwise."""
-    path, candidates = locate_data(meta, checkpoint)
+    path, candidates, not_it = locate_data(meta, checkpoint)
     if not candidates:
         raise ValueError(f"{checkpoint} does not record its dataset; {need}")
     if path is not None:
@@ -181,8 +184,7 @@ def resolve_data(meta: dict, checkpoint, need: str = "pass --data") -> str:
     rec = (meta.get("data") or {}).get("recording")
     command = collect_command(rec) if isinstance(rec, dict) else None
     kind = f" (`{command}` records data of its kind)" if command else ""
-    other = [str(p) for p in candidates if p.exists()]
-    also = f"; {', '.join(other)} holds another dataset (not its recorded fingerprint)" if other else ""
+    also = "".join(f"; {p} {why}" for p, why in not_it.items())
     raise ValueError(f"{checkpoint}: its dataset is not where it was recorded (tried "
                      f"{', '.join(str(p) for p in candidates)}{also}); {need}{kind}")
 
