@@ -102,10 +102,18 @@ def episodes_fingerprint(episodes) -> str:
     return hashlib.sha256(f"{files} {content}".encode()).hexdigest()[:16]
 
 
+_FINGERPRINTS: dict[tuple, str] = {}  # fingerprint_at's, by the files' paths, sizes and modification times
+
+
 def fingerprint_at(paths) -> str:
     """The fingerprint of the dataset at ``paths`` without opening it for its frames: whatever their size or
-    shape (it does not depend on them), and whatever env a file that names none is read as."""
-    return episodes_fingerprint([e for s in inspect_dataset(paths) for e in s.episodes])
+    shape (it does not depend on them), and whatever env a file that names none is read as. Read once per
+    process while its files stay as they are (a command checks several models' recorded data, then opens it)."""
+    files = _files(paths)
+    key = tuple((str(p.resolve()), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = episodes_fingerprint([e for s in inspect_dataset(paths) for e in s.episodes])
+    return _FINGERPRINTS[key]
 
 
 def shared_attrs(shards) -> dict:
