@@ -7,8 +7,9 @@ all B*N candidates with ONE ``rollout`` call per iteration: no Python loop over 
 
 Randomness: problem b draws its noise from its own counter-based stream (``planners.noise``), keyed
 by ``keys[b]`` (by default from the planner's seed and b; an evaluation passes (seed, episode index)).
-So problems of one batch get independent noise, and a problem gets exactly the same plan whether it
-is planned alone or inside a batch, given the same key.
+So problems of one batch get independent noise, and a problem draws exactly the same noise whether it
+is planned alone or inside a batch, given the same key: the same plan up to the rounding of the batched
+matrix products (bit for bit where the model's products round alike at both batch sizes).
 
 The iteration loop has static shapes, holds no generator state and never reads a tensor on the host,
 so ``compile=True`` can compile one iteration (CUDA graphs through ``mode="reduce-overhead"`` on CUDA).
@@ -120,7 +121,7 @@ class Planner:
         h == 1), ``init (B, H, A)`` a warm start (e.g. ``shift_plan`` of the previous plan) or None (zeros),
         ``keys (B,)`` int32 noise keys (``planners.noise.problem_keys``; a list of integers too; None: from
         the seed and the row). Shapes and the latent size are checked, not values (that would wait for the
-        device): NaN latents give NaN costs.
+        device): a problem with NaN latents (or a NaN in ``init``) gets a NaN cost, the others their own plans.
         A warm-started plan runs ``warm_iterations`` iterations when that is set, else ``iterations``.
 
         Each call advances the noise streams, so an MPC loop gets fresh noise at every replan;

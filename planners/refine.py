@@ -41,6 +41,8 @@ def descend(cost_of: Callable[[Tensor], Tensor], actions: Tensor, cost: Tensor, 
 
 
 def keep_lower(best_a: Tensor, best_c: Tensor, a: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """Per problem, ``a (B, H, A)`` where its cost ``c (B,)`` is lower than ``best_c``, else ``best_a``."""
-    lower = c < best_c  # (B,)
+    """Per problem, ``a (B, H, A)`` where its cost ``c (B,)`` is lower than ``best_c``, else ``best_a``. A NaN
+    cost is kept once seen (NaN latents, say): a problem with bad inputs reports NaN, not its last finite
+    cost or the search's starting infinity."""
+    lower = (c < best_c) | c.isnan()  # (B,)
     return torch.where(lower[:, None, None], a, best_a), torch.where(lower, c, best_c)

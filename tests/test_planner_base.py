@@ -142,6 +142,23 @@ def test_batched_equals_single(name, h):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("grad_steps", [0, 3])
+def test_a_problem_with_nan_latents_gets_a_nan_cost_and_the_others_their_plans(name, grad_steps):
+    """NaN inputs are not read on the host (that would wait for the device), so they must show in the
+    result: the problem's cost is NaN, not the search's starting infinity or a finite cost beside a plan
+    of zeros; the other problems of the batch plan as they do alone."""
+    z, g, _ = make_problems(LinearDynamics(), 3, 1)
+    keys = problem_keys(7, range(3))
+    clean = planner(name, grad_steps=grad_steps).plan(z, g, keys=keys)
+    z_nan, init_nan = z.clone(), torch.zeros(3, H, A)
+    z_nan[1], init_nan[1] = float("nan"), float("nan")
+    for z_hist, init in ((z_nan, None), (z, init_nan)):
+        result = planner(name, grad_steps=grad_steps).plan(z_hist, g, init=init, keys=keys)
+        assert result.cost[1].isnan() and not result.cost[[0, 2]].isnan().any()
+        assert torch.allclose(result.actions[[0, 2]], clean.actions[[0, 2]], atol=1e-5)  # (a start of zeros: cold)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_problems_of_a_batch_get_independent_noise(name):
     """Identical problems with different keys explore differently (no common random numbers), and the
     default keys differ per row."""
