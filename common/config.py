@@ -15,12 +15,15 @@ settings by name (``load_policy``, presets, protocols) use that name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterator
+
+import numpy as np
 
 
 def comma_list(text: str) -> list[str]:
@@ -149,9 +152,11 @@ def unwrap_optional(kind) -> tuple[Any, bool]:
 
 
 def check_value(f: ConfigField, value, where: str = "") -> Any:
-    """``value`` as the type of field ``f`` (an int for a float field becomes a float), or a ``ValueError``
-    naming the setting: a string for a number, 2.5 for an int, NaN or infinity for a float, a number for
-    a switch."""
+    """``value`` as the type of field ``f`` (an int for a float field becomes a float; a numpy scalar, from a
+    grid of settings say, becomes the Python number), or a ``ValueError`` naming the setting: a string for a
+    number, 2.5 for an int, NaN or infinity for a float, a number for a switch."""
+    if isinstance(value, np.generic):
+        value = value.item()
     kind, optional = unwrap_optional(f.type)
     if kind is Any or (value is None and optional):
         return value  # a setting of any type (a cost may be a callable) is checked by its config
@@ -173,6 +178,21 @@ def check_value(f: ConfigField, value, where: str = "") -> Any:
     if f.choices is not None and value not in f.choices:
         raise ValueError(f"{what}{f.name} must be one of {list(f.choices)}, got {value!r}")
     return value
+
+
+@functools.cache
+def _own_fields(cls) -> tuple:
+    hints = typing.get_type_hints(cls)
+    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls) if not f.metadata.get("nested"))
+
+
+def check_types(cfg, prefix: str = "") -> None:
+    """``check_value`` on every setting of ``cfg`` but its nested configs (they check their own), each value
+    replaced by its checked form: a config built directly in Python (``PlannerConfig(samples=3.5)``) is
+    refused as the same value by name or on the command line is. ``prefix`` names its settings (``cem.``)."""
+    for f, kind in _own_fields(type(cfg)):
+        view = ConfigField(f.name, prefix + f.name, kind, None, "", f.metadata.get("choices"), True)
+        setattr(cfg, f.name, check_value(view, getattr(cfg, f.name)))
 
 
 def _type_name(kind) -> str:

@@ -40,7 +40,7 @@ from evaluation.report import log_to_tensorboard, plot_results, results_markdown
 from evaluation.stats import METHOD
 from planners.noise import problem_keys
 from planners.policy import MPCPolicy, PolicyConfig, check_policy_device, policy_config
-from worldmodel.datasplit import (HELD_OUT, load_with_data, recorded_data, recording_differences, resolve_data,
+from worldmodel.datasplit import (HELD_OUT, load_with_data, recording_differences, resolve_data,
                                   split_episodes, training_episodes)
 from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint, keep_graph, saved_graph
 from worldmodel.model import check_model_file
@@ -349,11 +349,12 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
         tqdm.write(f"resuming: the {kept} (model, protocol, seed, method) runs already measured in {units_dir} "
                    f"are kept")
     total = sum(p.budget for p in protocols) * cfg.seeds * len(methods) * len(cfg.checkpoints)
-    records, curves, notes, steps, otherwise = [], {}, [], [], []
+    records, curves, notes, steps, otherwise, data_paths = [], {}, [], [], [], []
     with saying_what_is_kept(units_dir), tqdm(total=total, desc="eval", unit="step", disable=not progress) as bar:
         for run, checkpoint in enumerate(cfg.checkpoints):
             setup = load_setup(checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
             notes.append(setup.split_note)
+            data_paths.append(str(setup.store.paths))
             if "exploration" in methods:  # data no policy of ours collected is refused before anything is measured
                 exploration_policies(setup.store, setup.episodes)
             if setup.recorded_otherwise:
@@ -362,7 +363,7 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
             steps.append(setup.meta.get("step"))
             if progress:
                 tqdm.write(f"evaluating {checkpoint} on {len(setup.episodes)} episodes of "
-                           f"{cfg.data or recorded_data(setup.meta)}: {setup.split_note}")
+                           f"{setup.store.paths}: {setup.split_note}")  # the data opened, wherever it was found
             units = KeptRuns(units_dir, measured_with(cfg, setup), KEPT_ADVICE, prefix=f"model{run}-")
             try:
                 for protocol in protocols:
@@ -375,8 +376,8 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
         summary = summarize(records, methods, protocols, cfg.tolerance, cfg.other_tolerances)
         split_note = notes[0] if len(notes) == 1 else f"each model's own {cfg.split} episodes"
         made = provenance()
-        report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps, "split": notes,
-                  "interval": METHOD, "torch_threads": torch.get_num_threads(), "provenance": made, "summary": summary,
+        report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps,
+                  "data": data_paths, "split": notes, "interval": METHOD, "torch_threads": torch.get_num_threads(), "provenance": made, "summary": summary,
                   "episodes": records}
         markdown = signed("\n".join([results_markdown(summary, cfg, split_note, cfg.checkpoints), *otherwise]), made)
         title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"

@@ -103,6 +103,11 @@ class Planner:
             raise ValueError(f"cuda_graph captures CUDA graphs: it needs the model on CUDA, got {device}")
         self._search = CapturedSearch(self.search) if self.cfg.cuda_graph else self.search
 
+    @property
+    def latent_dim(self) -> int | None:
+        """The size of the model's latents (``model.cfg.latent_dim``), None when the model does not say."""
+        return getattr(getattr(self.model, "cfg", None), "latent_dim", None)
+
     def reset(self, seed: int | None = None) -> None:
         """Restart the noise streams (from ``seed`` if given, else from the current seed)."""
         self._seed = self._seed if seed is None else int(seed)
@@ -127,13 +132,16 @@ class Planner:
         Each call advances the noise streams, so an MPC loop gets fresh noise at every replan;
         ``reset`` restarts them.
         """
-        if z_hist.ndim != 3 or not z_hist.is_floating_point():
-            raise ValueError(f"z_hist must be latents (B, h, D) of floats, got {z_hist.dtype} {tuple(z_hist.shape)}")
+        for name, x in (("z_hist", z_hist), ("z_goal", z_goal), ("a_hist", a_hist), ("init", init)):
+            if x is not None and not isinstance(x, Tensor):
+                raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
+        if z_hist.ndim != 3 or not z_hist.is_floating_point() or not len(z_hist):
+            raise ValueError(f"z_hist must be latents (B, h, D) of floats, B >= 1, got {z_hist.dtype} "
+                             f"{tuple(z_hist.shape)}")
         B, h, D = z_hist.shape
         H, A = self.cfg.horizon, self.action_dim
-        latent = getattr(getattr(self.model, "cfg", None), "latent_dim", D)
-        if D != latent:
-            raise ValueError(f"z_hist holds {D}-d latents; this model's are {latent}-d")
+        if D != (self.latent_dim or D):
+            raise ValueError(f"z_hist holds {D}-d latents; this model's are {self.latent_dim}-d")
         z_hist, z_goal = z_hist.float(), z_goal.float()  # the model's dtype (float64 latents, say, are cast)
         a_hist, init = (None if x is None else x.float() for x in (a_hist, init))
         if z_goal.shape != (B, D):
@@ -230,6 +238,9 @@ class Planner:
         ``action_cost`` times their summed squared actions ``(B, N, H, A)``, plus ``stay_cost`` times the
         squared latent change over the last chunk (motion still going on at the plan's end): -> ``(B, N)``."""
         cost = self.cost_fn(z_pred, z_goal)
+        if cost.shape != z_pred.shape[:2]:  # a cost of one's own of another shape would fail deep in the search
+            raise ValueError(f"the cost must give one value per candidate, {tuple(z_pred.shape[:2])} (B, N) for "
+                             f"z_pred {tuple(z_pred.shape)}, got {tuple(cost.shape)}")
         if self.cfg.action_cost:
             cost = cost + self.cfg.action_cost * actions.square().sum((-1, -2))
         if self.cfg.stay_cost:

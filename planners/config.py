@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import nested, option
+from common.config import check_types, nested, option
 from planners.costs import COSTS
 
 PLANNER_KINDS = ("cem", "mppi")
@@ -33,8 +33,7 @@ class CEMConfig:
                                     "mean (best), or the final mean (mean, as LeWM)", choices=("best", "mean"))
 
     def __post_init__(self):
-        if self.plan_from not in ("best", "mean"):
-            raise ValueError(f"cem.plan_from must be best or mean, got {self.plan_from!r}")
+        check_types(self, "cem.")
         if not (self.init_std > 0 and self.min_std >= 0 and 0 <= self.momentum < 1 and 0 < self.keep_fraction <= 1):
             raise ValueError(f"need cem.init_std > 0, cem.min_std >= 0, 0 <= cem.momentum < 1 and "
                              f"0 < cem.keep_fraction <= 1, got {self}")
@@ -58,11 +57,11 @@ class CEMConfig:
 
     def check(self, p: "PlannerConfig") -> None:
         """What CEM needs of the shared settings."""
-        if p.samples < self.n_carry(p.samples) + int(p.rest) + 1:
-            raise ValueError(f"samples ({p.samples}) must leave room for a fresh sample beside the carried ones")
         if not 2 <= self.n_elites(p.samples) <= p.samples:
             raise ValueError(f"need 2 <= cem.elites <= samples, got cem.elites={self.n_elites(p.samples)}, "
                              f"samples={p.samples}")
+        if p.samples < self.n_carry(p.samples) + int(p.rest) + 1:
+            raise ValueError(f"samples ({p.samples}) must leave room for a fresh sample beside the carried ones")
 
 
 @dataclass
@@ -77,6 +76,7 @@ class MPPIConfig:
     momentum: float = option(0.0, "weight of the old mean and std in each update")
 
     def __post_init__(self):
+        check_types(self, "mppi.")
         if not (self.temperature > 0 and self.noise_std > 0 and self.min_std >= 0 and 0 <= self.momentum < 1):
             raise ValueError(f"need mppi.temperature > 0, mppi.noise_std > 0, mppi.min_std >= 0 and "
                              f"0 <= mppi.momentum < 1, got {self}")
@@ -136,8 +136,7 @@ class PlannerConfig:
         return f"{self.samples} x {self.iterations}{steps}"
 
     def __post_init__(self):
-        if self.planner not in PLANNER_KINDS:
-            raise ValueError(f"planner must be one of {list(PLANNER_KINDS)}, got {self.planner!r}")
+        check_types(self)
         if min(self.horizon, self.samples, self.iterations) < 1:
             raise ValueError(f"horizon, samples and iterations must be >= 1, got {self.horizon}, {self.samples}, "
                              f"{self.iterations}")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from common.config import apply_overrides, nested, option
+from common.config import apply_overrides, check_types, nested, option
 from common.device import resolve_device, synchronize
 from planners import subgoals
 from planners.base import Planner, shift_plan
@@ -45,8 +45,7 @@ class PolicyConfig:
     subgoals: SubgoalConfig = nested(SubgoalConfig, "waypoints for far goals")
 
     def __post_init__(self):
-        if self.step_replan not in ("never", "near", "always"):
-            raise ValueError(f"step_replan must be never, near or always, got {self.step_replan!r}")
+        check_types(self)
         if self.step_replan != "never" and self.receding_horizon != 1:
             raise ValueError("step_replan needs receding_horizon 1 (a plan per chunk boundary at least)")
         if self.step_replan == "near" and not self.subgoals.enabled:
@@ -112,7 +111,13 @@ class MPCPolicy:
         self.reset_latent(self._encode(self._frames(goal_image, "goal image")), keys)
 
     def reset_latent(self, z_goal: torch.Tensor, keys=None) -> None:
-        """Start B episodes towards goal latents ``z_goal`` (B, D)."""
+        """Start B episodes towards goal latents ``z_goal`` (B, D), a float tensor (checked before anything
+        of the episodes under way changes)."""
+        latent = self.planner.latent_dim
+        if (not isinstance(z_goal, torch.Tensor) or z_goal.ndim != 2 or not z_goal.is_floating_point()
+                or not len(z_goal) or z_goal.shape[1] != (latent or z_goal.shape[1])):
+            got = f"{z_goal.dtype} {tuple(z_goal.shape)}" if isinstance(z_goal, torch.Tensor) else type(z_goal).__name__
+            raise ValueError(f"z_goal must be a float tensor of goal latents (B, {latent or 'D'}), B >= 1, got {got}")
         B = z_goal.shape[0]
         self.planner.reset()
         self._keys = self.planner.default_keys(B, z_goal.device) if keys is None else as_keys(keys, B, z_goal.device)
@@ -345,7 +350,8 @@ class MPCPolicy:
         return x
 
     def _to_device(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        x = np.ascontiguousarray(x)
+        return torch.from_numpy(x if x.flags.writeable else x.copy()).to(self.device)  # torch wants writeable
 
     def _frames(self, images, what: str) -> torch.Tensor:
         return self._to_device(self._check_frames(images, what))
@@ -401,7 +407,9 @@ def load_policy(checkpoint_path: str | Path, device: str = "auto", data: str = "
     training preset chose another), with ``overrides`` on top: the policy's settings by the names the
     command line uses, ``samples=300``, ``planner="mppi"``, ``receding_horizon=2``, and the dotted ones as
     ``**{"cem.elites": 30, "subgoals.enabled": False}``. Subgoals (on by default) plan far goals via
-    waypoints of a graph of the model's training frames, read from its recorded dataset (or ``data``).
+    waypoints of a graph of the model's training frames: the one the model file holds when built with the
+    settings asked for (``data`` is then not read, a log message says so), else built from its recorded
+    dataset (or ``data``) and saved into the file.
     """
     from worldmodel.graph import graph_for_checkpoint
     from worldmodel.model import WorldModel

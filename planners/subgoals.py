@@ -30,7 +30,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, dijkstra
 from torch import Tensor
 
-from common.config import nested, option
+from common.config import check_types, nested, option
 from worldmodel.graph import MIN_LINK_COST, GraphConfig, LatentGraph
 
 
@@ -44,6 +44,7 @@ class SubgoalConfig:
     graph: GraphConfig = nested(GraphConfig, "the graph of training frames", flat=True)
 
     def __post_init__(self):
+        check_types(self, "subgoals.")
         if self.reach <= 0 or self.lookahead <= 0:
             raise ValueError(f"subgoals.reach and subgoals.lookahead must be positive, got {self.reach}, "
                              f"{self.lookahead}")

@@ -404,6 +404,7 @@ def test_wm_eval_smoke_writes_results_and_keeps_them(data, tmp_path):
     assert {"eval/reach25/world_model/latched", "eval/uniform/world_model/held_at_0.1"} <= set(logged.Tags()["scalars"])
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert len(report["episodes"]) == 3 * 2 * 4 * 3  # protocols x seeds x methods x episodes
+    assert report["data"] == [str(data)]  # the dataset each model's episodes came from
     assert set(report["summary"]) == {f"{p}/{m}" for p in ("reach25", "uniform", "lewm")
                                       for m in ("world_model", "random", "exploration", "simulator")}
     assert all("held" in r for r in report["episodes"])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from planner_fixtures import A, H, PLANNERS, CountingModel, LinearDynamics, make_problems, planner
+from planner_fixtures import A, H, PLANNERS, CountingModel, LinearDynamics, make_problems, planner, planner_config
 
 from planners.base import Planner, keep_best, shift_plan, take
 from planners.config import PlannerConfig
@@ -156,6 +156,42 @@ def test_a_problem_with_nan_latents_gets_a_nan_cost_and_the_others_their_plans(n
         result = planner(name, grad_steps=grad_steps).plan(z_hist, g, init=init, keys=keys)
         assert result.cost[1].isnan() and not result.cost[[0, 2]].isnan().any()
         assert torch.allclose(result.actions[[0, 2]], clean.actions[[0, 2]], atol=1e-5)  # (a start of zeros: cold)
+
+
+def test_plan_inputs_and_a_cost_of_ones_own_are_checked_by_name():
+    z, g, _ = make_problems(LinearDynamics(), 2, 1)
+    p = planner("cem")
+    with pytest.raises(TypeError, match="z_hist must be a torch tensor, got ndarray"):
+        p.plan(z.numpy(), g)
+    with pytest.raises(TypeError, match="z_goal must be a torch tensor"):
+        p.plan(z, g.numpy())
+    with pytest.raises(ValueError, match=r"B >= 1, got torch.float32 \(0, 1, 4\)"):
+        p.plan(z[:0], g[:0])
+    per_step = lambda z_pred, z_goal: (z_pred - z_goal[:, None, None]).square().sum(-1)  # noqa: E731  (B, N, H)
+    with pytest.raises(ValueError, match=r"one value per candidate, \(2, 64\) \(B, N\).*got \(2, 64, 5\)"):
+        PLANNERS["cem"](LinearDynamics(), planner_config("cem", samples=64, cost=per_step)).plan(z, g)
+
+
+def test_a_planner_config_built_directly_is_checked_as_settings_by_name_are():
+    """``PlannerConfig(...)`` in Python refuses what ``apply_overrides`` and the command line refuse, naming
+    the setting; numpy scalars (a grid of settings) are taken as the numbers they are."""
+    import numpy as np
+
+    from planners.config import CEMConfig
+
+    for settings, said in [({"samples": 3.5}, "samples must be an integer"),
+                           ({"iterations": 2.5}, "iterations must be an integer"),
+                           ({"samples": "20"}, "samples must be an integer"), ({"rest": "no"}, "rest must be true"),
+                           ({"action_cost": float("nan")}, "action_cost must be a finite number"),
+                           ({"planner": "rrt"}, "planner must be one of")]:
+        with pytest.raises(ValueError, match=said):
+            PlannerConfig(**settings)
+    with pytest.raises(ValueError, match="cem.init_std must be a finite number"):
+        CEMConfig(init_std=float("inf"))
+    cfg = PlannerConfig(samples=np.int64(30), grad_lr=np.float32(0.25), rest=np.bool_(False))
+    assert (cfg.samples, cfg.grad_lr, cfg.rest) == (30, 0.25, False) and type(cfg.samples) is int
+    with pytest.raises(ValueError, match="cem.elites <= samples, got cem.elites=30, samples=10"):
+        PlannerConfig(samples=10, cem=CEMConfig(elites=30))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -121,6 +121,37 @@ def test_bad_inputs_are_clear_errors(model):
         small(planner="rrt")
 
 
+def test_bad_goal_latents_are_refused_before_the_episodes_change(model):
+    """``reset_latent`` names ``z_goal`` for a wrong shape, size, dtype or type, and the episodes under way
+    go on as if it had not been called."""
+    env = ReacherPixels(size=32)
+    obs, _ = env.reset(seed=0)
+    policy = MPCPolicy(model, small())
+    policy.reset(env.render_goal([0.5, -0.5]))
+    policy.act(obs)
+    goal = policy._z_goal.clone()
+    for bad in (torch.randn(16), torch.randn(1, 10), torch.zeros(1, 16, dtype=torch.long), torch.randn(0, 16),
+                np.zeros((1, 16), np.float32)):
+        with pytest.raises(ValueError, match=r"z_goal must be a float tensor of goal latents \(B, 16\)"):
+            policy.reset_latent(bad)
+        assert torch.equal(policy._z_goal, goal)
+        policy.act(obs)
+    env.close()
+
+
+def test_read_only_frames_are_taken_without_a_warning(model, recwarn):
+    env = ReacherPixels(size=32)
+    obs, _ = env.reset(seed=0)
+    goal = env.render_goal([0.5, -0.5])
+    env.close()
+    obs.setflags(write=False)
+    goal.setflags(write=False)
+    policy = MPCPolicy(model, small())
+    policy.reset(goal)
+    policy.act(obs)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
 def test_load_policy(model, tmp_path):
     model.save(tmp_path / "m.pt")
     policy = load_policy(tmp_path / "m.pt", device="cpu", planner="mppi", samples=8, iterations=2, horizon=2,
@@ -350,3 +381,7 @@ def test_a_model_file_plans_alone_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(empty)
     there, _ = plans(elsewhere / "model.pt")
     assert np.array_equal(here, there)
+    from envs.storage import DatasetError
+
+    with pytest.raises(DatasetError, match="nowhere: no such dataset .given for the subgoal graph"):
+        load_policy(elsewhere / "model.pt", device="cpu", data=str(tmp_path / "nowhere"))  # a typo is not ignored

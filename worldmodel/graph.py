@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from common.config import option
+from common.config import check_types, option
+from envs.storage import DatasetError
 from worldmodel.latents import encode_episodes, every
 
 MIN_LINK_COST = 0.05  # chunks: every link costs something, so next hops strictly shorten the way left
@@ -37,6 +39,7 @@ class GraphConfig:
     max_nodes: int = option(20000, "at most this many training frames in the graph (spread over episodes)")
 
     def __post_init__(self):
+        check_types(self)
         if self.neighbours < 1 or self.radius <= 0 or self.max_nodes < 2:
             raise ValueError(f"graph settings must be positive (max_nodes >= 2), got {self}")
 
@@ -152,14 +155,19 @@ def saved_graph(model, cfg: GraphConfig, where: str = "") -> LatentGraph | None:
 
 
 def graph_for_checkpoint(model, checkpoint, cfg: GraphConfig, data: str = "", replace: bool = False) -> LatentGraph:
-    """The subgoal graph of a trained model: the one its file holds when built with ``cfg``; else built
-    from its own training episodes (of the dataset its checkpoint records, or ``data``) and saved into its
-    file, so the next load needs no data (with a message), when it holds none or with ``replace``."""
+    """The subgoal graph of a trained model: the one its file holds when built with ``cfg`` (``data``, a path
+    that must exist, is then not read: a message says so); else built from its own training episodes (of
+    the dataset its checkpoint records, or ``data``) and saved into its file, so the next load needs no
+    data (with a message), when it holds none or with ``replace``."""
     from worldmodel.datasplit import open_data, training_episodes
     from worldmodel.model import read_model_meta
 
+    if data and not os.path.exists(data):
+        raise DatasetError(f"{data}: no such dataset (given for the subgoal graph of {checkpoint})")
     graph = saved_graph(model, cfg, str(checkpoint))
     if graph is not None:
+        if data:
+            log.info("%s not read: %s holds its subgoal graph, built with these settings", data, checkpoint)
         return graph
     meta = read_model_meta(checkpoint)
     store, _ = open_data(model, meta, checkpoint, data, "subgoals need its training frames, or a model file that "
