@@ -248,6 +248,11 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict:
 def _collect(cfg: CollectConfig, out: Path, progress: bool) -> dict:
     """``collect`` once ``out`` is checked and locked."""
     done = existing_episodes(cfg)
+    beyond = sorted(i for i in done if i >= cfg.episodes)
+    if beyond:  # the manifest would shrink below what the directory holds
+        raise CollectionError(f"{out} already holds {len(done)} episodes (up to episode {beyond[-1]}), more than "
+                              f"--episodes {cfg.episodes}; pass --episodes {beyond[-1] + 1} or more to extend it, or "
+                              f"another --out")
     missing = [i for i in range(cfg.episodes) if i not in done]
     summary = {"out": str(out), "episodes": cfg.episodes, "already_there": cfg.episodes - len(missing),
                "collected": 0, "saved": 0, "frames_per_s": None}
@@ -261,7 +266,7 @@ def _collect(cfg: CollectConfig, out: Path, progress: bool) -> dict:
     attrs = _shard_attrs(cfg)
 
     def flush(group: tuple) -> None:
-        episodes = pending.pop(group)
+        episodes = pending[group]  # dropped once written: an interruption mid-write leaves it for the last flush
         path = shard_path(out, episodes)
         try:
             write_shard(path, episodes, attrs)
@@ -270,6 +275,7 @@ def _collect(cfg: CollectConfig, out: Path, progress: bool) -> dict:
             raise CollectionError(f"could not write {path.name} ({exc.strerror or exc}); {saved}/{cfg.episodes} "
                                   f"episodes are saved in {out}; free some space and run the same command "
                                   f"again to resume") from exc
+        del pending[group]
         summary["saved"] += len(episodes)
 
     bar = tqdm(total=len(missing) * (cfg.steps + 1), unit="frame", desc=f"collect {out.name}",

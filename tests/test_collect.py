@@ -17,7 +17,7 @@ import envs.collect
 from envs.collect import CollectConfig, CollectionError, collect, plan_shards
 from envs.dataset import EpisodeStore
 from conftest import tqdm_progress
-from envs.storage import DatasetError
+from envs.storage import DatasetError, episode_index
 
 TINY = CollectConfig(episodes=5, steps=12, size=32, workers=1, episodes_per_shard=2)
 
@@ -60,6 +60,34 @@ def test_rerun_is_a_no_op_and_extends(tmp_path):
     assert collect(replace(cfg, episodes=5), progress=False)["collected"] == 2
     collect(replace(TINY, out=str(tmp_path / "ref")), progress=False)
     _assert_same_data(tmp_path / "d", tmp_path / "ref")
+
+
+def test_fewer_episodes_than_the_directory_holds_are_refused_and_its_manifest_kept(tmp_path):
+    from envs.storage import expected_episodes
+
+    collect(replace(TINY, out=str(tmp_path / "d")), progress=False)
+    with pytest.raises(CollectionError, match=r"already holds 5 episodes .*more than --episodes 3; pass --episodes 5"):
+        collect(replace(TINY, out=str(tmp_path / "d"), episodes=3), progress=False)
+    assert expected_episodes(tmp_path / "d") == 5
+
+
+def test_an_interruption_while_a_shard_is_written_still_saves_its_episodes(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) landing inside a shard's write: the write is abandoned (its temporary file
+    removed), and the last flush on the way out writes that shard with the others."""
+    real, calls = envs.collect.write_shard, []
+
+    def interrupted_once(path, episodes, attrs):
+        calls.append(sorted(episodes))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(path, episodes, attrs)
+
+    monkeypatch.setattr(envs.collect, "write_shard", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        collect(replace(TINY, out=str(tmp_path / "d")), progress=False)
+    assert calls[0] == calls[1] == [0, 1]  # the interrupted shard, written again on the way out
+    saved = sorted(episode_index(ref.key) for ref in EpisodeStore(tmp_path / "d", in_memory=False).episodes)
+    assert saved[:2] == [0, 1]
 
 
 def test_resume_with_other_settings_is_an_error(tmp_path):
