@@ -34,7 +34,7 @@ from envs.vector import ReacherBatch
 from evaluation.baselines import (SIMULATOR_BUDGET, exploration_controller, exploration_policies, random_controller,
                                   simulator_controller)
 from evaluation.protocols import (Protocol, episode_records, history_before, lewm_training_rows, parse_protocols,
-                                  sample_episodes)
+                                  sample_episodes, start_rows)
 from evaluation.html import evaluation_page
 from evaluation.report import log_to_tensorboard, plot_results, results_markdown, summarize
 from evaluation.stats import METHOD
@@ -377,7 +377,8 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
         split_note = notes[0] if len(notes) == 1 else f"each model's own {cfg.split} episodes"
         made = provenance()
         report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps,
-                  "data": data_paths, "split": notes, "interval": METHOD, "torch_threads": torch.get_num_threads(), "provenance": made, "summary": summary,
+                  "data": data_paths, "split": notes, "interval": METHOD, "torch_threads": torch.get_num_threads(),
+                  "provenance": made, "summary": summary,
                   "episodes": records}
         markdown = signed("\n".join([results_markdown(summary, cfg, split_note, cfg.checkpoints), *otherwise]), made)
         title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"
@@ -488,6 +489,15 @@ def closed_loop_check(model, store: EpisodeStore, train_ids: list[int], val_ids:
     finally:
         batch.close()
     return {f"{protocol}_latched": latched, f"{protocol}_held": held}
+
+
+def check_closed_loop_episodes(store: EpisodeStore, val_ids: list[int], episodes: int, protocol: str = "reach25"):
+    """A ValueError when ``closed_loop_check`` could not draw ``episodes`` episodes: what ``wm train`` asks
+    before its first step, not after its last."""
+    start_rows(store, val_ids, parse_protocols(protocol)[0], episodes, GOAL_TOLERANCE)
+
+
+closed_loop_check.check_episodes = check_closed_loop_episodes
 
 
 def world_model_records(setup: Setup, policy: PolicyConfig, protocol: str, episodes: int, seed: int = 0) -> list[dict]:

@@ -111,6 +111,25 @@ def draw_stream(protocol: Protocol) -> int:
     return list(PROTOCOLS).index(name) if name in PROTOCOLS else 1000 + protocol.goal_offset
 
 
+def start_rows(store, episode_ids: list[int], protocol: Protocol, n: int, tolerance: float) -> list[tuple[int, int]]:
+    """(episode, t0) of every usable start of ``protocol`` in ``episode_ids`` (a row with the goal inside its
+    episode and not within ``tolerance`` of it); a ValueError if there are fewer than ``n``."""
+    need = protocol.goal_offset or 0
+    rows = []
+    for i in episode_ids:
+        q = store.states(i)["qpos"]  # (T+1, 2)
+        usable = max(len(q) - need, 0)  # an episode no longer than the goal offset has no start
+        t0 = np.arange(usable)
+        if protocol.goal_offset is not None:
+            t0 = t0[joint_error(q[:usable], q[need:need + usable], protocol.wrap) >= tolerance]
+        rows.extend((i, int(t)) for t in t0)
+    if len(rows) < n:
+        ahead = f" (the goal {need} steps later in the same episode)" if protocol.goal_offset is not None else ""
+        raise ValueError(f"{protocol.name}: {len(rows)} usable start rows{ahead} in {len(episode_ids)} held-out "
+                         f"episodes, {n} episodes asked for")
+    return rows
+
+
 def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, seed: int,
                     wrist_range: tuple[float, float], tolerance: float) -> dict[str, np.ndarray]:
     """Start states and goal poses of ``n`` protocol episodes from the rows of held-out episodes; each
@@ -125,18 +144,7 @@ def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, s
     """
     rng = np.random.default_rng([seed, draw_stream(protocol)])
     need = protocol.goal_offset or 0
-    rows = []  # (episode, t0) of every usable start
-    for i in episode_ids:
-        q = store.states(i)["qpos"]  # (T+1, 2)
-        usable = max(len(q) - need, 0)  # an episode no longer than the goal offset has no start
-        t0 = np.arange(usable)
-        if protocol.goal_offset is not None:
-            t0 = t0[joint_error(q[:usable], q[need:need + usable], protocol.wrap) >= tolerance]
-        rows.extend((i, int(t)) for t in t0)
-    if len(rows) < n:
-        ahead = f" (the goal {need} steps later in the same episode)" if protocol.goal_offset is not None else ""
-        raise ValueError(f"{protocol.name}: {len(rows)} usable start rows{ahead} in {len(episode_ids)} held-out "
-                         f"episodes, {n} episodes asked for")
+    rows = start_rows(store, episode_ids, protocol, n, tolerance)
     picked = rng.permutation(len(rows))[:n]  # the first k episodes are the same whatever n is
     out = {k: [] for k in ("index", "episode", "t0", "qpos", "qvel", "target", "goal_qpos")}
     for j, k in enumerate(picked):

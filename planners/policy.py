@@ -113,7 +113,7 @@ class MPCPolicy:
     def reset_latent(self, z_goal: torch.Tensor, keys=None) -> None:
         """Start B episodes towards goal latents ``z_goal`` (B, D), a float tensor (checked before anything
         of the episodes under way changes)."""
-        latent = self.planner.latent_dim
+        latent = getattr(self.planner, "latent_dim", None)  # a planner of one's own may not say
         if (not isinstance(z_goal, torch.Tensor) or z_goal.ndim != 2 or not z_goal.is_floating_point()
                 or not len(z_goal) or z_goal.shape[1] != (latent or z_goal.shape[1])):
             got = f"{z_goal.dtype} {tuple(z_goal.shape)}" if isinstance(z_goal, torch.Tensor) else type(z_goal).__name__

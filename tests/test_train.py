@@ -131,6 +131,106 @@ def test_a_finished_run_is_kept_and_another_is_refused(data, tmp_path, caplog):
     assert train(tiny(data, tmp_path / "run", steps=2, batch_size=4, overwrite=True), progress=False)["loss/total"] > 0
 
 
+def test_overwrite_keeps_the_old_run_until_the_new_one_can_start(data, tmp_path):
+    """--overwrite with a mistyped --data, or a closed-loop check its validation episodes cannot hold, is
+    refused before the first step, and the run already there is still whole."""
+    from evaluation.evaluate import closed_loop_check
+
+    out = tmp_path / "run"
+    train(tiny(data, out, steps=2), progress=False)
+    before = (out / "model.pt").read_bytes()
+    with pytest.raises(ValueError, match="no such dataset"):
+        train(tiny(tmp_path / "nowhere", out, steps=2, overwrite=True), progress=False)
+    with pytest.raises(ValueError, match=r"--eval-episodes 1: reach25: 0 usable start rows .*ask for fewer"):
+        train(tiny(data, out, steps=2, overwrite=True, eval_episodes=1), progress=False, closed_loop=closed_loop_check)
+    assert (out / "model.pt").read_bytes() == before and (out / "checkpoint.pt").is_file()
+    assert train(tiny(data, out, steps=2), progress=False)["already_done"]
+
+
+def test_a_stop_while_measuring_at_the_end_loses_no_step(data, tmp_path, monkeypatch):
+    """The training state is saved before the end-of-training measurements: a run killed while they run
+    (SIGKILL after a stop's grace period, say) keeps every step, and the same command measures and writes
+    the model files."""
+    out = tmp_path / "run"
+    real = train_module._evaluate
+
+    def killed_at_the_end(model, data_, cfg, done, *args):
+        if done == cfg.steps:
+            raise KeyboardInterrupt
+        return real(model, data_, cfg, done, *args)
+    monkeypatch.setattr(train_module, "_evaluate", killed_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(data, out), progress=False)
+    monkeypatch.undo()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 8
+    assert json.loads((out / "model.json").read_text())["step"] == 4
+    assert torch.load(out / "checkpoint.prev.pt", weights_only=True)["step"] == 4
+    result = train(tiny(data, out), progress=False)
+    assert "probe" in result and json.loads((out / "model.json").read_text())["step"] == 8
+
+
+def test_a_run_blown_up_before_its_first_checkpoint_is_not_saved(data, tmp_path, monkeypatch):
+    """No good checkpoint to compare with yet: running statistics far out of range, or a loss far above the
+    run's first logged one, are refused all the same; the advice is a sane rate, not a quarter of an absurd one."""
+    real, calls = train_module.world_model_losses, {"n": 0}
+
+    def inflated(net, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                net.encoder.projector[1].running_var.mul_(1e8)  # the BatchNorm's statistics only
+        return real(net, *args, **kwargs)
+    monkeypatch.setattr(train_module, "world_model_losses", inflated)
+    with pytest.raises(TrainingDiverged, match="step 4 is unsound: parameters or running statistics up to"):
+        train(tiny(data, tmp_path / "a"), progress=False)
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()
+
+    calls["n"] = 0
+
+    def rising(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        out["loss"] = out["loss"] * (1000.0 if calls["n"] > 2 else 1.0)
+        return out
+    monkeypatch.setattr(train_module, "world_model_losses", rising)
+    with pytest.raises(TrainingDiverged, match=r"loss rose from .* when first logged to "):
+        train(tiny(data, tmp_path / "b"), progress=False)
+    monkeypatch.undo()
+    with pytest.raises(TrainingDiverged, match=r"--lr 0\.001$") as info:
+        train(tiny(data, tmp_path / "c", lr=1e6), progress=False)
+    assert "250000" not in str(info.value)
+
+
+def test_a_run_whose_checkpoint_went_missing_says_how_to_resume_from_the_one_before(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _poison_loss(monkeypatch, after=9)  # checkpoints of steps 4 and 8, then a divergence
+    with pytest.raises(TrainingDiverged):
+        train(tiny(data, out, steps=12), progress=False)
+    monkeypatch.undo()
+    (out / "checkpoint.pt").unlink()
+    said = r"rename .*checkpoint\.prev\.pt to checkpoint\.pt and pass --resume"
+    with pytest.raises(ValueError, match=rf"at step 8 of 12; its checkpoint\.pt is gone .*{said}"):
+        train(tiny(data, out, steps=12), progress=False)
+    with pytest.raises(ValueError, match=rf"--resume: no checkpoint at .*{said}"):
+        train(tiny(data, out, steps=12, resume=True), progress=False)
+
+
+def test_windows_too_long_for_validation_episodes_name_val_horizon(data, tmp_path):
+    with pytest.raises(ValueError, match=r"validation windows predict --val-horizon 20 steps: lower it"):
+        train(tiny(data, tmp_path / "run", val_horizon=20), progress=False)
+
+
+def test_a_first_checkpoint_that_cannot_be_written_says_none_was(data, tmp_path, monkeypatch):
+    import worldmodel.rundir as rundir
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(rundir, "atomic_torch_save", full)
+    with pytest.raises(RunWriteError, match=r"step 4 .*checkpoint\.pt: No space left.*no checkpoint of this run was "
+                                            r"written before"):
+        train(tiny(data, tmp_path / "run"), progress=False)
+
+
 def test_a_run_stopped_before_its_first_checkpoint_starts_again(data, tmp_path, monkeypatch):
     """Nothing to keep (no checkpoint, no model): the advice after an early divergence (a lower --lr) works."""
     _poison_loss(monkeypatch, after=0)
@@ -511,7 +611,8 @@ def test_a_blown_up_model_never_replaces_the_last_good_checkpoint(data, tmp_path
                 conv.weight.mul_(1e6), conv.bias.mul_(1e6)
         return real(net, *args, **kwargs)
     monkeypatch.setattr(train_module, "world_model_losses", blown_up)
-    with pytest.raises(TrainingDiverged, match=r"model at step 8 is unsound: parameters up to .*not saved.*"
+    with pytest.raises(TrainingDiverged, match=r"model at step 8 is unsound: parameters or running statistics up to .*"
+                                               r"not saved.*"
                                                r"checkpoint\.pt \(step 4\).*--resume --lr 0\.00025"):
         train(tiny(data, out, steps=12, resume=True), progress=False)
     monkeypatch.undo()
@@ -528,7 +629,7 @@ def test_soundness_is_judged_against_the_last_good_checkpoint():
     good = {"param_norm": 10.0, "param_max": 2.0, "loss": 0.5}
     assert unsound({"param_norm": 12.0, "param_max": 2.5, "loss": 0.6}, good) is None
     assert "non-finite" in unsound({"param_norm": float("inf"), "param_max": float("inf")}, good)
-    assert "parameters up to 1.97e+15" in unsound({"param_norm": 1e16, "param_max": 1.97e15}, {})
+    assert "parameters or running statistics up to 1.97e+15" in unsound({"param_norm": 1e16, "param_max": 1.97e15}, {})
     assert "grew 20x" in unsound({"param_norm": 200.0, "param_max": 50.0, "loss": 0.5}, good)
     assert "loss rose from 0.5" in unsound({"param_norm": 10.0, "param_max": 2.0, "loss": 80.0}, good)
     assert unsound({"param_norm": 10.0, "param_max": 2.0, "loss": 0.05}, {**good, "loss": 1e-6}) is None  # a floor
@@ -635,8 +736,12 @@ def test_a_finished_run_whose_model_files_were_lost_writes_them_again(data, tmp_
     out = tmp_path / "run"
     train(tiny(data, out), progress=False)
     weights, meta = WorldModel.load(out / "model.pt").state_dict(), json.loads((out / "model.json").read_text())
+    other = tmp_path / "other"
+    train(tiny(data, other, seed=1), progress=False)
     for damage, resume in ((lambda: (out / "model.json").write_text('{"step": 1'), False),
-                           (lambda: (out / "model.pt").unlink(), True)):
+                           (lambda: (out / "model.pt").unlink(), True),
+                           (lambda: (out / "model.pt").write_bytes((out / "model.pt").read_bytes()[:5000]), False),
+                           (lambda: (out / "model.pt").write_bytes((other / "model.pt").read_bytes()), False)):
         damage()
         result = train(tiny(data, out, resume=resume), progress=False)
         assert "already_done" not in result and result["probe"] == meta["metrics"]["probe"]
@@ -647,7 +752,7 @@ def test_a_finished_run_whose_model_files_were_lost_writes_them_again(data, tmp_
     assert train(tiny(data, out), progress=False)["already_done"]  # whole again: nothing to do
     (out / "model.pt").unlink()
     (out / "checkpoint.pt").unlink()
-    with pytest.raises(CheckpointError, match=r"model\.pt is missing and the finished run .* has no checkpoint"):
+    with pytest.raises(CheckpointError, match=r"model\.pt is missing or damaged and the finished run .* has no checkpoint"):
         train(tiny(data, out), progress=False)
 
 

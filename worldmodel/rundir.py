@@ -64,24 +64,25 @@ def _differences(saved: dict, cfg, ignore) -> dict:
 
 
 def status(out: Path, cfg) -> str:
-    """What to do with ``out``: ``fresh`` (start), ``resume`` (continue), ``done`` (nothing: it holds a
+    """What to do with ``out``: ``fresh`` (start), ``overwrite`` (start, the run there cleared by ``clear``
+    once the new one has checked its data and settings), ``resume`` (continue), ``done`` (nothing: it holds a
     finished run of these settings) or ``rebuild`` (a finished run whose model.pt or model.json is missing or
     damaged: written again from its checkpoint). A run in the way is an error that says what to type."""
     ckpt = out / "checkpoint.pt"
     if cfg.overwrite:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "tb", ignore_errors=True)
-        return "fresh"
+        return "overwrite"
     step, saved = recorded_run(out, type(cfg))
     finished = step is not None and step == saved.get("steps") and not _differences(saved, cfg, RESUME_FREE | set(RECOVERY))
     if finished and not model_intact(out, step):
         if not ckpt.is_file():
-            raise CheckpointError(f"{out / 'model.pt'} is missing and the finished run in {out} has no checkpoint to "
-                                  f"write it again from; --overwrite trains it again")
+            raise CheckpointError(f"{out / 'model.pt'} is missing or damaged and the finished run in {out} has no "
+                                  f"checkpoint to write it again from; --overwrite trains it again")
         return "rebuild"
     if cfg.resume:
         if not ckpt.is_file():
+            if step is not None or (out / PREVIOUS).is_file():  # a run whose checkpoint went missing
+                raise ValueError(f"--resume: no checkpoint at {ckpt}{_previous_hint(out)}; --overwrite starts "
+                                 f"the run again")
             raise ValueError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
         return "done" if finished else "resume"
     if step is None:  # nothing worth keeping (a run that stopped before its first checkpoint)
@@ -90,10 +91,28 @@ def status(out: Path, cfg) -> str:
         return "done"
     diff = _differences(saved, cfg, RESUME_FREE)
     other = f" with other settings (saved, now): {diff}" if diff else ""
-    advice = ("pass --resume to continue it" if ckpt.is_file() and step < saved.get("steps", 0)
-              else "it is finished")
+    if step >= saved.get("steps", 0):
+        advice = "it is finished"
+    elif ckpt.is_file():
+        advice = "pass --resume to continue it"
+    else:
+        advice = f"its {ckpt.name} is gone{_previous_hint(out)}"
     raise ValueError(f"{out} already holds a run at step {step} of {saved.get('steps')}{other}; {advice}, --overwrite "
                      f"to start again, or choose another --out")
+
+
+def _previous_hint(out: Path) -> str:
+    """How to resume from the checkpoint before the last, when it is there."""
+    previous = out / PREVIOUS
+    return (f" (the one before it is kept: rename {previous} to checkpoint.pt and pass --resume to continue "
+            f"from it)" if previous.is_file() else "")
+
+
+def clear(out: Path) -> None:
+    """Remove the run in ``out`` (``--overwrite``): its model, checkpoints, settings and TensorBoard logs."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tb", ignore_errors=True)
 
 
 def recorded_run(out: Path, cls) -> tuple[int | None, dict]:
@@ -149,9 +168,15 @@ def check_same_data(recorded: dict, store, data: str) -> None:
 
 
 def model_intact(out: Path, step: int) -> bool:
-    """Whether a run's user-facing model is whole at ``step``: model.json readable and at that step, model.pt
-    beside it."""
-    return read_json(out / "model.json").get("step") == step and (out / "model.pt").is_file()
+    """Whether a run's user-facing model is whole at ``step``: model.json readable and at that step, and the
+    model.pt beside it loads with the weights that json records (not truncated, not another model's)."""
+    if read_json(out / "model.json").get("step") != step or not (out / "model.pt").is_file():
+        return False
+    try:
+        WorldModel.load(out / "model.pt")
+    except CheckpointError:
+        return False
+    return True
 
 
 def finished_metrics(out: Path) -> dict:
@@ -160,24 +185,31 @@ def finished_metrics(out: Path) -> dict:
 
 
 def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, history: list, data: dict,
-         health: dict | None = None, extras: dict | None = None, planner: dict | None = None) -> None:
-    """The user-facing model (model.pt + model.json, which records ``planner``: the settings it is planned
-    with, by name) and the training state (checkpoint.pt, with the model's ``health`` as the guard measured
-    it); the checkpoint replaced is kept as checkpoint.prev.pt."""
+         health: dict | None = None, extras: dict | None = None, planner: dict | None = None,
+         checkpoint: bool = True, model_files: bool = True) -> None:
+    """The training state (checkpoint.pt, with the model's ``health`` as the guard measured it; the
+    checkpoint replaced is kept as checkpoint.prev.pt) and the user-facing model (model.pt + model.json,
+    which records ``planner``: the settings it is planned with, by name); ``checkpoint`` and ``model_files``
+    leave either out (the training state is saved before measurements that take a while)."""
     settings = dataclasses.asdict(cfg)
     extra = {"step": step, "train_config": settings, "planner": planner or {}, "history": history, "data": data,
              "provenance": provenance(),
              "metrics": {k: v for k, v in metrics.items()
                          if k in ("probe", "val", "loss/prediction", "ddp_max_param_diff", "closed_loop")}}
+    had = (out / "checkpoint.pt").is_file()
     try:  # model.json last: it is what says which step the run has reached
-        _keep_previous(out / "checkpoint.pt", out / PREVIOUS)
-        atomic_torch_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "config": settings, "history": history, "health": health or {}, "data": data},
-                          out / "checkpoint.pt")  # all --resume needs: model.json can be damaged or gone
-        model.save(out / "model.pt", extra=extra, extras=extras)
+        if checkpoint:
+            _keep_previous(out / "checkpoint.pt", out / PREVIOUS)
+            atomic_torch_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "config": settings, "history": history, "health": health or {}, "data": data},
+                              out / "checkpoint.pt")  # all --resume needs: model.json can be damaged or gone
+        if model_files:
+            model.save(out / "model.pt", extra=extra, extras=extras)
     except OSError as exc:
-        raise RunWriteError(f"could not write the checkpoint of step {step} in {out} ({exc.strerror or exc}); "
-                            f"the files of the last good checkpoint are kept") from None
+        kept = ("the files of the last good checkpoint are kept" if had else
+                "no checkpoint of this run was written before")
+        raise RunWriteError(f"could not write the checkpoint of step {step} in {out} ({exc.filename or out}: "
+                            f"{exc.strerror or exc}); {kept}") from None
 
 
 def _keep_previous(path: Path, previous: Path) -> None:

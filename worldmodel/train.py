@@ -34,7 +34,7 @@ from common.device import THREADS_HELP, autocast_for
 from common.files import atomic_write_json, output_dir, output_lock, remove_stale_temporaries
 from common.process import ignore_stop_signals
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
-from envs.storage import DEFAULT_DATA, recording
+from envs.storage import DEFAULT_DATA, DatasetError, recording
 from worldmodel import distributed, rundir
 from worldmodel.datasplit import split_record
 from worldmodel.graph import GraphConfig, LatentGraph, graph_settings
@@ -250,7 +250,8 @@ def train(cfg: TrainConfig, progress: bool = True,
     ``closed_loop(model, store, train_ids, val_ids, episodes, planner) -> {name: value}`` (given by the
     command line, which sees the planners) runs a small closed-loop evaluation every ``eval_every`` steps
     and at the end, planned as the model will be (``planner``: the settings it records); its values are
-    logged to TensorBoard under ``closed_loop/`` and kept in model.json.
+    logged to TensorBoard under ``closed_loop/`` and kept in model.json. Its ``check_episodes(store,
+    val_ids, episodes)``, if it has one, runs before the first step: a ValueError there stops the run.
     """
     rank, world, device = distributed.setup(cfg.device)
     is_main = rank == 0
@@ -272,19 +273,29 @@ def train(cfg: TrainConfig, progress: bool = True,
             if state == "rebuild" and is_main:
                 log.warning(f"{out} holds a finished run whose model.pt or model.json is missing or damaged: writing "
                             f"them again from checkpoint.pt (the end-of-training measurements run again)")
-            return _train(cfg, rank, world, device, state in ("resume", "rebuild"), progress, closed_loop)
+            return _train(cfg, rank, world, device, state in ("resume", "rebuild"), progress, closed_loop,
+                          overwrite=state == "overwrite")
     finally:
         distributed.teardown(world)
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume: bool, progress: bool,
-           closed_loop) -> dict:
+           closed_loop, overwrite: bool = False) -> dict:
     # --- setup: data, model, optimiser, where to start, logs ---------------------------------------------
     is_main, out = rank == 0, Path(cfg.out)
     data = TrainingData(cfg)
     if is_main:
         log.info(data.summary(cfg, device))
         check_preset_data(cfg, data.store.size, data.store.attrs)
+        check = getattr(closed_loop, "check_episodes", None)
+        if check is not None and cfg.eval_episodes and data.can_evaluate:  # its episodes exist: checked now
+            try:
+                check(data.store, data.val.episode_ids, cfg.eval_episodes)
+            except ValueError as exc:
+                raise ValueError(f"--eval-episodes {cfg.eval_episodes}: {exc}; ask for fewer (0: no closed-loop "
+                                 f"check)") from None
+        if overwrite:  # the run there goes only now that this one can start
+            rundir.clear(out)
     torch.manual_seed(cfg.seed)
     model = WorldModel(dataclasses.replace(cfg.model, image_size=data.store.size,
                                            env=str(data.store.attrs["env"]))).to(device)
@@ -302,16 +313,18 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     guard = DivergenceGuard(cfg, out, start, device, good)
     metrics: dict = {}
     t_last, frames_seen = time.perf_counter(), 0
+    checkpointed = [start if resume else None]  # the step checkpoint.pt holds
 
-    def save(done: int) -> None:
+    def save(done: int, model_files: bool = True) -> None:
         health = guard.check_sound(model, done)  # never save weights a diverging run has touched
         if world > 1:
             metrics["ddp_max_param_diff"] = distributed.check_in_sync(model)
         if is_main:  # the finished model carries what planning needs: the graph of its training frames
             extras = ({"graph": LatentGraph.build(model, data.store, data.train.episode_ids, cfg.graph).state(cfg.graph)}
-                      if done == cfg.steps and cfg.save_graph else {})
+                      if model_files and done == cfg.steps and cfg.save_graph else {})
             rundir.save(out, model, opt, cfg, done, metrics, history, data.record, health, extras,
-                        planner_settings(cfg))
+                        planner_settings(cfg), checkpoint=checkpointed[0] != done, model_files=model_files)
+        checkpointed[0] = done
 
     if start == cfg.steps:  # a finished run whose model files were lost: written again from its checkpoint
         if is_main:
@@ -351,6 +364,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                         guard.logged(scalars["loss/total"])
                         bar.set_postfix(loss=f"{scalars['loss/total']:.4f}", fps=f"{scalars['speed/frames_per_s']:.0f}")
                         metrics.update(scalars)
+                if last or any(every and done % every == 0 for every in (cfg.eval_every, cfg.probe_every)):
+                    save(done, model_files=False)  # the training state first: a stop while measuring loses no step
                 if is_main:
                     metrics.update(_evaluate(model, data, cfg, done, writer, closed_loop, device))
                 saved = done % cfg.ckpt_every == 0 or last
@@ -390,7 +405,12 @@ class TrainingData:
         if len(self.train.episode_ids) < cfg.train_episodes:
             raise ValueError(f"--train-episodes {cfg.train_episodes}: {cfg.data} has only "
                              f"{len(self.train.episode_ids)} training episodes")
-        self.val = WindowDataset(self.store, WindowSpec(history, cfg.val_horizon, fs), "val", *fractions, states=False)
+        try:
+            self.val = WindowDataset(self.store, WindowSpec(history, cfg.val_horizon, fs), "val", *fractions,
+                                     states=False)
+        except DatasetError as exc:  # its windows predict --val-horizon steps, not --n-pred
+            raise DatasetError(f"{exc} (validation windows predict --val-horizon {cfg.val_horizon} steps: lower it "
+                               f"too)") from None
         if not self.val.episode_ids:  # too few episodes to hold one out: nothing to choose on, or to validate
             least, roles = (3, ", one to report on") if cfg.test_fraction > 0 else (2, "")
             raise ValueError(f"{cfg.data} holds {len(self.store)} episode(s): training needs at least {least} (one to "
@@ -461,6 +481,7 @@ class DivergenceGuard:
         # the last good checkpoint's health (HEALTH_KEYS); before the first, only the learning rate
         self.good = {"lr": cfg.lr, **(good or {})}
         self.losses: list[float] = []  # losses read since the last good checkpoint
+        self.first: float | None = None  # the run's first logged loss: the baseline before a good checkpoint
         self._loss: torch.Tensor | None = None
 
     def note(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -470,6 +491,8 @@ class DivergenceGuard:
     def logged(self, loss: float) -> None:
         """A loss read on the host at a logging step: part of the run's recent history."""
         self.losses.append(loss)
+        if self.first is None:
+            self.first = loss
 
     def check(self, done: int) -> None:
         self.done = done
@@ -487,7 +510,10 @@ class DivergenceGuard:
         health = {"step": done, "lr": self.cfg.lr, **parameter_health(model)}
         if recent:
             health["loss"] = float(np.median(recent))
-        problem = unsound(health, self.good)
+        # before the first good checkpoint, the loss is held to the run's first logged one (a sound run's
+        # first logged loss is its highest)
+        baseline = self.good if "loss" in self.good or self.first is None else {**self.good, "loss": self.first}
+        problem = unsound(health, baseline)
         if distributed.any_rank(torch.tensor(problem is not None, device=self.nonfinite.device)):
             raise TrainingDiverged(_divergence_message(self, f"the model at step {done} is unsound: "
                                                               f"{problem or 'on another rank'}; it was not saved"))
@@ -496,14 +522,15 @@ class DivergenceGuard:
 
 
 def parameter_health(model: torch.nn.Module) -> dict:
-    """The parameters' norm and largest magnitude (inf when any parameter or buffer is not finite)."""
+    """The parameters' norm, and the largest magnitude of parameters and running statistics (buffers, such
+    as a BatchNorm's running variance, which a blow-up inflates too); inf when any of them is not finite."""
     with torch.no_grad():
         flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-        finite = bool(torch.isfinite(flat).all()) and all(
-            bool(torch.isfinite(b).all()) for b in model.buffers() if b.is_floating_point())
-        if not finite:
+        stats = [b.detach().float().flatten() for b in model.buffers() if b.is_floating_point()]
+        every = torch.cat([flat, *stats])
+        if not bool(torch.isfinite(every).all()):
             return {"param_norm": math.inf, "param_max": math.inf}
-        return {"param_norm": float(torch.linalg.vector_norm(flat)), "param_max": float(flat.abs().max())}
+        return {"param_norm": float(torch.linalg.vector_norm(flat)), "param_max": float(every.abs().max())}
 
 
 def unsound(health: dict, good: dict) -> str | None:
@@ -511,13 +538,15 @@ def unsound(health: dict, good: dict) -> str | None:
     if not math.isfinite(health["param_max"]):
         return "non-finite parameters"
     if health["param_max"] > PARAM_LIMIT:
-        return f"parameters up to {health['param_max']:.3g} (a sound model's stay far below {PARAM_LIMIT:g})"
+        return (f"parameters or running statistics up to {health['param_max']:.3g} (a sound model's stay far below "
+                f"{PARAM_LIMIT:g})")
     if good.get("param_norm") and health["param_norm"] > PARAM_GROWTH * good["param_norm"]:
         return (f"the parameters' norm grew {health['param_norm'] / good['param_norm']:.3g}x since the last good "
                 f"checkpoint (at most {PARAM_GROWTH:g}x)")
     if good.get("loss") is not None and health.get("loss") is not None:
         if health["loss"] > LOSS_GROWTH * max(good["loss"], LOSS_FLOOR):
-            return f"the loss rose from {good['loss']:.4g} at the last good checkpoint to {health['loss']:.4g}"
+            since = "at the last good checkpoint" if "step" in good else "when first logged"
+            return f"the loss rose from {good['loss']:.4g} {since} to {health['loss']:.4g}"
     return None
 
 
@@ -574,9 +603,12 @@ def _scalars(losses: dict, opt, grad_norm, frames_per_s: float) -> dict:
 
 def _divergence_message(guard: DivergenceGuard, what: str) -> str:
     """``what`` went wrong, what is kept, and advice that works: a quarter of the lowest of this run's
-    learning rate and the one the last good checkpoint was reached with (an absurd rate is never scaled)."""
+    learning rate and the one the last good checkpoint was reached with, and before any checkpoint at most
+    the default rate (an absurd rate is never scaled)."""
     cfg, ckpt = guard.cfg, guard.out / "checkpoint.pt"
     lr = min(cfg.lr, guard.good["lr"]) / 4
+    if not ckpt.is_file():  # a run that diverged from the start: not a quarter of an absurd rate
+        lr = min(lr, TrainConfig.lr)
     if ckpt.is_file():
         previous = guard.out / rundir.PREVIOUS
         before = f" (and the one before it as {previous})" if previous.is_file() else ""
