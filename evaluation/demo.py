@@ -27,7 +27,7 @@ from evaluation.evaluate import (DEFAULT_CHECKPOINT, EvalConfig, Setup, batch_re
                                  world_model_controller)
 from evaluation.html import demo_page
 from evaluation.protocols import PROTOCOL_NAMES, PROTOCOLS, protocol_named, sample_episodes
-from planners.policy import PolicyConfig, check_policy_device
+from planners.policy import PolicyConfig, check_context, check_policy_device
 from worldmodel.datasplit import HELD_OUT, resolve_data
 from worldmodel.latents import encode_episodes
 from worldmodel.model import WorldModel, read_model_meta
@@ -245,6 +245,7 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     setup = demo_setup(cfg)
     model, store, batch = setup.model, setup.store, setup.batch
     try:
+        check_context(cfg.policy, model.history)  # before the retrieval bank is encoded
         if store is None:  # poses all of your own, from the model file alone
             eps = own_goals(cfg, posed_episodes(cfg.episodes), batch.physics.wrist_range)
             bank_z = bank_frames = None

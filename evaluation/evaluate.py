@@ -39,7 +39,7 @@ from evaluation.html import evaluation_page
 from evaluation.report import log_to_tensorboard, plot_results, results_markdown, summarize
 from evaluation.stats import METHOD
 from planners.noise import problem_keys
-from planners.policy import MPCPolicy, PolicyConfig, check_policy_device, policy_config
+from planners.policy import MPCPolicy, PolicyConfig, check_context, check_policy_device, policy_config
 from worldmodel.datasplit import (HELD_OUT, load_with_data, recording_differences, resolve_data,
                                   split_episodes, training_episodes)
 from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint, keep_graph, saved_graph
@@ -353,19 +353,20 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
     with saying_what_is_kept(units_dir), tqdm(total=total, desc="eval", unit="step", disable=not progress) as bar:
         for run, checkpoint in enumerate(cfg.checkpoints):
             setup = load_setup(checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
-            notes.append(setup.split_note)
-            data_paths.append(str(setup.store.paths))
-            if "exploration" in methods:  # data no policy of ours collected is refused before anything is measured
-                exploration_policies(setup.store, setup.episodes)
-            if setup.recorded_otherwise:
-                otherwise.append(f"**Warning**: the episodes of {checkpoint} were recorded otherwise than its "
-                                 f"training data: {setup.recorded_otherwise}.")
-            steps.append(setup.meta.get("step"))
-            if progress:
-                tqdm.write(f"evaluating {checkpoint} on {len(setup.episodes)} episodes of "
-                           f"{setup.store.paths}: {setup.split_note}")  # the data opened, wherever it was found
-            units = KeptRuns(units_dir, measured_with(cfg, setup), KEPT_ADVICE, prefix=f"model{run}-")
-            try:
+            try:  # the environments are closed whatever happens
+                check_context(cfg.policy, setup.model.history)  # before the subgoal graph or any episode
+                if "exploration" in methods:  # data no policy of ours collected: refused before anything runs
+                    exploration_policies(setup.store, setup.episodes)
+                notes.append(setup.split_note)
+                data_paths.append(str(setup.store.paths))
+                if setup.recorded_otherwise:
+                    otherwise.append(f"**Warning**: the episodes of {checkpoint} were recorded otherwise than its "
+                                     f"training data: {setup.recorded_otherwise}.")
+                steps.append(setup.meta.get("step"))
+                if progress:
+                    tqdm.write(f"evaluating {checkpoint} on {len(setup.episodes)} episodes of "
+                               f"{setup.store.paths}: {setup.split_note}")  # the data opened, wherever it was found
+                units = KeptRuns(units_dir, measured_with(cfg, setup), KEPT_ADVICE, prefix=f"model{run}-")
                 for protocol in protocols:
                     for seed in range(cfg.seeds):
                         rows = run_protocol_seed(setup, cfg, protocol, seed, methods, curves, bar, units)

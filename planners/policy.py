@@ -57,6 +57,14 @@ class PolicyConfig:
             raise ValueError(f"context must be >= 1, got {self.context}")
 
 
+def check_context(policy: PolicyConfig, history: int) -> None:
+    """Refuse a ``context`` longer than the model's ``history`` (a command checks it as soon as the model is
+    loaded, before any long work)."""
+    if policy.context is not None and policy.context > history:
+        raise ValueError(f"--context {policy.context}: the model conditions on at most {history} frames (its "
+                         f"history)")
+
+
 def check_policy_device(policy: PolicyConfig, device: str) -> None:
     """Refuse, before any work, settings the run's device cannot serve (a command's config calls this)."""
     if policy.plan.cuda_graph and resolve_device(device).type != "cuda":
@@ -90,9 +98,7 @@ class MPCPolicy:
             model.eval()
         self.model, self.cfg, self.planner, self.receding_horizon = model, cfg, planner, cfg.receding_horizon
         self.frameskip, self.device = model.frameskip, model.device
-        if cfg.context is not None and cfg.context > model.history:
-            raise ValueError(f"--context {cfg.context}: the model conditions on at most {model.history} frames (its "
-                             f"history)")
+        check_context(cfg, model.history)
         self.history = model.history if cfg.context is None else cfg.context
         self.graph = graph if cfg.subgoals.enabled else None
         self.plan_times: list[float] = []  # seconds per planning call (all B problems together)

@@ -791,8 +791,8 @@ def test_choosing_never_touches_the_test_episodes(data, tmp_path, monkeypatch):
 
 
 def _small_eval(checkpoint, data, out, **kw):
-    return EvalConfig(checkpoint=str(checkpoint), data=str(data), out=str(out), episodes=2, seeds=1,
-                      policy=apply_overrides(PolicyConfig(), {"samples": 8, "iterations": 1}), **{"baselines": "", **kw})
+    small = {"baselines": "", "policy": apply_overrides(PolicyConfig(), {"samples": 8, "iterations": 1})}
+    return EvalConfig(checkpoint=str(checkpoint), data=str(data), out=str(out), episodes=2, seeds=1, **{**small, **kw})
 
 
 def test_episodes_recorded_otherwise_than_the_training_data_are_said(data, tmp_path, caplog):
@@ -1051,3 +1051,23 @@ def test_the_exploration_baseline_replays_each_files_own_policy_and_refuses_data
     with pytest.raises(ValueError, match=f"{unrecorded.name}.*records none of ours.*--baselines"):
         evaluate(_small_eval(tmp_path / "m.pt", both, tmp_path / "e", baselines="exploration"), progress=False)
     assert not list((tmp_path / "e").rglob("*.json"))  # refused before the world model's first run was measured
+
+
+def test_a_context_beyond_the_models_history_is_refused_before_any_long_work(data, tmp_path, monkeypatch):
+    """`--context` longer than the model's history: `wm demo` refuses it before encoding its retrieval bank,
+    `wm eval` before its first episode."""
+    import evaluation.demo as demo
+    from evaluation.demo import DemoConfig, make_demo
+    from evaluation.evaluate import evaluate
+
+    model = WorldModel(tiny_config("mlp", size=32, frameskip=5))
+    save_as_trained_on(model, tmp_path / "m.pt", data)
+    monkeypatch.setattr(demo, "frame_bank", lambda *a: pytest.fail("the bank was encoded"))
+    too_long = apply_overrides(PolicyConfig(), {"context": model.history + 1})
+    said = rf"--context {model.history + 1}: the model conditions on at most {model.history} frames"
+    with pytest.raises(ValueError, match=said):
+        make_demo(DemoConfig(checkpoint=str(tmp_path / "m.pt"), data=str(data), episodes=1, policy=too_long),
+                  progress=False)
+    monkeypatch.setattr("evaluation.evaluate.run_protocol_seed", lambda *a: pytest.fail("an episode ran"))
+    with pytest.raises(ValueError, match=said):
+        evaluate(_small_eval(tmp_path / "m.pt", data, tmp_path / "e", policy=too_long), progress=False)
