@@ -105,14 +105,15 @@ def episodes_fingerprint(episodes) -> str:
 _FINGERPRINTS: dict[tuple, str] = {}  # fingerprint_at's, by the files' paths, sizes and modification times
 
 
-def fingerprint_at(paths) -> str:
+def fingerprint_at(paths, env: str | None = None) -> str:
     """The fingerprint of the dataset at ``paths`` without opening it for its frames: whatever their size or
-    shape (it does not depend on them), and whatever env a file that names none is read as. Read once per
-    process while its files stay as they are (a command checks several models' recorded data, then opens it)."""
+    shape (it does not depend on them). ``env`` names the environment of a file that names none (as
+    ``EpisodeStore`` takes it: episode uids include it). Read once per process while the files stay as they
+    are (a command checks several models' recorded data, then opens it)."""
     files = _files(paths)
-    key = tuple((str(p.resolve()), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
+    key = (env, *((str(p.resolve()), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()]))
     if key not in _FINGERPRINTS:
-        _FINGERPRINTS[key] = episodes_fingerprint([e for s in inspect_dataset(paths) for e in s.episodes])
+        _FINGERPRINTS[key] = episodes_fingerprint([e for s in inspect_dataset(paths, env=env) for e in s.episodes])
     return _FINGERPRINTS[key]
 
 

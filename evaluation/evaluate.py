@@ -354,9 +354,11 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
         for run, checkpoint in enumerate(cfg.checkpoints):
             setup = load_setup(checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
             try:  # the environments are closed whatever happens
-                check_context(cfg.policy, setup.model.history)  # before the subgoal graph or any episode
-                if "exploration" in methods:  # data no policy of ours collected: refused before anything runs
-                    exploration_policies(setup.store, setup.episodes)
+                if any("context" not in p.policy for p in protocols):  # (the lewm protocols fix their own)
+                    check_context(cfg.policy, setup.model.history)  # before the subgoal graph or any episode
+                if "exploration" in methods:  # data no policy of ours collected: refused before its episodes run
+                    training_rows = any(p.from_training_rows(cfg.lewm_rows) for p in protocols)
+                    exploration_policies(setup.store, setup.episodes + (setup.train if training_rows else []))
                 notes.append(setup.split_note)
                 data_paths.append(str(setup.store.paths))
                 if setup.recorded_otherwise:

@@ -69,8 +69,11 @@ def take(cand: Tensor, idx: Tensor) -> Tensor:
 
 
 def keep_best(best_a: Tensor, best_c: Tensor, cand: Tensor, cost: Tensor) -> tuple[Tensor, Tensor]:
-    """Running best over iterations, branch-free (no host sync): best (B, H, A), (B,); cand (B, N, H, A)."""
-    c, i = cost.min(dim=1)  # (B,), (B,)
+    """Running best over iterations, branch-free (no host sync): best (B, H, A), (B,); cand (B, N, H, A).
+    A candidate with a NaN cost is passed over; a problem whose candidates are all NaN offers NaN."""
+    nan = cost.isnan()  # (B, N)
+    c, i = cost.masked_fill(nan, float("inf")).min(dim=1)  # (B,), (B,)
+    c = c.masked_fill(nan.all(dim=1), float("nan"))
     return keep_lower(best_a, best_c, take(cand, i[:, None])[:, 0], c)
 
 
@@ -126,7 +129,8 @@ class Planner:
         h == 1), ``init (B, H, A)`` a warm start (e.g. ``shift_plan`` of the previous plan) or None (zeros),
         ``keys (B,)`` int32 noise keys (``planners.noise.problem_keys``; a list of integers too; None: from
         the seed and the row). Shapes and the latent size are checked, not values (that would wait for the
-        device): a problem with NaN latents (or a NaN in ``init``) gets a NaN cost, the others their own plans.
+        device): a problem with NaN latents gets a NaN cost, the others their own plans; a candidate whose
+        cost is NaN is passed over.
         A warm-started plan runs ``warm_iterations`` iterations when that is set, else ``iterations``.
 
         Each call advances the noise streams, so an MPC loop gets fresh noise at every replan;
@@ -270,6 +274,8 @@ def coloured(eps: Tensor, beta: float, steps_per_chunk: int) -> Tensor:
     B, n, H, A = eps.shape
     x = rearrange(eps, "b n h (k d) -> b n d (h k)", k=steps_per_chunk)  # (B, n, dims, T)
     T = x.shape[-1]
+    if T < 2:  # one env step: nothing to correlate (and no spread to scale by)
+        return eps
     freq = torch.fft.rfftfreq(T, device=eps.device, dtype=eps.dtype)  # (T//2 + 1,)
     scale = torch.where(freq > 0, freq, freq[1] if T > 1 else freq.new_ones(())).pow(-beta / 2)
     x = torch.fft.irfft(torch.fft.rfft(x, dim=-1) * scale, n=T, dim=-1)

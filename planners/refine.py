@@ -42,7 +42,7 @@ def descend(cost_of: Callable[[Tensor], Tensor], actions: Tensor, cost: Tensor, 
 
 def keep_lower(best_a: Tensor, best_c: Tensor, a: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """Per problem, ``a (B, H, A)`` where its cost ``c (B,)`` is lower than ``best_c``, else ``best_a``. A NaN
-    cost is kept once seen (NaN latents, say): a problem with bad inputs reports NaN, not its last finite
-    cost or the search's starting infinity."""
-    lower = (c < best_c) | c.isnan()  # (B,)
+    cost replaces only the search's starting infinity (nothing finite seen yet: NaN latents, say), and then
+    stays: a problem with bad inputs reports NaN, while a stray NaN never displaces a finite best."""
+    lower = (c < best_c) | (c.isnan() & (best_c == float("inf")))  # (B,)
     return torch.where(lower[:, None, None], a, best_a), torch.where(lower, c, best_c)

@@ -1,5 +1,6 @@
 """Which episodes a model chooses on and is reported on, on its own dataset and on others."""
 
+import dataclasses
 import json
 
 from conftest import collect_tiny, save_as_trained_on
@@ -53,6 +54,15 @@ def test_the_recorded_dataset_is_found_whatever_its_frames_and_an_unreadable_one
         tmp_path / "m.pt", extra={"data": split_record(store, str(path), ids)})
     meta = read_model_meta(checkpoint)
     assert resolve_data(meta, checkpoint) == str(path)
+
+    hard = tmp_path / "hard.h5"  # a file that names no env, trained on as reacher-hard
+    write_swm_file(hard, n_episodes=8, rows=30, size=32)
+    as_hard = EpisodeStore(hard, env="reacher-hard")
+    assert as_hard.fingerprint != EpisodeStore(hard).fingerprint  # the env is part of what an episode is
+    ids = {s: as_hard.split(s, 0.25, 0, 0.25) for s in ("train", "val", "test")}
+    hard_model = WorldModel(dataclasses.replace(tiny_config("mlp", size=32, frameskip=5), env="reacher-hard")).save(
+        tmp_path / "hard.pt", extra={"data": split_record(as_hard, str(hard), ids)})
+    assert resolve_data(read_model_meta(hard_model), hard_model) == str(hard)
 
     path.write_bytes(path.read_bytes()[:5000])  # truncated
     with pytest.raises(ValueError, match=r"wide\.h5 cannot be read \(.*wide\.h5") as err:

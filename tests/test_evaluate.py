@@ -791,8 +791,8 @@ def test_choosing_never_touches_the_test_episodes(data, tmp_path, monkeypatch):
 
 
 def _small_eval(checkpoint, data, out, **kw):
-    small = {"baselines": "", "policy": apply_overrides(PolicyConfig(), {"samples": 8, "iterations": 1})}
-    return EvalConfig(checkpoint=str(checkpoint), data=str(data), out=str(out), episodes=2, seeds=1, **{**small, **kw})
+    small = {"episodes": 2, "baselines": "", "policy": apply_overrides(PolicyConfig(), {"samples": 8, "iterations": 1})}
+    return EvalConfig(checkpoint=str(checkpoint), data=str(data), out=str(out), seeds=1, **{**small, **kw})
 
 
 def test_episodes_recorded_otherwise_than_the_training_data_are_said(data, tmp_path, caplog):
@@ -1057,6 +1057,7 @@ def test_a_context_beyond_the_models_history_is_refused_before_any_long_work(dat
     """`--context` longer than the model's history: `wm demo` refuses it before encoding its retrieval bank,
     `wm eval` before its first episode."""
     import evaluation.demo as demo
+    import evaluation.evaluate
     from evaluation.demo import DemoConfig, make_demo
     from evaluation.evaluate import evaluate
 
@@ -1068,6 +1069,10 @@ def test_a_context_beyond_the_models_history_is_refused_before_any_long_work(dat
     with pytest.raises(ValueError, match=said):
         make_demo(DemoConfig(checkpoint=str(tmp_path / "m.pt"), data=str(data), episodes=1, policy=too_long),
                   progress=False)
+    real = evaluation.evaluate.run_protocol_seed
     monkeypatch.setattr("evaluation.evaluate.run_protocol_seed", lambda *a: pytest.fail("an episode ran"))
     with pytest.raises(ValueError, match=said):
         evaluate(_small_eval(tmp_path / "m.pt", data, tmp_path / "e", policy=too_long), progress=False)
+    monkeypatch.setattr("evaluation.evaluate.run_protocol_seed", real)  # lewm fixes its own context: it runs
+    evaluate(_small_eval(tmp_path / "m.pt", data, tmp_path / "lewm", policy=too_long, protocol="lewm", episodes=1),
+             progress=False)

@@ -146,16 +146,27 @@ def test_batched_equals_single(name, h):
 def test_a_problem_with_nan_latents_gets_a_nan_cost_and_the_others_their_plans(name, grad_steps):
     """NaN inputs are not read on the host (that would wait for the device), so they must show in the
     result: the problem's cost is NaN, not the search's starting infinity or a finite cost beside a plan
-    of zeros; the other problems of the batch plan as they do alone."""
+    of zeros; the other problems of the batch plan as they do alone. A stray NaN candidate (a cost of one's
+    own that fails somewhere) is passed over, and a NaN warm start never yields a finite cost beside NaN
+    actions."""
     z, g, _ = make_problems(LinearDynamics(), 3, 1)
     keys = problem_keys(7, range(3))
     clean = planner(name, grad_steps=grad_steps).plan(z, g, keys=keys)
-    z_nan, init_nan = z.clone(), torch.zeros(3, H, A)
-    z_nan[1], init_nan[1] = float("nan"), float("nan")
-    for z_hist, init in ((z_nan, None), (z, init_nan)):
-        result = planner(name, grad_steps=grad_steps).plan(z_hist, g, init=init, keys=keys)
-        assert result.cost[1].isnan() and not result.cost[[0, 2]].isnan().any()
-        assert torch.allclose(result.actions[[0, 2]], clean.actions[[0, 2]], atol=1e-5)  # (a start of zeros: cold)
+    z_nan = z.clone()
+    z_nan[1] = float("nan")
+    result = planner(name, grad_steps=grad_steps).plan(z_nan, g, keys=keys)
+    assert result.cost[1].isnan() and not result.cost[[0, 2]].isnan().any()
+    assert torch.allclose(result.actions[[0, 2]], clean.actions[[0, 2]], atol=1e-5)
+    init = torch.zeros(3, H, A)
+    init[1] = float("nan")
+    warm = planner(name, grad_steps=grad_steps).plan(z, g, init=init, keys=keys)
+    assert not warm.cost.isinf().any() and (warm.cost.isnan() | warm.actions.isfinite().all(-1).all(-1)).all()
+
+    def fails_for_one_candidate(z_pred, z_goal):  # (B, N, H, D), (B, D) -> (B, N)
+        cost = (z_pred[:, :, -1] - z_goal[:, None]).square().sum(-1)
+        return cost.index_fill(1, torch.tensor([3]), float("nan")) if cost.shape[1] > 3 else cost  # (a search's)
+    stray = planner(name, grad_steps=grad_steps, cost=fails_for_one_candidate).plan(z, g, keys=keys)
+    assert stray.cost.isfinite().all() and stray.actions.isfinite().all()
 
 
 def test_plan_inputs_and_a_cost_of_ones_own_are_checked_by_name():

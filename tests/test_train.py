@@ -213,6 +213,13 @@ def test_a_run_whose_checkpoint_went_missing_says_how_to_resume_from_the_one_bef
         train(tiny(data, out, steps=12), progress=False)
     with pytest.raises(ValueError, match=rf"--resume: no checkpoint at .*{said}"):
         train(tiny(data, out, steps=12, resume=True), progress=False)
+    finished = tmp_path / "finished"  # a finished run's checkpoint deleted to save space: nothing to resume
+    train(tiny(data, finished), progress=False)
+    (finished / "checkpoint.pt").unlink()
+    with pytest.raises(ValueError, match="start the run without --resume") as info:
+        train(tiny(data, finished, resume=True), progress=False)
+    assert "rename" not in str(info.value)
+    assert train(tiny(data, finished), progress=False)["already_done"]
 
 
 def test_windows_too_long_for_validation_episodes_name_val_horizon(data, tmp_path):
@@ -229,6 +236,32 @@ def test_a_first_checkpoint_that_cannot_be_written_says_none_was(data, tmp_path,
     with pytest.raises(RunWriteError, match=r"step 4 .*checkpoint\.pt: No space left.*no checkpoint of this run was "
                                             r"written before"):
         train(tiny(data, tmp_path / "run"), progress=False)
+
+
+def test_a_step_is_judged_once_though_saved_before_and_after_its_measurements(data, tmp_path, monkeypatch):
+    """The last step's checkpoint is saved before its measurements and its model files after: one judgement
+    of the step (over the losses logged since the last checkpoint), so a one-batch spike there neither
+    passes once and fails the second time nor stops a run whose checkpoint it already holds."""
+    real, calls = train_module.world_model_losses, {"n": 0}
+
+    def spike_at_the_last_step(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        out["loss"] = out["loss"] * (1000.0 if calls["n"] == 8 else 1.0)
+        return out
+    monkeypatch.setattr(train_module, "world_model_losses", spike_at_the_last_step)
+    train(tiny(data, tmp_path / "run", log_every=1), progress=False)
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["step"] == 8
+
+
+def test_model_files_that_cannot_be_written_say_the_checkpoint_holds_the_step(data, tmp_path, monkeypatch):
+    def full(self, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(WorldModel, "save", full)
+    with pytest.raises(RunWriteError, match=r"model files of step 4 .*model\.pt: No space left.*checkpoint\.pt "
+                                            r"holds step 4"):
+        train(tiny(data, tmp_path / "run"), progress=False)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
 
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_again(data, tmp_path, monkeypatch):

@@ -161,12 +161,13 @@ def locate_data(meta: dict, checkpoint) -> tuple[Path | None, list[Path], dict]:
 
     candidates = data_candidates(meta, checkpoint)
     fingerprint = (meta.get("data") or {}).get("fingerprint")
+    env = (meta.get("config") or {}).get("env")  # a file that names no env was read as the model's
     not_it = {}
     for path in (p for p in candidates if p.exists()):
         if not fingerprint:
             return path, candidates, not_it
         try:
-            if fingerprint_at(path) == fingerprint:
+            if fingerprint_at(path, env) == fingerprint:
                 return path, candidates, not_it
             not_it[path] = "holds another dataset (not its recorded fingerprint)"
         except (OSError, ValueError) as exc:  # unreadable here: not the dataset training read

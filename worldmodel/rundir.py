@@ -80,7 +80,7 @@ def status(out: Path, cfg) -> str:
         return "rebuild"
     if cfg.resume:
         if not ckpt.is_file():
-            if step is not None or (out / PREVIOUS).is_file():  # a run whose checkpoint went missing
+            if not finished and (step is not None or (out / PREVIOUS).is_file()):  # its checkpoint went missing
                 raise ValueError(f"--resume: no checkpoint at {ckpt}{_previous_hint(out)}; --overwrite starts "
                                  f"the run again")
             raise ValueError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
@@ -197,19 +197,24 @@ def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, histo
              "metrics": {k: v for k, v in metrics.items()
                          if k in ("probe", "val", "loss/prediction", "ddp_max_param_diff", "closed_loop")}}
     had = (out / "checkpoint.pt").is_file()
-    try:  # model.json last: it is what says which step the run has reached
-        if checkpoint:
+    if checkpoint:  # model.json last: it is what says which step the run has reached
+        try:
             _keep_previous(out / "checkpoint.pt", out / PREVIOUS)
             atomic_torch_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                "config": settings, "history": history, "health": health or {}, "data": data},
                               out / "checkpoint.pt")  # all --resume needs: model.json can be damaged or gone
-        if model_files:
+        except OSError as exc:
+            kept = ("the files of the last good checkpoint are kept" if had else
+                    "no checkpoint of this run was written before")
+            raise RunWriteError(f"could not write the checkpoint of step {step} in {out} ({exc.filename or out}: "
+                                f"{exc.strerror or exc}); {kept}") from None
+    if model_files:
+        try:
             model.save(out / "model.pt", extra=extra, extras=extras)
-    except OSError as exc:
-        kept = ("the files of the last good checkpoint are kept" if had else
-                "no checkpoint of this run was written before")
-        raise RunWriteError(f"could not write the checkpoint of step {step} in {out} ({exc.filename or out}: "
-                            f"{exc.strerror or exc}); {kept}") from None
+        except OSError as exc:
+            raise RunWriteError(f"could not write the model files of step {step} in {out} ({exc.filename or out}: "
+                                f"{exc.strerror or exc}); checkpoint.pt holds step {step}: the same command "
+                                f"writes them again once it can") from None
 
 
 def _keep_previous(path: Path, previous: Path) -> None:

@@ -263,7 +263,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                 held.enter_context(output_dir(out))  # removed again if the run fails before writing anything
                 held.enter_context(output_lock(out))  # one run at a time in a directory
                 remove_stale_temporaries(out, rundir.RUN_TEMPORARIES)
-                state = rundir.status(out, cfg)  # may clear the directory (--overwrite): one rank decides
+                state = rundir.status(out, cfg)  # one rank decides (--overwrite clears it later, in _train)
             state = distributed.share(state)
             if state == "done":
                 if is_main:
@@ -313,10 +313,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     guard = DivergenceGuard(cfg, out, start, device, good)
     metrics: dict = {}
     t_last, frames_seen = time.perf_counter(), 0
-    checkpointed = [start if resume else None]  # the step checkpoint.pt holds
+    checkpointed = [start if resume else None, None]  # the step checkpoint.pt holds, and the health saved with it
 
     def save(done: int, model_files: bool = True) -> None:
-        health = guard.check_sound(model, done)  # never save weights a diverging run has touched
+        # never save weights a diverging run has touched; judged once per step (the model files of a step
+        # whose checkpoint was saved before its measurements reuse that judgement)
+        health = checkpointed[1] if checkpointed[0] == done and checkpointed[1] else guard.check_sound(model, done)
         if world > 1:
             metrics["ddp_max_param_diff"] = distributed.check_in_sync(model)
         if is_main:  # the finished model carries what planning needs: the graph of its training frames
@@ -324,7 +326,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                       if model_files and done == cfg.steps and cfg.save_graph else {})
             rundir.save(out, model, opt, cfg, done, metrics, history, data.record, health, extras,
                         planner_settings(cfg), checkpoint=checkpointed[0] != done, model_files=model_files)
-        checkpointed[0] = done
+        checkpointed[:] = [done, health]
 
     if start == cfg.steps:  # a finished run whose model files were lost: written again from its checkpoint
         if is_main:
