@@ -327,7 +327,11 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     own split); results pooled over checkpoints with the spread between them."""
     protocols = parse_protocols(cfg.protocol)
     methods = ["world_model", *parse_baselines(cfg.baselines)]
-    metas = [check_model_file(c)[0] for c in cfg.checkpoints]  # every model readable before the first is evaluated
+    models = [check_model_file(c) for c in cfg.checkpoints]  # every model readable before the first is evaluated
+    metas = [meta for meta, _ in models]
+    if any("context" not in p.policy for p in protocols):  # and planned with a context it has (lewm fixes its own)
+        for _, model_cfg in models:
+            check_context(cfg.policy, model_cfg.history)
     if not cfg.data:  # and the dataset each recorded found
         for meta, checkpoint in zip(metas, cfg.checkpoints):
             resolve_data(meta, checkpoint)
@@ -354,8 +358,6 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
         for run, checkpoint in enumerate(cfg.checkpoints):
             setup = load_setup(checkpoint, cfg.data, cfg.episodes, cfg.device, cfg.split)
             try:  # the environments are closed whatever happens
-                if any("context" not in p.policy for p in protocols):  # (the lewm protocols fix their own)
-                    check_context(cfg.policy, setup.model.history)  # before the subgoal graph or any episode
                 if "exploration" in methods:  # data no policy of ours collected: refused before its episodes run
                     training_rows = any(p.from_training_rows(cfg.lewm_rows) for p in protocols)
                     exploration_policies(setup.store, setup.episodes + (setup.train if training_rows else []))
