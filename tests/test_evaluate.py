@@ -708,6 +708,7 @@ def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="names one model twice"):  # the same short name, spelt alike
         EvalConfig(checkpoint="a,a", out=str(tmp_path / "e3"))
     # a model whose path holds a comma is one model (a list is split only where no such file exists)
+    monkeypatch.undo()  # before evaluation.demo is imported: it would keep the patched load_setup for good
     from evaluation.demo import DemoConfig
 
     (tmp_path / "run,v2").mkdir()
