@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 from contextlib import nullcontext
@@ -100,14 +101,33 @@ def _train_defaults(argv: list[str]) -> TrainConfig:
     """What ``wm train`` starts from: with ``--resume``, the settings the run was started with (so only what
     is typed now changes them); else the typed ``--preset``'s (``demo`` by default)."""
     if "--resume" in argv:
-        saved = Path(_typed(argv, "--out") or DEFAULT_RUN) / "train_config.json"
+        out = Path(_typed(argv, "--out") or DEFAULT_RUN)
+        saved = out / "train_config.json"
         if saved.is_file():
             try:
                 settings = json.loads(saved.read_text())
             except ValueError as exc:
                 raise ValueError(f"{saved}: not valid JSON ({exc})") from None
+            if isinstance(settings, dict):
+                settings.pop("overwrite", None)  # how that run started, not what this one does
+                data = settings.get("data")
+                if isinstance(data, str) and not Path(data).exists() and (out / "model.json").is_file():
+                    settings["data"] = _recorded_data(out, data)  # typed from another directory
             return from_dict(TrainConfig, settings, str(saved))  # settings it lacks: today's defaults
     return preset_config(_typed(argv, "--preset") or "demo")
+
+
+def _recorded_data(out: Path, typed: str) -> str:
+    """Where the run in ``out`` finds its dataset when the path it was started with (``typed``, relative to
+    another directory, say) is not there: the paths its model.json records (absolute, and relative to the
+    run), the one that holds that very dataset; else ``typed`` (the error then names it)."""
+    from worldmodel.datasplit import locate_data
+
+    try:
+        found = locate_data(json.loads((out / "model.json").read_text()), out / "model.pt")[0]
+    except (ValueError, AttributeError):
+        return typed
+    return str(found) if found is not None else typed
 
 
 def _was_typed(argv: list[str], flag: str) -> bool:
@@ -181,6 +201,8 @@ class BenchConfig:
 
     def __post_init__(self):
         check_at_least(self, 1, ("episodes", "repeats"))
+        if self.dry_run and self.what != "gpu":
+            raise ValueError(f"--dry-run is the GPU check's (--what gpu); --what {self.what} has none")
 
 
 @dataclass
@@ -260,7 +282,7 @@ class StudyConfig:
     overwrite: bool = option(False, "replace a finished study's results in --out")
 
     def __post_init__(self):
-        if self.what == "hold" and "," in self.checkpoint:
+        if self.what == "hold" and len(path_list(self.checkpoint)) > 1:
             raise ValueError(f"--checkpoint: the hold study takes one model, got {self.checkpoint!r}")
         check_at_least(self, 1, ("episodes", "seeds"))
 
@@ -274,7 +296,8 @@ def run_train(cfg: TrainConfig) -> int:
     if _main_process():
         print(json.dumps({k: metrics[k] for k in ("loss/prediction", "embedding/std", "val", "probe", "closed_loop")
                           if k in metrics}, indent=1))
-        print(f"model: {Path(cfg.out) / 'model.pt'}  logs: tensorboard --logdir {Path(cfg.out) / 'tb'}")
+        logs = shlex.quote(str(Path(cfg.out) / "tb"))
+        print(f"model: {Path(cfg.out) / 'model.pt'}  logs: tensorboard --logdir {logs}")
     return 0
 
 
@@ -424,7 +447,8 @@ def run_study(cfg: StudyConfig) -> int:
     out = Path(ident.out if cfg.what == "identifiability" else
                cfg.out or Path(path_list(cfg.checkpoint)[0]).parent / f"study-{cfg.what}")
     if (out / "results.json").exists() and not cfg.overwrite:  # written last: what says the study finished
-        raise ValueError(f"{out} already holds a finished study (results.json); pass --overwrite to replace it, "
+        raise ValueError(f"{out} already holds finished results (results.json: a study's or an evaluation's); "
+                         f"pass --overwrite to replace them, "
                          f"or --out for another directory")
     with output_dir(out) as out, output_lock(out):  # one study at a time writes there
         if cfg.what == "identifiability":
@@ -478,7 +502,7 @@ def run_pipeline(cfg: PipelineConfig) -> int:
     run_demo(DemoConfig(checkpoint=model, protocol="uniform", overwrite=True, threads=cfg.threads))
     stamp("done")
     print(f"model {model}; results {out / 'eval' / 'results.md'}; plot {out / 'eval' / 'results.png'}; "
-          f"videos {out / 'videos'}; TensorBoard: tensorboard --logdir {out}")
+          f"videos {out / 'videos'}; TensorBoard: tensorboard --logdir {shlex.quote(str(out))}")
     return 0
 
 
@@ -540,6 +564,7 @@ def _configure_logging() -> None:
         handler._wm = True
         root.addHandler(handler)
     root.setLevel(logging.INFO if _main_process() else logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # dm_control's "MuJoCo library version is: ..." lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,6 +136,14 @@ def _check_bound(cfg, names, prefix: str, ok, bound: str) -> None:
             f"--{prefix}{n.replace('_', '-')} {getattr(cfg, n)} (must be {bound})" for n in bad))
 
 
+def check_paths_named(cfg, names) -> None:
+    """A ``ValueError`` naming every path option among ``names`` given as an empty string (an unset shell
+    variable, say), which would otherwise mean the working directory."""
+    empty = [option_flag(n) for n in names if not str(getattr(cfg, n)).strip()]
+    if empty:
+        raise ValueError(f"{', '.join(empty)} must name a path, got an empty string")
+
+
 def check_choices(cfg) -> None:
     """A ``ValueError`` naming the option for any value outside its declared choices."""
     for f in config_fields(cfg):

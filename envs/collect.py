@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common.config import check_at_least, check_at_most, option
+from common.config import check_at_least, check_at_most, check_paths_named, option
 from common.files import OutputDirError, output_dir, output_lock, remove_stale_temporaries
 from common.process import ignore_stop_signals, restore_handlers, sigterm_interrupts
 from envs.policies import POLICIES, make_policy
@@ -70,6 +70,7 @@ class CollectConfig:
 
     def __post_init__(self):
         """Refuse bad settings before any work, naming the option."""
+        check_paths_named(self, ("out",))
         if self.env not in ENV_NAMES:
             raise ValueError(f"env must be one of {sorted(ENV_NAMES)}, got {self.env!r}")
         if self.policy not in POLICIES:

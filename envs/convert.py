@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import option
+from common.config import check_paths_named, option
 from common.files import (naming_write_errors, output_lock, prepare_output_dir, prepare_output_file,
                           remove_stale_temporaries, temporary_path)
 from envs.dataset import EpisodeStore
@@ -120,6 +120,9 @@ class ConvertConfig:
     compression: str = option("blosc", "swm pixels: blosc (as their recorder), gzip or none",
                               choices=("blosc", "gzip", "none"))
     overwrite: bool = option(False, "replace an existing .h5 --out (a shards --out must be new)")
+
+    def __post_init__(self):
+        check_paths_named(self, ("data", "out"))
 
 
 def convert(cfg: ConvertConfig) -> Path:

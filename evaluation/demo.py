@@ -191,6 +191,9 @@ def prepare_demo_dir(cfg: DemoConfig, out: Path) -> None:
     """The output directory, checked before any work: a finished demo already there (its demo.json, written
     last) is refused unless --overwrite, which removes all of its files (no stale video of another run is
     left beside the new ones); the videos of an interrupted demo are removed with a message."""
+    if (out / "results.json").exists():
+        raise ValueError(f"{out} holds finished results (results.json: an evaluation's or a study's), whose "
+                         f"index.html a demo would replace; choose another --out")
     earlier = [p for p in out.iterdir() if DEMO_FILES.fullmatch(p.name)]
     finished = (out / "demo.json").exists()
     if finished and not cfg.overwrite:

@@ -307,10 +307,15 @@ def stored_frames(store: EpisodeStore, eps: dict, offset: int) -> np.ndarray:
 
 # --- the command ---------------------------------------------------------------------------------------
 def check_output(cfg: EvalConfig) -> Path:
-    """The output directory, refusing to overwrite finished results (all of ``OUTPUTS``) unless asked."""
+    """The output directory, refusing to overwrite finished results (``results.json``, an evaluation's or a
+    study's, whatever else is left beside it) unless asked, and a demo's directory (its page would be
+    replaced) in any case."""
     out = cfg.out_dir
+    if (out / "demo.json").exists():
+        raise ValueError(f"{out} holds a demo's videos (demo.json), whose index.html an evaluation would replace; "
+                         f"choose another --out")
     results = out / "results.json"  # written last: what says the evaluation finished
-    if all((out / name).exists() for name in OUTPUTS) and not cfg.overwrite:
+    if results.exists() and not cfg.overwrite:
         try:
             done = json.loads(results.read_text())
             what = (f"the results of {done['config']['protocol']} ({len(done['episodes'])} episode records: one per "
@@ -329,6 +334,12 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     methods = ["world_model", *parse_baselines(cfg.baselines)]
     models = [check_model_file(c) for c in cfg.checkpoints]  # every model readable before the first is evaluated
     metas = [meta for meta, _ in models]
+    seen = {}
+    for meta, checkpoint in zip(metas, cfg.checkpoints):  # a copy of a model, pooled with it, would count twice
+        first = seen.setdefault(meta.get("weights_sha256") or checkpoint, checkpoint)
+        if first != checkpoint:
+            raise ValueError(f"--checkpoint: {checkpoint} holds the same weights as {first} (a copy?): pooled with "
+                             f"itself, its episodes would count twice")
     if any("context" not in p.policy for p in protocols):  # and planned with a context it has (lewm fixes its own)
         for _, model_cfg in models:
             check_context(cfg.policy, model_cfg.history)

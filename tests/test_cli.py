@@ -267,9 +267,76 @@ def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(s
     (["study", "--what", "identifiability", "--identifiability.steps", "-1"],
      "--identifiability.steps -1 (must be >= 1)"),
     (["eval", "--samples", "0"], "horizon, samples and iterations must be >= 1"),
+    (["collect", "--out", ""], "--out must name a path, got an empty string"),  # not the working directory
+    (["train", "--out", ""], "--out must name a path, got an empty string"),
+    (["train", "--data", ""], "--data must name a path, got an empty string"),
+    (["convert", "--out", ""], "--out must name a path, got an empty string"),
+    (["bench", "--what", "plan", "--dry-run"], "--dry-run is the GPU check's (--what gpu)"),
 ])
 def test_settings_that_make_no_sense_are_refused_before_any_work(argv, said, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert said in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing was created
+
+
+def test_a_resumed_run_forgets_overwrite_and_finds_its_data_from_anywhere(tmp_path, monkeypatch):
+    """A run started with --overwrite and stopped resumes with --resume alone (the flag was how it started),
+    and from another working directory it finds its data by what its model.json records."""
+    from conftest import write_synthetic
+    from test_train import _poison_loss
+
+    project = tmp_path / "project"
+    write_synthetic(project / "data", n_episodes=6, steps=40)
+    monkeypatch.chdir(project)
+    base = ["train", "--data", "data", "--out", "run", *map(str, TINY_MODEL), "--eval-episodes", "0", "--frameskip", "2"]
+    assert main([*base, "--steps", "2"]) == 0  # a finished run, replaced below
+    _poison_loss(monkeypatch, after=5)  # stops after its checkpoint of step 4
+    assert main([*base, "--steps", "8", "--overwrite"]) == 2
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)  # "data" typed in project/ is not here
+    assert main(["train", "--out", "project/run", "--resume"]) == 0
+    assert json.loads((project / "run" / "model.json").read_text())["step"] == 8
+
+
+def test_outputs_of_one_command_are_not_replaced_by_another(tmp_path, capsys):
+    """An evaluation never writes over finished results, whatever else is missing beside them, nor into a
+    demo's directory; a demo never into an evaluation's or a study's; a copy of a model is not pooled with it."""
+    import shutil
+
+    from test_model import tiny_config
+    from conftest import collect_tiny, save_as_trained_on
+    from worldmodel.model import WorldModel
+
+    data = collect_tiny(tmp_path / "data", episodes=8, steps=60)
+    model = save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    small = ["--checkpoint", str(model), "--episodes", "1", "--seeds", "1", "--samples", "8", "--iterations", "1",
+             "--threads", "1"]
+    assert main(["eval", *small, "--baselines", "", "--out", str(tmp_path / "e")]) == 0
+    (tmp_path / "e" / "index.html").unlink()
+    capsys.readouterr()
+    assert main(["eval", *small, "--baselines", "", "--out", str(tmp_path / "e")]) == 2
+    assert "already holds the results of reach25" in capsys.readouterr().err
+    assert main(["demo", "--checkpoint", str(model), "--episodes", "1", "--no-gif", "--out", str(tmp_path / "e")]) == 2
+    assert "holds finished results (results.json" in capsys.readouterr().err
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "demo.json").write_text("{}")
+    assert main(["eval", *small, "--baselines", "", "--out", str(tmp_path / "v")]) == 2
+    assert "holds a demo's videos (demo.json)" in capsys.readouterr().err
+    (tmp_path / "copy").mkdir()
+    for name in ("m.pt", "m.json"):
+        shutil.copy(tmp_path / name, tmp_path / "copy" / name)
+    pooled = f"{model},{tmp_path / 'copy' / 'm.pt'}"
+    assert main(["eval", "--checkpoint", pooled, *small[2:], "--baselines", "", "--out", str(tmp_path / "p")]) == 2
+    assert "holds the same weights as" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+def test_the_hold_study_takes_one_model_whose_path_holds_a_comma(tmp_path):
+    from wm import StudyConfig
+
+    one = tmp_path / "run ü,1" / "model.pt"
+    one.parent.mkdir()
+    one.write_bytes(b"")
+    assert StudyConfig(checkpoint=str(one)).checkpoint == str(one)
+    with pytest.raises(ValueError, match="the hold study takes one model"):
+        StudyConfig(checkpoint="a.pt,b.pt")

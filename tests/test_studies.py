@@ -169,7 +169,8 @@ def test_the_one_frame_study_splits_the_misses_and_writes_its_report(data, tmp_p
     again = ["study", "--what", "one-frame", "--checkpoint", str(ckpt), "--episodes", "2", "--device", "cpu",
              "--out", str(tmp_path / "study")]
     assert wm.main(again) == 2  # a finished study is kept, not replaced by one with other settings
-    assert "already holds a finished study (results.json); pass --overwrite" in capsys.readouterr().err
+    assert "already holds finished results (results.json: a study's or an evaluation's); pass --overwrite" in \
+        capsys.readouterr().err
     with output_lock(tmp_path / "study"):  # one study at a time writes there
         assert wm.main([*again, "--overwrite"]) == 2
     assert json.loads((tmp_path / "study" / "results.json").read_text())["summary"] == pooled["summary"]

@@ -29,7 +29,8 @@ import torch
 from einops import rearrange
 from tqdm import tqdm
 
-from common.config import apply_overrides, check_at_least, check_choices, config_fields, nested, option
+from common.config import (apply_overrides, check_at_least, check_choices, check_paths_named, config_fields, nested,
+                           option)
 from common.device import THREADS_HELP, autocast_for
 from common.files import atomic_write_json, output_dir, output_lock, remove_stale_temporaries
 from common.process import ignore_stop_signals
@@ -121,6 +122,7 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model")
 
     def __post_init__(self):
+        check_paths_named(self, ("data", "out"))
         check_at_least(self, 1, ("steps", "batch_size", "sigreg_directions", "n_pred", "val_horizon", "log_every",
                                  "val_every", "ckpt_every"))
         check_at_least(self, 0, ("seed", "warmup_steps", "rollout_steps", "probe_every", "eval_every", "eval_episodes",
