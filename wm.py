@@ -156,8 +156,8 @@ def _recorded_policy(argv: list[str]) -> PolicyConfig:
     if shown:
         logging.getLogger("wm").info(
             f"{', '.join(paths)}: planned with {as_options(shown)}, as "
-            f"{'its model file records' if len(paths) == 1 else 'their model files record'} (a training preset's "
-            f"choice; the options you type override it)")
+            f"{'its model file records' if len(paths) == 1 else 'their model files record'} (chosen by a training "
+            f"preset or by wm export; the options you type override it)")
     return apply_overrides(PolicyConfig(), recorded[paths[0]])
 
 

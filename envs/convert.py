@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import check_paths_named, option
-from common.files import (naming_write_errors, output_lock, prepare_output_dir, prepare_output_file,
+from common.files import (naming_write_errors, output_dir, output_lock, prepare_output_file,
                           remove_stale_temporaries, temporary_path)
 from envs.dataset import EpisodeStore
 from envs.storage import DEFAULT_DATA, STATE_KEYS, DatasetError, write_manifest, write_shard
@@ -90,10 +90,10 @@ def convert_dataset(src, dst: str | Path, fmt: str = "swm", image_size: int | No
             raise ValueError(f"--out {dst}: a stable-worldmodel file is named <name>.h5; give a path ending in .h5")
         if dst.exists() and not overwrite:
             raise ValueError(f"--out {dst} already exists; pass --overwrite to replace it, or choose another --out")
-        prepare_output_file(dst)
-    else:
-        prepare_output_dir(dst.parent)
-    with output_lock(dst, inside=False):
+    # directories made for --out go again if the conversion fails (a missing source, say)
+    with output_dir(dst.parent), output_lock(dst, inside=False):
+        if fmt == "swm":
+            prepare_output_file(dst)
         remove_stale_temporaries(dst.parent, re.escape(dst.name))
         if fmt == "shards":
             check_new_directory(dst)

@@ -51,7 +51,7 @@ def model_card(checkpoint: str | Path) -> str:
         lines.append(f"- **Data**: `{data.get('path')}`, {where}: {data.get('episodes')} episodes ({splits}){kind}.")
     planner = recorded_planner(checkpoint)
     lines.append("- **Planned with**: " + (f"`{as_options(planner)}` over the default planner, as the model file "
-                                           f"records (its training's choice)" if planner else
+                                           f"records (chosen by its training or by `wm export`)" if planner else
                                            "the default planner") + "; the options typed to `wm eval` or `wm demo` "
                                                                     "override it.")
     graph = model.extras.get("graph")

@@ -97,6 +97,10 @@ def test_mismatched_checkpoints_fail_clearly(tmp_path):
         with pytest.raises(CheckpointError, match=r"model\.json is a model's description; give the weights file "
                                                   r"beside it, .*model\.pt"):
             read(run / "model.json")
+    (tmp_path / "shard_000000_000009.h5").write_bytes(b"")  # a dataset file given as the model
+    for read in (WorldModel.load, read_model_meta):
+        with pytest.raises(CheckpointError, match=r"shard_000000_000009\.h5 is a dataset file, not a model file"):
+            read(tmp_path / "shard_000000_000009.h5")
 
 
 def test_a_model_json_beside_another_models_weights_is_refused(tmp_path):

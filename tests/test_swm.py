@@ -463,7 +463,7 @@ def test_file_size_limit_while_writing_a_swm_file_is_a_clear_error(tmp_path):
         assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
         assert f"wm convert: error: [Errno 27] could not write {out} (File too large)" in proc.stderr
         assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
-        assert list(out.parent.iterdir()) == []  # no temporary file, no lock
+        assert not out.parent.exists()  # no temporary file, no lock: nor the directory made for it
 
 
 def test_offsets_near_the_integer_limit_are_refused(tmp_path):
@@ -492,3 +492,13 @@ def test_one_conversion_at_a_time_into_a_destination(tmp_path):
             convert_dataset(src, tmp_path / "theirs.h5")
     assert not (tmp_path / "theirs.h5").exists()
     assert len(EpisodeStore(convert_dataset(src, tmp_path / "theirs.h5"))) == 2
+
+
+def test_a_failed_conversion_leaves_no_directory_it_made(tmp_path):
+    from envs.convert import convert_dataset
+    from envs.storage import DatasetError
+
+    for fmt, out in (("swm", tmp_path / "a" / "b.h5"), ("shards", tmp_path / "c" / "d")):
+        with pytest.raises(DatasetError, match="no such dataset"):
+            convert_dataset(tmp_path / "nowhere", out, fmt)
+        assert not out.parent.exists()

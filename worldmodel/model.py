@@ -251,7 +251,7 @@ def read_model_meta(path: str | Path) -> dict:
     of the right type (a ``CheckpointError`` naming the file and the field otherwise)."""
     path = Path(path)
     meta_path = path.with_suffix(".json")
-    if path.is_dir() or path.suffix == ".json":
+    if path.is_dir() or path.suffix in (".json", ".h5", ".hdf5"):
         raise CheckpointError(_not_a_model_file(path))
     if not meta_path.is_file():
         if not path.exists():
@@ -285,6 +285,8 @@ def _not_a_model_file(path: Path) -> str:
         return f"{path} is a directory, not a model file (a model.pt){inside}"
     if path.suffix == ".json":
         return f"{path} is a model's description; give the weights file beside it, {path.with_suffix('.pt')}"
+    if path.suffix in (".h5", ".hdf5") and path.is_file():
+        return f"{path} is a dataset file, not a model file (a model.pt, as wm train writes it)"
     return f"{path}: no such checkpoint"
 
 
