@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
-from common.config import (apply_overrides, as_options, check_at_least, config_fields, from_dict, nested, option,
-                           option_flag, path_list, unwrap_optional)
+from common.config import (apply_overrides, as_options, check_at_least, check_some_path_exists, config_fields,
+                           from_dict, nested, option, option_flag, path_list, unwrap_optional)
 from common.device import THREADS_HELP, set_threads
 from common.files import (atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured, output_dir,
                           output_lock, remove_stale_temporaries, saying_what_is_kept)
@@ -283,6 +283,7 @@ class StudyConfig:
 
     def __post_init__(self):
         if self.what == "hold" and len(path_list(self.checkpoint)) > 1:
+            check_some_path_exists(self.checkpoint)
             raise ValueError(f"--checkpoint: the hold study takes one model, got {self.checkpoint!r}")
         check_at_least(self, 1, ("episodes", "seeds"))
 

@@ -36,6 +36,14 @@ def path_list(text: str) -> list[str]:
     return [text] if os.path.exists(text) else comma_list(text)
 
 
+def check_some_path_exists(text: str, option_name: str = "--checkpoint") -> None:
+    """A ``ValueError`` for a comma list none of whose paths exists, nor the text as one path: a mistyped path
+    holding a comma is said to be missing, not taken for several models."""
+    parts = path_list(text)
+    if len(parts) > 1 and not any(os.path.exists(p) for p in parts):
+        raise ValueError(f"{option_name} {text}: no such file (nor, read as a comma list, any of {parts})")
+
+
 def model_paths(text: str, option_name: str = "--checkpoint") -> list[str]:
     """The model files of a comma list, each named once: a model pooled with itself would count its episodes
     twice and narrow every interval."""

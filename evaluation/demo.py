@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common.config import check_at_least, nested, option, path_list
+from common.config import check_at_least, check_some_path_exists, nested, option, path_list
 from common.device import THREADS_HELP
 from common.files import atomic_write, atomic_write_json, atomic_write_text, output_dir, output_lock
 from common.provenance import provenance, signed
@@ -65,6 +65,7 @@ class DemoConfig:
 
     def __post_init__(self):
         if len(path_list(self.checkpoint)) > 1:
+            check_some_path_exists(self.checkpoint)
             raise ValueError(f"--checkpoint: wm demo films one model, got {self.checkpoint!r}")
         protocol_named(self.protocol)
         check_at_least(self, 1, ("episodes", "bank_frames"))

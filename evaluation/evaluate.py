@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.config import apply_overrides, comma_list, config_fields, model_paths, nested, option
+from common.config import (apply_overrides, check_some_path_exists, comma_list, config_fields, model_paths, nested,
+                           option)
 from common.device import THREADS_HELP
 from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured,
                           output_dir, output_lock, remove_stale_temporaries, saying_what_is_kept)
@@ -103,6 +104,7 @@ class EvalConfig:
         self.other_tolerances  # a bad --score-at is refused before anything runs
         check_policy_device(self.policy, self.device)
         if len(self.checkpoints) > 1 and not self.out:
+            check_some_path_exists(self.checkpoint)
             raise ValueError("several --checkpoint: give --out for their pooled results")
         if not self.checkpoints:
             raise ValueError("--checkpoint: give at least one model.pt")
