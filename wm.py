@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
-from common.config import (apply_overrides, as_options, check_at_least, check_some_path_exists, config_fields,
+from common.config import (apply_overrides, as_options, check_at_least, check_paths_named, check_some_path_exists,
+                           config_fields,
                            from_dict, nested, option, option_flag, path_list, unwrap_optional)
 from common.device import THREADS_HELP, set_threads
 from common.files import (atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured, output_dir,
@@ -110,22 +111,23 @@ def _train_defaults(argv: list[str]) -> TrainConfig:
                 raise ValueError(f"{saved}: not valid JSON ({exc})") from None
             if isinstance(settings, dict):
                 settings.pop("overwrite", None)  # how that run started, not what this one does
-                data = settings.get("data")
-                if isinstance(data, str) and not Path(data).exists() and (out / "model.json").is_file():
-                    settings["data"] = _recorded_data(out, data)  # typed from another directory
+                if isinstance(settings.get("data"), str) and not _was_typed(argv, "--data"):
+                    settings["data"] = _recorded_data(out, settings["data"])  # typed in another directory, say
             return from_dict(TrainConfig, settings, str(saved))  # settings it lacks: today's defaults
     return preset_config(_typed(argv, "--preset") or "demo")
 
 
 def _recorded_data(out: Path, typed: str) -> str:
-    """Where the run in ``out`` finds its dataset when the path it was started with (``typed``, relative to
-    another directory, say) is not there: the paths its model.json records (absolute, and relative to the
-    run), the one that holds that very dataset; else ``typed`` (the error then names it)."""
+    """Where the run in ``out`` finds its dataset: of the paths its checkpoint records (as typed, absolute, and
+    relative to the run), the one that holds that very dataset (by fingerprint), wherever the command is run
+    from; else ``typed`` (the error then names it)."""
     from worldmodel.datasplit import locate_data
+    from worldmodel.rundir import read_checkpoint
 
     try:
-        found = locate_data(json.loads((out / "model.json").read_text()), out / "model.pt")[0]
-    except (ValueError, AttributeError):
+        record = read_checkpoint(out / "checkpoint.pt").get("data")
+        found = locate_data({"data": record}, out / "model.pt")[0] if isinstance(record, dict) else None
+    except (OSError, ValueError, AttributeError, RuntimeError):  # no or an unreadable checkpoint: said later
         return typed
     return str(found) if found is not None else typed
 
@@ -221,6 +223,7 @@ class PipelineConfig:
     threads: int = option(0, THREADS_HELP)
 
     def __post_init__(self):
+        check_paths_named(self, ("out",))
         check_at_least(self, 1, ("episodes", "workers", "steps", "eval_episodes", "seeds"))
         parse_baselines(self.baselines)  # a bad name is refused before anything runs
 
@@ -282,8 +285,8 @@ class StudyConfig:
     overwrite: bool = option(False, "replace a finished study's results in --out")
 
     def __post_init__(self):
+        check_some_path_exists(self.checkpoint)
         if self.what == "hold" and len(path_list(self.checkpoint)) > 1:
-            check_some_path_exists(self.checkpoint)
             raise ValueError(f"--checkpoint: the hold study takes one model, got {self.checkpoint!r}")
         check_at_least(self, 1, ("episodes", "seeds"))
 

@@ -47,6 +47,7 @@ def check_some_path_exists(text: str, option_name: str = "--checkpoint") -> None
 def model_paths(text: str, option_name: str = "--checkpoint") -> list[str]:
     """The model files of a comma list, each named once: a model pooled with itself would count its episodes
     twice and narrow every interval."""
+    check_some_path_exists(text, option_name)
     paths, seen = path_list(text), {}
     for path in paths:
         where = os.path.realpath(path)

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.config import (apply_overrides, check_some_path_exists, comma_list, config_fields, model_paths, nested,
-                           option)
+from common.config import apply_overrides, comma_list, config_fields, model_paths, nested, option
 from common.device import THREADS_HELP
 from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured,
                           output_dir, output_lock, remove_stale_temporaries, saying_what_is_kept)
@@ -44,7 +43,7 @@ from planners.policy import MPCPolicy, PolicyConfig, check_context, check_policy
 from worldmodel.datasplit import (HELD_OUT, load_with_data, recording_differences, resolve_data,
                                   split_episodes, training_episodes)
 from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint, keep_graph, saved_graph
-from worldmodel.model import check_model_file
+from worldmodel.model import check_model_file, recorded_weights_sha256
 
 METHODS = ("world_model", "random", "exploration", "simulator", "simulator-pose")
 OUTPUTS = ("results.md", "index.html", "results.png", "results.json")  # in the order written: results.json last
@@ -103,8 +102,7 @@ class EvalConfig:
         parse_baselines(self.baselines)
         self.other_tolerances  # a bad --score-at is refused before anything runs
         check_policy_device(self.policy, self.device)
-        if len(self.checkpoints) > 1 and not self.out:
-            check_some_path_exists(self.checkpoint)
+        if len(self.checkpoints) > 1 and not self.out:  # (a mistyped path holding a comma is said missing)
             raise ValueError("several --checkpoint: give --out for their pooled results")
         if not self.checkpoints:
             raise ValueError("--checkpoint: give at least one model.pt")
@@ -338,7 +336,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     metas = [meta for meta, _ in models]
     seen = {}
     for meta, checkpoint in zip(metas, cfg.checkpoints):  # a copy of a model, pooled with it, would count twice
-        first = seen.setdefault(meta.get("weights_sha256") or checkpoint, checkpoint)
+        first = seen.setdefault(recorded_weights_sha256(checkpoint, meta), checkpoint)
         if first != checkpoint:
             raise ValueError(f"--checkpoint: {checkpoint} holds the same weights as {first} (a copy?): pooled with "
                              f"itself, its episodes would count twice")

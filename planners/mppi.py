@@ -50,6 +50,7 @@ class MPPIPlanner(Planner):
         all zeros). With ``normalize`` gaps are divided by the median gap (robust to outlier costs), so
         the same temperature works whatever the scale of the latent distances.
         """
+        cost = cost.masked_fill(cost.isnan(), float("inf"))  # a candidate whose cost is NaN weighs nothing
         gap = cost - cost.min(dim=1, keepdim=True).values  # (B, N), >= 0
         if self.cfg.mppi.normalize:
             gap = gap / (gap.median(dim=1, keepdim=True).values + 1e-12)

@@ -296,6 +296,8 @@ def test_a_resumed_run_forgets_overwrite_and_finds_its_data_from_anywhere(tmp_pa
     assert main([*base, "--steps", "8", "--overwrite"]) == 2
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)  # "data" typed in project/ is not here
+    (project / "run" / "model.json").unlink()  # --resume needs only the checkpoint
+    write_synthetic(tmp_path / "data", n_episodes=6, steps=40, noise=True)  # another dataset where "data" points
     assert main(["train", "--out", "project/run", "--resume"]) == 0
     assert json.loads((project / "run" / "model.json").read_text())["step"] == 8
 
@@ -330,6 +332,10 @@ def test_outputs_of_one_command_are_not_replaced_by_another(tmp_path, capsys):
     pooled = f"{model},{tmp_path / 'copy' / 'm.pt'}"
     assert main(["eval", "--checkpoint", pooled, *small[2:], "--baselines", "", "--out", str(tmp_path / "p")]) == 2
     assert "holds the same weights as" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    for meta in (tmp_path / "m.json", tmp_path / "copy" / "m.json"):  # files from before model.json recorded it
+        json.dump({k: v for k, v in json.loads(meta.read_text()).items() if k != "weights_sha256"}, meta.open("w"))
+    assert main(["eval", "--checkpoint", pooled, *small[2:], "--baselines", "", "--out", str(tmp_path / "p")]) == 2
+    assert "holds the same weights as" in capsys.readouterr().err
 
 
 def test_the_hold_study_takes_one_model_whose_path_holds_a_comma(tmp_path):

@@ -167,6 +167,7 @@ def test_a_problem_with_nan_latents_gets_a_nan_cost_and_the_others_their_plans(n
         return cost.index_fill(1, torch.tensor([3]), float("nan")) if cost.shape[1] > 3 else cost  # (a search's)
     stray = planner(name, grad_steps=grad_steps, cost=fails_for_one_candidate).plan(z, g, keys=keys)
     assert stray.cost.isfinite().all() and stray.actions.isfinite().all()
+    assert (stray.cost <= clean.cost + 0.01).all()  # the search went on (an MPPI mean of NaN weights did not)
 
 
 def test_plan_inputs_and_a_cost_of_ones_own_are_checked_by_name():

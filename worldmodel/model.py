@@ -210,6 +210,14 @@ def weights_digest(state: dict) -> str:
     return h.hexdigest()
 
 
+def recorded_weights_sha256(path: str | Path, meta: dict) -> str:
+    """The SHA-256 of a model file's weights: what its model.json (``meta``) records, or, for a file written
+    before model.json recorded it, computed from the weights."""
+    if meta.get("weights_sha256"):
+        return meta["weights_sha256"]
+    return weights_digest(_weights_and_extras(load_weights_file(Path(path), "a weights file"), meta, Path(path))[0])
+
+
 def _weights_and_extras(state: dict, meta: dict, path: Path) -> tuple[dict, dict]:
     """(state dict, extras) of a model file: format 3 holds both; earlier formats the state dict alone."""
     if meta["format_version"] < 3:

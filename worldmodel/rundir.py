@@ -79,12 +79,14 @@ def status(out: Path, cfg) -> str:
                                   f"checkpoint to write it again from; --overwrite trains it again")
         return "rebuild"
     if cfg.resume:
+        if finished:  # nothing to resume (its checkpoint may have been deleted to save room)
+            return "done"
         if not ckpt.is_file():
-            if not finished and (step is not None or (out / PREVIOUS).is_file()):  # its checkpoint went missing
+            if step is not None or (out / PREVIOUS).is_file():  # its checkpoint went missing
                 raise ValueError(f"--resume: no checkpoint at {ckpt}{_previous_hint(out)}; --overwrite starts "
                                  f"the run again")
             raise ValueError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
-        return "done" if finished else "resume"
+        return "resume"
     if step is None:  # nothing worth keeping (a run that stopped before its first checkpoint)
         return "fresh"
     if finished:  # the same settings, so the same number of steps
@@ -212,9 +214,11 @@ def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, histo
         try:
             model.save(out / "model.pt", extra=extra, extras=extras)
         except OSError as exc:
+            again = ("the same command writes them again" if step == cfg.steps else
+                     "`wm train ... --resume` continues from it")
             raise RunWriteError(f"could not write the model files of step {step} in {out} ({exc.filename or out}: "
-                                f"{exc.strerror or exc}); checkpoint.pt holds step {step}: the same command "
-                                f"writes them again once it can") from None
+                                f"{exc.strerror or exc}); checkpoint.pt holds step {step}: {again} once there "
+                                f"is room") from None
 
 
 def _keep_previous(path: Path, previous: Path) -> None:
