@@ -37,10 +37,11 @@ def path_list(text: str) -> list[str]:
 
 
 def check_some_path_exists(text: str, option_name: str = "--checkpoint") -> None:
-    """A ``ValueError`` for a comma list none of whose paths exists, nor the text as one path: a mistyped path
-    holding a comma is said to be missing, not taken for several models."""
+    """A ``ValueError`` for a comma list none of whose paths exists, nor the text as one path, and whose parts
+    are not all model files by name (``.pt``): a mistyped path holding a comma is said to be missing, not
+    taken for several models (a list of model files not yet there is left for the command to name)."""
     parts = path_list(text)
-    if len(parts) > 1 and not any(os.path.exists(p) for p in parts):
+    if len(parts) > 1 and not any(os.path.exists(p) for p in parts) and not all(p.endswith(".pt") for p in parts):
         raise ValueError(f"{option_name} {text}: no such file (nor, read as a comma list, any of {parts})")
 
 

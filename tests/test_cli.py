@@ -263,7 +263,9 @@ def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(s
     (["train", "--seed", "-1"], "--seed -1 (must be >= 0)"),
     (["demo", "--tolerance", "0"], "--tolerance 0.0 (must be > 0)"),
     (["demo", "--bank-frames", "0"], "--bank-frames 0 (must be >= 1)"),
-    (["demo", "--checkpoint", "a.pt,b.pt"], "--checkpoint a.pt,b.pt: no such file (nor, read as a comma list, any of"),
+    (["demo", "--checkpoint", "a.pt,b.pt"], "--checkpoint: wm demo films one model, got 'a.pt,b.pt'"),
+    (["demo", "--checkpoint", "runs/x,1/model.pt"], "--checkpoint runs/x,1/model.pt: no such file (nor, read as a "
+                                                    "comma list, any of"),
     (["eval", "--checkpoint", "runs/x ü,1/model.pt"], "--checkpoint runs/x ü,1/model.pt: no such file"),
     (["study", "--what", "identifiability", "--identifiability.steps", "-1"],
      "--identifiability.steps -1 (must be >= 1)"),
@@ -349,5 +351,5 @@ def test_the_hold_study_takes_one_model_whose_path_holds_a_comma(tmp_path):
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(ValueError, match="the hold study takes one model"):
         StudyConfig(checkpoint=f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}")
-    with pytest.raises(ValueError, match="a.pt,b.pt: no such file"):
-        StudyConfig(checkpoint="a.pt,b.pt")
+    with pytest.raises(ValueError, match="x,1/model.pt: no such file"):
+        StudyConfig(checkpoint="runs/x,1/model.pt")
