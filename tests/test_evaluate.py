@@ -706,7 +706,7 @@ def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--checkpoint names one model twice .*t\.pt.*: pooled with itself"):
         EvalConfig(checkpoint=twice, out=str(tmp_path / "e3"))
     with pytest.raises(ValueError, match="names one model twice"):  # the same short name, spelt alike
-        EvalConfig(checkpoint="a,a", out=str(tmp_path / "e3"))
+        EvalConfig(checkpoint="a.pt,a.pt", out=str(tmp_path / "e3"))
     # a model whose path holds a comma is one model (a list is split only where no such file exists)
     monkeypatch.undo()  # before evaluation.demo is imported: it would keep the patched load_setup for good
     from evaluation.demo import DemoConfig
