@@ -123,12 +123,16 @@ def test_rollout_loss_is_trained_and_logged(data, tmp_path):
 
 def test_a_finished_run_is_kept_and_another_is_refused(data, tmp_path, caplog):
     train(tiny(data, tmp_path / "run", steps=2), progress=False)
+    (tmp_path / "run" / "eval").mkdir()
+    (tmp_path / "run" / "eval" / "results.json").write_text("{}")  # an evaluation of this model
     again = train(tiny(data, tmp_path / "run", steps=2), progress=False)  # the same run: nothing to do
     assert again["already_done"] and "already holds this finished run" in caplog.text
     with pytest.raises(ValueError, match="already holds a run at step 2 of 2 with other settings.*batch_size.*"
                                          "it is finished, --overwrite"):
         train(tiny(data, tmp_path / "run", steps=2, batch_size=4), progress=False)
     assert train(tiny(data, tmp_path / "run", steps=2, batch_size=4, overwrite=True), progress=False)["loss/total"] > 0
+    assert "kept the results measured on the model this run replaces, which no longer describe it: " \
+           "eval/results.json" in caplog.text
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_can_start(data, tmp_path):

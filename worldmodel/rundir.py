@@ -110,11 +110,17 @@ def _previous_hint(out: Path) -> str:
             f"from it)" if previous.is_file() else "")
 
 
-def clear(out: Path) -> None:
-    """Remove the run in ``out`` (``--overwrite``): its model, checkpoints, settings and TensorBoard logs."""
+# What the commands that read a run's model write beside it by default (wm eval, wm probe, wm demo, wm study)
+MEASURED_BESIDE = ("eval/results.json", "probe.json", "videos/demo.json", "study-*/results.json")
+
+
+def clear(out: Path) -> list[Path]:
+    """Remove the run in ``out`` (``--overwrite``): its model, checkpoints, settings and TensorBoard logs.
+    Returns what other commands measured on the model it replaces (kept: they are results, and say so)."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "tb", ignore_errors=True)
+    return sorted(path for pattern in MEASURED_BESIDE for path in out.glob(pattern))
 
 
 def recorded_run(out: Path, cls) -> tuple[int | None, dict]:

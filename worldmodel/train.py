@@ -297,7 +297,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 raise ValueError(f"--eval-episodes {cfg.eval_episodes}: {exc}; ask for fewer (0: no closed-loop "
                                  f"check)") from None
         if overwrite:  # the run there goes only now that this one can start
-            rundir.clear(out)
+            stale = rundir.clear(out)
+            if stale:
+                log.warning(f"{out}: kept the results measured on the model this run replaces, which no longer "
+                            f"describe it: {', '.join(str(p.relative_to(out)) for p in stale)} (their commands "
+                            f"refuse to write over them without --overwrite)")
     torch.manual_seed(cfg.seed)
     model = WorldModel(dataclasses.replace(cfg.model, image_size=data.store.size,
                                            env=str(data.store.attrs["env"]))).to(device)
