@@ -21,8 +21,7 @@ from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
 from common.config import (apply_overrides, as_options, check_at_least, check_paths_named, check_some_path_exists,
-                           config_fields,
-                           from_dict, nested, option, option_flag, path_list, unwrap_optional)
+                           config_fields, from_dict, nested, option, option_flag, path_list, unwrap_optional)
 from common.device import THREADS_HELP, set_threads
 from common.files import (atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured, output_dir,
                           output_lock, remove_stale_temporaries, saying_what_is_kept)

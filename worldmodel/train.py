@@ -319,20 +319,21 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     guard = DivergenceGuard(cfg, out, start, device, good)
     metrics: dict = {}
     t_last, frames_seen = time.perf_counter(), 0
-    checkpointed = [start if resume else None, None]  # the step checkpoint.pt holds, and the health saved with it
+    checkpointed, checked = (start if resume else None), None  # the step checkpoint.pt holds; its judged health
 
     def save(done: int, model_files: bool = True) -> None:
+        nonlocal checkpointed, checked
         # never save weights a diverging run has touched; judged once per step (the model files of a step
         # whose checkpoint was saved before its measurements reuse that judgement)
-        health = checkpointed[1] if checkpointed[0] == done and checkpointed[1] else guard.check_sound(model, done)
+        health = checked if checkpointed == done and checked else guard.check_sound(model, done)
         if world > 1:
             metrics["ddp_max_param_diff"] = distributed.check_in_sync(model)
         if is_main:  # the finished model carries what planning needs: the graph of its training frames
             extras = ({"graph": LatentGraph.build(model, data.store, data.train.episode_ids, cfg.graph).state(cfg.graph)}
                       if model_files and done == cfg.steps and cfg.save_graph else {})
             rundir.save(out, model, opt, cfg, done, metrics, history, data.record, health, extras,
-                        planner_settings(cfg), checkpoint=checkpointed[0] != done, model_files=model_files)
-        checkpointed[:] = [done, health]
+                        planner_settings(cfg), checkpoint=checkpointed != done, model_files=model_files)
+        checkpointed, checked = done, health
 
     if start == cfg.steps:  # a finished run whose model files were lost: written again from its checkpoint
         if is_main:
