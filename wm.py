@@ -41,14 +41,17 @@ from worldmodel.train import DEFAULT_RUN, TrainConfig, preset_config
 
 
 # --- options from configs ----------------------------------------------------------------------------------
-def _parser_of(kind):
-    """The function turning an option's text into its value."""
+def _parser_of(kind, is_path: bool = False):
+    """The function turning an option's text into its value; a path typed empty is refused."""
     inner, optional = unwrap_optional(kind)
     base = inner if inner in (int, float) else str
 
     def parse(text: str):
         if optional and text.lower() in ("none", "default", ""):
             return None
+        if is_path and not text.strip():
+            raise argparse.ArgumentTypeError("must name a path, got an empty string (leave the option out for "
+                                             "its default)")
         return base(text)
 
     parse.__name__ = base.__name__  # argparse names the type in its errors
@@ -71,7 +74,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cfg) -> None:
             parser.add_argument(f.flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(f.flag, dest=f.name, type=_parser_of(f.type), choices=f.choices,
+            parser.add_argument(f.flag, dest=f.name, type=_parser_of(f.type, f.is_path), choices=f.choices,
                                 default=argparse.SUPPRESS, help=help_text, metavar=_metavar(f))
 
 
@@ -167,8 +170,8 @@ def _recorded_policy(argv: list[str]) -> PolicyConfig:
 class VideoConfig:
     """``wm video``: watch episodes of a dataset."""
 
-    data: str = option(DEFAULT_DATA, "dataset directory (or .h5 file)")
-    out: str = option("", "output mp4 (default: episodes.mp4 in the dataset directory)")
+    data: str = option(DEFAULT_DATA, "dataset directory (or .h5 file)", path=True)
+    out: str = option("", "output mp4 (default: episodes.mp4 in the dataset directory)", path=True)
     episodes: int = option(4, "episodes to show, one after another")
     fps: int = option(25, "frames per second")
 
@@ -188,17 +191,19 @@ class BenchConfig:
     device: str = option("auto", "train and plan benchmark device: auto, cpu or cuda")
     threads: int = option(0, THREADS_HELP)
     checkpoint: str = option(DEFAULT_CHECKPOINT, "plan-quality, subgoals: the trained model whose closed-loop success "
-                                                  "is measured (plan-quality: several, comma-separated, are pooled)")
+                                                  "is measured (plan-quality: several, comma-separated, are pooled)",
+                        path=True)
     protocol: str = option("", "plan-quality, subgoals: goal protocols, comma-separated, each reported apart "
                                "(default: plan-quality reach25, subgoals reach25,uniform)")
-    data: str = option("", "plan-quality, subgoals: evaluation dataset (default: the one the model was trained on)")
+    data: str = option("", "plan-quality, subgoals: evaluation dataset (default: the one the model was trained on)",
+                       path=True)
     episodes: int = option(50, "plan-quality, subgoals: episodes per setting")
     repeats: int = option(3, "subgoals, plan: runs of each setting, alternating, for a ratio steadier than one "
                              "run's (plan: plans per row of the grid, timed in rounds, and of the batched planner "
                              "and the one-problem-at-a-time reference)")
     split: str = option("val", "plan-quality, subgoals: the model's episodes they run on (val: settings are "
                                "chosen there)", choices=HELD_OUT)
-    out: str = option("runs/bench", "directory for the Markdown report")
+    out: str = option("runs/bench", "directory for the Markdown report", path=True)
 
     def __post_init__(self):
         check_at_least(self, 1, ("episodes", "repeats"))
@@ -210,7 +215,7 @@ class BenchConfig:
 class PipelineConfig:
     """``wm demo-pipeline`` (what `make demo` runs): collect, train, evaluate, film; resumes where it stopped."""
 
-    out: str = option(DEFAULT_RUN, "run directory; the data goes to its data/ folder")
+    out: str = option(DEFAULT_RUN, "run directory; the data goes to its data/ folder", path=True)
     episodes: int = option(450, "episodes to collect (the demo preset trains on 80%, chooses on 10%, reports on 10%)")
     workers: int = option(2, "collection worker processes")
     steps: int = option(3500, "training steps of the demo preset")
@@ -232,13 +237,13 @@ class ProbeConfig:
     """wm probe: linear and nonlinear probes from the latent to the arm's state (is it a linear map?), on episodes
     the model never trained on, and how Gaussian the latents are."""
 
-    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run")
-    data: str = option("", "dataset (default: the one the model was trained on)")
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run", path=True)
+    data: str = option("", "dataset (default: the one the model was trained on)", path=True)
     split: str = option("test", "the model's episodes the probe is scored on: test or val", choices=HELD_OUT)
     device: str = option("auto", "auto, cpu or cuda")
     threads: int = option(0, THREADS_HELP)
     mlp_steps: int = option(1500, "optimiser steps of the nonlinear (MLP) probe")
-    out: str = option("", "where probe.json and probe.md go (default: beside the checkpoint)")
+    out: str = option("", "where probe.json and probe.md go (default: beside the checkpoint)", path=True)
     overwrite: bool = option(False, "replace a probe already in --out")
 
 
@@ -247,7 +252,7 @@ class InfoConfig:
     """wm info: what a model file is (architecture, training run and data, planner, subgoal graph, what training
     measured, what made it), read from model.json and model.pt."""
 
-    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run")
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run", path=True)
 
 
 @dataclass
@@ -255,8 +260,8 @@ class ExportConfig:
     """wm export: make a model file plan alone: build the subgoal graph of its training frames (from its recorded
     dataset, or --data) and save it in model.pt. Models trained by this version already hold it."""
 
-    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run")
-    data: str = option("", "its training dataset (default: the one it records)")
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run", path=True)
+    data: str = option("", "its training dataset (default: the one it records)", path=True)
     graph: GraphConfig = nested(GraphConfig, "the graph's settings")
     device: str = option("auto", "auto, cpu or cuda")
     threads: int = option(0, THREADS_HELP)
@@ -271,8 +276,8 @@ class StudyConfig:
 
     what: str = option("hold", "which study", choices=("hold", "one-frame", "identifiability"))
     checkpoint: str = option(DEFAULT_CHECKPOINT, "hold: the trained model; one-frame: it, or a comma list of "
-                                                 "several (pooled)")
-    data: str = option("", "hold, one-frame: its dataset (default: the one it records)")
+                                                 "several (pooled)", path=True)
+    data: str = option("", "hold, one-frame: its dataset (default: the one it records)", path=True)
     split: str = option("val", "hold, one-frame: the model's episodes to study: val or test", choices=HELD_OUT)
     episodes: int = option(50, "hold, one-frame: episodes per seed")
     seeds: int = option(1, "hold, one-frame: episode seeds; identifiability: training seeds of every run")
@@ -280,7 +285,7 @@ class StudyConfig:
     device: str = option("auto", "hold, one-frame: auto, cpu or cuda")
     threads: int = option(0, THREADS_HELP)
     out: str = option("", "output directory (default: study-hold/ or study-one-frame/ beside the (first) "
-                          "checkpoint, or the identifiability study's own)")
+                          "checkpoint, or the identifiability study's own)", path=True)
     overwrite: bool = option(False, "replace a finished study's results in --out")
 
     def __post_init__(self):

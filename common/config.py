@@ -59,13 +59,15 @@ def model_paths(text: str, option_name: str = "--checkpoint") -> list[str]:
     return paths
 
 
-def option(default: Any, help: str, choices: tuple | None = None, cli: bool = True) -> Any:
+def option(default: Any, help: str, choices: tuple | None = None, cli: bool = True, path: bool = False) -> Any:
     """A config field: its default, the help the command line shows, the allowed values if few.
 
     ``cli=False`` keeps a field off the command line (a value the program fills in, such as the image
-    size a model was trained at, which comes from the data).
+    size a model was trained at, which comes from the data). ``path=True`` marks a file or directory: the
+    command line refuses it typed empty (an unset shell variable), which would mean the default or the
+    working directory.
     """
-    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli, "path": path})
 
 
 def nested(cls, help: str = "", flat: bool = False) -> Any:
@@ -84,6 +86,7 @@ class ConfigField:
     help: str
     choices: tuple | None
     cli: bool
+    is_path: bool = False  # a file or directory (``option(path=True)``)
 
     @property
     def flag(self) -> str:
@@ -123,7 +126,7 @@ def config_fields(cfg, path: str = "", prefix: str = "") -> Iterator[ConfigField
             yield from config_fields(value, sub_path + ".", sub_prefix)
             continue
         yield ConfigField(sub_path, prefix + f.name, hints[f.name], value, f.metadata.get("help", ""),
-                          f.metadata.get("choices"), f.metadata.get("cli", True))
+                          f.metadata.get("choices"), f.metadata.get("cli", True), f.metadata.get("path", False))
 
 
 def check_at_least(cfg, minimum: float, names, prefix: str = "", strictly: bool = False) -> None:

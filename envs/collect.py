@@ -58,7 +58,7 @@ class CollectConfig:
                                   "slow motion is what a model needs to hold a goal)", choices=POLICIES)
     workers: int = option(2, "worker processes, each with its own renderer")
     seed: int = option(0, "seed of the collection; episode i is seeded by (seed, i)")
-    out: str = option(DEFAULT_DATA, "output directory of .h5 shards")
+    out: str = option(DEFAULT_DATA, "output directory of .h5 shards", path=True)
     episodes_per_shard: int = option(20, "episodes per shard file")
     hide_target: bool = option(True, "hide the target sphere (pose-reaching goals)")
     render_quality: str = option("fast", "fast (no shadows or reflections, about 5x faster in software) or standard",

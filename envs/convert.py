@@ -111,8 +111,8 @@ def convert_dataset(src, dst: str | Path, fmt: str = "swm", image_size: int | No
 class ConvertConfig:
     """wm convert: rewrite a dataset as one stable-worldmodel .h5 file or as a directory of our shards."""
 
-    data: str = option(DEFAULT_DATA, "source: a directory of shards or one .h5 file")
-    out: str = option(DEFAULT_DATA + ".h5", "destination: an .h5 file (swm) or a directory (shards)")
+    data: str = option(DEFAULT_DATA, "source: a directory of shards or one .h5 file", path=True)
+    out: str = option(DEFAULT_DATA + ".h5", "destination: an .h5 file (swm) or a directory (shards)", path=True)
     format: str = option("swm", "swm (one file, stable-worldmodel layout) or shards", choices=("swm", "shards"))
     image_size: int | None = option(None, "area-resize frames to this size (default: keep)")
     env: str | None = option(None, "the source's env when a stable-worldmodel file does not say (default: "

@@ -27,10 +27,11 @@ NOT_SETTINGS = {"out", "overwrite", "device", "threads"}  # where and how fast, 
 class CompareConfig:
     """wm compare: two evaluations of the same episodes, episode by episode (paired counts and sign tests)."""
 
-    base: str = option("", "the evaluation compared against: an output directory of wm eval or its results.json")
-    new: str = option("", "the evaluation with the setting under test, on the same episodes")
+    base: str = option("", "the evaluation compared against: an output directory of wm eval or its results.json",
+                       path=True)
+    new: str = option("", "the evaluation with the setting under test, on the same episodes", path=True)
     alpha: float = option(0.05, "the p-value below which a difference is called clear")
-    out: str = option("", "also write compare.md and compare.json (with the provenance) in this directory")
+    out: str = option("", "also write compare.md and compare.json (with the provenance) in this directory", path=True)
 
     def __post_init__(self):
         if not 0 < self.alpha < 1:

@@ -39,10 +39,10 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     """``wm demo``: mp4 and gif planning videos, and a summary sheet of first, last and goal frames."""
 
-    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run")
+    checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run", path=True)
     data: str = option("", "dataset: its --split episodes give starts and goals, its training frames the retrieval "
                            "bank (default: the one the model was trained on; with --goal-pose and --start-pose, "
-                           "the model file alone serves when that is not at hand)")
+                           "the model file alone serves when that is not at hand)", path=True)
     split: str = option("test", "the model's episodes that give starts and goals: test or val", choices=HELD_OUT)
     episodes: int = option(4, "episodes (one video each)")
     protocol: str = option("reach25", f"which goals (and budget and success rule, with --goal-pose): "
@@ -60,7 +60,7 @@ class DemoConfig:
     gif: bool = option(True, "also write a gif beside each mp4")
     device: str = option("auto", "auto, cpu or cuda")
     threads: int = option(0, THREADS_HELP)
-    out: str = option("", "output directory (default: videos/ beside the checkpoint)")
+    out: str = option("", "output directory (default: videos/ beside the checkpoint)", path=True)
     overwrite: bool = option(False, "replace a demo already in --out (its videos, sheet and page are removed first)")
 
     def __post_init__(self):

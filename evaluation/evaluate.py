@@ -57,9 +57,9 @@ class EvalConfig:
     """wm eval: closed-loop success of MPC with the world model, beside reference methods on the same episodes."""
 
     checkpoint: str = option(DEFAULT_CHECKPOINT, "model.pt of a trained run, or a comma list of several (e.g. "
-                                                 "training seeds: pooled, with the spread between them)")
+                                                 "training seeds: pooled, with the spread between them)", path=True)
     data: str = option("", "dataset whose --split episodes give starts and goals (default: the one the model was "
-                           "trained on)")
+                           "trained on)", path=True)
     protocol: str = option("reach25", "comma list of reach25, reach50, uniform, lewm (LeWM's published protocol), "
                                       "lewm-mpc (its episodes and rule, our planner), lewm-history (LeWM's "
                                       "planner given the frames before the start: a counterfactual), or reachK "
@@ -91,7 +91,7 @@ class EvalConfig:
                                "--tolerance")
     device: str = option("auto", "auto, cpu or cuda")
     threads: int = option(0, THREADS_HELP)
-    out: str = option("", "output directory (default: eval/ beside the checkpoint; needed for several)")
+    out: str = option("", "output directory (default: eval/ beside the checkpoint; needed for several)", path=True)
     overwrite: bool = option(False, "replace results already in --out")
 
     def __post_init__(self):

@@ -53,7 +53,7 @@ class IdentifiabilityConfig:
     mlp_steps: int = option(1500, "optimiser steps of the nonlinear probe")
     workers: int = option(2, "collection worker processes")
     out: str = option("runs/study-identifiability", "where datasets, runs and the results go (resumes there)",
-                      cli=False)
+                      cli=False, path=True)
 
     def __post_init__(self):
         check_at_least(self, 1, ("steps", "seeds", "episodes", "eval_episodes", "mlp_steps", "workers"),

@@ -270,10 +270,6 @@ def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(s
     (["study", "--what", "identifiability", "--identifiability.steps", "-1"],
      "--identifiability.steps -1 (must be >= 1)"),
     (["eval", "--samples", "0"], "horizon, samples and iterations must be >= 1"),
-    (["collect", "--out", ""], "--out must name a path, got an empty string"),  # not the working directory
-    (["train", "--out", ""], "--out must name a path, got an empty string"),
-    (["train", "--data", ""], "--data must name a path, got an empty string"),
-    (["convert", "--out", ""], "--out must name a path, got an empty string"),
     (["bench", "--what", "plan", "--dry-run"], "--dry-run is the GPU check's (--what gpu)"),
 ])
 def test_settings_that_make_no_sense_are_refused_before_any_work(argv, said, tmp_path, capsys, monkeypatch):
@@ -281,6 +277,20 @@ def test_settings_that_make_no_sense_are_refused_before_any_work(argv, said, tmp
     assert main(argv) == 2
     assert said in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing was created
+
+
+@pytest.mark.parametrize("command, flag", [
+    ("collect", "--out"), ("train", "--out"), ("train", "--data"), ("convert", "--out"), ("eval", "--out"),
+    ("eval", "--data"), ("probe", "--data"), ("demo", "--out"), ("study", "--data"), ("video", "--out"),
+    ("compare", "--base"), ("bench", "--data"), ("export", "--checkpoint")])
+def test_a_path_typed_empty_is_refused(command, flag, tmp_path, capsys, monkeypatch):
+    """An unset shell variable (``--out "$OUT"``) is neither the working directory nor the option's default."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main([command, flag, ""])
+    assert info.value.code == 2
+    assert f"argument {flag}: must name a path, got an empty string" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_resumed_run_forgets_overwrite_and_finds_its_data_from_anywhere(tmp_path, monkeypatch):

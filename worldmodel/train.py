@@ -54,10 +54,11 @@ DEFAULT_RUN = "runs/demo"  # where `wm train` writes and `wm eval/probe/demo` re
 class TrainConfig:
     """``wm train``: train encoder and predictor with prediction loss + SIGReg."""
 
-    data: str = option(DEFAULT_DATA, "dataset: a directory of .h5 shards, or one .h5 file (ours or stable-worldmodel's)")
+    data: str = option(DEFAULT_DATA, "dataset: a directory of .h5 shards, or one .h5 file (ours or "
+                                     "stable-worldmodel's)", path=True)
     env: str | None = option(None, "the environment of a dataset that does not record it (a stable-worldmodel file; "
                                    "default: reacher-easy); a dataset that records another is refused")
-    out: str = option(DEFAULT_RUN, "run directory: model.pt, checkpoint.pt, tb/")
+    out: str = option(DEFAULT_RUN, "run directory: model.pt, checkpoint.pt, tb/", path=True)
     preset: str = option("demo", "demo (2-core CPU), hold (demo on 96 px frames, 5,000 steps: holds the goal "
                                  "more; its model records CEM 100 x 10 as its planner, which wm eval and wm demo "
                                  "plan it with unless told otherwise), "
