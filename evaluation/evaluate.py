@@ -9,7 +9,6 @@ velocity. Frames are rendered only when a policy looks at them (the world model'
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -43,7 +42,7 @@ from planners.policy import MPCPolicy, PolicyConfig, check_context, check_policy
 from worldmodel.datasplit import (HELD_OUT, load_with_data, recording_differences, resolve_data,
                                   split_episodes, training_episodes)
 from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint, keep_graph, saved_graph
-from worldmodel.model import check_model_file, recorded_weights_sha256
+from worldmodel.model import check_model_file, recorded_weights_sha256, weights_digest
 
 METHODS = ("world_model", "random", "exploration", "simulator", "simulator-pose")
 OUTPUTS = ("results.md", "index.html", "results.png", "results.json")  # in the order written: results.json last
@@ -306,10 +305,10 @@ def stored_frames(store: EpisodeStore, eps: dict, offset: int) -> np.ndarray:
 
 
 # --- the command ---------------------------------------------------------------------------------------
-def check_output(cfg: EvalConfig) -> Path:
+def check_output(cfg: EvalConfig, digests: list[str] = ()) -> Path:
     """The output directory, refusing to overwrite finished results (``results.json``, an evaluation's or a
     study's, whatever else is left beside it) unless asked, and a demo's directory (its page would be
-    replaced) in any case."""
+    replaced) in any case. Results of weights other than ``digests`` (the models' now) are said to be so."""
     out = cfg.out_dir
     if (out / "demo.json").exists():
         raise ValueError(f"{out} holds a demo's videos (demo.json), whose index.html an evaluation would replace; "
@@ -320,6 +319,9 @@ def check_output(cfg: EvalConfig) -> Path:
             done = json.loads(results.read_text())
             what = (f"the results of {done['config']['protocol']} ({len(done['episodes'])} episode records: one per "
                     f"episode, seed, method and model)")
+            then = done.get("weights_sha256")
+            if then is not None and list(digests) and then != list(digests):
+                what += f", measured on other weights than {', '.join(cfg.checkpoints)} holds now"
         except (ValueError, KeyError, TypeError):
             what = "results"
         raise ValueError(f"{out} already holds {what}; pass --overwrite to replace them, or --out for another "
@@ -334,9 +336,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     methods = ["world_model", *parse_baselines(cfg.baselines)]
     models = [check_model_file(c) for c in cfg.checkpoints]  # every model readable before the first is evaluated
     metas = [meta for meta, _ in models]
+    digests = [recorded_weights_sha256(checkpoint, meta) for meta, checkpoint in zip(metas, cfg.checkpoints)]
     seen = {}
-    for meta, checkpoint in zip(metas, cfg.checkpoints):  # a copy of a model, pooled with it, would count twice
-        first = seen.setdefault(recorded_weights_sha256(checkpoint, meta), checkpoint)
+    for digest, checkpoint in zip(digests, cfg.checkpoints):  # a copy of a model, pooled with it, would count twice
+        first = seen.setdefault(digest, checkpoint)
         if first != checkpoint:
             raise ValueError(f"--checkpoint: {checkpoint} holds the same weights as {first} (a copy?): pooled with "
                              f"itself, its episodes would count twice")
@@ -346,11 +349,11 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if not cfg.data:  # and the dataset each recorded found
         for meta, checkpoint in zip(metas, cfg.checkpoints):
             resolve_data(meta, checkpoint)
-    with output_dir(check_output(cfg)) as out, output_lock(out):  # one evaluation at a time in a directory
-        return _evaluate(cfg, out, protocols, methods, progress)
+    with output_dir(check_output(cfg, digests)) as out, output_lock(out):  # one evaluation at a time in a directory
+        return _evaluate(cfg, out, protocols, methods, digests, progress)
 
 
-def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) -> dict:
+def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, digests: list[str], progress: bool) -> dict:
     """``evaluate`` once ``out`` is checked and locked; results.json, written last, says it finished. Each
     (model, protocol, seed, method) measured is kept in ``out/units`` until then, so the same command after
     an interruption measures only what is missing (and gives the results an uninterrupted run gives)."""
@@ -393,7 +396,7 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, progress: bool) ->
         split_note = notes[0] if len(notes) == 1 else f"each model's own {cfg.split} episodes"
         made = provenance()
         report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps,
-                  "data": data_paths, "split": notes, "interval": METHOD, "torch_threads": torch.get_num_threads(),
+                  "weights_sha256": digests, "data": data_paths, "split": notes, "interval": METHOD, "torch_threads": torch.get_num_threads(),
                   "provenance": made, "summary": summary,
                   "episodes": records}
         markdown = signed("\n".join([results_markdown(summary, cfg, split_note, cfg.checkpoints), *otherwise]), made)
@@ -417,18 +420,10 @@ def measured_with(cfg: EvalConfig, setup: Setup) -> dict:
     ``--score-at`` (read from the records afterwards)."""
     beside = ("checkpoint", "out", "overwrite", "protocol", "seeds", "baselines", "score_at")
     settings = {f.name: f.value for f in config_fields(cfg) if f.name not in beside}
-    return {**settings, "weights_sha256": weights_sha256(setup.model), "data_fingerprint": setup.store.fingerprint,
-            "torch_threads": torch.get_num_threads(), "code": code_version()}
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """The SHA-256 of a model's parameters and buffers, by name (not of its file: an evaluation may save a
-    subgoal graph into it)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    # the weights' digest, not the file's: an evaluation may save a subgoal graph into the file
+    return {**settings, "weights_sha256": weights_digest(setup.model.state_dict()),
+            "data_fingerprint": setup.store.fingerprint, "torch_threads": torch.get_num_threads(),
+            "code": code_version()}
 
 
 def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: int, methods, curves: dict,

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import run_wm
 from wm import add_config_arguments, config_from_args, default_config, main
@@ -331,7 +332,14 @@ def test_outputs_of_one_command_are_not_replaced_by_another(tmp_path, capsys):
     (tmp_path / "e" / "index.html").unlink()
     capsys.readouterr()
     assert main(["eval", *small, "--baselines", "", "--out", str(tmp_path / "e")]) == 2
-    assert "already holds the results of reach25" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "already holds the results of reach25" in said and "other weights" not in said
+    recorded = json.loads((tmp_path / "e" / "results.json").read_text())["weights_sha256"]
+    assert recorded == [json.loads((tmp_path / "m.json").read_text())["weights_sha256"]]  # results name their weights
+    torch.manual_seed(1)
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)  # retrained
+    assert main(["eval", *small, "--baselines", "", "--out", str(tmp_path / "e")]) == 2
+    assert f"measured on other weights than {model} holds now" in capsys.readouterr().err
     assert main(["demo", "--checkpoint", str(model), "--episodes", "1", "--no-gif", "--out", str(tmp_path / "e")]) == 2
     assert "holds finished results (results.json" in capsys.readouterr().err
     (tmp_path / "v").mkdir()
