@@ -198,9 +198,9 @@ class BenchConfig:
     data: str = option("", "plan-quality, subgoals: evaluation dataset (default: the one the model was trained on)",
                        path=True)
     episodes: int = option(50, "plan-quality, subgoals: episodes per setting")
-    repeats: int = option(3, "subgoals, plan: runs of each setting, alternating, for a ratio steadier than one "
-                             "run's (plan: plans per row of the grid, timed in rounds, and of the batched planner "
-                             "and the one-problem-at-a-time reference)")
+    repeats: int = option(3, "collect, train, plan, subgoals: runs of each setting, taking turns, for a ratio "
+                             "steadier than one run's (plan: plans per row of the grid, timed in rounds, and of the "
+                             "batched planner and the one-problem-at-a-time reference)")
     split: str = option("val", "plan-quality, subgoals: the model's episodes they run on (val: settings are "
                                "chosen there)", choices=HELD_OUT)
     out: str = option("runs/bench", "directory for the Markdown report", path=True)
@@ -209,6 +209,11 @@ class BenchConfig:
         check_at_least(self, 1, ("episodes", "repeats"))
         if self.dry_run and self.what != "gpu":
             raise ValueError(f"--dry-run is the GPU check's (--what gpu); --what {self.what} has none")
+        if self.protocol and self.what in ("plan-quality", "subgoals"):
+            from benchmarks.quality import check_planner_free
+            from evaluation.protocols import parse_protocols
+
+            check_planner_free([p.name for p in parse_protocols(self.protocol)])
 
 
 @dataclass
@@ -370,7 +375,8 @@ def run_bench(cfg: BenchConfig) -> int:
 
     # the closed-loop benchmarks' protocols; each has its own default
     protocols = {"protocols": tuple(p.name for p in parse_protocols(cfg.protocol))} if cfg.protocol else {}
-    benches = {"collect": data_bench.run, "train": lambda: train_bench.run(cfg.device),
+    benches = {"collect": lambda: data_bench.run(repeats=cfg.repeats),
+               "train": lambda: train_bench.run(cfg.device, repeats=cfg.repeats),
                "plan": lambda: plan_bench.run(cfg.device, repeats=cfg.repeats),
                "plan-quality": lambda: quality_bench.run(cfg.checkpoint, cfg.device, episodes=cfg.episodes,
                                                          data=cfg.data, split=cfg.split, **protocols),

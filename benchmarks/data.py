@@ -1,6 +1,7 @@
 """``wm bench collect``: rendering, collection and loader throughput, and policy coverage.
 
-Every speed is printed next to a baseline measured in the same run, as a ratio.
+Every speed is printed next to a baseline measured in the same run, as a ratio: the settings of a table take
+turns (``benchmarks.timing.round_robin``), and a ratio is the median (min-max) over rounds.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 
 import numpy as np
 
-from benchmarks.timing import absolute_shown, markdown_table
+from benchmarks.timing import absolute_shown, markdown_table, paired_ratio, round_robin
 from envs.collect import CollectConfig, collect
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
 from envs.policies import make_policy
@@ -28,21 +29,23 @@ def _rate(fn, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_render(size: int, n: int = 200) -> dict:
-    """Step+render frames/s: dm_control's own ``physics.render`` (the baseline) and our renderer."""
-    rows = {}
-    env = ReacherPixels(size=size, render_quality="standard")
-    env.reset(seed=0)
-    physics = env.physics._physics
-    rows["dm_control physics.render"] = _rate(lambda: (env.physics.step(np.zeros(2)),
-                                                       physics.render(size, size, camera_id="fixed")), n)
-    rows["ours, standard quality"] = _rate(lambda: env.step(np.zeros(2)), n)
-    env.close()
-    env = ReacherPixels(size=size, render_quality="fast")
-    env.reset(seed=0)
-    rows["ours, fast quality"] = _rate(lambda: env.step(np.zeros(2)), n)
-    env.close()
-    return rows
+def bench_render(size: int, n: int = 200, repeats: int = 3) -> dict[str, list[float]]:
+    """Step+render frames/s, ``repeats`` runs of ``n`` frames each, in rounds: dm_control's own
+    ``physics.render`` (the baseline) and our renderer at both looks."""
+    standard = ReacherPixels(size=size, render_quality="standard")
+    fast = ReacherPixels(size=size, render_quality="fast")
+    try:
+        for env in (standard, fast):
+            env.reset(seed=0)
+        physics = standard.physics._physics
+        runs = {"dm_control physics.render": lambda: _rate(lambda: (standard.physics.step(np.zeros(2)),
+                                                                    physics.render(size, size, camera_id="fixed")), n),
+                "ours, standard quality": lambda: _rate(lambda: standard.step(np.zeros(2)), n),
+                "ours, fast quality": lambda: _rate(lambda: fast.step(np.zeros(2)), n)}
+        return round_robin(runs, dict.fromkeys(runs, repeats))
+    finally:
+        standard.close()
+        fast.close()
 
 
 def bench_collect(size: int, workers: int, episodes_per_worker: int = 30, steps: int = 100) -> float:
@@ -54,24 +57,30 @@ def bench_collect(size: int, workers: int, episodes_per_worker: int = 30, steps:
         return collect(cfg, progress=False)["frames_per_s"]
 
 
-def bench_loader(data_dir: str, spec: WindowSpec, batch_size: int = 64, batches: int = 30) -> dict:
-    """Windows/s drawn at random through a DataLoader: from disk (baseline) and from memory."""
+def bench_loader(data_dir: str, spec: WindowSpec, batch_size: int = 64, batches: int = 30,
+                 repeats: int = 3) -> dict[str, list[float]]:
+    """Windows/s drawn at random through a DataLoader, ``repeats`` runs of ``batches`` batches each, in
+    rounds: from disk (the baseline) and from memory."""
     import torch
     from torch.utils.data import DataLoader
 
-    rows = {}
-    for label, in_memory in (("from disk (h5py, open handles)", False), ("in memory", True)):
+    def timer(in_memory: bool):
         ds = WindowDataset(EpisodeStore(data_dir, in_memory=in_memory), spec, split="all")
-        sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=(batches + 1) * batch_size,
+        sampler = torch.utils.data.RandomSampler(ds, replacement=True,
+                                                 num_samples=(repeats * batches + 1) * batch_size,
                                                  generator=torch.Generator().manual_seed(0))
-        loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=0)
-        it = iter(loader)
-        next(it)
-        start = time.perf_counter()
-        for _ in range(batches):
-            next(it)
-        rows[label] = batches * batch_size / (time.perf_counter() - start)
-    return rows
+        it = iter(DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=0))
+        next(it)  # warm up
+
+        def run() -> float:
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(it)
+            return batches * batch_size / (time.perf_counter() - start)
+        return run
+
+    runs = {"from disk (h5py, open handles)": timer(False), "in memory": timer(True)}
+    return round_robin(runs, dict.fromkeys(runs, repeats))
 
 
 def policy_coverage(policy: str, episodes: int = 20, steps: int = 100, bins: int = 20) -> dict:
@@ -98,42 +107,47 @@ def policy_coverage(policy: str, episodes: int = 20, steps: int = 100, bins: int
     return {"cells_per_episode": float(np.mean(cells)), "displacement_25_steps": float(np.mean(moved))}
 
 
-def run(sizes=(64, 224), workers=(1, 2)) -> str:
+def run(sizes=(64, 224), workers=(1, 2), repeats: int = 3) -> str:
     """Run every collection benchmark; returns a Markdown report (rates in frames or windows per second on a
-    GPU machine only: ``benchmarks.timing.absolute_shown``)."""
+    GPU machine only: ``benchmarks.timing.absolute_shown``). Each table's settings take turns, ``repeats``
+    rounds; rates are medians, ratios the median (min-max) over rounds."""
     absolute = absolute_shown()
     lines = ["## Rendering: step + render, one process", "",
              "Like for like: dm_control's own `physics.render` against our renderer at the same look (shadows and "
-             "reflections on); then what our fast look (both off) buys.", ""]
+             f"reflections on); then what our fast look (both off) buys. {repeats} rounds of 200 frames of each.", ""]
     rows = []
     for size in sizes:
-        r = bench_render(size)
+        r = bench_render(size, repeats=repeats)
         base, ours, fast = r["dm_control physics.render"], r["ours, standard quality"], r["ours, fast quality"]
-        rows.append([str(size), f"{base:.0f}", f"{ours:.0f}", f"{ours / base:.2f}x", f"{fast:.0f}",
-                     f"{fast / ours:.1f}x"])
+        rows.append([str(size), f"{np.median(base):.0f}", f"{np.median(ours):.0f}", paired_ratio(ours, base),
+                     f"{np.median(fast):.0f}", paired_ratio(fast, ours)])
     lines += markdown_table([("size", False), ("dm_control physics.render, frames/s (baseline)", True),
                              ("ours, standard look, frames/s", True), ("ours / baseline", False),
                              ("ours, fast look, frames/s", True), ("fast / standard", False)], rows, absolute)
-    lines += ["", "## Collection: `wm collect`, whole pipeline incl. process start, gzip and writes", ""]
+    lines += ["", "## Collection: `wm collect`, whole pipeline incl. process start, gzip and writes", "",
+              f"{repeats} rounds of one collection at each worker count.", ""]
     rows = []
     for size in sizes:
-        rates = [bench_collect(size, w) for w in workers]
-        rows.append([str(size), *(f"{r:.0f}" for r in rates), f"{rates[-1] / rates[0]:.2f}x"])
+        runs = {w: (lambda w=w: bench_collect(size, w)) for w in workers}
+        rates = round_robin(runs, dict.fromkeys(runs, repeats))
+        rows.append([str(size), *(f"{np.median(rates[w]):.0f}" for w in workers),
+                     paired_ratio(rates[workers[-1]], rates[workers[0]])])
     lines += markdown_table([("size", False), *((f"{w} worker{'s' if w > 1 else ''}, frames/s", True) for w in workers),
                              (f"{workers[-1]} / {workers[0]} workers", False)], rows, absolute)
     lines += ["", "## Loader: random windows of 4 frames, frameskip 5, batch 64", "",
               f"From disk every window's frames are read and decompressed from the file (our shards keep no chunk "
-              f"cache), as from a dataset too large for memory; about {LOADER_DATA_MB} MB of frames.", ""]
+              f"cache), as from a dataset too large for memory; about {LOADER_DATA_MB} MB of frames. {repeats} "
+              f"rounds of 30 batches from each.", ""]
     rows = []
     for size in sizes:
         episodes = loader_episodes(size)
         with tempfile.TemporaryDirectory() as tmp:
             collect(CollectConfig(size=size, episodes=episodes, steps=100, workers=max(workers), out=tmp,
                                   episodes_per_shard=episodes), progress=False)
-            r = bench_loader(tmp, WindowSpec(history=3, n_pred=1, frameskip=5))
+            r = bench_loader(tmp, WindowSpec(history=3, n_pred=1, frameskip=5), repeats=repeats)
         disk, mem = r["from disk (h5py, open handles)"], r["in memory"]
-        rows.append([str(size), f"{episodes * 101 * size * size * 3 / 1e6:.0f}", f"{disk:.0f}", f"{mem:.0f}",
-                     f"{mem / disk:.1f}x"])
+        rows.append([str(size), f"{episodes * 101 * size * size * 3 / 1e6:.0f}", f"{np.median(disk):.0f}",
+                     f"{np.median(mem):.0f}", paired_ratio(mem, disk)])
     lines += markdown_table([("size", False), ("data (MB of frames)", False),
                              ("from disk, windows/s (baseline)", True), ("in memory, windows/s", True),
                              ("memory / disk", False)], rows, absolute)

@@ -9,7 +9,7 @@ import torch
 from benchmarks.timing import absolute_shown, alternating, markdown_table, paired_ratio
 from common.config import apply_overrides, as_options, model_paths
 from evaluation.evaluate import load_setup, world_model_records
-from evaluation.protocols import LEWM_NOTE, LEWM_POLICY
+from evaluation.protocols import LEWM_NOTE, LEWM_POLICY, protocol_named
 from evaluation.stats import format_p, paired_counts, sign_test
 from planners.policy import PolicyConfig, recorded_planner
 
@@ -23,6 +23,16 @@ QUALITY_SETTINGS = (
     {"samples": 100, "iterations": 10, "grad_steps": 0}, {"samples": 100, "iterations": 10},
     {"samples": 50, "iterations": 6, "grad_steps": 0}, {"samples": 100, "iterations": 3, "grad_steps": 0},
 )
+
+
+def check_planner_free(protocols) -> None:
+    """A ``ValueError`` for protocols that fix the planner (``lewm``, ``lewm-history``: LeWM's as released):
+    every setting of a planning benchmark would plan alike there, under its own label."""
+    fixed = [name for name in protocols if protocol_named(name).policy]
+    if fixed:
+        raise ValueError(f"--protocol {', '.join(fixed)}: fixes its planner, so every setting compared would plan "
+                         f"alike; the planning benchmarks take protocols that leave it free (reach25, reach50, "
+                         f"uniform, reachK, lewm-mpc)")
 
 
 def setting_label(policy: PolicyConfig, lewm: bool) -> str:
@@ -45,6 +55,7 @@ def run(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episod
     row's per planning call. ``data`` as for ``wm eval``: the dataset each model was trained on unless
     given; ``split`` the models' episodes they come from (val: the curve chooses settings, so it never runs
     on the test episodes results are reported on)."""
+    check_planner_free(protocols)
     checkpoints = model_paths(checkpoint)
     policies = [apply_overrides(PolicyConfig(), overrides) for overrides in settings]
     labels = [setting_label(p, overrides == LEWM_POLICY) for p, overrides in zip(policies, settings)]
@@ -116,6 +127,7 @@ def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, prot
 
     if repeats < 1:  # before any work
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    check_planner_free(protocols)
 
     def load_time(path: Path, with_graph: bool) -> float:
         start = time.perf_counter()

@@ -2,18 +2,21 @@
 predictor.
 
 One step = encode a batch of windows, predict, SIGReg, backward, AdamW. The demo's encoder at 64 px (the
-first row) is the baseline the others are compared with, measured in the same run (steps/s and frames/s
-are printed on a GPU only).
+first row) is the baseline the others are compared with, measured in the same run: the encoders take turns
+(``benchmarks.timing.round_robin``), each ratio the median (min-max) over rounds (steps/s and frames/s are
+printed on a GPU only).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 
+import numpy as np
 import torch
 
-from benchmarks.timing import absolute_shown, markdown_table
+from benchmarks.timing import absolute_shown, markdown_table, paired_ratio, round_robin
 from common.device import autocast_for, resolve_device, synchronize
 from worldmodel.model import WorldModel
 from worldmodel.objective import step_generator, world_model_losses
@@ -27,6 +30,13 @@ ENCODERS = {"conv, 16 channels (the demo's)": {}, "conv, 8 channels": {"encoder.
 
 
 def steps_per_s(cfg, device: torch.device, batch_size: int, steps: int) -> float:
+    """Training steps per second of ``cfg``'s model on random windows: one run of ``steps`` after a warm-up."""
+    return step_timer(cfg, device, batch_size, steps)()
+
+
+def step_timer(cfg, device: torch.device, batch_size: int, steps: int):
+    """A function returning the steps/s of ``steps`` training steps of ``cfg``'s model per call (the model
+    built and warmed up once, here)."""
     size = cfg.model.image_size or 64  # the frames' size (64 px unless the encoder's row says otherwise)
     model = WorldModel(dataclasses.replace(cfg.model, image_size=size)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -43,27 +53,33 @@ def steps_per_s(cfg, device: torch.device, batch_size: int, steps: int) -> float
         opt.step()
 
     step(0)  # warm up
-    synchronize(device)
-    start = time.perf_counter()
-    for k in range(steps):
-        step(k + 1)
-    synchronize(device)
-    return steps / (time.perf_counter() - start)
+    index = itertools.count(1)  # each step its own noise draw, as in training
+
+    def run() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(next(index))
+        synchronize(device)
+        return steps / (time.perf_counter() - start)
+    return run
 
 
-def run(device: str = "auto", steps: int = 10, encoders: dict | None = None) -> str:
+def run(device: str = "auto", steps: int = 10, encoders: dict | None = None, repeats: int = 3) -> str:
+    """The table of the module docstring: ``repeats`` rounds of ``steps`` steps of every encoder."""
     dev = resolve_device(device)
     base = preset_config("demo")
     batch_size = base.batch_size
     frames_per_step = batch_size * (base.model.history + base.n_pred)
     lines = [f"Device {dev}, torch threads {torch.get_num_threads()}; the demo preset: batch {batch_size} windows of "
              f"{base.model.history + base.n_pred} frames (64x64 unless a row says otherwise), "
-             f"{base.rollout_steps}-step rollout loss.", ""]
-    rows, first = [], None
-    for label, overrides in (encoders or ENCODERS).items():
-        rate = steps_per_s(preset_config("demo", overrides), dev, batch_size, steps)
-        first = first or rate
-        rows.append([label, f"{rate:.2f}", f"{rate * frames_per_step:.0f}", f"{rate / first:.2f}x"])
+             f"{base.rollout_steps}-step rollout loss; {repeats} rounds of {steps} steps of every encoder.", ""]
+    runs = {label: step_timer(preset_config("demo", overrides), dev, batch_size, steps)
+            for label, overrides in (encoders or ENCODERS).items()}
+    rates = round_robin(runs, dict.fromkeys(runs, repeats))
+    first = next(iter(rates.values()))
+    rows = [[label, f"{np.median(r):.2f}", f"{np.median(r) * frames_per_step:.0f}", paired_ratio(r, first)]
+            for label, r in rates.items()]
     lines += markdown_table([("encoder", False), ("steps/s", True), ("frames/s", True),
                              ("steps/s vs the first row", False)], rows, absolute_shown(dev))
     return "\n".join(lines)

@@ -41,22 +41,26 @@ def test_absolute_columns_are_printed_on_a_gpu_only():
 
 
 def test_collect_bench_tables_hold_ratios_on_a_cpu(monkeypatch):
-    """``wm bench --what collect``'s tables from stand-in measurements: the ratios of each row's numbers."""
+    """``wm bench --what collect``'s tables from stand-in measurements: each ratio the median over rounds of
+    the ratio within a round (not a ratio of medians), the worker counts taking turns."""
     from benchmarks import data as data_bench
 
-    monkeypatch.setattr(data_bench, "bench_render", lambda size: {"dm_control physics.render": 100.0,
-                                                                  "ours, standard quality": 150.0,
-                                                                  "ours, fast quality": 600.0})
-    monkeypatch.setattr(data_bench, "bench_collect", lambda size, workers: 100.0 * workers ** 0.5)
+    rounds = {"dm_control physics.render": [100.0, 200.0, 100.0], "ours, standard quality": [300.0, 200.0, 200.0],
+              "ours, fast quality": [1200.0, 800.0, 800.0]}
+    monkeypatch.setattr(data_bench, "bench_render", lambda size, repeats: rounds)
+    calls = []
+    monkeypatch.setattr(data_bench, "bench_collect", lambda size, workers: calls.append(workers) or 100.0 * workers)
     monkeypatch.setattr(data_bench, "loader_episodes", lambda size: 2)
     monkeypatch.setattr(data_bench, "collect", lambda *args, **kwargs: None)
-    monkeypatch.setattr(data_bench, "bench_loader", lambda path, spec: {"from disk (h5py, open handles)": 50.0,
-                                                                        "in memory": 400.0})
+    monkeypatch.setattr(data_bench, "bench_loader", lambda path, spec, repeats: {
+        "from disk (h5py, open handles)": [50.0, 100.0, 50.0], "in memory": [400.0, 400.0, 400.0]})
     monkeypatch.setattr(data_bench, "policy_coverage", lambda policy: {"cells_per_episode": 1.0,
                                                                        "displacement_25_steps": 0.5})
     monkeypatch.setattr(data_bench, "absolute_shown", lambda device=None: False)  # a CPU machine, also on a GPU one
-    report = data_bench.run(sizes=(64,), workers=(1, 2))
-    assert "| 64 | 1.50x | 4.0x |" in report and "| 64 | 1.41x |" in report and "| 64 | 2 | 8.0x |" in report
+    report = data_bench.run(sizes=(64,), workers=(1, 2), repeats=3)
+    assert "| 64 | 2.00x (1.00-3.00) | 4.00x (4.00-4.00) |" in report  # medians' ratio would say 1.50x
+    assert calls == [1, 2, 2, 1, 1, 2] and "| 64 | 2.00x (2.00-2.00) |" in report
+    assert "| 64 | 2 | 8.00x (4.00-8.00) |" in report
     assert "frames/s" not in report and "windows/s" not in report  # on a CPU: no absolute rates
 
 
@@ -88,8 +92,8 @@ def test_train_bench_has_a_row_per_encoder_against_the_first(monkeypatch):
     sizes = []  # the frame size each row's model is built for
     monkeypatch.setattr(train_bench, "WorldModel", lambda cfg: sizes.append(cfg.image_size) or WorldModel(cfg))
     report = train_bench.run("cpu", steps=1, encoders={"a": {"encoder.conv_channels": 2},
-                                                       "b": {"encoder.conv_channels": 4, "image_size": 32}})
-    rows = re.findall(r"\| (\w) \| ([\d.]+)x \|", report)
+                                                       "b": {"encoder.conv_channels": 4, "image_size": 32}}, repeats=2)
+    rows = re.findall(r"\| (\w) \| ([\d.]+)x \(", report)
     assert [r[0] for r in rows] == ["a", "b"] and rows[0][1] == "1.00" and float(rows[1][1]) > 0
     assert sizes == [64, 32]  # a row's frame size is what its model sees (the frames are made to match)
 
@@ -234,3 +238,19 @@ def test_a_busy_machine_is_said_in_the_report_and_one_benchmark_runs_at_a_time(t
     with output_lock(tmp_path / "busy"):
         with pytest.raises(OutputLockedError):
             wm.run_bench(wm.BenchConfig(what="plan-quality", out=str(tmp_path / "busy")))
+
+
+@pytest.mark.parametrize("what", ["plan-quality", "subgoals"])
+def test_planning_benchmarks_refuse_protocols_that_fix_the_planner(what, tmp_path):
+    """Under ``lewm`` every row would be LeWM's planner, whatever its label: refused before any work, from the
+    command line and from Python alike."""
+    import wm
+
+    for name in ("lewm", "lewm-history"):
+        with pytest.raises(ValueError, match=f"--protocol {name}: fixes its planner"):
+            wm.BenchConfig(what=what, protocol=f"reach25,{name}", out=str(tmp_path / "b"))
+    bench_fn = quality.run if what == "plan-quality" else quality.subgoal_cost
+    with pytest.raises(ValueError, match="--protocol lewm: fixes its planner"):
+        bench_fn(str(tmp_path / "missing.pt"), "cpu", protocols=("lewm",))
+    wm.BenchConfig(what=what, protocol="lewm-mpc,reach10", out=str(tmp_path / "b"))  # planner left free: taken
+    assert not (tmp_path / "b").exists()
