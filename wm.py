@@ -391,10 +391,11 @@ def run_bench(cfg: BenchConfig) -> int:
         if busy:
             logging.getLogger("wm").warning(busy)
         warning = [busy] if busy else []
-        report = "\n\n".join("\n\n".join([f"# wm bench {name}", provenance_line(provenance()), *warning, fn()])
-                               for name, fn in chosen.items())
-        print(report)
-        atomic_write_text(out / f"bench_{cfg.what}.md", report + "\n")
+        sections = []
+        for name, fn in chosen.items():  # each section printed and saved as it finishes: a stop keeps those done
+            sections.append("\n\n".join([f"# wm bench {name}", provenance_line(provenance()), *warning, fn()]))
+            print(sections[-1] + ("\n" if len(sections) < len(chosen) else ""))
+            atomic_write_text(out / f"bench_{cfg.what}.md", "\n\n".join(sections) + "\n")
     return 1 if failed else 0
 
 

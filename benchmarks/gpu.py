@@ -18,6 +18,7 @@ test suite runs it on the CPU), so the command is known to work before a GPU is 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ from benchmarks.plan import LEWM_SEARCH
 from benchmarks.timing import markdown_table
 from common.config import apply_overrides
 from common.device import resolve_device
-from common.files import atomic_write_json, atomic_write_text, prepare_output_dir
+from common.files import atomic_write_json, atomic_write_text, output_dir
 from common.provenance import provenance, signed
 from planners.config import PlannerConfig
 from planners.policy import make_planner
@@ -102,8 +103,7 @@ def short_training(out: Path, device: torch.device, dry_run: bool) -> dict:
     from worldmodel.model import WorldModel
     from worldmodel.train import preset_config, train
 
-    for scratch in ("data", "run", "eval"):  # a check measures afresh: what an earlier check left is its own
-        shutil.rmtree(out / scratch, ignore_errors=True)
+    remove_scratch(out)  # a check measures afresh: what an earlier check left is its own
     data = out / "data"
     episodes = 30 if dry_run else 2000
     start = time.perf_counter()
@@ -156,11 +156,27 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:400]}{at}"
 
 
+SCRATCH = ("data", "run", "eval")  # the short training's: collected, trained and evaluated afresh by every check
+
+
+def remove_scratch(out: Path) -> None:
+    for scratch in SCRATCH:
+        shutil.rmtree(out / scratch, ignore_errors=True)
+
+
 def run(device: str = "auto", out: str = "runs/gpu-check", dry_run: bool = False,
         minutes: float = 8.0) -> tuple[str, list[str]]:
-    """Run every part, writing the report after each; returns the Markdown and the names of failed parts."""
+    """Run every part, writing the report after each; returns the Markdown and the names of failed parts.
+    Without a GPU only the ``dry_run`` runs (the whole check would take hours on a CPU)."""
     dev = resolve_device(device)
-    where = prepare_output_dir(out)
+    if dev.type != "cuda" and not dry_run:
+        raise ValueError(f"the GPU check needs a CUDA device, got {dev}: on a CPU its collection and training would "
+                         f"take hours; --dry-run runs every part with tiny settings on any device")
+    with output_dir(out) as where:  # a check stopped before its first report leaves no empty directory
+        return _run(dev, where, dry_run, minutes)
+
+
+def _run(dev: torch.device, where: Path, dry_run: bool, minutes: float) -> tuple[str, list[str]]:
     deadline = time.perf_counter() + 60 * minutes
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     result = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": os.cpu_count(),
@@ -181,6 +197,19 @@ def run(device: str = "auto", out: str = "runs/gpu-check", dry_run: bool = False
                 result[part] = fn()
             except Exception as exc:  # noqa: BLE001 - recorded, and the next part still runs
                 result[part] = {"error": _error(exc)}
+            except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the report says so; the next check measures afresh
+                remove_scratch(where)
+                if result["seconds"]:
+                    result[part] = {"skipped": "stopped (Ctrl-C or SIGTERM) while it ran"}
+                    result["seconds"][part] = time.perf_counter() - start
+                    atomic_write_json(where / "gpu_check.json", result)
+                    atomic_write_text(where / "gpu_check.md", render(result) + "\n")
+                logging.getLogger(__name__).warning(
+                    "GPU check stopped during %s%s; what it had collected or trained is removed, whatever a message "
+                    "above says of resuming: every check measures afresh", part,
+                    f": the parts before it are in {where / 'gpu_check.md'}" if result["seconds"].keys() - {part}
+                    else "")
+                raise
         result["seconds"][part] = time.perf_counter() - start
         value = result[part]
         rows = value if isinstance(value, list) else [value]

@@ -167,6 +167,41 @@ def test_a_failing_part_of_the_gpu_check_is_reported_and_the_others_still_run(tm
     assert failed == [] and all("not started" in result[part]["skipped"] for part in result["seconds"])
 
 
+def test_the_gpu_check_refuses_a_cpu_and_a_stop_keeps_its_report_but_not_its_scratch(tmp_path, monkeypatch, caplog):
+    """Without a GPU only the dry run runs (the whole check would take hours); a check stopped in a part
+    keeps the report of the parts before, removes what the stopped part had collected (a check measures
+    afresh, whatever that part says of resuming) and leaves no empty directory when stopped in its first."""
+    import json
+
+    import torch
+
+    from benchmarks import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="the GPU check needs a CUDA device, got cpu"):
+        gpu.run("auto", str(tmp_path / "cpu"))
+    assert not (tmp_path / "cpu").exists()
+
+    def stopped(out, *args):
+        (out / "data").mkdir()  # part of a collection
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu, "plan_latency", lambda *args: [])
+    monkeypatch.setattr(gpu, "training_throughput", lambda *args: [])
+    monkeypatch.setattr(gpu, "short_training", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        gpu.run("cpu", str(tmp_path / "check"), dry_run=True)
+    result = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
+    assert list(result["seconds"]) == ["plan_latency", "training", "plan_latency_graphs", "short_training"]
+    assert "stopped" in result["short_training"]["skipped"] and not (tmp_path / "check" / "data").exists()
+    assert "every check measures afresh" in caplog.text and "gpu_check.md" in caplog.text
+
+    monkeypatch.setattr(gpu, "plan_latency", lambda *args: stopped(tmp_path / "first"))
+    with pytest.raises(KeyboardInterrupt):
+        gpu.run("cpu", str(tmp_path / "first"), dry_run=True)
+    assert not (tmp_path / "first").exists()
+
+
 def test_subgoal_cost_compares_the_same_episodes_with_and_without(tmp_path, monkeypatch):
     from benchmarks import quality
 
@@ -254,3 +289,23 @@ def test_planning_benchmarks_refuse_protocols_that_fix_the_planner(what, tmp_pat
         bench_fn(str(tmp_path / "missing.pt"), "cpu", protocols=("lewm",))
     wm.BenchConfig(what=what, protocol="lewm-mpc,reach10", out=str(tmp_path / "b"))  # planner left free: taken
     assert not (tmp_path / "b").exists()
+
+
+def test_a_stop_during_bench_all_keeps_the_sections_already_measured(tmp_path, monkeypatch, capsys):
+    """``--what all`` saves each section as it finishes: a Ctrl-C in the planning tables keeps the collection
+    and training ones (minutes of measurements)."""
+    import wm
+    from benchmarks import data as data_bench
+    from benchmarks import plan as plan_bench
+    from benchmarks import train as train_bench
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_bench, "run", lambda **kwargs: "the collection table")
+    monkeypatch.setattr(train_bench, "run", lambda *args, **kwargs: "the training table")
+    monkeypatch.setattr(plan_bench, "run", stopped)
+    assert wm.main(["bench", "--what", "all", "--out", str(tmp_path / "b")]) == 130
+    saved = (tmp_path / "b" / "bench_all.md").read_text()
+    assert "# wm bench collect" in saved and "the collection table" in saved and "the training table" in saved
+    assert "# wm bench plan" not in saved and "the training table" in capsys.readouterr().out
