@@ -31,6 +31,16 @@ def comma_list(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def distinct_list(text: str, option_name: str) -> list[str]:
+    """``comma_list``, each name once: a protocol or method named twice would count its episodes twice and
+    narrow every interval."""
+    names = comma_list(text)
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"{option_name} names {', '.join(twice)} twice: its episodes would count twice")
+    return names
+
+
 def path_list(text: str) -> list[str]:
     """The paths of a comma list; a path that exists is one path, commas in its name and all."""
     return [text] if os.path.exists(text) else comma_list(text)

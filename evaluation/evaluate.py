@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.config import apply_overrides, comma_list, config_fields, model_paths, nested, option
+from common.config import (apply_overrides, comma_list, config_fields, distinct_list, model_paths, nested, option,
+                           option_flag)
 from common.device import THREADS_HELP
-from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured,
-                          output_dir, output_lock, remove_stale_temporaries, saying_what_is_kept)
+from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, callable_name,
+                          keeping_what_was_measured, output_dir, output_lock, remove_stale_temporaries,
+                          saying_what_is_kept)
 from common.provenance import code_version, provenance, signed
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
@@ -36,6 +38,7 @@ from evaluation.protocols import (Protocol, episode_records, history_before, lew
                                   sample_episodes, start_rows)
 from evaluation.html import evaluation_page
 from evaluation.report import log_to_tensorboard, plot_results, results_markdown, summarize
+from evaluation.simulator import JOINT_COSTS
 from evaluation.stats import METHOD
 from planners.noise import problem_keys
 from planners.policy import MPCPolicy, PolicyConfig, check_context, check_policy_device, policy_config
@@ -98,7 +101,16 @@ class EvalConfig:
             raise ValueError(f"--episodes and --seeds must be >= 1 and --tolerance > 0, got {self.episodes}, "
                              f"{self.seeds}, {self.tolerance}")
         parse_protocols(self.protocol)
-        parse_baselines(self.baselines)
+        baselines = parse_baselines(self.baselines)
+        for name in ("sim_samples", "sim_iterations"):  # left out (None): the world model's planner's
+            if getattr(self, name) is not None and not getattr(self, name) >= 1:
+                raise ValueError(f"{option_flag(name)} must be >= 1 (or left out), got {getattr(self, name)}")
+        cost = self.policy.plan.cost
+        simulated = [b for b in baselines if b.startswith("simulator")]
+        if simulated and cost not in JOINT_COSTS:  # a cost of one's own, given from Python
+            raise ValueError(f"cost {callable_name(cost)} has no joint-angle counterpart for the "
+                             f"{', '.join(simulated)} baseline (it plans on the true state with the final or sum "
+                             f"cost): leave it out of --baselines")
         self.other_tolerances  # a bad --score-at is refused before anything runs
         check_policy_device(self.policy, self.device)
         if len(self.checkpoints) > 1 and not self.out:  # (a mistyped path holding a comma is said missing)
@@ -127,7 +139,7 @@ class EvalConfig:
 
 
 def parse_baselines(names: str) -> list[str]:
-    chosen = comma_list(names)
+    chosen = distinct_list(names, "--baselines")
     unknown = [b for b in chosen if b not in METHODS[1:]]
     if unknown:
         raise ValueError(f"--baselines must be among {list(METHODS[1:])}, got {unknown}")
@@ -396,8 +408,8 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, digests: list[str]
         split_note = notes[0] if len(notes) == 1 else f"each model's own {cfg.split} episodes"
         made = provenance()
         report = {"config": asdict(cfg), "checkpoints": cfg.checkpoints, "checkpoint_steps": steps,
-                  "weights_sha256": digests, "data": data_paths, "split": notes, "interval": METHOD, "torch_threads": torch.get_num_threads(),
-                  "provenance": made, "summary": summary,
+                  "weights_sha256": digests, "data": data_paths, "split": notes, "interval": METHOD,
+                  "torch_threads": torch.get_num_threads(), "provenance": made, "summary": summary,
                   "episodes": records}
         markdown = signed("\n".join([results_markdown(summary, cfg, split_note, cfg.checkpoints), *otherwise]), made)
         title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.config import comma_list
+from common.config import distinct_list
 from envs import joint_error
 
 
@@ -98,7 +98,7 @@ def protocol_named(name: str) -> Protocol:
 
 
 def parse_protocols(names: str) -> list[Protocol]:
-    chosen = comma_list(names)
+    chosen = distinct_list(names, "--protocol")
     if not chosen:
         raise ValueError(f"--protocol must be a comma list of {PROTOCOL_NAMES}, got {names!r}")
     return [protocol_named(p) for p in chosen]

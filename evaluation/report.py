@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.files import callable_name
 from envs import joint_error
 from evaluation.protocols import protocol_named
 from evaluation.stats import METHOD, cluster_warning, success_interval
@@ -119,7 +120,7 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
              f"{cfg.episodes} episodes x {cfg.seeds} seeds per protocol{' and model' if pooled else ''} on "
              f"{split_note}. Planner {p.plan.planner} {p.plan.samples} samples x {p.plan.iterations} iterations"
              f"{f' ({p.plan.warm_iterations} when warm-started)' if p.plan.warm_iterations else ''}, horizon "
-             f"{p.plan.horizon}, cost {p.plan.cost}{', bf16 matrix products' if p.plan.bf16 else ''}"
+             f"{p.plan.horizon}, cost {p.plan.cost if isinstance(p.plan.cost, str) else callable_name(p.plan.cost)}{', bf16 matrix products' if p.plan.bf16 else ''}"
              f"{refined}, replanning "
              f"every {p.receding_horizon} chunk(s) (the "
              f"lewm protocol fixes its own); world-model start: {cfg.history} history. Success: every joint within "

@@ -87,6 +87,8 @@ def test_the_same_episodes_scored_at_another_tolerance():
     theirs = "The starts of lewm come instead from rows of the model's **training** episodes"
     assert theirs in results_markdown(lewm, EvalConfig(lewm_rows="train"), "the test episodes")  # their draw
     assert "**training**" not in results_markdown(lewm, EvalConfig(), "the test episodes")
+    own = EvalConfig(policy=apply_overrides(PolicyConfig(), {"cost": joint_error}), baselines="random")
+    assert "cost envs.reacher.joint_error," in results_markdown(lewm, own, "the test episodes")  # as results.json
     assert EvalConfig(score_at="0.1, 0.05,0.1").other_tolerances == [0.1]  # --tolerance itself is the headline
     for bad in ("0.1,x", "0", "-0.1", "nan"):
         with pytest.raises(ValueError, match="--score-at"):
@@ -690,6 +692,23 @@ def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path, monkeypatch):
                  progress=False)
     with pytest.raises(ValueError, match="--episodes"):
         EvalConfig(episodes=0)
+    # a protocol or a method named twice would count its episodes twice, narrowing every interval
+    with pytest.raises(ValueError, match="--protocol names reach25 twice"):
+        EvalConfig(protocol="reach25,uniform,reach25")
+    with pytest.raises(ValueError, match="--baselines names random twice"):
+        EvalConfig(baselines="random,random")
+    for option, value in (("sim_samples", 0), ("sim_iterations", -1)):  # not "the default", nor a late failure
+        with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} must be >= 1 \\(or left out\\), got {value}"):
+            EvalConfig(**{option: value})
+
+    def my_cost(z, goal):
+        return (z - goal).pow(2).sum(-1)
+
+    own = apply_overrides(EvalConfig().policy, {"cost": my_cost})  # a cost of one's own has no joint counterpart
+    with pytest.raises(ValueError, match=r"cost test_evaluate.*my_cost has no joint-angle counterpart for the "
+                                         r"simulator, simulator-pose baseline"):
+        EvalConfig(policy=own, baselines="random,simulator,simulator-pose")
+    assert EvalConfig(policy=own, baselines="random").policy.plan.cost is my_cost
     import evaluation.evaluate as ev
 
     # a list of models with one missing: refused before the first is evaluated, and nothing is created
