@@ -148,12 +148,13 @@ class KeptRuns:
     """The parts of a long job that are done, one JSON file each in ``directory`` (named ``prefix + name``),
     written atomically as each finishes, so the same command after an interruption runs only the parts still
     missing. A part kept from a run with other settings (``measured_with``: what its result depends on, as
-    JSON gives it back) is an error naming the file and the field, ending with ``advice``. With no
-    ``directory`` nothing is kept."""
+    JSON gives it back) is an error naming the file and the field, ending with ``advice``, or, with
+    ``replace_other`` (a run told to overwrite), measured again. With no ``directory`` nothing is kept."""
 
-    def __init__(self, directory: str | Path | None, measured_with: dict, advice: str, prefix: str = ""):
+    def __init__(self, directory: str | Path | None, measured_with: dict, advice: str, prefix: str = "",
+                 replace_other: bool = False):
         self.directory = Path(directory) if directory is not None else None
-        self.advice, self.prefix = advice, prefix
+        self.advice, self.prefix, self.replace_other = advice, prefix, replace_other
         self.measured_with = json.loads(json.dumps(measured_with, default=_identity))
 
     def path(self, name: str) -> Path:
@@ -163,7 +164,13 @@ class KeptRuns:
         """The part's result as it was put, None when it is not done yet."""
         if self.directory is None or not self.path(name).is_file():
             return None
-        kept = kept_measurement(self.path(name), self.measured_with, self.advice)
+        try:
+            kept = kept_measurement(self.path(name), self.measured_with, self.advice)
+        except ValueError:
+            if not self.replace_other:
+                raise
+            self.path(name).unlink()  # measured otherwise (or damaged): measured again, as asked
+            return None
         if not isinstance(kept.get("result"), dict):
             raise ValueError(f"{self.path(name)}: field result is missing or not an object; delete the file to "
                              f"run that part again")

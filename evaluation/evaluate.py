@@ -370,9 +370,7 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, digests: list[str]
     (model, protocol, seed, method) measured is kept in ``out/units`` until then, so the same command after
     an interruption measures only what is missing (and gives the results an uninterrupted run gives)."""
     remove_stale_temporaries(out, "|".join(map(re.escape, OUTPUTS)))
-    units_dir = out / UNITS
-    if cfg.overwrite:
-        shutil.rmtree(units_dir, ignore_errors=True)
+    units_dir = out / UNITS  # with --overwrite, parts kept from a run measured otherwise are measured again
     remove_stale_temporaries(units_dir, r".*\.json")
     kept = len(list(units_dir.glob("*.json")))  # 0 when the directory is not there
     if progress and kept:
@@ -396,7 +394,8 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, digests: list[str]
                 if progress:
                     tqdm.write(f"evaluating {checkpoint} on {len(setup.episodes)} episodes of "
                                f"{setup.store.paths}: {setup.split_note}")  # the data opened, wherever it was found
-                units = KeptRuns(units_dir, measured_with(cfg, setup), KEPT_ADVICE, prefix=f"model{run}-")
+                units = KeptRuns(units_dir, measured_with(cfg, setup), KEPT_ADVICE, prefix=f"model{run}-",
+                                 replace_other=cfg.overwrite)
                 for protocol in protocols:
                     for seed in range(cfg.seeds):
                         rows = run_protocol_seed(setup, cfg, protocol, seed, methods, curves, bar, units)
@@ -419,6 +418,7 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, digests: list[str]
         atomic_write(out / "results.png", lambda tmp: plot_results(summary, curves, cfg.tolerance, tmp, title,
                                                                 cfg.other_tolerances),
                      keep_suffix=True)
+        shutil.rmtree(out / "tb", ignore_errors=True)  # the scalars of the results replaced, if any, go with them
         log_to_tensorboard(out / "tb", summary, steps[0] or 0)
         atomic_write_json(out / "results.json", report)  # last: the evaluation is finished
     shutil.rmtree(units_dir, ignore_errors=True)  # all in results.json now

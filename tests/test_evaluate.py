@@ -465,6 +465,26 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped_with_the_same_result
     stop_at[0] = 0
     grown = ev.evaluate(cfg("grown"), progress=False)
     assert len(calls) == 2 * 2 * 3 - 1 and strip(grown["episodes"]) == strip(whole["episodes"])
+    # --overwrite over finished results, stopped: the same command resumes (the old results stay till then)
+    calls.clear()
+    stop_at[0] = 3
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(cfg("whole", overwrite=True), progress=False)
+    assert (tmp_path / "whole" / "results.json").exists() and len(list((tmp_path / "whole" / "units").iterdir())) == 2
+    calls.clear()
+    stop_at[0] = 0
+    again = ev.evaluate(cfg("whole", overwrite=True), progress=False)
+    assert len(calls) == 2 * 2 * 3 - 2 and strip(again["episodes"]) == strip(whole["episodes"])
+    assert len(list((tmp_path / "whole" / "tb").iterdir())) == 1  # the replaced results' scalars went with them
+    calls.clear()
+    stop_at[0] = 2  # stopped again; then --overwrite with other settings measures the kept part again
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(cfg("whole", overwrite=True), progress=False)
+    calls.clear()
+    stop_at[0] = 0
+    assert ev.evaluate(cfg("whole", samples=12, overwrite=True), progress=False)["config"]["policy"]["plan"][
+        "samples"] == 12
+    assert len(calls) == 2 * 2 * 3
 
 
 def test_sigterm_stops_an_evaluation_like_ctrl_c(data, tmp_path, monkeypatch, capsys):
