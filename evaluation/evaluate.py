@@ -391,6 +391,8 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, digests: list[str]
                     otherwise.append(f"**Warning**: the episodes of {checkpoint} were recorded otherwise than its "
                                      f"training data: {setup.recorded_otherwise}.")
                 steps.append(setup.meta.get("step"))
+                for protocol in protocols:  # each can be drawn here, before the first runs
+                    draw_episodes(setup, cfg, protocol, 0)
                 if progress:
                     tqdm.write(f"evaluating {checkpoint} on {len(setup.episodes)} episodes of "
                                f"{setup.store.paths}: {setup.split_note}")  # the data opened, wherever it was found
@@ -438,16 +440,20 @@ def measured_with(cfg: EvalConfig, setup: Setup) -> dict:
             "code": code_version()}
 
 
+def draw_episodes(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: int) -> dict[str, np.ndarray]:
+    """The starts and goals of one (protocol, seed); a ValueError when the model's episodes hold too few."""
+    if protocol.from_training_rows(cfg.lewm_rows):  # as LeWM's eval draws them
+        return lewm_training_rows(setup.store, setup.train, cfg.episodes, protocol.goal_offset, 42 + seed)
+    return sample_episodes(setup.store, setup.episodes, protocol, cfg.episodes, seed,
+                           setup.batch.physics.wrist_range, cfg.tolerance)
+
+
 def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: int, methods, curves: dict,
                       bar=None, units: KeptRuns | None = None) -> list[dict]:
     """Every method on the episodes of one (protocol, seed); one record per episode and method. With
     ``units``, a method measured before is read back, and each one measured here is kept."""
-    batch, n = setup.batch, cfg.episodes  # the environments, one per episode
-    if protocol.from_training_rows(cfg.lewm_rows):  # as LeWM's eval draws them
-        eps = lewm_training_rows(setup.store, setup.train, n, protocol.goal_offset, 42 + seed)
-    else:
-        eps = sample_episodes(setup.store, setup.episodes, protocol, n, seed, batch.physics.wrist_range,
-                              cfg.tolerance)
+    batch = setup.batch  # the environments, one per episode
+    eps = draw_episodes(setup, cfg, protocol, seed)
     goal_images = (stored_frames(setup.store, eps, protocol.goal_offset) if protocol.stored_frames
                    else batch.render_goals(eps["goal_qpos"]))
     units = units if units is not None else KeptRuns(None, {}, "")

@@ -487,6 +487,19 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped_with_the_same_result
     assert len(calls) == 2 * 2 * 3
 
 
+def test_a_protocol_that_cannot_be_drawn_is_refused_before_the_first_runs(data, tmp_path, monkeypatch):
+    """A protocol listed last whose goals lie beyond every held-out episode: refused before any episode of the
+    ones before it runs (in a long evaluation those would be lost)."""
+    import evaluation.evaluate as ev
+
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    monkeypatch.setattr(ev, "run_episodes", lambda *a, **k: pytest.fail("ran before the last protocol was checked"))
+    with pytest.raises(ValueError, match=r"reach400: 0 usable start rows"):
+        ev.evaluate(EvalConfig(checkpoint=str(tmp_path / "m.pt"), data=str(data), episodes=2, seeds=1,
+                               protocol="reach25,reach400", baselines="", out=str(tmp_path / "e")), progress=False)
+    assert not (tmp_path / "e").exists()
+
+
 def test_sigterm_stops_an_evaluation_like_ctrl_c(data, tmp_path, monkeypatch, capsys):
     """SIGTERM (``timeout``, ``docker stop``, Slurm) to ``wm eval``: exit status 130, the runs it finished
     kept for the rerun, its lock released; a demo stopped so before writing anything leaves no directory."""
