@@ -20,7 +20,9 @@ from evaluation.stats import format_p, paired_counts, sign_test
 
 METRICS = {"success": "latched", "held": "held at the end"}
 SAME_EPISODE = ("source_episode", "t0", "goal_qpos")  # what makes two records the same episode
-NOT_SETTINGS = {"out", "overwrite", "device", "threads"}  # where and how fast, not what was measured
+RECORD_FIELDS = ("run", "protocol", "seed", "index", "method", *METRICS)  # what a comparison reads of a record
+NOT_SETTINGS = {"out", "overwrite"}  # where the results were written
+RUN_CONDITIONS = {"device", "threads"}  # where and how fast it ran: planning times depend on them, outcomes do not
 
 
 @dataclass
@@ -52,6 +54,15 @@ def load_results(path: str, option_name: str) -> dict:
     if not isinstance(results.get("episodes"), list) or not results["episodes"]:
         why = "no field episodes" if results else "not a readable JSON object"
         raise ValueError(f"{option_name} {file}: not the results.json of a finished `wm eval` ({why})")
+    for field in ("config", "provenance"):
+        if not isinstance(results.get(field) or {}, dict):
+            raise ValueError(f"{option_name} {file}: field {field} is not an object")
+    for i, record in enumerate(results["episodes"]):
+        if not isinstance(record, dict):
+            raise ValueError(f"{option_name} {file}: episodes[{i}] is not a record (an object), got {record!r}")
+        missing = [field for field in RECORD_FIELDS if field not in record]
+        if missing:
+            raise ValueError(f"{option_name} {file}: episodes[{i}] has no field {', '.join(missing)}")
     return results
 
 
@@ -69,18 +80,49 @@ def _flat(settings: dict, prefix: str = "") -> dict:
     return out
 
 
-def setting_changes(base: dict, new: dict) -> dict:
-    """{setting: (base's value, new's value)} for every setting the two evaluations differ in."""
-    a, b = _flat(base.get("config", {})), _flat(new.get("config", {}))
+def _differences(base: dict, new: dict) -> dict:
+    a, b = _flat(base), _flat(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def paired(base_records: list[dict], new_records: list[dict]) -> dict:
+def _settings(results: dict) -> dict:
+    """What an evaluation measured: its settings and the code's commit (from its provenance)."""
+    config = {k: v for k, v in (results.get("config") or {}).items() if k not in RUN_CONDITIONS}
+    return {**config, "code": (results.get("provenance") or {}).get("code")}
+
+
+def _conditions(results: dict) -> dict:
+    """What its planning times depend on besides: --device and --threads, the torch threads it ran with and the
+    machine (CPU, cores, GPU; from its provenance)."""
+    config, made = results.get("config") or {}, results.get("provenance") or {}
+    machine = dict(made.get("machine") or {})
+    threads = machine.pop("torch_threads", None)  # results.json records them beside its provenance too
+    return {**{k: config.get(k) for k in sorted(RUN_CONDITIONS)},
+            "torch_threads": results.get("torch_threads", threads), "machine": machine}
+
+
+def setting_changes(base: dict, new: dict) -> dict:
+    """{setting: (base's value, new's value)} for every setting the two evaluations differ in."""
+    return _differences(_settings(base), _settings(new))
+
+
+def condition_changes(base: dict, new: dict) -> dict:
+    """{condition: (base's value, new's value)} for every condition of their planning times that differs."""
+    return _differences(_conditions(base), _conditions(new))
+
+
+def paired(base_results: dict, new_results: dict) -> dict:
     """{(protocol, method): [(base record, new record)]} of the episodes both evaluations ran; a ValueError
-    when one of them is not the same episode (another start or goal)."""
-    base = {_key(r): r for r in base_records}
+    when they were scored at other tolerances, or when one of them is not the same episode (another start or
+    goal)."""
+    tolerances = [(results.get("config") or {}).get("tolerance") for results in (base_results, new_results)]
+    if tolerances[0] != tolerances[1]:
+        raise ValueError(f"--tolerance {tolerances[0]} in --base and {tolerances[1]} in --new: latched and held "
+                         f"mean other things at each; to compare tolerances, score the same episodes at both "
+                         f"(`wm eval --score-at`)")
+    base = {_key(r): r for r in base_results["episodes"]}
     pairs: dict = {}
-    for record in new_records:
+    for record in new_results["episodes"]:
         other = base.get(_key(record))
         if other is None:
             continue
@@ -110,39 +152,49 @@ def _time_ratio(pairs: list[tuple[dict, dict]]) -> float | None:
 
 
 def compare(base_path: str, new_path: str) -> dict:
-    """Paired counts per (protocol, method) and over all protocols per method, with the settings that differ."""
+    """Paired counts per (protocol, method) and over all protocols per method, with the settings that differ and
+    the conditions of their planning times that do (the time ratios then withheld: None)."""
     base, new = load_results(base_path, "--base"), load_results(new_path, "--new")
-    pairs = paired(base["episodes"], new["episodes"])
+    pairs = paired(base, new)
+    conditions = condition_changes(base, new)
+    time_ratio = (lambda these: None) if conditions else _time_ratio
     rows = []
     for (protocol, method), these in sorted(pairs.items()):
-        rows.append({"protocol": protocol, "method": method, "episodes": len(these), "time_ratio": _time_ratio(these),
+        rows.append({"protocol": protocol, "method": method, "episodes": len(these), "time_ratio": time_ratio(these),
                      **{m: _counts(these, m) for m in METRICS}})
     for method in sorted({m for _, m in pairs}):
         protocols = [p for p, m in pairs if m == method]
         if len(protocols) > 1:
             these = [pair for p in protocols for pair in pairs[(p, method)]]
             rows.append({"protocol": "all", "method": method, "episodes": len(these),
-                         "time_ratio": _time_ratio(these), **{m: _counts(these, m) for m in METRICS}})
+                         "time_ratio": time_ratio(these), **{m: _counts(these, m) for m in METRICS}})
     unmatched = len(base["episodes"]) + len(new["episodes"]) - 2 * sum(len(v) for v in pairs.values())
-    return {"base": base_path, "new": new_path, "changes": setting_changes(base, new), "rows": rows,
-            "unmatched_records": unmatched}
+    return {"base": base_path, "new": new_path, "changes": setting_changes(base, new), "conditions": conditions,
+            "rows": rows, "unmatched_records": unmatched}
+
+
+def _listed(changes: dict) -> str:
+    return "; ".join(f"`{k}` {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
 def markdown(result: dict, alpha: float) -> str:
     """The comparison as a table, with what changed and what the counts say."""
-    changes = result["changes"]
+    changes, conditions = result["changes"], result["conditions"]
     lines = [f"# `{result['new']}` against `{result['base']}`", "",
-             "Settings that differ: " + ("; ".join(f"`{k}` {a!r} -> {b!r}" for k, (a, b) in changes.items())
-                                         if changes else "none") + ".", "",
-             "| protocol | method | episodes | latched: base -> new | better / worse | p | held at the end: base -> "
-             "new | better / worse | p | time per call, new / base |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Settings that differ: {_listed(changes) if changes else 'none'}.", ""]
+    if conditions:
+        lines += [f"Ran differently: {_listed(conditions)}. Planning times are not compared (withheld); latched "
+                  f"and held still are.", ""]
+    lines += ["| protocol | method | episodes | latched: base -> new | better / worse | p | held at the end: base -> "
+              "new | better / worse | p | time per call, new / base |", "|---|---|---|---|---|---|---|---|---|---|"]
     pooled = {r["method"] for r in result["rows"] if r["protocol"] == "all"}
     for row in result["rows"]:
         cells = []
         for metric in METRICS:
             c = row[metric]
-            cells += [f"{c['base']:.1f}% -> {c['new']:.1f}%", f"{c['better']} / {c['worse']}", format_p(c["p"])]
-        ratio = f"{row['time_ratio']:.2f}x" if row["time_ratio"] else "-"
+            cells += [f"{c['base']:.1f}% -> {c['new']:.1f}%", f"{c['better']} / {c['worse']}",
+                      format_p(c["p"], alpha)]
+        ratio = f"{row['time_ratio']:.2f}x" if row["time_ratio"] else "withheld" if conditions else "-"
         method = LABELS.get(row["method"], row["method"])
         lines.append(f"| {row['protocol']} | {method} | {row['episodes']} | {' | '.join(cells)} | {ratio} |")
     # what the counts say: over all protocols where there are several, else per protocol
@@ -163,8 +215,9 @@ def _verdict(row: dict, metric: str, name: str, alpha: float) -> str:
     if c["p"] < alpha:
         way = "more" if c["better"] > c["worse"] else "less"
         return (f"{where}, {LABELS.get(row['method'], row['method'])}: new is {name} clearly {way} often "
-                f"({c['better']} better / {c['worse']} worse, p {format_p(c['p'])})")
-    return f"{where}, {LABELS.get(row['method'], row['method'])}: {name}, no clear difference (p {format_p(c['p'])})"
+                f"({c['better']} better / {c['worse']} worse, p {format_p(c['p'], alpha)})")
+    return (f"{where}, {LABELS.get(row['method'], row['method'])}: {name}, no clear difference "
+            f"(p {format_p(c['p'], alpha)})")
 
 
 def write_comparison(result: dict, alpha: float, out: str) -> None:

@@ -81,6 +81,11 @@ def sign_test(better: int, worse: int) -> float:
     return float(binomtest(better, n, 0.5).pvalue) if n else 1.0
 
 
-def format_p(p: float) -> str:
-    """A p-value as a table reads it: two decimals, three below 0.01, and ``< 0.001`` below that."""
-    return "< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
+def format_p(p: float, alpha: float | None = None) -> str:
+    """A p-value as a table reads it: two significant digits (0.55, 0.049, 0.0012), ``< 0.001`` below 0.001;
+    given the ``alpha`` a verdict compares it with, as many more digits as keep it on its side of ``alpha``
+    (0.0498 at 0.05, not 0.050)."""
+    if p < 0.001 and (alpha is None or alpha >= 0.001):
+        return "< 0.001"
+    shown = (f"{p:#.{digits}g}" for digits in range(2, 18))
+    return next(text for text in shown if alpha is None or (float(text) < alpha) == (p < alpha))

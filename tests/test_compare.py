@@ -14,11 +14,19 @@ def record(index, protocol="reach25", success=True, held=True, method="world_mod
             "success": success, "held": held, "plan_time_per_call_s": seconds}
 
 
-def write(path, records, **settings):
+def write(path, records, config=None, top=None, **settings):
+    """A results.json of ``records``; ``config`` adds to its settings, ``top`` to its other fields."""
     path.mkdir(parents=True, exist_ok=True)
-    config = {"protocol": "reach25", "out": str(path), "policy": {"plan": {"samples": 100, **settings}}}
-    (path / "results.json").write_text(json.dumps({"config": config, "episodes": records}))
+    config = {"protocol": "reach25", "tolerance": 0.05, "device": "auto", "threads": 0, "out": str(path),
+              "policy": {"plan": {"samples": 100, **settings}}, **(config or {})}
+    (path / "results.json").write_text(json.dumps({"config": config, "episodes": records, **(top or {})}))
     return path
+
+
+def made_on(gpu, threads, commit="abc"):
+    """A provenance record of a machine with ``gpu`` (None: none) running ``threads`` torch threads."""
+    machine = {"cpu": "Xeon", "cpu_cores": 16, "torch_threads": threads, "gpu": gpu, "platform": "linux"}
+    return {"torch_threads": threads, "provenance": {"code": {"commit": commit, "dirty": False}, "machine": machine}}
 
 
 def test_paired_counts_say_which_episodes_changed(tmp_path):
@@ -35,8 +43,61 @@ def test_paired_counts_say_which_episodes_changed(tmp_path):
     assert rows["all"]["episodes"] == 18 and (rows["all"]["held"]["better"], rows["all"]["held"]["worse"]) == (10, 3)
     assert rows["reach25"]["time_ratio"] == pytest.approx(0.5)
     text = markdown(result, 0.05)
-    assert "| reach25 | world model (MPC) | 12 | 100.0% -> 100.0% | 0 / 0 | 1.00 | 16.7% -> 91.7% | 9 / 0 |" in text
-    assert "all protocols, world model (MPC): held at the end, no clear difference (p 0.09)" in text
+    assert "| reach25 | world model (MPC) | 12 | 100.0% -> 100.0% | 0 / 0 | 1.0 | 16.7% -> 91.7% | 9 / 0 |" in text
+    assert "all protocols, world model (MPC): held at the end, no clear difference (p 0.092)" in text
+    assert "Ran differently" not in text and "| 0.50x |" in text
+
+
+def test_p_values_read_as_the_verdict_does(tmp_path):
+    # 13 better, 4 worse: p 0.049, clear at 0.05; rounded to 0.05 it read as not below 0.05
+    base = [record(i, held=i >= 13) for i in range(20)]
+    new = [record(i, held=i < 13 or i >= 17) for i in range(20)]
+    result = compare(str(write(tmp_path / "a", base)), str(write(tmp_path / "b", new)))
+    assert result["rows"][0]["held"]["p"] == pytest.approx(0.049, abs=5e-4)
+    text = markdown(result, 0.05)
+    assert "clearly more often (13 better / 4 worse, p 0.049)" in text and "| 13 / 4 | 0.049 |" in text
+
+
+def test_timings_compare_only_where_the_evaluations_ran_alike(tmp_path):
+    # --device auto on a GPU machine and on a CPU one: the same settings, other planning times
+    records = [record(i) for i in range(4)]
+    base = write(tmp_path / "a", records, top=made_on(None, 2))
+    gpu = write(tmp_path / "b", [record(i, seconds=0.1) for i in range(4)], top=made_on("NVIDIA H200", 16, "def"))
+    result = compare(str(base), str(gpu))
+    assert result["changes"] == {"code.commit": ("abc", "def")}  # what was measured: still comparable
+    assert result["conditions"] == {"machine.gpu": (None, "NVIDIA H200"), "torch_threads": (2, 16)}
+    assert result["rows"][0]["time_ratio"] is None and result["rows"][0]["held"]["p"] == 1.0
+    text = markdown(result, 0.05)
+    assert "Ran differently: `machine.gpu` None -> 'NVIDIA H200';" in text and "Planning times are not compared" in text
+    assert text.count("| withheld |") == 1
+    threads = compare(str(base), str(write(tmp_path / "c", records, config={"device": "cpu", "threads": 1},
+                                           top=made_on(None, 2))))
+    assert threads["conditions"] == {"device": ("auto", "cpu"), "threads": (0, 1)} and not threads["changes"]
+
+
+def test_other_tolerances_are_refused_even_on_the_same_episodes(tmp_path):
+    base = write(tmp_path / "a", [record(i) for i in range(4)])
+    with pytest.raises(ValueError, match=r"--tolerance 0.05 in --base and 0.0501 in --new"):
+        compare(str(base), str(write(tmp_path / "b", [record(i) for i in range(4)], config={"tolerance": 0.0501})))
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda r: r["episodes"][1].pop("run"), r"episodes\[1\] has no field run"),
+    (lambda r: r["episodes"][0].pop("held"), r"episodes\[0\] has no field held"),
+    (lambda r: r.update(episodes=[1, 2]), r"episodes\[0\] is not a record \(an object\), got 1"),
+    (lambda r: r.update(config=[1]), "field config is not an object")],
+    ids=["no run", "no held", "not records", "config not an object"])
+def test_damaged_records_are_clear_errors(tmp_path, capsys, damage, why):
+    base = write(tmp_path / "a", [record(i) for i in range(4)])
+    results = json.loads((base / "results.json").read_text())
+    damage(results)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match=r"--new .*b/results.json: " + why):
+        compare(str(base), str(tmp_path / "b"))
+    assert main(["compare", "--base", str(base), "--new", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "b/results.json" in err and "Traceback" not in err
 
 
 def test_other_episodes_or_no_evaluation_are_clear_errors(tmp_path, capsys):

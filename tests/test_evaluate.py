@@ -377,7 +377,8 @@ def test_sign_test_of_paired_episodes():
     assert sign_test(7, 4) == pytest.approx(0.549, abs=1e-3)  # 2 * P(X <= 4), X ~ Binomial(11, 1/2)
     assert sign_test(0, 10) == pytest.approx(2 / 1024) and sign_test(10, 0) == sign_test(0, 10)
     assert sign_test(0, 0) == 1.0  # no episode tells them apart
-    assert [format_p(p) for p in (0.549, 0.0049, 0.0002)] == ["0.55", "0.005", "< 0.001"]
+    assert [format_p(p) for p in (0.549, 0.0049, 0.0002, 1.0)] == ["0.55", "0.0049", "< 0.001", "1.0"]
+    assert [format_p(p, 0.05) for p in (0.0498, 0.0502, 0.05)] == ["0.0498", "0.050", "0.050"]  # as the verdict
 
 
 def test_few_source_episodes_are_warned_about():
