@@ -32,18 +32,33 @@ def ignore_stop_signals(*_args) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+_stop_requested = threading.Event()  # set by the stop handler, in case its exception is swallowed
+
+
 def _interrupt(signum, frame):
+    _stop_requested.set()
     raise KeyboardInterrupt
 
 
+def raise_if_stopped() -> None:
+    """A ``KeyboardInterrupt`` if, while stop signals interrupt (``sigterm_interrupts``), one came whose own
+    was swallowed: Python ignores exceptions raised where it runs callbacks (the at-fork hooks run while a
+    subprocess such as ffmpeg starts, say), so loops that start subprocesses check here to stop as asked."""
+    if _stop_requested.is_set() and signal.getsignal(signal.SIGTERM) is _interrupt:
+        raise KeyboardInterrupt
+
+
 def sigterm_interrupts(ignore_file_size_signal: bool = False) -> dict:
-    """SIGTERM stops like Ctrl-C (a ``KeyboardInterrupt``), so a command's clean-up runs: locks released,
-    partial files removed, finished work kept. With ``ignore_file_size_signal``, SIGXFSZ is ignored so that
-    a file size limit (``ulimit -f``) fails the write with EFBIG, which is reported, instead of killing the
-    process mid-write. Only on the main thread (else nothing); returns the handlers replaced."""
+    """SIGTERM stops like Ctrl-C (a ``KeyboardInterrupt``; both also noted for ``raise_if_stopped``), so a
+    command's clean-up runs: locks released, partial files removed, finished work kept. With
+    ``ignore_file_size_signal``, SIGXFSZ is ignored so that a file size limit (``ulimit -f``) fails the write
+    with EFBIG, which is reported, instead of killing the process mid-write. Only on the main thread (else
+    nothing); returns the handlers replaced."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
+    if signal.getsignal(signal.SIGTERM) is not _interrupt:  # the outermost: a stop asked before is not this one's
+        _stop_requested.clear()
+    old = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
     if ignore_file_size_signal and hasattr(signal, "SIGXFSZ"):
         old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     return old
@@ -56,9 +71,16 @@ def restore_handlers(old: dict) -> None:
 
 @contextmanager
 def sigterm_as_interrupt():
-    """``sigterm_interrupts`` for the duration of a block."""
+    """``sigterm_interrupts`` for the duration of a block, which ends in a ``KeyboardInterrupt`` if a stop
+    signal came whose exception was swallowed (``raise_if_stopped``): a command asked to stop never ends as
+    if it had finished."""
     old = sigterm_interrupts()
     try:
         yield
-    finally:
+    except BaseException:
         restore_handlers(old)
+        raise
+    swallowed = _stop_requested.is_set()
+    restore_handlers(old)
+    if swallowed:
+        raise KeyboardInterrupt

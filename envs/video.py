@@ -9,6 +9,7 @@ import imageio.v2 as imageio
 import numpy as np
 
 from common.files import atomic_write
+from common.process import raise_if_stopped
 
 
 def upscale(frames: np.ndarray, min_size: int = 256) -> np.ndarray:
@@ -45,6 +46,7 @@ def write_video(path: str | Path, frames, fps: int = 25, gif: bool = False) -> l
             animation = None if gif_tmp is None else writers.enter_context(
                 imageio.get_writer(gif_tmp, duration=2000 / fps, loop=0))
             for chunk in chunks:
+                raise_if_stopped()  # a stop signal that came while ffmpeg started is swallowed there
                 for frame in upscale(np.asarray(chunk, dtype=np.uint8)):
                     video.append_data(frame)
                     if animation is not None and count % 2 == 0:

@@ -23,6 +23,38 @@ def test_a_streamed_video_is_the_video_of_the_whole_array(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parts.gif", "parts.mp4", "whole.gif", "whole.mp4"]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed stop, on purpose
+def test_a_stop_swallowed_where_python_ignores_exceptions_still_stops_the_command(tmp_path):
+    """SIGTERM arriving while ffmpeg starts lands in an at-fork hook, where Python ignores the exception: the
+    next video is not written, and a command whose block ends anyway ends interrupted, not finished. A stop
+    of an earlier command does not stop a later one."""
+    import os
+    import signal
+
+    from common.process import raise_if_stopped, sigterm_as_interrupt
+
+    class SwallowsAStop:  # like an at-fork hook: an exception raised in __del__ is ignored
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs here, between bytecodes
+                pass
+
+    frames = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            SwallowsAStop()  # dropped at once: its exception is swallowed
+            write_video(tmp_path / "after.mp4", frames)
+    assert not (tmp_path / "after.mp4").exists()
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            SwallowsAStop()
+    with sigterm_as_interrupt():  # the next command starts afresh
+        raise_if_stopped()
+        write_video(tmp_path / "next.mp4", frames)
+    raise_if_stopped()  # outside any command: no stale stop
+    assert (tmp_path / "next.mp4").exists()
+
+
 def test_wm_video_shows_the_episodes_asked_for(tmp_path, capsys, caplog):
     data = write_synthetic(tmp_path / "d", n_episodes=3, steps=10)
     assert main(["video", "--data", str(data), "--episodes", "2", "--out", str(tmp_path / "two.mp4")]) == 0
