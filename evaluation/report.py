@@ -33,7 +33,7 @@ def method_label(method: str, protocol) -> str:
 
 def summarize(records: list[dict], methods, protocols, tolerance: float, other_tolerances=()) -> dict:
     """Per protocol and method: rates pooled over every episode (of every run), intervals over source
-    episodes (of each run), per-seed and per-run rates, the spread between runs, how many episodes began
+    episodes (whichever runs drew them), per-seed and per-run rates, the spread between runs, how many episodes began
     within ``tolerance`` of their goals; and the same rates with the same episodes scored at each of
     ``other_tolerances`` (rad), from their closest and final errors."""
     summary = {}
@@ -42,7 +42,9 @@ def summarize(records: list[dict], methods, protocols, tolerance: float, other_t
             rows = [r for r in records if r["protocol"] == protocol.name and r["method"] == method]
             if not rows:
                 continue
-            clusters = [f"{r.get('run', 0)}/{r['source_episode']}" for r in rows]
+            # one cluster per source episode (its uid), whichever models ran it: models that share held-out
+            # episodes (or baselines that run alike for each) do not count them as independent twice
+            clusters = [r["source_episode"] for r in rows]
             final = np.array([r["final_error"] for r in rows])
             steps = [r["steps_to_success"] for r in rows if r["success"]]
             start = joint_error([r["start_qpos"] for r in rows], [r["goal_qpos"] for r in rows], protocol.wrap)

@@ -50,6 +50,23 @@ def test_success_counts_from_step_one_and_held_is_the_last_step():
     assert np.allclose(r["final_error"], [0.3, 0.2, 0.5, 0.01]) and np.allclose(r["min_error"], [0.04, 0.2, 0.5, 0.01])
 
 
+def test_models_that_share_source_episodes_do_not_count_them_twice():
+    """Two models on one dataset's shared held-out episodes (or a baseline, which runs alike for each): the
+    interval rests on the source episodes, not on twice as many."""
+    from evaluation.report import summarize
+
+    outcomes = [True, False, True, True, False, True, True, True]
+    one = [{"protocol": "reach25", "method": "random", "seed": 0, "run": 0, "source_episode": f"e{j}",
+            "success": ok, "held": ok, "steps_to_success": 1 if ok else -1, "final_error": 0.01 if ok else 1.0,
+            "min_error": 0.01, "plan_time_per_call_s": 0.0, "plan_time_per_episode_s": 0.0,
+            "start_qpos": [1.0, 2.0], "goal_qpos": [1.0, 2.5]} for j, ok in enumerate(outcomes)]
+    alone = summarize(one, ["random"], [PROTOCOLS["reach25"]], 0.05)["reach25/random"]
+    pooled = summarize(one + [{**r, "run": 1} for r in one], ["random"], [PROTOCOLS["reach25"]],
+                       0.05)["reach25/random"]
+    assert pooled["source_episodes"] == alone["source_episodes"] == 8 and pooled["episodes"] == 16
+    assert pooled["ci95"] == pytest.approx(alone["ci95"], abs=1e-9)  # the copies add no information
+
+
 def test_the_same_episodes_scored_at_another_tolerance():
     """Scored at the draw's own tolerance the rates are the headline's; at a larger one they follow each
     episode's closest approach (latched) and final error (held), per seed and per trained model too."""
