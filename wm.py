@@ -21,7 +21,8 @@ from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
 from common.config import (apply_overrides, as_options, check_at_least, check_paths_named, check_some_path_exists,
-                           config_fields, from_dict, nested, option, option_flag, path_list, unwrap_optional)
+                           config_fields, from_dict, model_paths, nested, option, option_flag, path_list,
+                           unwrap_optional)
 from common.device import THREADS_HELP, set_threads
 from common.files import (atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured, output_dir,
                           output_lock, remove_stale_temporaries, saying_what_is_kept)
@@ -209,6 +210,8 @@ class BenchConfig:
         check_at_least(self, 1, ("episodes", "repeats"))
         if self.dry_run and self.what != "gpu":
             raise ValueError(f"--dry-run is the GPU check's (--what gpu); --what {self.what} has none")
+        if self.what == "subgoals" and len(model_paths(self.checkpoint)) != 1:
+            raise ValueError(f"--checkpoint: --what subgoals measures one model, got {self.checkpoint!r}")
         if self.protocol and self.what in ("plan-quality", "subgoals"):
             from benchmarks.quality import check_planner_free
             from evaluation.protocols import parse_protocols

@@ -133,8 +133,11 @@ def start_rows(store, episode_ids: list[int], protocol: Protocol, n: int, tolera
 def sample_episodes(store, episode_ids: list[int], protocol: Protocol, n: int, seed: int,
                     wrist_range: tuple[float, float], tolerance: float) -> dict[str, np.ndarray]:
     """Start states and goal poses of ``n`` protocol episodes from the rows of held-out episodes; each
-    episode's ``index`` (0..n-1) keys its planner noise, so any subset of them plans as in the full batch,
-    and episode j is the same whatever ``n`` is (a video's episode 0 is the evaluation's episode 0).
+    episode's ``index`` (0..n-1) keys its planner noise, so any subset of them draws the noise it draws in
+    the full batch, and episode j is the same whatever ``n`` is (a video's episode 0 is the evaluation's
+    episode 0). Its plans are the same up to the rounding of batched products (about 1e-6 with gradient
+    steps or MPPI), which a closed loop can grow into another trajectory: alike in distribution, not always
+    step for step.
 
     Starts are distinct rows drawn uniformly over every usable row (an episode's row with the goal
     inside the episode). A start within ``tolerance`` of its goal is never drawn (it would be a free

@@ -288,6 +288,9 @@ def test_planning_benchmarks_refuse_protocols_that_fix_the_planner(what, tmp_pat
     with pytest.raises(ValueError, match="--protocol lewm: fixes its planner"):
         bench_fn(str(tmp_path / "missing.pt"), "cpu", protocols=("lewm",))
     wm.BenchConfig(what=what, protocol="lewm-mpc,reach10", out=str(tmp_path / "b"))  # planner left free: taken
+    if what == "subgoals":  # one model's cost, named as the option
+        with pytest.raises(ValueError, match="--checkpoint: --what subgoals measures one model, got 'a.pt,b.pt'"):
+            wm.BenchConfig(what=what, checkpoint="a.pt,b.pt")
     assert not (tmp_path / "b").exists()
 
 
