@@ -98,9 +98,14 @@ def test_mismatched_checkpoints_fail_clearly(tmp_path):
                                                   r"beside it, .*model\.pt"):
             read(run / "model.json")
     (tmp_path / "shard_000000_000009.h5").write_bytes(b"")  # a dataset file given as the model
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text('{"episodes": 1}')  # a dataset's manifest: not a description
     for read in (WorldModel.load, read_model_meta):
         with pytest.raises(CheckpointError, match=r"shard_000000_000009\.h5 is a dataset file, not a model file"):
             read(tmp_path / "shard_000000_000009.h5")
+        with pytest.raises(CheckpointError, match=r"dataset\.json is a dataset's manifest, not a model file .*; its "
+                                                  r"directory .*data is the dataset \(--data\)"):
+            read(tmp_path / "data" / "dataset.json")
 
 
 def test_a_model_json_beside_another_models_weights_is_refused(tmp_path):

@@ -81,3 +81,89 @@ def test_few_scored_episodes_are_warned_of():
     from worldmodel.probe import FEW_SCORED, few_scored_warning
 
     assert few_scored_warning(1).startswith("scored on only 1 episode(s)") and few_scored_warning(FEW_SCORED) == ""
+
+
+def test_the_gaussianity_statistics_come_with_their_value_for_gaussian_samples():
+    """Standardising lowers the statistics below the 1 of unit Gaussian samples (SIGReg about 0.55, each
+    residual's Epps-Pulley about 0.3): the report gives what Gaussian samples of the same shape score."""
+    from worldmodel.probe import gaussianity, probe_markdown
+
+    g = torch.Generator().manual_seed(0)
+    for n in (20, 2000):
+        stats = gaussianity(torch.randn(n, 64, generator=g), torch.randn(n, 8, generator=g))
+        ref = stats["gaussian_reference"]
+        assert 0.4 < stats["latent_sigreg"] < 0.75 and 0.4 < ref["latent_sigreg"] < 0.75, stats
+        assert 0.2 < ref["residual_epps_pulley_mean"] < 0.45 and 0.6 < ref["residual_epps_pulley_q95"] < 1.3, ref
+    skewed = gaussianity(torch.randn(500, 16, generator=g).exp(), torch.randn(500, 2, generator=g) ** 3)
+    assert skewed["latent_sigreg"] > 5 * skewed["gaussian_reference"]["latent_sigreg"]
+    scores = dict.fromkeys(("linear", "nonlinear", "gap", "untrained_linear"), {})
+    md = probe_markdown({**scores, "gaussianity": skewed}, "m.pt", 1, "d", 4, 12, "note")
+    ref = skewed["gaussian_reference"]
+    assert (f"(Gaussian samples of the same shape, measured the same way: {ref['latent_sigreg']:.2f})" in md
+            and f"{ref['residual_epps_pulley_mean']:.2f} on average" in md and "about 1" not in md)
+
+
+def test_a_dataset_the_model_never_saw_is_probed_whole_and_named_when_too_small(tmp_path):
+    """On a dataset holding none of the model's training episodes the probe is scored on its ``split`` half
+    (the episodes ``wm eval`` reports on) and fit on all the others; a dataset too small for both is named."""
+    import pytest
+
+    from conftest import write_synthetic
+    from envs.dataset import EpisodeStore
+    from worldmodel.datasplit import probe_split, split_episodes
+
+    meta = {"data": {"path": "runs/demo/data", "fingerprint": "another", "train": ["elsewhere"], "val": [],
+                     "test": []}}
+    store = EpisodeStore(str(write_synthetic(tmp_path / "new", n_episodes=12, steps=4)))
+    for split in ("test", "val"):
+        fit, score, note = probe_split(store, meta, split)
+        assert score == split_episodes(store, meta, split)[0] and sorted(fit + score) == list(range(12))
+        assert note.endswith(f"so the probe is fit on its other {len(fit)}") and fit and score
+    tiny = str(write_synthetic(tmp_path / "tiny", n_episodes=1, steps=4))
+    with pytest.raises(ValueError, match=rf"^{tiny}: too few episodes for a probe: \d to fit it on and \d to score"):
+        probe_split(EpisodeStore(tiny), meta, "test")
+
+
+def test_wm_probe_records_its_settings_and_replaces_its_pair_whole_or_not_at_all(tmp_path, monkeypatch):
+    """probe.json records the probe's settings; a re-probe that cannot write (a full disk, a file-size limit)
+    keeps the earlier probe.md and probe.json both; one killed between them leaves no probe.json (not
+    finished), so the same command probes again."""
+    import errno
+    import json
+    import re
+
+    import pytest
+
+    import common.files
+    import worldmodel.probe
+    from conftest import save_as_trained_on, write_synthetic
+    from test_model import tiny_config
+    from worldmodel.model import WorldModel
+    from worldmodel.probe import probe_checkpoint
+
+    data = write_synthetic(tmp_path / "data", n_episodes=8, steps=12)
+    model = str(save_as_trained_on(WorldModel(tiny_config()), tmp_path / "m.pt", data))
+    probe_checkpoint(model, device="cpu", mlp_steps=2)
+    pair = lambda: {name: (tmp_path / name).read_text() for name in ("probe.md", "probe.json")}  # noqa: E731
+    first, files = pair(), sorted(p.name for p in tmp_path.iterdir())
+    record = json.loads(first["probe.json"])
+    assert record["mlp_steps"] == 2 and record["split"] == "test" and record["split_note"].endswith("trained on")
+
+    def too_large(path, obj):
+        raise OSError(errno.EFBIG, "File too large", str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(common.files, "atomic_write_json", too_large)
+        with pytest.raises(OSError, match="File too large") as failed:
+            probe_checkpoint(model, device="cpu", mlp_steps=3, overwrite=True)
+    assert pair() == first and sorted(p.name for p in tmp_path.iterdir()) == files  # no temporary left either
+    assert re.search(r"could not write .*probe\.json \(File too large\); nothing was left behind", str(failed.value))
+    replace = worldmodel.probe.os.replace
+    with monkeypatch.context() as m:  # killed after probe.md took its place
+        m.setattr(worldmodel.probe.os, "replace",
+                  lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt) if b.name == "probe.json" else replace(a, b))
+        with pytest.raises(KeyboardInterrupt):
+            probe_checkpoint(model, device="cpu", mlp_steps=3, overwrite=True)
+    assert not (tmp_path / "probe.json").exists() and (tmp_path / "probe.md").read_text() != first["probe.md"]
+    probe_checkpoint(model, device="cpu", mlp_steps=3)  # not finished: probed again without --overwrite
+    assert json.loads((tmp_path / "probe.json").read_text())["mlp_steps"] == 3

@@ -117,19 +117,22 @@ def training_episodes(store, meta: dict) -> list[int]:
 
 
 def probe_split(store, meta: dict, split: str = "test") -> tuple[list[int], list[int], str]:
-    """(fit, score, note) episodes for a probe: fit on the model's training episodes, scored on ``split``;
-    on a dataset the model never saw, fit on half of the split's episodes and scored on the other half."""
+    """(fit, score, note) episodes for a probe: scored on ``split``, fit on the model's training episodes; on
+    a dataset holding none of them (every episode new to the model), fit on all the others: the other
+    held-out half (``split_episodes``), so the whole dataset is used and the scored episodes are those
+    ``wm eval`` reports on. A ValueError naming the dataset when either is empty."""
     score, note = split_episodes(store, meta, split)
     try:
         fit = training_episodes(store, meta)
     except ValueError:
         fit = []
-    if not fit:  # every episode is new to the model: fit on half of them, score on the other half
-        fit, score = score[: len(score) // 2], score[len(score) // 2:]
-        note += "; the probe is fit on half of them and scored on the other half"
+    if not fit:  # every episode is new to the model: fit on the others, the other held-out half
+        scored = set(score)
+        fit = [i for i in range(len(store)) if i not in scored]
+        note += f"; it holds none of the model's training episodes, so the probe is fit on its other {len(fit)}"
     if not fit or not score:
-        raise ValueError(f"{Path(str(meta.get('data', {}).get('path', '')))}: too few episodes for a probe "
-                         f"({len(store)})")
+        raise ValueError(f"{store.paths}: too few episodes for a probe: {len(fit)} to fit it on and {len(score)} "
+                         f"to score it on, of its {len(store)} ({note})")
     return fit, score, note
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from common.config import check_at_least, check_at_most, from_dict, nested, option
 from common.device import resolve_device
 from common.files import atomic_write_bytes, atomic_write_json
-from envs.storage import DatasetError, check_attrs, recording
+from envs.storage import MANIFEST, DatasetError, check_attrs, recording
 from worldmodel.encoder import EncoderConfig, build_encoder
 from worldmodel.predictor import PredictorConfig, build_predictor, left_pad
 
@@ -291,6 +291,9 @@ def _not_a_model_file(path: Path) -> str:
     if path.is_dir():
         inside = f"; give {path / 'model.pt'}" if (path / "model.pt").is_file() else ""
         return f"{path} is a directory, not a model file (a model.pt){inside}"
+    if path.name == MANIFEST and not path.with_suffix(".pt").is_file():
+        return (f"{path} is a dataset's manifest, not a model file (a model.pt, as wm train writes it); its "
+                f"directory {path.parent} is the dataset (--data)")
     if path.suffix == ".json":
         return f"{path} is a model's description; give the weights file beside it, {path.with_suffix('.pt')}"
     if path.suffix in (".h5", ".hdf5") and path.is_file():
