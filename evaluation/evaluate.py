@@ -429,15 +429,18 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, digests: list[str]
 
 def measured_with(cfg: EvalConfig, setup: Setup) -> dict:
     """What a model's evaluation records of one (protocol, seed, method) depend on: the model's weights, the
-    dataset's episodes, the torch threads, the code's commit and every setting but where the records go, which
-    other models, protocols, seeds and methods run beside them (each seed draws its own episodes), and
-    ``--score-at`` (read from the records afterwards)."""
-    beside = ("checkpoint", "out", "overwrite", "protocol", "seeds", "baselines", "score_at")
+    dataset's episodes, the device and torch threads it ran with, the code's commit and every setting but
+    where the records go, which other models, protocols, seeds and methods run beside them (each seed draws
+    its own episodes), and ``--score-at`` (read from the records afterwards). What was typed for the data,
+    the device and the threads is left out: their fingerprint, the device resolved and the thread count are
+    what the records depend on (``--device auto`` and ``cpu`` on a CPU machine measure alike)."""
+    beside = ("checkpoint", "out", "overwrite", "protocol", "seeds", "baselines", "score_at", "data", "device",
+              "threads")
     settings = {f.name: f.value for f in config_fields(cfg) if f.name not in beside}
     # the weights' digest, not the file's: an evaluation may save a subgoal graph into the file
     return {**settings, "weights_sha256": weights_digest(setup.model.state_dict()),
-            "data_fingerprint": setup.store.fingerprint, "torch_threads": torch.get_num_threads(),
-            "code": code_version()}
+            "data_fingerprint": setup.store.fingerprint, "device": str(setup.model.device),
+            "torch_threads": torch.get_num_threads(), "code": code_version()}
 
 
 def draw_episodes(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: int) -> dict[str, np.ndarray]:
