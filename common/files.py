@@ -7,6 +7,7 @@ import logging
 import fcntl
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -78,25 +79,26 @@ def naming_write_errors(path: str | Path):
 
 
 @contextmanager
-def saying_what_is_kept(units: str | Path):
-    """Around the measuring of a run that resumes from the parts kept in ``units``: an interruption (Ctrl-C,
-    SIGTERM) says how many parts are kept and that the same command measures only the rest."""
+def saying_what_is_kept(units: str | Path, parts: str = "*.json"):
+    """Around the measuring of a run that resumes from the parts kept in ``units`` (the files ``parts`` matches
+    there): an interruption (Ctrl-C, SIGTERM) says how many parts are kept and that the same command measures
+    only the rest."""
     try:
         yield
     except KeyboardInterrupt:
-        kept = len(list(Path(units).glob("*.json")))
+        kept = len(list(Path(units).glob(parts)))
         if kept:
             log.warning(f"stopped: {kept} finished part(s) kept in {units}; the same command measures only the rest")
         raise
 
 
 @contextmanager
-def keeping_what_was_measured(units: str | Path):
+def keeping_what_was_measured(units: str | Path, parts: str = "*.json"):
     """Around the last writes of a run that resumes from the parts kept in ``units``: an ``OSError`` there (a
     full disk after an hour of measuring), or an interruption (as ``saying_what_is_kept``), says that those
     parts are kept and that the same command finishes without measuring again."""
     try:
-        with saying_what_is_kept(units):
+        with saying_what_is_kept(units, parts):
             yield
     except OSError as exc:
         what = f"could not write {exc.filename} ({exc.strerror})" if exc.filename else str(exc)
@@ -144,6 +146,44 @@ def kept_measurement(path: str | Path, measured_with: dict, advice: str) -> dict
     return row
 
 
+_MISSING = object()
+
+
+def kept_fields(path: str | Path, record: dict, fields: dict, advice: str) -> dict:
+    """``record``, a part kept in ``path``, once each of ``fields`` is there and of its kind; otherwise a
+    ``ValueError`` naming the file and the field, ending with ``advice`` (a damaged part, not a row of the
+    results). ``fields``: a dotted name (``linear.joints_mean``) and its kind: ``number`` (a finite one),
+    ``numbers`` (a list of them, or of lists of them), ``object`` or ``list``; ``number or null`` and ``numbers
+    or null`` take None as well (for a list: as an item)."""
+    for name, kind in fields.items():
+        value = record
+        for key in name.split("."):
+            value = value.get(key, _MISSING) if isinstance(value, dict) else _MISSING
+        base, null = kind.removesuffix(" or null"), kind.endswith(" or null")
+        if value is _MISSING:
+            problem = "is missing"
+        elif base in ("object", "list"):
+            problem = "" if isinstance(value, dict if base == "object" else list) else \
+                f"is {value!r}, not {'an object' if base == 'object' else 'a list'}"
+        elif (base == "numbers") != isinstance(value, list):
+            problem = f"is {value!r}, not {'a list of numbers' if base == 'numbers' else 'a number'}"
+        else:
+            bad = _not_a_number(value, null)
+            problem = "" if bad is _MISSING else f"holds {bad!r}, not a finite number"
+        if problem:
+            raise ValueError(f"{path}: field {name} {problem}; {advice}")
+    return record
+
+
+def _not_a_number(value, null: bool):
+    """The first item of ``value`` (a number, or lists of them) that is not a finite number (nor None where
+    ``null``); ``_MISSING`` when there is none."""
+    if isinstance(value, list):
+        return next((bad for bad in (_not_a_number(v, null) for v in value) if bad is not _MISSING), _MISSING)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return _MISSING if number or (value is None and null) else value
+
+
 class KeptRuns:
     """The parts of a long job that are done, one JSON file each in ``directory`` (named ``prefix + name``),
     written atomically as each finishes, so the same command after an interruption runs only the parts still
@@ -160,20 +200,20 @@ class KeptRuns:
     def path(self, name: str) -> Path:
         return self.directory / f"{self.prefix}{name}.json"
 
-    def get(self, name: str) -> dict | None:
-        """The part's result as it was put, None when it is not done yet."""
+    def get(self, name: str, fields: dict | None = None) -> dict | None:
+        """The part's result as it was put, None when it is not done yet; with ``fields`` (as ``kept_fields``
+        takes them, inside the result), a result without them is an error naming the file and the field."""
         if self.directory is None or not self.path(name).is_file():
             return None
         try:
             kept = kept_measurement(self.path(name), self.measured_with, self.advice)
+            inside = {f"result.{field}": kind for field, kind in (fields or {}).items()}
+            kept_fields(self.path(name), kept, {"result": "object", **inside}, "delete the file to run that part again")
         except ValueError:
             if not self.replace_other:
                 raise
             self.path(name).unlink()  # measured otherwise (or damaged): measured again, as asked
             return None
-        if not isinstance(kept.get("result"), dict):
-            raise ValueError(f"{self.path(name)}: field result is missing or not an object; delete the file to "
-                             f"run that part again")
         return kept["result"]
 
     def put(self, name: str, result: dict) -> None:
@@ -181,10 +221,11 @@ class KeptRuns:
             self.directory.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.path(name), {"measured_with": self.measured_with, "result": result})
 
-    def run(self, name: str, measure: Callable[[], dict], on_kept: Callable[[], object] | None = None) -> dict:
-        """The part's result: kept from an earlier run (then ``on_kept``, e.g. to advance a progress bar),
-        or ``measure()`` now, kept as it returns."""
-        result = self.get(name)
+    def run(self, name: str, measure: Callable[[], dict], on_kept: Callable[[], object] | None = None,
+            fields: dict | None = None) -> dict:
+        """The part's result: kept from an earlier run (then ``on_kept``, e.g. to advance a progress bar; a kept
+        one is checked for ``fields``, as ``get`` does), or ``measure()`` now, kept as it returns."""
+        result = self.get(name, fields)
         if result is None:
             result = measure()
             self.put(name, result)

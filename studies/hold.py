@@ -3,8 +3,8 @@
 
 1. ``pose_discrimination``: can the model see the difference? Frames of poses a known joint error away
    from a goal pose, rendered as the evaluation renders them: the latent distance to the goal's latent
-   (and the pixel distance) against the joint error, and how often a pose twice as far from the goal is
-   also farther in latent space (ranking), per error level.
+   (and the pixel distance) against the joint error, and how often a pose about twice as far from the goal
+   (the level nearest twice) is also farther in latent space (ranking), per error level.
 2. ``settling``: does the controller settle? The closed loop on validation episodes with every step's joint
    angles and velocities kept: each episode that does not hold its goal at the end is classified (never
    arrived, arrived and drifted off, still moving at the end, stopped off the goal).
@@ -30,6 +30,13 @@ from planners.policy import PolicyConfig, policy_config
 from studies import STUDY_ADVICE
 
 LEVELS = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2)  # rad of joint error
+# what report and plot read of a kept part (``KeptRuns``): a damaged one is an error naming the file and the field
+DISCRIMINATION_FIELDS = {**dict.fromkeys(("levels", "latent_median", "latent_q25", "latent_q75", "pixel_median",
+                                          "joint_error_median"), "numbers"),
+                         "ranked": "numbers or null", "twice": "numbers or null", "tolerance_ranked": "number or null"}
+SEED_FIELDS = {"holding.episodes": "list", "holding.a_candidate_holds": "number or null",
+               "holding.model_ranks_a_holder_first": "number or null", "settling.latched": "number",
+               "settling.held": "number", "settling.classes": "object", "settling.tail_error": "numbers"}
 
 
 @torch.no_grad()
@@ -37,11 +44,17 @@ def pose_discrimination(setup, goals: int = 40, directions: int = 4, levels=LEVE
     """Latent and pixel distance to a goal pose's frame against the joint error, on poses of the setup's
     episodes. Each goal gets ``directions`` random directions in joint space at every error level (the
     larger joint error is exactly the level). Returns per level the median and quartiles of the latent
-    distance, the median pixel distance, and the share of (level, 2 x level) pairs of the same goal and
-    direction that the latent distance ranks correctly."""
+    distance, the median pixel distance, and the share of pairs of the same goal and direction, the level
+    and the one nearest twice it (``twice``: the smaller of two as near; within 30% of twice, or None), that
+    the latent distance ranks correctly. Each goal is a frame of its own: fewer frames than ``goals`` are an
+    error."""
     rng = np.random.default_rng(seed)
     store, batch, model = setup.store, setup.batch, setup.model
     rows = [(i, t) for i in setup.episodes for t in range(store.episodes[i].steps + 1)]
+    if len(rows) < goals:
+        raise ValueError(f"the hold study's pose discrimination takes {goals} goal poses, each from a frame of its "
+                         f"own, and {setup.split_note} have {len(rows)} frames; study a split with more episodes "
+                         f"(--split), or a larger dataset")
     picks = rng.choice(len(rows), goals, replace=False)
     goal_q = np.stack([store.states(rows[k][0])["qpos"][rows[k][1]] for k in picks])  # (G, 2)
     u = rng.normal(size=(goals, directions, 2))
@@ -58,7 +71,7 @@ def pose_discrimination(setup, goals: int = 40, directions: int = 4, levels=LEVE
                  goal_frames.reshape(goals, 1, 1, -1)).mean(-1)  # (G, L, K) mean absolute pixel difference
     error = joint_error(poses, goal_q[:, None, None])  # (G, L, K), the wrist may have been clipped
     out = {"levels": list(levels), "latent_median": [], "latent_q25": [], "latent_q75": [], "pixel_median": [],
-           "ranked": [], "joint_error_median": []}
+           "ranked": [], "twice": [], "joint_error_median": [], "tolerance_ranked": None}
     for k, level in enumerate(levels):
         out["latent_median"].append(float(np.median(d[:, k])))
         out["latent_q25"].append(float(np.quantile(d[:, k], 0.25)))
@@ -66,7 +79,9 @@ def pose_discrimination(setup, goals: int = 40, directions: int = 4, levels=LEVE
         out["pixel_median"].append(float(np.median(pix[:, k])))
         out["joint_error_median"].append(float(np.median(error[:, k])))
         double = [j for j, other in enumerate(levels) if np.isclose(other, 2 * level, rtol=0.3)]
-        out["ranked"].append(float(np.mean(d[:, k] < d[:, double[0]])) if double else None)
+        twice = min(double, key=lambda j: (round(abs(levels[j] / (2 * level) - 1), 9), levels[j]), default=None)
+        out["twice"].append(None if twice is None else levels[twice])
+        out["ranked"].append(None if twice is None else float(np.mean(d[:, k] < d[:, twice])))
     within, beyond = [levels.index(x) for x in (0.03, 0.07)] if 0.03 in levels and 0.07 in levels else (None, None)
     if within is not None:  # inside against outside the success tolerance, same goal and direction
         out["tolerance_ranked"] = float(np.mean(d[:, within] < d[:, beyond]))
@@ -182,13 +197,15 @@ def run_all(checkpoint: str, episodes: int = 50, seeds: int = 1, device: str = "
         policy = policy_config(checkpoint, overrides)
         cfg = EvalConfig(episodes=episodes, split=split, data=data, device=device, policy=policy)
         kept = KeptRuns(units, measured_with(cfg, setup), STUDY_ADVICE)
-        out = {"discrimination": kept.run("discrimination", lambda: pose_discrimination(setup)),
+        out = {"checkpoint": checkpoint, "split": split, "episodes": episodes, "seeds": seeds,
+               "discrimination": kept.run("discrimination", lambda: pose_discrimination(setup),
+                                          fields=DISCRIMINATION_FIELDS),
                "settling": [], "holding": []}
         with tqdm(total=seeds * PROTOCOLS["reach25"].budget, desc="hold study: closed loop", unit="step",
                   disable=not progress) as bar:
             for seed in range(seeds):
                 done = kept.run(f"seed{seed}", lambda: one_seed(setup, policy, seed, episodes, bar),
-                                lambda: bar.update(PROTOCOLS["reach25"].budget))
+                                lambda: bar.update(PROTOCOLS["reach25"].budget), SEED_FIELDS)
                 out["holding"].append(done["holding"])
                 out["settling"].append(done["settling"])
     finally:
@@ -202,12 +219,12 @@ def report(result: dict, checkpoint: str, split: str = "val") -> str:
     lines = [f"# Why the arm does not always hold its goal: `{checkpoint}`, {split} episodes", "",
              "## Can the model see the difference? Latent distance to the goal pose's latent against the joint error",
              "", "| joint error (rad) | latent distance, median (IQR) | pixel difference, mean per pixel | "
-                 "ranked below twice the error |", "|---|---|---|---|"]
+                 "ranked below the error nearest twice it (that error) |", "|---|---|---|---|"]
     for k, level in enumerate(d["levels"]):
-        ranked = "-" if d["ranked"][k] is None else f"{100 * d['ranked'][k]:.0f}%"
+        ranked = "-" if d["ranked"][k] is None else f"{100 * d['ranked'][k]:.0f}% ({d['twice'][k]:g})"
         lines.append(f"| {level:g} | {d['latent_median'][k]:.3f} ({d['latent_q25'][k]:.3f}-{d['latent_q75'][k]:.3f}) | "
                      f"{d['pixel_median'][k]:.3f} | {ranked} |")
-    if "tolerance_ranked" in d:
+    if d["tolerance_ranked"] is not None:
         lines += ["", f"A pose 0.03 rad from the goal (inside the tolerance) is nearer in latent space than one 0.07 "
                       f"rad away (outside) in {100 * d['tolerance_ranked']:.0f}% of same-direction pairs."]
     lines += ["", "## Does the controller settle? Episodes that do not hold the goal at the end", "",

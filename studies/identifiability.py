@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 
 import numpy as np
 
 from common.config import check_at_least, option
-from common.files import atomic_write_json, atomic_write_text, kept_measurement, prepare_output_dir
-from common.provenance import provenance, signed
+from common.files import (atomic_write_json, keeping_what_was_measured, kept_fields, kept_measurement, output_lock,
+                          prepare_output_dir, saying_what_is_kept)
+from studies import write_results
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,9 @@ class IdentifiabilityConfig:
 
 
 def run(cfg: IdentifiabilityConfig, progress: bool = True) -> dict:
-    """Collect the datasets, train every run and seed, measure each; results.json, results.md and
-    results.png in ``cfg.out``. Runs already measured there are kept (an interrupted study resumes)."""
+    """Collect the datasets, train every run and seed, measure each; results.png, results.md and results.json
+    (last: it says the study finished) in ``cfg.out``. Runs already measured there are kept (an interrupted
+    study resumes); they are checked, and so are the datasets there, before anything is collected."""
     from envs.collect import CollectConfig, collect
 
     out = prepare_output_dir(cfg.out)
@@ -70,40 +73,71 @@ def run(cfg: IdentifiabilityConfig, progress: bool = True) -> dict:
     if short and min(short) >= cfg.episodes:
         log.warning(f"--identifiability.episodes {cfg.episodes}: the short dataset ({min(short)} episodes) is not "
                     f"shorter than the others, so its row says nothing of data size")
-    data = {}
-    for name, (policy, episodes) in DATASETS.items():
-        data[name] = str(out / f"data-{name}")
-        collect(CollectConfig(episodes=episodes or cfg.episodes, policy=policy, workers=cfg.workers,
-                              out=data[name]), progress=progress)
+    kept = {(label, seed): _kept(cfg, out, label, seed) for label in RUNS for seed in range(cfg.seeds)}
+    data = {name: str(out / f"data-{name}") for name in DATASETS}
+    _check_data(cfg, data)
     results = {}
-    for label, (dataset, settings) in RUNS.items():
-        for seed in range(cfg.seeds):
-            results.setdefault(label, []).append(_one(cfg, out, label, data[dataset], settings, seed, progress))
-    summary = {"config": cfg.__dict__, "runs": results, "table": _table(results), "provenance": provenance()}
-    atomic_write_json(out / "results.json", summary)
-    atomic_write_text(out / "results.md", signed(markdown(summary), summary["provenance"]))
-    plot(summary, out / "results.png")
-    return summary
+    with saying_what_is_kept(out / "runs", KEPT_PARTS):
+        for name, (policy, episodes) in DATASETS.items():
+            collect(CollectConfig(episodes=episodes or cfg.episodes, policy=policy, workers=cfg.workers,
+                                  out=data[name]), progress=progress)
+        for label, (dataset, settings) in RUNS.items():
+            for seed in range(cfg.seeds):
+                row = kept[label, seed] or _one(cfg, out, label, data[dataset], settings, seed, progress)
+                results.setdefault(label, []).append(row)
+    summary = {"config": cfg.__dict__, "runs": results, "table": _table(results)}
+    with keeping_what_was_measured(out / "runs", KEPT_PARTS):
+        return write_results(out, summary, markdown(summary), plot)
+
+
+def _run_dir(out: Path, label: str, seed: int) -> Path:
+    return out / "runs" / f"{_slug(label)}-s{seed}"
 
 
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")[:40]
 
 
+def _kept(cfg: IdentifiabilityConfig, out: Path, label: str, seed: int) -> dict | None:
+    """The run's measurements kept in ``out`` by an earlier study, None if there are none; kept ones measured
+    with other settings, or damaged, are an error naming the file and the field."""
+    done = _run_dir(out, label, seed) / "study.json"
+    if not done.is_file():
+        return None
+    row = kept_measurement(done, _measured_with(cfg), f"choose another output directory, or delete {done.parent} "
+                                                      f"to measure that run again")
+    return kept_fields(done, row, dict.fromkeys(TABLE_FIELDS, "number"),
+                       "delete it to measure that run again (its training is kept)")
+
+
+def _check_data(cfg: IdentifiabilityConfig, data: dict) -> None:
+    """Each dataset already in the study's output holds no episode beyond the ones this run asks for (the
+    collection refuses to shrink one, naming its own options)."""
+    from envs.collect import CollectConfig, existing_episodes
+
+    for name, (policy, fixed) in DATASETS.items():
+        if not Path(data[name]).is_dir():
+            continue
+        wanted = fixed or cfg.episodes
+        with output_lock(data[name]):  # existing_episodes clears what killed collections left there
+            held = existing_episodes(CollectConfig(episodes=wanted, policy=policy, out=data[name]))
+        if held and max(held) >= wanted:
+            fix = "delete it to collect it again" if fixed else \
+                f"pass --identifiability.episodes {max(held) + 1} or more"
+            raise ValueError(f"{data[name]} already holds {len(held)} episodes (up to episode {max(held)}), more than "
+                             f"the {wanted} this study asks for; {fix}, or give another --out")
+
+
 def _one(cfg: IdentifiabilityConfig, out: Path, label: str, data: str, settings: dict, seed: int, progress: bool):
-    """Train one run (or keep the one there), then its probes and closed-loop success on its test split."""
+    """Train one run (a run that stopped part-way continues from its checkpoint; a finished training is kept
+    as it is), then its probes and closed-loop success on its test split."""
     from evaluation.evaluate import closed_loop_rates
     from worldmodel.datasplit import split_episodes, training_episodes
     from worldmodel.model import WorldModel, read_model_meta
     from worldmodel.probe import identifiability
     from worldmodel.train import preset_config, train
 
-    run_dir = out / "runs" / f"{_slug(label)}-s{seed}"
-    done, measured_with = run_dir / "study.json", _measured_with(cfg)
-    if done.is_file():
-        return kept_measurement(done, measured_with, f"choose another output directory, or delete {run_dir} to "
-                                                     f"measure that run again")
-    # a run that stopped part-way continues from its checkpoint; a finished one is kept as it is
+    run_dir = _run_dir(out, label, seed)
     train(preset_config("demo", {**settings, "steps": cfg.steps, "seed": seed, "eval_episodes": 0}, data=data,
                         out=str(run_dir), resume=(run_dir / "checkpoint.pt").is_file()), progress=progress)
     checkpoint = run_dir / "model.pt"
@@ -114,10 +148,10 @@ def _one(cfg: IdentifiabilityConfig, out: Path, label: str, data: str, settings:
     test, _ = split_episodes(store, meta, "test")
     result = identifiability(model, store, training_episodes(store, meta), test, mlp_steps=cfg.mlp_steps)
     latched, held = closed_loop_rates(str(checkpoint), data, "test", cfg.eval_episodes)
-    row = {"label": label, "seed": seed, "settings": settings, "data": data, "measured_with": measured_with,
+    row = {"label": label, "seed": seed, "settings": settings, "data": data, "measured_with": _measured_with(cfg),
            "linear": result["linear"], "nonlinear": result["nonlinear"], "gap": result["gap"],
            "gaussianity": result["gaussianity"], "reach25_latched": latched, "reach25_held": held}
-    atomic_write_json(done, row)
+    atomic_write_json(run_dir / "study.json", row)
     return row
 
 
@@ -127,20 +161,23 @@ def _measured_with(cfg: IdentifiabilityConfig) -> dict:
             "mlp_steps": cfg.mlp_steps}
 
 
+# the table's columns: each the mean of these fields of a run's study.json (a kept one must hold them)
+COLUMNS = {"linear R2 (joints)": ("linear.joints_mean",), "nonlinear R2 (joints)": ("nonlinear.joints_mean",),
+           "linear R2 (velocities)": ("linear.vel_shoulder", "linear.vel_wrist"),
+           "nonlinear R2 (velocities)": ("nonlinear.vel_shoulder", "nonlinear.vel_wrist"),
+           "latent SIGReg statistic": ("gaussianity.latent_sigreg",), "reach25 latched": ("reach25_latched",),
+           "reach25 held": ("reach25_held",)}
+TABLE_FIELDS = tuple(field for fields in COLUMNS.values() for field in fields)
+KEPT_PARTS = "*/study.json"  # in runs/: each run's measurements, kept as it finishes
+
+
 def _table(results: dict) -> list[dict]:
     """Per run: the mean and spread over seeds of each headline number."""
-    keys = {"linear R2 (joints)": lambda r: r["linear"]["joints_mean"],
-            "nonlinear R2 (joints)": lambda r: r["nonlinear"]["joints_mean"],
-            "linear R2 (velocities)": lambda r: np.mean([r["linear"]["vel_shoulder"], r["linear"]["vel_wrist"]]),
-            "nonlinear R2 (velocities)": lambda r: np.mean([r["nonlinear"]["vel_shoulder"],
-                                                            r["nonlinear"]["vel_wrist"]]),
-            "latent SIGReg statistic": lambda r: r["gaussianity"]["latent_sigreg"],
-            "reach25 latched": lambda r: r["reach25_latched"], "reach25 held": lambda r: r["reach25_held"]}
     rows = []
     for label, runs in results.items():
         row = {"run": label, "seeds": len(runs)}
-        for name, get in keys.items():
-            values = [float(get(r)) for r in runs]
+        for name, fields in COLUMNS.items():
+            values = [float(np.mean([reduce(lambda d, key: d[key], f.split("."), r) for f in fields])) for r in runs]
             row[name] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None)
         rows.append(row)
     return rows

@@ -3,6 +3,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,9 +37,17 @@ def test_latent_distance_against_joint_error_is_measured_on_rendered_poses(data,
     setup = load_setup(str(tmp_path / "m.pt"), str(data), 2, "cpu", split="val")
     try:
         d = hold.pose_discrimination(setup, goals=3, directions=2)
+        frames = sum(setup.store.episodes[i].steps + 1 for i in setup.episodes)
+        with pytest.raises(ValueError, match=rf"takes {frames + 1} goal poses, each from a frame of its own, and "
+                                             rf"the {len(setup.episodes)} validation episodes .* have {frames} frames"):
+            hold.pose_discrimination(setup, goals=frames + 1)  # each goal its own frame: too few of them
     finally:
         setup.batch.close()
     assert len(d["latent_median"]) == len(hold.LEVELS) and 0 <= d["tolerance_ranked"] <= 1
+    # each level is ranked against the level nearest twice it (of two as near, the smaller): 0.1 against 0.2
+    assert d["twice"] == [0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.14, 0.2, 0.2, None]
+    row = hold.report({"discrimination": d, "settling": [], "holding": []}, "m").split("\n| 0.1 | ")[1]
+    assert row.splitlines()[0].endswith("% (0.2) |")
     assert d["pixel_median"][-1] > d["pixel_median"][0] > 0  # a larger joint error changes more pixels
     assert np.allclose(d["joint_error_median"], hold.LEVELS, rtol=0.05)
 
@@ -105,6 +114,107 @@ def test_a_short_dataset_no_shorter_than_the_others_is_warned_about(tmp_path, mo
         with pytest.raises(KeyboardInterrupt):
             study.run(study.IdentifiabilityConfig(episodes=episodes, out=str(tmp_path / "s")), progress=False)
         assert ("the short dataset (100 episodes) is not shorter than the others" in caplog.text) == warned
+
+
+@pytest.fixture
+def quick_study(tmp_path, monkeypatch):
+    """The identifiability study over two runs of one dataset, its collection and its runs faked (no training):
+    (the module, a config, what was collected and measured)."""
+    import envs.collect
+    from common.files import atomic_write_json
+    from studies import identifiability as study
+
+    monkeypatch.setattr(study, "RUNS", {"reference": ("smooth", {}), "uniform target": ("smooth",
+                                                                                         {"sigreg_target": "uniform"})})
+    monkeypatch.setattr(study, "DATASETS", {"smooth": ("smooth", None)})
+    calls = {"collected": [], "measured": []}
+
+    def collect(cfg, progress):
+        Path(cfg.out).mkdir(exist_ok=True)
+        calls["collected"].append(cfg.episodes)
+
+    def one(cfg, out, label, data, settings, seed, progress):
+        calls["measured"].append(label)
+        probe = {"joints_mean": 0.9, "vel_shoulder": 0.5, "vel_wrist": 0.4}
+        row = {"label": label, "seed": seed, "measured_with": study._measured_with(cfg), "linear": probe,
+               "nonlinear": probe, "gaussianity": {"latent_sigreg": 1.2}, "reach25_latched": 1.0, "reach25_held": 0.5}
+        (out / "runs" / f"{study._slug(label)}-s{seed}").mkdir(parents=True)
+        atomic_write_json(out / "runs" / f"{study._slug(label)}-s{seed}" / "study.json", row)
+        return row
+
+    monkeypatch.setattr(envs.collect, "collect", collect)
+    monkeypatch.setattr(study, "_one", one)
+    return study, study.IdentifiabilityConfig(episodes=20, workers=1, out=str(tmp_path / "study")), calls
+
+
+def test_the_identifiability_study_checks_what_it_keeps_before_collecting(quick_study, monkeypatch):
+    """A resume with another setting, a damaged kept run (a field missing, a string, a NaN) or a dataset larger
+    than asked for is refused by file and field before anything is collected, naming the study's own option."""
+    import dataclasses
+
+    import envs.collect
+
+    study, cfg, calls = quick_study
+    study.run(cfg, progress=False)
+    out = Path(cfg.out)
+    for name in ("results.json", "results.md", "results.png"):
+        (out / name).unlink()
+    with pytest.raises(ValueError, match=r"reference-s0/study.json: field measured_with.episodes is 20, this run "
+                                         r"asks for 22"):
+        study.run(dataclasses.replace(cfg, episodes=22), progress=False)
+    kept = out / "runs" / "uniform-target-s0" / "study.json"
+    good = json.loads(kept.read_text())
+    for damage, problem in ((lambda r: r.pop("gaussianity"), "gaussianity.latent_sigreg is missing"),
+                            (lambda r: r.update(reach25_held="lots"), "reach25_held holds 'lots', not a finite number"),
+                            (lambda r: r["linear"].update(vel_wrist=float("nan")), "linear.vel_wrist holds nan")):
+        row = json.loads(json.dumps(good))
+        damage(row)
+        kept.write_text(json.dumps(row))
+        with pytest.raises(ValueError, match=rf"uniform-target-s0/study.json: field {problem}"):
+            study.run(cfg, progress=False)
+    assert calls == {"collected": [20], "measured": ["reference", "uniform target"]}  # nothing more
+    shutil.rmtree(out / "runs")  # no kept run: the dataset is checked
+    monkeypatch.setattr(envs.collect, "existing_episodes", lambda cfg: set(range(22)))
+    with pytest.raises(ValueError, match=r"data-smooth already holds 22 episodes \(up to episode 21\), more than the "
+                                         r"20 this study asks for; pass --identifiability.episodes 22 or more"):
+        study.run(cfg, progress=False)
+    assert calls["collected"] == [20]
+
+
+def test_a_failed_identifiability_write_is_not_finished_and_the_rerun_measures_nothing(quick_study, monkeypatch):
+    """A file-size limit while writing the results: an error naming the file, no results.json (written last: it
+    says the study finished), and the same command writes them without measuring again."""
+    import errno
+
+    study, cfg, calls = quick_study
+    real = study.plot
+
+    def too_large(summary, path):
+        raise OSError(errno.EFBIG, "File too large")
+    monkeypatch.setattr(study, "plot", too_large)
+    with pytest.raises(OSError, match=r"could not write .*study/results.png \(File too large\); what was measured "
+                                      r"is kept in .*study/runs: the same command"):
+        study.run(cfg, progress=False)
+    assert list(Path(cfg.out).glob("results*")) == []  # nothing half-written, nothing that says finished
+    monkeypatch.setattr(study, "plot", real)
+    study.run(cfg, progress=False)
+    assert all((Path(cfg.out) / name).is_file() for name in ("results.json", "results.md", "results.png"))
+    assert calls["measured"] == ["reference", "uniform target"]  # each run measured once
+
+
+def test_an_interrupted_identifiability_study_says_how_many_runs_it_kept(quick_study, monkeypatch, caplog):
+    study, cfg, calls = quick_study
+    real = study._one
+
+    def stopped(cfg, out, label, *args):
+        if label == "uniform target":
+            raise KeyboardInterrupt
+        return real(cfg, out, label, *args)
+    monkeypatch.setattr(study, "_one", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        study.run(cfg, progress=False)
+    assert f"stopped: 1 finished part(s) kept in {cfg.out}/runs; the same command measures only the rest" in \
+        caplog.text
 
 
 def test_recorded_actions_replay_the_episode_and_from_rest_they_do_not(data):
@@ -199,6 +309,7 @@ def test_the_hold_study_runs_from_the_command_line(data, tmp_path, monkeypatch):
     out = tmp_path / "study-hold"
     result = json.loads((out / "results.json").read_text())
     assert len(result["settling"]) == 1 and 0 <= result["settling"][0]["held"] <= 1
+    assert (result["checkpoint"], result["split"], result["episodes"], result["seeds"]) == (str(ckpt), "test", 2, 1)
     assert "test episodes" in (out / "results.md").read_text() and (out / "results.png").is_file()
     assert not (out / "units").exists()  # the parts kept for a resume go once the results are written
     assert [(p.plan.samples, p.plan.grad_steps) for p in planned] == [(6, 0)]
@@ -232,6 +343,18 @@ def test_an_interrupted_study_resumes_with_the_results_of_an_uninterrupted_one(d
     with pytest.raises(ValueError, match=r"(seed0|discrimination).json: field measured_with.episodes is 2, this run "
                                          r"asks for 3"):
         run(episodes=3, units=tmp_path / "units")
+    if study == "hold":  # a damaged kept part: an error naming the file and the field, not a traceback or a NaN
+        kept = tmp_path / "units" / "seed0.json"
+        good = kept.read_text()
+        for damage, problem in ((lambda r: r.pop("holding"), "holding.episodes is missing"),
+                                (lambda r: r["settling"].update(held="lots"), "settling.held holds 'lots'"),
+                                (lambda r: r["settling"].update(latched=float("nan")), "settling.latched holds nan")):
+            part = json.loads(good)
+            damage(part["result"])
+            kept.write_text(json.dumps(part))
+            with pytest.raises(ValueError, match=rf"units/seed0.json: field result.{problem}"):
+                run(episodes=2, units=tmp_path / "units")
+        kept.write_text(good)
     calls.clear()
     stop_at[0] = 0
     assert as_json(run(episodes=2, units=tmp_path / "units")) == whole and len(calls) == 1  # only seed 1 ran
