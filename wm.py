@@ -24,10 +24,10 @@ from common.config import (apply_overrides, as_options, check_at_least, check_pa
                            config_fields, from_dict, model_paths, nested, option, option_flag, path_list,
                            unwrap_optional)
 from common.device import THREADS_HELP, set_threads
-from common.files import (atomic_write, atomic_write_json, atomic_write_text, keeping_what_was_measured, output_dir,
-                          output_lock, remove_stale_temporaries, saying_what_is_kept)
+from common.files import (atomic_write_text, keeping_what_was_measured, output_dir, output_lock,
+                          remove_stale_temporaries, saying_what_is_kept)
 from common.process import sigterm_as_interrupt
-from common.provenance import provenance, provenance_line, set_command, signed
+from common.provenance import provenance, provenance_line, set_command
 from envs.collect import CollectConfig, collect
 from envs.convert import ConvertConfig
 from envs.storage import DEFAULT_DATA
@@ -458,7 +458,7 @@ def run_export(cfg: ExportConfig) -> int:
 
 
 def run_study(cfg: StudyConfig) -> int:
-    from studies import hold, one_frame
+    from studies import hold, one_frame, write_results
     from studies.identifiability import run as identifiability
 
     ident = dataclasses.replace(cfg.identifiability, seeds=cfg.seeds, out=cfg.out or cfg.identifiability.out)
@@ -484,10 +484,7 @@ def run_study(cfg: StudyConfig) -> int:
                                           split=cfg.split, units=units)
                     text, plot = hold.report(result, cfg.checkpoint, cfg.split), hold.plot
             with keeping_what_was_measured(units):
-                made = provenance()
-                atomic_write(out / "results.png", lambda tmp: plot(result, tmp), keep_suffix=True)
-                atomic_write_text(out / "results.md", signed(text, made))
-                atomic_write_json(out / "results.json", {**result, "provenance": made})  # last: it says finished
+                write_results(out, result, text, plot)  # results.json last: it says the study finished
             shutil.rmtree(units, ignore_errors=True)
     print((out / "results.md").read_text())
     print(f"wrote {out}/results.json, results.md, results.png")

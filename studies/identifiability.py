@@ -189,8 +189,8 @@ def markdown(summary: dict) -> str:
     fmt = lambda v: f"{v[0]:.3f}" + (f" +- {v[1]:.3f}" if v[1] is not None else "")  # noqa: E731
     lines = [f"Each run: the demo preset for {summary['config']['steps']} steps, {summary['config']['seeds']} "
              f"training seed(s) (mean +- sd over seeds); probes fit on training episodes and scored on test "
-             f"episodes; the SIGReg statistic of the standardised test latents (about 1 for a Gaussian); "
-             f"closed-loop reach25 on {summary['config']['eval_episodes']} test episodes.", "",
+             f"episodes; the SIGReg statistic of the standardised test latents (about 0.55 for Gaussian samples "
+             f"of the same shape); closed-loop reach25 on {summary['config']['eval_episodes']} test episodes.", "",
              "| run | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {r['run']} | " + " | ".join(fmt(r[n]) for n in names) + " |" for r in rows]
     return "\n".join(lines) + "\n"
