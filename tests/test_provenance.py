@@ -49,6 +49,6 @@ def test_the_command_line_is_recorded_while_it_runs_only(monkeypatch):
 
     seen = []
     monkeypatch.setattr("evaluation.compare.compare", lambda base, new: seen.append(prov.provenance()["command"]) or
-                        {"base": base, "new": new, "changes": {}, "rows": [], "unmatched_records": 0})
+                        {"base": base, "new": new, "changes": {}, "conditions": {}, "rows": [], "unmatched_records": 0})
     assert main(["compare", "--base", "a", "--new", "b"]) == 0
     assert seen == ["wm compare --base a --new b"] and prov.provenance()["command"] is None  # Python again after it
