@@ -199,16 +199,15 @@ def _run(dev: torch.device, where: Path, dry_run: bool, minutes: float) -> tuple
                 result[part] = {"error": _error(exc)}
             except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the report says so; the next check measures afresh
                 remove_scratch(where)
-                if result["seconds"]:
-                    result[part] = {"skipped": "stopped (Ctrl-C or SIGTERM) while it ran"}
-                    result["seconds"][part] = time.perf_counter() - start
-                    atomic_write_json(where / "gpu_check.json", result)
-                    atomic_write_text(where / "gpu_check.md", render(result) + "\n")
+                result[part] = {"error": "stopped (Ctrl-C or SIGTERM) while it ran"}
+                result["seconds"][part] = time.perf_counter() - start
+                result["failed"].append(part)
+                atomic_write_json(where / "gpu_check.json", result)
+                atomic_write_text(where / "gpu_check.md", render(result) + "\n")
                 logging.getLogger(__name__).warning(
-                    "GPU check stopped during %s%s; what it had collected or trained is removed, whatever a message "
-                    "above says of resuming: every check measures afresh", part,
-                    f": the parts before it are in {where / 'gpu_check.md'}" if result["seconds"].keys() - {part}
-                    else "")
+                    "GPU check stopped during %s; its report so far is in %s; what it had collected or trained is "
+                    "removed, whatever a message above says of resuming: every check measures afresh", part,
+                    where / "gpu_check.md")
                 raise
         result["seconds"][part] = time.perf_counter() - start
         value = result[part]

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from common.process import pid_alive
+from common.process import pid_alive, raise_if_stopped
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,13 @@ def _identity(value) -> str:
     return str(value)
 
 
+def json_text(obj) -> str:
+    """How our JSON files read: indented, a callable setting by its name (``callable_name``)."""
+    return json.dumps(obj, indent=1, default=callable_name)
+
+
 def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, default=callable_name))
+    atomic_write_text(path, json_text(obj))
 
 
 def kept_measurement(path: str | Path, measured_with: dict, advice: str) -> dict:
@@ -209,10 +214,10 @@ class KeptRuns:
             kept = kept_measurement(self.path(name), self.measured_with, self.advice)
             inside = {f"result.{field}": kind for field, kind in (fields or {}).items()}
             kept_fields(self.path(name), kept, {"result": "object", **inside}, "delete the file to run that part again")
-        except ValueError:
+        except ValueError as exc:
             if not self.replace_other:
                 raise
-            self.path(name).unlink()  # measured otherwise (or damaged): measured again, as asked
+            log.info("measured again (%s)", exc)  # measured otherwise, or damaged: put() replaces it
             return None
         return kept["result"]
 
@@ -225,6 +230,7 @@ class KeptRuns:
             fields: dict | None = None) -> dict:
         """The part's result: kept from an earlier run (then ``on_kept``, e.g. to advance a progress bar; a kept
         one is checked for ``fields``, as ``get`` does), or ``measure()`` now, kept as it returns."""
+        raise_if_stopped()  # a stop swallowed while the last part ran (a subprocess's start) ends here
         result = self.get(name, fields)
         if result is None:
             result = measure()

@@ -77,10 +77,7 @@ def sigterm_as_interrupt():
     old = sigterm_interrupts()
     try:
         yield
-    except BaseException:
+        if _stop_requested.is_set():
+            raise KeyboardInterrupt
+    finally:
         restore_handlers(old)
-        raise
-    swallowed = _stop_requested.is_set()
-    restore_handlers(old)
-    if swallowed:
-        raise KeyboardInterrupt

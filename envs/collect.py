@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from common.config import check_at_least, check_at_most, check_paths_named, option
 from common.files import OutputDirError, output_dir, output_lock, remove_stale_temporaries
-from common.process import ignore_stop_signals, restore_handlers, sigterm_interrupts
+from common.process import ignore_stop_signals, raise_if_stopped, restore_handlers, sigterm_interrupts
 from envs.policies import POLICIES, make_policy
 from envs.reacher import ENV_NAMES, MAX_ACTION_REPEAT, MAX_SIZE, MIN_SIZE, make_env
 from envs.storage import (DEFAULT_DATA, RECORDING_DEFAULTS, DatasetError, episode_index, find_shards, inspect_shard,
@@ -289,6 +289,7 @@ def _collect(cfg: CollectConfig, out: Path, progress: bool) -> dict:
         for episode in results:
             group = tuple(shard_of[episode["index"]])
             pending.setdefault(group, {})[episode["index"]] = episode
+            raise_if_stopped()  # a stop swallowed while the worker processes started: this episode is kept
             summary["collected"] += 1
             bar.update(cfg.steps + 1)
             if len(pending[group]) == len(group):

@@ -55,7 +55,7 @@ def load_results(path: str, option_name: str) -> dict:
         why = "no field episodes" if results else "not a readable JSON object"
         raise ValueError(f"{option_name} {file}: not the results.json of a finished `wm eval` ({why})")
     for field in ("config", "provenance"):
-        if not isinstance(results.get(field) or {}, dict):
+        if field in results and not isinstance(results[field], dict):
             raise ValueError(f"{option_name} {file}: field {field} is not an object")
     for i, record in enumerate(results["episodes"]):
         if not isinstance(record, dict):

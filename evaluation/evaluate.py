@@ -391,7 +391,7 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, digests: list[str]
                     otherwise.append(f"**Warning**: the episodes of {checkpoint} were recorded otherwise than its "
                                      f"training data: {setup.recorded_otherwise}.")
                 steps.append(setup.meta.get("step"))
-                for protocol in protocols:  # each can be drawn here, before the first runs
+                for protocol in protocols:  # each can be drawn here, before this model's first runs
                     draw_episodes(setup, cfg, protocol, 0)
                 if progress:
                     tqdm.write(f"evaluating {checkpoint} on {len(setup.episodes)} episodes of "
@@ -437,8 +437,9 @@ def measured_with(cfg: EvalConfig, setup: Setup) -> dict:
     beside = ("checkpoint", "out", "overwrite", "protocol", "seeds", "baselines", "score_at", "data", "device",
               "threads")
     settings = {f.name: f.value for f in config_fields(cfg) if f.name not in beside}
-    # the weights' digest, not the file's: an evaluation may save a subgoal graph into the file
-    return {**settings, "weights_sha256": weights_digest(setup.model.state_dict()),
+    # the weights' digest (model.json's, checked when the model was loaded), not the file's: an evaluation may
+    # save a subgoal graph into the file
+    return {**settings, "weights_sha256": setup.meta.get("weights_sha256") or weights_digest(setup.model.state_dict()),
             "data_fingerprint": setup.store.fingerprint, "device": str(setup.model.device),
             "torch_threads": torch.get_num_threads(), "code": code_version()}
 
@@ -464,7 +465,8 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
     for method in methods:
         kept_bar = (lambda: bar.update(protocol.budget)) if bar is not None else None
         unit = units.run(f"{protocol.name}-seed{seed}-{method}",
-                         lambda: measure_method(setup, cfg, protocol, seed, method, eps, goal_images, bar), kept_bar)
+                         lambda: measure_method(setup, cfg, protocol, seed, method, eps, goal_images, bar), kept_bar,
+                         {"records": "list", "curve": "numbers"})
         records += unit["records"]
         curves.setdefault((protocol.name, method), []).append(np.asarray(unit["curve"], dtype=np.float64))
     return records

@@ -187,9 +187,12 @@ def markdown(summary: dict) -> str:
     rows = summary["table"]
     names = [k for k in rows[0] if k not in ("run", "seeds")]
     fmt = lambda v: f"{v[0]:.3f}" + (f" +- {v[1]:.3f}" if v[1] is not None else "")  # noqa: E731
+    references = [r["gaussianity"]["gaussian_reference"]["latent_sigreg"] for runs in summary.get("runs", {}).values()
+                  for r in runs if "gaussian_reference" in r["gaussianity"]]  # runs kept from before lack it
+    reference = f"{np.mean(references):.2f}" if references else "about 0.55"
     lines = [f"Each run: the demo preset for {summary['config']['steps']} steps, {summary['config']['seeds']} "
              f"training seed(s) (mean +- sd over seeds); probes fit on training episodes and scored on test "
-             f"episodes; the SIGReg statistic of the standardised test latents (about 0.55 for Gaussian samples "
+             f"episodes; the SIGReg statistic of the standardised test latents ({reference} for Gaussian samples "
              f"of the same shape); closed-loop reach25 on {summary['config']['eval_episodes']} test episodes.", "",
              "| run | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {r['run']} | " + " | ".join(fmt(r[n]) for n in names) + " |" for r in rows]

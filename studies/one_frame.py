@@ -114,7 +114,7 @@ def run(checkpoints: str, split: str = "val", episodes: int = 50, seeds: int = 1
             try:
                 for seed in range(seeds):
                     done = kept.run(f"seed{seed}", lambda: {"rows": one_seed(setup, cfg, seed, bar=bar)},
-                                    lambda: bar.update(steps))
+                                    lambda: bar.update(steps), {"rows": "list"})
                     rows += [{**r, "run": run_index} for r in done["rows"]]
             finally:
                 setup.batch.close()

@@ -167,10 +167,10 @@ def test_a_failing_part_of_the_gpu_check_is_reported_and_the_others_still_run(tm
     assert failed == [] and all("not started" in result[part]["skipped"] for part in result["seconds"])
 
 
-def test_the_gpu_check_refuses_a_cpu_and_a_stop_keeps_its_report_but_not_its_scratch(tmp_path, monkeypatch, caplog):
+def test_the_gpu_check_refuses_a_cpu_and_a_stop_is_reported_and_removes_its_scratch(tmp_path, monkeypatch, caplog):
     """Without a GPU only the dry run runs (the whole check would take hours); a check stopped in a part
-    keeps the report of the parts before, removes what the stopped part had collected (a check measures
-    afresh, whatever that part says of resuming) and leaves no empty directory when stopped in its first."""
+    reports the parts before and the stopped one as failed, and removes what the stopped part had collected
+    (a check measures afresh, whatever that part says of resuming)."""
     import json
 
     import torch
@@ -193,13 +193,16 @@ def test_the_gpu_check_refuses_a_cpu_and_a_stop_keeps_its_report_but_not_its_scr
         gpu.run("cpu", str(tmp_path / "check"), dry_run=True)
     result = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
     assert list(result["seconds"]) == ["plan_latency", "training", "plan_latency_graphs", "short_training"]
-    assert "stopped" in result["short_training"]["skipped"] and not (tmp_path / "check" / "data").exists()
+    assert "stopped" in result["short_training"]["error"] and not (tmp_path / "check" / "data").exists()
+    assert result["failed"] == ["short_training"] and "Failed parts: short_training" in (
+        tmp_path / "check" / "gpu_check.md").read_text()
     assert "every check measures afresh" in caplog.text and "gpu_check.md" in caplog.text
 
-    monkeypatch.setattr(gpu, "plan_latency", lambda *args: stopped(tmp_path / "first"))
-    with pytest.raises(KeyboardInterrupt):
-        gpu.run("cpu", str(tmp_path / "first"), dry_run=True)
-    assert not (tmp_path / "first").exists()
+    monkeypatch.setattr(gpu, "plan_latency", lambda *args: stopped(tmp_path / "check"))  # stopped in its first
+    with pytest.raises(KeyboardInterrupt):  # part: an earlier check's report there is not left looking current
+        gpu.run("cpu", str(tmp_path / "check"), dry_run=True)
+    result = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
+    assert list(result["seconds"]) == ["plan_latency"] and result["failed"] == ["plan_latency"]
 
 
 def test_subgoal_cost_compares_the_same_episodes_with_and_without(tmp_path, monkeypatch):

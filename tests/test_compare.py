@@ -85,8 +85,9 @@ def test_other_tolerances_are_refused_even_on_the_same_episodes(tmp_path):
     (lambda r: r["episodes"][1].pop("run"), r"episodes\[1\] has no field run"),
     (lambda r: r["episodes"][0].pop("held"), r"episodes\[0\] has no field held"),
     (lambda r: r.update(episodes=[1, 2]), r"episodes\[0\] is not a record \(an object\), got 1"),
-    (lambda r: r.update(config=[1]), "field config is not an object")],
-    ids=["no run", "no held", "not records", "config not an object"])
+    (lambda r: r.update(config=[1]), "field config is not an object"),
+    (lambda r: r.update(config=[]), "field config is not an object")],  # empty, not taken for none
+    ids=["no run", "no held", "not records", "config not an object", "config an empty list"])
 def test_damaged_records_are_clear_errors(tmp_path, capsys, damage, why):
     base = write(tmp_path / "a", [record(i) for i in range(4)])
     results = json.loads((base / "results.json").read_text())

@@ -467,6 +467,14 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped_with_the_same_result
     with pytest.raises(ValueError, match=r"model0-reach25-seed0-world_model.json: field measured_with.samples is 8, "
                                          r"this run asks for 12; pass --overwrite"):
         ev.evaluate(cfg("cut", samples=12), progress=False)
+    unit = tmp_path / "cut" / "units" / "model0-reach25-seed0-world_model.json"
+    intact = unit.read_text()
+    damaged = json.loads(intact)
+    del damaged["result"]["records"]
+    unit.write_text(json.dumps(damaged))
+    with pytest.raises(ValueError, match=r"model0-reach25-seed0-world_model.json: field result.records is missing"):
+        ev.evaluate(cfg("cut"), progress=False)
+    unit.write_text(intact)
     calls.clear()
     stop_at[0] = 0
     # the same data, device and threads spelt otherwise measure alike: not refused

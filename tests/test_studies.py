@@ -63,6 +63,11 @@ def test_the_identifiability_table_reports_mean_and_spread_over_seeds():
     table = _table({"reference": [run(0.9, 0), run(0.7, 1)]})
     assert table[0]["linear R2 (joints)"][0] == pytest.approx(0.8) and table[0]["linear R2 (joints)"][1] > 0.1
     assert "0.800 +- 0.141" in markdown({"config": {"steps": 5, "seeds": 2, "eval_episodes": 2}, "table": table})
+    runs = [run(0.9, 0), run(0.7, 1)]
+    for r, ref in zip(runs, (0.5, 0.6)):  # the Gaussian reference each run measured, read against
+        r["gaussianity"]["gaussian_reference"] = {"latent_sigreg": ref}
+    text = markdown({"config": {"steps": 5, "seeds": 2, "eval_episodes": 2}, "table": table, "runs": {"r": runs}})
+    assert "(0.55 for Gaussian samples of the same shape)" in text
 
 
 def test_the_identifiability_study_resumes_where_it_stopped(tmp_path, monkeypatch):
@@ -354,6 +359,15 @@ def test_an_interrupted_study_resumes_with_the_results_of_an_uninterrupted_one(d
             kept.write_text(json.dumps(part))
             with pytest.raises(ValueError, match=rf"units/seed0.json: field result.{problem}"):
                 run(episodes=2, units=tmp_path / "units")
+        kept.write_text(good)
+    else:  # one-frame: a kept part without its rows
+        kept = tmp_path / "units" / "model0-seed0.json"
+        good = kept.read_text()
+        part = json.loads(good)
+        part["result"].pop("rows")
+        kept.write_text(json.dumps(part))
+        with pytest.raises(ValueError, match=r"units/model0-seed0.json: field result.rows is missing"):
+            run(episodes=2, units=tmp_path / "units")
         kept.write_text(good)
     calls.clear()
     stop_at[0] = 0

@@ -48,6 +48,12 @@ def test_a_stop_swallowed_where_python_ignores_exceptions_still_stops_the_comman
     with pytest.raises(KeyboardInterrupt):
         with sigterm_as_interrupt():
             SwallowsAStop()
+    from common.files import KeptRuns
+
+    with pytest.raises(KeyboardInterrupt):  # a long job's next part is not begun either
+        with sigterm_as_interrupt():
+            SwallowsAStop()
+            KeptRuns(None, {}, "").run("part", lambda: pytest.fail("a part began after the stop"))
     with sigterm_as_interrupt():  # the next command starts afresh
         raise_if_stopped()
         write_video(tmp_path / "next.mp4", frames)
