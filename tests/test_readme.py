@@ -15,11 +15,16 @@ README = (ROOT / "README.md").read_text()
 
 
 def block_commands(text: str) -> list[str]:
-    """The `wm ...` command lines of the fenced code blocks, continuation lines joined, comments dropped."""
+    """The `wm ...` commands of the fenced code blocks, continuation lines joined, comments dropped: whole lines,
+    the body of a one-line `for v in a b; do ...; done` loop (``$v`` its first value), and what `-m wm` runs."""
     commands = []
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
+            loop = re.match(r"for (\w+) in (\S+)[^;]*; do (.*); done$", line)
+            if loop:
+                line = re.sub(rf"\$\{{?{loop[1]}\}}?", loop[2], loop[3])
+            line = re.sub(r"^\S*torchrun .*?-m (wm .*)", r"\1", line)
             if line.startswith("wm "):
                 commands.append(line)
     return commands

@@ -325,6 +325,18 @@ def test_resume_with_other_settings_is_refused(data, tmp_path):
         train(tiny(data, tmp_path / "run", steps=8, batch_size=4, resume=True), progress=False)
 
 
+def test_a_diverged_run_resumes_with_another_grad_clip_on_record(data, tmp_path, monkeypatch):
+    """--grad-clip, as --lr, may change on --resume to recover a run; the change is kept in its history."""
+    _poison_loss(monkeypatch, after=5)
+    with pytest.raises(TrainingDiverged):
+        train(tiny(data, tmp_path / "run"), progress=False)
+    monkeypatch.undo()
+    clip = tiny(data, tmp_path / "run").grad_clip
+    train(tiny(data, tmp_path / "run", grad_clip=clip / 4, resume=True), progress=False)
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["step"] == 8 and meta["history"] == [{"step": 4, "changed": {"grad_clip": [clip, clip / 4]}}]
+
+
 def _poison_loss(monkeypatch, after: int):
     real, calls = train_module.world_model_losses, {"n": 0}
 
