@@ -144,6 +144,22 @@ def test_format_1_checkpoints_still_load(tmp_path):
     meta["format_version"], meta["config"] = 2, c  # format 2: today's config, the plain state dict
     (tmp_path / "m.json").write_text(json.dumps(meta))
     assert WorldModel.load(path).cfg == model.cfg
+    # extras saved into it (its graph): model.json cannot follow (a full disk): the older pair is restored
+    import errno
+
+    import worldmodel.model as model_module
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = path.read_bytes()
+    real, model_module.atomic_write_json = model_module.atomic_write_json, full_disk
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            model_module.save_extras(path, {"graph": {"nodes": torch.zeros(2, 3)}})
+    finally:
+        model_module.atomic_write_json = real
+    assert path.read_bytes() == before and WorldModel.load(path).cfg == model.cfg
 
 
 def test_truncated_weights_fail_clearly(tmp_path):

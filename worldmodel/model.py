@@ -234,9 +234,14 @@ def save_extras(path: str | Path, extras: dict, planner: dict | None = None) -> 
     path = Path(path)
     meta = read_model_meta(path)
     state, old = _weights_and_extras(load_weights_file(path, "a weights file"), meta, path)
+    before = path.read_bytes()  # the pair is restored if model.json cannot follow model.pt's new format
     atomic_torch_save({"weights": state, "extras": {**old, **extras}}, path)
     meta = {**meta, "format_version": FORMAT_VERSION, **({"planner": planner} if planner is not None else {})}
-    atomic_write_json(path.with_suffix(".json"), meta)
+    try:
+        atomic_write_json(path.with_suffix(".json"), meta)
+    except BaseException:
+        atomic_write_bytes(path, before)
+        raise
 
 
 def _on_meta() -> bool:
