@@ -447,9 +447,10 @@ def run_export(cfg: ExportConfig) -> int:
     from worldmodel.model import WorldModel
 
     model = WorldModel.load(cfg.checkpoint, cfg.device)
-    if cfg.data and saved_graph(model, cfg.graph) is not None:
+    held = saved_graph(model, cfg.graph) is not None
+    graph = graph_for_checkpoint(model, cfg.checkpoint, cfg.graph, cfg.data, replace=True)  # checks --data first
+    if cfg.data and held:
         print(f"--data {cfg.data} not read: {cfg.checkpoint} already holds a graph built with these settings")
-    graph = graph_for_checkpoint(model, cfg.checkpoint, cfg.graph, cfg.data, replace=True)
     if saved_graph(model, cfg.graph) is None:  # built, but the file could not be written (logged above)
         raise OSError(f"{cfg.checkpoint}: the subgoal graph was built but could not be saved in the model file")
     print(f"{cfg.checkpoint} holds its subgoal graph ({len(graph.nodes)} training frames, {len(graph.src)} links): "

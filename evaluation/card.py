@@ -36,7 +36,10 @@ def model_card(checkpoint: str | Path) -> str:
     if "step" in meta:
         how = [f"`--preset {train['preset']}`"] * ("preset" in train) + [f"seed {train['seed']}"] * ("seed" in train)
         how = f" ({', '.join(how)})" if how else ""
-        lines.append(f"- **Training**: {meta['step']:,} steps{how}.")
+        planned = train.get("steps")
+        unfinished = (f" of the {planned:,} asked for: unfinished (`wm train --out {Path(checkpoint).parent} --resume` "
+                      f"continues it)") if isinstance(planned, int) and planned > meta["step"] else ""
+        lines.append(f"- **Training**: {meta['step']:,} steps{unfinished}{how}.")
     data = meta.get("data")
     if data:
         found, tried, not_it = locate_data(meta, checkpoint)

@@ -251,14 +251,16 @@ def _make_demo(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     try:
         if "context" not in protocol.policy:  # (the lewm protocols fix their own)
             check_context(cfg.policy, model.history)  # before the retrieval bank is encoded
-        if store is None:  # poses all of your own, from the model file alone
+        if store is None or (cfg.goal_pose and cfg.start_pose):  # poses all of your own: no protocol rows needed
             eps = own_goals(cfg, posed_episodes(cfg.episodes), batch.physics.wrist_range)
-            bank_z = bank_frames = None
         else:
             eps = sample_episodes(store, setup.episodes, protocol, cfg.episodes, cfg.seed, batch.physics.wrist_range,
                                   cfg.tolerance)
             if cfg.goal_pose:
                 eps = own_goals(cfg, eps, batch.physics.wrist_range)
+        if store is None:  # from the model file alone: no frames to show what the model expects
+            bank_z = bank_frames = None
+        else:
             # what the model expects is shown as a frame it was trained on, never one of the filmed episodes
             filmed = set(setup.episodes)
             bank_ids = setup.train or [i for i in range(len(store)) if i not in filmed]

@@ -46,6 +46,10 @@ def test_a_trained_models_card_names_its_data_planner_and_maker(tmp_path, capsys
     assert ("prediction loss 0.0123; linear probe R^2 of the joint angles 0.987; `reach25` latched 100% / held 85%"
             in card)
     assert "Made by `wm train --preset hold` at commit `0123456789ab`" in card
+    meta["train_config"]["steps"] = 5000  # a run stopped at step 1,200 of 5,000
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    assert (f"- **Training**: 1,200 steps of the 5,000 asked for: unfinished (`wm train --out {tmp_path} --resume` "
+            f"continues it) (`--preset hold`, seed 2)." in model_card(path))
     shutil.rmtree(data)  # the data gone: said, with where it was looked for and the collection of its kind
     card = model_card(path)
     assert f"`{data}`, not found (looked at `{data}`" in card and "`wm collect --env reacher-easy" in card

@@ -217,12 +217,15 @@ def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(s
     path = str(save_as_trained_on(model, tmp_path / "m.pt", moved))
     shutil.rmtree(moved)  # the dataset is not where the model records it
     assert main(["export", "--checkpoint", path, "--device", "cpu"]) == 2
-    assert "subgoals need its training frames, or a model file that holds its graph (wm export)" in \
+    assert "subgoals need its training frames: pass --data with the dataset it was trained on" in \
         capsys.readouterr().err
     assert main(["export", "--checkpoint", path, "--data", str(synthetic_data), "--device", "cpu"]) == 0
     said = capsys.readouterr().out
     assert "holds its subgoal graph" in said and "not read" not in said
     assert saved_graph(WorldModel.load(path, "cpu"), GraphConfig()) is not None
+    assert main(["export", "--checkpoint", path, "--data", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert "nowhere: no such dataset" in err and "not read" not in out  # the path checked before anything said
     assert main(["export", "--checkpoint", path, "--data", str(synthetic_data), "--device", "cpu"]) == 0
     said = capsys.readouterr().out
     assert f"--data {synthetic_data} not read: {path} already holds a graph built with these settings" in said
@@ -272,6 +275,9 @@ def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(s
      "--identifiability.steps -1 (must be >= 1)"),
     (["eval", "--samples", "0"], "horizon, samples and iterations must be >= 1"),
     (["bench", "--what", "plan", "--dry-run"], "--dry-run is the GPU check's (--what gpu)"),
+    (["collect", "--size", "64", "--image-size", "100"], "--image-size (image_size) must be an integer from 8 to "
+                                                         "--size 64"),  # stored larger than rendered: an upsample
+    (["export", "--graph.radius", "-1"], "invalid settings: --graph.radius -1.0 (must be > 0)"),
 ])
 def test_settings_that_make_no_sense_are_refused_before_any_work(argv, said, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -659,6 +659,9 @@ def test_wm_demo_films_goal_poses_of_ones_own(data, tmp_path):
     assert _page_links(tmp_path / "v" / "index.html") == {"sequence.mp4", "summary.png"}
     make_demo(cfg(goal_pose="1.0,-1.2", overwrite=True, **small), progress=False)  # no stale sequence left beside
     assert sorted(p.name for p in (tmp_path / "v").glob("*.mp4")) == ["goal_00.mp4"]
+    far = make_demo(cfg(goal_pose="1.0,-1.2", start_pose="0.3,0.1", protocol="reach61", overwrite=True, **small),
+                    progress=False)  # every pose given: the protocol's budget and rule only, none of its rows
+    assert far["start_qpos"] == [[0.3, 0.1]] and len(imageio.mimread(tmp_path / "v" / "goal_00.mp4")) == 123
     from evaluation.demo import demo_markdown  # a shoulder that went round is shown wrapped, as errors count it
 
     went_round = dict(seq, start_qpos=[[0.3, 0.1], [3.79, 0.8]])

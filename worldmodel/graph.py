@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.config import check_types, option
+from common.config import check_at_least, check_types, option
 from envs.storage import DatasetError
 from worldmodel.latents import encode_episodes, every
 
@@ -40,8 +40,9 @@ class GraphConfig:
 
     def __post_init__(self):
         check_types(self)
-        if self.neighbours < 1 or self.radius <= 0 or self.max_nodes < 2:
-            raise ValueError(f"graph settings must be positive (max_nodes >= 2), got {self}")
+        check_at_least(self, 1, ("neighbours",), prefix="graph.")  # as the command lines spell them
+        check_at_least(self, 0, ("radius",), prefix="graph.", strictly=True)
+        check_at_least(self, 2, ("max_nodes",), prefix="graph.")
 
 
 class LatentGraph:
@@ -170,8 +171,9 @@ def graph_for_checkpoint(model, checkpoint, cfg: GraphConfig, data: str = "", re
             log.info("%s not read: %s holds its subgoal graph, built with these settings", data, checkpoint)
         return graph
     meta = read_model_meta(checkpoint)
-    store, _ = open_data(model, meta, checkpoint, data, "subgoals need its training frames, or a model file that "
-                                                       "holds its graph (wm export)")
+    store, _ = open_data(model, meta, checkpoint, data, "subgoals need its training frames: pass --data with the "
+                                                       "dataset it was trained on (once saved in the model file by "
+                                                       "`wm export`, the graph needs no data)")
     graph = LatentGraph.build(model, store, training_episodes(store, meta), cfg)
     keep_graph(checkpoint, model, graph, cfg, replace)
     return graph
