@@ -123,6 +123,9 @@ class ConvertConfig:
 
     def __post_init__(self):
         check_paths_named(self, ("data", "out"))
+        if self.format == "shards" and (self.compression != "blosc" or self.overwrite):
+            raise ValueError("--compression and --overwrite are the swm format's: shards are written gzip-compressed, "
+                             "into a new directory")
 
 
 def convert(cfg: ConvertConfig) -> Path:

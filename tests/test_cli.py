@@ -278,6 +278,9 @@ def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(s
     (["collect", "--size", "64", "--image-size", "100"], "--image-size (image_size) must be an integer from 8 to "
                                                          "--size 64"),  # stored larger than rendered: an upsample
     (["export", "--graph.radius", "-1"], "invalid settings: --graph.radius -1.0 (must be > 0)"),
+    (["convert", "--format", "shards", "--out", "d", "--compression", "gzip"], "--compression and --overwrite are "
+                                                                                "the swm format's"),  # not ignored
+    (["convert", "--format", "shards", "--out", "d", "--overwrite"], "--compression and --overwrite are the swm"),
 ])
 def test_settings_that_make_no_sense_are_refused_before_any_work(argv, said, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

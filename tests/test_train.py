@@ -561,6 +561,12 @@ def test_a_preset_says_when_the_data_is_not_of_the_kind_it_was_chosen_on(data, t
     assert ("--preset lewm-data was chosen on other data than runs/mixed: action_repeat 1 (chosen on 2), policy "
             "'mixed' (chosen on 'random'); `wm collect --policy random --action-repeat 2 --steps 200`") in caplog.text
     caplog.clear()
+    with caplog.at_level("WARNING", logger="worldmodel.train"):  # every kind of difference, each preset
+        check_preset_data(lewm, 96, {"action_repeat": 2, "policy": "random"})
+        check_preset_data(hold, 96, {"action_repeat": 2, "policy": "random"})
+    assert "runs/mixed: size 96 (chosen on 64);" in caplog.text
+    assert "runs/d64: policy 'random' (chosen on 'mixed'), action_repeat 2 (chosen on 1);" in caplog.text
+    caplog.clear()
     with caplog.at_level("WARNING", logger="worldmodel.train"):  # and `wm train --preset hold` says so too
         train(preset_config("hold", {**TINY, "steps": 2}, data=str(data), out=str(tmp_path / "hold")), progress=False)
     assert "--preset hold was chosen on other data than" in caplog.text and "size 32 (chosen on 96)" in caplog.text

@@ -171,8 +171,8 @@ def planner_settings(cfg: TrainConfig) -> dict:
 
 # The data a preset was chosen on, where it was chosen on data of one kind: (what the dataset records, the
 # collection that gives such data)
-PRESET_DATA = {"hold": ({"size": 96}, "wm collect --size 96"),
-               "lewm-data": ({"action_repeat": 2, "policy": "random"},
+PRESET_DATA = {"hold": ({"size": 96, "policy": "mixed", "action_repeat": 1}, "wm collect --size 96"),
+               "lewm-data": ({"size": 64, "action_repeat": 2, "policy": "random"},
                              "wm collect --policy random --action-repeat 2 --steps 200")}
 
 
