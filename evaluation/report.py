@@ -118,11 +118,12 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
     pooled = len(checkpoints) > 1
     models = ", ".join(f"`{c}`" for c in checkpoints)
     refined = f", then {p.plan.grad_steps} gradient steps (step {p.plan.grad_lr})" if p.plan.grad_steps else ""
+    cost = p.plan.cost if isinstance(p.plan.cost, str) else callable_name(p.plan.cost)  # as results.json names it
     lines = [f"# Evaluation of {models}", "",
              f"{cfg.episodes} episodes x {cfg.seeds} seeds per protocol{' and model' if pooled else ''} on "
              f"{split_note}. Planner {p.plan.planner} {p.plan.samples} samples x {p.plan.iterations} iterations"
              f"{f' ({p.plan.warm_iterations} when warm-started)' if p.plan.warm_iterations else ''}, horizon "
-             f"{p.plan.horizon}, cost {p.plan.cost if isinstance(p.plan.cost, str) else callable_name(p.plan.cost)}{', bf16 matrix products' if p.plan.bf16 else ''}"
+             f"{p.plan.horizon}, cost {cost}{', bf16 matrix products' if p.plan.bf16 else ''}"
              f"{refined}, replanning "
              f"every {p.receding_horizon} chunk(s) (the "
              f"lewm protocol fixes its own); world-model start: {cfg.history} history. Success: every joint within "

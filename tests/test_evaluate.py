@@ -762,7 +762,8 @@ def test_bad_evaluation_inputs_are_clear_errors(data, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--baselines names random twice"):
         EvalConfig(baselines="random,random")
     for option, value in (("sim_samples", 0), ("sim_iterations", -1)):  # not "the default", nor a late failure
-        with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} must be >= 1 \\(or left out\\), got {value}"):
+        flag = "--" + option.replace("_", "-")
+        with pytest.raises(ValueError, match=f"{flag} must be >= 1 \\(or left out\\), got {value}"):
             EvalConfig(**{option: value})
 
     def my_cost(z, goal):

@@ -92,7 +92,7 @@ def test_mismatched_checkpoints_fail_clearly(tmp_path):
     run.mkdir()
     WorldModel(tiny_config()).save(run / "model.pt")
     for read in (WorldModel.load, read_model_meta):
-        with pytest.raises(CheckpointError, match=rf"run is a directory, not a model file .*; give .*run/model\.pt"):
+        with pytest.raises(CheckpointError, match=r"run is a directory, not a model file .*; give .*run/model\.pt"):
             read(run)
         with pytest.raises(CheckpointError, match=r"model\.json is a model's description; give the weights file "
                                                   r"beside it, .*model\.pt"):
