@@ -79,12 +79,12 @@ class CollectConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} ({name}) must be a positive integer, got {value!r}")
+        check_at_least(self, MIN_SIZE, ("size",))
+        check_at_most(self, MAX_SIZE, ("size",))
         if self.image_size is not None and (not isinstance(self.image_size, int) or not 8 <= self.image_size
                                             <= self.size):
             raise ValueError(f"--image-size (image_size) must be an integer from 8 to --size {self.size} (frames are "
                              f"rendered at --size and stored smaller, never larger), got {self.image_size!r}")
-        check_at_least(self, MIN_SIZE, ("size",))
-        check_at_most(self, MAX_SIZE, ("size",))
         check_at_least(self, 1, ("action_repeat",))
         check_at_most(self, MAX_ACTION_REPEAT, ("action_repeat",))
         check_at_least(self, 0, ("seed",))

@@ -124,8 +124,10 @@ class ConvertConfig:
     def __post_init__(self):
         check_paths_named(self, ("data", "out"))
         if self.format == "shards" and (self.compression != "blosc" or self.overwrite):
-            raise ValueError("--compression and --overwrite are the swm format's: shards are written gzip-compressed, "
-                             "into a new directory")
+            typed = [name for name, given in (("--compression", self.compression != "blosc"),
+                                              ("--overwrite", self.overwrite)) if given]
+            raise ValueError(f"{' and '.join(typed)}: the swm format's only; shards are written gzip-compressed, into "
+                             f"a new directory")
 
 
 def convert(cfg: ConvertConfig) -> Path:

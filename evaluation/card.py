@@ -36,9 +36,11 @@ def model_card(checkpoint: str | Path) -> str:
     if "step" in meta:
         how = [f"`--preset {train['preset']}`"] * ("preset" in train) + [f"seed {train['seed']}"] * ("seed" in train)
         how = f" ({', '.join(how)})" if how else ""
-        planned = train.get("steps")
-        unfinished = (f" of the {planned:,} asked for: unfinished (`wm train --out {Path(checkpoint).parent} --resume` "
-                      f"continues it)") if isinstance(planned, int) and planned > meta["step"] else ""
+        planned, run = train.get("steps"), Path(checkpoint).parent
+        resume = (f" (`wm train --out {run} --resume` continues it from the `checkpoint.pt` beside it)"
+                  if (run / "checkpoint.pt").is_file() else "")
+        unfinished = (f" of the {planned:,} asked for: unfinished{resume}"
+                      if isinstance(planned, int) and planned > meta["step"] else "")
         lines.append(f"- **Training**: {meta['step']:,} steps{unfinished}{how}.")
     data = meta.get("data")
     if data:

@@ -48,8 +48,12 @@ def test_a_trained_models_card_names_its_data_planner_and_maker(tmp_path, capsys
     assert "Made by `wm train --preset hold` at commit `0123456789ab`" in card
     meta["train_config"]["steps"] = 5000  # a run stopped at step 1,200 of 5,000
     path.with_suffix(".json").write_text(json.dumps(meta))
-    assert (f"- **Training**: 1,200 steps of the 5,000 asked for: unfinished (`wm train --out {tmp_path} --resume` "
-            f"continues it) (`--preset hold`, seed 2)." in model_card(path))
+    assert "- **Training**: 1,200 steps of the 5,000 asked for: unfinished (`--preset hold`, seed 2)." in \
+        model_card(path)  # the model file alone (no checkpoint to resume from)
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert (f"unfinished (`wm train --out {tmp_path} --resume` continues it from the `checkpoint.pt` beside it) "
+            f"(`--preset hold`, seed 2)." in model_card(path))
+    (tmp_path / "checkpoint.pt").unlink()
     shutil.rmtree(data)  # the data gone: said, with where it was looked for and the collection of its kind
     card = model_card(path)
     assert f"`{data}`, not found (looked at `{data}`" in card and "`wm collect --env reacher-easy" in card

@@ -277,10 +277,12 @@ def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(s
     (["bench", "--what", "plan", "--dry-run"], "--dry-run is the GPU check's (--what gpu)"),
     (["collect", "--size", "64", "--image-size", "100"], "--image-size (image_size) must be an integer from 8 to "
                                                          "--size 64"),  # stored larger than rendered: an upsample
-    (["export", "--graph.radius", "-1"], "invalid settings: --graph.radius -1.0 (must be > 0)"),
-    (["convert", "--format", "shards", "--out", "d", "--compression", "gzip"], "--compression and --overwrite are "
-                                                                                "the swm format's"),  # not ignored
-    (["convert", "--format", "shards", "--out", "d", "--overwrite"], "--compression and --overwrite are the swm"),
+    (["collect", "--size", "16", "--image-size", "12"], "--size 16 (must be >= 32)"),  # the size first
+    (["export", "--graph.radius", "-1", "--graph.neighbours", "0"], "invalid subgoal graph settings: neighbours 0 "
+                                                                    "(must be >= 1), radius -1.0 (must be > 0)"),
+    (["convert", "--format", "shards", "--out", "d", "--compression", "gzip"], "--compression: the swm format's "
+                                                                                "only"),  # not ignored
+    (["convert", "--format", "shards", "--out", "d", "--overwrite"], "--overwrite: the swm format's only"),
 ])
 def test_settings_that_make_no_sense_are_refused_before_any_work(argv, said, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

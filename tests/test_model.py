@@ -144,22 +144,31 @@ def test_format_1_checkpoints_still_load(tmp_path):
     meta["format_version"], meta["config"] = 2, c  # format 2: today's config, the plain state dict
     (tmp_path / "m.json").write_text(json.dumps(meta))
     assert WorldModel.load(path).cfg == model.cfg
-    # extras saved into it (its graph): model.json cannot follow (a full disk): the older pair is restored
+
+
+def test_an_older_model_json_beside_its_rewritten_model_pt_still_loads(tmp_path, monkeypatch):
+    """Extras saved into a format-2 model (its graph, by an evaluation or `wm export`) rewrite model.pt first;
+    when model.json cannot follow (a full disk), the pair still loads, the extras with it."""
     import errno
 
     import worldmodel.model as model_module
 
+    model = WorldModel(tiny_config()).eval()
+    path = model.save(tmp_path / "m.pt")
+    meta = json.loads((tmp_path / "m.json").read_text())
+    meta["format_version"] = 2
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    torch.save(model.state_dict(), path)  # format 2: the plain state dict
+
     def full_disk(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    before = path.read_bytes()
-    real, model_module.atomic_write_json = model_module.atomic_write_json, full_disk
-    try:
-        with pytest.raises(OSError, match="No space left"):
-            model_module.save_extras(path, {"graph": {"nodes": torch.zeros(2, 3)}})
-    finally:
-        model_module.atomic_write_json = real
-    assert path.read_bytes() == before and WorldModel.load(path).cfg == model.cfg
+    monkeypatch.setattr(model_module, "atomic_write_json", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        model_module.save_extras(path, {"graph": {"nodes": torch.zeros(2, 3)}})
+    assert json.loads((tmp_path / "m.json").read_text())["format_version"] == 2  # model.json did not follow
+    loaded = WorldModel.load(path)
+    assert loaded.cfg == model.cfg and torch.equal(loaded.extras["graph"]["nodes"], torch.zeros(2, 3))
 
 
 def test_truncated_weights_fail_clearly(tmp_path):

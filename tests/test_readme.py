@@ -30,6 +30,12 @@ def block_commands(text: str) -> list[str]:
     return commands
 
 
+def test_loops_and_torchrun_lines_are_read_as_the_commands_they_run():
+    text = "```bash\nfor s in 1 2; do wm train --seed $s --out r_s$s; done   # both\n" \
+           "torchrun --standalone --nproc_per_node=2 -m wm train --out x\n```\n"
+    assert block_commands(text) == ["wm train --seed 1 --out r_s1", "wm train --out x"]
+
+
 def test_the_readme_commands_are_accepted_as_written(monkeypatch, capsys):
     commands = block_commands(README)
     assert len(commands) >= 15  # the README's walk-through, not an empty match
@@ -76,7 +82,7 @@ def test_every_option_the_readme_names_exists():
 
 
 def test_the_tests_the_readme_cites_exist():
-    cited = set(re.findall(r"`(test_\w+)`", README)) | set(re.findall(r"test_\w+\.py::(test_\w+)", README))
+    cited = set(re.findall(r"`(test_\w+)(?:\[[^\]`]*\])?`", README))  # a parametrized case by its base name | set(re.findall(r"test_\w+\.py::(test_\w+)", README))
     assert len(cited) >= 20
     defined = {m for path in (ROOT / "tests").glob("test_*.py")
                for m in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}

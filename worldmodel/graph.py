@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.config import check_at_least, check_types, option
+from common.config import check_types, option
 from envs.storage import DatasetError
 from worldmodel.latents import encode_episodes, every
 
@@ -40,9 +40,12 @@ class GraphConfig:
 
     def __post_init__(self):
         check_types(self)
-        check_at_least(self, 1, ("neighbours",), prefix="graph.")  # as the command lines spell them
-        check_at_least(self, 0, ("radius",), prefix="graph.", strictly=True)
-        check_at_least(self, 2, ("max_nodes",), prefix="graph.")
+        bad = [f"{name} {value} (must be {bound})" for name, value, ok, bound in (
+            ("neighbours", self.neighbours, self.neighbours >= 1, ">= 1"),
+            ("radius", self.radius, self.radius > 0, "> 0"), ("max_nodes", self.max_nodes, self.max_nodes >= 2, ">= 2"))
+            if not ok]
+        if bad:  # --graph.<name> to wm train and wm export, --subgoals.<name> to wm eval and wm demo
+            raise ValueError(f"invalid subgoal graph settings: {', '.join(bad)} (--graph.* or --subgoals.*)")
 
 
 class LatentGraph:

@@ -219,8 +219,10 @@ def recorded_weights_sha256(path: str | Path, meta: dict) -> str:
 
 
 def _weights_and_extras(state: dict, meta: dict, path: Path) -> tuple[dict, dict]:
-    """(state dict, extras) of a model file: format 3 holds both; earlier formats the state dict alone."""
-    if meta["format_version"] < 3:
+    """(state dict, extras) of a model file: format 3 holds both; earlier formats the state dict alone. An
+    older model.json beside a format-3 model.pt (``save_extras`` stopped between the two writes) is read by
+    what the file holds: a state dict's names are never exactly ``weights`` and ``extras``."""
+    if meta["format_version"] < 3 and set(state) != {"weights", "extras"}:
         return state, {}
     if not isinstance(state.get("weights"), dict) or not isinstance(state.get("extras", {}), dict):
         raise CheckpointError(f"{path}: a format-3 model file holds 'weights' and 'extras' dicts; this one does not")
@@ -234,14 +236,9 @@ def save_extras(path: str | Path, extras: dict, planner: dict | None = None) -> 
     path = Path(path)
     meta = read_model_meta(path)
     state, old = _weights_and_extras(load_weights_file(path, "a weights file"), meta, path)
-    before = path.read_bytes()  # the pair is restored if model.json cannot follow model.pt's new format
-    atomic_torch_save({"weights": state, "extras": {**old, **extras}}, path)
+    atomic_torch_save({"weights": state, "extras": {**old, **extras}}, path)  # an older model.json reads it too
     meta = {**meta, "format_version": FORMAT_VERSION, **({"planner": planner} if planner is not None else {})}
-    try:
-        atomic_write_json(path.with_suffix(".json"), meta)
-    except BaseException:
-        atomic_write_bytes(path, before)
-        raise
+    atomic_write_json(path.with_suffix(".json"), meta)
 
 
 def _on_meta() -> bool:
