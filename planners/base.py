@@ -35,7 +35,7 @@ from planners.refine import descend, keep_lower
 class PlanResult:
     """The best action sequence found for each problem and its predicted cost."""
 
-    actions: Tensor  # (B, H, A) in [-1, 1]
+    actions: Tensor  # (B, H, A) in [-1, 1] (with clamp_samples off, as sampled: the policy clips what it plays)
     cost: Tensor  # (B,)
 
 
@@ -192,7 +192,7 @@ class Planner:
         likely its error than a real gain (one more rollout of B rows)."""
         rest = torch.zeros_like(result.actions)
         cost = self.plan_cost(self.model.rollout(z_hist, a_hist, rest)[:, None], z_goal, rest[:, None])[:, 0]
-        take_rest = cost <= result.cost * (1 + self.cfg.rest_margin)  # (B,)
+        take_rest = cost <= result.cost + self.cfg.rest_margin * result.cost.abs()  # (B,); a cost may be negative
         return PlanResult(torch.where(take_rest[:, None, None], rest, result.actions),
                           torch.where(take_rest, cost, result.cost))
 
@@ -268,9 +268,10 @@ class Planner:
 
 def coloured(eps: Tensor, beta: float, steps_per_chunk: int) -> Tensor:
     """White noise (B, n, H, A) made temporally correlated along the plan's env steps (H chunks of
-    ``steps_per_chunk`` actions): power spectrum ~ 1 / f^beta (1: pink, 2: red, as iCEM), each sequence and
-    action dimension scaled back to unit variance. Low frequencies dominate, so a candidate keeps pushing
-    the same way for a while instead of dithering."""
+    ``steps_per_chunk`` actions): power spectrum ~ 1 / f^beta (1: pink, 2: red, as iCEM; the constant
+    component weighted as the lowest frequency), scaled by the filter's gain back to unit variance in
+    expectation. Low frequencies dominate, so a candidate keeps pushing the same way for a while instead of
+    dithering; a sequence's own mean is kept (it is what moves where the plan ends)."""
     B, n, H, A = eps.shape
     x = rearrange(eps, "b n h (k d) -> b n d (h k)", k=steps_per_chunk)  # (B, n, dims, T)
     T = x.shape[-1]
@@ -279,7 +280,11 @@ def coloured(eps: Tensor, beta: float, steps_per_chunk: int) -> Tensor:
     freq = torch.fft.rfftfreq(T, device=eps.device, dtype=eps.dtype)  # (T//2 + 1,)
     scale = torch.where(freq > 0, freq, freq[1] if T > 1 else freq.new_ones(())).pow(-beta / 2)
     x = torch.fft.irfft(torch.fft.rfft(x, dim=-1) * scale, n=T, dim=-1)
-    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-6)
+    bins = torch.full_like(scale, 2.0)  # each rfft bin stands for two of the full spectrum, but 0 (and T/2)
+    bins[0] = 1
+    if T % 2 == 0:
+        bins[-1] = 1
+    x = x / ((bins * scale.square()).sum() / T).sqrt()  # the variance a unit white input comes out with
     return rearrange(x, "b n d (h k) -> b n h (k d)", k=steps_per_chunk)
 
 

@@ -145,6 +145,9 @@ class PlannerConfig:
                              f"iterations), got {self.iterations}, {self.warm_iterations}")
         if self.grad_steps < 0 or not self.grad_lr > 0:
             raise ValueError(f"need grad_steps >= 0 and grad_lr > 0, got {self.grad_steps}, {self.grad_lr}")
+        if self.grad_steps and not self.clamp_samples:  # steps are kept in [-1, 1], the plan they refine is not
+            raise ValueError("grad_steps refine a plan within [-1, 1]: they need clamp_samples (with "
+                             "--no-clamp-samples give --grad-steps 0)")
         if self.rest_margin < 0 or self.seed < 0:
             raise ValueError(f"rest_margin and seed must be >= 0, got {self.rest_margin}, {self.seed}")
         if self.action_cost < 0 or self.stay_cost < 0:

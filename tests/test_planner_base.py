@@ -343,3 +343,32 @@ def test_a_reached_goal_is_held_exactly(name):
     assert torch.equal(held.actions, torch.zeros_like(held.actions)) and torch.equal(held.cost, torch.zeros(3))
     sampled = planner(name, model, cost="sum", rest=False).plan(z, z[:, -1], init=moving)
     assert sampled.actions.abs().max() > 0
+
+
+def test_coloured_noise_keeps_unit_variance_and_the_drift_that_moves_a_plans_end():
+    """Red noise (beta 2) is mostly its slow components, the constant one included: a candidate's actions
+    summed over the plan spread more than white noise's, not less, and each action keeps unit variance."""
+    from planners.base import coloured
+    from planners.noise import standard_normal
+
+    white = standard_normal(problem_keys(0, range(2)), 0, (2000, 5, 2))  # (B, n, H chunks, 2 actions)
+    red = coloured(white, 2.0, 1)
+    assert red.var().item() == pytest.approx(1.0, abs=0.05)
+    assert red.sum(2).std() > 1.1 * white.sum(2).std()  # the drift kept (it was normalised away: sums ~ 0)
+    assert torch.allclose(coloured(white, 0.0, 1), white, atol=1e-5)  # beta 0: white noise as it was
+
+
+def test_rest_margin_favours_the_rest_sequence_for_negative_costs_too():
+    """A cost of one's own may be negative: a margin makes resting easier whatever the cost's sign."""
+    lin = LinearDynamics()
+    z_hist, z_goal, _ = make_problems(lin, 2, 1)
+    for cost in ("sum", lambda z, g: -(1.0 / (1.0 + (z - g[:, None, None]).square().sum(-1))).sum(-1)):
+        plain = planner("cem", lin, cost=cost).plan(z_hist, z_goal)
+        generous = planner("cem", lin, cost=cost, rest_margin=1e6).plan(z_hist, z_goal)
+        assert torch.all(generous.actions == 0) and not torch.all(plain.actions == 0)
+
+
+def test_gradient_steps_need_clamped_samples():
+    with pytest.raises(ValueError, match="grad_steps refine a plan within \\[-1, 1\\]: they need clamp_samples"):
+        planner_config("cem", grad_steps=4, clamp_samples=False)
+    planner_config("cem", grad_steps=0, clamp_samples=False)  # LeWM's planner: no gradient steps

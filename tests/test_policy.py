@@ -84,7 +84,7 @@ def test_plays_and_remembers_a_plan_beyond_the_action_range_clipped(model, monke
     the next plan starts from holds what was played."""
     from planners.base import PlanResult
 
-    policy = MPCPolicy(model, small(receding_horizon=1, clamp_samples=False))
+    policy = MPCPolicy(model, small(receding_horizon=1, clamp_samples=False, grad_steps=0))
     frame = np.zeros((32, 32, 3), np.uint8)
     policy.reset(frame)
     plan = torch.linspace(-3, 3, 3 * model.action_dim).reshape(1, 3, model.action_dim)
