@@ -279,10 +279,15 @@ class EpisodeStore:
         return self._states[i]
 
     def frames(self, i: int, index: np.ndarray) -> np.ndarray:
-        """Frames ``index`` (sorted, increasing) of episode ``i``: (len(index), size, size, 3) uint8."""
+        """Frames ``index`` (sorted, increasing) of episode ``i``: (len(index), size, size, 3) uint8; an index
+        outside the episode or out of order is an ``IndexError`` (a file read lazily would return other frames)."""
+        index = np.asarray(index, dtype=np.int64)
+        last = self.episodes[i].steps
+        if len(index) and (index[0] < 0 or index[-1] > last or np.any(index[1:] < index[:-1])):
+            raise IndexError(f"frames of episode {i}: {index.tolist()} are not increasing rows of 0..{last}")
         if self._cache is not None:
             return self._cache[i]["pixels"][index]
-        return self._read_frames(i, np.asarray(index, dtype=np.int64))
+        return self._read_frames(i, index)
 
     def split(self, split: str, val_fraction: float = 0.1, seed: int = 0, test_fraction: float = 0.0) -> list[int]:
         """Episode indices of a split by episode, deterministic from ``seed``: ``test`` (reported on, never

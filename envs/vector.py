@@ -42,11 +42,12 @@ class ReacherBatch:
         A NaN ``target[i]`` (a dataset without target positions) keeps the model's target; NaN in
         ``qpos``/``qvel`` (a dataset without them) is an error, and so are a wrist beyond its joint limit (as
         ``ReacherPixels`` refuses it) and a speed beyond the arm's (its physics' ``max_speed``)."""
-        for name, value in (("qpos", qpos), ("qvel", qvel)):
+        self._check_open()
+        for name, value in (("qpos", qpos), ("qvel", qvel), ("target", target)):
             if value is not None and np.shape(value) != (len(self), 2):
                 raise ValueError(f"reset_to: {name} must be ({len(self)}, 2), one row per state, got "
                                  f"{np.shape(value)}")
-            if value is not None and not np.all(np.isfinite(value)):
+            if name != "target" and value is not None and not np.all(np.isfinite(value)):
                 raise ValueError(f"reset_to: {name} holds NaN or inf values (does the dataset lack {name}?)")
         check_wrist(np.asarray(qpos, np.float64), self.physics.wrist_range, "reset_to: qpos")
         fastest = self.physics.max_speed
@@ -64,6 +65,7 @@ class ReacherBatch:
         """Apply ``actions`` (B, 2) (clipped to [-1, 1]) for ``action_repeat`` control steps each; returns
         frames (B, H, W, 3), or None with ``render=False`` (call ``render()`` when frames are needed).
         ``control_qpos``, when given, receives the joint angles (B, 2) after every control step."""
+        self._check_open()
         actions = np.asarray(actions, np.float64)
         if actions.shape != (len(self), 2) or not np.all(np.isfinite(actions)):
             raise ValueError(f"actions must be finite with shape {(len(self), 2)}, got {actions.shape}")
@@ -83,15 +85,23 @@ class ReacherBatch:
                 mujoco.mj_kinematics(self.physics.model, d)
             self._stale = False
 
-    def render(self) -> np.ndarray:
+    def _each_state(self):
+        """Every state's data, positions up to date and its own target in place (dm_control keeps the target
+        in the model, shared by the states): what frames and states read."""
+        self._check_open()
         self._update_positions()
-        frames = []
         for d, target in zip(self.datas, self._targets):
-            if target is not None:  # dm_control keeps the target in the model: set it for this state
+            if target is not None:
                 self.physics._set_target(target, d)
                 mujoco.mj_kinematics(self.physics.model, d)
-            frames.append(self.env.renderer.render(d))
-        return self._resize(np.stack(frames))
+            yield d
+
+    def _check_open(self) -> None:
+        if self.datas is None:
+            raise RuntimeError("this ReacherBatch was closed; make a new one")
+
+    def render(self) -> np.ndarray:
+        return self._resize(np.stack([self.env.renderer.render(d) for d in self._each_state()]))
 
     def _resize(self, frames: np.ndarray) -> np.ndarray:
         if self.image_size is None:
@@ -102,16 +112,17 @@ class ReacherBatch:
 
     def qpos(self) -> np.ndarray:
         """Joint angles (B, 2): what the success rule reads, without building the full state."""
+        self._check_open()
         return np.stack([d.qpos[:2] for d in self.datas])
 
     def qvel(self) -> np.ndarray:
         """Joint velocities (B, 2)."""
+        self._check_open()
         return np.stack([d.qvel[:2] for d in self.datas])
 
     def states(self) -> dict[str, np.ndarray]:
         """True states, each (B, 2)."""
-        self._update_positions()
-        per = [self.physics.state(d) for d in self.datas]
+        per = [self.physics.state(d) for d in self._each_state()]
         return {k: np.stack([s[k] for s in per]) for k in per[0]}
 
     def render_goals(self, qpos: np.ndarray, target: np.ndarray | None = None) -> np.ndarray:
@@ -121,6 +132,7 @@ class ReacherBatch:
 
     def close(self) -> None:
         self.env.close()
+        self.datas = None
 
 
 def _finite_or_none(target) -> np.ndarray | None:

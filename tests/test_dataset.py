@@ -47,6 +47,17 @@ def test_dataloader_workers_read_lazily(synthetic_data):
     assert batches[0]["pixels"].shape[1:] == (3, 32, 32, 3)
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_frames_outside_an_episode_or_out_of_order_are_refused(synthetic_data, in_memory):
+    """A lazy read would return other frames (an empty array, another episode's), a cached one wrap around."""
+    store = EpisodeStore(synthetic_data, in_memory=in_memory)
+    last = store.episodes[0].steps
+    assert len(store.frames(0, np.array([0, last]))) == 2
+    for bad in ([last + 1], [-1], [3, 1]):
+        with pytest.raises(IndexError, match=rf"frames of episode 0: .* are not increasing rows of 0..{last}"):
+            store.frames(0, np.array(bad))
+
+
 def test_frames_are_cached_only_within_half_the_memory_available(synthetic_data, monkeypatch):
     """On a machine short of memory the frames stay on disk (a cache of 8 GB there would swap)."""
     import envs.dataset as dataset

@@ -52,4 +52,21 @@ def test_bad_batches_are_clear_errors():
     with pytest.raises(ValueError, match=r"qpos\[1\]: wrist angle .* beyond the joint limit"):
         batch.reset_to(np.array([[0.0, high + 0.15], [0.0, -beyond]]), render=False)
     batch.reset_to(np.array([[0.0, high + 0.15], [0.0, low - 0.15]]), render=False)  # within the soft limit
+    with pytest.raises(ValueError, match=r"target must be \(2, 2\), one row per state"):  # not broadcast
+        batch.reset_to(np.zeros((2, 2)), None, np.array([0.1, -0.1]), render=False)
+    batch.close()
+    for use in (lambda: batch.step(np.zeros((2, 2)), render=False), batch.render, batch.qpos, batch.states,
+                lambda: batch.reset_to(np.zeros((2, 2)), render=False)):
+        with pytest.raises(RuntimeError, match="this ReacherBatch was closed"):
+            use()
+
+
+def test_states_report_each_states_own_target_without_a_render():
+    """dm_control keeps the target in its model, shared by the batch's states: each state's own is put in place
+    for its positions whether frames are rendered or not."""
+    batch = ReacherBatch("reacher-easy", 2, size=32, hide_target=False)
+    targets = np.array([[0.1, 0.1], [0.0, -0.15]])
+    batch.reset_to(np.zeros((2, 2)), None, targets, render=False)
+    batch.step(np.zeros((2, 2)), render=False)
+    assert np.allclose(batch.states()["target"], targets)
     batch.close()
