@@ -443,15 +443,15 @@ def run_info(cfg: InfoConfig) -> int:
 
 
 def run_export(cfg: ExportConfig) -> int:
-    from worldmodel.graph import graph_for_checkpoint, saved_graph
+    from worldmodel.graph import graph_for_checkpoint, holds_graph
     from worldmodel.model import WorldModel
 
     model = WorldModel.load(cfg.checkpoint, cfg.device)
-    held = saved_graph(model, cfg.graph) is not None
+    held = holds_graph(model, cfg.graph)
     graph = graph_for_checkpoint(model, cfg.checkpoint, cfg.graph, cfg.data, replace=True)  # checks --data first
     if cfg.data and held:
         print(f"--data {cfg.data} not read: {cfg.checkpoint} already holds a graph built with these settings")
-    if saved_graph(model, cfg.graph) is None:  # built, but the file could not be written (logged above)
+    if not holds_graph(model, cfg.graph):  # built, but the file could not be written (logged above)
         raise OSError(f"{cfg.checkpoint}: the subgoal graph was built but could not be saved in the model file")
     print(f"{cfg.checkpoint} holds its subgoal graph ({len(graph.nodes)} training frames, {len(graph.src)} links): "
           f"model.pt and model.json plan alone")

@@ -161,9 +161,7 @@ def kept_fields(path: str | Path, record: dict, fields: dict, advice: str) -> di
     ``numbers`` (a list of them, or of lists of them), ``object`` or ``list``; ``number or null`` and ``numbers
     or null`` take None as well (for a list: as an item)."""
     for name, kind in fields.items():
-        value = record
-        for key in name.split("."):
-            value = value.get(key, _MISSING) if isinstance(value, dict) else _MISSING
+        value = field_at(record, name)
         base, null = kind.removesuffix(" or null"), kind.endswith(" or null")
         if value is _MISSING:
             problem = "is missing"
@@ -177,6 +175,15 @@ def kept_fields(path: str | Path, record: dict, fields: dict, advice: str) -> di
             problem = "" if bad is _MISSING else f"holds {bad!r}, not a finite number"
         if problem:
             raise ValueError(f"{path}: field {name} {problem}; {advice}")
+    return record
+
+
+def field_at(record: dict, name: str, missing=_MISSING):
+    """The value of a dotted field name in nested dicts (``linear.joints_mean``); ``missing`` if it is not there."""
+    for key in name.split("."):
+        record = record.get(key, missing) if isinstance(record, dict) else missing
+        if record is missing:
+            break
     return record
 
 

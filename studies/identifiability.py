@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import reduce
 from pathlib import Path
 
 import numpy as np
 
 from common.config import check_at_least, option
-from common.files import (atomic_write_json, keeping_what_was_measured, kept_fields, kept_measurement, output_lock,
-                          prepare_output_dir, saying_what_is_kept)
+from common.files import (atomic_write_json, field_at, keeping_what_was_measured, kept_fields, kept_measurement,
+                          output_lock, prepare_output_dir, saying_what_is_kept)
 from studies import write_results
 
 log = logging.getLogger(__name__)
@@ -177,7 +176,7 @@ def _table(results: dict) -> list[dict]:
     for label, runs in results.items():
         row = {"run": label, "seeds": len(runs)}
         for name, fields in COLUMNS.items():
-            values = [float(np.mean([reduce(lambda d, key: d[key], f.split("."), r) for f in fields])) for r in runs]
+            values = [float(np.mean([field_at(r, f) for f in fields])) for r in runs]  # kept: checked present
             row[name] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None)
         rows.append(row)
     return rows

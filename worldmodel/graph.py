@@ -150,12 +150,17 @@ def graph_settings(cfg: GraphConfig) -> dict:
     return {f"subgoals.{k}": v for k, v in dataclasses.asdict(cfg).items() if v != default[k]}
 
 
+def holds_graph(model, cfg: GraphConfig) -> bool:
+    """Whether a loaded model's file holds a graph built with the settings ``cfg`` (nothing is built)."""
+    state = getattr(model, "extras", {}).get("graph")
+    return state is not None and state.get("config") == dataclasses.asdict(cfg)
+
+
 def saved_graph(model, cfg: GraphConfig, where: str = "") -> LatentGraph | None:
     """The graph a loaded model's file holds, if it was built with the settings ``cfg``; else None."""
-    state = getattr(model, "extras", {}).get("graph")
-    if state is None or state.get("config") != dataclasses.asdict(cfg):
+    if not holds_graph(model, cfg):
         return None
-    return LatentGraph.from_state(state, model.cfg.latent_dim, where).to(model.device)
+    return LatentGraph.from_state(model.extras["graph"], model.cfg.latent_dim, where).to(model.device)
 
 
 def graph_for_checkpoint(model, checkpoint, cfg: GraphConfig, data: str = "", replace: bool = False) -> LatentGraph:
