@@ -195,8 +195,12 @@ class EpisodeStore:
 
     def copy_attrs(self) -> dict:
         """The attributes a copy of these frames at ``size`` records (``wm convert``): the source's, ``size``
-        the copy's, and ``render_size`` still the size they were rendered at (a resize renders nothing)."""
+        the copy's, ``render_size`` still the size they were rendered at (a resize renders nothing), and
+        ``stretched_from`` the shape of frames that were not square (no closed loop can show a model such
+        frames: ``evaluation.evaluate.batch_recorded``)."""
         attrs = {k: v for k, v in self.attrs.items() if v is not None}
+        if self.source_size is None:
+            attrs["stretched_from"] = [int(x) for x in self.attrs["frame_shape"]]
         rendered = attrs.get("render_size") or self.source_size
         if rendered is not None and rendered != self.size:
             attrs["render_size"] = rendered

@@ -49,7 +49,9 @@ OPTIONAL_KEYS = ("finger", "target")
 RECORDING_DEFAULTS = {"hide_target": True, "render_quality": "fast", "action_repeat": 1}
 # Attributes that must agree between shards of one dataset: what a frame looks like, how an action moves
 # the arm, and the format.
-CONSISTENT_ATTRS = ("env", "size", "render_size", "hide_target", "render_quality", "action_repeat", "format_version")
+# ``stretched_from``: the [height, width] of frames that were not square, in a copy that resized them to a square
+CONSISTENT_ATTRS = ("env", "size", "render_size", "hide_target", "render_quality", "action_repeat", "format_version",
+                    "stretched_from")
 # Recorded float32 actions clipped to [-1, 1] may round a hair outside; anything further is a bug.
 ACTION_TOLERANCE = 1e-4
 
@@ -82,7 +84,8 @@ def package_versions() -> str:
 def recording(attrs: dict) -> dict:
     """How a dataset was recorded, defaults filled: ``env``, ``size`` (stored frames), ``render_size``
     (rendered, then area-resized to ``size``), ``hide_target``, ``render_quality``, ``action_repeat``
-    (control steps per action). An evaluation rebuilds its environments from exactly this."""
+    (control steps per action), ``stretched_from`` (None, or the shape of frames that were not square, in a
+    square copy of them). An evaluation rebuilds its environments from exactly this."""
     out = {**RECORDING_DEFAULTS, **{k: attrs[k] for k in CONSISTENT_ATTRS if attrs.get(k) is not None}}
     out.setdefault("render_size", out.get("size"))
     return {k: out.get(k) for k in CONSISTENT_ATTRS}
@@ -90,8 +93,9 @@ def recording(attrs: dict) -> dict:
 
 def collect_command(rec: dict) -> str | None:
     """The ``wm collect`` command line that records data as ``rec`` (a ``recording``) says its data was; None
-    for frames that were not square (our renderer makes square frames: no collection records such data)."""
-    if not (rec.get("render_size") or rec.get("size")):
+    for frames that were not square, or a square copy of them (our renderer makes square frames: no collection
+    records such data)."""
+    if rec.get("stretched_from") or not (rec.get("render_size") or rec.get("size")):
         return None
     parts = ["wm collect", f"--env {rec['env']}", f"--size {rec.get('render_size') or rec['size']}"]
     if rec.get("render_size") not in (None, rec["size"]):
@@ -116,6 +120,10 @@ def check_attrs(attrs: dict, path) -> None:
         value = attrs.get(key)
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
             raise bad(key, f"an integer in [{low}, {high}] ({what})")
+    shape = attrs.get("stretched_from")
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 2 and len(set(shape)) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 4096 for x in shape)):
+        raise bad("stretched_from", "[height, width] of frames that were not square, integers in [1, 4096]")
     if attrs.get("hide_target") is not None and not isinstance(attrs["hide_target"], bool):
         raise bad("hide_target", "true or false")
     if attrs.get("render_quality") is not None and attrs["render_quality"] not in RENDER_QUALITIES:

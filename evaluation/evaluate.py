@@ -220,11 +220,14 @@ def batch_like(store: EpisodeStore, n: int) -> ReacherBatch:
 def batch_recorded(rec: dict, image_size: int, n: int, stored_size: int | None = None) -> ReacherBatch:
     """``n`` environments as the recording ``rec`` (``envs.storage.recording``) says its frames were made,
     resized to the model's ``image_size``: what a dataset, or a model that keeps its data's recording, rebuilds."""
-    render = rec["render_size"] or rec.get("size") or stored_size  # `wm collect --image-size` renders larger
+    # `wm collect --image-size` renders larger; a square copy of frames that were not square renders nothing like them
+    render = None if rec.get("stretched_from") else rec["render_size"] or rec.get("size") or stored_size
     if render is None:
-        raise ValueError("the data's frames are not square, and our environments render square frames: a closed "
-                         "loop cannot show the model frames like the ones it trained on (it can be trained and "
-                         "probed on them, not evaluated or filmed)")
+        stretched = (f" (stretched from {'x'.join(map(str, rec['stretched_from']))} by `wm convert --image-size`)"
+                     if rec.get("stretched_from") else "")
+        raise ValueError(f"the data's frames are not square{stretched}, and our environments render square frames: "
+                         f"a closed loop cannot show the model frames like the ones it trained on (it can be trained "
+                         f"and probed on them, not evaluated or filmed)")
     render = int(render)
     return ReacherBatch(str(rec["env"]), n, size=render, image_size=image_size if image_size != render else None,
                         action_repeat=int(rec["action_repeat"]), hide_target=bool(rec["hide_target"]),

@@ -152,6 +152,18 @@ def test_non_square_frames_need_an_image_size(tmp_path):
     with pytest.raises(ValueError, match="frames are not square, and our environments render square frames"):
         batch_like(store, 2)
     assert collect_command(recording(store.attrs)) is None
+    # nor is a model trained on a square copy of them (`wm convert --image-size`, either layout, and a copy of
+    # that copy): the copy records the shape its frames were stretched from
+    copies = [convert_dataset(path, tmp_path / "copy", "shards", image_size=16),
+              convert_dataset(path, tmp_path / "copy.h5", "swm", image_size=16)]
+    copies.append(convert_dataset(copies[0], tmp_path / "copy2.h5", "swm"))
+    for copy in copies:
+        copied = EpisodeStore(copy)
+        assert copied.size == 16 and recording(copied.attrs)["stretched_from"] == [24, 32]
+        with pytest.raises(ValueError, match=r"frames are not square.*stretched from 24x32"):
+            batch_like(copied, 2)
+        assert collect_command(recording(copied.attrs)) is None
+    assert recording(EpisodeStore(write_synthetic(tmp_path / "square", 1, 4, size=16)).attrs)["stretched_from"] is None
 
 
 def _their_read(path, episode):

@@ -440,6 +440,8 @@ class TrainingData:
         stored = (f"{store.source_size} px" if store.source_size else
                   "x".join(map(str, store.attrs.get("frame_shape") or ("?", "?"))) + " px (not square: stretched)")
         sizes = f"{stored} stored, resized to {store.size}" if store.size != store.source_size else f"{store.size} px"
+        if rec["stretched_from"]:
+            sizes += f" (a copy of {'x'.join(map(str, rec['stretched_from']))} px frames stretched to a square)"
         used = (self.train.episode_ids, self.val.episode_ids, self.record["test"])
         unused = len(store) - sum(len(ids) for ids in used)  # --train-episodes leaves these out
         trained = f"{len(self.train.episode_ids)} train" + (f" ({unused} left out: --train-episodes)" if unused else "")
