@@ -159,6 +159,16 @@ def _check_bound(cfg, names, prefix: str, ok, bound: str) -> None:
             f"--{prefix}{n.replace('_', '-')} {getattr(cfg, n)} (must be {bound})" for n in bad))
 
 
+def check_integer(value, name: str, low: int, high: int | None = None) -> int:
+    """``value`` as an int in [low, high] (no upper bound when ``high`` is None), or a ``ValueError`` naming
+    ``name`` and the value. A numpy integer is taken; a bool is refused: ``True`` would quietly mean 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
+            high is not None and value > high):
+        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {span}, got {value!r}")
+    return int(value)
+
+
 def check_paths_named(cfg, names) -> None:
     """A ``ValueError`` naming every path option among ``names`` given as an empty string (an unset shell
     variable, say), which would otherwise mean the working directory."""

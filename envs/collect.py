@@ -30,8 +30,8 @@ from common.files import OutputDirError, output_dir, output_lock, remove_stale_t
 from common.process import ignore_stop_signals, raise_if_stopped, restore_handlers, sigterm_interrupts
 from envs.policies import POLICIES, make_policy
 from envs.reacher import ENV_NAMES, MAX_ACTION_REPEAT, MAX_SIZE, MIN_SIZE, make_env
-from envs.storage import (DEFAULT_DATA, RECORDING_DEFAULTS, DatasetError, episode_index, find_shards, inspect_shard,
-                          write_manifest, write_shard)
+from envs.storage import (DEFAULT_DATA, MIN_FRAME_SIZE, RECORDING_DEFAULTS, DatasetError, episode_index, find_shards,
+                          inspect_shard, write_manifest, write_shard)
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,11 @@ class CollectConfig:
                 raise ValueError(f"--{name.replace('_', '-')} ({name}) must be a positive integer, got {value!r}")
         check_at_least(self, MIN_SIZE, ("size",))
         check_at_most(self, MAX_SIZE, ("size",))
-        if self.image_size is not None and (not isinstance(self.image_size, int) or not 8 <= self.image_size
-                                            <= self.size):
-            raise ValueError(f"--image-size (image_size) must be an integer from 8 to --size {self.size} (frames are "
-                             f"rendered at --size and stored smaller, never larger), got {self.image_size!r}")
+        if self.image_size is not None and (not isinstance(self.image_size, int)
+                                            or not MIN_FRAME_SIZE <= self.image_size <= self.size):
+            raise ValueError(f"--image-size (image_size) must be an integer from {MIN_FRAME_SIZE} to --size "
+                             f"{self.size} (frames are rendered at --size and stored smaller, never larger), got "
+                             f"{self.image_size!r}")
         check_at_least(self, 1, ("action_repeat",))
         check_at_most(self, MAX_ACTION_REPEAT, ("action_repeat",))
         check_at_least(self, 0, ("seed",))

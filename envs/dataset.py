@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 from common.device import available_memory
 from envs import swm
 from envs.storage import (CONSISTENT_ATTRS, RECORDING_DEFAULTS, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo,
-                          _digest, _files, _plain, check_complete, inspect_shard, open_h5, recording)
+                          _digest, _files, _plain, check_complete, check_image_size, inspect_shard, open_h5,
+                          recording)
 
 SPLITS = ("train", "val", "test", "all")
 CHUNK_CACHE_MB = 64  # HDF5 chunk cache of a stable-worldmodel file (one pixel dataset, 100-frame chunks)
@@ -182,9 +183,7 @@ class EpisodeStore:
 
     def _output_size(self, image_size: int | None, shard) -> int:
         if image_size is not None:
-            if not (isinstance(image_size, (int, np.integer)) and image_size >= 8):
-                raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
-            return int(image_size)
+            return check_image_size(image_size)
         if self.source_size is None:
             raise DatasetError(f"{shard.path}: frames are {self.attrs.get('frame_shape')} (not square); "
                                f"give --image-size (image_size= in Python) to resize them to a square")

@@ -10,6 +10,7 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 
+from common.config import check_integer
 from envs.physics import make_physics
 from envs.render import PixelRenderer
 
@@ -83,17 +84,14 @@ class ReacherPixels(gym.Env):
         goal_tolerance: float = GOAL_TOLERANCE,
         action_repeat: int = 1,
     ):
-        if not (isinstance(size, (int, np.integer)) and MIN_SIZE <= size <= MAX_SIZE):
-            raise ValueError(f"size must be an integer in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
+        size = check_integer(size, "size", MIN_SIZE, MAX_SIZE)
         if camera != "fixed":
             raise ValueError(f"camera must be 'fixed' (top-down), got {camera!r}")
-        if not (isinstance(action_repeat, (int, np.integer)) and 1 <= action_repeat <= MAX_ACTION_REPEAT):
-            raise ValueError(f"action_repeat must be an integer in [1, {MAX_ACTION_REPEAT}], got {action_repeat!r}")
-        self.action_repeat = int(action_repeat)  # control steps each action is held for (stable-worldmodel: 2)
-        if not (isinstance(max_steps, (int, np.integer)) and max_steps >= 1):
-            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-        if not (isinstance(goal_tolerance, (int, float, np.floating)) and math.isfinite(goal_tolerance)
-                and goal_tolerance > 0):
+        # control steps each action is held for (stable-worldmodel: 2)
+        self.action_repeat = check_integer(action_repeat, "action_repeat", 1, MAX_ACTION_REPEAT)
+        max_steps = check_integer(max_steps, "max_steps", 1)
+        if not (isinstance(goal_tolerance, (int, float, np.floating)) and not isinstance(goal_tolerance, bool)
+                and math.isfinite(goal_tolerance) and goal_tolerance > 0):
             raise ValueError(f"goal_tolerance must be a finite number of rad > 0, got {goal_tolerance!r}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")

@@ -29,8 +29,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from common.config import check_integer
 from common.files import atomic_write_bytes, atomic_write_json
 from common.provenance import provenance
+from envs.reacher import MAX_ACTION_REPEAT
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ CONSISTENT_ATTRS = ("env", "size", "render_size", "hide_target", "render_quality
                     "stretched_from")
 # Recorded float32 actions clipped to [-1, 1] may round a hair outside; anything further is a bug.
 ACTION_TOLERANCE = 1e-4
+MIN_FRAME_SIZE, MAX_FRAME_SIZE = 8, 4096  # pixels a side of stored frames (and of frames resized for a model)
 
 
 class DatasetError(ValueError):
@@ -115,8 +118,9 @@ def check_attrs(attrs: dict, path) -> None:
 
     if not isinstance(attrs.get("env"), str):
         raise bad("env", "the environment's name, a string")
-    for key, low, high, what in (("size", 8, 4096, "pixels"), ("render_size", 8, 4096, "pixels"),
-                                 ("action_repeat", 1, 100, "control steps per action")):
+    for key, low, high, what in (("size", MIN_FRAME_SIZE, MAX_FRAME_SIZE, "pixels"),
+                                 ("render_size", MIN_FRAME_SIZE, MAX_FRAME_SIZE, "pixels"),
+                                 ("action_repeat", 1, MAX_ACTION_REPEAT, "control steps per action")):
         value = attrs.get(key)
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
             raise bad(key, f"an integer in [{low}, {high}] ({what})")
@@ -128,6 +132,12 @@ def check_attrs(attrs: dict, path) -> None:
         raise bad("hide_target", "true or false")
     if attrs.get("render_quality") is not None and attrs["render_quality"] not in RENDER_QUALITIES:
         raise bad("render_quality", f"one of {list(RENDER_QUALITIES)}")
+
+
+def check_image_size(image_size, name: str = "image_size") -> int:
+    """A size frames are area-resized to: within the sizes a dataset file may record, so that a resized copy
+    (``wm convert``) can be read back, and no absurd frame is allocated."""
+    return check_integer(image_size, name, MIN_FRAME_SIZE, MAX_FRAME_SIZE)
 
 
 def check_env(attrs: dict, env: str | None, path) -> None:

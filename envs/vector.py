@@ -14,18 +14,20 @@ from __future__ import annotations
 import mujoco
 import numpy as np
 
-from envs.reacher import check_wrist, make_env
+from common.config import check_integer
+from envs.reacher import MAX_ACTION_REPEAT, check_wrist, make_env
+from envs.storage import check_image_size
 
 
 class ReacherBatch:
     def __init__(self, env: str, n: int, size: int = 64, hide_target: bool = True, render_quality: str = "fast",
                  action_repeat: int = 1, image_size: int | None = None):
-        if not (isinstance(action_repeat, (int, np.integer)) and action_repeat >= 1):
-            raise ValueError(f"action_repeat must be a positive integer, got {action_repeat!r}")
-        if not (isinstance(n, (int, np.integer)) and n >= 1):
+        # bounded as `wm collect` bounds the repeat and dataset files their frame sizes, before anything is made
+        self.action_repeat = check_integer(action_repeat, "action_repeat", 1, MAX_ACTION_REPEAT)
+        self.image_size = None if image_size is None else check_image_size(image_size)
+        if isinstance(n, bool) or not (isinstance(n, (int, np.integer)) and n >= 1):
             raise ValueError(f"a batch holds n >= 1 states, got {n!r}")
         self.env = make_env(env, size=size, hide_target=hide_target, render_quality=render_quality)
-        self.action_repeat, self.image_size = int(action_repeat), image_size
         self.physics = self.env.physics
         self.datas = [mujoco.MjData(self.physics.model) for _ in range(n)]
         self._stale = False  # stepped without updating positions-derived fields (see ``step``)

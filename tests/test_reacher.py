@@ -54,6 +54,15 @@ def test_bad_episode_settings_are_refused(setting, value):
         ReacherPixels(size=32, **{setting: value})
 
 
+@pytest.mark.parametrize("setting, value", [("action_repeat", 0), ("action_repeat", -2), ("action_repeat", 1000),
+                                            ("action_repeat", True), ("max_steps", True), ("size", True),
+                                            ("size", 0), ("size", -64), ("goal_tolerance", True)])
+def test_absurd_constructor_arguments_are_refused_naming_them(setting, value):
+    """A bool is no count (True would quietly mean 1), and a repeat or size is bounded as `wm collect` bounds it."""
+    with pytest.raises(ValueError, match=rf"{setting} must be .*got {value!r}$"):
+        ReacherPixels(**{"size": 32, setting: value})
+
+
 def _trajectory(env, seed, n=15):
     obs, info = env.reset(seed=seed)
     rng = np.random.default_rng(0)

@@ -61,6 +61,17 @@ def test_bad_batches_are_clear_errors():
             use()
 
 
+@pytest.mark.parametrize("setting, value", [("action_repeat", 0), ("action_repeat", -1), ("action_repeat", 1000),
+                                            ("action_repeat", True), ("image_size", 0), ("image_size", -32),
+                                            ("image_size", True), ("image_size", 48.0), ("image_size", 10**6)])
+def test_absurd_batch_arguments_are_refused_naming_them(setting, value):
+    """Bounded as `wm collect` and the dataset files bound them, before any environment is made."""
+    with pytest.raises(ValueError, match=rf"{setting} must be an integer in \[\d+, \d+\], got {value!r}$"):
+        ReacherBatch("reacher-easy", 2, size=32, **{setting: value})
+    with pytest.raises(ValueError, match="n >= 1 states, got True"):
+        ReacherBatch("reacher-easy", True, size=32)
+
+
 def test_states_report_each_states_own_target_without_a_render():
     """dm_control keeps the target in its model, shared by the batch's states: each state's own is put in place
     for its positions whether frames are rendered or not."""
