@@ -161,6 +161,7 @@ def write_shard(path: str | Path, episodes: dict[int, dict[str, np.ndarray]], at
     full disk or a file size limit is one clean OSError; HDF5 writing to a failing file floods errors
     and can crash the interpreter. The temporary file is removed on any failure."""
     path = Path(path)
+    _check_writable(path, episodes, attrs)
     with h5py.File(path.name, "w", driver="core", backing_store=False) as f:
         f.attrs.update({"format_version": FORMAT_VERSION, "versions": package_versions(), **attrs})
         for index in sorted(episodes):
@@ -169,6 +170,24 @@ def write_shard(path: str | Path, episodes: dict[int, dict[str, np.ndarray]], at
         image = f.id.get_file_image()
     atomic_write_bytes(path, image)
     return path
+
+
+def _check_writable(path: Path, episodes: dict, attrs: dict) -> None:
+    """Refuse, before anything is written and naming the field, what the reader would refuse or HDF5 cannot
+    store: a negative index (its group would be named like no episode, ``ep_NNNNNN``) and a None."""
+    try:
+        for index in episodes:
+            check_integer(index, "episode index", 0)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc} (an episode is stored as the group ep_NNNNNN of its index)") from None
+    unknown = "HDF5 stores no None: leave out what is unknown"
+    for key, value in attrs.items():
+        if value is None:
+            raise ValueError(f"{path}: file attribute {key!r} is None ({unknown})")
+    for index, episode in episodes.items():
+        for key, value in episode.items():
+            if value is None:
+                raise ValueError(f"{path}: episode {index}: {key!r} is None ({unknown})")
 
 
 def _write_episode(group: h5py.Group, episode: dict[str, np.ndarray]) -> None:

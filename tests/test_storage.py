@@ -184,3 +184,16 @@ def test_bad_members_name_the_file_and_member(tmp_path):
     with pytest.raises(DatasetError, match=r"g\.h5: episode ep_000000: pixels must be an array \(an HDF5 dataset\), "
                                            r"got a group"):
         EpisodeStore(tmp_path / "g.h5")
+
+
+@pytest.mark.parametrize("episodes, attrs, message", [
+    ({-1: synthetic_episode(4)}, ATTRS, r"episode index must be an integer >= 0, got -1"),
+    ({True: synthetic_episode(4)}, ATTRS, r"episode index must be an integer >= 0, got True"),
+    ({0: synthetic_episode(4)}, {**ATTRS, "seed": None}, r"file attribute 'seed' is None"),
+    ({0: {**synthetic_episode(4), "policy": None}}, ATTRS, r"episode 0: 'policy' is None"),
+])
+def test_what_a_reader_would_refuse_is_refused_when_written(tmp_path, episodes, attrs, message):
+    """A negative index makes a member no reader takes for an episode; HDF5 has no None: both are named at once."""
+    with pytest.raises(ValueError, match=rf"s\.h5: {message}"):
+        write_shard(tmp_path / "s.h5", episodes, attrs)
+    assert not list(tmp_path.iterdir())  # nothing written
