@@ -127,6 +127,14 @@ def shared_attrs(shards) -> dict:
     return {k: v for k, v in first.items() if all(k in s.attrs and same(s.attrs[k], v) for s in shards[1:])}
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """The held-out fractions of a split, as `wm train` takes them: val in (0, 1) (a split always holds one
+    episode out to choose on), test in [0, 1), together below 1 (some episodes are left to train on)."""
+    if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"--val-fraction (val_fraction) must be in (0, 1) and --test-fraction (test_fraction) in "
+                         f"[0, 1), together below 1; got {val_fraction}, {test_fraction}")
+
+
 class EpisodeStore:
     """Every episode of one or many datasets, checked once, read without reopening files per item.
 
@@ -298,6 +306,7 @@ class EpisodeStore:
         fraction (at least one episode when the fraction is positive and the other splits keep one)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        check_fractions(val_fraction, test_fraction)
         n = len(self)
         order = np.random.default_rng(seed).permutation(n)
         n_test = int(round(test_fraction * n))

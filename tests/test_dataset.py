@@ -40,6 +40,18 @@ def test_split_by_episode_is_deterministic_and_disjoint(tmp_path):
     assert set(tr.index[:, 0]).isdisjoint(set(va.index[:, 0]))
 
 
+@pytest.mark.parametrize("val, test", [(-0.1, 0.0), (0.2, -0.1), (0.5, 0.5), (0.7, 0.6), (1.0, 0.0), (0.0, 0.1),
+                                       (float("nan"), 0.0)])
+def test_split_fractions_out_of_range_are_refused_naming_them(synthetic_data, val, test):
+    """As `wm train` refuses them: val in (0, 1), test in [0, 1), together below 1 (training keeps episodes)."""
+    store = EpisodeStore(synthetic_data)
+    for split in ("train", "val", "test", "all"):
+        with pytest.raises(ValueError, match=rf"--val-fraction \(val_fraction\) must be in \(0, 1\) and "
+                                             rf"--test-fraction \(test_fraction\) in \[0, 1\), together below 1; "
+                                             rf"got {val}, {test}"):
+            store.split(split, val, 0, test)
+
+
 def test_dataloader_workers_read_lazily(synthetic_data):
     ds = WindowDataset(EpisodeStore(synthetic_data, in_memory=False), WindowSpec(2, 1, 3), split="all")
     batches = list(DataLoader(ds, batch_size=8, num_workers=2, shuffle=True))

@@ -34,7 +34,7 @@ from common.config import (apply_overrides, check_at_least, check_choices, check
 from common.device import THREADS_HELP, autocast_for
 from common.files import atomic_write_json, output_dir, output_lock, remove_stale_temporaries
 from common.process import ignore_stop_signals
-from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
+from envs.dataset import EpisodeStore, WindowDataset, WindowSpec, check_fractions
 from envs.storage import DEFAULT_DATA, DatasetError, recording
 from worldmodel import distributed, rundir
 from worldmodel.datasplit import split_record
@@ -130,9 +130,7 @@ class TrainConfig:
                                  "num_workers", "train_episodes", "weight_decay", "sigreg_weight", "rollout_weight",
                                  "first_frame_rollout_weight", "slow_weight"))
         check_at_least(self, 0, ("lr", "grad_clip"), strictly=True)
-        if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
-            raise ValueError(f"--val-fraction must be in (0, 1) and --test-fraction in [0, 1), together below 1; got "
-                             f"{self.val_fraction}, {self.test_fraction}")
+        check_fractions(self.val_fraction, self.test_fraction)
         if self.rollout_steps > self.n_pred:
             raise ValueError(f"--rollout-steps ({self.rollout_steps}) must be <= --n-pred ({self.n_pred}): the "
                              f"window holds the targets")
