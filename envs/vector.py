@@ -31,7 +31,8 @@ class ReacherBatch:
         self.physics = self.env.physics
         self.datas = [mujoco.MjData(self.physics.model) for _ in range(n)]
         self._stale = False  # stepped without updating positions-derived fields (see ``step``)
-        self._targets = [None] * n
+        self._own_target = self._model_target()
+        self._targets = [self._own_target] * n
 
     def __len__(self) -> int:
         return len(self.datas)
@@ -41,7 +42,8 @@ class ReacherBatch:
         """Put state i at ``qpos[i]`` (B, 2) with ``qvel[i]`` (zero if None); returns frames (B, H, W, 3)
         (None with ``render=False``: rendering is most of the cost, and a baseline never looks).
 
-        A NaN ``target[i]`` (a dataset without target positions) keeps the model's target; NaN in
+        A NaN ``target[i]`` (a dataset without target positions), or no ``target``, keeps the model's own
+        target (the one it held when the batch was made, whichever another row or reset set since); NaN in
         ``qpos``/``qvel`` (a dataset without them) is an error, and so are a wrist beyond its joint limit (as
         ``ReacherPixels`` refuses it) and a speed beyond the arm's (its physics' ``max_speed``)."""
         self._check_open()
@@ -58,7 +60,7 @@ class ReacherBatch:
                              f"a state of this arm (are qpos and qvel swapped, or in other units?)")
         for i, d in enumerate(self.datas):
             mujoco.mj_resetData(self.physics.model, d)
-            self._targets[i] = _finite_or_none(None if target is None else target[i])
+            self._targets[i] = self._target_or_own(None if target is None else target[i])
             self.physics.set_state(qpos[i], None if qvel is None else qvel[i], self._targets[i], d)
         self._stale = False  # set_state ran the forward pass
         return self.render() if render else None
@@ -80,6 +82,19 @@ class ReacherBatch:
         self._stale = True
         return self.render() if render else None
 
+    def _model_target(self) -> np.ndarray:
+        """The target a state has before one is set: the model's own, as the batch was made. dm_control keeps
+        the target in the model, where each state's own is put in turn: read later it is the last one set."""
+        data = mujoco.MjData(self.physics.model)
+        mujoco.mj_kinematics(self.physics.model, data)
+        return self.physics.state(data)["target"]
+
+    def _target_or_own(self, target) -> np.ndarray:
+        """A target position, or the model's own for a dataset that has none (None or NaN)."""
+        if target is None or not np.all(np.isfinite(target)):
+            return self._own_target
+        return np.asarray(target, np.float64)
+
     def _update_positions(self) -> None:
         """Forward kinematics of every state stepped since: what rendering and fingertip positions read."""
         if self._stale:
@@ -93,9 +108,8 @@ class ReacherBatch:
         self._check_open()
         self._update_positions()
         for d, target in zip(self.datas, self._targets):
-            if target is not None:
-                self.physics._set_target(target, d)
-                mujoco.mj_kinematics(self.physics.model, d)
+            self.physics._set_target(target, d)
+            mujoco.mj_kinematics(self.physics.model, d)
             yield d
 
     def _check_open(self) -> None:
@@ -129,17 +143,9 @@ class ReacherBatch:
 
     def render_goals(self, qpos: np.ndarray, target: np.ndarray | None = None) -> np.ndarray:
         """Goal images (B, H, W, 3) of poses ``qpos`` (B, 2); no state is disturbed."""
-        targets = [_finite_or_none(None if target is None else target[i]) for i in range(len(qpos))]
+        targets = [self._target_or_own(None if target is None else target[i]) for i in range(len(qpos))]
         return self._resize(np.stack([self.env.render_goal(q, t) for q, t in zip(qpos, targets)]))
 
     def close(self) -> None:
         self.env.close()
         self.datas = None
-
-
-def _finite_or_none(target) -> np.ndarray | None:
-    """A target position, or None (keep the model's) for a dataset that has none (NaN)."""
-    if target is None:
-        return None
-    target = np.asarray(target, np.float64)
-    return target if np.all(np.isfinite(target)) else None

@@ -81,3 +81,21 @@ def test_states_report_each_states_own_target_without_a_render():
     batch.step(np.zeros((2, 2)), render=False)
     assert np.allclose(batch.states()["target"], targets)
     batch.close()
+
+
+@pytest.mark.parametrize("env", ["reacher-easy", "gym-reacher"])
+def test_a_nan_target_keeps_the_models_own_not_the_last_one_set(env):
+    """A NaN target row (a dataset without targets) keeps the model's own target, as ``reset_to`` says: not the
+    one another row, or an earlier reset, put in dm_control's model (which its states share)."""
+    batch = ReacherBatch(env, 2, size=32, hide_target=False)
+    zeros, nan = np.zeros((2, 2)), np.full(2, np.nan)
+    own_frames = batch.reset_to(zeros, None, np.stack([nan, nan]))
+    own = batch.states()["target"]
+    assert np.allclose(own[0], own[1]) and not np.allclose(own[1], [0.1, 0.1])
+    frames = batch.reset_to(zeros, None, np.array([[0.1, 0.1], nan]))
+    assert np.allclose(batch.states()["target"], [[0.1, 0.1], own[1]])
+    assert np.array_equal(frames[1], own_frames[1]) and not np.array_equal(frames[0], own_frames[0])
+    batch.reset_to(zeros, render=False)  # no targets at all: each state has the model's own
+    assert np.allclose(batch.states()["target"], own)
+    assert np.array_equal(batch.render_goals(zeros, np.stack([nan, nan]))[1], own_frames[1])
+    batch.close()
