@@ -1,8 +1,9 @@
 """Reacher environments with pixel observations, rollout collection and datasets."""
 
-from envs.gl import select_gl_backend
+from envs.gl import import_mujoco, select_gl_backend
 
 select_gl_backend()  # before anything imports mujoco
+import_mujoco()  # a backend without its library says what to install
 
 import gymnasium as _gym  # noqa: E402
 

@@ -39,6 +39,19 @@ def select_gl_backend() -> str:
     return chosen
 
 
+def import_mujoco() -> None:
+    """Import MuJoCo with the backend chosen. One whose library is missing (``MUJOCO_GL=osmesa`` without
+    libOSMesa) fails inside PyOpenGL at import, before any renderer: the same error naming the packages to
+    install as a renderer that fails to start; any other failure is left as it is."""
+    try:
+        importlib.import_module("mujoco")
+    except Exception as exc:
+        backend = os.environ.get("MUJOCO_GL", "")
+        if backend in _LIBRARIES and not _available(backend):
+            raise rendering_error(exc) from exc
+        raise
+
+
 def _reselect_if_mujoco_imported() -> None:
     """MuJoCo imported before us picked its GL backend with MUJOCO_GL unset (GLFW, which needs a
     display). Its renderer looks the context class up at each use, so importing that module anew

@@ -157,6 +157,37 @@ def test_renders_when_mujoco_was_imported_first():
     assert out.returncode == 0 and "(32, 32, 3)" in out.stdout, out.stderr
 
 
+def test_a_backend_without_its_library_fails_at_import_with_the_install_hint(monkeypatch):
+    """`MUJOCO_GL=osmesa` without libOSMesa fails inside `import mujoco` (PyOpenGL finds no GL): the error
+    names the packages to install, as a renderer that fails to start does; with the library present, a
+    failing import is left as it is (not blamed on a missing library)."""
+    import sys
+
+    from envs import gl
+
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    monkeypatch.setitem(sys.modules, "mujoco", None)  # the next `import mujoco` fails
+    monkeypatch.setattr(gl, "_available", lambda backend: False)
+    with pytest.raises(RuntimeError, match=r"MUJOCO_GL=osmesa \(ModuleNotFoundError.*MUJOCO_GL=osmesa needs `apt-get "
+                                           r"install libosmesa6`"):
+        gl.import_mujoco()
+    monkeypatch.setattr(gl, "_available", lambda backend: True)
+    with pytest.raises(ImportError):
+        gl.import_mujoco()
+
+
+@pytest.mark.skipif(envs.gl._available("osmesa"), reason="libOSMesa is installed here")
+def test_osmesa_asked_for_without_the_library_says_what_to_install():
+    """The same, for real, in a fresh interpreter on a machine without libOSMesa."""
+    import os
+    import subprocess
+    import sys
+    # as a user sets it (PyOpenGL's platform is left to MuJoCo: this process set it for EGL)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYOPENGL_PLATFORM"}, "MUJOCO_GL": "osmesa"}
+    out = subprocess.run([sys.executable, "-c", "import envs"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode != 0 and "MUJOCO_GL=osmesa needs `apt-get install libosmesa6`" in out.stderr, out.stderr
+
+
 def test_closing_or_dropping_one_env_leaves_anothers_frames_as_they_were():
     """MuJoCo frees a renderer's GL objects in whichever GL context is current: closing (or garbage-collecting)
     one env while another's was current used to spoil every later frame of the other."""
