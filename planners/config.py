@@ -96,7 +96,8 @@ class PlannerConfig:
     samples: int = option(20, "candidate sequences N scored per iteration and problem")
     iterations: int = option(4, "refinement iterations, one batched rollout each")
     warm_iterations: int = option(0, "iterations of a plan that starts from the previous one (a warm start, as "
-                                     "every replan of an episode but its first does); 0: iterations")
+                                     "every replan of an episode but its first does), at most --iterations; "
+                                     "0: iterations")
     grad_steps: int = option(8, "gradient steps on the best plan's actions after the search (Adam through the "
                                 "predictor; 0: none): the fine corrections that hold a goal, which samples find "
                                 "only by chance")
@@ -143,6 +144,10 @@ class PlannerConfig:
         if max(self.iterations, self.warm_iterations) >= STREAMS_PER_CALL or self.warm_iterations < 0:
             raise ValueError(f"iterations and warm_iterations must be in [1, {STREAMS_PER_CALL}) (warm_iterations 0: "
                              f"iterations), got {self.iterations}, {self.warm_iterations}")
+        if self.warm_iterations > self.iterations:  # a warm start lies near a good plan: it needs fewer, not more
+            raise ValueError(f"warm_iterations (--warm-iterations) {self.warm_iterations} must be at most iterations "
+                             f"(--iterations) {self.iterations}: they replace it on a warm-started replan, to refine "
+                             f"the previous plan in fewer (0: iterations)")
         if self.grad_steps < 0 or not self.grad_lr > 0:
             raise ValueError(f"need grad_steps >= 0 and grad_lr > 0, got {self.grad_steps}, {self.grad_lr}")
         if self.grad_steps and not self.clamp_samples:  # steps are kept in [-1, 1], the plan they refine is not

@@ -250,6 +250,17 @@ def test_warm_started_plans_run_warm_iterations(name):
         planner(name, model, warm_iterations=-1)
 
 
+def test_more_warm_iterations_than_iterations_are_refused_naming_both():
+    """Warm iterations replace ``iterations`` on a warm-started replan, which starts near a good plan: more of
+    them than a cold plan runs is no amortisation, most likely the two settings swapped."""
+    with pytest.raises(ValueError, match=r"warm_iterations \(--warm-iterations\) 5 must be at most iterations "
+                                         r"\(--iterations\) 4"):
+        PlannerConfig(iterations=4, warm_iterations=5)
+    with pytest.raises(ValueError, match=r"warm_iterations \(--warm-iterations\) 9 .* iterations \(--iterations\) 8"):
+        planner_config("cem", iterations=8, warm_iterations=9)
+    assert PlannerConfig(iterations=4, warm_iterations=4).warm_iterations == 4  # as many: allowed (0 says the same)
+
+
 def test_action_and_stay_costs_add_their_terms():
     """``action_cost`` adds w x the summed squared actions, ``stay_cost`` w x the squared latent change over
     the last chunk: a plan still moving at its end costs more than one that has stopped, at equal distance."""
