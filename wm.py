@@ -447,10 +447,8 @@ def run_export(cfg: ExportConfig) -> int:
     from worldmodel.model import WorldModel
 
     model = WorldModel.load(cfg.checkpoint, cfg.device)
-    held = holds_graph(model, cfg.graph)
-    graph = graph_for_checkpoint(model, cfg.checkpoint, cfg.graph, cfg.data, replace=True)  # checks --data first
-    if cfg.data and held:
-        print(f"--data {cfg.data} not read: {cfg.checkpoint} already holds a graph built with these settings")
+    # checks --data first, and says when it is not read (the file holds a graph of these settings)
+    graph = graph_for_checkpoint(model, cfg.checkpoint, cfg.graph, cfg.data, replace=True)
     if not holds_graph(model, cfg.graph):  # built, but the file could not be written (logged above)
         raise OSError(f"{cfg.checkpoint}: the subgoal graph was built but could not be saved in the model file")
     print(f"{cfg.checkpoint} holds its subgoal graph ({len(graph.nodes)} training frames, {len(graph.src)} links): "

@@ -198,7 +198,7 @@ def test_eval_and_demo_plan_a_model_as_its_file_records_unless_typed(tmp_path, c
 
 
 def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(synthetic_data, tmp_path, capsys,
-                                                                               monkeypatch):
+                                                                               monkeypatch, caplog):
     """wm export builds the subgoal graph from the recorded (or given) dataset and keeps it in model.pt; the
     model then plans without its data, also with a graph of other settings; --data given to a model that
     already holds the graph is said unread; without the graph and without its data, the error says how to
@@ -226,9 +226,9 @@ def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(s
     assert main(["export", "--checkpoint", path, "--data", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     out, err = capsys.readouterr()
     assert "nowhere: no such dataset" in err and "not read" not in out  # the path checked before anything said
-    assert main(["export", "--checkpoint", path, "--data", str(synthetic_data), "--device", "cpu"]) == 0
-    said = capsys.readouterr().out
-    assert f"--data {synthetic_data} not read: {path} already holds a graph built with these settings" in said
+    with caplog.at_level("INFO"):
+        assert main(["export", "--checkpoint", path, "--data", str(synthetic_data), "--device", "cpu"]) == 0
+    assert f"{synthetic_data} not read: {path} holds its subgoal graph, built with these settings" in caplog.text
     assert main(["export", "--checkpoint", path, "--device", "cpu"]) == 0  # no data needed now
 
     # A graph of other settings made the model's own: model.json records them, so it still plans alone, and
@@ -257,6 +257,25 @@ def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(s
     # training with other graph settings records them with the graph it saves
     assert planner_settings(preset_config("hold", {"graph.radius": 0.8})) == {
         **PRESET_PLANNER["hold"], "subgoals.radius": 0.8}
+
+
+def test_export_says_once_that_data_it_does_not_need_is_not_read(synthetic_data, tmp_path, capsys, caplog):
+    """A model file that holds its graph: `wm export --data X` leaves X unread and says so once (the library's
+    message, on stderr), not again on stdout."""
+    from conftest import save_as_trained_on
+    from test_model import tiny_config
+    from worldmodel.model import WorldModel
+
+    path = str(save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=2)), tmp_path / "m.pt",
+                                  synthetic_data))
+    assert main(["export", "--checkpoint", path, "--device", "cpu"]) == 0  # built from its recorded data
+    capsys.readouterr()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(["export", "--checkpoint", path, "--data", str(synthetic_data), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "holds its subgoal graph" in out and (out + caplog.text).count("not read") == 1
+    assert f"{synthetic_data} not read: {path} holds its subgoal graph, built with these settings" in caplog.text
 
 
 @pytest.mark.parametrize("argv, said", [
