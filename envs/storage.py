@@ -126,8 +126,8 @@ def check_attrs(attrs: dict, path) -> None:
             raise bad(key, f"an integer in [{low}, {high}] ({what})")
     shape = attrs.get("stretched_from")
     if shape is not None and not (isinstance(shape, list) and len(shape) == 2 and len(set(shape)) == 2 and all(
-            isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 4096 for x in shape)):
-        raise bad("stretched_from", "[height, width] of frames that were not square, integers in [1, 4096]")
+            isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_FRAME_SIZE for x in shape)):
+        raise bad("stretched_from", f"[height, width] of frames that were not square, in [1, {MAX_FRAME_SIZE}]")
     if attrs.get("hide_target") is not None and not isinstance(attrs["hide_target"], bool):
         raise bad("hide_target", "true or false")
     if attrs.get("render_quality") is not None and attrs["render_quality"] not in RENDER_QUALITIES:
