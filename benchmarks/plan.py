@@ -28,7 +28,8 @@ from planners.config import PlannerConfig
 from planners.noise import problem_keys
 from planners.policy import make_planner
 
-LEWM_SEARCH = {"samples": 300, "iterations": 30, "horizon": 5, "cem.elites": 30, "grad_steps": 0}  # LeWM's CEM
+LEWM_SEARCH = {"samples": 300, "iterations": 30, "horizon": 5, "cem.elites": 30, "grad_steps": 0,  # LeWM's CEM
+               "noise_beta": 0.0}
 
 
 def demo_model(device: torch.device):

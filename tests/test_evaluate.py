@@ -339,7 +339,7 @@ def test_the_simulator_reference_plans_without_gradient_steps_and_at_least_the_f
 def test_simulator_references_plan_under_the_protocols_settings(data, monkeypatch):
     """``simulator`` sees the velocities and ``simulator-pose`` does not; on ``lewm`` both plan with what
     the protocol fixes for every planner (LeWM's CEM, its initial std of one unit of the data's actions, its
-    unclamped samples)."""
+    unclamped samples, its white noise)."""
     import evaluation.evaluate as ev
 
     seen = []
@@ -362,6 +362,7 @@ def test_simulator_references_plan_under_the_protocols_settings(data, monkeypatc
         assert pcfg.plan.cem.init_std == pytest.approx(setup.action_std()) and pcfg.plan.cost == "final"
         assert pcfg.receding_horizon == 5 and pcfg.plan.cem.plan_from == "mean"
         assert not pcfg.plan.clamp_samples  # LeWM's CEM scores its samples as drawn
+        assert pcfg.plan.noise_beta == 0 != PolicyConfig().plan.noise_beta  # white noise, whatever our default
 
 
 def test_intervals():
