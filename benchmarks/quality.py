@@ -14,12 +14,12 @@ from evaluation.stats import format_p, paired_counts, sign_test
 from planners.policy import PolicyConfig, recorded_planner
 
 # Each row: policy settings by name over the default policy. The first is LeWM's planner as released (its
-# per-call time is the reference); then the default (a small CEM refined by gradient steps); the same CEM
-# without them; the full CEM the default replaced, without and with gradient steps; and budgets of a third
-# of that CEM's rollouts without gradient steps.
+# per-call time is the reference); then the default (a small CEM refined by gradient steps, red noise); the
+# same with white noise, as it was before; the same CEM without gradient steps; the full CEM the default
+# replaced, without and with gradient steps; and budgets of a third of that CEM's rollouts without them.
 QUALITY_SETTINGS = (
     LEWM_POLICY, {},
-    {"grad_steps": 0},
+    {"noise_beta": 0.0}, {"grad_steps": 0},
     {"samples": 100, "iterations": 10, "grad_steps": 0}, {"samples": 100, "iterations": 10},
     {"samples": 50, "iterations": 6, "grad_steps": 0}, {"samples": 100, "iterations": 3, "grad_steps": 0},
 )
@@ -36,9 +36,11 @@ def check_planner_free(protocols) -> None:
 
 
 def setting_label(policy: PolicyConfig, lewm: bool) -> str:
-    """How a row of the curve reads: samples x iterations (warm-started ones, bf16), LeWM's planner named."""
+    """How a row of the curve reads: samples x iterations (warm-started ones, bf16, white noise where the
+    default's is red), LeWM's planner named."""
     p = policy.plan
     extras = [f"warm {p.warm_iterations}"] * bool(p.warm_iterations) + ["bf16"] * p.bf16
+    extras += ["white noise"] * (p.noise_beta == 0 and not lewm)
     label = p.budget() + (f" ({', '.join(extras)})" if extras else "")
     return f"LeWM's planner, {label}" if lewm else label
 

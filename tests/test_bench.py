@@ -105,13 +105,14 @@ def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
     for name in ("a", "b"):  # two models pooled
         save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / f"{name}.pt", data)
     lewm = LEWM_POLICY | {"samples": 12, "iterations": 2, "cem.elites": 4}  # its planner, a tiny budget
-    settings = (lewm, {}, {"samples": 16, "iterations": 3, "warm_iterations": 1, "bf16": True})
+    settings = (lewm, {}, {"samples": 16, "iterations": 3, "warm_iterations": 1, "bf16": True, "noise_beta": 0.0})
     report = quality.run(f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}", "cpu", settings=settings, episodes=3,
                          protocols=("reach25", "uniform"), data=str(data))
     assert "| setting | reach25: latched / held | uniform: latched / held | held vs the default" in report
     cell = r"([\d.]+)% / ([\d.]+)%"
     rows = re.findall(rf"\| ([^|]+) \| {cell} \| {cell} \| ([^|]+) \| ([\d.]+)x \| ([\d.]+)x \|", report)
-    assert [r[0] for r in rows] == ["12 x 2", "20 x 4 + 8 gradient steps", "16 x 3 + 8 gradient steps (warm 1, bf16)"]
+    assert [r[0] for r in rows] == ["12 x 2 (white noise)", "20 x 4 + 8 gradient steps",
+                                    "16 x 3 + 8 gradient steps (warm 1, bf16, white noise)"]
     assert rows[0][6:] == ("1.000", "1.00") and float(rows[2][6]) > 0  # per call and per episode, vs the first row
     # each rate pools 2 models x 3 episodes: a multiple of 1/6
     assert all(abs(float(x) * 6 / 100 - round(float(x) * 6 / 100)) < 0.01 for r in rows for x in r[1:5])
