@@ -41,7 +41,10 @@ def model_card(checkpoint: str | Path) -> str:
                   if (run / "checkpoint.pt").is_file() else "")
         unfinished = (f" of the {planned:,} asked for: unfinished{resume}"
                       if isinstance(planned, int) and planned > meta["step"] else "")
-        lines.append(f"- **Training**: {meta['step']:,} steps{unfinished}{how}.")
+        world, batch = meta.get("world_size", 1), train.get("batch_size")
+        processes = (f" on {world} processes" + (f" (a global batch of {world * batch:,} windows)"
+                                                  if isinstance(batch, int) else "") if world > 1 else "")
+        lines.append(f"- **Training**: {meta['step']:,} steps{processes}{unfinished}{how}.")
     data = meta.get("data")
     if data:
         found, tried, not_it = locate_data(meta, checkpoint)

@@ -46,6 +46,11 @@ def test_a_trained_models_card_names_its_data_planner_and_maker(tmp_path, capsys
     assert ("prediction loss 0.0123; linear probe R^2 of the joint angles 0.987; `reach25` latched 100% / held 85%"
             in card)
     assert "Made by `wm train --preset hold` at commit `0123456789ab`" in card
+    meta.update(world_size=2, train_config={**meta["train_config"], "batch_size": 32})  # torchrun, 2 processes
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    assert ("- **Training**: 1,200 steps on 2 processes (a global batch of 64 windows) (`--preset hold`, seed 2)."
+            in model_card(path))
+    meta.update(world_size=1, train_config={"preset": "hold", "seed": 2})
     meta["train_config"]["steps"] = 5000  # a run stopped at step 1,200 of 5,000
     path.with_suffix(".json").write_text(json.dumps(meta))
     assert "- **Training**: 1,200 steps of the 5,000 asked for: unfinished (`--preset hold`, seed 2)." in \

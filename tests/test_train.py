@@ -325,6 +325,24 @@ def test_resume_with_other_settings_is_refused(data, tmp_path):
         train(tiny(data, tmp_path / "run", steps=8, batch_size=4, resume=True), progress=False)
 
 
+def test_resume_on_another_number_of_processes_is_refused(data, tmp_path, monkeypatch):
+    """--batch-size is per process and each rank draws its own windows: a run resumed on another number of
+    torchrun processes would compute another run (it was accepted silently). The number is recorded in the
+    checkpoint and model.json, and another one on --resume is refused, saying how to resume."""
+    out = tmp_path / "run"
+    _unfinished_run(data, out, monkeypatch)  # the checkpoint of step 4 of 12, one process
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 1
+    torch.save({**state, "world_size": 2}, out / "checkpoint.pt")  # as `torchrun --nproc_per_node 2` records it
+    with pytest.raises(ValueError, match=r"--resume: .*checkpoint\.pt was trained by 2 processes \(a global batch "
+                                         r"of 16 windows\), this run has 1: .*--nproc_per_node 2"):
+        train(tiny(data, out, steps=12, resume=True), progress=False)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+    torch.save(state, out / "checkpoint.pt")
+    train(tiny(data, out, steps=12, resume=True), progress=False)
+    assert json.loads((out / "model.json").read_text())["world_size"] == 1
+
+
 def test_a_diverged_run_resumes_with_another_grad_clip_on_record(data, tmp_path, monkeypatch):
     """--grad-clip, as --lr, may change on --resume to recover a run; the change is kept in its history."""
     _poison_loss(monkeypatch, after=5)
@@ -585,6 +603,7 @@ def test_two_cpu_processes_stay_in_sync(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / "model.json").read_text())
     assert meta["step"] == 4 and meta["metrics"]["ddp_max_param_diff"] == 0.0
+    assert meta["world_size"] == 2 and torch.load(out / "checkpoint.pt", weights_only=True)["world_size"] == 2
     assert proc.stdout.count("model:") == 1 and "{}" not in proc.stdout  # results from rank 0 alone
 
 

@@ -309,7 +309,8 @@ META_FIELDS = {"step": (int, "a count of steps"), "train_config": (dict, "the ru
                "data": (dict, "the record of the training data"),
                "provenance": (dict, "what made the model: command, commit, packages, machine"),
                "planner": (dict, "the planner settings it is planned with, by name"),
-               "weights_sha256": (str, "the SHA-256 of the weights of its model.pt")}
+               "weights_sha256": (str, "the SHA-256 of the weights of its model.pt"),
+               "world_size": (int, "the number of processes that trained it")}
 DATA_FIELDS = {"path": (str, "the dataset's path"), "fingerprint": ((str, type(None)), "the dataset's fingerprint"),
                "episodes": (int, "a count of episodes"), "train": (list, "episode uids"),
                "val": (list, "episode uids"), "test": (list, "episode uids"),

@@ -194,14 +194,15 @@ def finished_metrics(out: Path) -> dict:
 
 def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, history: list, data: dict,
          health: dict | None = None, extras: dict | None = None, planner: dict | None = None,
-         checkpoint: bool = True, model_files: bool = True) -> None:
+         checkpoint: bool = True, model_files: bool = True, world: int = 1) -> None:
     """The training state (checkpoint.pt, with the model's ``health`` as the guard measured it; the
     checkpoint replaced is kept as checkpoint.prev.pt) and the user-facing model (model.pt + model.json,
     which records ``planner``: the settings it is planned with, by name); ``checkpoint`` and ``model_files``
-    leave either out (the training state is saved before measurements that take a while)."""
+    leave either out (the training state is saved before measurements that take a while). ``world``: the
+    number of processes that trained it (torchrun's; --batch-size is per process)."""
     settings = dataclasses.asdict(cfg)
-    extra = {"step": step, "train_config": settings, "planner": planner or {}, "history": history, "data": data,
-             "provenance": provenance(),
+    extra = {"step": step, "train_config": settings, "world_size": world, "planner": planner or {},
+             "history": history, "data": data, "provenance": provenance(),
              "metrics": {k: v for k, v in metrics.items()
                          if k in ("probe", "val", "loss/prediction", "ddp_max_param_diff", "closed_loop")}}
     had = (out / "checkpoint.pt").is_file()
@@ -209,7 +210,8 @@ def save(out: Path, model: WorldModel, opt, cfg, step: int, metrics: dict, histo
         try:
             _keep_previous(out / "checkpoint.pt", out / PREVIOUS)
             atomic_torch_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "config": settings, "history": history, "health": health or {}, "data": data},
+                               "config": settings, "history": history, "health": health or {}, "data": data,
+                               "world_size": world},
                               out / "checkpoint.pt")  # all --resume needs: model.json can be damaged or gone
         except OSError as exc:
             kept = ("the files of the last good checkpoint are kept" if had else
@@ -242,13 +244,16 @@ def _keep_previous(path: Path, previous: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(out: Path, cfg, model: WorldModel, opt, store) -> tuple[int, list, dict]:
-    """Restore model and optimizer from ``out/checkpoint.pt``; returns (step, history, health), ``health``
-    what the checkpoint records of the model it holds (``HEALTH_KEYS``; at least its step and learning rate).
+def load(out: Path, cfg, model: WorldModel, opt, store, world: int = 1) -> tuple[int, list, dict, int]:
+    """Restore model and optimizer from ``out/checkpoint.pt``; returns (step, history, health, world),
+    ``health`` what the checkpoint records of the model it holds (``HEALTH_KEYS``; at least its step and
+    learning rate), ``world`` the number of processes that trained it (``world``, this run's, when an older
+    checkpoint does not say).
 
     The settings must be the saved ones, except those in ``RESUME_FREE`` and the recovery settings
     (``lr``, ``grad_clip``), whose changes are appended to the run's history; the data ``store`` must be
-    the one the run started on.
+    the one the run started on; an unfinished run continues on as many processes as it was trained by
+    (each draws its own windows of --batch-size).
     """
     path = out / "checkpoint.pt"
     state = read_checkpoint(path)
@@ -266,6 +271,15 @@ def load(out: Path, cfg, model: WorldModel, opt, store) -> tuple[int, list, dict
     step = state["step"]
     if step > saved["steps"]:
         raise CheckpointError(f"{path}: 'step' is {step}, beyond the run's {saved['steps']} steps")
+    trained = state.get("world_size", world)
+    if not _is_count(trained) or trained < 1:
+        raise CheckpointError(f"{path}: 'world_size' must be a number of processes, got {trained!r}")
+    if trained != world and step < saved["steps"]:
+        how = (f"`torchrun --nproc_per_node {trained} -m wm train --out {out} --resume`" if trained > 1 else
+               f"`wm train --out {out} --resume` (no torchrun)")
+        raise ValueError(f"--resume: {path} was trained by {trained} process{'es' * (trained > 1)} (a global batch "
+                         f"of {trained * saved['batch_size']} windows), this run has {world}: another number "
+                         f"computes another run; resume it with {how}")
     changed = {k: [saved.get(k), getattr(cfg, k)] for k in RECOVERY if saved.get(k) != getattr(cfg, k)}
     history = list(state.get("history", [])) + ([{"step": step, "changed": changed}] if changed else [])
     if filled:  # settings this code has and the run's own did not: they take today's defaults
@@ -275,7 +289,7 @@ def load(out: Path, cfg, model: WorldModel, opt, store) -> tuple[int, list, dict
         opt.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: its weights do not fit this model: {str(exc)[:300]}") from None
-    return step, history, {**_health(state.get("health")), "step": step, "lr": saved["lr"]}
+    return step, history, {**_health(state.get("health")), "step": step, "lr": saved["lr"]}, trained
 
 
 def _health(recorded) -> dict:

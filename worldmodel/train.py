@@ -305,7 +305,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     model = WorldModel(dataclasses.replace(cfg.model, image_size=data.store.size,
                                            env=str(data.store.attrs["env"]))).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, history, good = rundir.load(out, cfg, model, opt, data.store) if resume else (0, [], {})
+    # a finished run rebuilt on another number of processes records the number that trained it
+    start, history, good, trained_world = (rundir.load(out, cfg, model, opt, data.store, world) if resume
+                                           else (0, [], {}, world))
     if is_main:
         atomic_write_json(out / "train_config.json", dataclasses.asdict(cfg))
     net = _wrap(model, cfg, world, device)
@@ -331,7 +333,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             extras = ({"graph": LatentGraph.build(model, data.store, data.train.episode_ids, cfg.graph).state(cfg.graph)}
                       if model_files and done == cfg.steps and cfg.save_graph else {})
             rundir.save(out, model, opt, cfg, done, metrics, history, data.record, health, extras,
-                        planner_settings(cfg), checkpoint=checkpointed != done, model_files=model_files)
+                        planner_settings(cfg), checkpoint=checkpointed != done, model_files=model_files,
+                        world=trained_world)
         checkpointed, checked = done, health
 
     if start == cfg.steps:  # a finished run whose model files were lost: written again from its checkpoint
