@@ -607,6 +607,25 @@ def test_two_cpu_processes_stay_in_sync(data, tmp_path):
     assert proc.stdout.count("model:") == 1 and "{}" not in proc.stdout  # results from rank 0 alone
 
 
+def test_a_refusal_only_rank_0_decides_stops_every_rank_saying_why(data, tmp_path):
+    """Rank 0 alone decides what to do with --out and checks the closed-loop episodes: its refusal is every
+    rank's (the others said a dropped gloo connection, or were stopped as interrupted) and nothing is kept
+    from the refused run."""
+    out = tmp_path / "run"
+    train(tiny(data, out, steps=2), progress=False)  # a finished run of 2 steps
+    before = (out / "model.pt").read_bytes()
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "wm",
+            "train", "--data", str(data), "--out", str(out), "--steps", "4"]
+    for path, v in TINY.items():
+        args += ["--" + path.replace("_", "-"), str(v)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=180, env=_wm_env())
+    assert proc.returncode != 0
+    said = "already holds a run at step 2 of 2 with other settings"
+    assert proc.stderr.count(said) == 2, proc.stderr[-3000:]  # both ranks, the same reason
+    assert "Connection closed by peer" not in proc.stderr and "wm train: interrupted" not in proc.stderr
+    assert (out / "model.pt").read_bytes() == before
+
+
 def _forget_setting(run: Path, name: str) -> None:
     """Make ``run`` look written by code that did not have the setting ``name`` yet."""
     for meta in (run / "model.json", run / "train_config.json"):

@@ -55,6 +55,26 @@ def share(value):
     return value
 
 
+def rank0_decides(decide):
+    """``decide()`` run on rank 0 alone (``decide()`` itself outside torchrun), its value on every rank. An error
+    it raises is raised on every rank, of the same kind with the same message: every rank stops and says why,
+    none waits on rank 0 in a collective (it said a dropped connection, or was stopped as interrupted)."""
+    if world_size() == 1 or not dist.is_initialized():
+        return decide()
+    outcome = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = ("value", decide())
+        except Exception as exc:
+            share(("error", type(exc), str(exc)))
+            raise
+    kind, *what = share(outcome)
+    if kind == "error":
+        cls, message = what
+        raise cls(message)
+    return what[0]
+
+
 def any_rank(flag: torch.Tensor) -> bool:
     """Whether ``flag`` (a bool tensor on this rank's device) is set on any rank; every rank gets the
     same answer, so all of them stop together. One host sync: call it at logging steps only."""

@@ -259,13 +259,12 @@ def train(cfg: TrainConfig, progress: bool = True,
     out = Path(cfg.out)
     try:
         with ExitStack() as held:
-            state = None
-            if is_main:
+            def decide() -> str:  # one rank decides (--overwrite clears the run there later, in _train)
                 held.enter_context(output_dir(out))  # removed again if the run fails before writing anything
                 held.enter_context(output_lock(out))  # one run at a time in a directory
                 remove_stale_temporaries(out, rundir.RUN_TEMPORARIES)
-                state = rundir.status(out, cfg)  # one rank decides (--overwrite clears it later, in _train)
-            state = distributed.share(state)
+                return rundir.status(out, cfg)
+            state = distributed.rank0_decides(decide)
             if state == "done":
                 if is_main:
                     log.warning(f"{out} already holds this finished run (step {cfg.steps}); pass --overwrite to train "
@@ -285,7 +284,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     # --- setup: data, model, optimiser, where to start, logs ---------------------------------------------
     is_main, out = rank == 0, Path(cfg.out)
     data = TrainingData(cfg)
-    if is_main:
+
+    def check_and_clear() -> None:  # rank 0's; a refusal here stops every rank
         log.info(data.summary(cfg, device))
         check_preset_data(cfg, data.store.size, data.store.attrs)
         check = getattr(closed_loop, "check_episodes", None)
@@ -301,6 +301,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 log.warning(f"{out}: kept the results measured on the model this run replaces, which no longer "
                             f"describe it: {', '.join(str(p.relative_to(out)) for p in stale)} (their commands "
                             f"refuse to write over them without --overwrite)")
+    distributed.rank0_decides(check_and_clear)
     torch.manual_seed(cfg.seed)
     model = WorldModel(dataclasses.replace(cfg.model, image_size=data.store.size,
                                            env=str(data.store.attrs["env"]))).to(device)
