@@ -173,6 +173,24 @@ def test_a_stop_while_measuring_at_the_end_loses_no_step(data, tmp_path, monkeyp
     assert "probe" in result and json.loads((out / "model.json").read_text())["step"] == 8
 
 
+def test_a_stop_while_measuring_at_the_end_says_every_step_is_saved(data, tmp_path, monkeypatch, caplog):
+    """Ctrl-C while the end-of-training measurements run: the training state is already saved, so the message
+    says so and what a second Ctrl-C costs (it said "finishing this step, then saving a checkpoint", while it
+    went on measuring); the run then finishes."""
+    real = train_module._evaluate
+
+    def stopped_at_the_end(model, data_, cfg, done, *args):
+        if done == cfg.steps:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, data_, cfg, done, *args)
+    monkeypatch.setattr(train_module, "_evaluate", stopped_at_the_end)
+    with caplog.at_level("WARNING", logger="worldmodel.train"):
+        train(tiny(data, tmp_path / "run"), progress=False)
+    assert "SIGINT: every step is saved (checkpoint.pt, step 8); finishing the end-of-training measurements" in \
+        caplog.text and "then saving a checkpoint" not in caplog.text
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["step"] == 8
+
+
 def test_a_run_blown_up_before_its_first_checkpoint_is_not_saved(data, tmp_path, monkeypatch):
     """No good checkpoint to compare with yet: running statistics far out of range, or a loss far above the
     run's first logged one, are refused all the same; the advice is a sane rate, not a quarter of an absurd one."""

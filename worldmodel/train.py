@@ -220,6 +220,7 @@ class StopRequest:
 
     def __init__(self):
         self.signal: int | None = None
+        self.saved: int | None = None  # the last step, once its training state is saved: only measuring is left
         self._at = 0.0
         self._old = {}
 
@@ -235,8 +236,17 @@ class StopRequest:
                 return
             raise KeyboardInterrupt
         self.signal, self._at = signum, time.monotonic()
-        log.warning(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-              f"(Ctrl-C again to stop at once)")
+        if self.saved is not None:
+            self.say_saved()
+        else:
+            log.warning(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                        f"(Ctrl-C again to stop at once)")
+
+    def say_saved(self) -> None:
+        """What a stop during the end-of-training measurements means: nothing is lost either way."""
+        log.warning(f"{signal.Signals(self.signal).name}: every step is saved (checkpoint.pt, step {self.saved}); "
+                    f"finishing the end-of-training measurements and the model files (Ctrl-C again to stop at "
+                    f"once: the same command then measures again and writes them)")
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -378,6 +388,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                         metrics.update(scalars)
                 if last or any(every and done % every == 0 for every in (cfg.eval_every, cfg.probe_every)):
                     save(done, model_files=False)  # the training state first: a stop while measuring loses no step
+                    if last:
+                        stop.saved = done
+                        if stop.signal is not None and is_main:  # a stop during the last step: it said "saving"
+                            stop.say_saved()
                 if is_main:
                     metrics.update(_evaluate(model, data, cfg, done, writer, closed_loop, device))
                 saved = done % cfg.ckpt_every == 0 or last
