@@ -775,6 +775,34 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_saves(data, tmp_pa
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 5
 
 
+FAILING_WORKER = """
+import sys
+import torch
+import envs.dataset as dataset
+from envs.storage import DatasetError
+real = dataset.WindowDataset.__getitem__
+def in_a_worker_it_fails(self, k):  # as a frame read lazily from a corrupt chunk, in a DataLoader worker
+    if torch.utils.data.get_worker_info() is not None:
+        raise DatasetError("shard_x.h5: episode ep_000003 cannot be read (truncated or corrupt?): bad chunk")
+    return real(self, k)
+dataset.WindowDataset.__getitem__ = in_a_worker_it_fails
+from wm import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _train_with_a_failing_worker(data, out):
+    args = [sys.executable, "-c", FAILING_WORKER] + _wm_train_args(data, out, steps=8, num_workers=2)[3:]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, env=_wm_env())
+
+
+def test_an_error_in_a_dataloader_worker_ends_the_command(data, tmp_path):
+    """A dataset error raised in a --num-workers process ends `wm train` with its error (it hung at exit: the
+    workers, which ignore stop signals, were left to multiprocessing's exit, which terminates and joins them)."""
+    proc = _train_with_a_failing_worker(data, tmp_path / "run")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+
+
 def test_one_run_at_a_time_in_a_run_directory(data, tmp_path, caplog):
     """A second `wm train` on the same --out is refused while the first runs; the lock a killed run left is
     taken over with a message."""

@@ -356,9 +356,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     # --- the loop --------------------------------------------------------------------------------------
     finished = False  # every step run and the model saved
     step_keys = ("pixels", "actions") + (("starts_episode",) if cfg.padded_history == "rest" else ())
+    batches = iter(loader)  # its worker processes, with --num-workers, stopped in `finally`
     with StopRequest() as stop:
         try:
-            for step, batch in enumerate(loader, start=start):
+            for step, batch in enumerate(batches, start=start):
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * lr_at(step, cfg.warmup_steps, cfg.steps)
                 # only what the step reads goes to the device
@@ -409,6 +410,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             distributed.finish(world)
             finished = True
         finally:
+            _stop_workers(batches)
             bar.close()
             if writer is not None:
                 if finished and cfg.steps > start:
@@ -480,6 +482,16 @@ class TrainingData:
         return torch.utils.data.DataLoader(
             self.train, batch_sampler=StepBatches(len(self.train), cfg.batch_size, cfg.seed, start, cfg.steps, rank),
             num_workers=cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+
+
+def _stop_workers(batches) -> None:
+    """Stop the DataLoader's worker processes now, whatever ended the loop. Left to the iterator's garbage
+    collection, an error raised in a worker (a corrupt chunk read lazily) kept them alive to the end, where
+    multiprocessing's exit terminates and joins them: they ignore SIGTERM (``ignore_stop_signals``), so the
+    command hung after printing its error."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # a multi-process iterator's (torch has no public one)
+    if shutdown is not None:
+        shutdown()
 
 
 def _wrap(model: WorldModel, cfg: TrainConfig, world: int, device: torch.device):
