@@ -803,6 +803,16 @@ def test_an_error_in_a_dataloader_worker_ends_the_command(data, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
 
 
+def test_an_error_in_a_dataloader_worker_names_the_file_not_the_workers_traceback(data, tmp_path):
+    """Torch re-raises a worker's error with the worker's traceback as its message: `wm train` said "Caught
+    DatasetError in DataLoader worker process 1." and a traceback, the file and episode at its bottom."""
+    proc = _train_with_a_failing_worker(data, tmp_path / "run")
+    assert proc.returncode == 2
+    said = "wm train: error: shard_x.h5: episode ep_000003 cannot be read (truncated or corrupt?): bad chunk\n"
+    assert said in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr
+
+
 def test_one_run_at_a_time_in_a_run_directory(data, tmp_path, caplog):
     """A second `wm train` on the same --out is refused while the first runs; the lock a killed run left is
     taken over with a message."""

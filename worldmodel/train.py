@@ -409,6 +409,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                     raise KeyboardInterrupt
             distributed.finish(world)
             finished = True
+        except DatasetError as exc:
+            raise _from_worker(exc) from None
         finally:
             _stop_workers(batches)
             bar.close()
@@ -492,6 +494,15 @@ def _stop_workers(batches) -> None:
     shutdown = getattr(batches, "_shutdown_workers", None)  # a multi-process iterator's (torch has no public one)
     if shutdown is not None:
         shutdown()
+
+
+def _from_worker(exc: DatasetError) -> DatasetError:
+    """A dataset error (naming the file and episode) as raised, also when a DataLoader worker raised it: torch
+    raises it again with the worker's traceback as its message, the error's own at the bottom."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "DataLoader worker" in text.split("\n", 1)[0]):
+        return exc
+    return DatasetError(text.rstrip().rsplit(f"{type(exc).__name__}: ", 1)[-1])
 
 
 def _wrap(model: WorldModel, cfg: TrainConfig, world: int, device: torch.device):
