@@ -37,14 +37,15 @@ def model_card(checkpoint: str | Path) -> str:
         how = [f"`--preset {train['preset']}`"] * ("preset" in train) + [f"seed {train['seed']}"] * ("seed" in train)
         how = f" ({', '.join(how)})" if how else ""
         planned, run = train.get("steps"), Path(checkpoint).parent
-        resume = (f" (`wm train --out {run} --resume` continues it from the `checkpoint.pt` beside it)"
+        world, batch = meta.get("world_size", 1), train.get("batch_size")  # torchrun's processes resume it
+        launch = f"torchrun --nproc_per_node {world} -m wm" if world > 1 else "wm"
+        resume = (f" (`{launch} train --out {run} --resume` continues it from the `checkpoint.pt` beside it)"
                   if (run / "checkpoint.pt").is_file() else "")
         unfinished = (f" of the {planned:,} asked for: unfinished{resume}"
                       if isinstance(planned, int) and planned > meta["step"] else "")
-        world, batch = meta.get("world_size", 1), train.get("batch_size")
-        processes = (f" on {world} processes" + (f" (a global batch of {world * batch:,} windows)"
-                                                  if isinstance(batch, int) else "") if world > 1 else "")
-        lines.append(f"- **Training**: {meta['step']:,} steps{processes}{unfinished}{how}.")
+        processes = (f", on {world} processes" + (f" (a global batch of {world * batch:,} windows)"
+                                                   if isinstance(batch, int) else "") if world > 1 else "")
+        lines.append(f"- **Training**: {meta['step']:,} steps{unfinished}{how}{processes}.")
     data = meta.get("data")
     if data:
         found, tried, not_it = locate_data(meta, checkpoint)

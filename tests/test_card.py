@@ -48,8 +48,14 @@ def test_a_trained_models_card_names_its_data_planner_and_maker(tmp_path, capsys
     assert "Made by `wm train --preset hold` at commit `0123456789ab`" in card
     meta.update(world_size=2, train_config={**meta["train_config"], "batch_size": 32})  # torchrun, 2 processes
     path.with_suffix(".json").write_text(json.dumps(meta))
-    assert ("- **Training**: 1,200 steps on 2 processes (a global batch of 64 windows) (`--preset hold`, seed 2)."
+    assert ("- **Training**: 1,200 steps (`--preset hold`, seed 2), on 2 processes (a global batch of 64 windows)."
             in model_card(path))
+    meta["train_config"]["steps"] = 5000  # stopped short: it resumes on as many processes (wm train refuses others)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert (f"unfinished (`torchrun --nproc_per_node 2 -m wm train --out {tmp_path} --resume` continues it from "
+            f"the `checkpoint.pt` beside it)" in model_card(path))
+    (tmp_path / "checkpoint.pt").unlink()
     meta.update(world_size=1, train_config={"preset": "hold", "seed": 2})
     meta["train_config"]["steps"] = 5000  # a run stopped at step 1,200 of 5,000
     path.with_suffix(".json").write_text(json.dumps(meta))
