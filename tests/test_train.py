@@ -97,6 +97,29 @@ def test_tensorboard_has_validation_loss_hparams_and_closed_loop(data, tmp_path)
     assert json.loads((tmp_path / "run" / "model.json").read_text())["metrics"]["closed_loop"]["reach25_latched"] == 0.5
 
 
+def test_a_resumed_run_replaces_the_curves_logged_after_its_checkpoint(data, tmp_path, monkeypatch):
+    """A run killed after its checkpoint logged the steps since; the resumed run logs them again (here with
+    another --lr): TensorBoard shows each step once, the resumed run's (both were plotted, a zig-zag)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, real, calls = tmp_path / "run", train_module.world_model_losses, {"n": 0}
+
+    def killed_in_step_7(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # steps 2, 4 and 6 logged, the checkpoint of step 4 written
+            raise SystemExit("killed")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, "world_model_losses", killed_in_step_7)
+    with pytest.raises(SystemExit):
+        train(tiny(data, out), progress=False)
+    monkeypatch.undo()
+    train(tiny(data, out, resume=True, lr=5e-4), progress=False)
+    events = EventAccumulator(str(out / "tb")).Reload()
+    assert [e.step for e in events.Scalars("loss/total")] == [2, 4, 6, 8]
+    assert [e.step for e in events.Scalars("opt/lr")] == [2, 4, 6, 8]
+    assert events.Scalars("opt/lr")[2].value < 5e-4  # step 6 as resumed, with the lower rate
+
+
 def test_data_without_starting_states_trains_without_a_closed_loop_check(tmp_path, caplog):
     """Rollouts without joint velocities (or angles) train, and say up front that no closed-loop check can run
     at the end (it needs the states its episodes start from) rather than failing after the last step."""

@@ -323,7 +323,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
         atomic_write_json(out / "train_config.json", dataclasses.asdict(cfg))
     net = _wrap(model, cfg, world, device)
     loader = data.loader(cfg, start, rank, device)
-    writer = _writer(out) if is_main else None
+    writer = _writer(out, start) if is_main else None
     if writer is not None and start == 0:
         _log_frames(writer, data.train)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {out.name}", disable=not (progress and is_main),
@@ -688,10 +688,12 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, min(n, k)).astype(int).tolist()))
 
 
-def _writer(out: Path):
+def _writer(out: Path, start: int):
+    """TensorBoard's writer for a run continuing after step ``start``: what an earlier process logged after it
+    (a run killed after its checkpoint, a diverged one) is hidden, so each step shows once, as logged now."""
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(str(out / "tb"))
+    return SummaryWriter(str(out / "tb"), purge_step=start + 1)
 
 
 def _log_frames(writer, ds: WindowDataset, rows: int = 6) -> None:
