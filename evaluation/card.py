@@ -45,7 +45,7 @@ def model_card(checkpoint: str | Path) -> str:
                       if isinstance(planned, int) and planned > meta["step"] else "")
         processes = (f", on {world} processes" + (f" (a global batch of {world * batch:,} windows)"
                                                    if isinstance(batch, int) else "") if world > 1 else "")
-        lines.append(f"- **Training**: {meta['step']:,} steps{unfinished}{how}{processes}.")
+        lines.append(f"- **Training**: {meta['step']:,} steps{unfinished}{how}{processes}{_changes(meta)}.")
     data = meta.get("data")
     if data:
         found, tried, not_it = locate_data(meta, checkpoint)
@@ -78,6 +78,19 @@ def model_card(checkpoint: str | Path) -> str:
     if isinstance(meta.get("provenance"), dict):
         lines += ["", provenance_line(meta["provenance"])]
     return "\n".join(lines) + "\n"
+
+
+def _changes(meta: dict) -> str:
+    """The settings a resumed run changed (its history's ``changed``: the way back from a divergence), by step:
+    what made the model is otherwise only its last command, ``--resume`` with the new values."""
+    said = []
+    for entry in meta.get("history", []):
+        changed = entry.get("changed") if isinstance(entry, dict) else None
+        if not isinstance(changed, dict) or not all(isinstance(v, list) and len(v) == 2 for v in changed.values()):
+            continue
+        said.append(f"; from step {entry.get('step')} with `{as_options({k: v[1] for k, v in changed.items()})}` "
+                    f"(before: `{as_options({k: v[0] for k, v in changed.items()})}`)")
+    return "".join(said)
 
 
 def _graph_config(graph: dict) -> str:

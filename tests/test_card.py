@@ -46,6 +46,13 @@ def test_a_trained_models_card_names_its_data_planner_and_maker(tmp_path, capsys
     assert ("prediction loss 0.0123; linear probe R^2 of the joint angles 0.987; `reach25` latched 100% / held 85%"
             in card)
     assert "Made by `wm train --preset hold` at commit `0123456789ab`" in card
+    # resumed after a divergence with other recovery settings: "made by" is that resume command alone
+    meta["history"] = [{"step": 600, "changed": {"lr": [0.001, 0.00025], "grad_clip": [1.0, 0.5]}},
+                       {"step": 600, "new_settings": {"slow_weight": 0.0}}]
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    assert ("- **Training**: 1,200 steps (`--preset hold`, seed 2); from step 600 with `--lr 0.00025 --grad-clip "
+            "0.5` (before: `--lr 0.001 --grad-clip 1.0`)." in model_card(path))
+    meta["history"] = []
     meta.update(world_size=2, train_config={**meta["train_config"], "batch_size": 32})  # torchrun, 2 processes
     path.with_suffix(".json").write_text(json.dumps(meta))
     assert ("- **Training**: 1,200 steps (`--preset hold`, seed 2), on 2 processes (a global batch of 64 windows)."
