@@ -106,18 +106,41 @@ def _train_defaults(argv: list[str]) -> TrainConfig:
     is typed now changes them); else the typed ``--preset``'s (``demo`` by default)."""
     if "--resume" in argv:
         out = Path(_typed(argv, "--out") or DEFAULT_RUN)
-        saved = out / "train_config.json"
-        if saved.is_file():
-            try:
-                settings = json.loads(saved.read_text())
-            except ValueError as exc:
-                raise ValueError(f"{saved}: not valid JSON ({exc})") from None
+        settings, saved = _saved_settings(out)
+        if settings is not None:
             if isinstance(settings, dict):
                 settings.pop("overwrite", None)  # how that run started, not what this one does
                 if isinstance(settings.get("data"), str) and not _was_typed(argv, "--data"):
                     settings["data"] = _recorded_data(out, settings["data"])  # typed in another directory, say
             return from_dict(TrainConfig, settings, str(saved))  # settings it lacks: today's defaults
     return preset_config(_typed(argv, "--preset") or "demo")
+
+
+def _saved_settings(out: Path) -> tuple:
+    """(settings, the file they were read from) of the run in ``out``: its train_config.json (the settings the
+    run last started with, a --lr typed on resume included), or, that file missing or damaged, the settings its
+    checkpoint.pt holds, said; (None, None) when neither is readable (what --resume finds is said later)."""
+    from worldmodel.rundir import read_checkpoint
+
+    saved, ckpt = out / "train_config.json", out / "checkpoint.pt"
+    try:
+        settings = json.loads(saved.read_text())
+        if isinstance(settings, dict) or not ckpt.is_file():
+            return settings, saved
+        problem = f"not a JSON object but a {type(settings).__name__}"
+    except FileNotFoundError:
+        problem = "missing"
+    except ValueError as exc:
+        problem = f"not valid JSON ({exc})"
+        if not ckpt.is_file():
+            raise ValueError(f"{saved}: {problem}") from None
+    try:
+        settings = read_checkpoint(ckpt)["config"]
+    except (OSError, ValueError, RuntimeError):  # no or an unreadable checkpoint: said by --resume itself
+        return None, None
+    logging.getLogger("wm").warning(f"{saved} is missing or damaged ({problem}): the run's settings are read "
+                                    f"from its checkpoint.pt")
+    return settings, ckpt
 
 
 def _recorded_data(out: Path, typed: str) -> str:

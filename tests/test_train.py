@@ -899,6 +899,24 @@ def test_resume_needs_its_data_not_its_model_json(data, tmp_path, monkeypatch):
     assert json.loads((out / "model.json").read_text())["step"] == 8  # written again, whole
 
 
+@pytest.mark.parametrize("damage", ["missing", "cut short"])
+def test_resume_alone_needs_the_checkpoint_not_train_config_json(data, tmp_path, monkeypatch, caplog, damage):
+    """`wm train --out X --resume` takes the run's settings from train_config.json; that file missing or damaged,
+    from the checkpoint, saying so (it used the demo preset's: the default dataset was not found, or every
+    setting differed; or it stopped at the JSON error)."""
+    from wm import main
+
+    out = tmp_path / "run"
+    _unfinished_run(data, out, monkeypatch, steps=8)
+    saved = out / "train_config.json"
+    saved.unlink() if damage == "missing" else saved.write_text(saved.read_text()[:40])
+    with caplog.at_level("WARNING"):
+        assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert "train_config.json is missing or damaged" in caplog.text and "from its checkpoint.pt" in caplog.text
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["step"] == 8 and meta["train_config"]["model"]["latent_dim"] == TINY["latent_dim"]
+
+
 def test_a_finished_run_whose_model_files_were_lost_writes_them_again(data, tmp_path):
     """A finished run's model.json cut short, or model.pt gone: the same command (or --resume) writes them
     again from the checkpoint, the same weights and end-of-training measurements; without a checkpoint the
