@@ -667,6 +667,13 @@ def test_a_refusal_only_rank_0_decides_stops_every_rank_saying_why(data, tmp_pat
     assert (out / "model.pt").read_bytes() == before
 
 
+def test_another_ranks_error_is_raised_as_its_kind_or_as_a_runtime_error():
+    error = distributed.same_error(CheckpointError, "run/checkpoint.pt: bad")
+    assert type(error) is CheckpointError and str(error) == "run/checkpoint.pt: bad"
+    error = distributed.same_error(UnicodeDecodeError, "x.json: not utf-8")  # takes five arguments
+    assert type(error) is RuntimeError and str(error) == "x.json: not utf-8"
+
+
 def _forget_setting(run: Path, name: str) -> None:
     """Make ``run`` look written by code that did not have the setting ``name`` yet."""
     for meta in (run / "model.json", run / "train_config.json"):

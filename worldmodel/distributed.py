@@ -70,9 +70,17 @@ def rank0_decides(decide):
             raise
     kind, *what = share(outcome)
     if kind == "error":
-        cls, message = what
-        raise cls(message)
+        raise same_error(*what)
     return what[0]
+
+
+def same_error(cls: type, message: str) -> Exception:
+    """An error of kind ``cls`` saying ``message`` (another rank's), or a RuntimeError saying it where that kind
+    is not made from a message alone (UnicodeDecodeError, say)."""
+    try:
+        return cls(message)
+    except Exception:
+        return RuntimeError(message)
 
 
 def any_rank(flag: torch.Tensor) -> bool:
