@@ -180,6 +180,8 @@ def test_a_model_is_planned_as_its_file_records_unless_told_otherwise(model, tmp
     assert recorded_planner(tmp_path / "plain.pt") == {} and policy_config(tmp_path / "plain.pt") == PolicyConfig()
     model.save(tmp_path / "older.pt", extra={"train_config": {"preset": "hold"}})  # written before the record
     assert recorded_planner(tmp_path / "older.pt") == PRESET_PLANNER["hold"]
+    older = load_policy(tmp_path / "older.pt", device="cpu", samples=20, iterations=4, grad_steps=8, **plain)
+    assert older.planner.cfg.noise_beta == 0 != PolicyConfig().plan.noise_beta  # typed budgets keep its white noise
     model.save(tmp_path / "told.pt", extra={"train_config": {"preset": "hold"}, "planner": {}})  # the record rules
     assert recorded_planner(tmp_path / "told.pt") == {}
     model.save(tmp_path / "dashes.pt", extra={"planner": {"grad-steps": 0}})  # as typed: one name still
