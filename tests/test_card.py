@@ -42,7 +42,8 @@ def test_a_trained_models_card_names_its_data_planner_and_maker(tmp_path, capsys
     assert "- **Training**: 1,200 steps (`--preset hold`, seed 2)." in card
     assert f"found at `{data}`: 4 episodes (2 train, 1 val, 1 test); its frames as `wm collect --env reacher-easy " \
            f"--size 32" in card
-    assert "`--samples 100 --iterations 10 --grad-steps 0` over the default planner, as the model file records" in card
+    assert ("`--samples 100 --iterations 10 --grad-steps 0 --noise-beta 0.0` over the default planner, as the model "
+            "file records") in card
     assert ("prediction loss 0.0123; linear probe R^2 of the joint angles 0.987; `reach25` latched 100% / held 85%"
             in card)
     assert "Made by `wm train --preset hold` at commit `0123456789ab`" in card
