@@ -36,11 +36,12 @@ def check_planner_free(protocols) -> None:
 
 
 def setting_label(policy: PolicyConfig, lewm: bool) -> str:
-    """How a row of the curve reads: samples x iterations (warm-started ones, bf16, white noise where the
-    default's is red), LeWM's planner named."""
+    """How a row of the curve reads: samples x iterations (warm-started ones, bf16, noise other than the
+    default's), LeWM's planner named."""
     p = policy.plan
     extras = [f"warm {p.warm_iterations}"] * bool(p.warm_iterations) + ["bf16"] * p.bf16
-    extras += ["white noise"] * (p.noise_beta == 0 and not lewm)
+    if p.noise_beta != PolicyConfig().plan.noise_beta and not lewm:  # LeWM's note says its noise
+        extras.append("white noise" if p.noise_beta == 0 else f"noise beta {p.noise_beta:g}")
     label = p.budget() + (f" ({', '.join(extras)})" if extras else "")
     return f"LeWM's planner, {label}" if lewm else label
 

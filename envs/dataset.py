@@ -209,7 +209,7 @@ class EpisodeStore:
         if self.source_size is None:
             attrs["stretched_from"] = [int(x) for x in self.attrs["frame_shape"]]
         rendered = attrs.get("render_size") or self.source_size
-        if rendered is not None and rendered != self.size:
+        if rendered is not None and rendered != self.size and "stretched_from" not in attrs:  # none rendered square
             attrs["render_size"] = rendered
         return {**attrs, "size": self.size}
 

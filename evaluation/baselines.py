@@ -67,6 +67,8 @@ def simulator_controller(batch, pcfg: PolicyConfig, frameskip: int, eps: dict, s
                  "compile": False, "grad_steps": 0}
     if overrides["samples"] != plan.samples:
         overrides["cem.elites"] = None  # a budget of its own: the elites are a tenth of it
+    # warm-started replans refine in fewer iterations, never more than its own budget (--sim-iterations)
+    overrides["warm_iterations"] = min(plan.warm_iterations, overrides["iterations"])
     plan = dataclasses.replace(apply_overrides(plan, overrides), cost=JOINT_COSTS[plan.cost])
     sim = SimulatorModel(batch.physics, frameskip, batch.action_repeat, sees_velocity)
     cfg = dataclasses.replace(pcfg, plan=plan, context=None, subgoals=dataclasses.replace(pcfg.subgoals, enabled=False))

@@ -62,7 +62,7 @@ class Protocol:
 LEWM_POLICY = {"planner": "cem", "samples": 300, "iterations": 30, "horizon": 5, "cost": "final", "cem.elites": 30,
                "cem.min_std": 0.0, "cem.momentum": 0.0, "cem.keep_elites": False, "cem.plan_from": "mean",
                "rest": False, "receding_horizon": 5, "context": 1, "subgoals.enabled": False, "clamp_samples": False,
-               "grad_steps": 0, "noise_beta": 0.0}
+               "grad_steps": 0, "noise_beta": 0.0, "warm_iterations": 0}
 LEWM_NOTE = ("CEM 300 x 30, the top 30 refit, the final mean played, cost on the last predicted latent, all 5 "
              "chunks played before the next plan, one frame of context, no rest candidate or subgoals, samples "
              "scored unclamped, white sampling noise, no gradient steps")

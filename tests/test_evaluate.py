@@ -332,6 +332,9 @@ def test_the_simulator_reference_plans_without_gradient_steps_and_at_least_the_f
         assert (cfg.samples, cfg.iterations, cfg.cem.elites, cfg.grad_steps) == (300, 30, 30, 0)
         _, policy = simulator_controller(batch, PolicyConfig(), 5, eps, seed=0, samples=8, iterations=1)
         assert (policy.planner.cfg.samples, policy.planner.cfg.iterations) == (8, 1)
+        warm = apply_overrides(PolicyConfig(), {"iterations": 10, "warm_iterations": 5})  # a budget of its own:
+        _, policy = simulator_controller(batch, warm, 5, eps, seed=0, samples=8, iterations=3)  # warm within it
+        assert (policy.planner.cfg.iterations, policy.planner.cfg.warm_iterations) == (3, 3)
     finally:
         batch.close()
 

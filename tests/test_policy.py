@@ -182,6 +182,10 @@ def test_a_model_is_planned_as_its_file_records_unless_told_otherwise(model, tmp
     assert recorded_planner(tmp_path / "older.pt") == PRESET_PLANNER["hold"]
     older = load_policy(tmp_path / "older.pt", device="cpu", samples=20, iterations=4, grad_steps=8, **plain)
     assert older.planner.cfg.noise_beta == 0 != PolicyConfig().plan.noise_beta  # typed budgets keep its white noise
+    # a hold model recorded before its preset pinned white noise is planned with it, as it was chosen
+    model.save(tmp_path / "before.pt", extra={"train_config": {"preset": "hold"},
+                                              "planner": {"samples": 100, "iterations": 10, "grad_steps": 0}})
+    assert recorded_planner(tmp_path / "before.pt") == PRESET_PLANNER["hold"]
     model.save(tmp_path / "told.pt", extra={"train_config": {"preset": "hold"}, "planner": {}})  # the record rules
     assert recorded_planner(tmp_path / "told.pt") == {}
     model.save(tmp_path / "dashes.pt", extra={"planner": {"grad-steps": 0}})  # as typed: one name still

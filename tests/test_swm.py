@@ -157,9 +157,11 @@ def test_non_square_frames_need_an_image_size(tmp_path):
     copies = [convert_dataset(path, tmp_path / "copy", "shards", image_size=16),
               convert_dataset(path, tmp_path / "copy.h5", "swm", image_size=16)]
     copies.append(convert_dataset(copies[0], tmp_path / "copy2.h5", "swm"))
+    copies.append(convert_dataset(copies[0], tmp_path / "copy3.h5", "swm", image_size=8))  # its frames were never
+    assert "render_size" not in EpisodeStore(copies[-1]).attrs  # rendered at 16 px: no size they were rendered at
     for copy in copies:
         copied = EpisodeStore(copy)
-        assert copied.size == 16 and recording(copied.attrs)["stretched_from"] == [24, 32]
+        assert copied.size in (16, 8) and recording(copied.attrs)["stretched_from"] == [24, 32]
         with pytest.raises(ValueError, match=r"frames are not square.*stretched from 24x32"):
             batch_like(copied, 2)
         assert collect_command(recording(copied.attrs)) is None

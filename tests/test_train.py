@@ -674,6 +674,23 @@ def test_another_ranks_error_is_raised_as_its_kind_or_as_a_runtime_error():
     assert type(error) is RuntimeError and str(error) == "x.json: not utf-8"
 
 
+def test_rank_0_stopped_while_deciding_tells_the_others_so_none_waits(monkeypatch):
+    """A Ctrl-C (or SIGTERM) on rank 0 inside what it alone decides is shared like an error: the other ranks
+    raise it too instead of waiting in the broadcast until torchrun kills them."""
+    shared = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(distributed, "share", lambda value: shared.append(value) or value)
+
+    def decide():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distributed.rank0_decides(decide)
+    assert [s[:2] for s in shared] == [("error", KeyboardInterrupt)]
+
+
 def _forget_setting(run: Path, name: str) -> None:
     """Make ``run`` look written by code that did not have the setting ``name`` yet."""
     for meta in (run / "model.json", run / "train_config.json"):
@@ -826,18 +843,13 @@ def _train_with_a_failing_worker(data, out):
     return subprocess.run(args, capture_output=True, text=True, timeout=120, env=_wm_env())
 
 
-def test_an_error_in_a_dataloader_worker_ends_the_command(data, tmp_path):
+def test_an_error_in_a_dataloader_worker_ends_the_command_naming_the_file(data, tmp_path):
     """A dataset error raised in a --num-workers process ends `wm train` with its error (it hung at exit: the
-    workers, which ignore stop signals, were left to multiprocessing's exit, which terminates and joins them)."""
+    workers, which ignore stop signals, were left to multiprocessing's exit, which terminates and joins them),
+    said as itself: torch re-raises a worker's error with the worker's traceback as its message (`wm train` said
+    "Caught DatasetError in DataLoader worker process 1." and a traceback, the file and episode at its bottom)."""
     proc = _train_with_a_failing_worker(data, tmp_path / "run")
     assert proc.returncode == 2, proc.stderr[-3000:]
-
-
-def test_an_error_in_a_dataloader_worker_names_the_file_not_the_workers_traceback(data, tmp_path):
-    """Torch re-raises a worker's error with the worker's traceback as its message: `wm train` said "Caught
-    DatasetError in DataLoader worker process 1." and a traceback, the file and episode at its bottom."""
-    proc = _train_with_a_failing_worker(data, tmp_path / "run")
-    assert proc.returncode == 2
     said = "wm train: error: shard_x.h5: episode ep_000003 cannot be read (truncated or corrupt?): bad chunk\n"
     assert said in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr

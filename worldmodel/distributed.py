@@ -65,7 +65,7 @@ def rank0_decides(decide):
     if dist.get_rank() == 0:
         try:
             outcome = ("value", decide())
-        except Exception as exc:
+        except BaseException as exc:  # a stop too: the other ranks must not wait on rank 0
             share(("error", type(exc), str(exc)))
             raise
     kind, *what = share(outcome)

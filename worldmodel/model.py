@@ -333,9 +333,15 @@ PRESET_PLANNER = {"hold": {"samples": 100, "iterations": 10, "grad_steps": 0, "n
 
 def planner_record(meta: dict) -> dict:
     """The planner settings a model.json records (``planner``, by name, unchecked); for a file written before
-    models recorded them, its training preset's (none: the default planner)."""
+    models recorded them, its training preset's (none: the default planner). A record of a preset's planner
+    written before the preset pinned a setting (the hold preset's white noise, pinned when the default became
+    red) takes that setting from the preset: the planner it was chosen with, not today's default."""
     preset = meta.get("train_config", {}).get("preset")
-    return meta.get("planner", PRESET_PLANNER.get(preset, {}) if isinstance(preset, str) else {})
+    pinned = PRESET_PLANNER.get(preset, {}) if isinstance(preset, str) else {}
+    recorded = meta.get("planner", pinned)
+    if isinstance(recorded, dict) and recorded and pinned.keys() & recorded.keys():
+        return {**pinned, **recorded}
+    return recorded
 
 
 def _check_meta(meta: dict, where: Path) -> None:
