@@ -691,6 +691,19 @@ def test_rank_0_stopped_while_deciding_tells_the_others_so_none_waits(monkeypatc
     assert [s[:2] for s in shared] == [("error", KeyboardInterrupt)]
 
 
+def test_a_workers_error_is_said_as_its_own_kind_and_message():
+    """Torch raises a DataLoader worker's error again, of its kind, with the worker's traceback as its message:
+    `wm train` says the error's own message, and keeps its kind (a subclass of DatasetError too)."""
+    from envs.storage import EnvMismatchError
+
+    said = ("Caught EnvMismatchError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+            "  File \"x.py\", line 1\nenvs.storage.EnvMismatchError: d.h5: holds 'reacher-hard' episodes\n")
+    error = train_module._from_worker(EnvMismatchError(said))
+    assert type(error) is EnvMismatchError and str(error) == "d.h5: holds 'reacher-hard' episodes"
+    plain = EnvMismatchError("d.h5: raised here")
+    assert train_module._from_worker(plain) is plain
+
+
 def _forget_setting(run: Path, name: str) -> None:
     """Make ``run`` look written by code that did not have the setting ``name`` yet."""
     for meta in (run / "model.json", run / "train_config.json"):

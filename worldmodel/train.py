@@ -216,9 +216,11 @@ class StepBatches(torch.utils.data.Sampler):
 class StopRequest:
     """SIGINT/SIGTERM during training: remember it, let the step in flight finish, then stop at the
     step boundary (so the checkpoint holds exactly the completed steps; under torchrun all ranks stop
-    together at the next logging step). A second Ctrl-C, a second or more later, stops at once."""
+    together at the next logging step). A second Ctrl-C, a second or more later, stops at once. ``loud``:
+    whether this process says so (rank 0 alone under torchrun, as for every other message)."""
 
-    def __init__(self):
+    def __init__(self, loud: bool = True):
+        self.loud = loud
         self.signal: int | None = None
         self.saved: int | None = None  # the last step, once its training state is saved: only measuring is left
         self._at = 0.0
@@ -238,15 +240,16 @@ class StopRequest:
         self.signal, self._at = signum, time.monotonic()
         if self.saved is not None:
             self.say_saved()
-        else:
+        elif self.loud:
             log.warning(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
                         f"(Ctrl-C again to stop at once)")
 
     def say_saved(self) -> None:
         """What a stop during the end-of-training measurements means: nothing is lost either way."""
-        log.warning(f"{signal.Signals(self.signal).name}: every step is saved (checkpoint.pt, step {self.saved}); "
-                    f"finishing the end-of-training measurements and the model files (Ctrl-C again to stop at "
-                    f"once: the same command then measures again and writes them)")
+        if self.loud:
+            log.warning(f"{signal.Signals(self.signal).name}: every step is saved (checkpoint.pt, step {self.saved}); "
+                        f"finishing the end-of-training measurements and the model files (Ctrl-C again to stop "
+                        f"at once: the same command then measures again and writes them)")
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -357,7 +360,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     finished = False  # every step run and the model saved
     step_keys = ("pixels", "actions") + (("starts_episode",) if cfg.padded_history == "rest" else ())
     batches = iter(loader)  # its worker processes, with --num-workers, stopped in `finally`
-    with StopRequest() as stop:
+    with StopRequest(loud=is_main) as stop:
         try:
             for step, batch in enumerate(batches, start=start):
                 for group in opt.param_groups:
@@ -391,7 +394,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                     save(done, model_files=False)  # the training state first: a stop while measuring loses no step
                     if last:
                         stop.saved = done
-                        if stop.signal is not None and is_main:  # a stop during the last step: it said "saving"
+                        if stop.signal is not None:  # a stop during the last step: it said "saving"
                             stop.say_saved()
                 if is_main:
                     metrics.update(_evaluate(model, data, cfg, done, writer, closed_loop, device))
@@ -502,7 +505,8 @@ def _from_worker(exc: DatasetError) -> DatasetError:
     text = str(exc)
     if not (text.startswith("Caught ") and "DataLoader worker" in text.split("\n", 1)[0]):
         return exc
-    return DatasetError(text.rstrip().rsplit(f"{type(exc).__name__}: ", 1)[-1])
+    message = text.rstrip().rsplit(f"{type(exc).__name__}: ", 1)[-1]
+    return distributed.same_error(type(exc), message)  # its own kind (an EnvMismatchError stays one)
 
 
 def _wrap(model: WorldModel, cfg: TrainConfig, world: int, device: torch.device):
