@@ -118,7 +118,9 @@ class DmControlReacher(ReacherPhysics):
     def __init__(self, task: str = "easy"):
         from dm_control import suite
 
-        self._env = suite.load("reacher", task)
+        # a fixed seed: the reset below also places the target, which stays the model's own (the one a dataset
+        # without targets is evaluated with), so it must be the same in every process
+        self._env = suite.load("reacher", task, task_kwargs={"random": 0})
         self._env.reset()  # applies the task's target size to the model
         physics = self._env.physics
         self._physics = physics

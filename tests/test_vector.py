@@ -84,6 +84,19 @@ def test_states_report_each_states_own_target_without_a_render():
 
 
 @pytest.mark.parametrize("env", ["reacher-easy", "gym-reacher"])
+def test_the_models_own_target_is_the_same_in_every_batch(env):
+    """A dataset without targets is evaluated with the model's own target: it must be the same target in every
+    batch and process, or the same episodes would look different from one evaluation to the next."""
+    zeros, nan = np.zeros((1, 2)), np.full((1, 2), np.nan)
+    frames = []
+    for _ in range(2):
+        batch = ReacherBatch(env, 1, size=32, hide_target=False)
+        frames.append(batch.reset_to(zeros, None, nan))
+        batch.close()
+    assert np.array_equal(frames[0], frames[1])
+
+
+@pytest.mark.parametrize("env", ["reacher-easy", "gym-reacher"])
 def test_a_nan_target_keeps_the_models_own_not_the_last_one_set(env):
     """A NaN target row (a dataset without targets) keeps the model's own target, as ``reset_to`` says: not the
     one another row, or an earlier reset, put in dm_control's model (which its states share)."""
