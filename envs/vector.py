@@ -30,7 +30,6 @@ class ReacherBatch:
         self.env = make_env(env, size=size, hide_target=hide_target, render_quality=render_quality)
         self.physics = self.env.physics
         self.datas = [mujoco.MjData(self.physics.model) for _ in range(n)]
-        self._stale = False  # stepped without updating positions-derived fields (see ``step``)
         self._own_target = self._model_target()
         self._targets = [self._own_target] * n
 
@@ -62,7 +61,6 @@ class ReacherBatch:
             mujoco.mj_resetData(self.physics.model, d)
             self._targets[i] = self._target_or_own(None if target is None else target[i])
             self.physics.set_state(qpos[i], None if qvel is None else qvel[i], self._targets[i], d)
-        self._stale = False  # set_state ran the forward pass
         return self.render() if render else None
 
     def step(self, actions: np.ndarray, render: bool = True, control_qpos: list | None = None) -> np.ndarray | None:
@@ -79,7 +77,6 @@ class ReacherBatch:
                 self.physics.step(a, d, forward=False)  # positions for rendering are brought up to date on demand
             if control_qpos is not None:
                 control_qpos.append(self.qpos())
-        self._stale = True
         return self.render() if render else None
 
     def _model_target(self) -> np.ndarray:
@@ -95,18 +92,11 @@ class ReacherBatch:
             return self._own_target
         return np.asarray(target, np.float64)
 
-    def _update_positions(self) -> None:
-        """Forward kinematics of every state stepped since: what rendering and fingertip positions read."""
-        if self._stale:
-            for d in self.datas:
-                mujoco.mj_kinematics(self.physics.model, d)
-            self._stale = False
-
     def _each_state(self):
-        """Every state's data, positions up to date and its own target in place (dm_control keeps the target
-        in the model, shared by the states): what frames and states read."""
+        """Every state's data, its own target in place (dm_control keeps the target in the model, shared by the
+        states) and its positions up to date (``step`` leaves them behind): what frames and states read. The
+        kinematics run here, once per state each time they are read, after its target is in place."""
         self._check_open()
-        self._update_positions()
         for d, target in zip(self.datas, self._targets):
             self.physics._set_target(target, d)
             mujoco.mj_kinematics(self.physics.model, d)

@@ -112,3 +112,30 @@ def test_a_nan_target_keeps_the_models_own_not_the_last_one_set(env):
     assert np.allclose(batch.states()["target"], own)
     assert np.array_equal(batch.render_goals(zeros, np.stack([nan, nan]))[1], own_frames[1])
     batch.close()
+
+
+@pytest.mark.parametrize("env", ["reacher-easy", "gym-reacher"])
+def test_stepped_states_with_their_own_targets_match_single_environments(env):
+    """Each stepped state's positions are brought up to date with its own target in place, whether frames or
+    states are read first: every frame and state equals a single environment's, bit for bit."""
+    qpos = np.array([[0.1, 0.2], [1.0, -1.0], [-2.0, 0.5]])
+    targets = np.array([[0.1, 0.1], [-0.05, 0.12], [0.0, -0.15]])
+    actions = np.random.default_rng(1).uniform(-1, 1, (4, 3, 2))
+    batch = ReacherBatch(env, 3, size=32, hide_target=False, action_repeat=2)
+    batch.reset_to(qpos, None, targets, render=False)
+    frames, states = [], []
+    for a in actions:
+        batch.step(a, render=False)
+        states.append(batch.states())  # read before a render, then after one: the same
+        frames.append(batch.render())
+        assert all(np.array_equal(v, batch.states()[k]) for k, v in states[-1].items())
+    batch.close()
+    single = envs.reacher.make_env(env, size=32, hide_target=False, action_repeat=2)
+    for i in range(3):
+        single.reset(options={"qpos": qpos[i], "target": targets[i]})
+        for t, a in enumerate(actions):
+            obs, _, _, _, info = single.step(a[i])
+            assert np.array_equal(obs, frames[t][i])
+            for k in ("qpos", "qvel", "finger", "target"):
+                assert np.array_equal(info[k], states[t][k][i]), (k, t, i)
+    single.close()
