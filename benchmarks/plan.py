@@ -24,12 +24,15 @@ from benchmarks.naive import NaiveCEMPlanner, ProblemLoopCEMPlanner
 from benchmarks.timing import absolute_shown, alternating, markdown_table, paired_ratio, round_robin
 from common.config import apply_overrides
 from common.device import resolve_device, synchronize
+from evaluation.protocols import LEWM_POLICY
 from planners.config import PlannerConfig
 from planners.noise import problem_keys
 from planners.policy import make_planner
 
-LEWM_SEARCH = {"samples": 300, "iterations": 30, "horizon": 5, "cem.elites": 30, "grad_steps": 0,  # LeWM's CEM
-               "noise_beta": 0.0}
+# LeWM's CEM search (its budget, elites and noise, no gradient steps), taken from its planner as the lewm protocol
+# runs it so that the two cannot drift apart; its other settings stay at the defaults here, as they always have.
+LEWM_SEARCH = {k: LEWM_POLICY[k]
+               for k in ("samples", "iterations", "horizon", "cem.elites", "grad_steps", "noise_beta")}
 
 
 def demo_model(device: torch.device):
