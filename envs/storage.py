@@ -32,7 +32,8 @@ import numpy as np
 from common.config import check_integer
 from common.files import atomic_write_bytes, atomic_write_json
 from common.provenance import provenance
-from envs.reacher import MAX_ACTION_REPEAT
+from envs.physics import make_physics
+from envs.reacher import ENV_NAMES, MAX_ACTION_REPEAT
 
 log = logging.getLogger(__name__)
 
@@ -371,9 +372,6 @@ def complete_states(arrays: list[dict], env: str, path: Path) -> None:
 
 def fingertips(env: str, qpos: np.ndarray, path: Path) -> np.ndarray:
     """(N, 2) joint angles -> (N, 2) fingertip xy, with the MuJoCo model of ``env``."""
-    from envs.physics import make_physics
-    from envs.reacher import ENV_NAMES
-
     if env not in ENV_NAMES:
         raise DatasetError(f"{path}: has no finger positions and its env {env!r} is not one of "
                            f"{sorted(ENV_NAMES)}, whose model could derive them from qpos")
