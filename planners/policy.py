@@ -312,32 +312,34 @@ class MPCPolicy:
             self._a_hist = a[:, a.shape[1] - (self._z_hist.shape[1] - 1):]
             if self._plan is not None:
                 self._chunks_since_plan += 1
+        nearest = None  # the nodes nearest z, once the solve has found them
         if self._route is not None and not self._route.is_solved:  # an episode's first boundary: the arms' starts
-            self._routing(lambda: subgoals.solve(self.graph, self._route, z))
+            nearest = self._routing(lambda: subgoals.solve(self.graph, self._route, z))
         if self._plan is None or self._chunks_since_plan >= self.receding_horizon:
-            self._replan()
+            self._replan(nearest)
         chunk = self._plan[:, self._chunks_since_plan].clamp(-1, 1)  # (B, A): what the env plays (and history holds)
         self._chunk = rearrange(chunk, "b (k a) -> b k a", k=self.frameskip)
         self._chunk_host = self._chunk.cpu().numpy().astype(np.float32)
         if self._route is not None:  # the device is idle: solve further where an arm neared the edge of the solve
             self._routing(lambda: subgoals.cover(self.graph, self._route))
 
-    def _replan(self) -> None:
+    def _replan(self, nearest=None) -> None:
+        """Plan from the history, which ends at this boundary's latents (``nearest``: their nodes, if found)."""
         init = None
         if self._plan is not None:  # warm start: what each problem was about to play
             init = self._upcoming() if self._step_plan is not None else shift_plan(self._plan, self._chunks_since_plan)
         a_hist = self._a_hist if self._z_hist.shape[1] > 1 else None
-        result = self._plan_from(self._z_hist, a_hist, init)
+        result = self._plan_from(self._z_hist, a_hist, init, nearest)
         self._plan, self._chunks_since_plan, self._steps_since_plan = result.actions, 0, 0
         self._planned_from, self._prediction = (self._z_hist, a_hist), None
 
-    def _plan_from(self, z_hist: torch.Tensor, a_hist, init):
+    def _plan_from(self, z_hist: torch.Tensor, a_hist, init, nearest=None):
         """One timed planning call for all problems, towards each one's goal or waypoint (the device is already
-        idle here: the last chunk was copied to the host)."""
+        idle here: the last chunk was copied to the host); ``nearest``: the nodes of ``z_hist[:, -1]``, if known."""
         start = time.perf_counter()
         target = self._z_goal
         if self._route is not None:  # a waypoint on the way to a far goal
-            target = subgoals.targets(self.graph, self._route, z_hist[:, -1], self.cfg.subgoals)
+            target = subgoals.targets(self.graph, self._route, z_hist[:, -1], self.cfg.subgoals, nearest)
             self.waypoint_times.append(time.perf_counter() - start)
         self.last_target = target  # (B, D): what the last plan headed for (for videos)
         result = self.planner.plan(z_hist, target, a_hist, init, keys=self._keys)

@@ -159,13 +159,15 @@ def route(graph: LatentGraph, z_goal: Tensor, cfg: SubgoalConfig) -> Route:
     return _router(graph).route(z_goal, cfg.lookahead)
 
 
-def solve(graph: LatentGraph, route: Route, z: Tensor) -> None:
+def solve(graph: LatentGraph, route: Route, z: Tensor) -> Tensor:
     """Solve the paths from where each arm is (latents z (B, D)) to its goal, with a margin beyond (host work
     when an episode starts: it reads the starts' nearest nodes). Not knowing how far a start is, each solve
     first stops at ``4 * SOLVE_MARGIN`` chunks from the goal; a start beyond that (a far goal) is solved
-    again to its distance plus twice the margin, or whole if the first solve did not reach it."""
+    again to its distance plus twice the margin, or whole if the first solve did not reach it. Returns the
+    nearest nodes (B,) on the device: ``targets`` from the same latents takes them instead of searching again."""
     router = _router(graph)
-    start = graph.nearest(z).cpu().numpy()  # (B,)
+    nearest = graph.nearest(z)  # (B,)
+    start = nearest.cpu().numpy()
     probe = 4 * SOLVE_MARGIN
     limits = np.full(len(start), probe)
     for b, (goal, node) in enumerate(zip(route.goal_node.tolist(), start.tolist())):
@@ -173,6 +175,7 @@ def solve(graph: LatentGraph, route: Route, z: Tensor) -> None:
         if not dist + SOLVE_MARGIN <= probe and router.component[node] == router.component[goal]:
             limits[b] = dist + 2 * SOLVE_MARGIN if np.isfinite(dist) else np.inf
     router.solve(route, np.arange(len(start)), limits)  # the device tables, once
+    return nearest
 
 
 def cover(graph: LatentGraph, route: Route) -> None:
@@ -211,16 +214,17 @@ def waypoints(route: Route, node: Tensor, lookahead: float) -> Tensor:
     return route.jump[0].gather(1, at)[:, 0]
 
 
-def targets(graph: LatentGraph, route: Route, z: Tensor, cfg: SubgoalConfig) -> Tensor:
+def targets(graph: LatentGraph, route: Route, z: Tensor, cfg: SubgoalConfig, node: Tensor | None = None) -> Tensor:
     """What each of B problems plans towards from its current latent z (B, D): the goal once it has
     come within ``reach`` chunks along the graph (or if it is not connected to it), else the waypoint
     ``lookahead`` chunks ahead on the shortest path. Coming near latches: an arm holding its goal is never
     sent back to a waypoint because its nearest node lies a little off the path. An arm beyond what is
     solved (``cover`` makes that rare) heads for its goal this once, without latching. No host
-    synchronisation: a nearest-node search, gathers and the jumps."""
+    synchronisation: a nearest-node search (none when ``node``, z's nearest nodes (B,), is given: ``solve``
+    found them from the same latents), gathers and the jumps."""
     if not route.is_solved:
         raise RuntimeError("solve the route from where the arms are (subgoals.solve) before asking for targets")
-    node = graph.nearest(z)  # (B,)
+    node = graph.nearest(z) if node is None else node  # (B,)
     far = route.dist.gather(1, node[:, None])[:, 0]  # (B,)
     known = torch.isfinite(far)
     stray = ~known & route.linked.gather(1, node[:, None])[:, 0]  # beyond what is solved

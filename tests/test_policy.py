@@ -247,11 +247,11 @@ def test_no_host_sync_while_replanning(model):
     def no_sync(*args):
         raise AssertionError("host synchronisation inside a replan")
 
-    def guarded():
+    def guarded(*args):
         with ExitStack() as stack:
             for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
                 stack.enter_context(mock.patch.object(torch.Tensor, name, no_sync))
-            real()
+            real(*args)
 
     policy._replan = guarded
     frames = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
@@ -340,8 +340,9 @@ def test_step_replanning_replans_between_boundaries_and_changes_nothing_far_from
 
     real = subgoals.targets
 
-    def never_near(graph, route, z, cfg):  # the goals stay far: waypoints, and no problem counts as near
-        out = real(graph, route, z, cfg)
+    def never_near(*args):  # the goals stay far: waypoints, and no problem counts as near
+        out = real(*args)
+        route = args[1]
         route.near[:] = False
         return out
 

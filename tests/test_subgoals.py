@@ -201,3 +201,26 @@ def test_routes_are_cached_per_goal_node_until_forgotten(monkeypatch):
     fresh = route(graph, goals, SUBGOALS)
     solve(graph, fresh, starts)
     assert len(solves) == 4 and fresh.dist.equal(first.dist)  # solved afresh, the same paths
+
+
+def test_an_episodes_first_plan_takes_the_nearest_nodes_its_solve_found(monkeypatch):
+    """At an episode's first chunk boundary the solve finds the starts' nearest nodes; the first plan's
+    waypoints take them instead of searching again (one search per boundary), and are those a route solved
+    and searched afresh gives."""
+    model, start, goal = RingWithWall(), latent([2.7, -2.7, 0.5]), latent([-2.7, 2.7, 1.0])
+    mpc = policy(model, subgoals=True)
+    searches = []
+    real = LatentGraph.nearest
+    monkeypatch.setattr(LatentGraph, "nearest", lambda self, z: searches.append(len(z)) or real(self, z))
+    mpc.reset_latent(goal)
+    assert searches == [3]  # the goals' nodes
+    mpc.act_latent(lambda: start, 3)
+    assert searches == [3, 3] and len(mpc.plan_times) == 1  # the starts' nodes, for the solve and the plan
+    fresh = route(mpc.graph, goal, SUBGOALS)
+    found = solve(mpc.graph, fresh, start)
+    assert torch.equal(found, real(mpc.graph, start))
+    assert torch.equal(targets(mpc.graph, fresh, start, SUBGOALS), mpc.last_target)
+    assert torch.equal(fresh.far, mpc._route.far) and torch.equal(fresh.near, mpc._route.near)
+    searches.clear()
+    mpc.act_latent(lambda: start, 3)
+    assert searches == [3] and len(mpc.plan_times) == 2  # later boundaries: one search, the plan's
