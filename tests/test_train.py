@@ -335,6 +335,21 @@ def test_resume_starts_from_the_runs_own_settings(data, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "model.json").read_text())["step"] == 8
 
 
+def test_a_resume_reads_its_checkpoint_once(data, tmp_path, monkeypatch):
+    """Deciding what to do with the run reads its checkpoint; the resume restores from what was read, not
+    from a second read of the file (the run's directory is locked in between)."""
+    _poison_loss(monkeypatch, after=5)
+    with pytest.raises(TrainingDiverged):
+        train(tiny(data, tmp_path / "run"), progress=False)  # diverged at step 6: the checkpoint of step 4 kept
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "train_config.json").is_file()
+    real, reads = torch.load, []
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(Path(f).name) or real(f, *a, **k))
+    assert train(tiny(data, tmp_path / "run", resume=True, lr=5e-4), progress=False)["loss/total"] > 0
+    assert reads.count("checkpoint.pt") == 1
+    assert real(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 8
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_interrupt_then_resume_is_bit_for_bit(data, tmp_path, monkeypatch, sig):
     """The step in flight finishes (BatchNorm statistics and optimiser step both), then the run saves and
