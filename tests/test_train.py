@@ -120,6 +120,22 @@ def test_a_resumed_run_replaces_the_curves_logged_after_its_checkpoint(data, tmp
     assert events.Scalars("opt/lr")[2].value < 5e-4  # step 6 as resumed, with the lower rate
 
 
+def test_a_finished_run_written_again_logs_each_step_once(data, tmp_path):
+    """A finished run whose model.pt was lost measures again at its last step: TensorBoard keeps one point per
+    step (the measurements were drawn twice there: the writer hides only what came after that step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(tiny(data, out, probe_every=4), progress=False)
+    (out / "model.pt").unlink()
+    assert "probe" in train(tiny(data, out, probe_every=4, resume=True), progress=False)
+    events = EventAccumulator(str(out / "tb")).Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert steps["loss/total"] == [2, 4, 6, 8] and steps["val/prediction_loss"] == [4, 8]
+    assert steps["probe/r2_joints_mean"] == [4, 8]
+    assert all(len(s) == len(set(s)) for s in steps.values()), steps
+
+
 def test_data_without_starting_states_trains_without_a_closed_loop_check(tmp_path, caplog):
     """Rollouts without joint velocities (or angles) train, and say up front that no closed-loop check can run
     at the end (it needs the states its episodes start from) rather than failing after the last step."""
@@ -194,6 +210,10 @@ def test_a_stop_while_measuring_at_the_end_loses_no_step(data, tmp_path, monkeyp
     assert torch.load(out / "checkpoint.prev.pt", weights_only=True)["step"] == 4
     result = train(tiny(data, out), progress=False)
     assert "probe" in result and json.loads((out / "model.json").read_text())["step"] == 8
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tb")).Reload()  # the measurements it lacked, the last loss kept
+    assert [e.step for e in events.Scalars("val/prediction_loss")] == [4, 8]
+    assert [e.step for e in events.Scalars("loss/total")] == [2, 4, 6, 8]
 
 
 def test_a_stop_while_measuring_at_the_end_says_every_step_is_saved(data, tmp_path, monkeypatch, caplog):

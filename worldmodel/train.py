@@ -357,7 +357,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
 
     if start == cfg.steps:  # a finished run whose model files were lost: written again from its checkpoint
         if is_main:
-            metrics.update(_evaluate(model, data, cfg, start, writer, closed_loop, device))
+            metrics.update(_evaluate(model, data, cfg, start, _MissingPoints(writer, start), closed_loop, device))
         save(start)
 
     # --- the loop --------------------------------------------------------------------------------------
@@ -702,6 +702,24 @@ def _writer(out: Path, start: int):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(out / "tb"), purge_step=start + 1)
+
+
+class _MissingPoints:
+    """A writer adding only the scalars TensorBoard lacks at ``step``: a finished run measured again (its model
+    files rebuilt) logged them there already, unless it was stopped while measuring; ``_writer`` hides only
+    what came after that step, so each measurement showed twice."""
+
+    def __init__(self, writer, step: int):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        writer.flush()
+        events = EventAccumulator(writer.log_dir).Reload()
+        self.writer = writer
+        self.logged = {tag for tag in events.Tags()["scalars"] if any(e.step == step for e in events.Scalars(tag))}
+
+    def add_scalar(self, tag: str, value, step: int) -> None:
+        if tag not in self.logged:
+            self.writer.add_scalar(tag, value, step)
 
 
 def _log_frames(writer, ds: WindowDataset, rows: int = 6) -> None:
