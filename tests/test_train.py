@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -681,6 +682,43 @@ def test_two_cpu_processes_stay_in_sync(data, tmp_path):
     assert meta["step"] == 4 and meta["metrics"]["ddp_max_param_diff"] == 0.0
     assert meta["world_size"] == 2 and torch.load(out / "checkpoint.pt", weights_only=True)["world_size"] == 2
     assert proc.stdout.count("model:") == 1 and "{}" not in proc.stdout  # results from rank 0 alone
+
+
+def test_the_losses_logged_under_torchrun_are_the_mean_over_ranks(data, tmp_path):
+    """Each rank draws its own windows, so its losses differ: TensorBoard and model.json show their mean over the
+    ranks (they showed rank 0's alone)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spy = tmp_path / "spy.py"  # `wm`, each rank writing down its losses
+    spy.write_text(textwrap.dedent("""
+        import os, sys
+        import worldmodel.train as t
+        from wm import main
+        real = t.world_model_losses
+        def spy(*args, **kwargs):
+            losses = real(*args, **kwargs)
+            with open(os.environ["SPY"] + os.environ["RANK"], "a") as f:
+                f.write(f"{float(losses['loss'])} {float(losses['pred_loss'])}\\n")
+            return losses
+        t.world_model_losses = spy
+        sys.exit(main(sys.argv[1:]))
+        """))
+    out = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(spy),
+            "train", "--data", str(data), "--out", str(out), "--steps", "2"]
+    for path, v in TINY.items():
+        args += ["--" + path.replace("_", "-"), str(v)]
+    env = {**_wm_env(), "SPY": str(tmp_path / "rank")}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = [[float(x) for x in (tmp_path / f"rank{r}").read_text().splitlines()[-1].split()] for r in (0, 1)]
+    assert last[0] != last[1]  # the ranks' losses differ
+    total, prediction = ((a + b) / 2 for a, b in zip(*last))
+    events = EventAccumulator(str(out / "tb")).Reload()
+    assert events.Scalars("loss/total")[-1].step == 2
+    assert events.Scalars("loss/total")[-1].value == pytest.approx(total, rel=1e-5)
+    assert json.loads((out / "model.json").read_text())["metrics"]["loss/prediction"] == pytest.approx(prediction,
+                                                                                                      rel=1e-5)
 
 
 def test_a_refusal_only_rank_0_decides_stops_every_rank_saying_why(data, tmp_path):

@@ -92,6 +92,16 @@ def any_rank(flag: torch.Tensor) -> bool:
     return bool(flag)
 
 
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (a float tensor on this rank's device) averaged over the ranks, the same on every rank; itself
+    outside torchrun. Every rank must call it: at logging steps only (it waits for every rank's step)."""
+    if world_size() > 1 and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        values /= dist.get_world_size()
+    return values
+
+
 def check_in_sync(model: torch.nn.Module, tolerance: float = 1e-5) -> float:
     """Largest difference between this rank's parameters and rank 0's; an error if they drifted."""
     flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])  # on the rank's device

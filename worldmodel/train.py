@@ -386,9 +386,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 logging = done % cfg.log_every == 0 or last
                 if logging:
                     guard.check(done)
+                    logged = _mean_losses(losses)  # on every rank: a collective
                     if writer is not None:
                         now = time.perf_counter()
-                        scalars = _scalars(losses, opt, grad_norm, frames_seen / (now - t_last))
+                        scalars = _scalars(logged, opt, grad_norm, frames_seen / (now - t_last))
                         t_last, frames_seen = now, 0
                         _log(writer, scalars, done)
                         guard.logged(scalars["loss/total"])
@@ -644,6 +645,18 @@ def _evaluate(model: WorldModel, data: TrainingData, cfg: TrainConfig, done: int
 def _log(writer, scalars: dict, step: int) -> None:
     for k, v in scalars.items():
         writer.add_scalar(k, v, step)
+
+
+# the losses world_model_losses returns (beside the embeddings, "z")
+LOSS_KEYS = ("loss", "pred_loss", "sigreg", "rollout_loss", "first_frame_rollout_loss")
+
+
+def _mean_losses(losses: dict) -> dict:
+    """``losses`` with each loss averaged over the ranks (each draws its own windows), so what is logged is the
+    run's, not rank 0's; the embeddings stay this rank's."""
+    keys = [k for k in LOSS_KEYS if k in losses]
+    mean = distributed.mean_over_ranks(torch.stack([losses[k].detach().float() for k in keys]))
+    return {**losses, **dict(zip(keys, mean))}
 
 
 def _scalars(losses: dict, opt, grad_norm, frames_per_s: float) -> dict:
