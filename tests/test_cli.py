@@ -324,9 +324,10 @@ def test_a_path_typed_empty_is_refused(command, flag, tmp_path, capsys, monkeypa
     assert not any(tmp_path.iterdir())
 
 
-def test_a_resumed_run_forgets_overwrite_and_finds_its_data_from_anywhere(tmp_path, monkeypatch):
+def test_a_resumed_run_forgets_overwrite_and_finds_its_data_from_anywhere(tmp_path, monkeypatch, caplog):
     """A run started with --overwrite and stopped resumes with --resume alone (the flag was how it started),
-    and from another working directory it finds its data by what its model.json records."""
+    and from another working directory it finds its data by what its model.json records, and names it plainly
+    (not as project/run/../data)."""
     from conftest import write_synthetic
     from test_train import _poison_loss
 
@@ -341,8 +342,12 @@ def test_a_resumed_run_forgets_overwrite_and_finds_its_data_from_anywhere(tmp_pa
     monkeypatch.chdir(tmp_path)  # "data" typed in project/ is not here
     (project / "run" / "model.json").unlink()  # --resume needs only the checkpoint
     write_synthetic(tmp_path / "data", n_episodes=6, steps=40, noise=True)  # another dataset where "data" points
-    assert main(["train", "--out", "project/run", "--resume"]) == 0
-    assert json.loads((project / "run" / "model.json").read_text())["step"] == 8
+    with caplog.at_level("INFO", logger="worldmodel.train"):
+        assert main(["train", "--out", "project/run", "--resume"]) == 0
+    meta = json.loads((project / "run" / "model.json").read_text())
+    data = (project / "data").resolve()
+    assert meta["step"] == 8 and meta["data"]["path"] == str(data)
+    assert f"data: {data} (shards" in caplog.text
 
 
 def test_outputs_of_one_command_are_not_replaced_by_another(tmp_path, capsys):

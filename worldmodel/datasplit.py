@@ -144,10 +144,11 @@ def recorded_data(meta: dict) -> str | None:
 def data_candidates(meta: dict, checkpoint) -> list[Path]:
     """Where a checkpoint's dataset may be, most specific first: relative to the model file (a run directory
     moved with its data), its absolute path, and the path as training was given it (from the directory the
-    command runs in, as models of earlier versions recorded it)."""
+    command runs in, as models of earlier versions recorded it). The first is normalised (``/x/data``, not
+    ``/x/run/../data``): the path found is said, and a resumed run records it."""
     record, found = meta.get("data", {}), []
-    if record.get("relative_to_model"):
-        found.append(Path(checkpoint).resolve().parent / record["relative_to_model"])
+    if record.get("relative_to_model"):  # '..' only leads it, from a resolved directory: normpath is exact
+        found.append(Path(os.path.normpath(Path(checkpoint).resolve().parent / record["relative_to_model"])))
     if record.get("absolute"):
         found.append(Path(record["absolute"]))
     if recorded_data(meta):
