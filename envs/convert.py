@@ -6,6 +6,7 @@ format) <- dataset (``EpisodeStore``: either layout) <- convert.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ from common.files import (naming_write_errors, output_dir, output_lock, prepare_
 from envs.dataset import EpisodeStore
 from envs.storage import DEFAULT_DATA, STATE_KEYS, DatasetError, write_manifest, write_shard
 from envs.swm import write_swm
+
+log = logging.getLogger(__name__)
 
 
 def write_shards(store: EpisodeStore, out_dir: str | Path, episodes_per_shard: int = 20) -> list[Path]:
@@ -99,12 +102,24 @@ def convert_dataset(src, dst: str | Path, fmt: str = "swm", image_size: int | No
             check_new_directory(dst)
         store = EpisodeStore(src, in_memory=False, image_size=image_size, env=env)
         try:
+            say_if_enlarged(store, src)
             if fmt == "swm":
                 return write_swm(store, dst, compression)
             write_shards(store, dst)
             return dst
         finally:
             store.close()
+
+
+def say_if_enlarged(store: EpisodeStore, src) -> None:
+    """A warning when ``--image-size`` is larger than the stored frames: resizing is an area average, which
+    upsampling turns into repeating pixels. The copy is still written (it records the size its frames were
+    rendered at, so an evaluation resizes its own the same way), but it holds no more detail than its source."""
+    h, w = (store.source_size,) * 2 if store.source_size else tuple(store.attrs.get("frame_shape") or (0, 0))
+    if store.size > max(h, w):
+        stored = f"{h}" if h == w else f"{h}x{w}"
+        log.warning(f"{src}: --image-size {store.size} enlarges its {stored} px frames: an upsample adds no detail, "
+                    f"only bytes; frames rendered at that size (`wm collect --size {store.size}`) hold it")
 
 
 @dataclass
@@ -114,7 +129,8 @@ class ConvertConfig:
     data: str = option(DEFAULT_DATA, "source: a directory of shards or one .h5 file", path=True)
     out: str = option(DEFAULT_DATA + ".h5", "destination: an .h5 file (swm) or a directory (shards)", path=True)
     format: str = option("swm", "swm (one file, stable-worldmodel layout) or shards", choices=("swm", "shards"))
-    image_size: int | None = option(None, "area-resize frames to this size (default: keep)")
+    image_size: int | None = option(None, "area-resize frames to this size (default: keep; a larger size is an "
+                                            "upsample, said: it adds no detail)")
     env: str | None = option(None, "the source's env when a stable-worldmodel file does not say (default: "
                                    "reacher-easy); a source that records another is refused")
     compression: str = option("blosc", "swm pixels: blosc (as their recorder), gzip or none",

@@ -168,6 +168,22 @@ def test_non_square_frames_need_an_image_size(tmp_path):
     assert recording(EpisodeStore(write_synthetic(tmp_path / "square", 1, 4, size=16)).attrs)["stretched_from"] is None
 
 
+def test_a_conversion_that_enlarges_frames_says_it_adds_no_detail(tmp_path, caplog):
+    """--image-size above the stored frames' size is an upsample: the copy is written, with a warning naming the
+    file and both sizes; a copy at their size or smaller says nothing."""
+    src = write_synthetic(tmp_path / "src", n_episodes=1, steps=3, size=32)
+    wide = write_swm_file(tmp_path / "wide.h5", n_episodes=1, rows=4, columns={"pixels": np.zeros((4, 24, 32, 3),
+                                                                                                 np.uint8)})
+    with caplog.at_level("WARNING", logger="envs.convert"):
+        for source, size in ((src, 32), (src, 16), (wide, 32)):
+            convert_dataset(source, tmp_path / f"{source.stem}{size}.h5", image_size=size)
+        assert not caplog.text
+        assert EpisodeStore(convert_dataset(src, tmp_path / "big.h5", image_size=48)).size == 48
+        convert_dataset(wide, tmp_path / "wide48", "shards", image_size=48)
+    assert f"{src}: --image-size 48 enlarges its 32 px frames" in caplog.text
+    assert f"{wide}: --image-size 48 enlarges its 24x32 px frames" in caplog.text
+
+
 def _their_read(path, episode):
     """What stable-worldmodel's HDF5Dataset does: SWMR open, rows ep_offset : ep_offset + ep_len of a column."""
     with h5py.File(path, "r", swmr=True) as f:
