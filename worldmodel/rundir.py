@@ -63,21 +63,15 @@ def _differences(saved: dict, cfg, ignore) -> dict:
     return {k: (saved.get(k), v) for k, v in now.items() if k not in ignore and saved.get(k) != v}
 
 
-def status(out: Path, cfg) -> tuple[str, dict | None]:
+def status(out: Path, cfg) -> str:
     """What to do with ``out``: ``fresh`` (start), ``overwrite`` (start, the run there cleared by ``clear``
     once the new one has checked its data and settings), ``resume`` (continue), ``done`` (nothing: it holds a
     finished run of these settings) or ``rebuild`` (a finished run whose model.pt or model.json is missing or
-    damaged: written again from its checkpoint). A run in the way is an error that says what to type. With it,
-    the checkpoint as read to decide (None: none was), which ``load`` restores from without reading it again."""
-    if cfg.overwrite:
-        return "overwrite", None
-    step, saved, checkpoint = recorded_run(out, type(cfg))
-    return _decide(out, cfg, step, saved), checkpoint
-
-
-def _decide(out: Path, cfg, step: int | None, saved: dict) -> str:
-    """``status``'s answer, from the step and settings the run in ``out`` records."""
+    damaged: written again from its checkpoint). A run in the way is an error that says what to type."""
     ckpt = out / "checkpoint.pt"
+    if cfg.overwrite:
+        return "overwrite"
+    step, saved = recorded_run(out, type(cfg))
     finished = step is not None and step == saved.get("steps") and not _differences(saved, cfg, RESUME_FREE | set(RECOVERY))
     if finished and not model_intact(out, step):
         if not ckpt.is_file():
@@ -129,9 +123,9 @@ def clear(out: Path) -> list[Path]:
     return sorted(path for pattern in MEASURED_BESIDE for path in out.glob(pattern))
 
 
-def recorded_run(out: Path, cls) -> tuple[int | None, dict, dict | None]:
-    """(step, settings, checkpoint) of the run in ``out``: from its checkpoint (what --resume continues; its
-    contents as read), else from its model.json (checkpoint None); (None, {}, None) when it holds neither."""
+def recorded_run(out: Path, cls) -> tuple[int | None, dict]:
+    """(step, settings) of the run in ``out``: from its checkpoint (what --resume continues), else from its
+    model.json; (None, {}) when it holds neither."""
     ckpt = out / "checkpoint.pt"
     if ckpt.is_file():
         try:
@@ -140,15 +134,15 @@ def recorded_run(out: Path, cls) -> tuple[int | None, dict, dict | None]:
             before = (f"; the checkpoint before it is kept: rename {out / PREVIOUS} to {ckpt.name} to resume from it"
                       if (out / PREVIOUS).is_file() else "")
             raise CheckpointError(f"{exc}{before}; --overwrite starts the run again") from None
-        return state["step"], saved_settings(state["config"], cls, str(ckpt)), state
+        return state["step"], saved_settings(state["config"], cls, str(ckpt))
     meta_path = out / "model.json"
     meta = read_json(meta_path)
     if not meta:
-        return None, {}, None
+        return None, {}
     step = meta.get("step")
     if not _is_count(step):
         raise CheckpointError(f"{meta_path}: 'step' must be a count of steps, got {step!r}")
-    return step, saved_settings(meta.get("train_config", {}), cls, str(meta_path)), None
+    return step, saved_settings(meta.get("train_config", {}), cls, str(meta_path))
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -250,10 +244,8 @@ def _keep_previous(path: Path, previous: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(out: Path, cfg, model: WorldModel, opt, store, world: int = 1,
-         state: dict | None = None) -> tuple[int, list, dict, int]:
-    """Restore model and optimizer from ``out/checkpoint.pt`` (``state``: its contents, as ``status`` read
-    them; else read here); returns (step, history, health, world),
+def load(out: Path, cfg, model: WorldModel, opt, store, world: int = 1) -> tuple[int, list, dict, int]:
+    """Restore model and optimizer from ``out/checkpoint.pt``; returns (step, history, health, world),
     ``health`` what the checkpoint records of the model it holds (``HEALTH_KEYS``; at least its step and
     learning rate), ``world`` the number of processes that trained it (``world``, this run's, when an older
     checkpoint does not say).
@@ -264,7 +256,7 @@ def load(out: Path, cfg, model: WorldModel, opt, store, world: int = 1,
     (each draws its own windows of --batch-size).
     """
     path = out / "checkpoint.pt"
-    state = read_checkpoint(path) if state is None else state
+    state = read_checkpoint(path)
     recorded = state.get("data")
     if recorded is None:  # a checkpoint from before it kept the data record: model.json's, its fields checked
         recorded = (read_model_meta(out / "model.pt").get("data") or {}) if (out / "model.json").is_file() else {}

@@ -272,14 +272,11 @@ def train(cfg: TrainConfig, progress: bool = True,
     out = Path(cfg.out)
     try:
         with ExitStack() as held:
-            read = {}  # the checkpoint rank 0 read to decide (the lock held): a resume restores from it, read once
-
             def decide() -> str:  # one rank decides (--overwrite clears the run there later, in _train)
                 held.enter_context(output_dir(out))  # removed again if the run fails before writing anything
                 held.enter_context(output_lock(out))  # one run at a time in a directory
                 remove_stale_temporaries(out, rundir.RUN_TEMPORARIES)
-                what, read["checkpoint"] = rundir.status(out, cfg)
-                return what
+                return rundir.status(out, cfg)
             state = distributed.rank0_decides(decide)
             if state == "done":
                 if is_main:
@@ -290,13 +287,13 @@ def train(cfg: TrainConfig, progress: bool = True,
                 log.warning(f"{out} holds a finished run whose model.pt or model.json is missing or damaged: writing "
                             f"them again from checkpoint.pt (the end-of-training measurements run again)")
             return _train(cfg, rank, world, device, state in ("resume", "rebuild"), progress, closed_loop,
-                          overwrite=state == "overwrite", checkpoint=read.pop("checkpoint", None))
+                          overwrite=state == "overwrite")
     finally:
         distributed.teardown(world)
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume: bool, progress: bool,
-           closed_loop, overwrite: bool = False, checkpoint: dict | None = None) -> dict:
+           closed_loop, overwrite: bool = False) -> dict:
     # --- setup: data, model, optimiser, where to start, logs ---------------------------------------------
     is_main, out = rank == 0, Path(cfg.out)
     data = TrainingData(cfg)
@@ -323,9 +320,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                                            env=str(data.store.attrs["env"]))).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # a finished run rebuilt on another number of processes records the number that trained it
-    start, history, good, trained_world = (rundir.load(out, cfg, model, opt, data.store, world, checkpoint)
-                                           if resume else (0, [], {}, world))
-    del checkpoint  # restored: its copy of the weights is not kept through the training
+    start, history, good, trained_world = (rundir.load(out, cfg, model, opt, data.store, world) if resume
+                                           else (0, [], {}, world))
     if is_main:
         atomic_write_json(out / "train_config.json", dataclasses.asdict(cfg))
     net = _wrap(model, cfg, world, device)
