@@ -135,11 +135,12 @@ def _saved_settings(out: Path) -> tuple:
         if not ckpt.is_file():
             raise ValueError(f"{saved}: {problem}") from None
     try:
-        settings = read_checkpoint(ckpt)["config"]
+        settings = dict(read_checkpoint(ckpt)["config"])  # a copy: the read is shared with what loads it
     except (OSError, ValueError, RuntimeError):  # no or an unreadable checkpoint: said by --resume itself
         return None, None
-    logging.getLogger("wm").warning(f"{saved} is missing or damaged ({problem}): the run's settings are read "
-                                    f"from its checkpoint.pt")
+    if _main_process():  # every rank looks it up; one says so
+        logging.getLogger("wm").warning(f"{saved} is missing or damaged ({problem}): the run's settings are read "
+                                        f"from its checkpoint.pt")
     return settings, ckpt
 
 

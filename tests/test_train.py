@@ -1015,11 +1015,28 @@ def test_resume_alone_needs_the_checkpoint_not_train_config_json(data, tmp_path,
     _unfinished_run(data, out, monkeypatch, steps=8)
     saved = out / "train_config.json"
     saved.unlink() if damage == "missing" else saved.write_text(saved.read_text()[:40])
+    reads, real = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *a, **k: reads.append(Path(path).name) or real(path, *a, **k))
     with caplog.at_level("WARNING"):
         assert main(["train", "--out", str(out), "--resume"]) == 0
-    assert "train_config.json is missing or damaged" in caplog.text and "from its checkpoint.pt" in caplog.text
+    assert caplog.text.count("train_config.json is missing or damaged") == 1 and "from its checkpoint.pt" in caplog.text
+    assert reads.count("checkpoint.pt") == 1  # its settings, data record, step and weights: one read
     meta = json.loads((out / "model.json").read_text())
     assert meta["step"] == 8 and meta["train_config"]["model"]["latent_dim"] == TINY["latent_dim"]
+    assert not any("new_settings" in h for h in meta["history"])  # the settings as saved, none filled in
+
+
+def test_resume_without_train_config_json_under_torchrun_says_so_once(data, tmp_path):
+    """Each rank looks up the run's settings; rank 0 alone says they come from the checkpoint (every rank did)."""
+    out = tmp_path / "run"
+    train(tiny(data, out, steps=2), progress=False)
+    (out / "train_config.json").unlink()
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "wm",
+            "train", "--out", str(out), "--resume"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=180, env=_wm_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("train_config.json is missing or damaged") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("already holds this finished run") == 1
 
 
 def test_a_finished_run_whose_model_files_were_lost_writes_them_again(data, tmp_path):

@@ -145,9 +145,31 @@ def recorded_run(out: Path, cls) -> tuple[int | None, dict]:
     return step, saved_settings(meta.get("train_config", {}), cls, str(meta_path))
 
 
+_READ: dict = {}  # {a checkpoint file's identity: its contents}, the last read, until ``release_checkpoint``
+
+
 def read_checkpoint(path: Path) -> dict:
     """A training checkpoint's contents, each field checked: a ``CheckpointError`` naming the file and the
-    field otherwise."""
+    field otherwise. Read once while the file stays as it is (``wm train --resume`` looks up the run's settings
+    and data, decides what to do and loads it from one read, on each rank); shared: never modified."""
+    try:
+        st = os.stat(path)
+    except OSError:  # said by the read
+        return _read_checkpoint(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _READ:
+        release_checkpoint()  # one at a time: a checkpoint holds the model and the optimizer's state
+        _READ[key] = _read_checkpoint(path)
+    return _READ[key]
+
+
+def release_checkpoint() -> None:
+    """Let the checkpoint read last go: its memory, once the run has loaded it; and the next read (a later run
+    in this process) opens the file again, even one rewritten in place within a tick of the file system's clock."""
+    _READ.clear()
+
+
+def _read_checkpoint(path: Path) -> dict:
     state = load_weights_file(path, "a training checkpoint")
     missing = [k for k in ("step", "model", "optimizer", "config") if k not in state]
     if missing:
@@ -257,6 +279,7 @@ def load(out: Path, cfg, model: WorldModel, opt, store, world: int = 1) -> tuple
     """
     path = out / "checkpoint.pt"
     state = read_checkpoint(path)
+    release_checkpoint()  # no copy of the weights kept while the run trains
     recorded = state.get("data")
     if recorded is None:  # a checkpoint from before it kept the data record: model.json's, its fields checked
         recorded = (read_model_meta(out / "model.pt").get("data") or {}) if (out / "model.json").is_file() else {}

@@ -289,6 +289,7 @@ def train(cfg: TrainConfig, progress: bool = True,
             return _train(cfg, rank, world, device, state in ("resume", "rebuild"), progress, closed_loop,
                           overwrite=state == "overwrite")
     finally:
+        rundir.release_checkpoint()  # read to decide what to do, when it was not loaded after all
         distributed.teardown(world)
 
 
