@@ -102,24 +102,14 @@ def convert_dataset(src, dst: str | Path, fmt: str = "swm", image_size: int | No
             check_new_directory(dst)
         store = EpisodeStore(src, in_memory=False, image_size=image_size, env=env)
         try:
-            say_if_enlarged(store, src)
+            if note := store.enlarged():
+                log.warning(note)
             if fmt == "swm":
                 return write_swm(store, dst, compression)
             write_shards(store, dst)
             return dst
         finally:
             store.close()
-
-
-def say_if_enlarged(store: EpisodeStore, src) -> None:
-    """A warning when ``--image-size`` is larger than the stored frames: resizing is an area average, which
-    upsampling turns into repeating pixels. The copy is still written (it records the size its frames were
-    rendered at, so an evaluation resizes its own the same way), but it holds no more detail than its source."""
-    h, w = (store.source_size,) * 2 if store.source_size else tuple(store.attrs.get("frame_shape") or (0, 0))
-    if store.size > max(h, w):
-        stored = f"{h}" if h == w else f"{h}x{w}"
-        log.warning(f"{src}: --image-size {store.size} enlarges its {stored} px frames: an upsample adds no detail, "
-                    f"only bytes; frames rendered at that size (`wm collect --size {store.size}`) hold it")
 
 
 @dataclass

@@ -200,6 +200,16 @@ class EpisodeStore:
     def __len__(self) -> int:
         return len(self.episodes)
 
+    def enlarged(self) -> str | None:
+        """What to say when ``image_size`` enlarged the stored frames (None otherwise): resizing is an area
+        average, which upsampling turns into repeated pixels, so the frames hold no more detail than stored."""
+        h, w = (self.source_size,) * 2 if self.source_size else tuple(self.attrs.get("frame_shape") or (0, 0))
+        if self.size <= max(h, w):
+            return None
+        stored = f"{h}" if h == w else f"{h}x{w}"
+        return (f"{self.paths}: --image-size {self.size} enlarges its {stored} px frames: an upsample adds no "
+                f"detail, only bytes; frames rendered at that size (`wm collect --size {self.size}`) hold it")
+
     def copy_attrs(self) -> dict:
         """The attributes a copy of these frames at ``size`` records (``wm convert``): the source's, ``size``
         the copy's, ``render_size`` still the size they were rendered at (a resize renders nothing), and

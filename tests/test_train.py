@@ -151,6 +151,17 @@ def test_data_without_starting_states_trains_without_a_closed_loop_check(tmp_pat
     assert "no closed-loop check when training ends: the data lacks" in caplog.text
 
 
+def test_training_on_enlarged_frames_says_it_adds_no_detail(data, tmp_path, caplog):
+    """--image-size above the stored frames' size trains on upsampled frames: said up front, naming the data and
+    both sizes; at their size or smaller nothing is said."""
+    with caplog.at_level("WARNING", logger="worldmodel.train"):
+        train(tiny(data, tmp_path / "same", steps=2, image_size=32), progress=False)
+        train(tiny(data, tmp_path / "small", steps=2, image_size=16), progress=False)
+        assert "enlarges" not in caplog.text
+        train(tiny(data, tmp_path / "big", steps=2, image_size=48), progress=False)
+    assert f"{data}: --image-size 48 enlarges its 32 px frames" in caplog.text
+
+
 def test_rollout_loss_is_trained_and_logged(data, tmp_path):
     metrics = train(tiny(data, tmp_path / "run", steps=4, n_pred=2, rollout_steps=2), progress=False)
     assert metrics["loss/rollout"] > 0 and "loss/first_frame_rollout" not in metrics

@@ -301,6 +301,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
 
     def check_and_clear() -> None:  # rank 0's; a refusal here stops every rank
         log.info(data.summary(cfg, device))
+        if note := data.store.enlarged():
+            log.warning(note)
         check_preset_data(cfg, data.store.size, data.store.attrs)
         check = getattr(closed_loop, "check_episodes", None)
         if check is not None and cfg.eval_episodes and data.can_evaluate:  # its episodes exist: checked now
