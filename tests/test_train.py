@@ -226,6 +226,7 @@ def test_a_stop_while_measuring_at_the_end_loses_no_step(data, tmp_path, monkeyp
     events = EventAccumulator(str(out / "tb")).Reload()  # the measurements it lacked, the last loss kept
     assert [e.step for e in events.Scalars("val/prediction_loss")] == [4, 8]
     assert [e.step for e in events.Scalars("loss/total")] == [2, 4, 6, 8]
+    assert (out / "tb" / "hparams").is_dir()  # the HParams entry, which the stopped run never wrote
 
 
 def test_a_stop_while_measuring_at_the_end_says_every_step_is_saved(data, tmp_path, monkeypatch, caplog):

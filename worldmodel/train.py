@@ -422,7 +422,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             _stop_workers(batches)
             bar.close()
             if writer is not None:
-                if finished and cfg.steps > start:
+                if finished and (cfg.steps > start or not (out / "tb" / "hparams").is_dir()):  # once per run
                     _log_hparams(writer, cfg, metrics)
                 writer.close()
     return metrics
