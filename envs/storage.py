@@ -117,8 +117,8 @@ def check_attrs(attrs: dict, path) -> None:
     def bad(key: str, want: str):
         return DatasetError(f"{path}: file attribute {key!r} must be {want}, got {attrs.get(key)!r}")
 
-    if not isinstance(attrs.get("env"), str):
-        raise bad("env", "the environment's name, a string")
+    if not isinstance(attrs.get("env"), str) or attrs["env"] not in ENV_NAMES:  # else it trains, then fails evaluated
+        raise bad("env", f"the environment's name, one of {sorted(ENV_NAMES)}")
     for key, low, high, what in (("size", MIN_FRAME_SIZE, MAX_FRAME_SIZE, "pixels"),
                                  ("render_size", MIN_FRAME_SIZE, MAX_FRAME_SIZE, "pixels"),
                                  ("action_repeat", 1, MAX_ACTION_REPEAT, "control steps per action")):

@@ -157,7 +157,9 @@ def test_same_names_and_sizes_but_other_episodes_are_another_dataset(tmp_path):
     ({"size": "sixty-four"}, r"file attribute 'size' must be an integer in \[8, 4096\] \(pixels\), got 'sixty-four'"),
     ({"action_repeat": "two"}, r"file attribute 'action_repeat' must be an integer in \[1, 100\] .*got 'two'"),
     ({"action_repeat": 0}, r"file attribute 'action_repeat' must be an integer in \[1, 100\] .*got 0"),
-    ({"env": 3}, r"file attribute 'env' must be the environment's name, a string, got 3"),
+    ({"env": 3}, r"file attribute 'env' must be the environment's name, one of \[.*\], got 3"),
+    ({"env": "reacher-x"}, r"file attribute 'env' must be the environment's name, one of \['gym-reacher', .*\], got "
+                           r"'reacher-x'"),
     ({"render_quality": "ultra"}, r"file attribute 'render_quality' must be one of \['fast', 'standard'\]"),
 ])
 def test_bad_file_attributes_name_the_file_and_attribute(tmp_path, attrs, message):
