@@ -175,7 +175,8 @@ def write_shard(path: str | Path, episodes: dict[int, dict[str, np.ndarray]], at
 
 def _check_writable(path: Path, episodes: dict, attrs: dict) -> None:
     """Refuse, before anything is written and naming the field, what the reader would refuse or HDF5 cannot
-    store: a negative index (its group would be named like no episode, ``ep_NNNNNN``) and a None."""
+    store: a negative index (its group would be named like no episode, ``ep_NNNNNN``), a None and an episode
+    of fewer than two frames."""
     try:
         for index in episodes:
             check_integer(index, "episode index", 0)
@@ -189,6 +190,14 @@ def _check_writable(path: Path, episodes: dict, attrs: dict) -> None:
         for key, value in episode.items():
             if value is None:
                 raise ValueError(f"{path}: episode {index}: {key!r} is None ({unknown})")
+        pixels = episode.get("pixels")
+        if isinstance(pixels, np.ndarray) and pixels.ndim and len(pixels) < 2:  # 0 frames: h5py's chunk error
+            raise ValueError(f"{path}: episode {index}: {too_short(len(pixels))}")
+
+
+def too_short(frames: int) -> str:
+    """Why an episode of fewer than two frames is refused, by the reader and the writer alike."""
+    return f"has {frames} frame(s): an episode needs at least 2 (a frame, an action, the next frame)"
 
 
 def _write_episode(group: h5py.Group, episode: dict[str, np.ndarray]) -> None:
@@ -303,14 +312,14 @@ def _read_episode(group, size: int, path: Path) -> tuple[int, dict]:
     if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
         raise DatasetError(f"pixels must be uint8 (T+1, {size}, {size}, 3), got {pixels.dtype} {pixels.shape}")
     steps = pixels.shape[0] - 1
+    if steps < 1:  # before the shapes, which would ask for (-1, 2) actions
+        raise DatasetError(too_short(steps + 1))
     if action.shape != (steps, 2):
         raise DatasetError(f"action must be ({steps}, 2) for {steps + 1} frames, got {action.shape}")
     present = [k for k in STATE_KEYS if k in group]
     for key in present:
         if group[key].shape != (steps + 1, 2):
             raise DatasetError(f"{key} must be ({steps + 1}, 2), got {group[key].shape}")
-    if steps < 1:
-        raise DatasetError("has no actions")
     check_filters(path, {k: group[k] for k in ("pixels", "action", *present)})
     # Reading the last frame touches the end of the file: a truncated shard fails here, not mid-training.
     pixels[steps]

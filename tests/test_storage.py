@@ -188,6 +188,24 @@ def test_bad_members_name_the_file_and_member(tmp_path):
         EpisodeStore(tmp_path / "g.h5")
 
 
+@pytest.mark.parametrize("frames", [0, 1])
+def test_an_episode_of_fewer_than_two_frames_is_named_by_reader_and_writer(tmp_path, frames):
+    """A shard made by hand with an empty episode was refused asking for (-1, 2) actions; write_shard failed with
+    h5py's chunk-shape error, naming no file."""
+    ep = {k: v[:frames] for k, v in synthetic_episode(4).items()}
+    ep["action"] = ep["action"][:max(frames - 1, 0)]
+    message = rf"episode .*0: has {frames} frame\(s\): an episode needs at least 2"
+    with pytest.raises(ValueError, match=rf"s\.h5: {message}"):
+        write_shard(tmp_path / "s.h5", {0: ep}, ATTRS)
+    assert not list(tmp_path.iterdir())
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f.attrs.update(ATTRS)
+        for key, value in ep.items():
+            f[f"ep_000000/{key}"] = value
+    with pytest.raises(DatasetError, match=rf"s\.h5: {message}"):
+        EpisodeStore(tmp_path / "s.h5")
+
+
 @pytest.mark.parametrize("episodes, attrs, message", [
     ({-1: synthetic_episode(4)}, ATTRS, r"episode index must be an integer >= 0, got -1"),
     ({True: synthetic_episode(4)}, ATTRS, r"episode index must be an integer >= 0, got True"),
