@@ -30,7 +30,7 @@ from common.process import sigterm_as_interrupt
 from common.provenance import provenance, provenance_line, set_command
 from envs.collect import CollectConfig, collect
 from envs.convert import ConvertConfig
-from envs.storage import DEFAULT_DATA
+from envs.storage import DEFAULT_DATA, check_image_size
 from evaluation.compare import CompareConfig
 from evaluation.demo import DemoConfig
 from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, parse_baselines
@@ -199,9 +199,13 @@ class VideoConfig:
     out: str = option("", "output mp4 (default: episodes.mp4 in the dataset directory)", path=True)
     episodes: int = option(4, "episodes to show, one after another")
     fps: int = option(25, "frames per second")
+    image_size: int | None = option(None, "area-resize frames to this size (default: as stored; frames that are not "
+                                          "square need it, as for wm train and wm convert)")
 
     def __post_init__(self):
         check_at_least(self, 1, ("episodes", "fps"))
+        if self.image_size is not None:
+            check_image_size(self.image_size, "--image-size (image_size)")
         if self.out and Path(self.out).suffix.lower() != ".mp4":
             raise ValueError(f"--out must name an .mp4 file, got {self.out!r}")
 
@@ -372,7 +376,7 @@ def run_video(cfg: VideoConfig) -> int:
     with output_dir(out.parent):  # folders made for the video go again if it fails (no data, say)
         prepare_output_file(out)  # the output and ffmpeg are checked before the data is read
         check_ffmpeg()
-        store = EpisodeStore(cfg.data, in_memory=False)
+        store = EpisodeStore(cfg.data, in_memory=False, image_size=cfg.image_size)
         shown = min(cfg.episodes, len(store))
         if shown < cfg.episodes:
             logging.getLogger("wm").warning(f"{cfg.data} holds {len(store)} episodes; showing all of them")

@@ -4,7 +4,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 
-from conftest import write_synthetic
+from conftest import write_swm_file, write_synthetic
 from envs.dataset import EpisodeStore
 from envs.video import write_video
 from wm import main
@@ -74,3 +74,16 @@ def test_wm_video_shows_the_episodes_asked_for(tmp_path, capsys, caplog):
         assert f"{option} 0 (must be >= 1)" in capsys.readouterr().err
     assert main(["video", "--data", str(tmp_path / "none" / "sub" / "data")]) == 2  # no data: no folders left
     assert not (tmp_path / "none").exists()
+
+
+def test_wm_video_films_frames_that_are_not_square_at_an_image_size(tmp_path, capsys):
+    """Such frames need --image-size, which the error asked for but wm video did not take."""
+    frames = np.zeros((4, 24, 32, 3), np.uint8)
+    data = write_swm_file(tmp_path / "d.h5", n_episodes=1, rows=4, columns={"pixels": frames})
+    out = ["--data", str(data), "--out", str(tmp_path / "v.mp4")]
+    assert main(["video", *out]) == 2
+    assert "(not square); give --image-size" in capsys.readouterr().err
+    assert main(["video", *out, "--image-size", "2"]) == 2
+    assert "--image-size (image_size) must be an integer in [8, 4096], got 2" in capsys.readouterr().err
+    assert main(["video", *out, "--image-size", "16"]) == 0
+    assert len(imageio.mimread(tmp_path / "v.mp4")) == 4
