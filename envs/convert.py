@@ -19,7 +19,7 @@ from common.config import check_paths_named, option
 from common.files import (naming_write_errors, output_dir, output_lock, prepare_output_file,
                           remove_stale_temporaries, temporary_path)
 from envs.dataset import EpisodeStore
-from envs.storage import DEFAULT_DATA, STATE_KEYS, DatasetError, write_manifest, write_shard
+from envs.storage import DEFAULT_DATA, STATE_KEYS, DatasetError, check_image_size, write_manifest, write_shard
 from envs.swm import write_swm
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,8 @@ class ConvertConfig:
 
     def __post_init__(self):
         check_paths_named(self, ("data", "out"))
+        if self.image_size is not None:  # before the data is opened and --out made
+            check_image_size(self.image_size, "--image-size (image_size)")
         if self.format == "shards" and (self.compression != "blosc" or self.overwrite):
             typed = [name for name, given in (("--compression", self.compression != "blosc"),
                                               ("--overwrite", self.overwrite)) if given]

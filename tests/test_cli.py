@@ -302,6 +302,7 @@ def test_export_says_once_that_data_it_does_not_need_is_not_read(synthetic_data,
     (["convert", "--format", "shards", "--out", "d", "--compression", "gzip"], "--compression: the swm format's "
                                                                                 "only"),  # not ignored
     (["convert", "--format", "shards", "--out", "d", "--overwrite"], "--overwrite: the swm format's only"),
+    (["convert", "--out", "d/x.h5", "--image-size", "2"], "--image-size (image_size) must be an integer in [8, 4096]"),
 ])
 def test_settings_that_make_no_sense_are_refused_before_any_work(argv, said, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
