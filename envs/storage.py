@@ -69,6 +69,7 @@ class EnvMismatchError(DatasetError):
 
 
 EPISODE_KEY = re.compile(r"ep_\d+")  # an episode's group: ep_NNNNNN
+INDEX_KEYS = ("ep_len", "ep_offset")  # what locates the episodes of a stable-worldmodel file (``envs.swm``)
 MANIFEST = "dataset.json"  # in a dataset directory: how many episodes it should hold
 RENDER_QUALITIES = ("fast", "standard")
 
@@ -264,6 +265,9 @@ def inspect_shard(path: str | Path, env: str | None = None) -> ShardInfo:
     path = Path(path)
     f = open_h5(path)
     with f:
+        if is_swm_handle(f):  # not "missing file attribute 'env'", as a shard would be
+            raise DatasetError(f"{path}: is a stable-worldmodel file (one file, one dataset), not a shard of "
+                               f"episodes: a directory of shards cannot also hold it")
         attrs = {k: _plain(v) for k, v in f.attrs.items()}
         for key in ("env", "size"):
             if key not in attrs:
@@ -289,6 +293,11 @@ def inspect_shard(path: str | Path, env: str | None = None) -> ShardInfo:
         raise DatasetError(f"{path}: holds no episodes")
     complete_states(arrays, attrs["env"], path)
     return ShardInfo(path, attrs, episodes, arrays, tuple(sorted(missing)))
+
+
+def is_swm_handle(f: h5py.File) -> bool:
+    """True for an HDF5 file with ``ep_len``/``ep_offset`` datasets at its root (stable-worldmodel's layout)."""
+    return any(isinstance(f.get(k), h5py.Dataset) for k in INDEX_KEYS)
 
 
 def open_h5(path: Path) -> h5py.File:

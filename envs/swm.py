@@ -41,11 +41,10 @@ import numpy as np
 
 from common.files import LatchedErrorFile, atomic_write, naming_write_errors
 from envs.reacher import ENV_NAMES
-from envs.storage import (RECORDING_DEFAULTS, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _plain, check_arrays,
-                          check_attrs, check_env, check_filters, complete_states, episode_key, episode_uid, open_h5,
-                          package_versions)
+from envs.storage import (INDEX_KEYS, RECORDING_DEFAULTS, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _plain,
+                          check_arrays, check_attrs, check_env, check_filters, complete_states, episode_key,
+                          episode_uid, is_swm_handle, open_h5, package_versions)
 
-INDEX_KEYS = ("ep_len", "ep_offset")
 # Our name -> the column names that may hold it, first match wins.
 COLUMNS = {"pixels": ("pixels",), "action": ("action",), "qpos": ("qpos",), "qvel": ("qvel",),
            "finger": ("finger_pos", "finger"), "target": ("target_pos", "target")}
@@ -62,10 +61,6 @@ def is_swm_file(path: str | Path) -> bool:
             return is_swm_handle(f)
     except OSError:
         return False  # not HDF5: inspect_shard says so
-
-
-def is_swm_handle(f: h5py.File) -> bool:
-    return any(isinstance(f.get(k), h5py.Dataset) for k in INDEX_KEYS)
 
 
 def content_digest(f: h5py.File) -> str:

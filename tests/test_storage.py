@@ -188,6 +188,14 @@ def test_bad_members_name_the_file_and_member(tmp_path):
         EpisodeStore(tmp_path / "g.h5")
 
 
+def test_a_stable_worldmodel_file_among_shards_is_named_as_such(tmp_path):
+    """Collecting into a directory that holds one said it lacked the file attribute 'env', as if a broken shard."""
+    write_swm_file(tmp_path / "theirs.h5", n_episodes=1, rows=4)
+    with pytest.raises(DatasetError, match=r"theirs\.h5: is a stable-worldmodel file \(one file, one dataset\), "
+                                           r"not a shard"):
+        collect(CollectConfig(episodes=1, steps=10, size=32, workers=1, out=str(tmp_path)), progress=False)
+
+
 @pytest.mark.parametrize("frames", [0, 1])
 def test_an_episode_of_fewer_than_two_frames_is_named_by_reader_and_writer(tmp_path, frames):
     """A shard made by hand with an empty episode was refused asking for (-1, 2) actions; write_shard failed with
