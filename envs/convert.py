@@ -18,6 +18,7 @@ import numpy as np
 from common.config import check_paths_named, option
 from common.files import (naming_write_errors, output_dir, output_lock, prepare_output_file,
                           remove_stale_temporaries, temporary_path)
+from common.process import raise_if_stopped
 from envs.dataset import EpisodeStore
 from envs.storage import DEFAULT_DATA, STATE_KEYS, DatasetError, check_image_size, write_manifest, write_shard
 from envs.swm import write_swm
@@ -42,6 +43,7 @@ def write_shards(store: EpisodeStore, out_dir: str | Path, episodes_per_shard: i
         with naming_write_errors(out):
             tmp.mkdir(parents=True)
             for first in range(0, len(store), episodes_per_shard):
+                raise_if_stopped()  # a stop h5py swallowed (in a weakref callback): not a finished copy
                 ids = range(first, min(first + episodes_per_shard, len(store)))
                 episodes = {i: _known(store.episode(i)) for i in ids}
                 names.append(write_shard(tmp / f"shard_{ids[0]:06d}_{ids[-1]:06d}.h5", episodes, attrs).name)

@@ -40,6 +40,7 @@ import h5py
 import numpy as np
 
 from common.files import LatchedErrorFile, atomic_write, naming_write_errors
+from common.process import raise_if_stopped
 from envs.reacher import ENV_NAMES
 from envs.storage import (INDEX_KEYS, RECORDING_DEFAULTS, STATE_KEYS, DatasetError, EpisodeRef, ShardInfo, _plain,
                           check_arrays, check_attrs, check_env, check_filters, complete_states, episode_key,
@@ -290,6 +291,7 @@ def _write_columns(f: h5py.File, store, compression: str | None, check=lambda: N
     step_idx, ep_idx = _column(f, "step_idx", (n,), np.int64), _column(f, "ep_idx", (n,), np.int32)
     for e, (start, rows) in enumerate(zip(offsets.tolist(), lengths.tolist())):
         check()  # a failed write stops the work here
+        raise_if_stopped()  # and so does a stop h5py swallowed (in a weakref callback)
         episode = store.episode(e)
         end = start + rows
         cols["pixels"][start:end] = episode["pixels"]

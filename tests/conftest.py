@@ -19,6 +19,21 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def swallow_a_stop() -> None:
+    """SIGTERM delivered where Python ignores exceptions (an at-fork hook, a weakref callback that h5py's objects
+    run when freed): the handler's KeyboardInterrupt is swallowed, only the stop it noted remains."""
+    import os
+    import signal
+
+    class SwallowsAStop:  # an exception raised in __del__ is ignored, like one in such a callback
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs here, between bytecodes
+                pass
+
+    SwallowsAStop()  # dropped at once
+
+
 ACTION_SCALE = 1e-6  # actions must lie in [-1, 1]: step k is encoded as k * ACTION_SCALE (k < 1e6)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import synthetic_action, write_swm_file, write_synthetic
+from conftest import swallow_a_stop, synthetic_action, write_swm_file, write_synthetic
 from envs import ReacherPixels
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec, resize_frames
 from envs.storage import DatasetError
@@ -477,6 +477,22 @@ def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, 
     assert not stale.exists() and f"{stale}: left by an interrupted run" in caplog.text
     assert len(EpisodeStore(out)) == 25 and json.loads((out / "dataset.json").read_text())["episodes"] == 25
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed stop, on purpose
+@pytest.mark.parametrize("fmt, name", [("shards", "out"), ("swm", "out.h5")])
+def test_a_stop_swallowed_while_converting_writes_no_copy(tmp_path, fmt, name):
+    """SIGTERM landing in a weakref callback h5py runs is swallowed there: the conversion went on to write the
+    whole copy, then said it was interrupted, so the same command refused the --out it had filled."""
+    from common.process import sigterm_as_interrupt
+
+    src = write_synthetic(tmp_path / "src", n_episodes=25, steps=4, per_shard=25)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        swallow_a_stop()
+        convert_dataset(src, tmp_path / name, fmt=fmt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no copy, no temporary file or lock
+    convert_dataset(src, tmp_path / name, fmt=fmt)  # the same command, again, converts
+    assert len(EpisodeStore(tmp_path / name)) == 25
 
 
 def test_file_size_limit_while_writing_a_swm_file_is_a_clear_error(tmp_path):

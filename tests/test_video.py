@@ -4,7 +4,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 
-from conftest import write_swm_file, write_synthetic
+from conftest import swallow_a_stop, write_swm_file, write_synthetic
 from envs.dataset import EpisodeStore
 from envs.video import write_video
 from wm import main
@@ -28,31 +28,22 @@ def test_a_stop_swallowed_where_python_ignores_exceptions_still_stops_the_comman
     """SIGTERM arriving while ffmpeg starts lands in an at-fork hook, where Python ignores the exception: the
     next video is not written, and a command whose block ends anyway ends interrupted, not finished. A stop
     of an earlier command does not stop a later one."""
-    import os
-    import signal
-
     from common.process import raise_if_stopped, sigterm_as_interrupt
-
-    class SwallowsAStop:  # like an at-fork hook: an exception raised in __del__ is ignored
-        def __del__(self):
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(1000):  # the handler runs here, between bytecodes
-                pass
 
     frames = np.zeros((2, 32, 32, 3), dtype=np.uint8)
     with pytest.raises(KeyboardInterrupt):
         with sigterm_as_interrupt():
-            SwallowsAStop()  # dropped at once: its exception is swallowed
+            swallow_a_stop()
             write_video(tmp_path / "after.mp4", frames)
     assert not (tmp_path / "after.mp4").exists()
     with pytest.raises(KeyboardInterrupt):
         with sigterm_as_interrupt():
-            SwallowsAStop()
+            swallow_a_stop()
     from common.files import KeptRuns
 
     with pytest.raises(KeyboardInterrupt):  # a long job's next part is not begun either
         with sigterm_as_interrupt():
-            SwallowsAStop()
+            swallow_a_stop()
             KeptRuns(None, {}, "").run("part", lambda: pytest.fail("a part began after the stop"))
     with sigterm_as_interrupt():  # the next command starts afresh
         raise_if_stopped()
