@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -48,17 +49,31 @@ def raise_if_stopped() -> None:
         raise KeyboardInterrupt
 
 
+_passed_on = sys.unraisablehook  # what _quiet_swallowed_stop hands every other unraisable exception to
+
+
+def _quiet_swallowed_stop(unraisable) -> None:
+    """``sys.unraisablehook`` while stop signals interrupt: a stop whose KeyboardInterrupt Python swallowed
+    (``raise_if_stopped`` acts on it) prints no "Exception ignored ... Traceback", which reads as a crash."""
+    if not (issubclass(unraisable.exc_type, KeyboardInterrupt) and _stop_requested.is_set()):
+        _passed_on(unraisable)
+
+
 def sigterm_interrupts(ignore_file_size_signal: bool = False) -> dict:
     """SIGTERM stops like Ctrl-C (a ``KeyboardInterrupt``; both also noted for ``raise_if_stopped``), so a
     command's clean-up runs: locks released, partial files removed, finished work kept. With
     ``ignore_file_size_signal``, SIGXFSZ is ignored so that a file size limit (``ulimit -f``) fails the write
     with EFBIG, which is reported, instead of killing the process mid-write. Only on the main thread (else
-    nothing); returns the handlers replaced."""
+    nothing); returns the handlers replaced (and ``sys.unraisablehook``, for ``_quiet_swallowed_stop``)."""
+    global _passed_on
     if threading.current_thread() is not threading.main_thread():
         return {}
     if signal.getsignal(signal.SIGTERM) is not _interrupt:  # the outermost: a stop asked before is not this one's
         _stop_requested.clear()
     old = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+    if sys.unraisablehook is not _quiet_swallowed_stop:
+        old["unraisablehook"] = _passed_on = sys.unraisablehook
+        sys.unraisablehook = _quiet_swallowed_stop
     if ignore_file_size_signal and hasattr(signal, "SIGXFSZ"):
         old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     return old
@@ -66,7 +81,10 @@ def sigterm_interrupts(ignore_file_size_signal: bool = False) -> dict:
 
 def restore_handlers(old: dict) -> None:
     for signum, handler in old.items():
-        signal.signal(signum, handler)
+        if signum == "unraisablehook":
+            sys.unraisablehook = handler
+        else:
+            signal.signal(signum, handler)
 
 
 @contextmanager

@@ -52,6 +52,24 @@ def test_a_stop_swallowed_where_python_ignores_exceptions_still_stops_the_comman
     assert (tmp_path / "next.mp4").exists()
 
 
+def test_a_swallowed_stop_prints_no_traceback(monkeypatch):
+    """Python reports the KeyboardInterrupt it swallowed as "Exception ignored ... Traceback" on stderr, which
+    read as a crash beside "wm convert: interrupted"; any other unraisable exception is still reported."""
+    import sys
+    from types import SimpleNamespace
+
+    from common.process import sigterm_as_interrupt
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(u.exc_type))
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        swallow_a_stop()
+        sys.unraisablehook(SimpleNamespace(exc_type=ValueError))
+    assert reported == [ValueError]
+    sys.unraisablehook(SimpleNamespace(exc_type=KeyboardInterrupt))  # the command's hook back in place after it
+    assert reported == [ValueError, KeyboardInterrupt]
+
+
 def test_wm_video_shows_the_episodes_asked_for(tmp_path, capsys, caplog):
     data = write_synthetic(tmp_path / "d", n_episodes=3, steps=10)
     assert main(["video", "--data", str(data), "--episodes", "2", "--out", str(tmp_path / "two.mp4")]) == 0
