@@ -40,17 +40,59 @@ def atomic_write(path: str | Path, write, keep_suffix: bool = False) -> None:
     path = Path(path)
     tmp = temporary_path(path, keep_suffix)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with _named_as(path, tmp):
+            write(tmp)
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def _named_as(path: Path, tmp: Path):
+    """An ``OSError`` while writing ``tmp`` re-raised naming ``path``, the output it was for (unless it names
+    another file already: a nested write's)."""
+    try:
+        yield
     except OSError as exc:
         if exc.filename not in (None, str(tmp), tmp):
             raise
         if exc.errno is None:  # a library's own error: no errno to keep
             raise OSError(f"could not write {path}: {exc}") from exc
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+
+
+def write_together(writers: dict) -> None:
+    """The files (or directories) of one result, ``{path: text or write(tmp)}``, never a mix of two results: all are
+    written to temporaries first (a failure there, named as ``atomic_write`` names it, leaves the earlier ones
+    as they were), then the earlier last file, the one that says the result is finished, is removed and each
+    takes its place, the last one last. A run stopped in between leaves a result not finished, not a mix."""
+    temporary = {Path(path): temporary_path(Path(path), keep_suffix=True) for path in writers}
+    try:
+        for (path, tmp), write in zip(temporary.items(), writers.values()):
+            with _named_as(path, tmp):
+                if isinstance(write, str):
+                    with open(tmp, "wb") as fh:
+                        _write_all(fh, write.encode())
+                else:
+                    write(tmp)
+        _remove(list(temporary)[-1])
+        for path, tmp in temporary.items():
+            with _named_as(path, tmp):
+                if tmp.is_dir() and path.is_dir() and not path.is_symlink():  # a rename does not replace one
+                    _remove(path)
+                os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp in temporary.values():
+            _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    """``path`` gone, a file or a directory, if it was there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -69,13 +111,16 @@ def _write_all(fh, data: bytes) -> None:
 
 
 @contextmanager
-def naming_write_errors(path: str | Path):
-    """An ``OSError`` (a full disk, a file-size limit) while writing ``path`` atomically, re-raised naming it:
-    the writers clean up after themselves, so nothing of it was left behind."""
+def naming_write_errors(path: str | Path | None = None):
+    """An ``OSError`` (a full disk, a file-size limit) while writing ``path`` (or the file the error names)
+    atomically, re-raised naming it: the writers clean up after themselves, so nothing of it was left behind."""
     try:
         yield
     except OSError as exc:
-        raise OSError(exc.errno, f"could not write {path} ({exc.strerror or exc}); nothing was left behind") from None
+        where = path or exc.filename
+        if where is None:
+            raise
+        raise OSError(exc.errno, f"could not write {where} ({exc.strerror or exc}); nothing was left behind") from None
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from common.config import (apply_overrides, comma_list, config_fields, distinct_list, model_paths, nested, option,
                            option_flag)
 from common.device import THREADS_HELP
-from common.files import (KeptRuns, atomic_write, atomic_write_json, atomic_write_text, callable_name,
+from common.files import (KeptRuns, callable_name, json_text, write_together,
                           keeping_what_was_measured, output_dir, output_lock, remove_stale_temporaries,
                           saying_what_is_kept)
 from common.provenance import code_version, provenance, signed
@@ -48,7 +48,7 @@ from worldmodel.graph import GraphConfig, LatentGraph, graph_for_checkpoint, kee
 from worldmodel.model import check_model_file, recorded_weights_sha256, weights_digest
 
 METHODS = ("world_model", "random", "exploration", "simulator", "simulator-pose")
-OUTPUTS = ("results.md", "index.html", "results.png", "results.json")  # in the order written: results.json last
+OUTPUTS = ("results.md", "index.html", "results.png", "tb", "results.json")  # in the order written: results.json last
 UNITS = "units"  # in the output while it runs: one file per (model, protocol, seed, method) measured
 KEPT_ADVICE = "pass --overwrite to measure everything again, or give another --out"
 DEFAULT_CHECKPOINT = "runs/demo/model.pt"
@@ -418,14 +418,14 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, digests: list[str]
         markdown = signed("\n".join([results_markdown(summary, cfg, split_note, cfg.checkpoints), *otherwise]), made)
         title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"
                  f"{' and model' if len(cfg.checkpoints) > 1 else ''}, {cfg.split} split")
-        atomic_write_text(out / "results.md", markdown)
-        atomic_write_text(out / "index.html", evaluation_page(markdown))
-        atomic_write(out / "results.png", lambda tmp: plot_results(summary, curves, cfg.tolerance, tmp, title,
-                                                                cfg.other_tolerances),
-                     keep_suffix=True)
-        shutil.rmtree(out / "tb", ignore_errors=True)  # the scalars of the results replaced, if any, go with them
-        log_to_tensorboard(out / "tb", summary, steps[0] or 0)
-        atomic_write_json(out / "results.json", report)  # last: the evaluation is finished
+        # all or none of them replace the results of an earlier run (--overwrite); results.json last: it says the
+        # evaluation finished. tb/ holds the scalars of these results only.
+        write_together({
+            out / "results.md": markdown, out / "index.html": evaluation_page(markdown),
+            out / "results.png": lambda tmp: plot_results(summary, curves, cfg.tolerance, tmp, title,
+                                                          cfg.other_tolerances),
+            out / "tb": lambda tmp: log_to_tensorboard(tmp, summary, steps[0] or 0),
+            out / "results.json": json_text(report)})
     shutil.rmtree(units_dir, ignore_errors=True)  # all in results.json now
     return report
 

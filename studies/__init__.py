@@ -3,7 +3,7 @@
 
 from pathlib import Path
 
-from common.files import atomic_write, atomic_write_json, atomic_write_text
+from common.files import json_text, write_together
 from common.provenance import provenance, signed
 
 # What a study says of kept parts measured with other settings (``common.files.KeptRuns``)
@@ -12,10 +12,9 @@ STUDY_ADVICE = "give another --out, or delete its units directory to measure eve
 
 def write_results(out: Path, result: dict, text: str, plot) -> dict:
     """``results.png`` (``plot(result, path)``), ``results.md`` (``text``) and ``results.json`` (``result``),
-    each atomically and signed with one provenance, the JSON last: it says the study finished. Returns what the
-    JSON holds."""
+    signed with one provenance, all or none of them (never a mix with an earlier study's), the JSON last: it
+    says the study finished. Returns what the JSON holds."""
     made = provenance()
-    atomic_write(out / "results.png", lambda tmp: plot(result, tmp), keep_suffix=True)
-    atomic_write_text(out / "results.md", signed(text, made))
-    atomic_write_json(out / "results.json", {**result, "provenance": made})
+    write_together({out / "results.png": lambda tmp: plot(result, tmp), out / "results.md": signed(text, made),
+                    out / "results.json": json_text({**result, "provenance": made})})
     return {**result, "provenance": made}

@@ -919,13 +919,41 @@ def test_a_failed_evaluation_leaves_no_partial_output_and_is_not_finished(data, 
                                       r"measured is kept in .*units: the same command"):
         evaluate(cfg, progress=False)
     monkeypatch.undo()
-    # not the rest; what was measured is kept (units), so the rerun only writes the results
-    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["index.html", "results.md", "units"]
+    # none of the results; what was measured is kept (units), so the rerun only writes the results
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["units"]
     monkeypatch.setattr(ev, "run_episodes", lambda *a, **k: pytest.fail("measured again"))
     evaluate(cfg, progress=False)  # not "already holds": it never finished
     assert {"results.json", "results.md", "results.png"} <= {p.name for p in (tmp_path / "e").iterdir()}
     with pytest.raises(ValueError, match="already holds"):
         evaluate(cfg, progress=False)
+
+
+def test_a_failed_overwrite_keeps_the_earlier_results_whole(data, tmp_path, monkeypatch):
+    """--overwrite whose plot hits a full disk: the earlier evaluation's results.md, index.html, tb/ and
+    results.json are all kept as they were (results.md used to be the new run's beside the old results.json);
+    the same command then writes the new ones, all of them, without measuring again."""
+    import evaluation.evaluate as ev
+    from evaluation.evaluate import evaluate
+
+    save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
+    evaluate(_small_eval(tmp_path / "m.pt", data, tmp_path / "e"), progress=False)
+    out = tmp_path / "e"
+    files = lambda: {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    cfg = _small_eval(tmp_path / "m.pt", data, out, baselines="random", overwrite=True)
+    plot = ev.plot_results
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ev, "plot_results", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*results.png \(No space left on device\)"):
+        evaluate(cfg, progress=False)
+    assert {k: v for k, v in files().items() if k.parts[0] != "units"} == before
+    monkeypatch.setattr(ev, "plot_results", plot)
+    monkeypatch.setattr(ev, "run_episodes", lambda *a, **k: pytest.fail("measured again"))
+    evaluate(cfg, progress=False)
+    assert "random actions" in (out / "results.md").read_text() and "random" in (out / "results.json").read_text()
+    assert not (out / "units").exists() and not list(out.glob("*.tmp*"))
 
 
 def test_one_evaluation_at_a_time_into_a_directory(data, tmp_path):

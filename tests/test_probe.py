@@ -130,12 +130,13 @@ def test_wm_probe_records_its_settings_and_replaces_its_pair_whole_or_not_at_all
     finished), so the same command probes again."""
     import errno
     import json
+    import os
     import re
     from pathlib import Path
 
     import pytest
 
-    import worldmodel.probe
+    import common.files
     from conftest import save_as_trained_on, write_synthetic
     from test_model import tiny_config
     from worldmodel.model import WorldModel
@@ -149,22 +150,22 @@ def test_wm_probe_records_its_settings_and_replaces_its_pair_whole_or_not_at_all
     record = json.loads(first["probe.json"])
     assert record["mlp_steps"] == 2 and record["split"] == "test" and record["split_note"].endswith("trained on")
 
-    write_text = Path.write_text
+    write_all = common.files._write_all
 
-    def too_large(path, text, *args, **kwargs):  # a file-size limit hit while writing probe.json (staged)
-        if path.name.startswith("probe.json"):
-            raise OSError(errno.EFBIG, "File too large", str(path))
-        return write_text(path, text, *args, **kwargs)
+    def too_large(fh, data):  # a file-size limit hit while writing probe.json (staged: probe.<pid>.tmp.json)
+        if Path(fh.name).name.startswith("probe.") and fh.name.endswith(".json"):
+            raise OSError(errno.EFBIG, "File too large", fh.name)
+        return write_all(fh, data)
 
     with monkeypatch.context() as m:
-        m.setattr(Path, "write_text", too_large)
+        m.setattr(common.files, "_write_all", too_large)
         with pytest.raises(OSError, match="File too large") as failed:
             probe_checkpoint(model, device="cpu", mlp_steps=3, overwrite=True)
     assert pair() == first and sorted(p.name for p in tmp_path.iterdir()) == files  # no temporary left either
     assert re.search(r"could not write .*probe\.json \(File too large\); nothing was left behind", str(failed.value))
-    replace = worldmodel.probe.os.replace
+    replace = os.replace
     with monkeypatch.context() as m:  # killed after probe.md took its place
-        m.setattr(worldmodel.probe.os, "replace",
+        m.setattr(os, "replace",
                   lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt) if b.name == "probe.json" else replace(a, b))
         with pytest.raises(KeyboardInterrupt):
             probe_checkpoint(model, device="cpu", mlp_steps=3, overwrite=True)

@@ -207,6 +207,29 @@ def test_a_failed_identifiability_write_is_not_finished_and_the_rerun_measures_n
     assert calls["measured"] == ["reference", "uniform target"]  # each run measured once
 
 
+def test_a_failed_write_keeps_the_earlier_studys_results_whole(tmp_path, monkeypatch):
+    """A full disk while results.json is written over a finished study (--overwrite): its results.png and
+    results.md stay the earlier study's (they used to be the new one's beside the old results.json)."""
+    import errno
+
+    import common.files
+    from studies import write_results
+
+    plot = lambda result, path: Path(path).write_bytes(json.dumps(result).encode())  # noqa: E731
+    write_results(tmp_path, {"rate": 1}, "first", plot)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = common.files._write_all
+
+    def full_at_json(fh, data):  # the new results.json (the plot is written by matplotlib, not here)
+        if b'"rate": 2' in data:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fh, data)
+    monkeypatch.setattr(common.files, "_write_all", full_at_json)
+    with pytest.raises(OSError, match=r"No space left on device.*results\.json"):
+        write_results(tmp_path, {"rate": 2}, "second", plot)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no temporary left
+
+
 def test_an_interrupted_identifiability_study_says_how_many_runs_it_kept(quick_study, monkeypatch, caplog):
     study, cfg, calls = quick_study
     real = study._one

@@ -7,7 +7,6 @@ identifiable; R^2 of a ridge regression from latent to state, on held-out episod
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -127,24 +126,13 @@ def _probe_checkpoint(checkpoint: str, data: str, device: str, where: Path, spli
 
 
 def write_probe(where: Path, markdown: str, record: dict) -> None:
-    """``probe.md`` and ``probe.json`` of one probe into ``where``, never a mix of two: both are written to
-    temporaries first (a full disk or a file-size limit there leaves the earlier pair as it was), then the
-    earlier probe.json is removed and both take their places, probe.json (what says a probe finished) last.
-    A run killed between leaves probe.md alone: not finished, so the same command probes again."""
-    from common.files import json_text, naming_write_errors, temporary_path
+    """``probe.md`` and ``probe.json`` of one probe into ``where``, never a mix of two (``write_together``):
+    a full disk or a file-size limit leaves the earlier pair as it was, and a run killed between leaves
+    probe.md alone: not finished, so the same command probes again."""
+    from common.files import json_text, naming_write_errors, write_together
 
-    staged = {where / "probe.md": markdown, where / "probe.json": json_text(record)}
-    temporary = {path: temporary_path(path) for path in staged}  # what remove_stale_temporaries clears
-    try:
-        for path, text in staged.items():
-            with naming_write_errors(path):
-                temporary[path].write_text(text)
-        (where / "probe.json").unlink(missing_ok=True)
-        for path, tmp in temporary.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in temporary.values():
-            tmp.unlink(missing_ok=True)
+    with naming_write_errors():  # whichever of the two it was
+        write_together({where / "probe.md": markdown, where / "probe.json": json_text(record)})
 
 
 FEW_SCORED = 10  # fewer held-out episodes than this and an R^2 says more about them than about the latent
