@@ -63,6 +63,10 @@ def load_results(path: str, option_name: str) -> dict:
         missing = [field for field in RECORD_FIELDS if field not in record]
         if missing:
             raise ValueError(f"{option_name} {file}: episodes[{i}] has no field {', '.join(missing)}")
+        for metric in METRICS:  # what is counted: a string "false" would count as a success, null as a miss
+            if not isinstance(record[metric], bool):
+                raise ValueError(f"{option_name} {file}: episodes[{i}] field {metric} is not true or false, got "
+                                 f"{record[metric]!r}")
     return results
 
 

@@ -86,8 +86,12 @@ def test_other_tolerances_are_refused_even_on_the_same_episodes(tmp_path):
     (lambda r: r["episodes"][0].pop("held"), r"episodes\[0\] has no field held"),
     (lambda r: r.update(episodes=[1, 2]), r"episodes\[0\] is not a record \(an object\), got 1"),
     (lambda r: r.update(config=[1]), "field config is not an object"),
-    (lambda r: r.update(config=[]), "field config is not an object")],  # empty, not taken for none
-    ids=["no run", "no held", "not records", "config not an object", "config an empty list"])
+    (lambda r: r.update(config=[]), "field config is not an object"),  # empty, not taken for none
+    (lambda r: r["episodes"][2].update(success="false"), r"episodes\[2\] field success is not true or false, "
+                                                         r"got 'false'"),  # counted as a success
+    (lambda r: r["episodes"][3].update(held=None), r"episodes\[3\] field held is not true or false, got None")],
+    ids=["no run", "no held", "not records", "config not an object", "config an empty list", "success a string",
+         "held null"])
 def test_damaged_records_are_clear_errors(tmp_path, capsys, damage, why):
     base = write(tmp_path / "a", [record(i) for i in range(4)])
     results = json.loads((base / "results.json").read_text())
