@@ -202,14 +202,16 @@ _MISSING = object()
 def kept_fields(path: str | Path, record: dict, fields: dict, advice: str) -> dict:
     """``record``, a part kept in ``path``, once each of ``fields`` is there and of its kind; otherwise a
     ``ValueError`` naming the file and the field, ending with ``advice`` (a damaged part, not a row of the
-    results). ``fields``: a dotted name (``linear.joints_mean``) and its kind: ``number`` (a finite one),
-    ``numbers`` (a list of them, or of lists of them), ``object`` or ``list``; ``number or null`` and ``numbers
-    or null`` take None as well (for a list: as an item)."""
+    results). ``fields``: a dotted name (``linear.joints_mean``, ``records.0.held``) and its kind: ``number`` (a
+    finite one), ``numbers`` (a list of them, or of lists of them), ``bool``, ``object`` or ``list``; ``number
+    or null`` and ``numbers or null`` take None as well (for a list: as an item)."""
     for name, kind in fields.items():
         value = field_at(record, name)
         base, null = kind.removesuffix(" or null"), kind.endswith(" or null")
         if value is _MISSING:
             problem = "is missing"
+        elif base == "bool":
+            problem = "" if isinstance(value, bool) else f"is {value!r}, not true or false"
         elif base in ("object", "list"):
             problem = "" if isinstance(value, dict if base == "object" else list) else \
                 f"is {value!r}, not {'an object' if base == 'object' else 'a list'}"
@@ -224,9 +226,13 @@ def kept_fields(path: str | Path, record: dict, fields: dict, advice: str) -> di
 
 
 def field_at(record: dict, name: str, missing=_MISSING):
-    """The value of a dotted field name in nested dicts (``linear.joints_mean``); ``missing`` if it is not there."""
+    """The value of a dotted field name in nested dicts and lists (``linear.joints_mean``, ``records.0.held``);
+    ``missing`` if it is not there."""
     for key in name.split("."):
-        record = record.get(key, missing) if isinstance(record, dict) else missing
+        if isinstance(record, list):
+            record = record[int(key)] if key.isdigit() and int(key) < len(record) else missing
+        else:
+            record = record.get(key, missing) if isinstance(record, dict) else missing
         if record is missing:
             break
     return record

@@ -52,6 +52,10 @@ OUTPUTS = ("results.md", "index.html", "results.png", "tb", "results.json")  # i
 UNITS = "units"  # in the output while it runs: one file per (model, protocol, seed, method) measured
 KEPT_ADVICE = "pass --overwrite to measure everything again, or give another --out"
 DEFAULT_CHECKPOINT = "runs/demo/model.pt"
+RECORD_KINDS = {"success": "bool", "held": "bool", "steps_to_success": "number", "final_error": "number",
+                "min_error": "number", "history_frames": "number", "history_wanted": "number",
+                "start_qpos": "numbers", "goal_qpos": "numbers", "plan_time_per_call_s": "number",
+                "plan_time_per_episode_s": "number"}  # of an episode's record, what the results read
 
 
 @dataclass
@@ -464,12 +468,15 @@ def run_protocol_seed(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: i
     goal_images = (stored_frames(setup.store, eps, protocol.goal_offset) if protocol.stored_frames
                    else batch.render_goals(eps["goal_qpos"]))
     units = units if units is not None else KeptRuns(None, {}, "")
+    # what the results read of a kept run's records, one per episode: a damaged one is named, not summed
+    fields = {"records": "list", "curve": "numbers",
+              **{f"records.{j}.{name}": kind for j in range(len(eps["index"])) for name, kind in RECORD_KINDS.items()}}
     records = []
     for method in methods:
         kept_bar = (lambda: bar.update(protocol.budget)) if bar is not None else None
         unit = units.run(f"{protocol.name}-seed{seed}-{method}",
                          lambda: measure_method(setup, cfg, protocol, seed, method, eps, goal_images, bar), kept_bar,
-                         {"records": "list", "curve": "numbers"})
+                         fields)
         records += unit["records"]
         curves.setdefault((protocol.name, method), []).append(np.asarray(unit["curve"], dtype=np.float64))
     return records

@@ -478,6 +478,15 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped_with_the_same_result
     unit.write_text(json.dumps(damaged))
     with pytest.raises(ValueError, match=r"model0-reach25-seed0-world_model.json: field result.records is missing"):
         ev.evaluate(cfg("cut"), progress=False)
+    for damage, why in ((lambda records: records[1].update(success="no"), r"records.1.success is 'no', not true or "
+                         r"false"),  # numpy's TypeError from the sum, a traceback
+                        (lambda records: records[0].update(final_error=None), r"records.0.final_error holds None"),
+                        (lambda records: records.pop(), r"records.2.success is missing")):  # a record short
+        damaged = json.loads(intact)
+        damage(damaged["result"]["records"])
+        unit.write_text(json.dumps(damaged))
+        with pytest.raises(ValueError, match=r"model0-reach25-seed0-world_model.json: field result." + why):
+            ev.evaluate(cfg("cut"), progress=False)
     unit.write_text(intact)
     calls.clear()
     stop_at[0] = 0
