@@ -9,6 +9,7 @@ far more sharply than two rates side by side; this is the rule every default of 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,14 +41,19 @@ class CompareConfig:
             raise ValueError(f"--alpha must be in (0, 1), got {self.alpha}")
 
 
+def results_file(path: str) -> Path:
+    """The results.json given, or the one in the directory given."""
+    where = Path(path)
+    return where / "results.json" if where.is_dir() else where
+
+
 def load_results(path: str, option_name: str) -> dict:
     """A finished evaluation's results.json (given or in the directory given); a clear error naming it."""
     if not path:
         raise ValueError(f"give {option_name}: a `wm eval` output directory or its results.json")
-    where = Path(path)
-    if not where.exists():
-        raise ValueError(f"{option_name} {where}: no such directory or file")
-    file = where / "results.json" if where.is_dir() else where
+    if not Path(path).exists():
+        raise ValueError(f"{option_name} {path}: no such directory or file")
+    file = results_file(path)
     if not file.exists():
         raise ValueError(f"{option_name} {file}: missing; `wm eval` writes it last, when the evaluation finishes")
     results = read_json(file)
@@ -67,7 +73,20 @@ def load_results(path: str, option_name: str) -> dict:
             if not isinstance(record[metric], bool):
                 raise ValueError(f"{option_name} {file}: episodes[{i}] field {metric} is not true or false, got "
                                  f"{record[metric]!r}")
+    _check_listed_once(results["episodes"], f"{option_name} {file}")
     return results
+
+
+def _check_listed_once(records: list[dict], where: str) -> None:
+    """A ValueError naming the first episode listed twice: paired twice, it would be counted twice."""
+    first: dict = {}
+    for i, record in enumerate(records):
+        j = first.setdefault(_key(record), i)
+        if j != i:
+            run, protocol, seed, index, method = _key(record)
+            raise ValueError(f"{where}: episodes[{i}] is episodes[{j}] again ({protocol} seed {seed} episode {index}, "
+                             f"model {run}, method {method}): each episode is counted once; this is not a results.json "
+                             f"as `wm eval` writes it")
 
 
 def _key(record: dict) -> tuple:
@@ -159,6 +178,9 @@ def compare(base_path: str, new_path: str) -> dict:
     """Paired counts per (protocol, method) and over all protocols per method, with the settings that differ and
     the conditions of their planning times that do (the time ratios then withheld: None)."""
     base, new = load_results(base_path, "--base"), load_results(new_path, "--new")
+    if os.path.samefile(results_file(base_path), results_file(new_path)):
+        raise ValueError(f"--base and --new are the same evaluation ({results_file(new_path)}): compared with itself, "
+                         f"every episode ties; give as --new the evaluation run with the setting under test")
     pairs = paired(base, new)
     conditions = condition_changes(base, new)
     time_ratio = (lambda these: None) if conditions else _time_ratio

@@ -105,6 +105,26 @@ def test_damaged_records_are_clear_errors(tmp_path, capsys, damage, why):
     assert "b/results.json" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("side", ["--base", "--new"])
+def test_an_episode_listed_twice_is_an_error_naming_it(tmp_path, capsys, side):
+    # paired once per listing, a duplicate would count its episode twice in the counts and the p-value
+    listed = {"--base": write(tmp_path / "a", [record(i) for i in range(4)]),
+              "--new": write(tmp_path / "b", [record(i, held=False) for i in range(4)])}
+    write(listed[side], [record(i) for i in (0, 1, 2, 1, 3)])
+    assert main(["compare", "--base", str(listed["--base"]), "--new", str(listed["--new"])]) == 2
+    out, err = capsys.readouterr()
+    assert (f"{side} {listed[side] / 'results.json'}: episodes[3] is episodes[1] again (reach25 seed 0 episode 1, "
+            f"model 0, method world_model)") in err and "better / worse" not in out
+
+
+def test_an_evaluation_compared_with_itself_is_refused(tmp_path, capsys):
+    # every episode ties: a table of no differences that answers nothing (a mistyped --base or --new)
+    base = write(tmp_path / "a", [record(i) for i in range(4)])
+    assert main(["compare", "--base", str(base), "--new", str(base / "results.json")]) == 2
+    out, err = capsys.readouterr()
+    assert f"--base and --new are the same evaluation ({base / 'results.json'})" in err and "better / worse" not in out
+
+
 def test_other_episodes_or_no_evaluation_are_clear_errors(tmp_path, capsys):
     base = write(tmp_path / "a", [record(i) for i in range(4)])
     moved = write(tmp_path / "b", [record(i, t0=i + 1) for i in range(4)])
@@ -124,13 +144,14 @@ def test_other_episodes_or_no_evaluation_are_clear_errors(tmp_path, capsys):
         compare(str(base), str(tmp_path / "running"))
     assert main(["compare", "--base", str(base)]) == 2
     assert "give --new: a `wm eval` output directory" in capsys.readouterr().err
-    assert main(["compare", "--base", str(base), "--new", str(base), "--out", str(tmp_path / "c")]) == 0
+    again = write(tmp_path / "again", [record(i) for i in range(4)])  # the same settings, run again
+    assert main(["compare", "--base", str(base), "--new", str(again), "--out", str(tmp_path / "c")]) == 0
     assert "Settings that differ: none." in capsys.readouterr().out
     kept = json.loads((tmp_path / "c" / "compare.json").read_text())
     assert kept["alpha"] == 0.05 and kept["provenance"]["command"].startswith("wm compare --base")
     assert "Made by `wm compare" in (tmp_path / "c" / "compare.md").read_text()
     (tmp_path / "notes.md").write_text("mine")  # --out a file: refused before the comparison is printed
-    assert main(["compare", "--base", str(base), "--new", str(base), "--out", str(tmp_path / "notes.md")]) == 2
+    assert main(["compare", "--base", str(base), "--new", str(again), "--out", str(tmp_path / "notes.md")]) == 2
     out, err = capsys.readouterr()
     assert "notes.md" in err and "Settings that differ" not in out and (tmp_path / "notes.md").read_text() == "mine"
     assert main(["compare", "--base", str(base), "--new", str(tmp_path / "none"), "--out", str(tmp_path / "d")]) == 2
