@@ -485,7 +485,7 @@ def run_export(cfg: ExportConfig) -> int:
 
 
 def run_study(cfg: StudyConfig) -> int:
-    from studies import hold, one_frame, write_results
+    from studies import RESULTS, hold, one_frame, write_results
     from studies.identifiability import run as identifiability
 
     ident = dataclasses.replace(cfg.identifiability, seeds=cfg.seeds, out=cfg.out or cfg.identifiability.out)
@@ -496,6 +496,7 @@ def run_study(cfg: StudyConfig) -> int:
                          f"pass --overwrite to replace them, "
                          f"or --out for another directory")
     with output_dir(out) as out, output_lock(out):  # one study at a time writes there
+        remove_stale_temporaries(out, RESULTS)  # a killed study's (we hold the lock)
         if cfg.what == "identifiability":
             identifiability(ident)  # writes its own results
         else:

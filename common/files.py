@@ -491,11 +491,12 @@ def _pid_in(fd: int) -> int | None:
 
 
 # --- leftovers ------------------------------------------------------------------------------------
-def remove_stale_temporaries(directory: str | Path, names: str, locked: bool = True) -> list[Path]:
+def remove_stale_temporaries(directory: str | Path, names: str | tuple[str, ...], locked: bool = True) -> list[Path]:
     """Remove the temporary files (or directories) our writers left in ``directory`` when their process was
     killed: ``<name>.<pid>.tmp`` (or ``<stem>.<pid>.tmp<suffix>``) whose ``<name>`` matches the regular
-    expression ``names`` and whose process is dead, or, when the caller holds the directory's lock
-    (``locked``), any other process's. Says what it removes; returns the paths."""
+    expression ``names`` (or is one of the tuple ``names``) and whose process is dead, or, when the caller holds
+    the directory's lock (``locked``), any other process's. Says what it removes; returns the paths."""
+    names = "|".join(map(re.escape, names)) if isinstance(names, tuple) else names
     directory, pattern, removed = Path(directory), re.compile(names), []
     try:
         entries = list(directory.iterdir())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -376,7 +375,7 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, digests: list[str]
     """``evaluate`` once ``out`` is checked and locked; results.json, written last, says it finished. Each
     (model, protocol, seed, method) measured is kept in ``out/units`` until then, so the same command after
     an interruption measures only what is missing (and gives the results an uninterrupted run gives)."""
-    remove_stale_temporaries(out, "|".join(map(re.escape, OUTPUTS)))
+    remove_stale_temporaries(out, OUTPUTS)
     units_dir = out / UNITS  # with --overwrite, parts kept from a run measured otherwise are measured again
     remove_stale_temporaries(units_dir, r".*\.json")
     kept = len(list(units_dir.glob("*.json")))  # 0 when the directory is not there

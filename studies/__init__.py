@@ -8,6 +8,7 @@ from common.provenance import provenance, signed
 
 # What a study says of kept parts measured with other settings (``common.files.KeptRuns``)
 STUDY_ADVICE = "give another --out, or delete its units directory to measure everything again"
+RESULTS = ("results.png", "results.md", "results.json")  # what a study writes, in that order: results.json last
 
 
 def write_results(out: Path, result: dict, text: str, plot) -> dict:
@@ -15,6 +16,7 @@ def write_results(out: Path, result: dict, text: str, plot) -> dict:
     signed with one provenance, all or none of them (never a mix with an earlier study's), the JSON last: it
     says the study finished. Returns what the JSON holds."""
     made = provenance()
-    write_together({out / "results.png": lambda tmp: plot(result, tmp), out / "results.md": signed(text, made),
-                    out / "results.json": json_text({**result, "provenance": made})})
+    png, md, js = (out / name for name in RESULTS)
+    write_together({png: lambda tmp: plot(result, tmp), md: signed(text, made),
+                    js: json_text({**result, "provenance": made})})
     return {**result, "provenance": made}

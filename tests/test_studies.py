@@ -2,6 +2,7 @@
 (tiny settings)."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -228,6 +229,24 @@ def test_a_failed_write_keeps_the_earlier_studys_results_whole(tmp_path, monkeyp
     with pytest.raises(OSError, match=r"No space left on device.*results\.json"):
         write_results(tmp_path, {"rate": 2}, "second", plot)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no temporary left
+
+
+def test_a_study_removes_the_temporaries_of_a_killed_study_and_only_those(quick_study, tmp_path, caplog):
+    """A study killed while writing its results leaves ``results.<pid>.tmp.md`` and the like; the next one in that
+    directory removes them, as `wm eval` and `wm probe` do (a file not ours stays)."""
+    import wm
+
+    out = tmp_path / "killed"
+    out.mkdir()
+    left = [out / f"results.999999.tmp{suffix}" for suffix in (".png", ".md", ".json")]
+    for path in [*left, out / "notes.999999.tmp.md"]:
+        path.write_text("half")
+    with caplog.at_level(logging.WARNING):
+        assert wm.main(["study", "--what", "identifiability", "--identifiability.episodes", "20",
+                        "--identifiability.workers", "1", "--out", str(out)]) == 0
+    assert not any(path.exists() for path in left) and (out / "notes.999999.tmp.md").read_text() == "half"
+    assert f"removed {left[1]}: left by an interrupted run (process 999999)" in caplog.text
+    assert (out / "results.json").is_file()
 
 
 def test_an_interrupted_identifiability_study_says_how_many_runs_it_kept(quick_study, monkeypatch, caplog):
