@@ -13,6 +13,8 @@ from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from common.text import counted
+
 PACKAGES = ("torch", "numpy", "mujoco", "dm-control", "gymnasium", "h5py")
 ROOT = Path(__file__).resolve().parents[1]  # the project's checkout (or its installed copy)
 _command: list[str] = []
@@ -77,8 +79,8 @@ def provenance_line(record: dict) -> str:
              if code.get("commit") else f"package version {code.get('package')}")
     packages = ", ".join(f"{k} {v}" for k, v in record["packages"].items() if v and k in ("torch", "mujoco"))
     machine = record["machine"]
-    on = f"{machine['cpu_cores']} CPU cores ({machine['cpu']}), {machine['gpu'] or 'no GPU'}, " \
-         f"{machine['torch_threads']} torch threads"
+    on = f"{counted(machine['cpu_cores'], 'CPU core')} ({machine['cpu']}), {machine['gpu'] or 'no GPU'}, " \
+         f"{counted(machine['torch_threads'], 'torch thread')}"
     command = f"`{record['command']}`" if record["command"] else "Python"
     return f"Made by {command} at {where}; {packages}; {on}; {record['time_utc']}."
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common.config import as_options
 from common.provenance import provenance_line
+from common.text import counted
 from envs.storage import collect_command
 from planners.policy import policy_config, recorded_planner
 from worldmodel.datasplit import locate_data
@@ -45,7 +46,8 @@ def model_card(checkpoint: str | Path) -> str:
                       if isinstance(planned, int) and planned > meta["step"] else "")
         processes = (f", on {world} processes" + (f" (a global batch of {world * batch:,} windows)"
                                                    if isinstance(batch, int) else "") if world > 1 else "")
-        lines.append(f"- **Training**: {meta['step']:,} steps{unfinished}{how}{processes}{_changes(meta)}.")
+        steps = counted(meta["step"], "step", fmt=",")
+        lines.append(f"- **Training**: {steps}{unfinished}{how}{processes}{_changes(meta)}.")
     data = meta.get("data")
     if data:
         found, tried, not_it = locate_data(meta, checkpoint)
@@ -57,7 +59,8 @@ def model_card(checkpoint: str | Path) -> str:
         recording = data.get("recording")
         command = collect_command(recording) if isinstance(recording, dict) else None
         kind = f"; its frames as `{command}` records them" if command else ""
-        lines.append(f"- **Data**: `{data.get('path')}`, {where}: {data.get('episodes')} episodes ({splits}){kind}.")
+        episodes = counted(data.get("episodes"), "episode")
+        lines.append(f"- **Data**: `{data.get('path')}`, {where}: {episodes} ({splits}){kind}.")
     planner = recorded_planner(checkpoint)
     lines.append("- **Planned with**: " + (f"`{as_options(planner)}` over the default planner, as the model file "
                                            f"records (chosen by its training or by `wm export`)" if planner else

@@ -16,6 +16,7 @@ from pathlib import Path
 from common.config import option
 from common.files import atomic_write_json, atomic_write_text, output_dir, read_json
 from common.provenance import provenance, signed
+from common.text import counted
 from evaluation.report import LABELS
 from evaluation.stats import format_p, paired_counts, sign_test
 
@@ -230,8 +231,9 @@ def markdown(result: dict, alpha: float) -> str:
               f"test over them (ties carry no information). Clear at p < {alpha:g}.", ""]
     lines += [f"- {v}" for v in verdicts]
     if result["unmatched_records"]:
-        lines += ["", f"{result['unmatched_records']} records of one evaluation have no counterpart in the other "
-                      f"(protocols, methods or seeds only one ran) and are left out."]
+        n = result["unmatched_records"]
+        lines += ["", f"{counted(n, 'record')} of one evaluation {'has' if n == 1 else 'have'} no counterpart in "
+                      f"the other (protocols, methods or seeds only one ran) and {'is' if n == 1 else 'are'} left out."]
     return "\n".join(lines) + "\n"
 
 

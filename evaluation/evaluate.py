@@ -27,6 +27,7 @@ from common.files import (KeptRuns, callable_name, json_text, write_together,
                           keeping_what_was_measured, output_dir, output_lock, remove_stale_temporaries,
                           saying_what_is_kept)
 from common.provenance import code_version, provenance, signed
+from common.text import counted
 from envs.dataset import EpisodeStore
 from envs.reacher import GOAL_TOLERANCE, joint_error
 from envs.storage import recording
@@ -419,7 +420,8 @@ def _evaluate(cfg: EvalConfig, out: Path, protocols, methods, digests: list[str]
                   "torch_threads": torch.get_num_threads(), "provenance": made, "summary": summary,
                   "episodes": records}
         markdown = signed("\n".join([results_markdown(summary, cfg, split_note, cfg.checkpoints), *otherwise]), made)
-        title = (f"{', '.join(cfg.checkpoints)}: {cfg.episodes} episodes x {cfg.seeds} seeds per protocol"
+        title = (f"{', '.join(cfg.checkpoints)}: {counted(cfg.episodes, 'episode')} x {counted(cfg.seeds, 'seed')} "
+                 f"per protocol"
                  f"{' and model' if len(cfg.checkpoints) > 1 else ''}, {cfg.split} split")
         # all or none of them replace the results of an earlier run (--overwrite); results.json last: it says the
         # evaluation finished. tb/ holds the scalars of these results only.

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from common.files import callable_name
+from common.text import counted
 from envs import joint_error
 from evaluation.protocols import protocol_named
 from evaluation.stats import METHOD, cluster_warning, success_interval
@@ -117,15 +118,17 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
     checkpoints = checkpoints or [cfg.checkpoint]
     pooled = len(checkpoints) > 1
     models = ", ".join(f"`{c}`" for c in checkpoints)
-    refined = f", then {p.plan.grad_steps} gradient steps (step {p.plan.grad_lr})" if p.plan.grad_steps else ""
+    grad = counted(p.plan.grad_steps, "gradient step")
+    refined = f", then {grad} (step {p.plan.grad_lr})" if p.plan.grad_steps else ""
     cost = p.plan.cost if isinstance(p.plan.cost, str) else callable_name(p.plan.cost)  # as results.json names it
     lines = [f"# Evaluation of {models}", "",
-             f"{cfg.episodes} episodes x {cfg.seeds} seeds per protocol{' and model' if pooled else ''} on "
-             f"{split_note}. Planner {p.plan.planner} {p.plan.samples} samples x {p.plan.iterations} iterations"
+             f"{counted(cfg.episodes, 'episode')} x {counted(cfg.seeds, 'seed')} per protocol"
+             f"{' and model' if pooled else ''} on {split_note}. Planner {p.plan.planner} "
+             f"{counted(p.plan.samples, 'sample')} x {counted(p.plan.iterations, 'iteration')}"
              f"{f' ({p.plan.warm_iterations} when warm-started)' if p.plan.warm_iterations else ''}, horizon "
              f"{p.plan.horizon}, cost {cost}{', bf16 matrix products' if p.plan.bf16 else ''}"
              f"{refined}, replanning "
-             f"every {p.receding_horizon} chunk(s) (the "
+             f"every {counted(p.receding_horizon, 'chunk')} (the "
              f"lewm protocol fixes its own); world-model start: {cfg.history} history. Success: every joint within "
              f"{cfg.tolerance} rad of the goal, latched = at some step >= 1, held = at the last step of the budget. "
              f"Intervals: {METHOD}." + (" Rates pool every model's episodes; per model: each trained model's rate "
@@ -138,7 +141,7 @@ def results_markdown(summary: dict, cfg, split_note: str, checkpoints: list[str]
     per_model = " | per model (sd)" if pooled else ""
     header = (f"| protocol | method | latched | 95% CI{per_model} | held at end | 95% CI{per_model} | per seed (latched "
               f"/ held) | final joint error p25 / p50 / p75 / p90 (rad) | median steps to success | planning per call "
-              f"({cfg.episodes} episodes at once) | per episode (its share of all calls and routing) |")
+              f"({counted(cfg.episodes, 'episode')} at once) | per episode (its share of all calls and routing) |")
     lines += [header, "|---" * header.count(" | ") + "|---|"]
     for s in summary.values():
         q = s["final_error_quantiles"]

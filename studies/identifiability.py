@@ -24,6 +24,7 @@ import numpy as np
 from common.config import check_at_least, option
 from common.files import (atomic_write_json, field_at, keeping_what_was_measured, kept_fields, kept_measurement,
                           output_lock, prepare_output_dir, saying_what_is_kept)
+from common.text import counted
 from studies import write_results
 
 log = logging.getLogger(__name__)
@@ -189,10 +190,12 @@ def markdown(summary: dict) -> str:
     references = [r["gaussianity"]["gaussian_reference"]["latent_sigreg"] for runs in summary.get("runs", {}).values()
                   for r in runs if "gaussian_reference" in r["gaussianity"]]  # runs kept from before lack it
     reference = f"{np.mean(references):.2f}" if references else "about 0.55"
-    lines = [f"Each run: the demo preset for {summary['config']['steps']} steps, {summary['config']['seeds']} "
-             f"training seed(s) (mean +- sd over seeds); probes fit on training episodes and scored on test "
-             f"episodes; the SIGReg statistic of the standardised test latents ({reference} for Gaussian samples "
-             f"of the same shape); closed-loop reach25 on {summary['config']['eval_episodes']} test episodes.", "",
+    config = summary["config"]
+    lines = [f"Each run: the demo preset for {counted(config['steps'], 'step')}, "
+             f"{counted(config['seeds'], 'training seed')} (mean +- sd over seeds); probes fit on training "
+             f"episodes and scored on test episodes; the SIGReg statistic of the standardised test latents "
+             f"({reference} for Gaussian samples of the same shape); closed-loop reach25 on "
+             f"{counted(config['eval_episodes'], 'test episode')}.", "",
              "| run | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {r['run']} | " + " | ".join(fmt(r[n]) for n in names) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -222,7 +225,8 @@ def plot(summary: dict, path) -> None:
     axes[1].set_yscale("log")
     axes[0].set_ylim(0, 1.05)
     axes[2].set_ylim(0, 1.05)
-    fig.suptitle(f"Identifiability: short runs of {summary['config']['steps']} steps, "
-                 f"{summary['config']['seeds']} seed(s), test episodes", fontsize=10)
+    config = summary["config"]
+    fig.suptitle(f"Identifiability: short runs of {counted(config['steps'], 'step')}, "
+                 f"{counted(config['seeds'], 'seed')}, test episodes", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from common.config import model_paths
 from common.files import KeptRuns
+from common.text import counted
 from evaluation.evaluate import EvalConfig, controller, load_setup, measured_with, run_episodes, stored_frames
 from evaluation.protocols import PROTOCOLS, episode_records, sample_episodes
 from evaluation.report import COLOURS
@@ -127,9 +128,10 @@ def report(result: dict) -> str:
     models = ", ".join(f"`{c}`" for c in result["checkpoints"])
     q = " / ".join(f"p{k}" for k in QUANTILES)
     lines = [f"# What one frame costs LeWM's planner: {models}", "",
-             f"The `lewm` protocol on each model's {result['split']} episodes ({result['episodes']} x "
-             f"{result['seeds']} seed(s) per model, pooled), LeWM's planner as released. Each method's first plan, "
-             f"as played, is replayed from the same start with the velocities zeroed (the state one frame shows). "
+             f"The `lewm` protocol on each model's {result['split']} episodes ("
+             f"{counted(result['episodes'], 'episode')} x {counted(result['seeds'], 'seed')} per model, pooled), "
+             f"LeWM's planner as released. Each method's first plan, as played, is replayed from the same start "
+             f"with the velocities zeroed (the state one frame shows). "
              f"Success: every joint within {result['tolerance']} rad, latched.", "",
              f"| method | latched / held (the protocol) | first plan reaches the goal | the same from rest | lost to "
              f"the unseen velocity (reached from rest only) | missed from rest too | reached only moving | first "

@@ -75,6 +75,15 @@ def test_timings_compare_only_where_the_evaluations_ran_alike(tmp_path):
     assert threads["conditions"] == {"device": ("auto", "cpu"), "threads": (0, 1)} and not threads["changes"]
 
 
+def test_records_left_out_are_counted_in_words_that_agree(tmp_path):
+    base = write(tmp_path / "a", [record(i) for i in range(4)])
+    one = markdown(compare(str(base), str(write(tmp_path / "b", [record(i) for i in range(3)]))), 0.05)
+    assert "1 record of one evaluation has no counterpart in the other (protocols, methods or seeds only one " \
+           "ran) and is left out." in one
+    two = markdown(compare(str(base), str(write(tmp_path / "c", [record(i) for i in range(2)]))), 0.05)
+    assert "2 records of one evaluation have no counterpart" in two and "and are left out." in two
+
+
 def test_other_tolerances_are_refused_even_on_the_same_episodes(tmp_path):
     base = write(tmp_path / "a", [record(i) for i in range(4)])
     with pytest.raises(ValueError, match=r"--tolerance 0.05 in --base and 0.0501 in --new"):

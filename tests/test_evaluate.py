@@ -1127,6 +1127,17 @@ def test_the_report_says_when_the_planner_scored_in_bf16():
         assert ("cost sum, bf16 matrix products, then 8 gradient steps" in text) == bf16
 
 
+def test_the_report_says_one_seed_not_one_seeds():
+    from evaluation.report import results_markdown
+
+    one = {"episodes": 1, "seeds": 1, "iterations": 1, "grad_steps": 1, "receding_horizon": 1}
+    text = results_markdown({}, apply_overrides(EvalConfig(), one), "the test episodes")
+    assert "1 episode x 1 seed per protocol" in text and "x 1 iteration," in text and "1 gradient step (" in text
+    assert "every 1 chunk (" in text and "(1 episode at once)" in text
+    assert "4 episodes x 2 seeds per protocol" in results_markdown(
+        {}, apply_overrides(EvalConfig(), {"episodes": 4, "seeds": 2}), "the test episodes")
+
+
 def test_the_random_and_exploration_baselines_play_each_episode_its_own_actions():
     """Episode j's baseline actions are the same whatever else its batch holds (any --episodes), so two
     evaluations of different sizes compare episode by episode, not noise."""

@@ -41,6 +41,10 @@ def test_a_record_names_the_command_packages_and_machine(monkeypatch):
     assert record["machine"]["cpu_cores"] >= 1 and record["machine"]["torch_threads"] >= 1
     line = prov.provenance_line(record)
     assert line.startswith("Made by `wm eval --out 'my runs/x'` at ") and "mujoco 3.17.0" in line
+    record["machine"].update(cpu_cores=1, torch_threads=1)  # a report said "1 torch threads"
+    assert "1 CPU core (" in prov.provenance_line(record) and ", 1 torch thread;" in prov.provenance_line(record)
+    record["machine"].update(cpu_cores=2, torch_threads=2)
+    assert "2 CPU cores (" in prov.provenance_line(record) and ", 2 torch threads;" in prov.provenance_line(record)
     prov.set_command([])
 
 

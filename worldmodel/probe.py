@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from common.text import counted
 from worldmodel.latents import encode_episodes, every
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,8 @@ def probe_markdown(result: dict, checkpoint, step, data, fit: int, test: int, no
     g, warning = result["gaussianity"], few_scored_warning(test)
     ref = g["gaussian_reference"]
     return (f"R^2 of probes from the latent of `{checkpoint}` (step {step}) to the arm's state, on `{data}`: fit on "
-            f"{fit} episodes, scored on {test} ({note}). Velocities are probed from two consecutive latents.\n\n"
+            f"{counted(fit, 'episode')}, scored on {test} ({note}). Velocities are probed from two consecutive "
+            f"latents.\n\n"
             + "\n".join(md) + f"\n\nHow Gaussian: the SIGReg statistic of the standardised test latents is "
             f"{g['latent_sigreg']:.2f} (Gaussian samples of the same shape, measured the same way: "
             f"{ref['latent_sigreg']:.2f}); the Epps-Pulley statistics of the linear probe's standardised residuals: "
