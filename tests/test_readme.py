@@ -82,11 +82,15 @@ def test_every_option_the_readme_names_exists():
 
 
 def test_the_tests_the_readme_cites_exist():
-    cited = set(re.findall(r"`(test_\w+)(?:\[[^\]`]*\])?`", README))  # a parametrized case by its base name | set(re.findall(r"test_\w+\.py::(test_\w+)", README))
-    assert len(cited) >= 20
-    defined = {m for path in (ROOT / "tests").glob("test_*.py")
-               for m in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
-    assert sorted(cited - defined) == []
+    """Every test the README cites exists: `test_name` (a parametrized case by its base name) in some test
+    file, and `test_file.py::test_name` in that file."""
+    defined = {path.name: set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
+               for path in (ROOT / "tests").glob("test_*.py")}
+    bare = set(re.findall(r"`(test_\w+)(?:\[[^\]`]*\])?`", README))
+    in_file = set(re.findall(r"(test_\w+\.py)::(test_\w+)", README))
+    assert len(bare) >= 20 and len(in_file) >= 20
+    assert sorted(bare - set().union(*defined.values())) == []
+    assert sorted((f, t) for f, t in in_file if t not in defined.get(f, ())) == []
 
 
 def test_the_readme_closed_loop_runs_as_written(tmp_path, capsys):
