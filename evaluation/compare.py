@@ -22,7 +22,8 @@ from evaluation.stats import format_p, paired_counts, sign_test
 
 METRICS = {"success": "latched", "held": "held at the end"}
 SAME_EPISODE = ("source_episode", "t0", "goal_qpos")  # what makes two records the same episode
-RECORD_FIELDS = ("run", "protocol", "seed", "index", "method", *METRICS)  # what a comparison reads of a record
+KEY_FIELDS = ("run", "protocol", "seed", "index", "method")  # what pairs a record with its episode in the other
+RECORD_FIELDS = (*KEY_FIELDS, *METRICS)  # what a comparison reads of a record
 NOT_SETTINGS = {"out", "overwrite"}  # where the results were written
 RUN_CONDITIONS = {"device", "threads"}  # where and how fast it ran: planning times depend on them, outcomes do not
 
@@ -70,6 +71,10 @@ def load_results(path: str, option_name: str) -> dict:
         missing = [field for field in RECORD_FIELDS if field not in record]
         if missing:
             raise ValueError(f"{option_name} {file}: episodes[{i}] has no field {', '.join(missing)}")
+        for field in KEY_FIELDS:  # what pairs it: a list or an object can be no episode's key
+            if isinstance(record[field], (list, dict)):
+                raise ValueError(f"{option_name} {file}: episodes[{i}] field {field} is not a number or a name, got "
+                                 f"{record[field]!r}")
         for metric in METRICS:  # what is counted: a string "false" would count as a success, null as a miss
             if not isinstance(record[metric], bool):
                 raise ValueError(f"{option_name} {file}: episodes[{i}] field {metric} is not true or false, got "
@@ -91,7 +96,7 @@ def _check_listed_once(records: list[dict], where: str) -> None:
 
 
 def _key(record: dict) -> tuple:
-    return record["run"], record["protocol"], record["seed"], record["index"], record["method"]
+    return tuple(record[field] for field in KEY_FIELDS)
 
 
 def _flat(settings: dict, prefix: str = "") -> dict:

@@ -98,9 +98,10 @@ def test_other_tolerances_are_refused_even_on_the_same_episodes(tmp_path):
     (lambda r: r.update(config=[]), "field config is not an object"),  # empty, not taken for none
     (lambda r: r["episodes"][2].update(success="false"), r"episodes\[2\] field success is not true or false, "
                                                          r"got 'false'"),  # counted as a success
-    (lambda r: r["episodes"][3].update(held=None), r"episodes\[3\] field held is not true or false, got None")],
+    (lambda r: r["episodes"][3].update(held=None), r"episodes\[3\] field held is not true or false, got None"),
+    (lambda r: r["episodes"][1].update(run=[0]), r"episodes\[1\] field run is not a number or a name, got \[0\]")],
     ids=["no run", "no held", "not records", "config not an object", "config an empty list", "success a string",
-         "held null"])
+         "held null", "run a list"])
 def test_damaged_records_are_clear_errors(tmp_path, capsys, damage, why):
     base = write(tmp_path / "a", [record(i) for i in range(4)])
     results = json.loads((base / "results.json").read_text())
