@@ -20,7 +20,8 @@ from common.files import (naming_write_errors, output_dir, output_lock, prepare_
                           remove_stale_temporaries, temporary_path)
 from common.process import raise_if_stopped
 from envs.dataset import EpisodeStore
-from envs.storage import DEFAULT_DATA, STATE_KEYS, DatasetError, check_image_size, write_manifest, write_shard
+from envs.storage import (DEFAULT_DATA, STATE_KEYS, DatasetError, check_image_size, check_not_the_source,
+                          write_manifest, write_shard)
 from envs.swm import write_swm
 
 log = logging.getLogger(__name__)
@@ -72,15 +73,6 @@ def check_new_directory(out: str | Path) -> Path:
     return out
 
 
-def check_not_the_source(src: Path, dst: Path) -> None:
-    """A conversion never writes over its source, nor a file into a source directory of shards (which would
-    then mix two layouts and no longer open)."""
-    src, out = src.resolve(), dst.resolve()
-    if out == src or (src.is_dir() and out.parent == src and out.suffix == ".h5"):
-        raise ValueError(f"--out {dst} would {'replace' if out == src else 'be written into'} the dataset it "
-                         f"converts ({src}); choose an --out outside it")
-
-
 def convert_dataset(src, dst: str | Path, fmt: str = "swm", image_size: int | None = None, env: str | None = None,
                     compression: str | None = "blosc", overwrite: bool = False) -> Path:
     """Any dataset we read -> ``fmt`` ``swm`` (one .h5 file) or ``shards`` (a directory). The destination
@@ -89,7 +81,7 @@ def convert_dataset(src, dst: str | Path, fmt: str = "swm", image_size: int | No
     if fmt not in ("swm", "shards"):
         raise ValueError(f"format must be 'swm' or 'shards', got {fmt!r}")
     dst = Path(dst)
-    check_not_the_source(Path(src), dst)
+    check_not_the_source(Path(src), dst, "converts")
     if fmt == "swm":
         if dst.suffix != ".h5":  # stable-worldmodel finds a dataset as <name>.h5
             raise ValueError(f"--out {dst}: a stable-worldmodel file is named <name>.h5; give a path ending in .h5")

@@ -414,6 +414,16 @@ def _plain(value):
     return value
 
 
+def check_not_the_source(src: Path, dst: Path, verb: str) -> None:
+    """What a command writes (``wm convert``'s copy, ``wm train``'s run) never goes over the dataset it reads,
+    nor as an .h5 file into a source directory of shards (which would then mix two layouts and no longer open).
+    ``verb``: what the command does with the dataset (``converts``)."""
+    src, out = src.resolve(), dst.resolve()
+    if out == src or (src.is_dir() and out.parent == src and out.suffix == ".h5"):
+        into = "would replace" if out == src and not src.is_dir() else "would be written into"
+        raise ValueError(f"--out {dst} {into} the dataset it {verb} (--data {src}); choose an --out outside it")
+
+
 def find_shards(path: str | Path) -> list[Path]:
     """The shards of a dataset: a directory of ``.h5`` files, or one file."""
     path = Path(path)

@@ -303,6 +303,7 @@ def test_export_says_once_that_data_it_does_not_need_is_not_read(synthetic_data,
                                                                                 "only"),  # not ignored
     (["convert", "--format", "shards", "--out", "d", "--overwrite"], "--overwrite: the swm format's only"),
     (["convert", "--out", "d/x.h5", "--image-size", "2"], "--image-size (image_size) must be an integer in [8, 4096]"),
+    (["convert", "--data", "d.h5", "--out", "./d.h5"], "--out d.h5 would replace the dataset it converts (--data "),
 ])
 def test_settings_that_make_no_sense_are_refused_before_any_work(argv, said, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -323,6 +324,22 @@ def test_a_path_typed_empty_is_refused(command, flag, tmp_path, capsys, monkeypa
     assert info.value.code == 2
     assert f"argument {flag}: must name a path, got an empty string" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_run_is_not_trained_into_its_dataset(tmp_path, capsys):
+    """--out naming the --data directory (typed another way) is refused before any work: the run's model,
+    checkpoints and logs would go among the shards."""
+    from conftest import write_synthetic
+
+    data = tmp_path / "data"
+    write_synthetic(data, n_episodes=6, steps=40)
+    before = sorted(data.iterdir())
+    argv = ["train", "--data", str(data), "--out", f"{data}/../data/", *map(str, TINY_MODEL), "--eval-episodes", "0",
+            "--steps", "2", "--frameskip", "2"]
+    assert main(argv) == 2
+    said = capsys.readouterr().err
+    assert f"would be written into the dataset it trains on (--data {data.resolve()}); choose an --out" in said
+    assert sorted(data.iterdir()) == before
 
 
 def test_a_resumed_run_forgets_overwrite_and_finds_its_data_from_anywhere(tmp_path, monkeypatch, caplog):

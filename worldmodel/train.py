@@ -35,7 +35,7 @@ from common.device import THREADS_HELP, autocast_for
 from common.files import atomic_write_json, output_dir, output_lock, remove_stale_temporaries
 from common.process import ignore_stop_signals
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec, check_fractions
-from envs.storage import DEFAULT_DATA, DatasetError, recording
+from envs.storage import DEFAULT_DATA, DatasetError, check_not_the_source, recording
 from worldmodel import distributed, rundir
 from worldmodel.datasplit import split_record
 from worldmodel.graph import GraphConfig, LatentGraph, graph_settings
@@ -267,9 +267,10 @@ def train(cfg: TrainConfig, progress: bool = True,
     logged to TensorBoard under ``closed_loop/`` and kept in model.json. Its ``check_episodes(store,
     val_ids, episodes)``, if it has one, runs before the first step: a ValueError there stops the run.
     """
+    out = Path(cfg.out)
+    check_not_the_source(Path(cfg.data), out, "trains on")  # its model and logs would mix with the shards
     rank, world, device = distributed.setup(cfg.device)
     is_main = rank == 0
-    out = Path(cfg.out)
     try:
         with ExitStack() as held:
             def decide() -> str:  # one rank decides (--overwrite clears the run there later, in _train)
