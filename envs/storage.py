@@ -269,6 +269,7 @@ def inspect_shard(path: str | Path, env: str | None = None) -> ShardInfo:
             raise DatasetError(f"{path}: is a stable-worldmodel file (one file, one dataset), not a shard of "
                                f"episodes: a directory of shards cannot also hold it")
         attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        check_format_version(attrs, path)  # first: a newer format may name or mean its attributes otherwise
         for key in ("env", "size"):
             if key not in attrs:
                 raise DatasetError(f"{path}: missing file attribute {key!r}")
@@ -293,6 +294,20 @@ def inspect_shard(path: str | Path, env: str | None = None) -> ShardInfo:
         raise DatasetError(f"{path}: holds no episodes")
     complete_states(arrays, attrs["env"], path)
     return ShardInfo(path, attrs, episodes, arrays, tuple(sorted(missing)))
+
+
+def check_format_version(attrs: dict, path) -> None:
+    """A shard of a newer format than this code reads is refused, not read as today's; older ones, and those
+    from before ``format_version`` was recorded, are read as they always were."""
+    version = attrs.get("format_version")
+    if version is None:
+        return
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise DatasetError(f"{path}: file attribute 'format_version' must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise DatasetError(f"{path}: file attribute 'format_version' is {version}, newer than the shard format "
+                           f"{FORMAT_VERSION} this code reads: it was written by a newer version of this project; "
+                           f"read it with that version")
 
 
 def is_swm_handle(f: h5py.File) -> bool:

@@ -11,7 +11,7 @@ from conftest import synthetic_episode, write_swm_file, write_synthetic
 from envs import ReacherPixels
 from envs.collect import CollectConfig, collect
 from envs.dataset import EpisodeStore, dataset_fingerprint
-from envs.storage import DatasetError, EpisodeRef, write_shard
+from envs.storage import FORMAT_VERSION, DatasetError, EpisodeRef, write_shard
 
 ATTRS = {"env": "reacher-easy", "size": 32}
 
@@ -166,6 +166,25 @@ def test_bad_file_attributes_name_the_file_and_attribute(tmp_path, attrs, messag
     write_shard(tmp_path / "s.h5", {0: synthetic_episode(10)}, {**ATTRS, **attrs})
     with pytest.raises(DatasetError, match=rf"s\.h5: {message}"):
         EpisodeStore(tmp_path / "s.h5")
+
+
+def test_a_shard_of_a_newer_format_is_refused_and_older_ones_are_read(tmp_path):
+    """A newer format may mean its fields otherwise: refused by file, field and both versions (not read as
+    today's, nor named by an attribute it lacks); shards of older formats, or that do not say, read as ever."""
+    newer = FORMAT_VERSION + 1
+    for name in ("new", "old", "none"):
+        (tmp_path / name).mkdir()
+    write_shard(tmp_path / "new" / "s.h5", {0: synthetic_episode(10)}, {**ATTRS, "format_version": newer})
+    with h5py.File(tmp_path / "new" / "s.h5", "a") as f:
+        del f.attrs["size"]  # renamed in that format, say
+    with pytest.raises(DatasetError, match=rf"new/s\.h5: file attribute 'format_version' is {newer}, newer than the "
+                                           rf"shard format {FORMAT_VERSION} this code reads"):
+        EpisodeStore(tmp_path / "new")
+    write_shard(tmp_path / "old" / "a.h5", {0: synthetic_episode(10)}, {**ATTRS, "format_version": 0})
+    write_shard(tmp_path / "none" / "b.h5", {0: synthetic_episode(10)}, ATTRS)
+    with h5py.File(tmp_path / "none" / "b.h5", "a") as f:
+        del f.attrs["format_version"]
+    assert len(EpisodeStore(tmp_path / "old")) == len(EpisodeStore(tmp_path / "none")) == 1
 
 
 def test_bad_members_name_the_file_and_member(tmp_path):
