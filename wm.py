@@ -22,7 +22,7 @@ from pathlib import Path
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
 from common.config import (apply_overrides, as_options, check_at_least, check_paths_named, check_some_path_exists,
                            config_fields, from_dict, model_paths, nested, option, option_flag, path_list,
-                           unwrap_optional)
+                           typed_options, unwrap_optional)
 from common.device import THREADS_HELP, set_threads
 from common.files import (atomic_write_text, keeping_what_was_measured, output_dir, output_lock,
                           remove_stale_temporaries, saying_what_is_kept)
@@ -303,6 +303,12 @@ class ExportConfig:
     threads: int = option(0, THREADS_HELP)
 
 
+# What a study does not read: typed, it is refused (hold and one-frame study a trained model; identifiability
+# trains its own runs on data it collects)
+NOT_READ_BY_STUDY = {"hold": ("identifiability.",), "one-frame": ("identifiability.",),
+                     "identifiability": ("checkpoint", "data", "split", "episodes", "device")}
+
+
 @dataclass
 class StudyConfig:
     """wm study: measurements that answer one question, written as JSON, Markdown and a figure. hold: why the arm
@@ -325,6 +331,11 @@ class StudyConfig:
     overwrite: bool = option(False, "replace a finished study's results in --out")
 
     def __post_init__(self):
+        unread = typed_options(self, NOT_READ_BY_STUDY.get(self.what, ()))
+        if unread:
+            them = "it" if len(unread) == 1 else "them"
+            raise ValueError(f"{', '.join(unread)}: the {self.what} study does not read {them} (--what {self.what}); "
+                             f"leave {them} out")
         check_some_path_exists(self.checkpoint)
         if self.what == "hold" and len(path_list(self.checkpoint)) > 1:
             raise ValueError(f"--checkpoint: the hold study takes one model, got {self.checkpoint!r}")

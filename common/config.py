@@ -184,6 +184,26 @@ def check_choices(cfg) -> None:
             raise ValueError(f"{f.flag} must be one of {list(f.choices)}, got {f.value!r}")
 
 
+def typed_options(cfg, names) -> list[str]:
+    """The options among ``names`` (setting names; one ending in "." stands for every setting under it) whose
+    value in ``cfg`` is not its class's default: those typed, so that one that does not apply is refused by name
+    rather than ignored (one typed at its default changes nothing)."""
+    defaults = dict(_defaults(type(cfg)))
+    return [f.flag for f in config_fields(cfg) if f.cli and f.value != defaults[f.name]
+            and any(f.name == n or (n.endswith(".") and f.name.startswith(n)) for n in names)]
+
+
+def _defaults(cls, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(setting name, default) of every leaf field of ``cls``, without building ``cls`` (its checks may ask)."""
+    for f in dataclasses.fields(cls):
+        value = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if is_config(value):
+            inner = prefix if f.metadata.get("flat") else f"{prefix}{f.name}."
+            yield from ((g.name, g.value) for g in config_fields(value, prefix=inner))
+        else:
+            yield prefix + f.name, value
+
+
 def unwrap_optional(kind) -> tuple[Any, bool]:
     """(the type inside ``X | None``, True) or (kind, False)."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import check_paths_named, option
+from common.config import check_paths_named, option, typed_options
 from common.files import (naming_write_errors, output_dir, output_lock, prepare_output_file,
                           remove_stale_temporaries, temporary_path)
 from common.process import raise_if_stopped
@@ -125,9 +125,8 @@ class ConvertConfig:
         check_paths_named(self, ("data", "out"))
         if self.image_size is not None:  # before the data is opened and --out made
             check_image_size(self.image_size, "--image-size (image_size)")
-        if self.format == "shards" and (self.compression != "blosc" or self.overwrite):
-            typed = [name for name, given in (("--compression", self.compression != "blosc"),
-                                              ("--overwrite", self.overwrite)) if given]
+        typed = typed_options(self, ("compression", "overwrite")) if self.format == "shards" else []
+        if typed:
             raise ValueError(f"{' and '.join(typed)}: the swm format's only; shards are written gzip-compressed, into "
                              f"a new directory")
 

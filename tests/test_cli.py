@@ -411,6 +411,29 @@ def test_outputs_of_one_command_are_not_replaced_by_another(tmp_path, capsys):
     assert "holds the same weights as" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--what", "identifiability", "--checkpoint", "m.pt", "--split", "test", "--device", "cpu"],
+     "--checkpoint, --split, --device: the identifiability study does not read them (--what identifiability); "
+     "leave them out"),
+    (["--identifiability.steps", "5"], "--identifiability.steps: the hold study does not read it (--what hold)"),
+    (["--what", "one-frame", "--identifiability.workers", "1", "--episodes", "3"],
+     "--identifiability.workers: the one-frame study does not read it (--what one-frame); leave it out"),
+])
+def test_a_study_refuses_options_it_does_not_read(argv, said, tmp_path, capsys, monkeypatch):
+    """Typed, they were ignored; typed at their defaults they change nothing, and are taken."""
+    from studies import hold, identifiability, one_frame
+    from wm import StudyConfig
+
+    monkeypatch.chdir(tmp_path)
+    for module, name in ((hold, "run_all"), (one_frame, "run"), (identifiability, "run")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the study ran"))
+    assert main(["study", *argv]) == 2
+    assert said in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    assert StudyConfig(what="identifiability", split="val", episodes=50, seeds=2).seeds == 2
+    assert StudyConfig(what="hold", episodes=3).identifiability.steps == 1000
+
+
 def test_the_hold_study_takes_one_model_whose_path_holds_a_comma(tmp_path):
     from wm import StudyConfig
 
