@@ -210,6 +210,22 @@ class VideoConfig:
             raise ValueError(f"--out must name an .mp4 file, got {self.out!r}")
 
 
+def refuse_unread(cfg, names, subject: str, note: str = "") -> None:
+    """A ``ValueError`` naming the options among ``names`` typed to a command that does not read them (``subject``,
+    ``note`` after it), rather than their being ignored; one typed at its default changes nothing and is taken."""
+    unread = typed_options(cfg, names)
+    if unread:
+        them = "it" if len(unread) == 1 else "them"
+        raise ValueError(f"{', '.join(unread)}: {subject} does not read {them}{note}; leave {them} out")
+
+
+# What a benchmark does not read: typed, it is refused (only plan-quality and subgoals run a trained model)
+MODEL_BENCH_OPTIONS = ("checkpoint", "protocol", "data", "episodes", "split")
+NOT_READ_BY_BENCH = {"collect": ("device", *MODEL_BENCH_OPTIONS), "train": MODEL_BENCH_OPTIONS,
+                     "plan": MODEL_BENCH_OPTIONS, "plan-quality": ("repeats",), "subgoals": (),
+                     "gpu": ("repeats", *MODEL_BENCH_OPTIONS), "all": MODEL_BENCH_OPTIONS}
+
+
 @dataclass
 class BenchConfig:
     """``wm bench``: measured speeds, each beside a baseline timed in the same run."""
@@ -236,6 +252,8 @@ class BenchConfig:
 
     def __post_init__(self):
         check_at_least(self, 1, ("episodes", "repeats"))
+        refuse_unread(self, NOT_READ_BY_BENCH.get(self.what, ()), f"wm bench --what {self.what}",
+                      " (it runs collect, train and plan)" if self.what == "all" else "")
         if self.dry_run and self.what != "gpu":
             raise ValueError(f"--dry-run is the GPU check's (--what gpu); --what {self.what} has none")
         if self.what == "subgoals" and len(model_paths(self.checkpoint)) != 1:
@@ -331,11 +349,7 @@ class StudyConfig:
     overwrite: bool = option(False, "replace a finished study's results in --out")
 
     def __post_init__(self):
-        unread = typed_options(self, NOT_READ_BY_STUDY.get(self.what, ()))
-        if unread:
-            them = "it" if len(unread) == 1 else "them"
-            raise ValueError(f"{', '.join(unread)}: the {self.what} study does not read {them} (--what {self.what}); "
-                             f"leave {them} out")
+        refuse_unread(self, NOT_READ_BY_STUDY.get(self.what, ()), f"the {self.what} study", f" (--what {self.what})")
         check_some_path_exists(self.checkpoint)
         if self.what == "hold" and len(path_list(self.checkpoint)) > 1:
             raise ValueError(f"--checkpoint: the hold study takes one model, got {self.checkpoint!r}")

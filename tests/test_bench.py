@@ -326,3 +326,30 @@ def test_a_stop_during_bench_all_keeps_the_sections_already_measured(tmp_path, m
     saved = (tmp_path / "b" / "bench_all.md").read_text()
     assert "# wm bench collect" in saved and "the collection table" in saved and "the training table" in saved
     assert "# wm bench plan" not in saved and "the training table" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--checkpoint", "m.pt"], "--checkpoint: wm bench --what all does not read it (it runs collect, train and "
+                               "plan); leave it out"),
+    (["--what", "collect", "--device", "cpu"], "--device: wm bench --what collect does not read it; leave it out"),
+    (["--what", "plan", "--episodes", "3", "--split", "test"],
+     "--episodes, --split: wm bench --what plan does not read them; leave them out"),
+    (["--what", "plan-quality", "--repeats", "5"], "--repeats: wm bench --what plan-quality does not read it"),
+    (["--what", "gpu", "--protocol", "uniform"], "--protocol: wm bench --what gpu does not read it"),
+])
+def test_a_benchmark_refuses_options_it_does_not_read(argv, said, tmp_path, capsys, monkeypatch):
+    """Typed, they were ignored (``wm bench --checkpoint`` timed no model of its own); typed at their defaults
+    they change nothing, and are taken."""
+    import wm
+    from benchmarks import data as data_bench
+    from benchmarks import gpu as gpu_bench
+    from benchmarks import train as train_bench
+
+    for module, name in ((data_bench, "run"), (train_bench, "run"), (bench, "run"), (quality, "run"),
+                         (gpu_bench, "run")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the benchmark ran"))
+    assert wm.main(["bench", *argv, "--out", str(tmp_path / "b")]) == 2
+    assert said in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    assert wm.BenchConfig(what="subgoals", repeats=5, episodes=3, split="test").repeats == 5
+    assert wm.BenchConfig(what="plan", device="auto", checkpoint=wm.DEFAULT_CHECKPOINT).what == "plan"
