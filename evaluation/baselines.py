@@ -13,7 +13,7 @@ from common.config import apply_overrides
 from envs.policies import POLICIES, make_policy
 from evaluation.simulator import JOINT_COSTS, SimulatorModel
 from planners.cem import CEMPlanner
-from planners.config import CEMConfig
+from planners.config import CEMConfig, MPPIConfig
 from planners.noise import problem_keys
 from planners.policy import MPCPolicy, PolicyConfig
 
@@ -60,7 +60,9 @@ def simulator_controller(batch, pcfg: PolicyConfig, frameskip: int, eps: dict, s
     simulator is not differentiable) and so with a budget of at least ``SIMULATOR_BUDGET``;
     ``samples``/``iterations`` set its budget apart (its elites then a tenth of the samples). Returns
     (act, policy)."""
-    plan = pcfg.plan if pcfg.plan.planner == "cem" else dataclasses.replace(pcfg.plan, planner="cem", cem=CEMConfig())
+    plan = pcfg.plan
+    if plan.planner != "cem":  # CEM's defaults; MPPI's settings are not CEM's to read
+        plan = dataclasses.replace(plan, planner="cem", cem=CEMConfig(), mppi=MPPIConfig())
     least_samples, least_iterations = SIMULATOR_BUDGET
     overrides = {"samples": samples or max(plan.samples, least_samples),
                  "iterations": iterations or max(plan.iterations, least_iterations), "seed": seed,

@@ -13,7 +13,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ from evaluation.html import evaluation_page
 from evaluation.report import log_to_tensorboard, plot_results, results_markdown, summarize
 from evaluation.simulator import JOINT_COSTS
 from evaluation.stats import METHOD
+from planners.config import CEMConfig, MPPIConfig
 from planners.noise import problem_keys
 from planners.policy import MPCPolicy, PolicyConfig, check_context, check_policy_device, policy_config
 from worldmodel.datasplit import (HELD_OUT, load_with_data, recording_differences, resolve_data,
@@ -271,7 +272,10 @@ def protocol_policy(setup: Setup, cfg: EvalConfig, protocol: Protocol, seed: int
     fixed = {**protocol.policy, "seed": seed}
     if protocol.data_action_std:  # a sample of unit std in z-scored action space, as LeWM plans
         fixed["cem.init_std"] = setup.action_std()
-    return apply_overrides(cfg.policy, fixed)
+    base = cfg.policy
+    if "planner" in fixed:  # a planner of its own: none of the configured planner's own settings
+        base = replace(base, plan=replace(base.plan, cem=CEMConfig(), mppi=MPPIConfig()))
+    return apply_overrides(base, fixed)
 
 
 def world_model_controller(setup: Setup, cfg: EvalConfig, protocol: Protocol, eps: dict, goal_images: np.ndarray,

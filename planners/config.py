@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import check_types, nested, option
+from common.config import check_types, nested, option, typed_options
 from planners.costs import COSTS
 
 PLANNER_KINDS = ("cem", "mppi")
@@ -165,3 +165,8 @@ class PlannerConfig:
         if not (callable(self.cost) or self.cost in COSTS):
             raise ValueError(f"cost must be one of {sorted(COSTS)} or a callable, got {self.cost!r}")
         getattr(self, self.planner).check(self)  # the chosen planner's needs of the shared settings
+        unread = typed_options(self, [f"{kind}." for kind in PLANNER_KINDS if kind != self.planner])
+        if unread:  # another planner's settings would be ignored
+            them = "it" if len(unread) == 1 else "them"
+            raise ValueError(f"{', '.join(unread)}: the {self.planner} planner does not read {them} (--planner "
+                             f"{self.planner}); leave {them} out")

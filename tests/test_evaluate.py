@@ -335,8 +335,27 @@ def test_the_simulator_reference_plans_without_gradient_steps_and_at_least_the_f
         warm = apply_overrides(PolicyConfig(), {"iterations": 10, "warm_iterations": 5})  # a budget of its own:
         _, policy = simulator_controller(batch, warm, 5, eps, seed=0, samples=8, iterations=3)  # warm within it
         assert (policy.planner.cfg.iterations, policy.planner.cfg.warm_iterations) == (3, 3)
+        mppi = apply_overrides(PolicyConfig(), {"planner": "mppi", "mppi.temperature": 0.3})  # CEM's defaults
+        _, policy = simulator_controller(batch, mppi, 5, eps, seed=0, samples=8, iterations=1)
+        assert policy.planner.cfg.planner == "cem" and policy.planner.cfg.mppi.temperature == 0.1
     finally:
         batch.close()
+
+
+def test_a_protocol_that_fixes_the_planner_plans_none_of_the_configured_planners_own_settings():
+    """``--planner mppi --mppi.temperature 0.3 --protocol reach25,lewm``: reach25 plans MPPI as typed, lewm plans
+    LeWM's CEM, without MPPI's settings (which a CEM config refuses: the evaluation failed at lewm)."""
+    from types import SimpleNamespace
+
+    from evaluation.evaluate import protocol_policy
+
+    setup, cfg = SimpleNamespace(action_std=lambda: 0.7), SimpleNamespace(
+        policy=apply_overrides(PolicyConfig(), {"planner": "mppi", "mppi.temperature": 0.3}))
+    free = protocol_policy(setup, cfg, PROTOCOLS["reach25"], seed=1).plan
+    assert (free.planner, free.mppi.temperature, free.seed) == ("mppi", 0.3, 1)
+    for name in ("lewm", "lewm-history"):
+        fixed = protocol_policy(setup, cfg, PROTOCOLS[name], seed=1).plan
+        assert (fixed.planner, fixed.samples, fixed.cem.init_std, fixed.mppi.temperature) == ("cem", 300, 0.7, 0.1)
 
 
 def test_simulator_references_plan_under_the_protocols_settings(data, monkeypatch):

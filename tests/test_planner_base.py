@@ -206,6 +206,22 @@ def test_a_planner_config_built_directly_is_checked_as_settings_by_name_are():
         PlannerConfig(samples=10, cem=CEMConfig(elites=30))
 
 
+def test_another_planners_settings_are_refused_naming_them():
+    """``--planner mppi --cem.elites 30`` planned with MPPI and dropped the elites silently; typed at their
+    defaults they change nothing and are taken, and a planner class given the other's settings refuses them."""
+    from common.config import apply_overrides
+    from planners.config import CEMConfig, MPPIConfig
+
+    with pytest.raises(ValueError, match=r"^--cem.elites: the mppi planner does not read it \(--planner mppi\)"):
+        apply_overrides(PlannerConfig(), {"planner": "mppi", "cem.elites": 30})
+    with pytest.raises(ValueError, match="--mppi.temperature, --mppi.momentum: the cem planner does not read them"):
+        PlannerConfig(mppi=MPPIConfig(temperature=0.5, momentum=0.2))
+    with pytest.raises(ValueError, match="--cem.init-std: the mppi planner does not read it"):
+        PLANNERS["mppi"](LinearDynamics(), PlannerConfig(cem=CEMConfig(init_std=0.5)))
+    taken = PlannerConfig(planner="mppi", cem=CEMConfig(elites=None), mppi=MPPIConfig(temperature=0.3))
+    assert taken.mppi.temperature == 0.3
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_problems_of_a_batch_get_independent_noise(name):
     """Identical problems with different keys explore differently (no common random numbers), and the
