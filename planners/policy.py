@@ -124,6 +124,8 @@ class MPCPolicy:
                 or not len(z_goal) or z_goal.shape[1] != (latent or z_goal.shape[1])):
             got = f"{z_goal.dtype} {tuple(z_goal.shape)}" if isinstance(z_goal, torch.Tensor) else type(z_goal).__name__
             raise ValueError(f"z_goal must be a float tensor of goal latents (B, {latent or 'D'}), B >= 1, got {got}")
+        if not bool(torch.isfinite(z_goal).all()):  # once per episode: no plan could head for it, silently
+            raise ValueError("z_goal holds NaN or inf values: no plan can head for them (a broken goal encoding?)")
         B = z_goal.shape[0]
         self.planner.reset()
         self._keys = self.planner.default_keys(B, z_goal.device) if keys is None else as_keys(keys, B, z_goal.device)

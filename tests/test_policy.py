@@ -136,6 +136,10 @@ def test_bad_goal_latents_are_refused_before_the_episodes_change(model):
             policy.reset_latent(bad)
         assert torch.equal(policy._z_goal, goal)
         policy.act(obs)
+    for bad in (torch.full((1, 16), float("nan")), torch.full((1, 16), float("inf"))):  # it planned the rest plan
+        with pytest.raises(ValueError, match=r"z_goal holds NaN or inf values"):
+            policy.reset_latent(bad)
+        assert torch.equal(policy._z_goal, goal)
     env.close()
 
 
