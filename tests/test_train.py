@@ -1,5 +1,6 @@
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -135,6 +136,30 @@ def test_a_finished_run_written_again_logs_each_step_once(data, tmp_path):
     assert steps["loss/total"] == [2, 4, 6, 8] and steps["val/prediction_loss"] == [4, 8]
     assert steps["probe/r2_joints_mean"] == [4, 8]
     assert all(len(s) == len(set(s)) for s in steps.values()), steps
+
+
+def test_a_finished_run_written_again_after_a_resume_says_nothing_of_tensorboards_reader(data, tmp_path,
+                                                                                         monkeypatch, caplog):
+    """Reading what tb/ holds at the last step is not the run's news: the reader's notes (its files, a purge of
+    what the resume hid) stayed off wm's stderr, which shows INFO."""
+    out, real, calls = tmp_path / "run", train_module.world_model_losses, {"n": 0}
+
+    def crash_at_step_7(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("a crash after step 6 was logged, its checkpoint at step 4")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, "world_model_losses", crash_at_step_7)
+    with pytest.raises(RuntimeError):
+        train(tiny(data, out), progress=False)
+    monkeypatch.undo()
+    train(tiny(data, out, resume=True), progress=False)
+    (out / "model.pt").unlink()
+    with caplog.at_level(logging.INFO):
+        assert "probe" in train(tiny(data, out), progress=False)
+    assert "writing them again from checkpoint.pt" in caplog.text
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("tensorboard")]
+    assert logging.getLogger("tensorboard").level == logging.NOTSET  # as it was
 
 
 def test_data_without_starting_states_trains_without_a_closed_loop_check(tmp_path, caplog):

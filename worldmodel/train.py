@@ -726,7 +726,15 @@ class _MissingPoints:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         writer.flush()
-        events = EventAccumulator(writer.log_dir).Reload()
+        # the reader's own notes ("Directory watcher advancing", a purge of what a resume hid) are not the run's,
+        # and wm shows INFO on stderr
+        quiet = logging.getLogger("tensorboard")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            events = EventAccumulator(writer.log_dir).Reload()
+        finally:
+            quiet.setLevel(level)
         self.writer = writer
         self.logged = {tag for tag in events.Tags()["scalars"] if any(e.step == step for e in events.Scalars(tag))}
 
