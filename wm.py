@@ -642,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     finally:
         set_command([])  # what runs next in this process (from Python) is not this command
+        rundir = sys.modules.get("worldmodel.rundir")
+        if rundir is not None:  # a checkpoint read for a resume that was refused before it loaded
+            rundir.release_checkpoint()
 
 
 def _main(argv: list[str]) -> int:

@@ -82,7 +82,8 @@ def sigterm_interrupts(ignore_file_size_signal: bool = False) -> dict:
 def restore_handlers(old: dict) -> None:
     for signum, handler in old.items():
         if signum == "unraisablehook":
-            sys.unraisablehook = handler
+            if sys.unraisablehook is _quiet_swallowed_stop:  # not one installed since (pytest's, a library's)
+                sys.unraisablehook = handler
         else:
             signal.signal(signum, handler)
 

@@ -447,3 +447,20 @@ def test_the_hold_study_takes_one_model_whose_path_holds_a_comma(tmp_path):
         StudyConfig(checkpoint=f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}")
     with pytest.raises(ValueError, match="x,1/model.pt: no such file"):
         StudyConfig(checkpoint="runs/x,1/model.pt")
+
+
+def test_the_tables_of_options_a_command_does_not_read_name_its_options():
+    """A misspelt name in a refusal table would refuse nothing, silently: each is a setting of its command (or,
+    ending in ".", the prefix of some), and each table has a row for every choice of --what."""
+    import dataclasses
+
+    from common.config import config_fields
+    from wm import NOT_READ_BY_BENCH, NOT_READ_BY_STUDY, BenchConfig, StudyConfig
+
+    for table, cls in ((NOT_READ_BY_BENCH, BenchConfig), (NOT_READ_BY_STUDY, StudyConfig)):
+        names = [f.name for f in config_fields(cls())]
+        for names_of_what in table.values():
+            for name in names_of_what:
+                assert name in names or (name.endswith(".") and any(n.startswith(name) for n in names)), name
+        choices = [f for f in dataclasses.fields(cls) if f.name == "what"][0].metadata.get("choices")
+        assert choices is None or set(table) <= set(choices)
