@@ -211,6 +211,22 @@ def test_a_finished_run_is_kept_and_another_is_refused(data, tmp_path, caplog):
            "eval/results.json" in caplog.text
 
 
+def test_a_finished_run_is_not_said_done_for_other_data(data, tmp_path, caplog):
+    """The same settings on another dataset (by fingerprint) are another run: refused, naming both datasets
+    (it said "already holds this finished run" and returned the old run's metrics); the run's own data moved
+    elsewhere is the same run."""
+    out = tmp_path / "run"
+    train(tiny(data, out, steps=2), progress=False)
+    other = write_synthetic(tmp_path / "other", n_episodes=7, steps=20)
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=rf"{out} holds a finished run of these settings trained on other data: "
+                                             rf"{data} \(fingerprint \w+\), not {other} \(\w+\); --overwrite"):
+            train(tiny(other, out, steps=2, resume=resume), progress=False)
+    assert "already holds" not in caplog.text
+    moved = data.rename(tmp_path / "moved")
+    assert train(tiny(moved, out, steps=2), progress=False)["already_done"]
+
+
 def test_overwrite_keeps_the_old_run_until_the_new_one_can_start(data, tmp_path):
     """--overwrite with a mistyped --data, or a closed-loop check its validation episodes cannot hold, is
     refused before the first step, and the run already there is still whole."""

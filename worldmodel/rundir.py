@@ -23,6 +23,8 @@ from pathlib import Path
 from common.config import config_fields, from_dict
 from common.files import read_json, temporary_path
 from common.provenance import provenance
+from envs.dataset import fingerprint_at
+from envs.storage import DatasetError
 from worldmodel.model import CheckpointError, WorldModel, atomic_torch_save, load_weights_file, read_model_meta
 
 # Settings that may differ on --resume without changing what the run computes (a moved run or dataset
@@ -73,6 +75,9 @@ def status(out: Path, cfg) -> str:
         return "overwrite"
     step, saved = recorded_run(out, type(cfg))
     finished = step is not None and step == saved.get("steps") and not _differences(saved, cfg, RESUME_FREE | set(RECOVERY))
+    if finished and (other := _other_data(out, cfg)):  # --data may move, not change: the run is not this one
+        raise ValueError(f"{out} holds a finished run of these settings trained on other data: {other}; --overwrite "
+                         f"trains it again on {cfg.data}, or choose another --out")
     if finished and not model_intact(out, step):
         if not ckpt.is_file():
             raise CheckpointError(f"{out / 'model.pt'} is missing or damaged and the finished run in {out} has no "
@@ -101,6 +106,24 @@ def status(out: Path, cfg) -> str:
         advice = f"its {ckpt.name} is gone{_previous_hint(out)}"
     raise ValueError(f"{out} already holds a run at step {step} of {saved.get('steps')}{other}; {advice}, --overwrite "
                      f"to start again, or choose another --out")
+
+
+def _other_data(out: Path, cfg) -> str:
+    """How the data the run in ``out`` records differs from ``cfg.data`` (by fingerprint: a moved dataset is the
+    same), or "" when alike or either is unknown (an older record; data not there, which the run does not need)."""
+    ckpt = out / "checkpoint.pt"
+    record = read_checkpoint(ckpt).get("data") if ckpt.is_file() else None
+    if not isinstance(record, dict):  # no checkpoint, or one from before it kept the data record
+        record = read_json(out / "model.json").get("data")
+    if not isinstance(record, dict) or not record.get("fingerprint"):
+        return ""
+    try:
+        here = fingerprint_at(cfg.data, cfg.env)
+    except (DatasetError, OSError):
+        return ""
+    if here == record["fingerprint"]:
+        return ""
+    return f"{record.get('path')} (fingerprint {record['fingerprint']}), not {cfg.data} ({here})"
 
 
 def _previous_hint(out: Path) -> str:
