@@ -227,6 +227,16 @@ def test_a_finished_run_is_not_said_done_for_other_data(data, tmp_path, caplog):
     assert train(tiny(moved, out, steps=2), progress=False)["already_done"]
 
 
+def test_an_unfinished_run_on_other_data_is_not_told_to_resume_with_it(data, tmp_path, monkeypatch):
+    """Its data named, and --resume advised without --data (it said "pass --resume", which then refused the data)."""
+    out = tmp_path / "run"
+    _unfinished_run(data, out, monkeypatch)
+    other = write_synthetic(tmp_path / "other", n_episodes=7, steps=20)
+    with pytest.raises(ValueError, match=rf"at step 4 of 12 trained on other data: {data} \(fingerprint \w+\), not "
+                                         rf"{other} \(\w+\); pass --resume without --data \(it finds its own\)"):
+        train(tiny(other, out, steps=12), progress=False)
+
+
 def test_overwrite_keeps_the_old_run_until_the_new_one_can_start(data, tmp_path):
     """--overwrite with a mistyped --data, or a closed-loop check its validation episodes cannot hold, is
     refused before the first step, and the run already there is still whole."""

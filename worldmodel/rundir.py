@@ -98,10 +98,12 @@ def status(out: Path, cfg) -> str:
         return "done"
     diff = _differences(saved, cfg, RESUME_FREE)
     other = f" with other settings (saved, now): {diff}" if diff else ""
+    data = _other_data(out, cfg)
+    other += f"{' and' if diff else ''} trained on other data: {data}" if data else ""
     if step >= saved.get("steps", 0):
         advice = "it is finished"
-    elif ckpt.is_file():
-        advice = "pass --resume to continue it"
+    elif ckpt.is_file():  # on its own data: --resume refuses other data
+        advice = f"pass --resume{' without --data (it finds its own)' if data else ''} to continue it"
     else:
         advice = f"its {ckpt.name} is gone{_previous_hint(out)}"
     raise ValueError(f"{out} already holds a run at step {step} of {saved.get('steps')}{other}; {advice}, --overwrite "
