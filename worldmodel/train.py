@@ -392,7 +392,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                         scalars = _scalars(logged, opt, grad_norm, frames_seen / (now - t_last))
                         t_last, frames_seen = now, 0
                         _log(writer, scalars, done)
-                        guard.logged(float(losses["loss"]))  # this rank's own, as the guard's other losses
+                        guard.logged(float(losses["loss"].detach()))  # this rank's own, as the guard's other losses
                         bar.set_postfix(loss=f"{scalars['loss/total']:.4f}", fps=f"{scalars['speed/frames_per_s']:.0f}")
                         metrics.update(scalars)
                 if last or any(every and done % every == 0 for every in (cfg.eval_every, cfg.probe_every)):
