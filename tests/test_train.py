@@ -32,6 +32,19 @@ def data(tmp_path):
     return write_synthetic(tmp_path / "data", n_episodes=6, steps=20)
 
 
+def fail_in_step_7(monkeypatch, exc: BaseException) -> None:
+    """A tiny run (``tiny``) raises ``exc`` in its 7th step: steps 2, 4 and 6 logged, the checkpoint of step 4
+    written."""
+    real, calls = train_module.world_model_losses, {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise exc
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, "world_model_losses", failing)
+
+
 def tiny(data, out, **kw):
     return preset_config("demo", {**TINY, "steps": 8, **kw}, data=str(data), out=str(out))
 
@@ -104,14 +117,8 @@ def test_a_resumed_run_replaces_the_curves_logged_after_its_checkpoint(data, tmp
     another --lr): TensorBoard shows each step once, the resumed run's (both were plotted, a zig-zag)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out, real, calls = tmp_path / "run", train_module.world_model_losses, {"n": 0}
-
-    def killed_in_step_7(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:  # steps 2, 4 and 6 logged, the checkpoint of step 4 written
-            raise SystemExit("killed")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(train_module, "world_model_losses", killed_in_step_7)
+    out = tmp_path / "run"
+    fail_in_step_7(monkeypatch, SystemExit("killed"))
     with pytest.raises(SystemExit):
         train(tiny(data, out), progress=False)
     monkeypatch.undo()
@@ -142,14 +149,8 @@ def test_a_finished_run_written_again_after_a_resume_says_nothing_of_tensorboard
                                                                                          monkeypatch, caplog):
     """Reading what tb/ holds at the last step is not the run's news: the reader's notes (its files, a purge of
     what the resume hid) stayed off wm's stderr, which shows INFO."""
-    out, real, calls = tmp_path / "run", train_module.world_model_losses, {"n": 0}
-
-    def crash_at_step_7(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise RuntimeError("a crash after step 6 was logged, its checkpoint at step 4")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(train_module, "world_model_losses", crash_at_step_7)
+    out = tmp_path / "run"
+    fail_in_step_7(monkeypatch, RuntimeError("a crash after step 6 was logged, its checkpoint at step 4"))
     with pytest.raises(RuntimeError):
         train(tiny(data, out), progress=False)
     monkeypatch.undo()
