@@ -552,6 +552,7 @@ def run_pipeline(cfg: PipelineConfig) -> int:
     out, start = Path(cfg.out), time.perf_counter()
     data = str(out / "data")
     stamp = lambda what: print(f"\n=== [{(time.perf_counter() - start) / 60:.1f} min] {what}", flush=True)  # noqa: E731
+    _check_kept(out, cfg)  # before any stage: a rerun with other settings never mixes with what is kept
     stamp("collect")
     run_collect(CollectConfig(out=data, episodes=cfg.episodes, workers=cfg.workers))
     stamp("train (demo preset)")
@@ -572,6 +573,32 @@ def run_pipeline(cfg: PipelineConfig) -> int:
     print(f"model {model}; results {out / 'eval' / 'results.md'}; plot {out / 'eval' / 'results.png'}; "
           f"videos {out / 'videos'}; TensorBoard: tensorboard --logdir {shlex.quote(str(out))}")
     return 0
+
+
+def _check_kept(out: Path, cfg: PipelineConfig) -> None:
+    """Refuse a rerun whose settings differ from what ``out`` keeps, before anything runs: collection would
+    add episodes to the data a kept model was trained on, and kept results would be reported as the new
+    settings' (each stage kept its own without comparing)."""
+    def recorded(path: Path) -> dict:
+        try:
+            record = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            return {}  # damaged: the stage that reads it says so
+        return record if isinstance(record, dict) else {}
+
+    model, results = recorded(out / "model.json"), recorded(out / "eval" / "results.json")
+    train, data = (model.get(key) or {} for key in ("train_config", "data"))
+    evaluated = results.get("config") or {}
+    kept = {"episodes": (data.get("episodes"), cfg.episodes, "model.json"),
+            "steps": (train.get("steps"), cfg.steps, "model.json"),
+            "eval_episodes": (evaluated.get("episodes"), cfg.eval_episodes, "eval/results.json"),
+            "seeds": (evaluated.get("seeds"), cfg.seeds, "eval/results.json"),
+            "baselines": (evaluated.get("baselines"), cfg.baselines, "eval/results.json")}
+    differ = [f"--{name.replace('_', '-')} {was!r} ({where}), not {now!r}"
+              for name, (was, now, where) in kept.items() if was is not None and was != now]
+    if differ:
+        raise ValueError(f"{out} holds a demo run made with other settings: {'; '.join(differ)}; rerun with "
+                         f"those to resume or keep it, or pass another --out (nothing was changed)")
 
 
 def _finished(out: Path, steps: int) -> bool:

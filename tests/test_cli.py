@@ -151,6 +151,28 @@ def test_the_demo_pipeline_names_a_damaged_model_json_and_keeps_the_run(tmp_path
     assert not _finished(tmp_path, 3500)
 
 
+def test_the_demo_pipeline_refuses_other_settings_over_a_kept_run_before_any_stage(tmp_path, monkeypatch, capsys):
+    """A rerun with another --episodes collected into the data the kept model was trained on (then training
+    refused), and one with other evaluation settings reported the kept results as theirs."""
+    import wm
+
+    monkeypatch.setattr(wm, "run_collect", lambda cfg: pytest.fail("collected over a kept run"))
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "model.json").write_text(json.dumps({"step": 20, "train_config": {"steps": 20},
+                                                     "data": {"episodes": 12}}))
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"config": {"episodes": 1, "seeds": 1,
+                                                                           "baselines": ""}}))
+    same = ["demo-pipeline", "--out", str(tmp_path), "--episodes", "12", "--steps", "20", "--eval-episodes", "1",
+            "--seeds", "1", "--baselines", ""]
+    for option, value, said in (("--episodes", "16", "--episodes 12 (model.json), not 16"),
+                                ("--steps", "30", "--steps 20 (model.json), not 30"),
+                                ("--eval-episodes", "2", "--eval-episodes 1 (eval/results.json), not 2"),
+                                ("--baselines", "random", "--baselines '' (eval/results.json), not 'random'")):
+        assert main(same + [option, value]) == 2
+        assert said in capsys.readouterr().err
+    wm._check_kept(tmp_path, _parsed(same))  # the same settings resume or keep the run
+
+
 def _parsed(argv: list[str]):
     """The config ``wm`` builds from ``argv`` (the command first), as ``main`` does."""
     import argparse
