@@ -545,8 +545,8 @@ def run_study(cfg: StudyConfig) -> int:
 
 
 def run_pipeline(cfg: PipelineConfig) -> int:
-    """Collection, training and evaluation skip what is already done, so an interrupted `make demo`
-    resumes; the videos are made again."""
+    """Every stage skips what is already done (a finished stage is kept, an interrupted one goes on or is made
+    again), so an interrupted `make demo` resumes and a finished one is kept."""
     import time
 
     out, start = Path(cfg.out), time.perf_counter()
@@ -568,7 +568,11 @@ def run_pipeline(cfg: PipelineConfig) -> int:
         run_eval(EvalConfig(checkpoint=model, episodes=cfg.eval_episodes, seeds=cfg.seeds, baselines=cfg.baselines,
                             threads=cfg.threads))
     stamp("planning videos (far goals: poses uniform over the joint range)")
-    run_demo(DemoConfig(checkpoint=model, protocol="uniform", overwrite=True, threads=cfg.threads))
+    films = DemoConfig(checkpoint=model, protocol="uniform", threads=cfg.threads)
+    if (films.out_dir / "demo.json").exists():  # written last: a finished demo of the kept model, kept whole
+        print(f"{films.out_dir} already holds the videos: kept")
+    else:  # none, or a demo that did not finish: its files are removed and it is made again
+        run_demo(films)
     stamp("done")
     print(f"model {model}; results {out / 'eval' / 'results.md'}; plot {out / 'eval' / 'results.png'}; "
           f"videos {out / 'videos'}; TensorBoard: tensorboard --logdir {shlex.quote(str(out))}")

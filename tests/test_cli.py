@@ -173,6 +173,27 @@ def test_the_demo_pipeline_refuses_other_settings_over_a_kept_run_before_any_sta
     wm._check_kept(tmp_path, _parsed(same))  # the same settings resume or keep the run
 
 
+def test_the_demo_pipeline_keeps_finished_videos_and_makes_unfinished_ones_again(tmp_path, monkeypatch, capsys):
+    """A rerun of a finished `make demo` kept nothing of its videos: it filmed them again with --overwrite, which
+    removed the finished ones first, so a stop during that stage lost them. A finished demo is kept now; an
+    unfinished one is made again."""
+    import wm
+
+    films = []
+    monkeypatch.setattr(wm, "run_collect", lambda cfg: None)
+    monkeypatch.setattr(wm, "run_train", lambda cfg: None)
+    monkeypatch.setattr(wm, "run_demo", lambda cfg: films.append(cfg) or 0)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text("{}")
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "episode_000.mp4").write_bytes(b"an unfinished demo")
+    argv = ["demo-pipeline", "--out", str(tmp_path)]
+    assert main(argv) == 0 and len(films) == 1 and not films[0].overwrite
+    (tmp_path / "videos" / "demo.json").write_text("{}")  # the demo finished
+    assert main(argv) == 0 and len(films) == 1
+    assert f"{tmp_path / 'videos'} already holds the videos: kept" in capsys.readouterr().out
+
+
 def _parsed(argv: list[str]):
     """The config ``wm`` builds from ``argv`` (the command first), as ``main`` does."""
     import argparse
