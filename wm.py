@@ -24,7 +24,7 @@ from common.config import (apply_overrides, as_options, check_at_least, check_pa
                            config_fields, from_dict, model_paths, nested, option, option_flag, path_list,
                            typed_options, unwrap_optional)
 from common.device import THREADS_HELP, set_threads
-from common.files import (atomic_write_text, keeping_what_was_measured, output_dir, output_lock,
+from common.files import (atomic_write_text, keeping_what_was_measured, output_dir, output_lock, read_json,
                           remove_stale_temporaries, saying_what_is_kept)
 from common.process import sigterm_as_interrupt
 from common.provenance import provenance, provenance_line, set_command
@@ -583,14 +583,8 @@ def _check_kept(out: Path, cfg: PipelineConfig) -> None:
     """Refuse a rerun whose settings differ from what ``out`` keeps, before anything runs: collection would
     add episodes to the data a kept model was trained on, and kept results would be reported as the new
     settings' (each stage kept its own without comparing)."""
-    def recorded(path: Path) -> dict:
-        try:
-            record = json.loads(path.read_text()) if path.is_file() else {}
-        except ValueError:
-            return {}  # damaged: the stage that reads it says so
-        return record if isinstance(record, dict) else {}
-
-    model, results = recorded(out / "model.json"), recorded(out / "eval" / "results.json")
+    # a missing or damaged record ({}) checks nothing: the stage that reads it says so
+    model, results = read_json(out / "model.json"), read_json(out / "eval" / "results.json")
     train, data = (model.get(key) or {} for key in ("train_config", "data"))
     evaluated = results.get("config") or {}
     kept = {"episodes": (data.get("episodes"), cfg.episodes, "model.json"),
