@@ -549,6 +549,8 @@ def run_pipeline(cfg: PipelineConfig) -> int:
     again), so an interrupted `make demo` resumes and a finished one is kept."""
     import time
 
+    from worldmodel import rundir
+
     out, start = Path(cfg.out), time.perf_counter()
     data = str(out / "data")
     stamp = lambda what: print(f"\n=== [{(time.perf_counter() - start) / 60:.1f} min] {what}", flush=True)  # noqa: E731
@@ -556,10 +558,14 @@ def run_pipeline(cfg: PipelineConfig) -> int:
     stamp("collect")
     run_collect(CollectConfig(out=data, episodes=cfg.episodes, workers=cfg.workers))
     stamp("train (demo preset)")
-    resume = (out / "checkpoint.pt").exists() and not _finished(out, cfg.steps)
+    finished = _finished(out, cfg.steps)
     # the evaluation comes next: the closed-loop check at the end of training would measure it twice
-    run_train(preset_config("demo", data=data, out=str(out), steps=cfg.steps, resume=resume, eval_episodes=0,
-                            threads=cfg.threads))
+    training = preset_config("demo", data=data, out=str(out), steps=cfg.steps, eval_episodes=0, threads=cfg.threads,
+                             resume=(out / "checkpoint.pt").exists() and not finished)
+    if finished and rundir.status(out, training) == "done":  # training would advise an --overwrite we lack
+        print(f"{out} already holds the trained model: kept")
+    else:
+        run_train(training)
     model = str(out / "model.pt")
     stamp(f"evaluate reach25 against: {cfg.baselines or 'no baseline'}")
     if (out / "eval" / "results.json").exists():

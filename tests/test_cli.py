@@ -1,6 +1,7 @@
 """The command line a new user types: defaults that chain, help that shows the preset, refusals up front."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,6 +193,29 @@ def test_the_demo_pipeline_keeps_finished_videos_and_makes_unfinished_ones_again
     (tmp_path / "videos" / "demo.json").write_text("{}")  # the demo finished
     assert main(argv) == 0 and len(films) == 1
     assert f"{tmp_path / 'videos'} already holds the videos: kept" in capsys.readouterr().out
+
+
+def test_a_rerun_of_a_finished_demo_keeps_its_model_without_advising_an_option_it_lacks(tmp_path, monkeypatch,
+                                                                                          capsys, caplog):
+    """Training told a rerun of a finished `make demo` to pass --overwrite, which `wm demo-pipeline` does not
+    have; the finished model is kept, and said so."""
+    import wm
+    from conftest import write_synthetic
+    from test_train import TINY
+
+    monkeypatch.setattr(wm, "run_collect", lambda cfg: write_synthetic(Path(cfg.out), n_episodes=6, steps=20))
+    monkeypatch.setattr(wm, "preset_config", lambda name, **kw: preset_config(name, TINY, **kw))
+    monkeypatch.setattr(wm, "run_eval", lambda cfg: 0)
+    monkeypatch.setattr(wm, "run_demo", lambda cfg: 0)
+    argv = ["demo-pipeline", "--out", str(tmp_path / "demo"), "--steps", "4", "--episodes", "6"]
+    assert main(argv) == 0 and (tmp_path / "demo" / "model.pt").is_file()
+    caplog.clear()
+    capsys.readouterr()
+    monkeypatch.setattr(wm, "run_collect", lambda cfg: None)
+    assert main(argv) == 0
+    said = capsys.readouterr()
+    assert f"{tmp_path / 'demo'} already holds the trained model: kept" in said.out
+    assert "--overwrite" not in said.out + said.err + caplog.text
 
 
 def _parsed(argv: list[str]):
