@@ -612,6 +612,8 @@ def test_backend_follows_the_device(monkeypatch):
 
 def test_bad_settings_are_refused_before_any_data(tmp_path):
     for bad, match in (({"steps": 0}, "--steps 0"), ({"batch_size": 0}, "--batch-size 0"),
+                       ({"batch_size": 100000}, r"--batch-size 100000 \(must be <= 8192\)"),
+                       ({"num_workers": 1000}, r"--num-workers 1000 \(must be <= 256\)"),
                        ({"lr": -1.0}, "--lr -1"), ({"val_fraction": 1.0}, "--val-fraction"),
                        ({"encoder.vit_width": 256}, "vit-width"), ({"encoder.kind": "resnet"}, "kind")):
         with pytest.raises(ValueError, match=match):

@@ -29,8 +29,8 @@ import torch
 from einops import rearrange
 from tqdm import tqdm
 
-from common.config import (apply_overrides, check_at_least, check_choices, check_paths_named, config_fields, nested,
-                           option)
+from common.config import (apply_overrides, check_at_least, check_at_most, check_choices, check_paths_named,
+                           config_fields, nested, option)
 from common.device import THREADS_HELP, autocast_for
 from common.files import atomic_write_json, output_dir, output_lock, remove_stale_temporaries
 from common.process import ignore_stop_signals
@@ -71,7 +71,7 @@ class TrainConfig:
     seed: int = option(0, "seed of initialisation, batches, SIGReg directions and the train/val/test split")
     # optimisation
     steps: int = option(3500, "optimiser steps")
-    batch_size: int = option(32, "windows per step (per process under torchrun)")
+    batch_size: int = option(32, "windows per step (per process under torchrun; at most 8192)")
     lr: float = option(1e-3, "peak learning rate (AdamW); may be lowered on --resume after a divergence")
     weight_decay: float = option(1e-3, "AdamW weight decay")
     warmup_steps: int = option(100, "linear warmup, then cosine decay to 0")
@@ -119,7 +119,7 @@ class TrainConfig:
     ckpt_every: int = option(500, "steps between checkpoints")
     eval_every: int = option(0, "steps between small closed-loop evaluations (0: only at the end)")
     eval_episodes: int = option(20, "episodes of the closed-loop evaluation logged to TensorBoard (0: none)")
-    num_workers: int = option(0, "DataLoader worker processes")
+    num_workers: int = option(0, "DataLoader worker processes (at most 256)")
     compile: bool = option(False, "torch.compile the model")
 
     def __post_init__(self):
@@ -130,6 +130,9 @@ class TrainConfig:
                                  "num_workers", "train_episodes", "weight_decay", "sigreg_weight", "rollout_weight",
                                  "first_frame_rollout_weight", "slow_weight"))
         check_at_least(self, 0, ("lr", "grad_clip"), strictly=True)
+        # a mistyped size is refused, not met by the OOM killer (--batch-size 100000 took a 2-core machine down)
+        check_at_most(self, 8192, ("batch_size",))
+        check_at_most(self, 256, ("num_workers",))
         check_fractions(self.val_fraction, self.test_fraction)
         if self.rollout_steps > self.n_pred:
             raise ValueError(f"--rollout-steps ({self.rollout_steps}) must be <= --n-pred ({self.n_pred}): the "
