@@ -299,6 +299,24 @@ def test_a_stop_while_measuring_at_the_end_says_every_step_is_saved(data, tmp_pa
     assert json.loads((tmp_path / "run" / "model.json").read_text())["step"] == 8
 
 
+def test_a_stop_while_measuring_mid_run_says_the_step_is_saved_and_stops_after_it(data, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """Ctrl-C during an --eval-every/--probe-every measurement: the step was saved before it, so the message no
+    longer promises to finish the step and save; the run stops after the measurement, resumable at that step."""
+    real = train_module._evaluate
+
+    def stopped_at_step_4(model, data_, cfg, done, *args):
+        if done == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, data_, cfg, done, *args)
+    monkeypatch.setattr(train_module, "_evaluate", stopped_at_step_4)
+    with caplog.at_level("WARNING", logger="worldmodel.train"), pytest.raises(KeyboardInterrupt):
+        train(tiny(data, tmp_path / "run", probe_every=4), progress=False)
+    assert "SIGINT: every step is saved (checkpoint.pt, step 4); finishing this measurement, then stopping" in \
+        caplog.text and "then saving a checkpoint" not in caplog.text
+    assert "stopped: checkpoint at step 4" in caplog.text
+
+
 def test_a_run_blown_up_before_its_first_checkpoint_is_not_saved(data, tmp_path, monkeypatch):
     """No good checkpoint to compare with yet: running statistics far out of range, or a loss far above the
     run's first logged one, are refused all the same; the advice is a sane rate, not a quarter of an absurd one."""

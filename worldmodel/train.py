@@ -226,6 +226,7 @@ class StopRequest:
         self.loud = loud
         self.signal: int | None = None
         self.saved: int | None = None  # the last step, once its training state is saved: only measuring is left
+        self.measuring: int | None = None  # a step saved before a mid-run measurement (--eval-every, --probe-every)
         self._at = 0.0
         self._old = {}
 
@@ -243,6 +244,11 @@ class StopRequest:
         self.signal, self._at = signum, time.monotonic()
         if self.saved is not None:
             self.say_saved()
+        elif self.measuring is not None:
+            if self.loud:
+                log.warning(f"{signal.Signals(signum).name}: every step is saved (checkpoint.pt, step "
+                            f"{self.measuring}); finishing this measurement, then stopping (Ctrl-C again to stop "
+                            f"at once: --resume continues from step {self.measuring} either way)")
         elif self.loud:
             log.warning(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
                         f"(Ctrl-C again to stop at once)")
@@ -404,8 +410,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                         stop.saved = done
                         if stop.signal is not None:  # a stop during the last step: it said "saving"
                             stop.say_saved()
+                    else:
+                        stop.measuring = done
                 if is_main:
                     metrics.update(_evaluate(model, data, cfg, done, writer, closed_loop, device))
+                stop.measuring = None
                 saved = done % cfg.ckpt_every == 0 or last
                 if saved:
                     save(done)
