@@ -480,7 +480,9 @@ def test_interrupt_then_resume_is_bit_for_bit(data, tmp_path, monkeypatch, sig):
 
 def test_resume_with_other_settings_is_refused(data, tmp_path):
     train(tiny(data, tmp_path / "run", steps=4), progress=False)
-    with pytest.raises(ValueError, match="settings differ.*batch_size"):
+    # the settings not typed come from train_config.json: the refusal names it with the checkpoint
+    with pytest.raises(ValueError, match=r"settings differ from those .*checkpoint.pt holds .*batch_size.* reads the "
+                                         r"settings not typed from .*train_config.json"):
         train(tiny(data, tmp_path / "run", steps=8, batch_size=4, resume=True), progress=False)
 
 

@@ -313,9 +313,10 @@ def load(out: Path, cfg, model: WorldModel, opt, store, world: int = 1) -> tuple
     saved = saved_settings(state["config"], type(cfg), str(path), filled)
     diff = _differences(saved, cfg, RESUME_FREE | set(RECOVERY))
     if diff:
-        raise ValueError(f"--resume: settings differ from the checkpoint's (saved, now): {diff}; only "
-                         f"{', '.join('--' + k.replace('_', '-') for k in RECOVERY)} may change on resume (of the "
-                         f"settings that decide what the run computes)")
+        raise ValueError(f"--resume: settings differ from those {path} holds (saved, now): {diff}; `wm train "
+                         f"--resume` reads the settings not typed from {out / 'train_config.json'}, so an edit there "
+                         f"counts as one typed; only {', '.join('--' + k.replace('_', '-') for k in RECOVERY)} may "
+                         f"change on resume (of the settings that decide what the run computes)")
     step = state["step"]
     if step > saved["steps"]:
         raise CheckpointError(f"{path}: 'step' is {step}, beyond the run's {saved['steps']} steps")
