@@ -478,6 +478,19 @@ def test_interrupt_then_resume_is_bit_for_bit(data, tmp_path, monkeypatch, sig):
     assert signal.getsignal(signal.SIGINT) is handler  # handlers restored
 
 
+def test_a_lone_model_file_in_out_is_not_replaced_unasked(data, tmp_path):
+    """A model.pt with no run files beside it (a colleague's model copied in) was replaced by a fresh run
+    without a word; it is refused now, and --overwrite replaces it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"a model handed over")
+    with pytest.raises(ValueError, match="model.pt is there without a readable model.json or checkpoint.pt"):
+        train(tiny(data, run, steps=2), progress=False)
+    assert (run / "model.pt").read_bytes() == b"a model handed over"
+    train(tiny(data, run, steps=2, overwrite=True), progress=False)
+    WorldModel.load(run / "model.pt")
+
+
 def test_resume_with_other_settings_is_refused(data, tmp_path):
     train(tiny(data, tmp_path / "run", steps=4), progress=False)
     # the settings not typed come from train_config.json: the refusal names it with the checkpoint

@@ -92,6 +92,9 @@ def status(out: Path, cfg) -> str:
                                  f"the run again")
             raise ValueError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
         return "resume"
+    if step is None and (out / "model.pt").is_file():  # a model handed over, say: never replaced unasked
+        raise ValueError(f"{out / 'model.pt'} is there without a readable model.json or checkpoint.pt of its run; "
+                         f"training would replace it: --overwrite does, or choose another --out")
     if step is None:  # nothing worth keeping (a run that stopped before its first checkpoint)
         return "fresh"
     if finished:  # the same settings, so the same number of steps
