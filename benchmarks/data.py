@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from benchmarks.timing import absolute_shown, markdown_table, paired_ratio, round_robin
+from common.text import counted
 from envs.collect import CollectConfig, collect
 from envs.dataset import EpisodeStore, WindowDataset, WindowSpec
 from envs.policies import make_policy
@@ -114,7 +115,8 @@ def run(sizes=(64, 224), workers=(1, 2), repeats: int = 3) -> str:
     absolute = absolute_shown()
     lines = ["## Rendering: step + render, one process", "",
              "Like for like: dm_control's own `physics.render` against our renderer at the same look (shadows and "
-             f"reflections on); then what our fast look (both off) buys. {repeats} rounds of 200 frames of each.", ""]
+             f"reflections on); then what our fast look (both off) buys. {counted(repeats, 'round')} of 200 frames "
+             f"of each.", ""]
     rows = []
     for size in sizes:
         r = bench_render(size, repeats=repeats)
@@ -125,7 +127,7 @@ def run(sizes=(64, 224), workers=(1, 2), repeats: int = 3) -> str:
                              ("ours, standard look, frames/s", True), ("ours / baseline", False),
                              ("ours, fast look, frames/s", True), ("fast / standard", False)], rows, absolute)
     lines += ["", "## Collection: `wm collect`, whole pipeline incl. process start, gzip and writes", "",
-              f"{repeats} rounds of one collection at each worker count.", ""]
+              f"{counted(repeats, 'round')} of one collection at each worker count.", ""]
     rows = []
     for size in sizes:
         runs = {w: (lambda w=w: bench_collect(size, w)) for w in workers}
@@ -136,8 +138,8 @@ def run(sizes=(64, 224), workers=(1, 2), repeats: int = 3) -> str:
                              (f"{workers[-1]} / {workers[0]} workers", False)], rows, absolute)
     lines += ["", "## Loader: random windows of 4 frames, frameskip 5, batch 64", "",
               f"From disk every window's frames are read and decompressed from the file (our shards keep no chunk "
-              f"cache), as from a dataset too large for memory; about {LOADER_DATA_MB} MB of frames. {repeats} "
-              f"rounds of 30 batches from each.", ""]
+              f"cache), as from a dataset too large for memory; about {LOADER_DATA_MB} MB of frames. "
+              f"{counted(repeats, 'round')} of 30 batches from each.", ""]
     rows = []
     for size in sizes:
         episodes = loader_episodes(size)

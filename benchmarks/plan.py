@@ -24,6 +24,7 @@ from benchmarks.naive import NaiveCEMPlanner, ProblemLoopCEMPlanner
 from benchmarks.timing import absolute_shown, alternating, markdown_table, paired_ratio, round_robin
 from common.config import apply_overrides
 from common.device import resolve_device, synchronize
+from common.text import counted
 from evaluation.protocols import LEWM_POLICY
 from planners.config import PlannerConfig
 from planners.noise import problem_keys
@@ -91,8 +92,8 @@ def default_against_lewm(model, batches, repeats: int, absolute: bool) -> list[s
         rows.append([str(b), f"{1000 * statistics.median(lewm_s):.1f}", f"{1000 * statistics.median(ours_s):.1f}",
                      paired_ratio(ours_s, lewm_s)])
     head = [f"The default planner (CEM {ours.budget()}, horizon {ours.horizon}) against CEM 300 x 30 x 5, top 30 "
-            f"(LeWM's setting): {repeats} plans of each, alternating, the time per plan the median (min-max) of the "
-            f"ratios over pairs of plans adjacent in time:", ""]
+            f"(LeWM's setting): {counted(repeats, 'plan')} of each, alternating, the time per plan the median "
+            f"(min-max) of the ratios over pairs of plans adjacent in time:", ""]
     return head + markdown_table([("batch", False), ("LeWM's setting ms", True), ("default ms", True),
                                   ("default vs LeWM's setting", False)], rows, absolute)
 
@@ -108,8 +109,8 @@ def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), hor
     lines = [f"Model: demo preset (conv encoder, MLP predictor {model.cfg.predictor.hidden} wide x "
              f"{model.cfg.predictor.depth}, latent {model.cfg.latent_dim}, history {model.history}, "
              f"action chunk {model.action_dim}); device {dev}; torch threads {torch.get_num_threads()}.", "",
-             f"Each row the median of {repeats} plans (1 for settings beyond CEM 300 x 30 x 5 for 50 problems), "
-             f"timed in rounds of one plan of every setting:", ""]
+             f"Each row the median of {counted(repeats, 'plan')} (1 for settings beyond CEM 300 x 30 x 5 for 50 "
+             f"problems), timed in rounds of one plan of every setting:", ""]
     grid = list(itertools.product(("cem", "mppi"), samples, iterations, horizons, batches))
     runs = {key: _timer(make_planner(model, _config(*key[:4])), model, key[-1]) for key in grid}
     plans = {(name, n, it, hz, b): repeats if n * it * hz * b <= 300 * 30 * 5 * 50 else 1
@@ -128,8 +129,8 @@ def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), hor
     most = max(batches)
     lines += ["", f"What planning problems together buys: CEM for {most} problems in one call, against the fair "
                   f"reference that plans them one after another, each with its candidates batched (same algorithm, "
-                  f"same noise, the same plans); {repeats} plans of each, alternating, times their median, the "
-                  f"speed-up the median (min-max) over pairs of plans adjacent in time:", ""]
+                  f"same noise, the same plans); {counted(repeats, 'plan')} of each, alternating, times their median, "
+                  f"the speed-up the median (min-max) over pairs of plans adjacent in time:", ""]
     rows = []
     for n, it, hz in itertools.product(samples, iterations, horizons) if most > 1 else ():
         cfg = _config("cem", n, it, hz)
@@ -142,8 +143,8 @@ def run(device: str = "auto", samples=(100, 300, 1000), iterations=(10, 30), hor
                             rows, absolute)
 
     lines += ["", f"The model's matrix products in bf16 (`--bf16`, torch autocast; latents and costs stay float32) "
-                  f"against float32: the same CEM, problems and noise; {repeats} plans of each, alternating, the "
-                  f"speed-up the median (min-max) over adjacent pairs (above 1: bf16 is faster):", ""]
+                  f"against float32: the same CEM, problems and noise; {counted(repeats, 'plan')} of each, "
+                  f"alternating, the speed-up the median (min-max) over adjacent pairs (above 1: bf16 is faster):", ""]
     rows = []
     for (n, it, hz), b in itertools.product(bf16_settings, batches):
         cfg = _config("cem", n, it, hz)

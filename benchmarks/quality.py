@@ -8,6 +8,7 @@ import torch
 
 from benchmarks.timing import absolute_shown, alternating, markdown_table, paired_ratio
 from common.config import apply_overrides, as_options, model_paths
+from common.text import counted
 from evaluation.evaluate import load_setup, world_model_records
 from evaluation.protocols import LEWM_NOTE, LEWM_POLICY, protocol_named
 from evaluation.stats import format_p, paired_counts, sign_test
@@ -77,10 +78,10 @@ def run(checkpoint: str, device: str = "auto", settings=QUALITY_SETTINGS, episod
             setup.batch.close()
     search = PolicyConfig().plan
     where = notes[0] if len(notes) == 1 else f"the {split} episodes of each of {len(notes)} models"
-    lines = [f"Model(s) {', '.join(f'`{c}`' for c in checkpoints)}; {episodes} episodes per model and protocol (seed "
-             f"{seed}) of {where}, every setting on the same episodes; CEM, horizon {search.horizon}, {search.cost} "
-             f"cost, the default policy otherwise (rest candidate, subgoals) but for LeWM's planner ({LEWM_NOTE}); "
-             f"device {device}, torch threads {torch.get_num_threads()}.", ""]
+    lines = [f"Model(s) {', '.join(f'`{c}`' for c in checkpoints)}; {counted(episodes, 'episode')} per model and "
+             f"protocol (seed {seed}) of {where}, every setting on the same episodes; CEM, horizon {search.horizon}, "
+             f"{search.cost} cost, the default policy otherwise (rest candidate, subgoals) but for LeWM's planner "
+             f"({LEWM_NOTE}); device {device}, torch threads {torch.get_num_threads()}.", ""]
     call_s = [float(np.mean([b[0]["plan_time_per_call_s"] for b in batch])) for batch in batches]
     episode_s = [float(np.mean([b[0]["plan_time_per_episode_s"] for b in batch])) for batch in batches]
     rows = []
@@ -148,10 +149,11 @@ def subgoal_cost(checkpoint: str, device: str = "auto", episodes: int = 50, prot
     absolute = absolute_shown(setup.model.device)
     seconds = f"{np.median(loads[0]):.2f} s, " if absolute else ""
     lines = [f"`load_policy` from `model.pt` + `model.json` alone, subgoal graph included: {seconds}"
-             f"{paired_ratio(*loads)} of the time without the graph ({repeats} alternating loads of each).", "",
-             f"{repeats} runs of each setting, alternating (off, on, on, off, ...); "
+             f"{paired_ratio(*loads)} of the time without the graph ({counted(repeats, 'alternating load')} of "
+             f"each).", "",
+             f"{counted(repeats, 'run')} of each setting, alternating (off, on, on, off, ...); "
              f"{'times are the median (min-max) over runs, ' if absolute else ''}the ratio the median (min-max) over "
-             f"the {repeats} pairs of runs adjacent in time (one pair: its ratio alone). "
+             f"the {counted(repeats, 'pair')} of runs adjacent in time (one pair: its ratio alone). "
              f"Planned as the model file records: {as_options(recorded) or 'the default planner'}.", ""]
     rows = []
     try:

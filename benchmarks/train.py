@@ -18,6 +18,7 @@ import torch
 
 from benchmarks.timing import absolute_shown, markdown_table, paired_ratio, round_robin
 from common.device import autocast_for, resolve_device, synchronize
+from common.text import counted
 from worldmodel.model import WorldModel
 from worldmodel.objective import step_generator, world_model_losses
 from worldmodel.train import preset_config
@@ -73,7 +74,8 @@ def run(device: str = "auto", steps: int = 10, encoders: dict | None = None, rep
     frames_per_step = batch_size * (base.model.history + base.n_pred)
     lines = [f"Device {dev}, torch threads {torch.get_num_threads()}; the demo preset: batch {batch_size} windows of "
              f"{base.model.history + base.n_pred} frames (64x64 unless a row says otherwise), "
-             f"{base.rollout_steps}-step rollout loss; {repeats} rounds of {steps} steps of every encoder.", ""]
+             f"{base.rollout_steps}-step rollout loss; {counted(repeats, 'round')} of {counted(steps, 'step')} of "
+             f"every encoder.", ""]
     runs = {label: step_timer(preset_config("demo", overrides), dev, batch_size, steps)
             for label, overrides in (encoders or ENCODERS).items()}
     rates = round_robin(runs, dict.fromkeys(runs, repeats))

@@ -69,6 +69,8 @@ def test_collect_bench_tables_hold_ratios_on_a_cpu(monkeypatch):
     assert calls == [1, 2, 2, 1, 1, 2] and "| 64 | 2.00x (2.00-2.00) |" in report
     assert "| 64 | 2 | 8.00x (4.00-8.00) |" in report
     assert "frames/s" not in report and "windows/s" not in report  # on a CPU: no absolute rates
+    assert "3 rounds of 200 frames" in report  # and one round is one, not "1 rounds"
+    assert "1 round of one collection" in data_bench.run(sizes=(64,), workers=(1,), repeats=1)
 
 
 def test_alternating_runs_pair_each_run_with_its_neighbour_in_time():
