@@ -25,6 +25,7 @@ from worldmodel.train import preset_config
 
 ENCODERS = {"conv, 16 channels (the demo's)": {}, "conv, 8 channels": {"encoder.conv_channels": 8},
             "conv, 32 channels": {"encoder.conv_channels": 32},
+            "conv, 16 channels, 32 px frames, 3 stages": {"image_size": 32, "encoder.conv_stages": 3},
             "conv, 16 channels, 96 px frames": {"image_size": 96},
             "conv, 16 channels, 128 px frames": {"image_size": 128},
             "vit (width 192, depth 6, patch 8)": {"encoder.kind": "vit"}}
