@@ -170,3 +170,11 @@ class PlannerConfig:
             them = "it" if len(unread) == 1 else "them"
             raise ValueError(f"{', '.join(unread)}: the {self.planner} planner does not read {them} (--planner "
                              f"{self.planner}); leave {them} out")
+        # a setting its switch turns off would be ignored too (one left at its default was not typed)
+        switched_off = {"rest_margin": (not self.rest, "--no-rest"),
+                        "grad_lr": (not self.grad_steps, "--grad-steps 0"),
+                        "cem.keep_fraction": (not self.cem.keep_elites, "--no-cem.keep-elites"),
+                        "mppi.min_std": (not self.mppi.adapt_std, "--no-mppi.adapt-std")}
+        for name, (off, switch) in switched_off.items():
+            if off and (unread := typed_options(self, [name])):
+                raise ValueError(f"{unread[0]}: not read with {switch}, which turns off what it sets; leave it out")

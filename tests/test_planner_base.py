@@ -222,6 +222,24 @@ def test_another_planners_settings_are_refused_naming_them():
     assert taken.mppi.temperature == 0.3
 
 
+def test_a_setting_its_switch_turns_off_is_refused_naming_both():
+    """``--no-rest --rest-margin 0.1`` planned without the rest sequence and dropped the margin silently (so did
+    --grad-lr with --grad-steps 0, cem.keep_fraction without keep_elites, mppi.min_std without adapt_std);
+    typed at their defaults they change nothing and are taken."""
+    from common.config import apply_overrides
+
+    for settings, said in (({"rest": False, "rest_margin": 0.1}, "--rest-margin: not read with --no-rest"),
+                           ({"grad_steps": 0, "grad_lr": 0.1}, "--grad-lr: not read with --grad-steps 0"),
+                           ({"cem.keep_elites": False, "cem.keep_fraction": 0.5},
+                            "--cem.keep-fraction: not read with --no-cem.keep-elites"),
+                           ({"planner": "mppi", "mppi.adapt_std": False, "mppi.min_std": 0.1},
+                            "--mppi.min-std: not read with --no-mppi.adapt-std")):
+        with pytest.raises(ValueError, match=f"^{said}, which turns off what it sets; leave it out"):
+            apply_overrides(PlannerConfig(), settings)
+    taken = apply_overrides(PlannerConfig(), {"rest": False, "rest_margin": 0.0, "grad_steps": 0, "grad_lr": 0.05})
+    assert not taken.rest and taken.grad_steps == 0
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_problems_of_a_batch_get_independent_noise(name):
     """Identical problems with different keys explore differently (no common random numbers), and the
