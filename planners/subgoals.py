@@ -48,6 +48,13 @@ class SubgoalConfig:
         if self.reach <= 0 or self.lookahead <= 0:
             raise ValueError(f"subgoals.reach and subgoals.lookahead must be positive, got {self.reach}, "
                              f"{self.lookahead}")
+        # what only the waypoints read would be ignored with them off (the graph's settings are the model file's)
+        unread = [f"--subgoals.{name}" for name in ("reach", "lookahead")
+                  if getattr(self, name) != getattr(SubgoalConfig, name)]
+        if unread and not self.enabled:
+            it, sets = ("it", "sets") if len(unread) == 1 else ("them", "set")
+            raise ValueError(f"{', '.join(unread)}: not read with --no-subgoals.enabled, which turns off what "
+                             f"{'it' if len(unread) == 1 else 'they'} {sets}; leave {it} out")
 
 
 SOLVE_MARGIN = 1.5  # chunks solved beyond where an arm is: its nearest node seldom moves further between plans

@@ -238,6 +238,12 @@ def test_a_setting_its_switch_turns_off_is_refused_naming_both():
             apply_overrides(PlannerConfig(), settings)
     taken = apply_overrides(PlannerConfig(), {"rest": False, "rest_margin": 0.0, "grad_steps": 0, "grad_lr": 0.05})
     assert not taken.rest and taken.grad_steps == 0
+    from planners.subgoals import SubgoalConfig
+
+    with pytest.raises(ValueError, match="^--subgoals.reach, --subgoals.lookahead: not read with "
+                                         "--no-subgoals.enabled, which turns off what they set; leave them out"):
+        SubgoalConfig(enabled=False, reach=2.0, lookahead=4.0)
+    assert not SubgoalConfig(enabled=False, reach=1.0).enabled
 
 
 @pytest.mark.parametrize("name", NAMES)
