@@ -116,7 +116,7 @@ def test_resume_with_other_settings_is_an_error(tmp_path):
 def test_interrupted_collection_keeps_finished_episodes_and_resumes(tmp_path):
     """SIGINT in the middle of `wm collect`: finished episodes are saved; rerunning completes the same data."""
     out, log = tmp_path / "d", tmp_path / "log"
-    n, steps = 150, 20
+    n, steps = 80, 20
     args = [sys.executable, "-m", "wm", "collect", "--episodes", str(n), "--steps", str(steps), "--size", "32",
             "--workers", "2", "--episodes-per-shard", "500", "--out", str(out)]
     with open(log, "w") as err:
@@ -133,7 +133,7 @@ def test_interrupted_collection_keeps_finished_episodes_and_resumes(tmp_path):
     saved = len(EpisodeStore(out, in_memory=False).episodes)
     assert 5 <= saved < n, f"expected a partial collection, got {saved} episodes"
     # A hard kill while writing leaves a temporary file; the next run removes it (and only ours).
-    (out / "shard_000000_000149.h5.123.tmp").write_bytes(b"partial")
+    (out / "shard_000000_000079.h5.123.tmp").write_bytes(b"partial")
     cfg = CollectConfig(episodes=n, steps=steps, size=32, workers=2, episodes_per_shard=500, out=str(out))
     assert collect(cfg, progress=False)["collected"] == n - saved
     assert not list(out.glob("*.tmp"))

@@ -469,7 +469,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped_with_the_same_result
 
     save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=5)), tmp_path / "m.pt", data)
     cfg = lambda out, **kw: apply_overrides(EvalConfig(  # noqa: E731
-        checkpoint=str(tmp_path / "m.pt"), data=str(data), episodes=3, seeds=2, protocol="reach25,uniform",
+        checkpoint=str(tmp_path / "m.pt"), data=str(data), episodes=3, seeds=2, protocol="reach5,reach3",
         baselines="random,simulator", sim_samples=8, sim_iterations=1, out=str(tmp_path / out)),
         {"samples": 8, "iterations": 2, **kw})
     whole = ev.evaluate(cfg("whole"), progress=False)
@@ -486,16 +486,16 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped_with_the_same_result
         ev.evaluate(cfg("cut"), progress=False)
     kept = sorted(p.name for p in (tmp_path / "cut" / "units").iterdir())
     assert len(kept) == 4 and not (tmp_path / "cut" / "results.json").exists()
-    assert "model0-reach25-seed0-world_model.json" in kept
-    with pytest.raises(ValueError, match=r"model0-reach25-seed0-world_model.json: field measured_with.samples is 8, "
+    assert "model0-reach5-seed0-world_model.json" in kept
+    with pytest.raises(ValueError, match=r"model0-reach5-seed0-world_model.json: field measured_with.samples is 8, "
                                          r"this run asks for 12; pass --overwrite"):
         ev.evaluate(cfg("cut", samples=12), progress=False)
-    unit = tmp_path / "cut" / "units" / "model0-reach25-seed0-world_model.json"
+    unit = tmp_path / "cut" / "units" / "model0-reach5-seed0-world_model.json"
     intact = unit.read_text()
     damaged = json.loads(intact)
     del damaged["result"]["records"]
     unit.write_text(json.dumps(damaged))
-    with pytest.raises(ValueError, match=r"model0-reach25-seed0-world_model.json: field result.records is missing"):
+    with pytest.raises(ValueError, match=r"model0-reach5-seed0-world_model.json: field result.records is missing"):
         ev.evaluate(cfg("cut"), progress=False)
     for damage, why in ((lambda records: records[1].update(success="no"), r"records.1.success is 'no', not true or "
                          r"false"),  # numpy's TypeError from the sum, a traceback
@@ -504,7 +504,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped_with_the_same_result
         damaged = json.loads(intact)
         damage(damaged["result"]["records"])
         unit.write_text(json.dumps(damaged))
-        with pytest.raises(ValueError, match=r"model0-reach25-seed0-world_model.json: field result." + why):
+        with pytest.raises(ValueError, match=r"model0-reach5-seed0-world_model.json: field result." + why):
             ev.evaluate(cfg("cut"), progress=False)
     unit.write_text(intact)
     calls.clear()
