@@ -34,7 +34,7 @@ from envs.storage import DEFAULT_DATA, check_image_size
 from evaluation.compare import CompareConfig
 from evaluation.demo import DemoConfig
 from evaluation.evaluate import DEFAULT_CHECKPOINT, EvalConfig, parse_baselines
-from planners.policy import PolicyConfig, recorded_planner
+from planners.policy import PolicyConfig, recorded_planner, without_other_planners
 from studies.identifiability import IdentifiabilityConfig
 from worldmodel.datasplit import HELD_OUT
 from worldmodel.graph import GraphConfig
@@ -172,7 +172,7 @@ def _recorded_policy(argv: list[str]) -> PolicyConfig:
     paths = [p for p in path_list(_typed(argv, "--checkpoint") or DEFAULT_CHECKPOINT) if Path(p).is_file()]
     if not paths:
         return PolicyConfig()
-    recorded = {p: recorded_planner(p) for p in paths}
+    recorded = {p: without_other_planners(recorded_planner(p), _typed(argv, "--planner")) for p in paths}
     values = {p: {f.name: f.value for f in config_fields(apply_overrides(PolicyConfig(), recorded[p]))} for p in paths}
     untyped = lambda names: [n for n in names if not _was_typed(argv, option_flag(n))]  # noqa: E731
     differing = sorted(n for n in untyped({n for p in paths for n in recorded[p]})

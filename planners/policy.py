@@ -20,7 +20,7 @@ from common.device import resolve_device, synchronize
 from planners import subgoals
 from planners.base import Planner, shift_plan
 from planners.cem import CEMPlanner
-from planners.config import PlannerConfig
+from planners.config import PLANNER_KINDS, PlannerConfig
 from planners.mppi import MPPIPlanner
 from planners.noise import as_keys
 from planners.subgoals import SubgoalConfig
@@ -404,10 +404,21 @@ def recorded_planner(checkpoint_path: str | Path) -> dict:
     return {name.replace("-", "_"): value for name, value in settings.items()}  # one spelling of each name
 
 
+def without_other_planners(settings: dict, planner: str | None) -> dict:
+    """A model's recorded planner settings less those of a planner other than ``planner``, the one asked for
+    (None: as recorded): that search does not read them, and whoever asked for it did not give them."""
+    if planner is None:
+        return settings
+    others = tuple(f"{kind}." for kind in PLANNER_KINDS if kind != planner)
+    return {name: value for name, value in settings.items() if not name.startswith(others)}
+
+
 def policy_config(checkpoint_path: str | Path, overrides: dict | None = None) -> PolicyConfig:
     """How ``checkpoint_path``'s model is planned: the planner settings its model file records, with
     ``overrides`` (settings by name) on top."""
-    return apply_overrides(PolicyConfig(), {**recorded_planner(checkpoint_path), **(overrides or {})})
+    overrides = overrides or {}
+    recorded = without_other_planners(recorded_planner(checkpoint_path), overrides.get("planner"))
+    return apply_overrides(PolicyConfig(), {**recorded, **overrides})
 
 
 def load_policy(checkpoint_path: str | Path, device: str = "auto", data: str = "", **overrides) -> MPCPolicy:

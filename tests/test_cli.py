@@ -264,6 +264,22 @@ def test_eval_and_demo_plan_a_model_as_its_file_records_unless_typed(tmp_path, c
     assert "(default: 100)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_a_typed_planner_leaves_out_the_settings_a_model_records_for_another(tmp_path):
+    """A model file recording CEM settings planned with ``--planner mppi``: those settings are the other
+    planner's, so they are dropped, not refused as if the user had typed them; without --planner they hold."""
+    from test_model import tiny_config
+    from worldmodel.model import WorldModel
+
+    path = str(tmp_path / "m.pt")
+    WorldModel(tiny_config("mlp", size=32, frameskip=2)).save(path, extra={"planner": {"cem.elites": 3,
+                                                                                      "samples": 40}})
+    assert _parsed(["eval", "--checkpoint", path]).policy.plan.cem.elites == 3
+    mppi = _parsed(["eval", "--checkpoint", path, "--planner", "mppi"]).policy.plan
+    assert (mppi.planner, mppi.samples) == ("mppi", 40)  # the shared settings it records still hold
+    with pytest.raises(ValueError, match=r"--cem.elites: the mppi planner does not read it"):  # typed: refused
+        _parsed(["eval", "--checkpoint", path, "--planner=mppi", "--cem.elites", "5"])
+
+
 def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(synthetic_data, tmp_path, capsys,
                                                                                monkeypatch, caplog):
     """wm export builds the subgoal graph from the recorded (or given) dataset and keeps it in model.pt; the

@@ -194,6 +194,9 @@ def test_a_model_is_planned_as_its_file_records_unless_told_otherwise(model, tmp
     assert recorded_planner(tmp_path / "told.pt") == {}
     model.save(tmp_path / "dashes.pt", extra={"planner": {"grad-steps": 0}})  # as typed: one name still
     assert recorded_planner(tmp_path / "dashes.pt") == {"grad_steps": 0}
+    model.save(tmp_path / "cem.pt", extra={"planner": {"cem.elites": 3, "samples": 40}})  # CEM's own setting
+    mppi = policy_config(tmp_path / "cem.pt", {"planner": "mppi"}).plan  # not read by MPPI: left out, not refused
+    assert (mppi.planner, mppi.samples, policy_config(tmp_path / "cem.pt").plan.cem.elites) == ("mppi", 40, 3)
     for bad, says in (({"samples": "many"}, "samples"), ({"cem.warmth": 1}, "cem.warmth"), ([100], "'planner'")):
         model.save(tmp_path / "bad.pt", extra={"planner": bad})
         with pytest.raises(CheckpointError, match=rf"bad.json: .*{says}"):
