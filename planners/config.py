@@ -14,6 +14,13 @@ from common.config import check_types, nested, option, typed_options
 from planners.costs import COSTS
 
 PLANNER_KINDS = ("cem", "mppi")
+
+
+def other_planners_settings(planner: str) -> tuple[str, ...]:
+    """The prefixes of the settings that only planners other than ``planner`` read (``"mppi."`` for cem)."""
+    return tuple(f"{kind}." for kind in PLANNER_KINDS if kind != planner)
+
+
 STREAMS_PER_CALL = 4096  # noise streams a plan call may use (one per iteration): iterations must stay below
 
 
@@ -165,7 +172,7 @@ class PlannerConfig:
         if not (callable(self.cost) or self.cost in COSTS):
             raise ValueError(f"cost must be one of {sorted(COSTS)} or a callable, got {self.cost!r}")
         getattr(self, self.planner).check(self)  # the chosen planner's needs of the shared settings
-        unread = typed_options(self, [f"{kind}." for kind in PLANNER_KINDS if kind != self.planner])
+        unread = typed_options(self, other_planners_settings(self.planner))
         if unread:  # another planner's settings would be ignored
             them = "it" if len(unread) == 1 else "them"
             raise ValueError(f"{', '.join(unread)}: the {self.planner} planner does not read {them} (--planner "

@@ -20,7 +20,7 @@ from common.device import resolve_device, synchronize
 from planners import subgoals
 from planners.base import Planner, shift_plan
 from planners.cem import CEMPlanner
-from planners.config import PLANNER_KINDS, PlannerConfig
+from planners.config import PlannerConfig, other_planners_settings
 from planners.mppi import MPPIPlanner
 from planners.noise import as_keys
 from planners.subgoals import SubgoalConfig
@@ -409,8 +409,7 @@ def without_other_planners(settings: dict, planner: str | None) -> dict:
     (None: as recorded): that search does not read them, and whoever asked for it did not give them."""
     if planner is None:
         return settings
-    others = tuple(f"{kind}." for kind in PLANNER_KINDS if kind != planner)
-    return {name: value for name, value in settings.items() if not name.startswith(others)}
+    return {name: value for name, value in settings.items() if not name.startswith(other_planners_settings(planner))}
 
 
 def policy_config(checkpoint_path: str | Path, overrides: dict | None = None) -> PolicyConfig:
