@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from worldmodel.encoder import EncoderConfig
-from worldmodel.model import CheckpointError, WorldModel, WorldModelConfig, read_model_meta
+from worldmodel.model import CheckpointError, WorldModel, WorldModelConfig, check_model_file, read_model_meta
 from worldmodel.predictor import PredictorConfig
 
 
@@ -172,10 +172,15 @@ def test_an_older_model_json_beside_its_rewritten_model_pt_still_loads(tmp_path,
 
 
 def test_truncated_weights_fail_clearly(tmp_path):
+    """Loading refuses them, and so does the check a command makes of its model files before any work (an
+    evaluation of several models does not start its first to fail on the second)."""
     path = WorldModel(tiny_config()).save(tmp_path / "m.pt")
+    check_model_file(path)
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"m\.pt: cannot be read as a weights file"):
         WorldModel.load(path)
+    with pytest.raises(CheckpointError, match=r"m\.pt: cannot be read as a weights file"):
+        check_model_file(path)
 
 
 def test_cuda_asked_for_without_cuda_is_a_clear_error(tmp_path, monkeypatch):

@@ -247,13 +247,16 @@ def _on_meta() -> bool:
 
 
 def check_model_file(path: str | Path) -> tuple[dict, "WorldModelConfig"]:
-    """A model file's description and config, read and checked without its weights (cheap: a command given
-    several models checks them all before any work); a ``CheckpointError`` naming the file otherwise."""
+    """A model file's description and config, read and checked without loading its weights (cheap: a command
+    given several models checks them all, a truncated or damaged archive too, before any work); a
+    ``CheckpointError`` naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(_not_a_model_file(path))
     meta = read_model_meta(path)
-    return meta, WorldModelConfig.from_dict(meta["config"], str(path.with_suffix(".json")))
+    config = WorldModelConfig.from_dict(meta["config"], str(path.with_suffix(".json")))
+    check_archive(path, "a weights file")
+    return meta, config
 
 
 def read_model_meta(path: str | Path) -> dict:
@@ -376,14 +379,9 @@ def _check_fields(record: dict, fields: dict, where: Path, prefix: str) -> None:
             raise CheckpointError(f"{where}: '{prefix}{key}' must be {what}, got {value!r}"[:300])
 
 
-def load_weights_file(path: Path, what: str) -> dict:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickles.
-
-    The archive's checksums are verified first (torch does not check them: flipped bytes would load as
-    wrong weights), and every weight must be finite. Any failure (truncated file, corrupt bytes, not a
-    torch file, a pickle that would run code, NaN weights) is a ``CheckpointError`` naming the file, not
-    torch's own advice to turn ``weights_only`` off.
-    """
+def check_archive(path: Path, what: str) -> str:
+    """That ``path`` is a whole zip archive whose members match their checksums (a truncated or damaged file is a
+    ``CheckpointError`` naming it); returns the start of the message for what may still be wrong inside."""
     refused = (f"{path}: cannot be read as {what} (truncated, corrupt, or not written by this program; it is never "
                f"unpickled)")
     try:
@@ -393,6 +391,18 @@ def load_weights_file(path: Path, what: str) -> dict:
         raise CheckpointError(f"{refused}: {exc}"[:500]) from None
     if bad is not None:
         raise CheckpointError(f"{refused}: the checksum of its member {bad!r} does not match (corrupt bytes)")
+    return refused
+
+
+def load_weights_file(path: Path, what: str) -> dict:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickles.
+
+    The archive's checksums are verified first (torch does not check them: flipped bytes would load as
+    wrong weights), and every weight must be finite. Any failure (truncated file, corrupt bytes, not a
+    torch file, a pickle that would run code, NaN weights) is a ``CheckpointError`` naming the file, not
+    torch's own advice to turn ``weights_only`` off.
+    """
+    refused = check_archive(path, what)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
