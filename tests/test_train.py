@@ -9,6 +9,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from conftest import write_synthetic
 import worldmodel.train as train_module
 from worldmodel import distributed
 from worldmodel.model import PRESET_PLANNER, CheckpointError, WorldModel
-from worldmodel.objective import lr_at
+from worldmodel.objective import effective_rank, lr_at
 from worldmodel.rundir import RunWriteError
 from worldmodel.train import TrainingDiverged, preset_config, train
 
@@ -785,12 +786,14 @@ def test_two_cpu_processes_stay_in_sync(data, tmp_path):
 
 def test_the_losses_logged_under_torchrun_are_the_mean_over_ranks(data, tmp_path):
     """Each rank draws its own windows, so its losses differ: TensorBoard and model.json show their mean over the
-    ranks (they showed rank 0's alone)."""
+    ranks (they showed rank 0's alone), and the embedding's std and effective rank those of every rank's
+    windows together."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    spy = tmp_path / "spy.py"  # `wm`, each rank writing down its losses
+    spy = tmp_path / "spy.py"  # `wm`, each rank writing down its losses and its embeddings
     spy.write_text(textwrap.dedent("""
         import os, sys
+        import numpy as np
         import worldmodel.train as t
         from wm import main
         real = t.world_model_losses
@@ -798,6 +801,8 @@ def test_the_losses_logged_under_torchrun_are_the_mean_over_ranks(data, tmp_path
             losses = real(*args, **kwargs)
             with open(os.environ["SPY"] + os.environ["RANK"], "a") as f:
                 f.write(f"{float(losses['loss'])} {float(losses['pred_loss'])}\\n")
+            z = losses["z"].detach()
+            np.save(os.environ["SPY"] + os.environ["RANK"] + ".npy", z.reshape(-1, z.shape[-1]).numpy())
             return losses
         t.world_model_losses = spy
         sys.exit(main(sys.argv[1:]))
@@ -818,6 +823,11 @@ def test_the_losses_logged_under_torchrun_are_the_mean_over_ranks(data, tmp_path
     assert events.Scalars("loss/total")[-1].value == pytest.approx(total, rel=1e-5)
     assert json.loads((out / "model.json").read_text())["metrics"]["loss/prediction"] == pytest.approx(prediction,
                                                                                                       rel=1e-5)
+    z = [np.load(tmp_path / f"rank{r}.npy") for r in (0, 1)]
+    assert not np.allclose(z[0], z[1])
+    both = torch.from_numpy(np.concatenate(z))
+    assert events.Scalars("embedding/std")[-1].value == pytest.approx(float(both.std(0).mean()), rel=1e-5)
+    assert events.Scalars("embedding/effective_rank")[-1].value == pytest.approx(effective_rank(both), rel=1e-4)
 
 
 def test_a_refusal_only_rank_0_decides_stops_every_rank_saying_why(data, tmp_path):

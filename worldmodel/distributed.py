@@ -102,6 +102,16 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def rows_of_all_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` (N, ...) of every rank stacked in rank order (R*N, ...), the same on every rank; itself outside
+    torchrun. Every rank must call it with the same shape: at logging steps only."""
+    if world_size() > 1 and dist.is_initialized():
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows.contiguous())
+        rows = torch.cat(parts)
+    return rows
+
+
 def check_in_sync(model: torch.nn.Module, tolerance: float = 1e-5) -> float:
     """Largest difference between this rank's parameters and rank 0's; an error if they drifted."""
     flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])  # on the rank's device

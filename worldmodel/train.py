@@ -395,7 +395,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 logging = done % cfg.log_every == 0 or last
                 if logging:
                     guard.check(done)
-                    logged = _mean_losses(losses)  # on every rank: a collective
+                    logged = _over_ranks(losses)  # on every rank: a collective
                     if writer is not None:
                         now = time.perf_counter()
                         scalars = _scalars(logged, opt, grad_norm, frames_seen / (now - t_last))
@@ -663,12 +663,12 @@ def _log(writer, scalars: dict, step: int) -> None:
 LOSS_KEYS = ("loss", "pred_loss", "sigreg", "rollout_loss", "first_frame_rollout_loss")
 
 
-def _mean_losses(losses: dict) -> dict:
-    """``losses`` with each loss averaged over the ranks (each draws its own windows), so what is logged is the
-    run's, not rank 0's; the embeddings stay this rank's."""
+def _over_ranks(losses: dict) -> dict:
+    """``losses`` with each loss averaged over the ranks (each draws its own windows) and the embeddings of
+    every rank's windows, so what is logged is the run's, not rank 0's."""
     keys = [k for k in LOSS_KEYS if k in losses]
     mean = distributed.mean_over_ranks(torch.stack([losses[k].detach().float() for k in keys]))
-    return {**losses, **dict(zip(keys, mean))}
+    return {**losses, **dict(zip(keys, mean)), "z": distributed.rows_of_all_ranks(losses["z"].detach())}
 
 
 def _scalars(losses: dict, opt, grad_norm, frames_per_s: float) -> dict:
