@@ -187,6 +187,10 @@ def compare(base_path: str, new_path: str) -> dict:
     if os.path.samefile(results_file(base_path), results_file(new_path)):
         raise ValueError(f"--base and --new are the same evaluation ({results_file(new_path)}): compared with itself, "
                          f"every episode ties; give as --new the evaluation run with the setting under test")
+    if base == new:  # a run again differs at least in where it was written, when, and its planning times
+        raise ValueError(f"--new {results_file(new_path)} holds exactly the results of --base "
+                         f"{results_file(base_path)} (the same output directory, provenance and records: a copy of "
+                         f"one evaluation?): compared with itself, every episode ties")
     pairs = paired(base, new)
     conditions = condition_changes(base, new)
     time_ratio = (lambda these: None) if conditions else _time_ratio

@@ -133,6 +133,11 @@ def test_an_evaluation_compared_with_itself_is_refused(tmp_path, capsys):
     assert main(["compare", "--base", str(base), "--new", str(base / "results.json")]) == 2
     out, err = capsys.readouterr()
     assert f"--base and --new are the same evaluation ({base / 'results.json'})" in err and "better / worse" not in out
+    copy = tmp_path / "copy"  # a copy of the directory is no second evaluation either
+    copy.mkdir()
+    (copy / "results.json").write_bytes((base / "results.json").read_bytes())
+    with pytest.raises(ValueError, match=r"--new .*copy/results.json holds exactly the results of --base .*a/results"):
+        compare(str(base), str(copy))
 
 
 def test_other_episodes_or_no_evaluation_are_clear_errors(tmp_path, capsys):
