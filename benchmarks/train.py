@@ -4,7 +4,8 @@ predictor.
 One step = encode a batch of windows, predict, SIGReg, backward, AdamW. The demo's encoder at 64 px (the
 first row) is the baseline the others are compared with, measured in the same run: the encoders take turns
 (``benchmarks.timing.round_robin``), each ratio the median (min-max) over rounds (steps/s and frames/s are
-printed on a GPU only).
+printed on a GPU only). On a CPU one more row times the first encoder under bf16 autocast, which training
+leaves off there (CUDA training runs it by itself): whether the CPU's bf16 units would pay.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def steps_per_s(cfg, device: torch.device, batch_size: int, steps: int) -> float
     return step_timer(cfg, device, batch_size, steps)()
 
 
-def step_timer(cfg, device: torch.device, batch_size: int, steps: int):
+def step_timer(cfg, device: torch.device, batch_size: int, steps: int, bf16: bool = False):
     """A function returning the steps/s of ``steps`` training steps of ``cfg``'s model per call (the model
-    built and warmed up once, here)."""
+    built and warmed up once, here): in training's precision, or under bf16 autocast on any device."""
     size = cfg.model.image_size or 64  # the frames' size (64 px unless the encoder's row says otherwise)
     model = WorldModel(dataclasses.replace(cfg.model, image_size=size)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -48,7 +49,7 @@ def step_timer(cfg, device: torch.device, batch_size: int, steps: int):
     actions = torch.rand(batch_size, frames_per_window - 1, cfg.model.action_dim, generator=g) * 2 - 1
     batch = {"pixels": frames.to(device), "actions": actions.to(device)}
     def step(k: int) -> None:
-        with autocast_for(device):
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else autocast_for(device):
             loss = world_model_losses(model, batch, cfg, step_generator(0, k, 0, device))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -77,8 +78,11 @@ def run(device: str = "auto", steps: int = 10, encoders: dict | None = None, rep
              f"{base.model.history + base.n_pred} frames (64x64 unless a row says otherwise), "
              f"{base.rollout_steps}-step rollout loss; {counted(repeats, 'round')} of {counted(steps, 'step')} of "
              f"every encoder.", ""]
-    runs = {label: step_timer(preset_config("demo", overrides), dev, batch_size, steps)
-            for label, overrides in (encoders or ENCODERS).items()}
+    rows = [(label, overrides, False) for label, overrides in (encoders or ENCODERS).items()]
+    if dev.type == "cpu":  # training's own precision there is float32
+        rows.append((f"{rows[0][0]}, bf16 autocast", rows[0][1], True))
+    runs = {label: step_timer(preset_config("demo", overrides), dev, batch_size, steps, bf16)
+            for label, overrides, bf16 in rows}
     rates = round_robin(runs, dict.fromkeys(runs, repeats))
     first = next(iter(rates.values()))
     rows = [[label, f"{np.median(r):.2f}", f"{np.median(r) * frames_per_step:.0f}", paired_ratio(r, first)]

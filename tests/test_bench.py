@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from conftest import collect_tiny, save_as_trained_on
 from benchmarks import plan as bench
@@ -98,13 +99,19 @@ def test_round_robin_times_every_setting_once_per_round():
 def test_train_bench_has_a_row_per_encoder_against_the_first(monkeypatch):
     from benchmarks import train as train_bench
 
-    sizes = []  # the frame size each row's model is built for
+    sizes, autocast = [], []  # the frame size each row's model is built for; whether each step ran in bf16
     monkeypatch.setattr(train_bench, "WorldModel", lambda cfg: sizes.append(cfg.image_size) or WorldModel(cfg))
+    losses = train_bench.world_model_losses
+    monkeypatch.setattr(train_bench, "world_model_losses",
+                        lambda *args: autocast.append(torch.is_autocast_enabled("cpu")) or losses(*args))
     report = train_bench.run("cpu", steps=1, encoders={"a": {"encoder.conv_channels": 2},
                                                        "b": {"encoder.conv_channels": 4, "image_size": 32}}, repeats=2)
-    rows = re.findall(r"\| (\w) \| ([\d.]+)x \(", report)
-    assert [r[0] for r in rows] == ["a", "b"] and rows[0][1] == "1.00" and float(rows[1][1]) > 0
-    assert sizes == [64, 32]  # a row's frame size is what its model sees (the frames are made to match)
+    rows = re.findall(r"\| (\w(?:, bf16 autocast)?) \| ([\d.]+)x \(", report)
+    assert [r[0] for r in rows] == ["a", "b", "a, bf16 autocast"] and rows[0][1] == "1.00" and float(rows[1][1]) > 0
+    assert sizes == [64, 32, 64]  # a row's frame size is what its model sees (the frames are made to match)
+    # on a CPU, training's float32 for the encoders; the last row (the first's model) under bf16 autocast
+    # warm-ups in row order, then the rounds (the second in reverse order): a, b, a in bf16
+    assert autocast == [False, False, True] * 2 + [True, False, False]
 
 
 def test_plan_quality_has_a_row_per_setting_timed_against_the_first(tmp_path):
