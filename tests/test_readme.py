@@ -1,5 +1,6 @@
-"""The README stays true to the code: every `wm` command in its code blocks is accepted by the command line as
-written, its Python closed loop runs, every option it names exists, and every test it cites as evidence exists."""
+"""The README and its notes (docs/NOTES.md) stay true to the code: every `wm` command in their code blocks is
+accepted by the command line as written, the README's Python closed loop runs, every option they name exists,
+and every test they cite as evidence exists."""
 
 import argparse
 import re
@@ -12,6 +13,7 @@ import wm
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "docs/NOTES.md")}  # the pages held to the code
 
 
 def block_commands(text: str) -> list[str]:
@@ -37,15 +39,15 @@ def test_loops_and_torchrun_lines_are_read_as_the_commands_they_run():
 
 
 def test_the_readme_commands_are_accepted_as_written(monkeypatch, capsys):
-    commands = block_commands(README)
-    assert len(commands) >= 15  # the README's walk-through, not an empty match
+    assert len(block_commands(README)) >= 15  # the README's walk-through, not an empty match
+    commands = [(name, command) for name, text in DOCS.items() for command in block_commands(text)]
     parsed = []
-    for name, (cls, _, help_text) in list(wm.COMMANDS.items()):
-        monkeypatch.setitem(wm.COMMANDS, name, (cls, lambda cfg: parsed.append(cfg) or 0, help_text))
+    for sub, (cls, _, help_text) in list(wm.COMMANDS.items()):
+        monkeypatch.setitem(wm.COMMANDS, sub, (cls, lambda cfg: parsed.append(cfg) or 0, help_text))
     monkeypatch.setattr(wm, "set_threads", lambda n: None)  # nothing runs: only the parse and the configs' checks
-    for command in commands:
+    for name, command in commands:
         rc = wm.main(shlex.split(command)[1:])
-        assert rc == 0, f"README: `{command}` is refused: {capsys.readouterr().err.strip()[-300:]}"
+        assert rc == 0, f"{name}: `{command}` is refused: {capsys.readouterr().err.strip()[-300:]}"
     assert len(parsed) == len(commands)
 
 
@@ -74,7 +76,7 @@ OTHER_TOOLS = {"--nproc", "--standalone", "--logdir", "--policy.plan.samples", "
 
 
 def test_every_option_the_readme_names_exists():
-    text = README
+    text = "\n".join(DOCS.values())
     code = re.findall(r"```.*?```", text, re.S) + re.findall(r"`[^`\n]+`", re.sub(r"```.*?```", "", text, flags=re.S))
     named = {m for span in code for m in re.findall(r"(?<![\w-])(--[a-z][a-z0-9.-]*[a-z0-9])", span)} - OTHER_TOOLS
     assert len(named) >= 50
@@ -82,12 +84,13 @@ def test_every_option_the_readme_names_exists():
 
 
 def test_the_tests_the_readme_cites_exist():
-    """Every test the README cites exists: `test_name` (a parametrized case by its base name) in some test
+    """Every test the README or its notes cite exists: `test_name` (a parametrized case by its base name) in some test
     file, and `test_file.py::test_name` in that file."""
     defined = {path.name: set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
                for path in (ROOT / "tests").glob("test_*.py")}
-    bare = set(re.findall(r"`(test_\w+)(?:\[[^\]`]*\])?`", README))
-    in_file = set(re.findall(r"(test_\w+\.py)::(test_\w+)", README))
+    text = "\n".join(DOCS.values())
+    bare = set(re.findall(r"`(test_\w+)(?:\[[^\]`]*\])?`", text))
+    in_file = set(re.findall(r"(test_\w+\.py)::(test_\w+)", text))
     assert len(bare) >= 20 and len(in_file) >= 20
     assert sorted(bare - set().union(*defined.values())) == []
     assert sorted((f, t) for f, t in in_file if t not in defined.get(f, ())) == []

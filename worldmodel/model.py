@@ -330,7 +330,7 @@ PROVENANCE_FIELDS = {"command": ((str, type(None)), "the command line"), "code":
 # The planner settings (by name) of the models a training preset makes, where validation chose another than
 # the default planner; model.json records them as ``planner``, and `wm eval`, `wm demo`, `wm study hold` and
 # `load_policy` plan the model so unless told otherwise. The hold preset's: the default planner held the goal
-# less on validation (README Notes); white noise, as its CEM 100 x 10 was chosen (before red noise was the default).
+# less on validation (docs/NOTES.md); white noise, as its CEM 100 x 10 was chosen (before red noise was the default).
 PRESET_PLANNER = {"hold": {"samples": 100, "iterations": 10, "grad_steps": 0, "noise_beta": 0.0}}
 
 

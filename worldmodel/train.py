@@ -150,12 +150,12 @@ PRESETS = {
     # The demo's model trained longer, meant for frames collected at 96 px (`wm collect --size 96`): planned
     # with CEM 100 x 10 (PRESET_PLANNER; the default planner held less on validation) it holds the goal at the
     # end 96-98% of the time, at 2.7-3.0x the demo's training (chosen on validation against 96 px at 3,500
-    # steps and the demo: README Notes and Results).
+    # steps and the demo: docs/NOTES.md and Results).
     "hold": {"steps": 5000},
     # Data of LeWorldModel's kind on a 2-core CPU (200-step episodes of i.i.d. uniform actions held for two
     # control steps: `wm collect --policy random --action-repeat 2 --steps 200`): the demo architecture,
     # 12,000 steps, meant for 1,200 episodes (chosen on validation over 6,000 steps and over 400 episodes:
-    # README Notes).
+    # docs/NOTES.md).
     "lewm-data": {"steps": 12000},
     # One GPU: a larger batch, longer schedule; bf16 autocast is on by itself on CUDA.
     "full": {"steps": 20000, "batch_size": 256, "lr": 5e-4, "warmup_steps": 500, "latent_dim": 128,
