@@ -12,8 +12,8 @@ import pytest
 import wm
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
 DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "docs/NOTES.md")}  # the pages held to the code
+README, ALL_DOCS = DOCS["README.md"], "\n".join(DOCS.values())
 
 
 def block_commands(text: str) -> list[str]:
@@ -76,7 +76,7 @@ OTHER_TOOLS = {"--nproc", "--standalone", "--logdir", "--policy.plan.samples", "
 
 
 def test_every_option_the_readme_names_exists():
-    text = "\n".join(DOCS.values())
+    text = ALL_DOCS
     code = re.findall(r"```.*?```", text, re.S) + re.findall(r"`[^`\n]+`", re.sub(r"```.*?```", "", text, flags=re.S))
     named = {m for span in code for m in re.findall(r"(?<![\w-])(--[a-z][a-z0-9.-]*[a-z0-9])", span)} - OTHER_TOOLS
     assert len(named) >= 50
@@ -84,13 +84,12 @@ def test_every_option_the_readme_names_exists():
 
 
 def test_the_tests_the_readme_cites_exist():
-    """Every test the README or its notes cite exists: `test_name` (a parametrized case by its base name) in some test
-    file, and `test_file.py::test_name` in that file."""
+    """Every test the README or its notes cite exists: `test_name` (a parametrized case by its base name) in
+    some test file, and `test_file.py::test_name` in that file."""
     defined = {path.name: set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
                for path in (ROOT / "tests").glob("test_*.py")}
-    text = "\n".join(DOCS.values())
-    bare = set(re.findall(r"`(test_\w+)(?:\[[^\]`]*\])?`", text))
-    in_file = set(re.findall(r"(test_\w+\.py)::(test_\w+)", text))
+    bare = set(re.findall(r"`(test_\w+)(?:\[[^\]`]*\])?`", ALL_DOCS))
+    in_file = set(re.findall(r"(test_\w+\.py)::(test_\w+)", ALL_DOCS))
     assert len(bare) >= 20 and len(in_file) >= 20
     assert sorted(bare - set().union(*defined.values())) == []
     assert sorted((f, t) for f, t in in_file if t not in defined.get(f, ())) == []
