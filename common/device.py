@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from contextlib import nullcontext
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -36,6 +40,24 @@ def autocast_for(device: torch.device):
     """bf16 autocast on CUDA (matmuls and convolutions; latents, residuals, losses and SIGReg stay
     float32, see the encoder and predictor); full precision on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def cpu_has_bf16_units() -> bool | None:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX tiles), the units bf16 autocast needs to be
+    fast on a CPU; None where this torch cannot tell."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probe is None for probe in probes):
+        return None
+    return any(probe() for probe in probes)
+
+
+@functools.cache
+def warn_bf16_without_units(option: str) -> None:
+    """Say once per process that ``option`` (bf16 autocast) runs on a CPU without bf16 instructions, where it is
+    several times slower than float32, not faster."""
+    if cpu_has_bf16_units() is False:
+        log.warning(f"{option} on a CPU without bf16 instructions (AVX512-BF16 or AMX): planning runs several "
+                    f"times slower than in float32 here, not faster (README: Planning, bf16)")
 
 
 THREADS_HELP = ("torch CPU threads (0: automatic, the cores this process may use, one per process under torchrun; "

@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 
 from common.config import apply_overrides, check_types, nested, option
-from common.device import resolve_device, synchronize
+from common.device import resolve_device, synchronize, warn_bf16_without_units
 from planners import subgoals
 from planners.base import Planner, shift_plan
 from planners.cem import CEMPlanner
@@ -66,9 +66,13 @@ def check_context(policy: PolicyConfig, history: int) -> None:
 
 
 def check_policy_device(policy: PolicyConfig, device: str) -> None:
-    """Refuse, before any work, settings the run's device cannot serve (a command's config calls this)."""
-    if policy.plan.cuda_graph and resolve_device(device).type != "cuda":
+    """Refuse, before any work, settings the run's device cannot serve, and say which would run slower than
+    without them (a command's config calls this)."""
+    on_cpu = resolve_device(device).type != "cuda"
+    if policy.plan.cuda_graph and on_cpu:
         raise ValueError(f"--cuda-graph needs CUDA, but --device {device} runs on the CPU here")
+    if policy.plan.bf16 and on_cpu:
+        warn_bf16_without_units("--bf16")
 
 
 def make_planner(model, cfg: PlannerConfig | None = None) -> Planner:

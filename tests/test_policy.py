@@ -399,3 +399,36 @@ def test_a_model_file_plans_alone_from_anywhere(tmp_path, monkeypatch):
 
     with pytest.raises(DatasetError, match="nowhere: no such dataset .given for the subgoal graph"):
         load_policy(elsewhere / "model.pt", device="cpu", data=str(tmp_path / "nowhere"))  # a typo is not ignored
+
+
+def test_bf16_planning_on_a_cpu_without_bf16_units_is_said_once(monkeypatch, caplog):
+    """`--bf16` planned 3-7x slower than float32 on a CPU without bf16 instructions (README: Planning): a
+    command asked for it there says so, once, and says nothing where the CPU has them or torch cannot tell."""
+    import common.device
+    from planners.policy import check_policy_device
+
+    for units, warnings in ((False, 1), (True, 0), (None, 0)):
+        common.device.warn_bf16_without_units.cache_clear()
+        monkeypatch.setattr(common.device, "cpu_has_bf16_units", lambda: units)
+        caplog.clear()
+        for _ in range(2):  # a config checked twice (e.g. by dataclasses.replace) says it once
+            check_policy_device(small(bf16=True), "cpu")
+            check_policy_device(small(), "cpu")
+        said = [r.getMessage() for r in caplog.records if "--bf16 on a CPU without bf16 instructions" in r.getMessage()]
+        assert len(said) == warnings, (units, said)
+    common.device.warn_bf16_without_units.cache_clear()
+
+
+def test_the_bf16_probe_agrees_with_the_cpus_flags():
+    """What the warning above rests on: torch's probe says the CPU has bf16 units exactly when Linux lists
+    AVX512-BF16 or AMX among its flags."""
+    from pathlib import Path
+
+    from common.device import cpu_has_bf16_units
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpu_has_bf16_units() is None or not cpuinfo.exists():
+        pytest.skip("no probe in this torch, or not Linux")
+    flags = {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
+             for flag in line.split(":", 1)[1].split()}
+    assert cpu_has_bf16_units() == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
