@@ -420,8 +420,8 @@ def test_bf16_planning_on_a_cpu_without_bf16_units_is_said_once(monkeypatch, cap
 
 
 def test_the_bf16_probe_agrees_with_the_cpus_flags():
-    """What the warning above rests on: torch's probe says the CPU has bf16 units exactly when Linux lists
-    AVX512-BF16 or AMX among its flags."""
+    """What the warning above rests on: torch's probe finds bf16 units where Linux lists AVX512-BF16, and only
+    where it lists AVX512-BF16 or AMX (AMX also needs the kernel's permission, which the flags do not show)."""
     from pathlib import Path
 
     from common.device import cpu_has_bf16_units
@@ -431,4 +431,5 @@ def test_the_bf16_probe_agrees_with_the_cpus_flags():
         pytest.skip("no probe in this torch, or not Linux")
     flags = {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
              for flag in line.split(":", 1)[1].split()}
-    assert cpu_has_bf16_units() == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    assert cpu_has_bf16_units() >= ("avx512_bf16" in flags)
+    assert cpu_has_bf16_units() <= bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
