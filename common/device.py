@@ -52,12 +52,12 @@ def cpu_has_bf16_units() -> bool | None:
 
 
 @functools.cache
-def warn_bf16_without_units(option: str) -> None:
-    """Say once per process that ``option`` (bf16 autocast) runs on a CPU without bf16 instructions, where it is
-    several times slower than float32, not faster."""
+def warn_bf16_without_units() -> None:
+    """Say once per process that ``--bf16`` plans on a CPU without bf16 instructions, where it is several times
+    slower than float32, not faster."""
     if cpu_has_bf16_units() is False:
-        log.warning(f"{option} on a CPU without bf16 instructions (AVX512-BF16 or AMX): planning runs several "
-                    f"times slower than in float32 here, not faster (README: Planning, bf16)")
+        log.warning("--bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): planning runs several times "
+                    "slower than in float32 here, not faster (README: Planning, bf16)")
 
 
 THREADS_HELP = ("torch CPU threads (0: automatic, the cores this process may use, one per process under torchrun; "

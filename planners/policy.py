@@ -72,7 +72,7 @@ def check_policy_device(policy: PolicyConfig, device: str) -> None:
     if policy.plan.cuda_graph and on_cpu:
         raise ValueError(f"--cuda-graph needs CUDA, but --device {device} runs on the CPU here")
     if policy.plan.bf16 and on_cpu:
-        warn_bf16_without_units("--bf16")
+        warn_bf16_without_units()
 
 
 def make_planner(model, cfg: PlannerConfig | None = None) -> Planner:
