@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import envs  # noqa: F401  (selects the GL backend before anything imports mujoco)
-from common.config import (apply_overrides, as_options, check_at_least, check_paths_named, check_some_path_exists,
-                           config_fields, from_dict, model_paths, nested, option, option_flag, path_list,
-                           typed_options, unwrap_optional)
+from common.config import (apply_overrides, as_options, check_at_least, check_choices, check_paths_named,
+                           check_some_path_exists, config_fields, from_dict, model_paths, nested, option, option_flag,
+                           path_list, typed_options, unwrap_optional)
 from common.device import THREADS_HELP, set_threads
 from common.files import (atomic_write_text, keeping_what_was_measured, output_dir, output_lock, read_json,
                           remove_stale_temporaries, saying_what_is_kept)
@@ -270,9 +270,12 @@ class PipelineConfig:
     """``wm demo-pipeline`` (what `make demo` runs): collect, train, evaluate, film; resumes where it stopped."""
 
     out: str = option(DEFAULT_RUN, "run directory; the data goes to its data/ folder", path=True)
-    episodes: int = option(450, "episodes to collect (the demo preset trains on 80%, chooses on 10%, reports on 10%)")
+    episodes: int = option(450, "episodes to collect (training trains on 80%, chooses on 10%, reports on 10%)")
     workers: int = option(2, "collection worker processes")
-    steps: int = option(3500, "training steps of the demo preset")
+    preset: str = option("quick", "training preset: quick (frames resized to 32 px, 2,000 steps: a demo of about 5 "
+                                  "minutes on 2 cores) or demo (64 px, 3,500 steps: holds the goal more, about twice "
+                                  "the time)", choices=("quick", "demo"))
+    steps: int = option(0, "training steps (0: the preset's)")
     eval_episodes: int = option(50, "evaluation episodes per seed")
     seeds: int = option(3, "evaluation seeds")
     baselines: str = option("random,exploration", "evaluation reference methods: random, exploration, simulator "
@@ -282,8 +285,14 @@ class PipelineConfig:
 
     def __post_init__(self):
         check_paths_named(self, ("out",))
-        check_at_least(self, 1, ("episodes", "workers", "steps", "eval_episodes", "seeds"))
+        check_at_least(self, 1, ("episodes", "workers", "eval_episodes", "seeds"))
+        check_at_least(self, 0, ("steps",))
+        check_choices(self)
         parse_baselines(self.baselines)  # a bad name is refused before anything runs
+
+    def training(self, **settings) -> TrainConfig:
+        """The training stage's config: the preset's, with --steps when given."""
+        return preset_config(self.preset, **({"steps": self.steps} if self.steps else {}), **settings)
 
 
 @dataclass
@@ -557,11 +566,12 @@ def run_pipeline(cfg: PipelineConfig) -> int:
     _check_kept(out, cfg)  # before any stage: a rerun with other settings never mixes with what is kept
     stamp("collect")
     run_collect(CollectConfig(out=data, episodes=cfg.episodes, workers=cfg.workers))
-    stamp("train (demo preset)")
-    finished = _finished(out, cfg.steps)
+    steps = cfg.training().steps
+    stamp(f"train ({cfg.preset} preset, {steps:,} steps)")
+    finished = _finished(out, steps)
     # the evaluation comes next: the closed-loop check at the end of training would measure it twice
-    training = preset_config("demo", data=data, out=str(out), steps=cfg.steps, eval_episodes=0, threads=cfg.threads,
-                             resume=(out / "checkpoint.pt").exists() and not finished)
+    training = cfg.training(data=data, out=str(out), eval_episodes=0, threads=cfg.threads,
+                            resume=(out / "checkpoint.pt").exists() and not finished)
     if finished and rundir.status(out, training) == "done":  # training would advise an --overwrite we lack
         print(f"{out} already holds the trained model: kept")
     else:
@@ -594,7 +604,8 @@ def _check_kept(out: Path, cfg: PipelineConfig) -> None:
     train, data = (model.get(key) or {} for key in ("train_config", "data"))
     evaluated = results.get("config") or {}
     kept = {"episodes": (data.get("episodes"), cfg.episodes, "model.json"),
-            "steps": (train.get("steps"), cfg.steps, "model.json"),
+            "preset": (train.get("preset"), cfg.preset, "model.json"),
+            "steps": (train.get("steps"), cfg.training().steps, "model.json"),
             "eval_episodes": (evaluated.get("episodes"), cfg.eval_episodes, "eval/results.json"),
             "seeds": (evaluated.get("seeds"), cfg.seeds, "eval/results.json"),
             "baselines": (evaluated.get("baselines"), cfg.baselines, "eval/results.json")}
@@ -625,7 +636,7 @@ COMMANDS = {
     "collect": (CollectConfig, run_collect, "collect pixel rollouts into HDF5 shards"),
     "convert": (ConvertConfig, run_convert, "rewrite a dataset as one stable-worldmodel .h5 file, or as our shards"),
     "video": (VideoConfig, run_video, "write an mp4 of dataset episodes"),
-    "train": (TrainConfig, run_train, "train the world model (presets: demo, hold, lewm-data, full)"),
+    "train": (TrainConfig, run_train, "train the world model (presets: demo, quick, hold, lewm-data, full)"),
     "probe": (ProbeConfig, run_probe, "linear and nonlinear probes of the latent: is the state a linear map of it?"),
     "eval": (EvalConfig, run_eval, "closed-loop success in MuJoCo beside reference methods (random, exploration, simulator)"),
     "demo": (DemoConfig, run_demo, "planning videos (mp4 + gif) and a summary sheet"),

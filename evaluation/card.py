@@ -16,7 +16,7 @@ from common.text import counted
 from envs.storage import collect_command
 from planners.policy import policy_config, recorded_planner
 from worldmodel.datasplit import locate_data
-from worldmodel.graph import saved_graph
+from worldmodel.graph import held_graph_config, saved_graph
 from worldmodel.model import WorldModel, read_model_meta
 
 
@@ -69,7 +69,7 @@ def model_card(checkpoint: str | Path) -> str:
     graph = model.extras.get("graph")
     if graph and saved_graph(model, policy_config(checkpoint).subgoals.graph) is None:
         lines.append(f"- **Subgoal graph**: saved in the model file, but built with other settings "
-                     f"({_graph_config(graph)}) than it is planned with: "
+                     f"({_graph_config(held_graph_config(model))}) than it is planned with: "
                      f"planning with subgoals builds it again from the training data (`wm export` with those "
                      f"settings makes the file plan with it).")
     else:
@@ -96,9 +96,8 @@ def _changes(meta: dict) -> str:
     return "".join(said)
 
 
-def _graph_config(graph: dict) -> str:
+def _graph_config(config: dict) -> str:
     """How a saved graph was built, as the planner's options spell it."""
-    config = graph.get("config")
     return ", ".join(f"`--subgoals.{k.replace('_', '-')} {v}`" for k, v in config.items()) if isinstance(
         config, dict) else "unrecorded"
 

@@ -177,7 +177,7 @@ class Setup:
     def graph(self, cfg: GraphConfig) -> LatentGraph:
         """The subgoal graph over the model's training episodes (built once per setting): those of this
         dataset, or, when it holds none, those of the dataset training recorded."""
-        key = (cfg.neighbours, cfg.radius, cfg.max_nodes)
+        key = tuple(asdict(cfg).values())
         if key not in self._graphs and self.checkpoint:  # the one the model file holds, if built alike
             self._graphs[key] = saved_graph(self.model, cfg, self.checkpoint)
         if self._graphs.get(key) is None:

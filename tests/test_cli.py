@@ -159,7 +159,7 @@ def test_the_demo_pipeline_refuses_other_settings_over_a_kept_run_before_any_sta
 
     monkeypatch.setattr(wm, "run_collect", lambda cfg: pytest.fail("collected over a kept run"))
     (tmp_path / "eval").mkdir()
-    (tmp_path / "model.json").write_text(json.dumps({"step": 20, "train_config": {"steps": 20},
+    (tmp_path / "model.json").write_text(json.dumps({"step": 20, "train_config": {"steps": 20, "preset": "quick"},
                                                      "data": {"episodes": 12}}))
     (tmp_path / "eval" / "results.json").write_text(json.dumps({"config": {"episodes": 1, "seeds": 1,
                                                                            "baselines": ""}}))
@@ -167,6 +167,7 @@ def test_the_demo_pipeline_refuses_other_settings_over_a_kept_run_before_any_sta
             "--seeds", "1", "--baselines", ""]
     for option, value, said in (("--episodes", "16", "--episodes 12 (model.json), not 16"),
                                 ("--steps", "30", "--steps 20 (model.json), not 30"),
+                                ("--preset", "demo", "--preset 'quick' (model.json), not 'demo'"),
                                 ("--eval-episodes", "2", "--eval-episodes 1 (eval/results.json), not 2"),
                                 ("--baselines", "random", "--baselines '' (eval/results.json), not 'random'")):
         assert main(same + [option, value]) == 2
@@ -204,11 +205,13 @@ def test_a_rerun_of_a_finished_demo_keeps_its_model_without_advising_an_option_i
     from test_train import TINY
 
     monkeypatch.setattr(wm, "run_collect", lambda cfg: write_synthetic(Path(cfg.out), n_episodes=6, steps=20))
-    monkeypatch.setattr(wm, "preset_config", lambda name, **kw: preset_config(name, TINY, **kw))
+    presets = []
+    monkeypatch.setattr(wm, "preset_config", lambda name, **kw: presets.append(name) or preset_config(name, TINY, **kw))
     monkeypatch.setattr(wm, "run_eval", lambda cfg: 0)
     monkeypatch.setattr(wm, "run_demo", lambda cfg: 0)
     argv = ["demo-pipeline", "--out", str(tmp_path / "demo"), "--steps", "4", "--episodes", "6"]
     assert main(argv) == 0 and (tmp_path / "demo" / "model.pt").is_file()
+    assert set(presets) == {"quick"}  # what `make demo` trains
     caplog.clear()
     capsys.readouterr()
     monkeypatch.setattr(wm, "run_collect", lambda cfg: None)
@@ -340,6 +343,40 @@ def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(s
     # training with other graph settings records them with the graph it saves
     assert planner_settings(preset_config("hold", {"graph.radius": 0.8})) == {
         **PRESET_PLANNER["hold"], "subgoals.radius": 0.8}
+
+
+def test_a_graph_saved_before_the_detour_check_plans_as_built_and_gives_way_to_a_checked_one(synthetic_data,
+                                                                                           tmp_path):
+    """A model file whose graph predates ``--subgoals.detour`` (its settings lack it) was built keeping every
+    link: without its data it still plans with that graph when told so, and the error that asks for its
+    data says how; with its data the checked graph is built and replaces it (no other setting differs)."""
+    import shutil
+
+    from conftest import save_as_trained_on
+    from test_model import tiny_config
+    from planners.policy import load_policy
+    from worldmodel.graph import GraphConfig, holds_graph
+    from worldmodel.model import WorldModel, save_extras
+
+    moved = tmp_path / "moved"
+    shutil.copytree(synthetic_data, moved)
+    path = str(save_as_trained_on(WorldModel(tiny_config("mlp", size=32, frameskip=2)), tmp_path / "m.pt", moved))
+    assert main(["export", "--checkpoint", path, "--graph.detour", "0", "--device", "cpu"]) == 0
+    model = WorldModel.load(path, "cpu")
+    state = model.extras["graph"]
+    older = {**state, "config": {k: v for k, v in state["config"].items() if k != "detour"}}
+    save_extras(path, {"graph": older}, planner={})  # as an earlier version saved it
+    model = WorldModel.load(path, "cpu")
+    assert holds_graph(model, GraphConfig(detour=0)) and not holds_graph(model, GraphConfig())
+    shutil.rmtree(moved)  # the dataset is not where the model records it
+    with pytest.raises(ValueError, match="or plan with the graph its file holds \\(--subgoals.detour 0.0\\)"):
+        load_policy(path, device="cpu")
+    assert load_policy(path, device="cpu", **{"subgoals.detour": 0.0}).graph is not None
+    load_policy(path, device="cpu", data=str(synthetic_data))  # builds the checked graph, which replaces it
+    assert holds_graph(WorldModel.load(path, "cpu"), GraphConfig())  # it plans alone as the default now
+    assert load_policy(path, device="cpu").graph is not None
+    load_policy(path, device="cpu", data=str(synthetic_data), **{"subgoals.radius": 0.9})  # other settings:
+    assert holds_graph(WorldModel.load(path, "cpu"), GraphConfig())  # the file's own graph stays
 
 
 def test_export_says_once_that_data_it_does_not_need_is_not_read(synthetic_data, tmp_path, capsys, caplog):

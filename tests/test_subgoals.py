@@ -108,6 +108,30 @@ def test_paths_follow_the_trajectories_and_never_cross_the_wall():
     assert (angles[graph.src] - angles[graph.dst]).abs().max() < math.pi
 
 
+def test_a_link_across_the_wall_has_no_detour_and_is_dropped():
+    """An encoder that sees the two sides of the wall as alike puts them within a link's reach, and routes
+    lead into the wall. Here: parallel episodes, 0.2 apart, along a band bent into a ring that almost
+    closes (its ends 0.4 chunks apart, as the two folded arms look alike) while the arm moves only along
+    the band. A link across the gap joins parts that nothing shorter joins within ``detour`` chunks; a true
+    link's ends are joined by shorter ones (0.4 across two episodes: two links of 0.2), so only the
+    gap's go."""
+    length, gap = 30, 0.4  # chunks along the band, and between its ends
+    radius = (length + gap) / (2 * math.pi)  # one chunk of arc per step
+    angle = torch.arange(length + 1.0) / radius
+    band = [torch.stack([radius * angle.cos(), radius * angle.sin(), torch.full_like(angle, 0.2 * j)], -1)
+            for j in range(6)]  # (T=31, D=3) each
+
+    def way_round(graph) -> float:  # chunks along the graph from one end of the band to the other
+        return float(Router(graph).tree(0)[0][length])
+
+    every_link = LatentGraph.from_trajectories(band, GraphConfig(radius=0.5, detour=0))
+    checked = LatentGraph.from_trajectories(band, GraphConfig(radius=0.5, detour=8))
+    across = (every_link.src % (length + 1) - every_link.dst % (length + 1)).abs() == length  # end to end
+    assert across.sum() > 0 and way_round(every_link) < 1.0
+    assert len(checked.src) == len(every_link.src) - across.sum()  # those links, and no other
+    assert way_round(checked) > length - 1  # the long way, along the band
+
+
 def test_goals_within_reach_are_planned_directly():
     cfg = SUBGOALS
     graph = LatentGraph.from_trajectories(trajectories(), cfg.graph)

@@ -6,7 +6,12 @@ one chunk later in its own episode (cost 1), and to latents of other episodes th
 motion the arm really made (``planners.subgoals`` routes on it). It is a property of a trained model
 and its training data, so it lives with the model.
 
-Everything is batched tensor code (kNN by blocks), on the model's device.
+A weaker encoder can see two arms folded against the wrist's limit from either side as alike: a link
+between them is a shortcut the arm cannot take, and a route through it presses the arm against the limit.
+Such a link has no detour: nothing else joins its ends within a few chunks, where a true link's ends are
+joined by shorter links too. ``detour`` drops the longer links that have none.
+
+The kNN is batched tensor code (by blocks), on the model's device; the detours are scipy's Dijkstra.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from envs.storage import DatasetError
 from worldmodel.latents import encode_episodes, every
 
 MIN_LINK_COST = 0.05  # chunks: every link costs something, so next hops strictly shorten the way left
+TRUSTED_LINK = 0.6  # of radius: links of other episodes shorter than this are kept without a detour
 GRAPH_VERSION = 1  # of the graph a model file keeps
+BEFORE_SETTINGS = {"detour": 0.0}  # what a graph saved before a setting existed was built with
 log = logging.getLogger(__name__)
 
 
@@ -37,12 +44,16 @@ class GraphConfig:
     radius: float = option(0.5, "link two frames of different episodes when their latents are closer than this "
                                 "times a typical one-chunk move")
     max_nodes: int = option(20000, "at most this many training frames in the graph (spread over episodes)")
+    detour: float = option(8.0, "keep a link to another episode longer than 0.6 x radius only when shorter links "
+                                "join its ends within this many chunks (a link with no detour jumps where the arm "
+                                "cannot go); 0: keep every link")
 
     def __post_init__(self):
         check_types(self)
         bad = [f"{name} {value} (must be {bound})" for name, value, ok, bound in (
             ("neighbours", self.neighbours, self.neighbours >= 1, ">= 1"),
-            ("radius", self.radius, self.radius > 0, "> 0"), ("max_nodes", self.max_nodes, self.max_nodes >= 2, ">= 2"))
+            ("radius", self.radius, self.radius > 0, "> 0"), ("max_nodes", self.max_nodes, self.max_nodes >= 2, ">= 2"),
+            ("detour", self.detour, self.detour >= 0, ">= 0"))
             if not ok]
         if bad:  # --graph.<name> to wm train and wm export, --subgoals.<name> to wm eval and wm demo
             raise ValueError(f"invalid subgoal graph settings: {', '.join(bad)} (--graph.* or --subgoals.*)")
@@ -77,9 +88,13 @@ class LatentGraph:
         step = float((nodes[src + 1] - nodes[src]).norm(dim=-1).median())  # a typical one-chunk move
         episode = torch.repeat_interleave(torch.arange(len(latents)), torch.tensor([len(z) for z in latents]))
         near_src, near_dst, near_d = _neighbours(nodes, episode.to(nodes.device), cfg.neighbours, cfg.radius * step)
+        near_cost = (near_d / step).clamp_min(MIN_LINK_COST)
+        if cfg.detour > 0:
+            keep = _with_detour(len(nodes), src, near_src, near_dst, near_cost, TRUSTED_LINK * cfg.radius, cfg.detour)
+            near_src, near_dst, near_cost = near_src[keep], near_dst[keep], near_cost[keep]
         links_src = torch.cat([src, near_src])
         links_dst = torch.cat([src + 1, near_dst])
-        links_cost = torch.cat([torch.ones(len(src), device=nodes.device), (near_d / step).clamp_min(MIN_LINK_COST)])
+        links_cost = torch.cat([torch.ones(len(src), device=nodes.device), near_cost])
         both = (torch.cat([links_src, links_dst]), torch.cat([links_dst, links_src]), torch.cat([links_cost] * 2))
         return cls(nodes, *both, step)
 
@@ -143,6 +158,30 @@ def _neighbours(nodes: Tensor, episode: Tensor, k: int, radius: float, block: in
     return torch.cat(srcs), torch.cat(dsts), torch.cat(ds)
 
 
+def _with_detour(n: int, own: Tensor, near_src: Tensor, near_dst: Tensor, near_cost: Tensor, trusted: float,
+                 detour: float, block: int = 512) -> Tensor:
+    """Which links near_src -> near_dst (costs in chunks) to keep (bool, like near_cost): those shorter than
+    ``trusted``, and the others whose ends are joined within ``detour`` chunks by own-episode links (own ->
+    own + 1, cost 1) and trusted ones."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import dijkstra
+
+    short = near_cost < trusted
+    src = torch.cat([own, near_src[short]]).cpu().numpy()
+    dst = torch.cat([own + 1, near_dst[short]]).cpu().numpy()
+    cost = torch.cat([torch.ones(len(own), device=near_cost.device), near_cost[short]]).cpu().numpy()
+    links = csr_matrix((cost, (src, dst)), shape=(n, n))
+    keep = short.cpu().numpy().copy()
+    check = np.flatnonzero(~keep)
+    a, b = near_src.cpu().numpy()[check], near_dst.cpu().numpy()[check]
+    for start in range(0, len(check), block):  # (block, n) distances at a time
+        rows = slice(start, start + block)
+        sources, row = np.unique(a[rows], return_inverse=True)
+        far = dijkstra(links, directed=False, indices=sources, limit=detour)  # inf beyond the limit
+        keep[check[rows]] = np.isfinite(far[row, b[rows]])
+    return torch.from_numpy(keep).to(near_cost.device)
+
+
 def graph_settings(cfg: GraphConfig) -> dict:
     """The planner settings, by name, that plan with a graph built with ``cfg``: those other than the defaults.
     A model whose file holds such a graph records them (model.json's ``planner``), so it plans with it."""
@@ -150,10 +189,19 @@ def graph_settings(cfg: GraphConfig) -> dict:
     return {f"subgoals.{k}": v for k, v in dataclasses.asdict(cfg).items() if v != default[k]}
 
 
+def held_graph_config(model) -> dict | None:
+    """The settings the graph a loaded model's file holds was built with (None: it holds none); a graph saved
+    before a setting existed was built as that setting's ``BEFORE_SETTINGS`` value builds."""
+    state = getattr(model, "extras", {}).get("graph")
+    if state is None:
+        return None
+    config = state.get("config", {})
+    return {**config, **{k: v for k, v in BEFORE_SETTINGS.items() if k not in config}}
+
+
 def holds_graph(model, cfg: GraphConfig) -> bool:
     """Whether a loaded model's file holds a graph built with the settings ``cfg`` (nothing is built)."""
-    state = getattr(model, "extras", {}).get("graph")
-    return state is not None and state.get("config") == dataclasses.asdict(cfg)
+    return held_graph_config(model) == dataclasses.asdict(cfg)
 
 
 def saved_graph(model, cfg: GraphConfig, where: str = "") -> LatentGraph | None:
@@ -167,7 +215,7 @@ def graph_for_checkpoint(model, checkpoint, cfg: GraphConfig, data: str = "", re
     """The subgoal graph of a trained model: the one its file holds when built with ``cfg`` (``data``, a path
     that must exist, is then not read: a message says so); else built from its own training episodes (of
     the dataset its checkpoint records, or ``data``) and saved into its file, so the next load needs no
-    data (with a message), when it holds none or with ``replace``."""
+    data (with a message), when it holds none or an older one (``keep_graph``), or with ``replace``."""
     from worldmodel.datasplit import open_data, training_episodes
     from worldmodel.model import read_model_meta
 
@@ -179,21 +227,31 @@ def graph_for_checkpoint(model, checkpoint, cfg: GraphConfig, data: str = "", re
             log.info("%s not read: %s holds its subgoal graph, built with these settings", data, checkpoint)
         return graph
     meta = read_model_meta(checkpoint)
-    store, _ = open_data(model, meta, checkpoint, data, "subgoals need its training frames: pass --data with the "
-                                                       "dataset it was trained on (once saved in the model file by "
-                                                       "`wm export`, the graph needs no data)")
+    held = held_graph_config(model)
+    other = "" if held is None else ", or plan with the graph its file holds (" + " ".join(
+        f"--subgoals.{k.replace('_', '-')} {v}" for k, v in held.items() if v != dataclasses.asdict(cfg).get(k)) + ")"
+    store, _ = open_data(model, meta, checkpoint, data, f"subgoals need its training frames: pass --data with the "
+                                                       f"dataset it was trained on{other}; once saved in the model "
+                                                       f"file by `wm export`, the graph needs no data")
     graph = LatentGraph.build(model, store, training_episodes(store, meta), cfg)
     keep_graph(checkpoint, model, graph, cfg, replace)
     return graph
 
 
+def _predates(state: dict, cfg: GraphConfig) -> bool:
+    """Whether a saved graph predates some setting of ``cfg`` and was built as ``cfg`` in every other."""
+    saved, asked = state.get("config", {}), dataclasses.asdict(cfg)
+    return set(saved) < set(asked) and all(asked[k] == v for k, v in saved.items())
+
+
 def keep_graph(checkpoint, model, graph: LatentGraph, cfg: GraphConfig, replace: bool = False) -> bool:
     """Save a graph built for a model into its file, so the next load finds it (a message says so), when the
-    file holds none or with ``replace`` (a graph built with other settings for one evaluation leaves the
-    model's own alone); model.json then records the settings that plan with it. Whether it was saved."""
+    file holds none, or one saved before some setting existed and built as ``cfg`` in every other, or with
+    ``replace`` (a graph built with other settings for one evaluation leaves the model's own alone);
+    model.json then records the settings that plan with it. Whether it was saved."""
     from worldmodel.model import planner_record, read_model_meta, save_extras
 
-    if "graph" in getattr(model, "extras", {}) and not replace:
+    if "graph" in getattr(model, "extras", {}) and not (replace or _predates(model.extras["graph"], cfg)):
         return False
     try:
         meta = read_model_meta(checkpoint)

@@ -31,7 +31,7 @@ from worldmodel.model import CheckpointError, WorldModel, atomic_torch_save, loa
 # included: the dataset's fingerprint is checked instead of its path).
 RESUME_FREE = {"out", "data", "resume", "overwrite", "device", "num_workers", "log_every", "val_every",
                "probe_every", "ckpt_every", "compile", "eval_every", "eval_episodes", "threads", "save_graph",
-               "graph.neighbours", "graph.radius", "graph.max_nodes"}
+               "graph.neighbours", "graph.radius", "graph.max_nodes", "graph.detour"}
 # Settings a resumed run may change to recover from a divergence; each change is kept in the run's history.
 RECOVERY = ("lr", "grad_clip")
 PREVIOUS = "checkpoint.prev.pt"
