@@ -272,9 +272,9 @@ class PipelineConfig:
     out: str = option(DEFAULT_RUN, "run directory; the data goes to its data/ folder", path=True)
     episodes: int = option(450, "episodes to collect (training trains on 80%, chooses on 10%, reports on 10%)")
     workers: int = option(2, "collection worker processes")
-    preset: str = option("quick", "training preset: quick (frames resized to 32 px, 2,000 steps: a demo of about 5 "
-                                  "minutes on 2 cores) or demo (64 px, 3,500 steps: holds the goal more, about twice "
-                                  "the time)", choices=("quick", "demo"))
+    preset: str = option("quick", "training preset: quick (frames resized to 32 px, 2,000 steps) or demo (64 px, "
+                                  "3,500 steps: holds the goal more; the whole demo takes about twice as long)",
+                         choices=("quick", "demo"))
     steps: int = option(0, "training steps (0: the preset's)")
     eval_episodes: int = option(50, "evaluation episodes per seed")
     seeds: int = option(3, "evaluation seeds")

@@ -151,8 +151,9 @@ PRESETS = {
     "demo": {},
     # The demo's model on its 64 px frames area-resized to 32 px, with three conv stages (the last map still 4 x
     # 4), for 2,000 steps: 2.5x the steps per second, so about a fifth of the demo's training; what `make demo`
-    # trains. On validation it reaches near and far goals as the demo did when it trained 2,500 steps on
-    # `smooth` data, and holds them less than today's demo (docs/NOTES.md: A demo of 5.5 minutes).
+    # trains. On validation (with the subgoal graph's detour check) it reaches near and far goals as the demo
+    # did when it trained 2,500 steps on `smooth` data, and holds them less than today's demo (docs/NOTES.md:
+    # A demo of 5.5 minutes; Links with no detour).
     "quick": {"steps": 2000, "image_size": 32, "encoder.conv_stages": 3},
     # The demo's model trained longer, meant for frames collected at 96 px (`wm collect --size 96`): planned
     # with CEM 100 x 10 (PRESET_PLANNER; the default planner held less on validation) it holds the goal at the
