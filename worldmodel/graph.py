@@ -173,12 +173,15 @@ def _with_detour(n: int, own: Tensor, near_src: Tensor, near_dst: Tensor, near_c
     links = csr_matrix((cost, (src, dst)), shape=(n, n))
     keep = short.cpu().numpy().copy()
     check = np.flatnonzero(~keep)
-    a, b = near_src.cpu().numpy()[check], near_dst.cpu().numpy()[check]
-    for start in range(0, len(check), block):  # (block, n) distances at a time
-        rows = slice(start, start + block)
-        sources, row = np.unique(a[rows], return_inverse=True)
+    ends = np.sort(np.stack([near_src.cpu().numpy()[check], near_dst.cpu().numpy()[check]], 1), 1)
+    pairs, which = np.unique(ends, axis=0, return_inverse=True)  # a link found from both ends is checked once
+    joined = np.zeros(len(pairs), dtype=bool)
+    for start in range(0, len(pairs), block):  # (block, n) distances at a time
+        a, b = pairs[start:start + block, 0], pairs[start:start + block, 1]
+        sources, row = np.unique(a, return_inverse=True)
         far = dijkstra(links, directed=False, indices=sources, limit=detour)  # inf beyond the limit
-        keep[check[rows]] = np.isfinite(far[row, b[rows]])
+        joined[start:start + block] = np.isfinite(far[row, b])
+    keep[check] = joined[which.ravel()]
     return torch.from_numpy(keep).to(near_cost.device)
 
 
