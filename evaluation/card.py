@@ -98,8 +98,7 @@ def _changes(meta: dict) -> str:
 
 def _graph_config(config: dict) -> str:
     """How a saved graph was built, as the planner's options spell it."""
-    return ", ".join(f"`--subgoals.{k.replace('_', '-')} {v}`" for k, v in config.items()) if isinstance(
-        config, dict) else "unrecorded"
+    return ", ".join(f"`--subgoals.{k.replace('_', '-')} {v}`" for k, v in config.items()) or "unrecorded"
 
 
 def _measured(metrics: dict) -> list[str]:

@@ -346,7 +346,7 @@ def test_export_saves_the_graph_in_the_model_file_so_it_plans_without_its_data(s
 
 
 def test_a_graph_saved_before_the_detour_check_plans_as_built_and_gives_way_to_a_checked_one(synthetic_data,
-                                                                                           tmp_path):
+                                                                                           tmp_path, capsys):
     """A model file whose graph predates ``--subgoals.detour`` (its settings lack it) was built keeping every
     link: without its data it still plans with that graph when told so, and the error that asks for its
     data says how; with its data the checked graph is built and replaces it (no other setting differs)."""
@@ -355,7 +355,7 @@ def test_a_graph_saved_before_the_detour_check_plans_as_built_and_gives_way_to_a
     from conftest import save_as_trained_on
     from test_model import tiny_config
     from planners.policy import load_policy
-    from worldmodel.graph import GraphConfig, holds_graph
+    from worldmodel.graph import GraphConfig, held_graph_config, holds_graph
     from worldmodel.model import WorldModel, save_extras
 
     moved = tmp_path / "moved"
@@ -377,6 +377,12 @@ def test_a_graph_saved_before_the_detour_check_plans_as_built_and_gives_way_to_a
     assert load_policy(path, device="cpu").graph is not None
     load_policy(path, device="cpu", data=str(synthetic_data), **{"subgoals.radius": 0.9})  # other settings:
     assert holds_graph(WorldModel.load(path, "cpu"), GraphConfig())  # the file's own graph stays
+    save_extras(path, {"graph": {**state, "config": "damaged"}})  # its graph records no settings it can read
+    model = WorldModel.load(path, "cpu")
+    assert held_graph_config(model) == {} and not holds_graph(model, GraphConfig(detour=0))
+    capsys.readouterr()
+    assert main(["info", "--checkpoint", path]) == 0 and "built with other settings (unrecorded)" in \
+        capsys.readouterr().out
 
 
 def test_export_says_once_that_data_it_does_not_need_is_not_read(synthetic_data, tmp_path, capsys, caplog):

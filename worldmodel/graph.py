@@ -44,9 +44,9 @@ class GraphConfig:
     radius: float = option(0.5, "link two frames of different episodes when their latents are closer than this "
                                 "times a typical one-chunk move")
     max_nodes: int = option(20000, "at most this many training frames in the graph (spread over episodes)")
-    detour: float = option(8.0, "keep a link to another episode longer than 0.6 x radius only when shorter links "
-                                "join its ends within this many chunks (a link with no detour jumps where the arm "
-                                "cannot go); 0: keep every link")
+    detour: float = option(8.0, f"keep a link to another episode longer than {TRUSTED_LINK} x radius only when "
+                                "shorter links join its ends within this many chunks (a link with no detour jumps "
+                                "where the arm cannot go); 0: keep every link")
 
     def __post_init__(self):
         check_types(self)
@@ -166,14 +166,13 @@ def _with_detour(n: int, own: Tensor, near_src: Tensor, near_dst: Tensor, near_c
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import dijkstra
 
-    short = near_cost < trusted
-    src = torch.cat([own, near_src[short]]).cpu().numpy()
-    dst = torch.cat([own + 1, near_dst[short]]).cpu().numpy()
-    cost = torch.cat([torch.ones(len(own), device=near_cost.device), near_cost[short]]).cpu().numpy()
-    links = csr_matrix((cost, (src, dst)), shape=(n, n))
-    keep = short.cpu().numpy().copy()
+    device = near_cost.device
+    own, near_src, near_dst, near_cost = (t.cpu().numpy() for t in (own, near_src, near_dst, near_cost))
+    keep = near_cost < trusted
+    src, dst = np.concatenate([own, near_src[keep]]), np.concatenate([own + 1, near_dst[keep]])
+    links = csr_matrix((np.concatenate([np.ones(len(own)), near_cost[keep]]), (src, dst)), shape=(n, n))
     check = np.flatnonzero(~keep)
-    ends = np.sort(np.stack([near_src.cpu().numpy()[check], near_dst.cpu().numpy()[check]], 1), 1)
+    ends = np.sort(np.stack([near_src[check], near_dst[check]], 1), 1)
     pairs, which = np.unique(ends, axis=0, return_inverse=True)  # a link found from both ends is checked once
     joined = np.zeros(len(pairs), dtype=bool)
     for start in range(0, len(pairs), block):  # (block, n) distances at a time
@@ -182,7 +181,7 @@ def _with_detour(n: int, own: Tensor, near_src: Tensor, near_dst: Tensor, near_c
         far = dijkstra(links, directed=False, indices=sources, limit=detour)  # inf beyond the limit
         joined[start:start + block] = np.isfinite(far[row, b])
     keep[check] = joined[which.ravel()]
-    return torch.from_numpy(keep).to(near_cost.device)
+    return torch.from_numpy(keep).to(device)
 
 
 def graph_settings(cfg: GraphConfig) -> dict:
@@ -198,8 +197,14 @@ def held_graph_config(model) -> dict | None:
     state = getattr(model, "extras", {}).get("graph")
     if state is None:
         return None
-    config = state.get("config", {})
-    return {**config, **{k: v for k, v in BEFORE_SETTINGS.items() if k not in config}}
+    config = _recorded(state)
+    return {**config, **{k: v for k, v in BEFORE_SETTINGS.items() if k not in config}} if config else {}
+
+
+def _recorded(state: dict) -> dict:
+    """The settings a saved graph records ({} when it records none: a damaged or hand-made file)."""
+    config = state.get("config")
+    return config if isinstance(config, dict) else {}
 
 
 def holds_graph(model, cfg: GraphConfig) -> bool:
@@ -231,8 +236,9 @@ def graph_for_checkpoint(model, checkpoint, cfg: GraphConfig, data: str = "", re
         return graph
     meta = read_model_meta(checkpoint)
     held = held_graph_config(model)
-    other = "" if held is None else ", or plan with the graph its file holds (" + " ".join(
-        f"--subgoals.{k.replace('_', '-')} {v}" for k, v in held.items() if v != dataclasses.asdict(cfg).get(k)) + ")"
+    asked = dataclasses.asdict(cfg)
+    differ = " ".join(f"--subgoals.{k.replace('_', '-')} {v}" for k, v in (held or {}).items() if v != asked.get(k))
+    other = f", or plan with the graph its file holds ({differ})" if differ else ""
     store, _ = open_data(model, meta, checkpoint, data, f"subgoals need its training frames: pass --data with the "
                                                        f"dataset it was trained on{other}; once saved in the model "
                                                        f"file by `wm export`, the graph needs no data")
@@ -243,8 +249,8 @@ def graph_for_checkpoint(model, checkpoint, cfg: GraphConfig, data: str = "", re
 
 def _predates(state: dict, cfg: GraphConfig) -> bool:
     """Whether a saved graph predates some setting of ``cfg`` and was built as ``cfg`` in every other."""
-    saved, asked = state.get("config", {}), dataclasses.asdict(cfg)
-    return set(saved) < set(asked) and all(asked[k] == v for k, v in saved.items())
+    saved, asked = _recorded(state), dataclasses.asdict(cfg)
+    return bool(saved) and set(saved) < set(asked) and all(asked[k] == v for k, v in saved.items())
 
 
 def keep_graph(checkpoint, model, graph: LatentGraph, cfg: GraphConfig, replace: bool = False) -> bool:
