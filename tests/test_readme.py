@@ -1,6 +1,6 @@
-"""The README and its notes (docs/NOTES.md) stay true to the code: every `wm` command in their code blocks is
-accepted by the command line as written, the README's Python closed loop runs, every option they name exists,
-and every test they cite as evidence exists."""
+"""The README, its results in full (docs/RESULTS.md) and its notes (docs/NOTES.md) stay true to the code: every
+`wm` command in their code blocks is accepted by the command line as written, the README's Python closed loop
+runs, every option they name exists, and every test they cite as evidence exists."""
 
 import argparse
 import re
@@ -12,7 +12,7 @@ import pytest
 import wm
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "docs/NOTES.md")}  # the pages held to the code
+DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "docs/RESULTS.md", "docs/NOTES.md")}  # held to the code
 README, ALL_DOCS = DOCS["README.md"], "\n".join(DOCS.values())
 
 
