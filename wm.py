@@ -272,7 +272,7 @@ class PipelineConfig:
     out: str = option(DEFAULT_RUN, "run directory; the data goes to its data/ folder", path=True)
     episodes: int = option(450, "episodes to collect (training trains on 80%, chooses on 10%, reports on 10%)")
     workers: int = option(2, "collection worker processes")
-    preset: str = option("quick", "training preset: quick (frames resized to 32 px, 2,000 steps) or demo (64 px, "
+    preset: str = option("quick", "training preset: quick (frames resized to 32 px, 3,000 steps) or demo (64 px, "
                                   "3,500 steps: holds the goal more; the whole demo takes about twice as long)",
                          choices=("quick", "demo"))
     steps: int = option(0, "training steps (0: the preset's)")

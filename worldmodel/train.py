@@ -59,8 +59,8 @@ class TrainConfig:
     env: str | None = option(None, "the environment of a dataset that does not record it (a stable-worldmodel file; "
                                    "default: reacher-easy); a dataset that records another is refused")
     out: str = option(DEFAULT_RUN, "run directory: model.pt, checkpoint.pt, tb/", path=True)
-    preset: str = option("demo", "demo (2-core CPU), quick (demo on frames resized to 32 px, 2,000 steps: about "
-                                 "a fifth of its training time, what `make demo` trains; holds the goal less), "
+    preset: str = option("demo", "demo (2-core CPU), quick (demo on frames resized to 32 px, 3,000 steps: about "
+                                 "a third of its training time, what `make demo` trains; holds the goal less), "
                                  "hold (demo on 96 px frames, 5,000 steps: holds the goal "
                                  "more; its model records CEM 100 x 10 as its planner, which wm eval and wm demo "
                                  "plan it with unless told otherwise), "
@@ -150,11 +150,11 @@ PRESETS = {
     # and the validation curves behind each choice).
     "demo": {},
     # The demo's model on its 64 px frames area-resized to 32 px, with three conv stages (the last map still 4 x
-    # 4), for 2,000 steps: 2.5x the steps per second, so about a fifth of the demo's training; what `make demo`
-    # trains. On validation (with the subgoal graph's detour check) it reaches near and far goals as the demo
-    # did when it trained 2,500 steps on `smooth` data, and holds them less than today's demo (docs/NOTES.md:
-    # A demo of 5.5 minutes; Links with no detour).
-    "quick": {"steps": 2000, "image_size": 32, "encoder.conv_stages": 3},
+    # 4), for 3,000 steps: 2.5x the steps per second, so about a third of the demo's training; what `make demo`
+    # trains. On validation (with the subgoal graph's detour check) it reaches near and far goals about as often
+    # as the demo and holds them more than at 2,000 steps, less than the demo (docs/NOTES.md: The `quick` preset at
+    # 3,000 steps; A demo of 5.5 minutes; Links with no detour).
+    "quick": {"steps": 3000, "image_size": 32, "encoder.conv_stages": 3},
     # The demo's model trained longer, meant for frames collected at 96 px (`wm collect --size 96`): planned
     # with CEM 100 x 10 (PRESET_PLANNER; the default planner held less on validation) it holds the goal at the
     # end 96-98% of the time, at 2.7-3.0x the demo's training (chosen on validation against 96 px at 3,500
